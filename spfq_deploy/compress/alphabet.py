@@ -1,0 +1,120 @@
+"""Alphabets and the rounding operators T of SPFQ.md, vectorised over neurons.
+
+An alphabet is {0 (if has_zero)} U +-{lam + j*delta : j = 0..K-1}. Without pruning lam == delta
+and this is the symmetric mid-tread grid {k*delta : |k| <= K}; binary is {+-lam} (no zero).
+Codes are signed level indices k; |k| = j + 1 picks the magnitude lam + j*delta.
+delta and lam are rounded to float16 here, so the packed file stores exactly what was used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..compressed import levels_for
+
+
+def fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest float16 value (scales are stored as float16)."""
+    return x.to(torch.float16).to(x.dtype)
+
+
+@dataclass
+class Alphabet:
+    """Per-neuron alphabet; delta and lam broadcast against the neuron axis (..., n)."""
+
+    alphabet: str  # "binary" | "ternary" | "int"
+    bits: int
+    delta: torch.Tensor
+    lam: torch.Tensor
+    pruned: bool = False
+
+    @property
+    def K(self) -> int:
+        return levels_for(self.alphabet, self.bits)
+
+    @property
+    def has_zero(self) -> bool:
+        return self.alphabet != "binary" or self.pruned
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """Dequantised values of signed codes (..., n) or (..., n, d)."""
+        lam, delta = self._bcast(codes)
+        mag = codes.abs().to(lam.dtype)
+        return torch.sign(codes).to(lam.dtype) * (lam + (mag - 1.0).clamp_min(0.0) * delta)
+
+    def _bcast(self, like: torch.Tensor):
+        lam, delta = self.lam, self.delta
+        while lam.dim() < like.dim():
+            lam, delta = lam.unsqueeze(-1), delta.unsqueeze(-1)
+        return lam, delta
+
+
+def make_alphabet(alphabet: str, bits: int, W: torch.Tensor, C, *, lam_factor=None,
+                  sparsity: float = 0.0, per_layer_delta: bool = False,
+                  range_quantile: float | None = None) -> Alphabet:
+    """delta_i = C * R_i / K with R_i = max|w_i| (or a quantile); lam from the s-quantile when pruning.
+
+    W is (..., n, d). C and lam_factor may be tensors with leading candidate axes so a whole
+    grid of alphabets is built (and later searched) in one vectorised pass.
+    """
+    K = levels_for(alphabet, bits)
+    A = W.abs()
+    if range_quantile is None:
+        R = A.amax(dim=-1)
+    else:  # torch.quantile refuses > 2^24 elements, kthvalue does not
+        k = max(1, min(A.shape[-1], int(round(range_quantile * A.shape[-1]))))
+        R = A.kthvalue(k, dim=-1).values
+    if per_layer_delta:
+        R = R.mean(dim=-1, keepdim=True).expand_as(R)
+    C = torch.as_tensor(C, dtype=W.dtype)
+    delta = fp16_round(_lead(C, R) * R / K)
+    pruned = sparsity > 0.0
+    if pruned:
+        k = max(1, min(A.shape[-1], int(round(sparsity * A.shape[-1]))))
+        q = A.kthvalue(k, dim=-1).values
+        f = torch.as_tensor(1.0 if lam_factor is None else lam_factor, dtype=W.dtype)
+        lam = fp16_round(_lead(f, q) * q)
+        if K == 1:  # {0, +-lam}: the single level is lam itself
+            delta = lam
+    else:
+        lam = delta
+    return Alphabet(alphabet, bits, delta, lam, pruned)
+
+
+def _lead(c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Reshape candidate values c (shape (c,) or scalar) to broadcast in front of r."""
+    if c.dim() == 0:
+        return c
+    return c.reshape(c.shape + (1,) * r.dim())
+
+
+def quantize(z: torch.Tensor, alph: Alphabet, stochastic: bool, u: torch.Tensor | None = None):
+    """The operator T: codes of z (..., n) on the alphabet; stochastic rounding uses uniforms u.
+
+    Stochastic: between adjacent levels a < |z| < b pick b with probability (|z|-a)/(b-a), so
+    E[T(z)] = z inside the range; outside it clips. Binary (no zero) rounds between -lam and +lam.
+    Deterministic: nearest level (ties away from zero).
+    """
+    lam, delta = alph.lam, alph.delta
+    if not alph.has_zero:
+        if stochastic:
+            p_plus = ((1.0 + z / lam.clamp_min(1e-30)) * 0.5).clamp(0.0, 1.0)
+            pos = u < p_plus
+        else:
+            pos = z >= 0
+        return torch.where(pos, 1, -1).to(torch.int8)
+    a = z.abs()
+    safe_lam = lam.clamp_min(1e-30)
+    if alph.K == 1:
+        pos = a / safe_lam
+    else:
+        pos = torch.where(a < lam, a / safe_lam, 1.0 + (a - lam) / delta.clamp_min(1e-30))
+    pos = torch.where(lam > 0, pos, torch.zeros_like(pos)).clamp(0.0, float(alph.K))
+    lo = pos.floor()
+    frac = pos - lo
+    up = (u < frac) if stochastic else (frac >= 0.5)
+    level = (lo + up.to(lo.dtype)).clamp(max=float(alph.K))
+    sign = torch.where(z < 0, -1.0, 1.0).to(level.dtype)
+    return (sign * level).to(torch.int8)

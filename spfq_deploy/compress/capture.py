@@ -1,0 +1,102 @@
+"""Layer inputs as calibration rows, and Gram accumulation over calibration batches.
+
+Linear: every token (every leading index) is a row. Conv: rows are the real input patches
+(same kernel, stride, padding, dilation), split per group, so W_g (n, Cg*kh*kw) @ row gives
+the conv output; X (float model) and Xt (partly compressed model) rows come in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedLayerError
+from .layer import Grams
+
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def layer_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
+    raise UnsupportedLayerError(f"unsupported layer type {type(module).__name__}")
+
+
+def check_supported(name: str, module: nn.Module) -> None:
+    """Raise a one-line error for layers the row extraction cannot express."""
+    if not isinstance(module, SUPPORTED):
+        raise UnsupportedLayerError(
+            f"layer '{name}' is a {type(module).__name__}; compress supports Linear, Conv1d, Conv2d")
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.padding_mode != "zeros":
+            raise UnsupportedLayerError(
+                f"layer '{name}': padding_mode={module.padding_mode!r} is not supported (only zeros)")
+        if isinstance(module.padding, str) and module.padding == "same" and \
+                any(k % 2 == 0 for k in module.kernel_size):
+            raise UnsupportedLayerError(f"layer '{name}': padding='same' with an even kernel is not supported")
+
+
+def conv_params(module: nn.Module) -> dict | None:
+    """Conv geometry recorded in the .spfq file (exporters rebuild the op from it)."""
+    if isinstance(module, nn.Linear):
+        return None
+    return {"stride": list(module.stride), "padding": _padding(module), "dilation": list(module.dilation),
+            "groups": int(module.groups), "kernel_size": list(module.kernel_size)}
+
+
+def _padding(module) -> list[int]:
+    if module.padding == "valid":
+        return [0] * len(module.kernel_size)
+    if module.padding == "same":
+        return [d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation)]
+    return list(module.padding)
+
+
+def groups_of(module: nn.Module) -> int:
+    return 1 if isinstance(module, nn.Linear) else int(module.groups)
+
+
+def rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(g, m, d) calibration rows of the layer's input x."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        k, s, p, d = (1, module.kernel_size[0]), (1, module.stride[0]), (0, _padding(module)[0]), \
+            (1, module.dilation[0])
+    else:
+        k, s, p, d = module.kernel_size, module.stride, tuple(_padding(module)), module.dilation
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, C*kh*kw, L), channel-major
+    g = module.groups
+    B, CK, L = cols.shape
+    return cols.reshape(B, g, CK // g, L).permute(1, 0, 3, 2).reshape(g, B * L, CK // g)
+
+
+class GramAccumulator:
+    """Sums Xt^T X, Xt^T Xt, X^T X (float64) and column sums (for bias correction) over batches."""
+
+    def __init__(self):
+        self.G = self.H = self.F = None
+        self.sum_x = self.sum_xt = None
+        self.m = 0
+
+    def add(self, X: torch.Tensor, Xt: torch.Tensor) -> None:
+        if X.shape != Xt.shape:
+            raise RuntimeError(f"float and compressed inputs differ in shape: {tuple(X.shape)} vs {tuple(Xt.shape)}")
+        X, Xt = X.double(), Xt.double()
+        XtT = Xt.transpose(-1, -2)
+        upd = (XtT @ X, XtT @ Xt, X.transpose(-1, -2) @ X, X.sum(-2), Xt.sum(-2))
+        if self.G is None:
+            self.G, self.H, self.F, self.sum_x, self.sum_xt = upd
+        else:
+            for name, u in zip(("G", "H", "F", "sum_x", "sum_xt"), upd):
+                getattr(self, name).add_(u)
+        self.m += X.shape[-2]
+
+    def grams(self) -> Grams:
+        return Grams(self.G, self.H, self.F, self.m)

@@ -1,0 +1,70 @@
+"""CompressConfig: one object that says how a model is compressed (recorded in the .spfq file)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import SpfqError
+
+METHODS = ("spfq", "gpfq", "rtn")
+
+
+@dataclass
+class CompressConfig:
+    """Options of SPFQ.md. bits: 1 (binary), "ternary", or 2..8; method: spfq (stochastic
+    path following), gpfq (deterministic path following) or rtn (round to nearest baseline)."""
+
+    bits: int | str = 4
+    method: str = "spfq"
+    sparsity: float = 0.0
+    order: int = 1  # order-r data alignment (1 = the fused recurrence)
+    c_grid: tuple[float, ...] | None = None  # None: a default grid for the alphabet
+    per_layer_delta: bool = False  # one delta per layer (the reference code's choice)
+    range_quantile: float | None = None  # R_i = quantile of |w_i| instead of max
+    bias_correction: bool = False
+    fold_batchnorm: bool = True
+    include: tuple[str, ...] = ("*",)  # fnmatch patterns over module names
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+    block: int = 128  # lazy-update block of the Gram form
+    batch_size: int = 64  # split size when calibration data is one tensor
+    sparsity_tolerance: float = 0.005
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.bits, str) and self.bits.isdigit():
+            self.bits = int(self.bits)
+        if self.bits not in ("ternary", 1, 2, 3, 4, 5, 6, 7, 8):
+            raise SpfqError(f"bits must be 1, ternary or 2..8, got {self.bits!r}")
+        if self.method not in METHODS:
+            raise SpfqError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise SpfqError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.order < 1:
+            raise SpfqError(f"order must be >= 1, got {self.order}")
+        if self.range_quantile is not None and not 0.0 < self.range_quantile <= 1.0:
+            raise SpfqError(f"range quantile must be in (0, 1], got {self.range_quantile}")
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+
+    @property
+    def alphabet(self) -> str:
+        return {1: "binary", "ternary": "ternary"}.get(self.bits, "int")
+
+    @property
+    def nbits(self) -> int:
+        return {"ternary": 2}.get(self.bits, self.bits)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.method == "spfq"
+
+    def default_grid(self, K: int) -> tuple[float, ...]:
+        """Geometric grids: binary/ternary scales sit far below max|w| (SPFQ.md), so reach 0.05."""
+        if self.c_grid:
+            return tuple(self.c_grid)
+        lo, hi = (0.05, 1.2) if K == 1 else (0.25, 2.0)
+        n = 9
+        return tuple(lo * (hi / lo) ** (i / (n - 1)) for i in range(n))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

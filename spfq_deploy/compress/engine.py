@@ -1,0 +1,245 @@
+"""compress_model: layers in execution order, X from the float model, Xt from the partly
+compressed one, Gram matrices accumulated batch by batch (memory independent of the
+calibration size).
+
+Layers that read the very same input tensor (q/k/v of an attention block) form one group:
+their inputs are captured in a single pass, since compressing one cannot change the others'.
+Each capture pass stops the forward right after the group's input is seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..compressed import CompressedLayer, CompressedModel
+from ..errors import CalibrationError, SpfqError, UnsupportedLayerError
+from . import calibration as calib
+from .capture import GramAccumulator, check_supported, conv_params, groups_of, layer_kind, rows
+from .config import CompressConfig
+from .folding import find_pairs, fold
+from .layer import compress_weights
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the needed input is captured."""
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    shape: tuple
+    bits: str
+    sparsity: float
+    C: float
+    lam_factor: float | None
+    rel_error: float
+    align_error: float | None
+    rows: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__, shape=list(self.shape))
+
+
+@dataclass
+class CompressionResult:
+    model: CompressedModel
+    report: list[LayerReport]
+    reference: nn.Module  # the compressed model in PyTorch (dequantised weights)
+
+
+def select_layers(model: nn.Module, include, exclude) -> list[str]:
+    """Names of the layers to compress; a name pattern that hits an unsupported layer is an error."""
+    mods = dict(model.named_modules())
+    chosen = []
+    for pat in include:
+        hits = [n for n in mods if n and fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise SpfqError(f"no layer matches the pattern '{pat}'")
+        supported = [n for n in hits if isinstance(mods[n], (nn.Linear, nn.Conv1d, nn.Conv2d))]
+        if not any(ch in pat for ch in "*?["):  # an exact name must be a layer we can compress
+            check_supported(pat, mods[pat])
+        elif not supported:
+            leaf = next((n for n in hits if not list(mods[n].children())), hits[0])
+            raise UnsupportedLayerError(
+                f"pattern '{pat}' selects no Linear/Conv layer (e.g. '{leaf}' is a {type(mods[leaf]).__name__})")
+        chosen += [n for n in supported if n not in chosen]
+    chosen = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    for n in chosen:
+        check_supported(n, mods[n])
+    if not chosen:
+        raise SpfqError("no layer left to compress after --exclude")
+    return chosen
+
+
+def _run(model, batch, index):
+    try:
+        with torch.no_grad():
+            calib.call(model, batch)
+    except _Stop:
+        pass
+    except (SpfqError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the model rejected the data: report it in one line
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CalibrationError(f"calibration batch {index} ({calib.describe(batch)}) does not fit the "
+                               f"model: {type(exc).__name__}: {msg}") from None
+
+
+def _trace(model: nn.Module, batch, names: list[str]):
+    """Execution order of the selected layers and groups that share one input tensor."""
+    mods = dict(model.named_modules())
+    calls: dict[str, list] = {n: [] for n in names}
+    seen: list[str] = []
+    handles = []
+    for n in names:
+        def hook(mod, args, n=n):
+            x = args[0]
+            calls[n].append((x.data_ptr(), tuple(x.shape), tuple(x.stride())))
+            seen.append(n)
+        handles.append(mods[n].register_forward_pre_hook(hook))
+    try:
+        _run(model, batch, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    order = list(dict.fromkeys(seen))
+    for n in names:
+        if len(calls[n]) > 1:
+            raise UnsupportedLayerError(f"layer '{n}' runs {len(calls[n])} times per forward (shared weights); "
+                                        f"exclude it")
+    skipped = [n for n in names if not calls[n]]
+    if skipped:
+        warnings.warn(f"layers never run on the calibration data stay float: {', '.join(skipped)}")
+    groups: list[list[str]] = []
+    for n in order:
+        key = (calls[n][0], _row_key(mods[n]))
+        for g in groups:
+            if (calls[g[0]][0], _row_key(mods[g[0]])) == key:
+                g.append(n)
+                break
+        else:
+            groups.append([n])
+    return groups
+
+
+def _row_key(m: nn.Module):
+    return ("linear",) if isinstance(m, nn.Linear) else (type(m).__name__, conv_params(m).__repr__())
+
+
+def _capture(float_model, qmodel, batches, name) -> GramAccumulator:
+    """One pass over the calibration batches: rows of the layer's input in both models."""
+    fmod, qmod = dict(float_model.named_modules())[name], dict(qmodel.named_modules())[name]
+    acc = GramAccumulator()
+    box = {}
+
+    def grab(key, mod):
+        def hook(m, args):
+            box[key] = rows(mod, args[0].detach())
+            raise _Stop
+        return hook
+    hf = fmod.register_forward_pre_hook(grab("x", fmod))
+    hq = qmod.register_forward_pre_hook(grab("xt", qmod))
+    try:
+        for i, batch in enumerate(batches):
+            box.clear()
+            _run(float_model, batch, i)
+            _run(qmodel, batch, i)
+            if "x" not in box or "xt" not in box:
+                raise CalibrationError(f"calibration batch {i} does not reach layer '{name}'")
+            acc.add(box["x"].float(), box["xt"].float())
+    finally:
+        hf.remove()
+        hq.remove()
+    return acc
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+
+
+def compress_model(model: nn.Module, calibration, config: CompressConfig | None = None, *,
+                   progress: bool = True, model_spec: str | None = None, **options) -> CompressionResult:
+    """Compress every selected Linear/Conv layer of `model` (left untouched) with SPFQ/GPFQ/RTN."""
+    cfg = config or CompressConfig(**options)
+    batches = calib.as_batches(calibration, cfg.batch_size)
+    float_model = copy.deepcopy(model).eval()
+    pairs = find_pairs(float_model) if cfg.fold_batchnorm else []
+    fold(float_model, pairs)
+    qmodel = copy.deepcopy(float_model)
+    names = select_layers(float_model, cfg.include, cfg.exclude)
+    groups = _trace(float_model, batches[0], names)
+    mods = dict(qmodel.named_modules())
+    layers: dict[str, CompressedLayer] = {}
+    report: list[LayerReport] = []
+    total = sum(len(g) for g in groups)
+    bar = tqdm(total=total, desc=f"compress ({cfg.method}, {cfg.bits}-bit)", unit="layer",
+               disable=not progress, leave=False)
+    try:
+        for group in groups:
+            acc = _capture(float_model, qmodel, batches, group[0])
+            grams = acc.grams()
+            for name in group:
+                bar.set_postfix_str(name)
+                t0 = time.perf_counter()
+                layer, rep = _compress_one(name, mods[name], grams, acc, cfg)
+                rep.seconds = time.perf_counter() - t0
+                layers[name], _ = layer, report.append(rep)
+                bar.update(1)
+    finally:
+        bar.close()
+    compressed_keys = {f"{n}.{p}" for n in layers for p in ("weight", "bias")}
+    float_params = {k: v.detach().cpu().numpy().copy() for k, v in qmodel.state_dict().items()
+                    if k not in compressed_keys}
+    meta = {"config": cfg.to_dict(), "calibration_samples": calib.count_samples(batches),
+            "folded_batchnorm": [list(p) for p in pairs], "torch": torch.__version__,
+            "layer_order": [n for g in groups for n in g]}
+    cm = CompressedModel(layers, float_params, model_spec, meta)
+    return CompressionResult(cm, report, qmodel)
+
+
+@torch.no_grad()
+def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig):
+    g = groups_of(module)
+    Wf = module.weight.detach().double()
+    N = Wf.shape[0]
+    W = Wf.reshape(g, N // g, -1)
+    res = compress_weights(W, grams, cfg, _layer_seed(cfg.seed, name))
+    a = res.alphabet
+    K = a.K
+    scale = (a.lam if K == 1 else a.delta).reshape(N).float().numpy()
+    lam = a.lam.reshape(N).float().numpy() if (a.pruned and K > 1) else None
+    bias = module.bias.detach().double() if module.bias is not None else None
+    if cfg.bias_correction:
+        mx, mxt = acc.sum_x / acc.m, acc.sum_xt / acc.m  # (g, d)
+        shift = (W @ mx[..., None] - res.Q @ mxt[..., None]).reshape(N)
+        bias = shift if bias is None else bias + shift
+    layer = CompressedLayer(
+        name=name, kind=layer_kind(module), weight_shape=tuple(module.weight.shape),
+        alphabet=cfg.alphabet, bits=cfg.nbits, codes=res.codes.reshape(N, -1).numpy().astype(np.int8),
+        scale=scale, lam=lam, bias=None if bias is None else bias.float().numpy(), conv=conv_params(module),
+        meta={"method": cfg.method, "C": res.C, "lam_factor": res.lam_factor, "rel_error": res.rel_error,
+              "align_error": res.align_error, "sparsity_target": cfg.sparsity, "rows": grams.m,
+              "order": cfg.order})
+    layer.validate()
+    module.weight.copy_(torch.from_numpy(layer.dequantize()))
+    if layer.bias is not None:
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.from_numpy(layer.bias.copy()))
+        else:
+            module.bias.copy_(torch.from_numpy(layer.bias))
+    bits = "ternary" if cfg.alphabet == "ternary" else str(cfg.nbits)
+    rep = LayerReport(name, layer.kind, layer.weight_shape, bits, layer.sparsity, res.C, res.lam_factor,
+                      res.rel_error, res.align_error, grams.m, 0.0)
+    return layer, rep

@@ -1,0 +1,153 @@
+"""Compress one layer from its Gram matrices: scale search (C), sparsity search (lam), rounding.
+
+The scale parameter C is searched per layer by minimising ||X w - Xt q|| over the calibration
+rows (SPFQ.md); the pruning threshold lam_i = f * quantile_s(|w_i|) gets its factor f by a
+bracketing search until the realised sparsity is within tolerance of the target. Every
+candidate of a grid is evaluated in one batched pass (a leading candidate axis).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .alphabet import Alphabet, make_alphabet, quantize
+from .config import CompressConfig
+from .path_following import align, gram_path_following, quantizing_step, squared_output_error
+
+MAX_BATCH_ELEMS = 24_000_000  # candidates x neurons x inputs per batched pass (float64 ~ 200 MB)
+
+
+@dataclass
+class Grams:
+    """G = Xt^T X, H = Xt^T Xt, F = X^T X per group (g, d, d), float64; m calibration rows."""
+
+    G: torch.Tensor
+    H: torch.Tensor
+    F: torch.Tensor
+    m: int
+
+
+@dataclass
+class LayerResult:
+    codes: torch.Tensor  # int8 (g, n, d)
+    alphabet: Alphabet  # single candidate, delta/lam (g, n)
+    C: float
+    lam_factor: float | None
+    rel_error: float  # ||X W^T - Xt Q^T|| / ||X W^T||
+    sparsity: float
+    align_error: float | None
+    Q: torch.Tensor  # dequantised (g, n, d) float64
+
+
+class _Evaluator:
+    """Runs the chosen method for a batch of (C, f) candidates on one layer."""
+
+    def __init__(self, W, grams: Grams, cfg: CompressConfig, seed: int):
+        self.W, self.g, self.cfg = W, grams, cfg
+        self.align_error = None
+        self.pf_W, self.pf_G = W, grams.G
+        if cfg.method != "rtn" and cfg.order > 1:
+            Wt = align(W, grams.G, grams.H, cfg.order, cfg.block)
+            err, ref = squared_output_error(W, Wt, grams.F, grams.G, grams.H)
+            self.align_error = math.sqrt(float(err.sum()) / max(float(ref.sum()), 1e-300))
+            self.pf_W, self.pf_G = Wt, grams.H  # phase 2 quantises w~ against Xt alone
+        gen = torch.Generator().manual_seed(seed)
+        self.U = torch.rand(W.shape, generator=gen, dtype=W.dtype) if cfg.stochastic else None
+
+    def alphabet(self, C, f) -> Alphabet:
+        cfg = self.cfg
+        return make_alphabet(cfg.alphabet, cfg.nbits, self.W, C, lam_factor=f,
+                             sparsity=cfg.sparsity, per_layer_delta=cfg.per_layer_delta,
+                             range_quantile=cfg.range_quantile)
+
+    def run(self, Cs, fs):
+        """(codes, Q, squared error, sparsity) per candidate; candidates chunked to bound memory."""
+        per = max(1, MAX_BATCH_ELEMS // max(1, self.W.numel()))
+        outs = [self._run(Cs[i:i + per], fs[i:i + per]) for i in range(0, len(Cs), per)]
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+
+    def _run(self, Cs, fs):
+        fs = [1.0 if f is None else f for f in fs]
+        a = self.alphabet(torch.tensor(Cs, dtype=self.W.dtype), torch.tensor(fs, dtype=self.W.dtype))
+        if self.cfg.method == "rtn":
+            col = Alphabet(a.alphabet, a.bits, a.delta[..., None], a.lam[..., None], a.pruned)
+            codes = quantize(self.W.expand((len(Cs),) + self.W.shape), col, stochastic=False)
+            Q = col.values(codes)
+        else:
+            shape = (len(Cs),) + self.W.shape
+            codes = torch.zeros(shape, dtype=torch.int8)
+            U = self.U
+            quant = (lambda z, t: quantize(z, a, True, U[..., t])) if U is not None \
+                else (lambda z, t: quantize(z, a, False))
+            Q = gram_path_following(self.pf_W, self.pf_G, self.g.H,
+                                    quantizing_step(quant, a.values, codes), self.cfg.block, shape)
+        err, _ = squared_output_error(self.W, Q, self.g.F, self.g.G, self.g.H)
+        sparsity = (codes == 0).flatten(1).float().mean(1)
+        return codes, Q, err.flatten(1).sum(1), sparsity
+
+
+def _refine(grid, best_idx):
+    """Two geometric midpoints around the best grid point."""
+    pts = []
+    if best_idx > 0:
+        pts.append(math.sqrt(grid[best_idx] * grid[best_idx - 1]))
+    if best_idx < len(grid) - 1:
+        pts.append(math.sqrt(grid[best_idx] * grid[best_idx + 1]))
+    return pts
+
+
+def _search_c(ev: _Evaluator, grid, f):
+    Cs = list(grid)
+    _, _, err, _ = ev.run(Cs, [f] * len(Cs))
+    best = int(torch.argmin(err))
+    extra = _refine(Cs, best)
+    if extra:
+        _, _, err2, _ = ev.run(extra, [f] * len(extra))
+        Cs, err = Cs + extra, torch.cat([err, err2])
+    return Cs[int(torch.argmin(err))]
+
+
+def _search_lam(ev: _Evaluator, C, target, tol, rounds=4, width=9):
+    """Bracket the lam factor f so that the realised sparsity is within tol of the target."""
+    lo, hi = 0.05, 8.0
+    best_f, best_gap = 1.0, float("inf")
+    for _ in range(rounds):
+        fs = [lo * (hi / lo) ** (i / (width - 1)) for i in range(width)]
+        _, _, _, sp = ev.run([C] * width, fs)
+        gaps = (sp - target).abs()
+        i = int(torch.argmin(gaps))
+        if float(gaps[i]) < best_gap:
+            best_f, best_gap = fs[i], float(gaps[i])
+        if best_gap <= tol:
+            break
+        below = [j for j in range(width) if float(sp[j]) < target]
+        above = [j for j in range(width) if float(sp[j]) >= target]
+        lo = fs[max(below)] if below else lo / 4
+        hi = fs[min(above)] if above else hi * 4
+        if above and below and min(above) < max(below):  # not monotone: narrow around the best
+            lo, hi = fs[max(i - 1, 0)], fs[min(i + 1, width - 1)]
+    return best_f
+
+
+def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: int) -> LayerResult:
+    """W (g, n, d) float64 -> codes and scales for one layer, with the searched C and lam."""
+    ev = _Evaluator(W, grams, cfg, seed)
+    K = ev.alphabet(1.0, None).K
+    grid = cfg.default_grid(K)
+    f = None
+    if cfg.sparsity > 0:
+        C0 = grid[len(grid) // 2]
+        f = _search_lam(ev, C0, cfg.sparsity, cfg.sparsity_tolerance)
+    C = grid[0] if (cfg.sparsity > 0 and K == 1) else _search_c(ev, grid, f)
+    if cfg.sparsity > 0 and K > 1:
+        f = _search_lam(ev, C, cfg.sparsity, cfg.sparsity_tolerance)
+    codes, Q, err, sp = ev.run([C], [f])
+    _, ref = squared_output_error(W, W, grams.F, grams.G, grams.H)
+    ref_total = float(ref.sum())
+    rel = math.sqrt(float(err[0]) / ref_total) if ref_total > 0 else 0.0
+    alph = ev.alphabet(torch.tensor([C], dtype=W.dtype), torch.tensor([1.0 if f is None else f], dtype=W.dtype))
+    alph = Alphabet(alph.alphabet, alph.bits, alph.delta[0], alph.lam[0], alph.pruned)
+    return LayerResult(codes[0], alph, C, f, rel, float(sp[0]), ev.align_error, Q[0])

@@ -1,0 +1,19 @@
+"""User-facing errors: one clear line on stderr and exit code 2, never a traceback."""
+
+
+class SpfqError(Exception):
+    """A problem with the user's input (file, model, data, option) that we can name in one line."""
+
+    exit_code = 2
+
+
+class FormatError(SpfqError):
+    """A .spfq file that is missing, truncated, corrupt, or from a newer format version."""
+
+
+class UnsupportedLayerError(SpfqError):
+    """A layer was selected for compression whose type the compressor cannot handle."""
+
+
+class CalibrationError(SpfqError):
+    """Calibration data that the model cannot consume (wrong shape, dtype, or empty)."""

@@ -1,0 +1,356 @@
+"""Packed layouts: one registry entry per format (pack / unpack / storage), ggml type-traits style.
+
+Adding a format = adding one `Layout` to LAYOUTS; the container and every exporter look layouts
+up by the name written in the file, so a runtime never guesses how bytes are laid out.
+Bit order is the one of `bits.py` (64-bit little-endian words, LSB first, zero padding).
+
+Layouts (codes are the signed level indices k of a CompressedLayer, shape (N, d)):
+- "sign":      {"sign": (N,W)}. Codes in {-1,+1}; bit = 1 where k == -1 (the IEEE sign bit).
+- "sign_mask": {"sign": (N,W), "mask": (N,W)}. Codes in {-1,0,+1}; mask = (k != 0),
+               sign = (k < 0). Ternary layers and pruned binary layers.
+- "planes":    {"planes": (b,N,W)}. Offset codes u = k + 2^(b-1) in [1, 2^b-1] as bit planes;
+               padding fields are all-zero bits (u = 0 never encodes a weight).
+- "offset":    {"codes": uint8 (N, W*8*b)}, b in {2,4,8}. Same u, 8/b fields per byte, field i
+               in bits [i*b, (i+1)*b); rows padded to 64 weights with u = 2^(b-1) (k = 0), so
+               a nibble/byte kernel (or MatMulNBits with zero point 2^(b-1)) needs no special case.
+- "sparse":    {"mask": (N,W), "kept": (b,N,Wk)}. Mask as in sign_mask; the nonzero codes of a
+               row in column order form a compact sequence of fields
+               c = (k < 0) | ((|k| - 1) << 1), packed as bit planes; rows zero-padded to Wk*64,
+               Wk = ceil(max nonzeros per row / 64) (0 for an all-zero layer).
+The field width b is layer.bits for the int alphabet and 2 for binary/ternary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ..compressed import CompressedLayer
+from . import bits as B
+
+Buffers = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Bits:
+    """Bit counts of a layer's packed buffers; *_pad is the share of each that is padding."""
+
+    code: int
+    code_pad: int
+    mask: int = 0
+    mask_pad: int = 0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one packed format is written and read; `roles` are the buffer names it produces."""
+
+    name: str
+    roles: tuple[str, ...]
+    pack: Callable[[CompressedLayer], Buffers]
+    unpack: Callable[[Mapping[str, np.ndarray], Any], np.ndarray]
+    storage: Callable[[CompressedLayer], "Bits"]
+    doc: str = ""
+
+
+# ---------------------------------------------------------------- layer metadata helpers
+
+def layer_info(layer: CompressedLayer) -> dict:
+    """The metadata unpack needs (the same keys the container stores per layer)."""
+    return {"weight_shape": list(layer.weight_shape), "alphabet": layer.alphabet,
+            "bits": int(layer.bits)}
+
+
+def _get(info: Any, key: str):
+    return info[key] if isinstance(info, Mapping) else getattr(info, key)
+
+
+def _dims(info: Any) -> tuple[int, int]:
+    shape = [int(s) for s in _get(info, "weight_shape")]
+    return shape[0], int(np.prod(shape[1:], dtype=np.int64))
+
+
+def field_bits(info: Any) -> int:
+    """Bits per field of the int-style layouts (planes, offset, sparse)."""
+    alphabet, bits = _get(info, "alphabet"), int(_get(info, "bits"))
+    if alphabet == "int":
+        if not 2 <= bits <= 8:
+            raise ValueError(f"int alphabet needs 2..8 bits, got {bits}")
+        return bits
+    if alphabet in ("binary", "ternary"):
+        return 2
+    raise ValueError(f"unknown alphabet {alphabet!r}")
+
+
+def _codes(layer: CompressedLayer) -> np.ndarray:
+    N, d = layer.rows, layer.cols
+    codes = np.asarray(layer.codes)
+    if codes.dtype != np.int8 or codes.shape != (N, d):
+        raise ValueError(f"{layer.name}: codes must be int8 {(N, d)}, "
+                         f"got {codes.dtype} {codes.shape}")
+    return codes.astype(np.int16)
+
+
+def _check_limit(layer: CompressedLayer, codes: np.ndarray, b: int, layout: str) -> None:
+    K = 2 ** (b - 1) - 1
+    if codes.size and int(np.abs(codes).max()) > K:
+        raise ValueError(f"{layer.name}: code outside [-{K}, {K}] for {b}-bit layout {layout!r}")
+
+
+def _expect(buffers: Mapping[str, np.ndarray], role: str, shape: tuple, dtype) -> np.ndarray:
+    if role not in buffers:
+        raise ValueError(f"missing buffer {role!r}")
+    a = np.asarray(buffers[role])
+    if a.dtype != np.dtype(dtype) or tuple(a.shape) != tuple(shape):
+        raise ValueError(f"buffer {role!r} is {a.dtype} {tuple(a.shape)}, expected "
+                         f"{np.dtype(dtype)} {tuple(shape)}")
+    return a
+
+
+def _words(buffers, role, shape, d) -> np.ndarray:
+    a = _expect(buffers, role, shape, B.WORD)
+    if not B.padding_is_zero(a, d):
+        raise ValueError(f"buffer {role!r} has nonzero padding bits")
+    return a
+
+
+# ---------------------------------------------------------------- sign
+
+def _pack_sign(layer: CompressedLayer) -> Buffers:
+    codes = _codes(layer)
+    if np.any((codes != 1) & (codes != -1)):
+        raise ValueError(f"{layer.name}: layout 'sign' needs codes in {{-1, +1}} "
+                         "(zero codes need 'sign_mask')")
+    return {"sign": B.pack_bits(codes < 0)}
+
+
+def _unpack_sign(buffers, info) -> np.ndarray:
+    N, d = _dims(info)
+    neg = B.unpack_bits(_words(buffers, "sign", (N, B.words_for(d)), d), d)
+    return np.where(neg, -1, 1).astype(np.int8)
+
+
+# ---------------------------------------------------------------- sign_mask
+
+def _pack_sign_mask(layer: CompressedLayer) -> Buffers:
+    codes = _codes(layer)
+    _check_limit(layer, codes, 2, "sign_mask")
+    return {"sign": B.pack_bits(codes < 0), "mask": B.pack_bits(codes != 0)}
+
+
+def _unpack_sign_mask(buffers, info) -> np.ndarray:
+    N, d = _dims(info)
+    shape = (N, B.words_for(d))
+    neg = B.unpack_bits(_words(buffers, "sign", shape, d), d)
+    nz = B.unpack_bits(_words(buffers, "mask", shape, d), d)
+    if np.any(neg & ~nz):
+        raise ValueError("sign bit set on a masked-out (zero) weight")
+    return (nz.astype(np.int8) * np.where(neg, -1, 1)).astype(np.int8)
+
+
+# ---------------------------------------------------------------- planes
+
+def _pack_planes(layer: CompressedLayer) -> Buffers:
+    b = field_bits(layer)
+    codes = _codes(layer)
+    _check_limit(layer, codes, b, "planes")
+    return {"planes": B.pack_planes(codes + 2 ** (b - 1), b)}
+
+
+def _unpack_planes(buffers, info) -> np.ndarray:
+    N, d = _dims(info)
+    b = field_bits(info)
+    u = B.unpack_planes(_words(buffers, "planes", (b, N, B.words_for(d)), d), d)
+    if np.any(u == 0):
+        raise ValueError("field u = 0 inside a row (not a valid offset code)")
+    return (u.astype(np.int16) - 2 ** (b - 1)).astype(np.int8)
+
+
+# ---------------------------------------------------------------- offset
+
+OFFSET_BITS = (2, 4, 8)
+
+
+def _pack_offset(layer: CompressedLayer) -> Buffers:
+    b = field_bits(layer)
+    if b not in OFFSET_BITS:
+        raise ValueError(f"{layer.name}: layout 'offset' needs 2, 4 or 8 bits, got {b}")
+    codes = _codes(layer)
+    _check_limit(layer, codes, b, "offset")
+    N, d = codes.shape
+    u = np.full((N, B.words_for(d) * B.WORD_BITS), 2 ** (b - 1), dtype=np.uint16)
+    u[:, :d] = codes + 2 ** (b - 1)
+    return {"codes": B.pack_fields(u, b)}
+
+
+def _unpack_offset(buffers, info) -> np.ndarray:
+    N, d = _dims(info)
+    b = field_bits(info)
+    if b not in OFFSET_BITS:
+        raise ValueError(f"layout 'offset' needs 2, 4 or 8 bits, got {b}")
+    W = B.words_for(d)
+    u = B.unpack_fields(_expect(buffers, "codes", (N, W * 8 * b), np.uint8), b)
+    if np.any(u[:, d:] != 2 ** (b - 1)):
+        raise ValueError("offset padding fields are not the zero code")
+    if np.any(u[:, :d] == 0):
+        raise ValueError("field u = 0 inside a row (not a valid offset code)")
+    return (u[:, :d].astype(np.int16) - 2 ** (b - 1)).astype(np.int8)
+
+
+# ---------------------------------------------------------------- sparse
+
+def _kept_words(nnz_per_row: np.ndarray) -> int:
+    return B.words_for(int(nnz_per_row.max())) if nnz_per_row.size else 0
+
+
+def _pack_sparse(layer: CompressedLayer) -> Buffers:
+    b = field_bits(layer)
+    codes = _codes(layer)
+    _check_limit(layer, codes, b, "sparse")
+    N, _ = codes.shape
+    nz = codes != 0
+    Wk = _kept_words(nz.sum(axis=1))
+    rows, cols = np.nonzero(nz)  # row-major: column order within each row
+    rank = (np.cumsum(nz, axis=1) - 1)[rows, cols]
+    k = codes[rows, cols]
+    compact = np.zeros((N, Wk * B.WORD_BITS), dtype=np.uint16)
+    compact[rows, rank] = (k < 0) | ((np.abs(k) - 1) << 1)
+    return {"mask": B.pack_bits(nz), "kept": B.pack_planes(compact, b)}
+
+
+def _unpack_sparse(buffers, info) -> np.ndarray:
+    N, d = _dims(info)
+    b = field_bits(info)
+    nz = B.unpack_bits(_words(buffers, "mask", (N, B.words_for(d)), d), d)
+    Wk = _kept_words(nz.sum(axis=1))
+    kept = _expect(buffers, "kept", (b, N, Wk), B.WORD)
+    rows, cols = np.nonzero(nz)
+    rank = (np.cumsum(nz, axis=1) - 1)[rows, cols]
+    used = np.zeros((N, Wk * B.WORD_BITS), dtype=bool)
+    used[rows, rank] = True
+    compact = B.unpack_planes(kept, Wk * B.WORD_BITS)
+    if np.any(compact[~used]):
+        raise ValueError("buffer 'kept' has nonzero padding bits")
+    c = compact[rows, rank].astype(np.int16)
+    if np.any((c >> 1) + 1 > 2 ** (b - 1) - 1):
+        raise ValueError(f"kept field outside the {b}-bit range")
+    codes = np.zeros((N, d), dtype=np.int8)
+    codes[rows, cols] = np.where(c & 1, -1, 1) * ((c >> 1) + 1)
+    return codes
+
+
+# ---------------------------------------------------------------- storage traits
+
+def _row_words(layer: CompressedLayer) -> tuple[int, int, int]:
+    N, d = layer.rows, layer.cols
+    W = B.words_for(d)
+    return N, N * W * B.WORD_BITS, N * (W * B.WORD_BITS - d)
+
+
+def _bits_sign(layer):
+    _, total, pad = _row_words(layer)
+    return Bits(total, pad)
+
+
+def _bits_sign_mask(layer):
+    _, total, pad = _row_words(layer)
+    return Bits(total, pad, total, pad)
+
+
+def _bits_dense(layer):  # planes and offset: b bits per padded field
+    b = field_bits(layer)
+    _, total, pad = _row_words(layer)
+    return Bits(b * total, b * pad)
+
+
+def _bits_sparse(layer):
+    b = field_bits(layer)
+    N, total, pad = _row_words(layer)
+    nnz_row = (np.asarray(layer.codes) != 0).sum(axis=1)
+    kept = N * _kept_words(nnz_row) * B.WORD_BITS
+    return Bits(b * kept, b * (kept - int(nnz_row.sum())), total, pad)
+
+
+# ---------------------------------------------------------------- registry
+
+LAYOUTS: dict[str, Layout] = {}
+
+
+def register(layout: Layout) -> Layout:
+    """Add a layout to the registry (name must be new)."""
+    if layout.name in LAYOUTS:
+        raise ValueError(f"layout {layout.name!r} already registered")
+    LAYOUTS[layout.name] = layout
+    return layout
+
+
+register(Layout("sign", ("sign",), _pack_sign, _unpack_sign, _bits_sign,
+                "binary, 1 bit/weight"))
+register(Layout("sign_mask", ("sign", "mask"), _pack_sign_mask, _unpack_sign_mask,
+                _bits_sign_mask, "ternary or pruned binary: sign bit + nonzero mask"))
+register(Layout("planes", ("planes",), _pack_planes, _unpack_planes, _bits_dense,
+                "b-bit offset codes as bit planes (bit-serial kernels)"))
+register(Layout("offset", ("codes",), _pack_offset, _unpack_offset, _bits_dense,
+                "b-bit offset codes, 8/b per byte (nibble/byte kernels, MatMulNBits)"))
+register(Layout("sparse", ("mask", "kept"), _pack_sparse, _unpack_sparse, _bits_sparse,
+                "nonzero mask + bit-plane packed kept codes (pruned int layers)"))
+
+
+def get_layout(name: str) -> Layout:
+    """Registry lookup with a clear error for unknown names."""
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise ValueError(f"unknown layout {name!r} (known: {', '.join(LAYOUTS)})") from None
+
+
+def default_layout(layer: CompressedLayer) -> str:
+    """The layout a layer gets unless the user asks for another one."""
+    if layer.alphabet == "binary":
+        return "sign_mask" if np.any(np.asarray(layer.codes) == 0) else "sign"
+    if layer.alphabet == "ternary":
+        return "sign_mask"
+    if layer.alphabet == "int":
+        return "sparse" if layer.lam is not None else "planes"
+    raise ValueError(f"{layer.name}: unknown alphabet {layer.alphabet!r}")
+
+
+def pack_layer(layer: CompressedLayer, layout: str | None = None) -> Buffers:
+    """Pack a layer's codes into the named layout (default_layout when None)."""
+    out = get_layout(layout or default_layout(layer)).pack(layer)
+    return {role: np.ascontiguousarray(a) for role, a in out.items()}
+
+
+def unpack_layer(layout: str, buffers: Mapping[str, np.ndarray], info: Any) -> np.ndarray:
+    """Int8 codes (N, d) from packed buffers; info is a dict (or object) with weight_shape,
+    alphabet and bits. Raises ValueError when the buffers do not match the metadata."""
+    return get_layout(layout).unpack(buffers, info)
+
+
+# ---------------------------------------------------------------- storage accounting
+
+def storage_report(layer: CompressedLayer, layout: str | None = None) -> dict:
+    """Exact bit counts of a layer in a layout, for `inspect` and the bits/weight claims.
+
+    scale (and lam when present) count as 16 bits per row: they are stored as float16.
+    The bias is not part of bits/weight (an fp32 model has it too); it is reported in bytes.
+    """
+    layout = layout or default_layout(layer)
+    bits = get_layout(layout).storage(layer)
+    N = layer.rows
+    scale_bits = 16 * N * (2 if layer.lam is not None else 1)
+    total = bits.code + bits.mask + scale_bits
+    weights = N * layer.cols
+    return {
+        "layout": layout,
+        "code_bits": int(bits.code),
+        "mask_bits": int(bits.mask),
+        "scale_bits": int(scale_bits),
+        "padding_bits": int(bits.code_pad + bits.mask_pad),
+        "total_bits": int(total),
+        "weights": int(weights),
+        "bits_per_weight": total / weights if weights else 0.0,
+        "bias_bytes": 4 * N if layer.bias is not None else 0,
+    }

@@ -1,0 +1,310 @@
+"""The .spfq container: exact round trip, header without unpacking, and clear errors for
+truncated, corrupt, newer, foreign files; atomic writes."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors import numpy as st_numpy
+
+from spfq_deploy.compressed import CompressedLayer, CompressedModel
+from spfq_deploy.errors import FormatError
+from spfq_deploy.pack import container
+from spfq_deploy.pack import FORMAT_VERSION, load, read_header, save
+
+
+def f16(a):
+    return np.asarray(a, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+def layer(name, alphabet, bits, shape, rng, *, sparsity=0.0, lam=False, bias=True, kind="linear",
+          conv=None):
+    N, d = shape[0], int(np.prod(shape[1:]))
+    K = 1 if alphabet in ("binary", "ternary") else 2 ** (bits - 1) - 1
+    if alphabet == "binary":
+        codes = rng.choice(np.array([-1, 1], np.int8), size=(N, d))
+    else:
+        codes = rng.integers(-K, K + 1, size=(N, d)).astype(np.int8)
+    codes.flat[0], codes.flat[-1] = K, -K
+    if sparsity:
+        codes[rng.random((N, d)) < sparsity] = 0
+    scale = f16(rng.random(N) + 0.1)
+    return CompressedLayer(
+        name=name, kind=kind, weight_shape=tuple(shape), alphabet=alphabet, bits=bits,
+        codes=codes, scale=scale, lam=f16(scale * 3) if lam else None,
+        bias=rng.standard_normal(N).astype(np.float32) if bias else None, conv=conv,
+        meta={"method": "spfq", "C": 1.5, "seed": 7, "errors": [0.25, 0.125],
+              **({"sparsity_target": sparsity} if sparsity else {})})
+
+
+@pytest.fixture
+def model():
+    rng = np.random.default_rng(0)
+    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1}
+    layers = [
+        layer("fc.sign", "binary", 1, (4, 65), rng),
+        layer("fc.pruned_bin", "binary", 1, (3, 100), rng, sparsity=0.5, bias=False),
+        layer("conv.tern", "ternary", 2, (8, 3, 3, 3), rng, kind="conv2d", conv=conv),
+        layer("dw", "int", 3, (32, 1, 3, 3), rng, kind="conv2d",
+              conv={**conv, "groups": 32}),
+        layer("fc.offset", "int", 4, (5, 9), rng),
+        layer("fc.sparse", "int", 5, (7, 130), rng, sparsity=0.6, lam=True),
+        layer("fc.empty", "int", 4, (2, 10), rng, sparsity=1.0, lam=True, bias=False),
+    ]
+    layers[-1].codes[:] = 0
+    return CompressedModel(
+        layers={lay.name: lay for lay in layers},
+        float_params={"bn.weight": rng.standard_normal(8).astype(np.float32),
+                      "bn.num_batches_tracked": np.array(12, dtype=np.int64),
+                      "emb": rng.standard_normal((3, 4)).astype(np.float64)},
+        model_spec="models/net.py:build", meta={"seed": 0, "calib": 128})
+
+
+LAYOUTS = {"fc.offset": "offset"}
+EXPECTED_LAYOUT = {"fc.sign": "sign", "fc.pruned_bin": "sign_mask", "conv.tern": "sign_mask",
+                   "dw": "planes", "fc.offset": "offset", "fc.sparse": "sparse",
+                   "fc.empty": "sparse"}
+
+
+@pytest.fixture
+def saved(tmp_path, model):
+    path = tmp_path / "m.spfq"
+    save(path, model, layouts=LAYOUTS)
+    return path
+
+
+def assert_same(a: CompressedModel, b: CompressedModel):
+    assert list(a.layers) == list(b.layers)
+    for name, x in a.layers.items():
+        y = b.layers[name]
+        for attr in ("kind", "weight_shape", "alphabet", "bits"):
+            assert getattr(y, attr) == getattr(x, attr)
+        assert y.codes.dtype == np.int8
+        np.testing.assert_array_equal(y.codes, x.codes)
+        assert y.scale.dtype == np.float32
+        np.testing.assert_array_equal(y.scale, x.scale)
+        for attr in ("lam", "bias"):
+            xv, yv = getattr(x, attr), getattr(y, attr)
+            assert (xv is None) == (yv is None)
+            if xv is not None:
+                assert yv.dtype == np.float32
+                np.testing.assert_array_equal(yv, xv)
+        assert y.conv == x.conv and y.meta == x.meta
+        np.testing.assert_array_equal(y.dequantize(), x.dequantize())
+    assert list(a.float_params) == list(b.float_params)
+    for name, v in a.float_params.items():
+        assert b.float_params[name].dtype == v.dtype and b.float_params[name].shape == v.shape
+        np.testing.assert_array_equal(b.float_params[name], v)
+    assert a.model_spec == b.model_spec and a.meta == b.meta
+
+
+# ---------------------------------------------------------------- round trip and header
+
+def test_roundtrip_exact(saved, model):
+    assert_same(model, load(saved))
+
+
+def test_header_table(saved, model, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("read_header must not unpack")
+    monkeypatch.setattr(container.L, "unpack_layer", boom)
+    monkeypatch.setattr(container.st_numpy, "load", boom)
+    h = read_header(saved)
+    assert h["format_version"] == FORMAT_VERSION == 1
+    assert {n: e["layout"] for n, e in h["layers"].items()} == EXPECTED_LAYOUT
+    e = h["layers"]["fc.sparse"]
+    assert e["weight_shape"] == [7, 130] and e["alphabet"] == "int" and e["bits"] == 5
+    assert e["tensors"] == {"mask": "layer/fc.sparse/mask", "kept": "layer/fc.sparse/kept",
+                            "scale": "layer/fc.sparse/scale", "lam": "layer/fc.sparse/lam",
+                            "bias": "layer/fc.sparse/bias"}
+    assert e["storage_report"]["scale_bits"] == 2 * 16 * 7
+    assert h["float_params"] == ["bn.weight", "bn.num_batches_tracked", "emb"]
+    assert h["model_spec"] == "models/net.py:build" and h["meta"] == model.meta
+    assert set(h["sha256"]) == set(h["tensors"])
+    assert h["tensors"]["layer/fc.sign/scale"]["dtype"] == "F16"
+    assert h["tensors"]["layer/fc.sign/sign"] == {"dtype": "U64", "shape": [4, 2]}
+    assert h["tensors"]["layer/fc.sign/bias"]["dtype"] == "F32"
+    assert h["tensors"]["float/emb"]["dtype"] == "F64"
+
+
+def test_metadata_keys(saved):
+    with open(saved, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(n))["__metadata__"]
+    assert set(meta) == {"format", "format_version", "spfq"}
+    assert meta["format"] == "spfq" and meta["format_version"] == "1"
+    table = json.loads(meta["spfq"])
+    tensors = st_numpy.load_file(str(saved))
+    assert set(tensors) == set(table["sha256"])
+    for key, digest in table["sha256"].items():
+        raw = tensors[key].astype(tensors[key].dtype.newbyteorder("<")).tobytes()
+        assert hashlib.sha256(raw).hexdigest() == digest
+
+
+def test_save_rejects_non_float16_scale(tmp_path, model):
+    model.layers["fc.sign"].scale = model.layers["fc.sign"].scale + np.float32(1e-4)
+    with pytest.raises(ValueError, match="float16"):
+        save(tmp_path / "m.spfq", model)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_rejects_bad_layout(tmp_path, model):
+    with pytest.raises(ValueError, match="sign"):
+        save(tmp_path / "m.spfq", model, layouts={"conv.tern": "sign"})
+    with pytest.raises(ValueError, match="unknown"):
+        save(tmp_path / "m.spfq", model, layouts={"nope": "sign"})
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- reading errors
+
+def header_len(path):
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def expect_error(path, *words):
+    with pytest.raises(FormatError) as info:
+        load(path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_missing_file(tmp_path):
+    expect_error(tmp_path / "absent.spfq", "no such file")
+    with pytest.raises(FormatError):
+        read_header(tmp_path / "absent.spfq")
+
+
+@pytest.mark.parametrize("where", ["prefix", "header", "data", "last byte"])
+def test_truncated(saved, where):
+    data = saved.read_bytes()
+    n = header_len(saved)
+    cut = {"prefix": 5, "header": 8 + n // 2, "data": (8 + n + len(data)) // 2,
+           "last byte": len(data) - 1}[where]
+    saved.write_bytes(data[:cut])
+    expect_error(saved, "truncated")
+    with pytest.raises(FormatError, match="truncated"):
+        read_header(saved)
+
+
+def test_flipped_byte_in_buffer(saved):
+    data = bytearray(saved.read_bytes())
+    n = header_len(saved)
+    header = json.loads(data[8:8 + n])
+    for key in ("layer/fc.sparse/kept", "layer/fc.sign/sign", "layer/dw/scale"):
+        start, end = header[key]["data_offsets"]
+        corrupt = bytearray(data)
+        corrupt[8 + n + (start + end) // 2] ^= 0x10
+        saved.write_bytes(bytes(corrupt))
+        expect_error(saved, "checksum", key)
+
+
+def rewrite(path, edit_meta=None, drop=None):
+    tensors = st_numpy.load_file(str(path))
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(n))["__metadata__"]
+    if edit_meta:
+        edit_meta(meta)
+    if drop:
+        del tensors[drop]
+    st_numpy.save_file(tensors, str(path), metadata=meta)
+
+
+def test_newer_version(saved):
+    rewrite(saved, lambda m: m.update(format_version="2"))
+    msg = expect_error(saved, "newer", "format version 2", "up to 1")
+    with pytest.raises(FormatError, match="newer"):
+        read_header(saved)
+    assert "checksum" not in msg
+
+
+def test_not_spfq(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    expect_error(junk, "not a .spfq file")
+    text = tmp_path / "notes.txt"
+    text.write_text("{ this is just some text, long enough to have a length prefix }")
+    expect_error(text, "not a .spfq file")
+    plain = tmp_path / "plain.safetensors"
+    st_numpy.save_file({"w": np.ones((2, 2), np.float32)}, str(plain))
+    expect_error(plain, "not a .spfq file")
+    other = tmp_path / "other.safetensors"
+    st_numpy.save_file({"w": np.ones((2, 2), np.float32)}, str(other), metadata={"format": "pt"})
+    expect_error(other, "not a .spfq file")
+    with pytest.raises(FormatError, match="not a .spfq file"):
+        read_header(plain)
+
+
+def test_malformed_table(saved):
+    rewrite(saved, lambda m: m.update(spfq=m["spfq"][:-10]))
+    expect_error(saved, "malformed")
+
+
+def test_missing_tensor(saved):
+    rewrite(saved, drop="layer/fc.sparse/mask")
+    expect_error(saved, "missing", "layer/fc.sparse/mask")
+
+
+def test_table_inconsistent_with_buffers(saved):
+    def widen(m):
+        t = json.loads(m["spfq"])
+        t["layers"]["fc.sign"]["weight_shape"] = [4, 200]
+        m["spfq"] = json.dumps(t)
+    rewrite(saved, widen)
+    expect_error(saved, "fc.sign")
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def fail(*a, **k):
+    raise RuntimeError("disk on fire")
+
+
+@pytest.mark.parametrize("target", ["replace", "fsync", "serialise"])
+def test_failed_save_leaves_nothing(tmp_path, model, monkeypatch, target):
+    if target == "serialise":
+        monkeypatch.setattr(container, "_serialise", fail)
+    else:
+        monkeypatch.setattr(container.os, target, fail)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        save(tmp_path / "m.spfq", model)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_save_keeps_previous_file(saved, model, monkeypatch):
+    before = saved.read_bytes()
+    model.layers["fc.sign"].codes[:] = 1
+    monkeypatch.setattr(container.os, "replace", fail)
+    with pytest.raises(RuntimeError):
+        save(saved, model)
+    assert saved.read_bytes() == before
+    assert os.listdir(saved.parent) == [saved.name]
+
+
+def test_unwritable_target_is_format_error(tmp_path, model):
+    with pytest.raises(FormatError, match="cannot write"):
+        save(tmp_path / "no" / "such" / "dir" / "m.spfq", model)
+
+
+def test_new_file_mode_follows_umask(tmp_path, model):
+    old = os.umask(0o027)
+    try:
+        save(tmp_path / "m.spfq", model)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.spfq").stat().st_mode & 0o777 == 0o640  # not NamedTemporaryFile's 0600
+
+
+def test_overwrite_keeps_mode(saved, model):
+    os.chmod(saved, 0o604)
+    model.layers["fc.sign"].codes[:] = -1
+    save(saved, model)
+    assert np.all(load(saved).layers["fc.sign"].codes == -1)
+    assert os.listdir(saved.parent) == [saved.name]
+    assert saved.stat().st_mode & 0o777 == 0o604

