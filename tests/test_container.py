@@ -11,6 +11,7 @@ from safetensors import numpy as st_numpy
 
 from spfq_deploy.compressed import CompressedLayer, CompressedModel
 from spfq_deploy.errors import FormatError
+from spfq_deploy import atomic
 from spfq_deploy.pack import container
 from spfq_deploy.pack import FORMAT_VERSION, load, read_header, save
 
@@ -133,7 +134,8 @@ def test_metadata_keys(saved):
     with open(saved, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         meta = json.loads(f.read(n))["__metadata__"]
-    assert set(meta) == {"format", "format_version", "spfq"}
+    assert set(meta) == {"format", "format_version", "spfq", "spfq_sha256"}
+    assert hashlib.sha256(meta["spfq"].encode()).hexdigest() == meta["spfq_sha256"]
     assert meta["format"] == "spfq" and meta["format_version"] == "1"
     table = json.loads(meta["spfq"])
     tensors = st_numpy.load_file(str(saved))
@@ -204,13 +206,16 @@ def test_flipped_byte_in_buffer(saved):
         expect_error(saved, "checksum", key)
 
 
-def rewrite(path, edit_meta=None, drop=None):
+def rewrite(path, edit_meta=None, drop=None, reseal=True):
+    """Edit a saved file's metadata; reseal recomputes the table checksum (a deliberate edit)."""
     tensors = st_numpy.load_file(str(path))
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         meta = json.loads(f.read(n))["__metadata__"]
     if edit_meta:
         edit_meta(meta)
+        if reseal:
+            meta["spfq_sha256"] = hashlib.sha256(meta["spfq"].encode()).hexdigest()
     if drop:
         del tensors[drop]
     st_numpy.save_file(tensors, str(path), metadata=meta)
@@ -251,6 +256,16 @@ def test_missing_tensor(saved):
     expect_error(saved, "missing", "layer/fc.sparse/mask")
 
 
+def test_damaged_table_is_caught(saved):
+    """A flipped value in the JSON table (here a conv-like meta number) must not load silently."""
+    def damage(m):
+        t = json.loads(m["spfq"])
+        t["layers"]["fc.sign"]["meta"]["C"] = 123.0
+        m["spfq"] = json.dumps(t)
+    rewrite(saved, damage, reseal=False)
+    expect_error(saved, "checksum", "layer table")
+
+
 def test_table_inconsistent_with_buffers(saved):
     def widen(m):
         t = json.loads(m["spfq"])
@@ -271,7 +286,7 @@ def test_failed_save_leaves_nothing(tmp_path, model, monkeypatch, target):
     if target == "serialise":
         monkeypatch.setattr(container, "_serialise", fail)
     else:
-        monkeypatch.setattr(container.os, target, fail)
+        monkeypatch.setattr(atomic.os, target, fail)
     with pytest.raises(RuntimeError, match="disk on fire"):
         save(tmp_path / "m.spfq", model)
     assert os.listdir(tmp_path) == []
@@ -280,7 +295,7 @@ def test_failed_save_leaves_nothing(tmp_path, model, monkeypatch, target):
 def test_failed_save_keeps_previous_file(saved, model, monkeypatch):
     before = saved.read_bytes()
     model.layers["fc.sign"].codes[:] = 1
-    monkeypatch.setattr(container.os, "replace", fail)
+    monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(RuntimeError):
         save(saved, model)
     assert saved.read_bytes() == before

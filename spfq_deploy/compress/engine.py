@@ -232,6 +232,7 @@ def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig
         meta={"method": cfg.method, "C": res.C, "lam_factor": res.lam_factor, "rel_error": res.rel_error,
               "align_error": res.align_error, "sparsity_target": cfg.sparsity, "rows": grams.m,
               "order": cfg.order})
+    layer.meta["sparsity"] = layer.sparsity
     layer.validate()
     module.weight.copy_(torch.from_numpy(layer.dequantize()))
     if layer.bias is not None:

@@ -2,7 +2,8 @@
 
 Why safetensors: a plain, mmap-able, 8-byte-aligned tensor store that every runtime can read
 without Python pickles. The spfq part lives in the string metadata:
-    {"format": "spfq", "format_version": "1", "spfq": json.dumps(table)}
+    {"format": "spfq", "format_version": "1", "spfq": json.dumps(table),
+     "spfq_sha256": sha256 of that JSON text (so a damaged conv stride or scale meta is caught too)}
 table = {"layers": {name: {kind, weight_shape, alphabet, bits, layout, conv, meta,
                            tensors: {role: key}, storage_report}},
          "float_params": [names], "model_spec", "meta",
@@ -18,11 +19,9 @@ Writing is atomic: temp file in the same directory, fsync, os.replace.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors import numpy as st_numpy
 
+from .. import atomic
 from ..compressed import CompressedLayer, CompressedModel
 from ..errors import FormatError
 from . import layouts as L
@@ -115,45 +115,13 @@ def _build(model: CompressedModel, layouts: dict[str, str] | None):
         text = json.dumps(table, default=_json_default)
     except (TypeError, ValueError) as e:
         raise ValueError(f"model metadata cannot be stored: {e}") from e
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spfq": text}
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spfq": text,
+                "spfq_sha256": hashlib.sha256(text.encode()).hexdigest()}
     return tensors, metadata, json.loads(text)
 
 
 def _serialise(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
     return st_numpy.save(tensors, metadata=metadata)
-
-
-def _new_file_mode(path: Path) -> int:
-    """Keep an existing file's mode, else what open() gives (NamedTemporaryFile makes 0600)."""
-    with contextlib.suppress(OSError):
-        return path.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    mode = _new_file_mode(path)
-    tmp = tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", suffix=".tmp",
-                                      delete=False)
-    try:
-        with tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp.name, mode)
-        os.replace(tmp.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp.name)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def save(path: str | os.PathLike, model: CompressedModel,
@@ -167,7 +135,7 @@ def save(path: str | os.PathLike, model: CompressedModel,
     tensors, metadata, table = _build(model, layouts)
     data = _serialise(tensors, metadata)
     try:
-        _atomic_write(path, data)
+        atomic.write_bytes(path, data)
     except OSError as e:
         raise FormatError(f"{path}: cannot write: {e.strerror or e}") from e
     return table
@@ -214,8 +182,11 @@ def _parse(path: Path, data: bytes) -> tuple[dict, dict, int]:
         raise _fail(path, "malformed safetensors header") from None
     if 8 + n + end > size:
         raise _fail(path, f"truncated: data needs {8 + n + end} bytes, file has {size}")
+    text = meta.get("spfq", "")
+    if hashlib.sha256(text.encode()).hexdigest() != meta.get("spfq_sha256"):
+        raise _fail(path, "corrupt: checksum mismatch in the layer table")
     try:
-        table = json.loads(meta.get("spfq", ""))
+        table = json.loads(text)
         if not isinstance(table, dict) or not isinstance(table.get("layers"), dict) \
                 or not isinstance(table.get("sha256"), dict):
             raise ValueError("missing layers or sha256")

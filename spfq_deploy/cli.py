@@ -1,0 +1,135 @@
+"""The `spfq-deploy` command. Bad input ends with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import SpfqError
+
+
+def _bits(text: str):
+    if text in ("ternary", "t", "1.58"):
+        return "ternary"
+    if text.isdigit() and 1 <= int(text) <= 8:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"bits must be 1, ternary or 2..8, got {text!r}")
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
+    return v
+
+
+def _grid(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--c-grid takes comma-separated numbers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError("--c-grid values must be positive")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spfq-deploy", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a PyTorch model with SPFQ into a .spfq file")
+    c.add_argument("model", help="model factory: path/to/file.py[:function] (default function: build)")
+    c.add_argument("--calib", help="calibration data: .npy, .npz or file.py:function "
+                                   "(default: the model file's calibration())")
+    c.add_argument("--bits", type=_bits, default=4, help="1 (binary), ternary, or 2..8 (default 4)")
+    c.add_argument("--method", choices=["spfq", "gpfq", "rtn"], default="spfq",
+                   help="spfq: stochastic path following; gpfq: deterministic; rtn: round to nearest")
+    c.add_argument("--sparsity", type=_fraction, default=0.0, help="target fraction of zero weights")
+    c.add_argument("--order", type=int, default=1, help="order-r data alignment (default 1)")
+    c.add_argument("--c-grid", type=_grid, help="comma-separated scale parameters C to search")
+    c.add_argument("--per-layer-delta", action="store_true", help="one delta per layer instead of per channel")
+    c.add_argument("--range-quantile", type=float, help="R_i = this quantile of |w_i| instead of max")
+    c.add_argument("--bias-correction", action="store_true", help="b' = b + mean(XW^T - XtQ^T)")
+    c.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the layer before it")
+    c.add_argument("--include", action="append", help="layer name pattern to compress (repeatable; default all)")
+    c.add_argument("--exclude", action="append", default=[], help="layer name pattern to keep float (repeatable)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=64, help="batch size when calibration is one array")
+    c.add_argument("--layout", help="packed layout for every layer (sign, sign_mask, planes, offset, sparse)")
+    c.add_argument("-o", "--output", help="output .spfq file (default: <model>.spfq)")
+    c.add_argument("--report-json", help="also write the per-layer report as JSON")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_compress)
+
+    i = sub.add_parser("inspect", help="bits/weight, sparsity, sizes of a .spfq file")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true", help="print the layer table as JSON")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def cmd_compress(args) -> int:
+    from .compress import CompressConfig, compress_model
+    from .modelspec import load_calibration, load_model
+    from .pack import container
+    from .tables import compression_summary
+
+    cfg = CompressConfig(bits=args.bits, method=args.method, sparsity=args.sparsity, order=args.order,
+                         c_grid=args.c_grid, per_layer_delta=args.per_layer_delta,
+                         range_quantile=args.range_quantile, bias_correction=args.bias_correction,
+                         fold_batchnorm=not args.no_fold_bn, include=tuple(args.include or ["*"]),
+                         exclude=tuple(args.exclude), seed=args.seed, batch_size=args.batch_size)
+    out = Path(args.output or Path(args.model.split(":")[0]).with_suffix(".spfq").name)
+    if not out.parent.is_dir():
+        raise SpfqError(f"{out.parent}: output directory does not exist")
+    model, module = load_model(args.model)
+    data = load_calibration(args.calib, module)
+    result = compress_model(model, data, cfg, progress=not args.quiet, model_spec=args.model)
+    layouts = {n: args.layout for n in result.model.layers} if args.layout else None
+    try:
+        table = container.save(out, result.model, layouts)
+    except ValueError as exc:  # a layout that cannot hold these codes
+        raise SpfqError(f"--layout {args.layout}: {exc}") from None
+    print(compression_summary(result.report))
+    bits = sum(e["storage_report"]["total_bits"] for e in table["layers"].values())
+    weights = sum(e["storage_report"]["weights"] for e in table["layers"].values())
+    print(f"\nwrote {out} ({out.stat().st_size:,} bytes; {len(table['layers'])} layers at "
+          f"{bits / weights:.4f} bits/weight incl. scales and padding)")
+    if args.report_json:
+        from .atomic import write_text
+        write_text(args.report_json, json.dumps([r.as_dict() for r in result.report], indent=2))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .pack import container
+    from .tables import inspect_table
+
+    header = container.read_header(args.file)
+    if args.json:
+        print(json.dumps({k: v for k, v in header.items() if k != "sha256"}, indent=2))
+    else:
+        print(inspect_table(header))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SpfqError as exc:
+        print(f"spfq-deploy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("spfq-deploy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

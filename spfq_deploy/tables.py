@@ -1,0 +1,71 @@
+"""Plain-text tables for the terminal: the compression summary and the `inspect` view."""
+
+from __future__ import annotations
+
+
+def render(headers: list[str], rows: list[list], align: str | None = None) -> str:
+    """Fixed-width table; align is one char per column ('l' or 'r'), numbers right by default."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "".join("r" if rows and isinstance(rows[0][i], (int, float)) else "l"
+                             for i in range(len(headers)))
+    out = []
+    for k, r in enumerate(cells):
+        out.append("  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align)).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _fmt(c) -> str:
+    if c is None:
+        return "-"
+    if isinstance(c, float):
+        return f"{c:.4g}" if abs(c) < 1e4 else f"{c:,.0f}"
+    if isinstance(c, int):
+        return f"{c:,}"
+    return str(c)
+
+
+def compression_summary(report) -> str:
+    """Per layer: bits, sparsity, chosen C, relative output error ||XW^T - XtQ^T|| / ||XW^T||."""
+    rows = [[r.name, r.kind, "x".join(map(str, r.shape)), r.bits, round(100 * r.sparsity, 1), round(r.C, 4),
+             None if r.lam_factor is None else round(r.lam_factor, 3), round(r.rel_error, 4),
+             None if r.align_error is None else round(r.align_error, 4), round(r.seconds, 2)]
+            for r in report]
+    return render(["layer", "kind", "shape", "bits", "sparsity %", "C", "lam f", "rel err", "align err", "s"],
+                  rows, "lllrrrrrrr")
+
+
+def inspect_table(header: dict) -> str:
+    """Per-layer and total bits/weight (actual: codes, masks, scales, padding), bytes, ratio vs fp32."""
+    rows, tot_bits, tot_w = [], 0, 0
+    for name, e in header["layers"].items():
+        sr = e["storage_report"]
+        tot_bits += sr["total_bits"]
+        tot_w += sr["weights"]
+        sparsity = e.get("meta", {}).get("sparsity")
+        rows.append([name, e["kind"], "x".join(map(str, e["weight_shape"])),
+                     "ternary" if e["alphabet"] == "ternary" else f"{e['bits']}", e["layout"],
+                     None if sparsity is None else round(100 * sparsity, 1),
+                     round(sr["bits_per_weight"], 4), (sr["total_bits"] + 7) // 8, round(32 / sr["bits_per_weight"], 2)])
+    body = render(["layer", "kind", "shape", "bits", "layout", "sparsity %", "bits/weight", "bytes", "x fp32"],
+                  rows, "llllrrrrr")
+    packed = (tot_bits + 7) // 8
+    fp32 = 4 * tot_w
+    others = sum(4 * _numel(t["shape"]) for k, t in header.get("tensors", {}).items()
+                 if k.startswith("float/") or k.endswith("/bias"))
+    lines = [body, "",
+             f"compressed layers: {tot_w:,} weights in {packed:,} bytes = {tot_bits / max(tot_w, 1):.4f} bits/weight "
+             f"({fp32 / max(packed, 1):.2f}x smaller than fp32 {fp32:,} bytes)",
+             f"file: {header['file_bytes']:,} bytes on disk, {(fp32 + others) / header['file_bytes']:.2f}x smaller "
+             f"than the fp32 model ({fp32 + others:,} bytes; {len(header.get('float_params', []))} float "
+             f"tensors kept as they were; format version {header['format_version']})"]
+    return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
