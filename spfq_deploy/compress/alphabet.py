@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..compressed import levels_for
 
 
 def fp16_round(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest float16 value (scales are stored as float16)."""
-    return x.to(torch.float16).to(x.dtype)
+    """Round to the nearest float16 value (scales are stored as float16). numpy rounds float64
+    to float16 directly; torch goes through float32 and can round twice."""
+    return torch.from_numpy(x.detach().cpu().numpy().astype(np.float16).astype(np.float64)).to(x.dtype)
 
 
 @dataclass
@@ -67,7 +69,7 @@ def make_alphabet(alphabet: str, bits: int, W: torch.Tensor, C, *, lam_factor=No
         k = max(1, min(A.shape[-1], int(round(range_quantile * A.shape[-1]))))
         R = A.kthvalue(k, dim=-1).values
     if per_layer_delta:
-        R = R.mean(dim=-1, keepdim=True).expand_as(R)
+        R = R.mean().expand_as(R)  # over all groups and rows
     C = torch.as_tensor(C, dtype=W.dtype)
     delta = fp16_round(_lead(C, R) * R / K)
     pruned = sparsity > 0.0

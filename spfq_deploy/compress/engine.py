@@ -105,8 +105,9 @@ def _trace(model: nn.Module, batch, names: list[str]):
     handles = []
     for n in names:
         def hook(mod, args, n=n):
-            x = args[0]
-            calls[n].append((x.data_ptr(), tuple(x.shape), tuple(x.stride())))
+            # the tensor itself (holding it keeps identities unique) and its version counter,
+            # which in-place updates bump: h += f(h) between two readers makes them not siblings
+            calls[n].append((args[0], args[0]._version))
             seen.append(n)
         handles.append(mods[n].register_forward_pre_hook(hook))
     try:
@@ -124,9 +125,9 @@ def _trace(model: nn.Module, batch, names: list[str]):
         warnings.warn(f"layers never run on the calibration data stay float: {', '.join(skipped)}")
     groups: list[list[str]] = []
     for n in order:
-        key = (calls[n][0], _row_key(mods[n]))
-        for g in groups:
-            if (calls[g[0]][0], _row_key(mods[g[0]])) == key:
+        for g in groups:  # same tensor object and same row extraction: one capture serves both
+            (x0, v0), (x1, v1) = calls[g[0]][0], calls[n][0]
+            if x0 is x1 and v0 == v1 and _row_key(mods[g[0]]) == _row_key(mods[n]):
                 g.append(n)
                 break
         else:
@@ -158,7 +159,12 @@ def _capture(float_model, qmodel, batches, name) -> GramAccumulator:
             _run(qmodel, batch, i)
             if "x" not in box or "xt" not in box:
                 raise CalibrationError(f"calibration batch {i} does not reach layer '{name}'")
-            acc.add(box["x"].float(), box["xt"].float())
+            try:
+                acc.add(box["x"].float(), box["xt"].float())
+            except RuntimeError:  # a batch whose shape differs from the first one's
+                before = f", earlier batches {acc.G.shape[-1]}" if acc.G is not None else ""
+                raise CalibrationError(f"calibration batch {i} ({calib.describe(batch)}) gives layer '{name}' "
+                                       f"rows of {box['x'].shape[-1]} features{before}") from None
     finally:
         hf.remove()
         hq.remove()

@@ -54,6 +54,8 @@ class _Evaluator:
             err, ref = squared_output_error(W, Wt, grams.F, grams.G, grams.H)
             self.align_error = math.sqrt(float(err.sum()) / max(float(ref.sum()), 1e-300))
             self.pf_W, self.pf_G = Wt, grams.H  # phase 2 quantises w~ against Xt alone
+        self.GW = W @ grams.G.transpose(-1, -2)  # shared by every candidate's error
+        self.wFw = ((W @ grams.F) * W).sum(-1)
         gen = torch.Generator().manual_seed(seed)
         self.U = torch.rand(W.shape, generator=gen, dtype=W.dtype) if cfg.stochastic else None
 
@@ -84,7 +86,7 @@ class _Evaluator:
                 else (lambda z, t: quantize(z, a, False))
             Q = gram_path_following(self.pf_W, self.pf_G, self.g.H,
                                     quantizing_step(quant, a.values, codes), self.cfg.block, shape)
-        err, _ = squared_output_error(self.W, Q, self.g.F, self.g.G, self.g.H)
+        err, _ = squared_output_error(self.W, Q, self.g.F, self.g.G, self.g.H, self.GW, self.wFw)
         sparsity = (codes == 0).flatten(1).float().mean(1)
         return codes, Q, err.flatten(1).sum(1), sparsity
 
@@ -145,8 +147,7 @@ def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: i
     if cfg.sparsity > 0 and K > 1:
         f = _search_lam(ev, C, cfg.sparsity, cfg.sparsity_tolerance)
     codes, Q, err, sp = ev.run([C], [f])
-    _, ref = squared_output_error(W, W, grams.F, grams.G, grams.H)
-    ref_total = float(ref.sum())
+    ref_total = float(ev.wFw.sum())
     rel = math.sqrt(float(err[0]) / ref_total) if ref_total > 0 else 0.0
     alph = ev.alphabet(torch.tensor([C], dtype=W.dtype), torch.tensor([1.0 if f is None else f], dtype=W.dtype))
     alph = Alphabet(alph.alphabet, alph.bits, alph.delta[0], alph.lam[0], alph.pruned)

@@ -86,9 +86,15 @@ def align(W, G, H, order: int, block: int = 128):
     return Wt
 
 
-def squared_output_error(W, Q, F, G, H):
-    """Per-neuron ||X w - Xt q||^2 = w'Fw - 2 q'Gw + q'Hq with F = X^T X (no data needed)."""
-    wFw = ((W @ F) * W).sum(-1)
-    qGw = ((Q @ G) * W).sum(-1)
+def squared_output_error(W, Q, F, G, H, GW=None, wFw=None):
+    """Per-neuron ||X w - Xt q||^2 = w'Fw - 2 q'Gw + q'Hq with F = X^T X (no data needed).
+
+    GW = W G^T and wFw do not depend on Q: pass them in when scoring many candidates Q.
+    Returns (error, w'Fw)."""
+    if wFw is None:
+        wFw = ((W @ F) * W).sum(-1)
+    if GW is None:
+        GW = W @ G.transpose(-1, -2)
+    qGw = (Q * GW).sum(-1)
     qHq = ((Q @ H) * Q).sum(-1)
     return (wFw - 2.0 * qGw + qHq).clamp_min(0.0), wFw
