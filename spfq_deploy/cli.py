@@ -111,6 +111,7 @@ def cmd_inspect(args) -> int:
     from .tables import inspect_table
 
     header = container.read_header(args.file)
+    container.load(args.file)  # verify every checksum and layout before reporting on the file
     if args.json:
         print(json.dumps({k: v for k, v in header.items() if k != "sha256"}, indent=2))
     else:

@@ -139,8 +139,39 @@ def _row_key(m: nn.Module):
     return ("linear",) if isinstance(m, nn.Linear) else (type(m).__name__, conv_params(m).__repr__())
 
 
-def _capture(float_model, qmodel, batches, name) -> GramAccumulator:
-    """One pass over the calibration batches: rows of the layer's input in both models."""
+FLOAT_ROWS_BUDGET = 3 * 2 ** 30  # bytes of float-model rows kept to skip re-running the float model
+
+
+def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET) -> dict | None:
+    """One full float pass keeping each group's input rows, or None when they exceed the budget
+    (then every capture re-runs the float model, and memory stays independent of m)."""
+    mods = dict(float_model.named_modules())
+    cache = {n: [] for n in leaders}
+    used = [0]
+
+    def keep(n):
+        def hook(m, args):
+            r = rows(m, args[0].detach()).to(torch.float32, copy=True)  # later in-place ops must not reach it
+            used[0] += r.numel() * 4
+            if used[0] > budget:
+                raise _Stop
+            cache[n].append(r)
+        return hook
+    handles = [mods[n].register_forward_pre_hook(keep(n)) for n in leaders]
+    try:
+        for i, batch in enumerate(batches):
+            _run(float_model, batch, i)
+            if used[0] > budget:
+                return None
+    finally:
+        for h in handles:
+            h.remove()
+    return cache
+
+
+def _capture(float_model, qmodel, batches, name, float_rows=None) -> GramAccumulator:
+    """One pass over the calibration batches: rows of the layer's input in both models
+    (the float model's rows come from float_rows when cached)."""
     fmod, qmod = dict(float_model.named_modules())[name], dict(qmodel.named_modules())[name]
     acc = GramAccumulator()
     box = {}
@@ -155,7 +186,10 @@ def _capture(float_model, qmodel, batches, name) -> GramAccumulator:
     try:
         for i, batch in enumerate(batches):
             box.clear()
-            _run(float_model, batch, i)
+            if float_rows is None:
+                _run(float_model, batch, i)
+            else:
+                box["x"] = float_rows[i]
             _run(qmodel, batch, i)
             if "x" not in box or "xt" not in box:
                 raise CalibrationError(f"calibration batch {i} does not reach layer '{name}'")
@@ -192,9 +226,10 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
     total = sum(len(g) for g in groups)
     bar = tqdm(total=total, desc=f"compress ({cfg.method}, {cfg.bits}-bit)", unit="layer",
                disable=not progress, leave=False)
+    cache = _float_rows(float_model, batches, [g[0] for g in groups])
     try:
         for group in groups:
-            acc = _capture(float_model, qmodel, batches, group[0])
+            acc = _capture(float_model, qmodel, batches, group[0], cache and cache.pop(group[0]))
             grams = acc.grams()
             for name in group:
                 bar.set_postfix_str(name)

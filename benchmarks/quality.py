@@ -1,0 +1,134 @@
+"""Quality benchmark: fp32 vs round-to-nearest vs GPFQ vs SPFQ, side by side on the same
+calibration data, for the MNIST CNN (accuracy on the 5000 digits) and MiniLM (Lee Pearson,
+WordSim Spearman, polarity accuracy), at binary, ternary, 2, 3, 4 bits and 4-bit + 50% sparse.
+
+    python benchmarks/quality.py --out benchmarks/results/quality.json [--models mnist,minilm]
+
+Writes JSON (per run: task metrics, per-layer relative output errors, compression seconds)
+and prints a Markdown table for the README. Nothing here is a test: it reports what it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spfq_deploy.atomic import write_text  # noqa: E402
+from spfq_deploy.compress import compress_model  # noqa: E402
+
+SETTINGS = {  # name -> (bits, sparsity)
+    "binary": (1, 0.0), "ternary": ("ternary", 0.0), "2-bit": (2, 0.0), "3-bit": (3, 0.0),
+    "4-bit": (4, 0.0), "4-bit+50%": (4, 0.5),
+}
+METHODS = ("rtn", "gpfq", "spfq")
+
+
+def workload(name: str):
+    if name == "mnist":
+        import examples.mnist_cnn as mod
+    elif name == "minilm":
+        import examples.minilm as mod
+    else:
+        raise SystemExit(f"unknown model {name!r} (mnist, minilm)")
+    return mod
+
+
+def run(models, settings, methods, seed):
+    results = []
+    for model_name in models:
+        mod = workload(model_name)
+        model = mod.build()
+        calib = mod.calibration(256)
+        t0 = time.perf_counter()
+        base = mod.evaluate(model)
+        results.append({"model": model_name, "setting": "fp32", "method": "fp32", "metrics": base,
+                        "eval_seconds": time.perf_counter() - t0})
+        print(f"[{model_name}] fp32 {base}", flush=True)
+        for setting in settings:
+            bits, sparsity = SETTINGS[setting]
+            for method in methods:
+                t0 = time.perf_counter()
+                res = compress_model(model, calib, bits=bits, sparsity=sparsity, method=method,
+                                     seed=seed, progress=False)
+                secs = time.perf_counter() - t0
+                metrics = mod.evaluate(res.reference)
+                errs = [r.rel_error for r in res.report]
+                row = {"model": model_name, "setting": setting, "method": method, "metrics": metrics,
+                       "compress_seconds": secs, "layer_rel_error": {r.name: r.rel_error for r in res.report},
+                       "mean_rel_error": sum(errs) / len(errs), "last_rel_error": errs[-1],
+                       "sparsity": sum(r.sparsity for r in res.report) / len(errs),
+                       "chosen_C": {r.name: r.C for r in res.report}}
+                results.append(row)
+                print(f"[{model_name}] {setting:10s} {method:5s} {metrics} mean err {row['mean_rel_error']:.4f} "
+                      f"({secs:.1f} s)", flush=True)
+    return results
+
+
+def beats_rtn(results):
+    """Per model/setting: does each method's layer output error beat RTN's, layer by layer?"""
+    out = {}
+    by = {(r["model"], r["setting"], r["method"]): r for r in results}
+    for (model, setting, method), r in by.items():
+        if method in ("rtn", "fp32"):
+            continue
+        rtn = by.get((model, setting, "rtn"))
+        if not rtn:
+            continue
+        layers = r["layer_rel_error"]
+        wins = sum(layers[n] < rtn["layer_rel_error"][n] for n in layers)
+        out[f"{model}/{setting}/{method}"] = {
+            "layers_better_than_rtn": wins, "layers": len(layers),
+            "mean_rel_error": r["mean_rel_error"], "rtn_mean_rel_error": rtn["mean_rel_error"],
+            "mean_better": r["mean_rel_error"] < rtn["mean_rel_error"]}
+    return out
+
+
+def markdown(results):
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == model]
+        keys = list(rows[0]["metrics"])
+        lines.append(f"\n**{model}**\n")
+        lines.append("| setting | method | " + " | ".join(keys) + " | mean layer rel. error | last layer rel. error | compress s |")
+        lines.append("|" + "---|" * (len(keys) + 5))
+        for r in rows:
+            m = " | ".join(f"{r['metrics'][k]:.4f}" for k in keys)
+            err = f"{r['mean_rel_error']:.4f} | {r['last_rel_error']:.4f} | {r['compress_seconds']:.1f}" \
+                if "mean_rel_error" in r else "- | - | -"
+            lines.append(f"| {r['setting']} | {r['method']} | {m} | {err} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mnist,minilm")
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/quality.json")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    results = run(args.models.split(","), args.settings.split(","), args.methods.split(","), args.seed)
+    doc = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "python": platform.python_version()},
+           "calibration": "256 samples (MNIST: class-balanced digits; MiniLM: lee_background sentences)",
+           "results": results, "vs_rtn": beats_rtn(results)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_text(args.out, json.dumps(doc, indent=1))
+    print(markdown(results))
+    print("\nlayer output error vs round-to-nearest:")
+    for k, v in doc["vs_rtn"].items():
+        print(f"  {k}: {v['layers_better_than_rtn']}/{v['layers']} layers better, mean "
+              f"{v['mean_rel_error']:.4f} vs {v['rtn_mean_rel_error']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
