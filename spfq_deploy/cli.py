@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="calibration data: .npy, .npz or file.py:function "
                                    "(default: the model file's calibration())")
     c.add_argument("--bits", type=_bits, default=4, help="1 (binary), ternary, or 2..8 (default 4)")
-    c.add_argument("--method", choices=["spfq", "gpfq", "rtn"], default="spfq",
-                   help="spfq: stochastic path following; gpfq: deterministic; rtn: round to nearest")
+    c.add_argument("--method", choices=["gpfq", "spfq", "rtn"], default="gpfq",
+                   help="gpfq: deterministic path following (default, best measured quality); "
+                        "spfq: stochastic path following; rtn: round to nearest")
     c.add_argument("--sparsity", type=_fraction, default=0.0, help="target fraction of zero weights")
     c.add_argument("--order", type=int, default=1, help="order-r data alignment (default 1)")
     c.add_argument("--c-grid", type=_grid, help="comma-separated scale parameters C to search")

@@ -23,13 +23,7 @@ from spfq_deploy.errors import CalibrationError, SpfqError, UnsupportedLayerErro
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matmuls are far faster on one thread (no pool wake-ups on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------ models

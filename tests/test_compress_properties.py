@@ -23,13 +23,7 @@ from spfq_deploy.compress.path_following import (align, gram_path_following, qua
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny float64 matmuls are far faster on one thread (no pool wake-ups on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def t(*v):
