@@ -29,7 +29,7 @@ def _fmt(c) -> str:
 
 def compression_summary(report) -> str:
     """Per layer: bits, sparsity, chosen C, relative output error ||XW^T - XtQ^T|| / ||XW^T||."""
-    rows = [[r.name, r.kind, "x".join(map(str, r.shape)), r.bits, round(100 * r.sparsity, 1), round(r.C, 4),
+    rows = [[r.name, r.kind, "x".join(map(str, r.shape)), r.bits, round(100 * r.sparsity, 1), None if r.C is None else round(r.C, 4),
              None if r.lam_factor is None else round(r.lam_factor, 3), round(r.rel_error, 4),
              None if r.align_error is None else round(r.align_error, 4), round(r.seconds, 2)]
             for r in report]

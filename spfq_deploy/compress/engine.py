@@ -41,7 +41,7 @@ class LayerReport:
     shape: tuple
     bits: str
     sparsity: float
-    C: float
+    C: float | None
     lam_factor: float | None
     rel_error: float
     align_error: float | None

@@ -34,7 +34,7 @@ class Grams:
 class LayerResult:
     codes: torch.Tensor  # int8 (g, n, d)
     alphabet: Alphabet  # single candidate, delta/lam (g, n)
-    C: float
+    C: float | None  # None for pruned binary/ternary (the level is lam)
     lam_factor: float | None
     rel_error: float  # ||X W^T - Xt Q^T|| / ||X W^T||
     sparsity: float
@@ -143,12 +143,14 @@ def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: i
     if cfg.sparsity > 0:
         C0 = grid[len(grid) // 2]
         f = _search_lam(ev, C0, cfg.sparsity, cfg.sparsity_tolerance)
-    C = grid[0] if (cfg.sparsity > 0 and K == 1) else _search_c(ev, grid, f)
+    # a pruned K = 1 alphabet is {0, +-lam}: lam alone sets the level, so there is no C to search
+    C = None if (cfg.sparsity > 0 and K == 1) else _search_c(ev, grid, f)
     if cfg.sparsity > 0 and K > 1:
         f = _search_lam(ev, C, cfg.sparsity, cfg.sparsity_tolerance)
-    codes, Q, err, sp = ev.run([C], [f])
+    c = 1.0 if C is None else C
+    codes, Q, err, sp = ev.run([c], [f])
     ref_total = float(ev.wFw.sum())
     rel = math.sqrt(float(err[0]) / ref_total) if ref_total > 0 else 0.0
-    alph = ev.alphabet(torch.tensor([C], dtype=W.dtype), torch.tensor([1.0 if f is None else f], dtype=W.dtype))
+    alph = ev.alphabet(torch.tensor([c], dtype=W.dtype), torch.tensor([1.0 if f is None else f], dtype=W.dtype))
     alph = Alphabet(alph.alphabet, alph.bits, alph.delta[0], alph.lam[0], alph.pruned)
     return LayerResult(codes[0], alph, C, f, rel, float(sp[0]), ev.align_error, Q[0])
