@@ -59,6 +59,7 @@ def make_alphabet(alphabet: str, bits: int, W: torch.Tensor, C, *, lam_factor=No
     """delta_i = C * R_i / K with R_i = max|w_i| (or a quantile); lam from the s-quantile when pruning.
 
     W is (..., n, d). C and lam_factor may be tensors with leading candidate axes so a whole
+    grid of alphabets is built in one pass; lam_factor may also hold one factor per row.
     grid of alphabets is built (and later searched) in one vectorised pass.
     """
     K = levels_for(alphabet, bits)
@@ -77,7 +78,8 @@ def make_alphabet(alphabet: str, bits: int, W: torch.Tensor, C, *, lam_factor=No
         k = max(1, min(A.shape[-1], int(round(sparsity * A.shape[-1]))))
         q = A.kthvalue(k, dim=-1).values
         f = torch.as_tensor(1.0 if lam_factor is None else lam_factor, dtype=W.dtype)
-        lam = fp16_round(_lead(f, q) * q)
+        # scalar or (c,) candidates lead; a (..., g, n) tensor is one factor per row
+        lam = fp16_round((_lead(f, q) if f.dim() <= 1 else f) * q)
         if K == 1:  # {0, +-lam}: the single level is lam itself
             delta = lam
     else:

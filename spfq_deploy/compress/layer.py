@@ -71,9 +71,13 @@ class _Evaluator:
         outs = [self._run(Cs[i:i + per], fs[i:i + per]) for i in range(0, len(Cs), per)]
         return tuple(torch.cat(parts) for parts in zip(*outs))
 
+    def rows_f(self, f) -> torch.Tensor:
+        """A lam factor (None, scalar or per-row tensor) as one factor per row (g, n)."""
+        return torch.as_tensor(1.0 if f is None else f, dtype=self.W.dtype).expand(self.W.shape[:-1])
+
     def _run(self, Cs, fs):
-        fs = [1.0 if f is None else f for f in fs]
-        a = self.alphabet(torch.tensor(Cs, dtype=self.W.dtype), torch.tensor(fs, dtype=self.W.dtype))
+        f = torch.stack([self.rows_f(f) for f in fs])  # (c, g, n)
+        a = self.alphabet(torch.tensor(Cs, dtype=self.W.dtype), f)
         if self.cfg.method == "rtn":
             col = Alphabet(a.alphabet, a.bits, a.delta[..., None], a.lam[..., None], a.pruned)
             codes = quantize(self.W.expand((len(Cs),) + self.W.shape), col, stochastic=False)
@@ -87,8 +91,7 @@ class _Evaluator:
             Q = gram_path_following(self.pf_W, self.pf_G, self.g.H,
                                     quantizing_step(quant, a.values, codes), self.cfg.block, shape)
         err, _ = squared_output_error(self.W, Q, self.g.F, self.g.G, self.g.H, self.GW, self.wFw)
-        sparsity = (codes == 0).flatten(1).float().mean(1)
-        return codes, Q, err.flatten(1).sum(1), sparsity
+        return codes, Q, err.flatten(1).sum(1), (codes == 0).sum(-1)  # zeros per row (c, g, n)
 
 
 def _refine(grid, best_idx):
@@ -112,26 +115,61 @@ def _search_c(ev: _Evaluator, grid, f):
     return Cs[int(torch.argmin(err))]
 
 
-def _search_lam(ev: _Evaluator, C, target, tol, rounds=4, width=9):
-    """Bracket the lam factor f so that the realised sparsity is within tol of the target."""
+def _search_lam(ev: _Evaluator, C, target, tol, rounds=10, width=9):
+    """A lam factor per row so that the layer's realised sparsity is within tol of the target.
+
+    Sparsity grows with the factor f (in expectation; path following makes it a noisy step
+    function). First one layer-wide f is bracketed: each round keeps the neighbouring grid
+    points where sparsity crosses the target, closest to the best point, and subdivides them.
+    Rows are independent in path following, so when steps jump over the target, rows are then
+    moved one by one to another evaluated f whose zero count closes the gap exactly."""
+    d = ev.W.shape[-1]
+    goal = round(target * ev.W.shape[:-1].numel() * d)  # zeros wanted in the layer
     lo, hi = 0.05, 8.0
-    best_f, best_gap = 1.0, float("inf")
+    best_f, best_gap, seen = 1.0, float("inf"), []
     for _ in range(rounds):
         fs = [lo * (hi / lo) ** (i / (width - 1)) for i in range(width)]
-        _, _, _, sp = ev.run([C] * width, fs)
-        gaps = (sp - target).abs()
-        i = int(torch.argmin(gaps))
-        if float(gaps[i]) < best_gap:
-            best_f, best_gap = fs[i], float(gaps[i])
-        if best_gap <= tol:
+        zeros = ev.run([C] * width, fs)[3]  # (width, g, n)
+        seen += list(zip(fs, zeros))
+        totals = [int(z.sum()) for z in zeros]
+        i = min(range(width), key=lambda j: abs(totals[j] - goal))
+        if abs(totals[i] - goal) < best_gap:
+            best_f, best_gap = fs[i], abs(totals[i] - goal)
+        if best_gap <= tol * zeros[0].numel() * d or hi / lo < 1 + 1e-9:
+            return best_f
+        crossings = [j for j in range(width - 1) if totals[j] < goal <= totals[j + 1]]
+        if crossings:
+            j = min(crossings, key=lambda j: abs(j - i))
+            lo, hi = fs[j], fs[j + 1]
+        elif totals[-1] < goal:
+            lo, hi = fs[-1], hi * 4
+        else:
+            lo, hi = lo / 4, fs[0]
+    return _balance_rows(ev, seen, best_f, goal)
+
+
+def _balance_rows(ev: _Evaluator, seen, best_f, goal):
+    """Per-row factors: start from best_f and switch single rows to evaluated factors whose
+    zero count moves the layer total towards the goal, nearest factors first."""
+    base = dict(seen)[best_f]
+    f = ev.rows_f(best_f).clone()
+    count = base.clone()
+    gap = goal - int(count.sum())
+    options = sorted(seen, key=lambda fz: abs(math.log(fz[0] / best_f)))
+    for fv, zeros in options:
+        if gap == 0:
             break
-        below = [j for j in range(width) if float(sp[j]) < target]
-        above = [j for j in range(width) if float(sp[j]) >= target]
-        lo = fs[max(below)] if below else lo / 4
-        hi = fs[min(above)] if above else hi * 4
-        if above and below and min(above) < max(below):  # not monotone: narrow around the best
-            lo, hi = fs[max(i - 1, 0)], fs[min(i + 1, width - 1)]
-    return best_f
+        step = zeros - count  # change of each row's zeros if it moved to fv
+        ok = (step != 0) & (step.sign() == (1 if gap > 0 else -1)) & (step.abs() <= abs(gap)) & (f == best_f)
+        for idx in ok.nonzero().tolist():
+            s = int(step[tuple(idx)])
+            if abs(s) <= abs(gap):
+                f[tuple(idx)] = fv
+                count[tuple(idx)] += s
+                gap -= s
+            if gap == 0:
+                break
+    return f
 
 
 def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: int) -> LayerResult:
@@ -148,9 +186,10 @@ def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: i
     if cfg.sparsity > 0 and K > 1:
         f = _search_lam(ev, C, cfg.sparsity, cfg.sparsity_tolerance)
     c = 1.0 if C is None else C
-    codes, Q, err, sp = ev.run([c], [f])
+    codes, Q, err, zeros = ev.run([c], [f])
     ref_total = float(ev.wFw.sum())
     rel = math.sqrt(float(err[0]) / ref_total) if ref_total > 0 else 0.0
-    alph = ev.alphabet(torch.tensor([c], dtype=W.dtype), torch.tensor([1.0 if f is None else f], dtype=W.dtype))
+    alph = ev.alphabet(torch.tensor([c], dtype=W.dtype), ev.rows_f(f)[None])
     alph = Alphabet(alph.alphabet, alph.bits, alph.delta[0], alph.lam[0], alph.pruned)
-    return LayerResult(codes[0], alph, C, f, rel, float(sp[0]), ev.align_error, Q[0])
+    f_report = None if f is None else float(torch.as_tensor(f, dtype=torch.float64).mean())
+    return LayerResult(codes[0], alph, C, f_report, rel, float(zeros[0].sum()) / W.numel(), ev.align_error, Q[0])
