@@ -29,10 +29,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	@mkdir -p $(BUILD)/demo
-	@echo "== MNIST CNN -> 1-bit (SPFQ) =="
+	@echo "== MNIST CNN -> 1-bit (path following, default method gpfq) =="
 	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits 1 -o $(BUILD)/demo/mnist_1bit.spfq
 	$(BIN)/spfq-deploy inspect $(BUILD)/demo/mnist_1bit.spfq
-	@echo "== MNIST CNN -> 4-bit + 50% sparse (SPFQ) =="
+	@echo "== MNIST CNN -> 4-bit + 50% sparse (path following + pruning) =="
 	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits 4 --sparsity 0.5 -o $(BUILD)/demo/mnist_4bit_sparse50.spfq
 	$(BIN)/spfq-deploy inspect $(BUILD)/demo/mnist_4bit_sparse50.spfq
 	@echo "== accuracy on the 5000 real MNIST digits (models rebuilt from the .spfq files) =="
