@@ -236,7 +236,8 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
                 t0 = time.perf_counter()
                 layer, rep = _compress_one(name, mods[name], grams, acc, cfg)
                 rep.seconds = time.perf_counter() - t0
-                layers[name], _ = layer, report.append(rep)
+                layers[name] = layer
+                report.append(rep)
                 bar.update(1)
     finally:
         bar.close()

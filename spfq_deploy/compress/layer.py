@@ -17,6 +17,7 @@ from .alphabet import Alphabet, make_alphabet, quantize
 from .config import CompressConfig
 from .path_following import align, gram_path_following, quantizing_step, squared_output_error
 
+RTN_LAM_FACTOR = 2.0
 MAX_BATCH_ELEMS = 24_000_000  # candidates x neurons x inputs per batched pass (float64 ~ 200 MB)
 
 
@@ -115,7 +116,7 @@ def _search_c(ev: _Evaluator, grid, f):
     return Cs[int(torch.argmin(err))]
 
 
-def _search_lam(ev: _Evaluator, C, target, tol, rounds=10, width=9):
+def _search_lam(ev: _Evaluator, C, target, tol, rounds=10, width=9, lo=0.05, hi=8.0):
     """A lam factor per row so that the layer's realised sparsity is within tol of the target.
 
     Sparsity grows with the factor f (in expectation; path following makes it a noisy step
@@ -125,7 +126,6 @@ def _search_lam(ev: _Evaluator, C, target, tol, rounds=10, width=9):
     moved one by one to another evaluated f whose zero count closes the gap exactly."""
     d = ev.W.shape[-1]
     goal = round(target * ev.W.shape[:-1].numel() * d)  # zeros wanted in the layer
-    lo, hi = 0.05, 8.0
     best_f, best_gap, seen = 1.0, float("inf"), []
     for _ in range(rounds):
         fs = [lo * (hi / lo) ** (i / (width - 1)) for i in range(width)]
@@ -178,13 +178,21 @@ def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: i
     K = ev.alphabet(1.0, None).K
     grid = cfg.default_grid(K)
     f = None
+    if cfg.sparsity > 0 and K == 1:
+        # a pruned K = 1 alphabet is {0, +-lam}: lam alone sets the level, there is no C to search
+        return _finish(ev, W, None, _search_lam(ev, 1.0, cfg.sparsity, cfg.sparsity_tolerance))
     if cfg.sparsity > 0:
-        C0 = grid[len(grid) // 2]
-        f = _search_lam(ev, C0, cfg.sparsity, cfg.sparsity_tolerance)
-    # a pruned K = 1 alphabet is {0, +-lam}: lam alone sets the level, so there is no C to search
-    C = None if (cfg.sparsity > 0 and K == 1) else _search_c(ev, grid, f)
-    if cfg.sparsity > 0 and K > 1:
-        f = _search_lam(ev, C, cfg.sparsity, cfg.sparsity_tolerance)
+        # rounding to nearest zeroes |w| < lam/2, so f = 2 gives exactly s zeros before path
+        # following moves them; search C there, then the factor near it
+        f = RTN_LAM_FACTOR
+    C = _search_c(ev, grid, f)
+    if cfg.sparsity > 0:
+        f = _search_lam(ev, C, cfg.sparsity, cfg.sparsity_tolerance, lo=f / 1.6, hi=f * 1.6)
+    return _finish(ev, W, C, f)
+
+
+def _finish(ev: _Evaluator, W, C, f) -> LayerResult:
+    """Run the chosen candidate once more and package it."""
     c = 1.0 if C is None else C
     codes, Q, err, zeros = ev.run([c], [f])
     ref_total = float(ev.wFw.sum())
