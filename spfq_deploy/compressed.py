@@ -29,11 +29,6 @@ def levels_for(alphabet: str, bits: int) -> int:
     raise ValueError(f"unknown alphabet {alphabet!r}")
 
 
-def storage_bits(alphabet: str, bits: int | None = None) -> int:
-    """Bits per weight in the dense code stream (ternary uses a sign bit and a nonzero bit)."""
-    return {"binary": 1, "ternary": 2}.get(alphabet) or int(bits)
-
-
 @dataclass
 class CompressedLayer:
     """One compressed Linear/Conv layer, in PyTorch weight layout (N rows x d = prod(rest))."""
@@ -81,6 +76,8 @@ class CompressedLayer:
 
     def validate(self) -> None:
         """Check the invariants every consumer relies on; raises ValueError on violation."""
+        if self.alphabet not in ALPHABETS:
+            raise ValueError(f"{self.name}: unknown alphabet {self.alphabet!r}")
         K = self.K
         if self.codes.dtype != np.int8 or self.codes.shape != (self.rows, self.cols):
             raise ValueError(f"{self.name}: codes must be int8 {(self.rows, self.cols)}")
