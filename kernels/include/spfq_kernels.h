@@ -1,0 +1,94 @@
+/* spfq_kernels.h — the plain C ABI of the packed GEMM kernels.
+ *
+ * One semantics, several ISAs (portable C = the oracle, AVX2, NEON), picked at run time.
+ * The Python binding (ctypes), the ONNX Runtime custom-op library and TVM-exported libraries
+ * all link this same code. Weights arrive in the .spfq layouts (spfq_deploy/pack/layouts.py,
+ * bit order in spfq_deploy/pack/bits.py): 64-bit little-endian words along K, bit j of a row
+ * in bit j%64 of word j/64, rows padded with zero bits to W = ceil(K/64) words.
+ * spfq_prepare() may repack them into a kernel-private layout once.
+ *
+ * Weight values (per output row n, signed code c in [-Kmax, Kmax]):
+ *     value(c) = sign(c) * (lam[n] + (|c| - 1) * scale[n])   with lam = scale when lam == NULL
+ *              = scale[n] * c + (lam[n] - scale[n]) * sign(c)
+ * so every integer kernel keeps two exact int32 sums per output:
+ *     acc_c[m,n] = sum_k xq[m,k] * c[n,k]        acc_s[m,n] = sum_k xq[m,k] * sign(c[n,k])
+ * and y[m,n] = xscale[m] * (scale[n] * acc_c + (lam[n] - scale[n]) * acc_s) + bias[n]
+ * (for binary/ternary c == sign(c), the level is scale[n], and y = xscale*scale*acc_s + bias).
+ */
+#ifndef SPFQ_KERNELS_H
+#define SPFQ_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SPFQ_ABI_VERSION 1
+
+enum spfq_status {
+    SPFQ_OK = 0,
+    SPFQ_EINVAL = 1,       /* bad argument: null pointer, shape, bits, layout */
+    SPFQ_ENOMEM = 2,
+    SPFQ_EUNSUPPORTED = 3  /* this operation does not apply to this weight kind */
+};
+
+enum spfq_layout {
+    SPFQ_SIGN = 1,       /* binary: sign (N,W); bit 1 = -scale */
+    SPFQ_SIGN_MASK = 2,  /* ternary / pruned binary: sign (N,W) + mask (N,W), bit 1 = nonzero */
+    SPFQ_PLANES = 3,     /* int b-bit dense: planes (b,N,W) of u = c + 2^(b-1) */
+    SPFQ_SPARSE = 4      /* int b-bit pruned: mask (N,W) + kept (b,N,Wk): per row, nonzero codes in
+                            column order as fields (c<0) | ((|c|-1) << 1), zero padded */
+};
+
+typedef struct {
+    int32_t layout;      /* enum spfq_layout */
+    int32_t n, k;        /* output rows N, reduction length K */
+    int32_t bits;        /* field bits b of PLANES / SPARSE (2..8); 1 for SIGN, 2 for SIGN_MASK */
+    int32_t kept_words;  /* Wk of SPARSE */
+    const uint64_t *sign, *mask, *planes;  /* planes: the planes (PLANES) or kept (SPARSE) buffer */
+    const float *scale;  /* (N) */
+    const float *lam;    /* (N) or NULL */
+    const float *bias;   /* (N) or NULL */
+} spfq_weights_desc;
+
+typedef struct spfq_prepared spfq_prepared;  /* owns a copy / repack of the weights */
+
+int spfq_prepare(const spfq_weights_desc *w, spfq_prepared **out);
+void spfq_free(spfq_prepared *p);
+
+/* Weight-only: y (M,N) = x (M,K) @ value(W)^T + bias, float accumulation (matches the
+ * dequantised PyTorch model up to summation order). */
+int spfq_matmul_f32(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads);
+
+/* int8 activations, exact int32 sums (see the header comment); acc_c may be NULL for binary /
+ * ternary layouts (it equals acc_s there). */
+int spfq_matmul_i8_raw(const spfq_prepared *w, int32_t m, const int8_t *xq, int32_t *acc_c,
+                       int32_t *acc_s, int32_t nthreads);
+int spfq_matmul_i8(const spfq_prepared *w, int32_t m, const int8_t *xq, const float *xscale,
+                   float *y, int32_t nthreads);
+
+/* XNOR/popcount, SIGN weights x binary activations xbits (M,W) (same bit convention, bit 1 =
+ * negative): dot[m,n] = K - 2*popcount(x XOR w) exactly (padding bits are zero on both sides).
+ * y = xscale[m] * scale[n] * dot + bias[n] (xscale NULL = 1). If ybits != NULL the output is
+ * re-binarised for the next binary layer: bit n of row m (layout (M, ceil(N/64))) = (y < 0),
+ * and y may be NULL. dot may be NULL. */
+int spfq_bgemm(const spfq_prepared *w, int32_t m, const uint64_t *xbits, const float *xscale,
+               int32_t *dot, float *y, uint64_t *ybits, int32_t nthreads);
+
+/* Activation quantisers used in front of the kernels (also exact references for tests):
+ * i8: xscale = max|x_row| / 127 (0 for an all-zero row), xq = round-half-away(x / xscale)
+ * clamped to [-127, 127] (0 where xscale == 0). binarize: bit = (x < 0), xscale = mean|x_row|. */
+int spfq_quantize_i8(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale);
+int spfq_binarize(int32_t m, int32_t k, const float *x, uint64_t *xbits, float *xscale);
+
+/* ISA selection: "auto" (default: best the CPU has), "c", "avx2", "neon". Returns SPFQ_OK or
+ * SPFQ_EUNSUPPORTED when the CPU / build lacks it. spfq_isa() names the active one. */
+int spfq_set_isa(const char *name);
+const char *spfq_isa(void);
+int32_t spfq_abi_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SPFQ_KERNELS_H */

@@ -1,0 +1,316 @@
+/* api.c — the ABI of spfq_kernels.h: argument checks, owned weight copies, ISA dispatch,
+ * threads over output rows, the float epilogue of integer kernels, activation quantisers.
+ * Kernels themselves live in the family files (binary*.c, intb*.c). */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* Every range function is referenced weakly: a family or ISA not built in is NULL here. */
+#define SPFQ_WEAK_ISA(isa)                                                            \
+    __attribute__((weak)) void spfq_sign_f32_##isa(const spfq_job *, int32_t, int32_t);      \
+    __attribute__((weak)) void spfq_sign_i8_##isa(const spfq_job *, int32_t, int32_t);       \
+    __attribute__((weak)) void spfq_sign_mask_f32_##isa(const spfq_job *, int32_t, int32_t); \
+    __attribute__((weak)) void spfq_sign_mask_i8_##isa(const spfq_job *, int32_t, int32_t);  \
+    __attribute__((weak)) void spfq_bgemm_##isa(const spfq_job *, int32_t, int32_t);         \
+    __attribute__((weak)) void spfq_planes_f32_##isa(const spfq_job *, int32_t, int32_t);    \
+    __attribute__((weak)) void spfq_planes_i8_##isa(const spfq_job *, int32_t, int32_t);     \
+    __attribute__((weak)) void spfq_sparse_f32_##isa(const spfq_job *, int32_t, int32_t);    \
+    __attribute__((weak)) void spfq_sparse_i8_##isa(const spfq_job *, int32_t, int32_t);
+SPFQ_WEAK_ISA(c)
+SPFQ_WEAK_ISA(avx2)
+SPFQ_WEAK_ISA(neon)
+
+typedef struct {
+    const char *name;
+    spfq_range_fn f32[5], i8[5], bgemm;
+} isa_table;
+
+#define SPFQ_TABLE(isa)                                                                    \
+    {#isa,                                                                                 \
+     {NULL, spfq_sign_f32_##isa, spfq_sign_mask_f32_##isa, spfq_planes_f32_##isa,           \
+      spfq_sparse_f32_##isa},                                                              \
+     {NULL, spfq_sign_i8_##isa, spfq_sign_mask_i8_##isa, spfq_planes_i8_##isa,              \
+      spfq_sparse_i8_##isa},                                                               \
+     spfq_bgemm_##isa}
+
+static const isa_table table_c = SPFQ_TABLE(c);
+static const isa_table table_avx2 = SPFQ_TABLE(avx2);
+static const isa_table table_neon = SPFQ_TABLE(neon);
+static const isa_table *active = NULL;
+
+static int cpu_has(const char *isa) {
+    if (!strcmp(isa, "c")) return 1;
+#if defined(__x86_64__)
+    if (!strcmp(isa, "avx2")) {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("popcnt");
+    }
+#endif
+#if defined(__aarch64__)
+    if (!strcmp(isa, "neon")) return 1; /* baseline on aarch64 */
+#endif
+    return 0;
+}
+
+int spfq_set_isa(const char *name) {
+    if (!name) return SPFQ_EINVAL;
+    if (!strcmp(name, "auto")) {
+        active = cpu_has("avx2") ? &table_avx2 : cpu_has("neon") ? &table_neon : &table_c;
+        return SPFQ_OK;
+    }
+    const isa_table *t = !strcmp(name, "c") ? &table_c : !strcmp(name, "avx2") ? &table_avx2
+                       : !strcmp(name, "neon") ? &table_neon : NULL;
+    if (!t || !cpu_has(name)) return SPFQ_EUNSUPPORTED;
+    active = t;
+    return SPFQ_OK;
+}
+
+static const isa_table *isa(void) {
+    if (!active) spfq_set_isa("auto");
+    return active;
+}
+
+const char *spfq_isa(void) { return isa()->name; }
+int32_t spfq_abi_version(void) { return SPFQ_ABI_VERSION; }
+
+static spfq_range_fn pick(spfq_range_fn simd, spfq_range_fn portable) { return simd ? simd : portable; }
+
+/* ------------------------------------------------------------------ weights */
+
+static void *copy(const void *src, size_t bytes, int *fail) {
+    if (!src || !bytes) return NULL;
+    void *dst = malloc(bytes);
+    if (!dst) { *fail = 1; return NULL; }
+    memcpy(dst, src, bytes);
+    return dst;
+}
+
+int spfq_prepare(const spfq_weights_desc *w, spfq_prepared **out) {
+    if (!w || !out || w->n <= 0 || w->k <= 0 || !w->scale) return SPFQ_EINVAL;
+    *out = NULL;
+    size_t W = SPFQ_WORDS((size_t)w->k), N = (size_t)w->n, rowbytes = N * W * 8;
+    size_t plane_bytes = 0;
+    switch (w->layout) {
+    case SPFQ_SIGN: if (!w->sign) return SPFQ_EINVAL; break;
+    case SPFQ_SIGN_MASK: if (!w->sign || !w->mask) return SPFQ_EINVAL; break;
+    case SPFQ_PLANES:
+        if (!w->planes || w->bits < 2 || w->bits > 8) return SPFQ_EINVAL;
+        plane_bytes = (size_t)w->bits * rowbytes; break;
+    case SPFQ_SPARSE:
+        if (!w->mask || w->bits < 2 || w->bits > 8 || w->kept_words < 0 ||
+            (w->kept_words > 0 && !w->planes)) return SPFQ_EINVAL;
+        plane_bytes = (size_t)w->bits * N * (size_t)w->kept_words * 8; break;
+    default: return SPFQ_EINVAL;
+    }
+    spfq_prepared *p = calloc(1, sizeof *p);
+    if (!p) return SPFQ_ENOMEM;
+    int fail = 0;
+    p->d = *w;
+    p->words = (int32_t)W;
+    if (w->layout == SPFQ_SIGN || w->layout == SPFQ_SIGN_MASK) p->sign = copy(w->sign, rowbytes, &fail);
+    if (w->layout != SPFQ_SIGN && w->layout != SPFQ_PLANES) p->mask = copy(w->mask, rowbytes, &fail);
+    p->planes = copy(w->planes, plane_bytes, &fail);
+    p->scale = copy(w->scale, N * 4, &fail);
+    p->lam = copy(w->lam, N * 4, &fail);
+    p->bias = copy(w->bias, N * 4, &fail);
+    p->d.sign = p->sign; p->d.mask = p->mask; p->d.planes = p->planes;
+    p->d.scale = p->scale; p->d.lam = p->lam; p->d.bias = p->bias;
+    if (fail) { spfq_free(p); return SPFQ_ENOMEM; }
+    *out = p;
+    return SPFQ_OK;
+}
+
+void spfq_free(spfq_prepared *p) {
+    if (!p) return;
+    free(p->sign); free(p->mask); free(p->planes);
+    free(p->scale); free(p->lam); free(p->bias);
+    free(p);
+}
+
+/* ------------------------------------------------------------------ threads */
+
+typedef struct {
+    spfq_range_fn fn;
+    const spfq_job *job;
+    int32_t n0, n1;
+    void (*after)(const spfq_job *, int32_t, int32_t, void *);
+    void *after_ctx;
+} slice;
+
+static void *run_slice(void *arg) {
+    slice *s = arg;
+    if (s->n0 < s->n1) {
+        s->fn(s->job, s->n0, s->n1);
+        if (s->after) s->after(s->job, s->n0, s->n1, s->after_ctx);
+    }
+    return NULL;
+}
+
+/* Split [0, N) into nthreads chunks of whole 64-row blocks; run fn then after on each. */
+static int parallel(spfq_range_fn fn, const spfq_job *job, int32_t nthreads,
+                    void (*after)(const spfq_job *, int32_t, int32_t, void *), void *ctx) {
+    int32_t N = job->w->d.n;
+    int32_t blocks = (N + 63) / 64;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > blocks) nthreads = blocks;
+    if (nthreads > 64) nthreads = 64;
+    slice s[64];
+    pthread_t tid[64];
+    for (int32_t t = 0; t < nthreads; t++) {
+        int32_t b0 = (int32_t)((int64_t)blocks * t / nthreads), b1 = (int32_t)((int64_t)blocks * (t + 1) / nthreads);
+        s[t] = (slice){fn, job, b0 * 64, b1 * 64 < N ? b1 * 64 : N, after, ctx};
+    }
+    int32_t started = 0;
+    for (int32_t t = 1; t < nthreads; t++) {
+        if (pthread_create(&tid[t], NULL, run_slice, &s[t]) != 0) break;
+        started = t;
+    }
+    run_slice(&s[0]);
+    for (int32_t t = started + 1; t < nthreads; t++) run_slice(&s[t]); /* threads that failed to start */
+    for (int32_t t = 1; t <= started; t++) pthread_join(tid[t], NULL);
+    return SPFQ_OK;
+}
+
+/* ------------------------------------------------------------------ entry points */
+
+static int check(const spfq_prepared *w, int32_t m) { return (!w || m < 0) ? SPFQ_EINVAL : SPFQ_OK; }
+
+int spfq_matmul_f32(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads) {
+    if (check(w, m) || !x || !y) return SPFQ_EINVAL;
+    int L = w->d.layout;
+    spfq_range_fn fn = pick(isa()->f32[L], table_c.f32[L]);
+    if (!fn) return SPFQ_EUNSUPPORTED;
+    spfq_job job = {.w = w, .m = m, .x = x, .y = y};
+    return m ? parallel(fn, &job, nthreads, NULL, NULL) : SPFQ_OK;
+}
+
+int spfq_matmul_i8_raw(const spfq_prepared *w, int32_t m, const int8_t *xq, int32_t *acc_c,
+                       int32_t *acc_s, int32_t nthreads) {
+    if (check(w, m) || !xq || !acc_s) return SPFQ_EINVAL;
+    int L = w->d.layout;
+    if (!acc_c && (L == SPFQ_PLANES || L == SPFQ_SPARSE)) return SPFQ_EINVAL;
+    spfq_range_fn fn = pick(isa()->i8[L], table_c.i8[L]);
+    if (!fn) return SPFQ_EUNSUPPORTED;
+    spfq_job job = {.w = w, .m = m, .xq = xq, .acc_c = acc_c, .acc_s = acc_s};
+    return m ? parallel(fn, &job, nthreads, NULL, NULL) : SPFQ_OK;
+}
+
+typedef struct { const float *xscale; float *y; } i8_epilogue;
+
+/* y = xscale * (scale * acc_c + (lam - scale) * acc_s) + bias, on the rows this thread made. */
+static void i8_finish(const spfq_job *j, int32_t n0, int32_t n1, void *ctx) {
+    const i8_epilogue *e = ctx;
+    const spfq_weights_desc *d = &j->w->d;
+    int32_t N = d->n;
+    int two = (d->layout == SPFQ_PLANES || d->layout == SPFQ_SPARSE);
+    for (int32_t m = 0; m < j->m; m++) {
+        float xs = e->xscale[m];
+        for (int32_t n = n0; n < n1; n++) {
+            size_t i = (size_t)m * N + n;
+            float s = d->scale[n];
+            float v = two ? s * (float)j->acc_c[i] + ((d->lam ? d->lam[n] : s) - s) * (float)j->acc_s[i]
+                          : s * (float)j->acc_s[i];
+            e->y[i] = xs * v + (d->bias ? d->bias[n] : 0.0f);
+        }
+    }
+}
+
+int spfq_matmul_i8(const spfq_prepared *w, int32_t m, const int8_t *xq, const float *xscale,
+                   float *y, int32_t nthreads) {
+    if (check(w, m) || !xq || !xscale || !y) return SPFQ_EINVAL;
+    int L = w->d.layout;
+    spfq_range_fn fn = pick(isa()->i8[L], table_c.i8[L]);
+    if (!fn) return SPFQ_EUNSUPPORTED;
+    size_t cells = (size_t)m * (size_t)w->d.n;
+    int two = (L == SPFQ_PLANES || L == SPFQ_SPARSE);
+    int32_t *acc = malloc(cells * sizeof(int32_t) * (two ? 2 : 1) + 1);
+    if (!acc) return SPFQ_ENOMEM;
+    spfq_job job = {.w = w, .m = m, .xq = xq, .acc_s = acc, .acc_c = two ? acc + cells : NULL};
+    i8_epilogue e = {xscale, y};
+    int rc = m ? parallel(fn, &job, nthreads, i8_finish, &e) : SPFQ_OK;
+    free(acc);
+    return rc;
+}
+
+typedef struct { const float *xscale; float *y; uint64_t *ybits; } b_epilogue;
+
+static void bgemm_finish(const spfq_job *j, int32_t n0, int32_t n1, void *ctx) {
+    const b_epilogue *e = ctx;
+    const spfq_weights_desc *d = &j->w->d;
+    int32_t N = d->n, NW = (N + 63) / 64;
+    for (int32_t m = 0; m < j->m; m++) {
+        float xs = e->xscale ? e->xscale[m] : 1.0f;
+        for (int32_t n = n0; n < n1; n++) {
+            size_t i = (size_t)m * N + n;
+            float v = xs * d->scale[n] * (float)j->dot[i] + (d->bias ? d->bias[n] : 0.0f);
+            if (e->y) e->y[i] = v;
+            if (e->ybits) {
+                uint64_t *word = &e->ybits[(size_t)m * NW + n / 64], bit = 1ull << (n % 64);
+                *word = v < 0.0f ? (*word | bit) : (*word & ~bit);
+            }
+        }
+    }
+}
+
+int spfq_bgemm(const spfq_prepared *w, int32_t m, const uint64_t *xbits, const float *xscale,
+               int32_t *dot, float *y, uint64_t *ybits, int32_t nthreads) {
+    if (check(w, m) || !xbits) return SPFQ_EINVAL;
+    if (w->d.layout != SPFQ_SIGN) return SPFQ_EUNSUPPORTED;
+    spfq_range_fn fn = pick(isa()->bgemm, table_c.bgemm);
+    if (!fn) return SPFQ_EUNSUPPORTED;
+    size_t cells = (size_t)m * (size_t)w->d.n;
+    int32_t *tmp = NULL;
+    if (!dot) {
+        tmp = malloc(cells * sizeof(int32_t) + 1);
+        if (!tmp) return SPFQ_ENOMEM;
+    }
+    if (ybits) { /* padding bits of the output rows must be zero */
+        int32_t NW = (w->d.n + 63) / 64;
+        for (int32_t r = 0; r < m; r++) ybits[(size_t)r * NW + NW - 1] = 0;
+    }
+    spfq_job job = {.w = w, .m = m, .xbits = xbits, .dot = dot ? dot : tmp};
+    b_epilogue e = {xscale, y, ybits};
+    int rc = m ? parallel(fn, &job, nthreads, (y || ybits) ? bgemm_finish : NULL, &e) : SPFQ_OK;
+    free(tmp);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ activation quantisers */
+
+int spfq_quantize_i8(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale) {
+    if (m < 0 || k <= 0 || !x || !xq || !xscale) return SPFQ_EINVAL;
+    for (int32_t r = 0; r < m; r++) {
+        const float *row = x + (size_t)r * k;
+        float amax = 0.0f;
+        for (int32_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(row[i]));
+        float s = amax / 127.0f;
+        xscale[r] = s;
+        for (int32_t i = 0; i < k; i++) {
+            float q = s > 0.0f ? roundf(row[i] / s) : 0.0f; /* roundf: half away from zero */
+            xq[(size_t)r * k + i] = (int8_t)(q > 127.0f ? 127 : q < -127.0f ? -127 : q);
+        }
+    }
+    return SPFQ_OK;
+}
+
+int spfq_binarize(int32_t m, int32_t k, const float *x, uint64_t *xbits, float *xscale) {
+    if (m < 0 || k <= 0 || !x || !xbits) return SPFQ_EINVAL;
+    int32_t W = SPFQ_WORDS(k);
+    for (int32_t r = 0; r < m; r++) {
+        const float *row = x + (size_t)r * k;
+        uint64_t *out = xbits + (size_t)r * W;
+        memset(out, 0, (size_t)W * 8);
+        double sum = 0.0;
+        for (int32_t i = 0; i < k; i++) {
+            sum += fabsf(row[i]);
+            if (row[i] < 0.0f) out[i / 64] |= 1ull << (i % 64);
+        }
+        if (xscale) xscale[r] = (float)(sum / k);
+    }
+    return SPFQ_OK;
+}

@@ -1,0 +1,61 @@
+/* internal.h — what the per-ISA kernel files and api.c share (not part of the ABI).
+ *
+ * A kernel is a "range function": it computes output rows [n0, n1) for all M activation rows.
+ * api.c splits N over threads (chunks are multiples of 64 rows so re-binarised output words are
+ * never shared between threads), applies the float epilogue of integer kernels, and picks the
+ * ISA table. A NULL entry in an ISA table falls back to the portable C table.
+ */
+#ifndef SPFQ_INTERNAL_H
+#define SPFQ_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "spfq_kernels.h"
+
+#define SPFQ_WORDS(k) (((k) + 63) / 64)
+
+struct spfq_prepared {
+    spfq_weights_desc d;  /* pointers point at the owned copies below */
+    int32_t words;        /* W = ceil(K / 64) */
+    /* owned storage */
+    uint64_t *sign, *mask, *planes;
+    float *scale, *lam, *bias;
+};
+
+typedef struct {
+    const struct spfq_prepared *w;
+    int32_t m;
+    const float *x;        /* f32: (M, K) */
+    float *y;              /* f32 out: (M, N) */
+    const int8_t *xq;      /* i8: (M, K) */
+    int32_t *acc_c;        /* i8 out: (M, N); NULL allowed for SIGN / SIGN_MASK */
+    int32_t *acc_s;        /* i8 out: (M, N) */
+    const uint64_t *xbits; /* bgemm: (M, W) */
+    int32_t *dot;          /* bgemm out: (M, N) exact K - 2 popcount */
+} spfq_job;
+
+typedef void (*spfq_range_fn)(const spfq_job *job, int32_t n0, int32_t n1);
+
+/* Range functions, one per (layout, operation, ISA). Family files define them:
+ *   binary.c / binary_avx2.c / binary_neon.c : SIGN and SIGN_MASK (f32, i8) and bgemm
+ *   intb.c   / intb_avx2.c   / intb_neon.c   : PLANES and SPARSE (f32, i8)
+ * SIMD files use function-level target attributes (no global -mavx2), and are compiled only
+ * on their architecture. api.c references every name weakly: a missing one is NULL and the
+ * dispatcher falls back to the C version (or reports SPFQ_EUNSUPPORTED if that is missing). */
+#define SPFQ_DECLARE_ISA(isa)                                                   \
+    void spfq_sign_f32_##isa(const spfq_job *j, int32_t n0, int32_t n1);        \
+    void spfq_sign_i8_##isa(const spfq_job *j, int32_t n0, int32_t n1);         \
+    void spfq_sign_mask_f32_##isa(const spfq_job *j, int32_t n0, int32_t n1);   \
+    void spfq_sign_mask_i8_##isa(const spfq_job *j, int32_t n0, int32_t n1);    \
+    void spfq_bgemm_##isa(const spfq_job *j, int32_t n0, int32_t n1);           \
+    void spfq_planes_f32_##isa(const spfq_job *j, int32_t n0, int32_t n1);      \
+    void spfq_planes_i8_##isa(const spfq_job *j, int32_t n0, int32_t n1);       \
+    void spfq_sparse_f32_##isa(const spfq_job *j, int32_t n0, int32_t n1);      \
+    void spfq_sparse_i8_##isa(const spfq_job *j, int32_t n0, int32_t n1);
+
+SPFQ_DECLARE_ISA(c)
+SPFQ_DECLARE_ISA(avx2)
+SPFQ_DECLARE_ISA(neon)
+
+#endif /* SPFQ_INTERNAL_H */

@@ -1,0 +1,222 @@
+"""ctypes binding of the packed GEMM kernels (kernels/include/spfq_kernels.h).
+
+The library is built by the package build (setup.py) next to this file. Every call checks
+dtypes, shapes, contiguity and alignment here, so a bad argument raises KernelError (a
+ValueError) instead of letting C read out of bounds.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import glob
+import os
+
+import numpy as np
+
+from .compressed import CompressedLayer
+from .pack import layouts as L
+
+SIGN, SIGN_MASK, PLANES, SPARSE = 1, 2, 3, 4
+_LAYOUT_IDS = {"sign": SIGN, "sign_mask": SIGN_MASK, "planes": PLANES, "sparse": SPARSE}
+_STATUS = {1: "invalid argument", 2: "out of memory", 3: "not supported for this layout / ISA"}
+
+
+class KernelError(ValueError):
+    """A bad argument to a kernel (dtype, shape, alignment) or a status the library returned."""
+
+
+class _Desc(C.Structure):
+    _fields_ = [("layout", C.c_int32), ("n", C.c_int32), ("k", C.c_int32), ("bits", C.c_int32),
+                ("kept_words", C.c_int32), ("sign", C.c_void_p), ("mask", C.c_void_p),
+                ("planes", C.c_void_p), ("scale", C.c_void_p), ("lam", C.c_void_p),
+                ("bias", C.c_void_p)]
+
+
+def library_path() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    hits = sorted(glob.glob(os.path.join(here, "_spfq_kernels*.so")))
+    if not hits:
+        raise KernelError("the kernel library is not built: run `pip install -e .` (or `make setup`)")
+    return hits[0]
+
+
+_lib = None
+
+
+def lib() -> C.CDLL:
+    """The loaded library (loaded once)."""
+    global _lib
+    if _lib is None:
+        so = C.CDLL(library_path())
+        p, i32, vp = C.c_void_p, C.c_int32, C.c_void_p
+        sig = {
+            "spfq_prepare": ([C.POINTER(_Desc), C.POINTER(p)], C.c_int),
+            "spfq_free": ([p], None),
+            "spfq_matmul_f32": ([p, i32, vp, vp, i32], C.c_int),
+            "spfq_matmul_i8_raw": ([p, i32, vp, vp, vp, i32], C.c_int),
+            "spfq_matmul_i8": ([p, i32, vp, vp, vp, i32], C.c_int),
+            "spfq_bgemm": ([p, i32, vp, vp, vp, vp, vp, i32], C.c_int),
+            "spfq_quantize_i8": ([i32, i32, vp, vp, vp], C.c_int),
+            "spfq_binarize": ([i32, i32, vp, vp, vp], C.c_int),
+            "spfq_set_isa": ([C.c_char_p], C.c_int),
+            "spfq_isa": ([], C.c_char_p),
+            "spfq_abi_version": ([], i32),
+        }
+        for name, (args, res) in sig.items():
+            fn = getattr(so, name)
+            fn.argtypes, fn.restype = args, res
+        _lib = so
+    return _lib
+
+
+def _ok(status: int, what: str) -> None:
+    if status:
+        raise KernelError(f"{what}: {_STATUS.get(status, f'status {status}')}")
+
+
+def _arr(a, dtype, shape, name, align=8):
+    """Check a caller's array: exact dtype, shape, C-contiguous, aligned; returns its address."""
+    if not isinstance(a, np.ndarray):
+        raise KernelError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != np.dtype(dtype):
+        raise KernelError(f"{name} must be {np.dtype(dtype)}, got {a.dtype}")
+    if tuple(a.shape) != tuple(shape):
+        raise KernelError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+    if not a.flags.c_contiguous:
+        raise KernelError(f"{name} must be C-contiguous")
+    if a.ctypes.data % align:
+        raise KernelError(f"{name} is not {align}-byte aligned")
+    return a.ctypes.data if a.size else None
+
+
+def set_isa(name: str) -> None:
+    """'auto', 'c', 'avx2' or 'neon'."""
+    _ok(lib().spfq_set_isa(name.encode()), f"ISA {name!r}")
+
+
+def isa() -> str:
+    return lib().spfq_isa().decode()
+
+
+class PackedWeights:
+    """A layer's packed weights handed to the kernels once (they keep their own copy)."""
+
+    def __init__(self, layout: str, n: int, k: int, buffers: dict, scale, lam=None, bias=None, bits: int = 1):
+        if layout not in _LAYOUT_IDS:
+            raise KernelError(f"kernels take layouts {', '.join(_LAYOUT_IDS)}, not {layout!r}")
+        W = (k + 63) // 64
+        self.layout, self.n, self.k, self.bits = layout, n, k, bits
+        keep = []  # the arrays must live until spfq_prepare has copied them
+
+        def f32(v, name):
+            if v is None:
+                return None
+            v = np.ascontiguousarray(v, dtype=np.float32)
+            keep.append(v)
+            return _arr(v, np.float32, (n,), name, 4)
+
+        d = _Desc(layout=_LAYOUT_IDS[layout], n=n, k=k, bits=bits, kept_words=0)
+        if layout in ("sign", "sign_mask"):
+            d.sign = _arr(buffers["sign"], np.uint64, (n, W), "sign")
+        if layout in ("sign_mask", "sparse"):
+            d.mask = _arr(buffers["mask"], np.uint64, (n, W), "mask")
+        if layout == "planes":
+            d.planes = _arr(buffers["planes"], np.uint64, (bits, n, W), "planes")
+        if layout == "sparse":
+            kept = buffers["kept"]
+            if kept.ndim != 3:
+                raise KernelError("kept must be (bits, N, Wk)")
+            d.kept_words = kept.shape[2]
+            d.planes = _arr(kept, np.uint64, (bits, n, kept.shape[2]), "kept")
+        d.scale, d.lam, d.bias = f32(scale, "scale"), f32(lam, "lam"), f32(bias, "bias")
+        if d.scale is None:
+            raise KernelError("scale is required")
+        handle = C.c_void_p()
+        _ok(lib().spfq_prepare(C.byref(d), C.byref(handle)), "prepare")
+        self._h = handle
+
+    @classmethod
+    def from_layer(cls, layer: CompressedLayer, layout: str | None = None) -> "PackedWeights":
+        """Pack a compressed layer in the .spfq layout and hand it to the kernels."""
+        layout = layout or L.default_layout(layer)
+        bufs = L.pack_layer(layer, layout)
+        bits = L.field_bits(layer) if layout in ("planes", "sparse") else (1 if layout == "sign" else 2)
+        return cls(layout, layer.rows, layer.cols, bufs, layer.scale, layer.lam, layer.bias, bits)
+
+    def __del__(self):
+        h = getattr(self, "_h", None)
+        if h is not None and h.value and _lib is not None:
+            _lib.spfq_free(h)
+            self._h = None
+
+    def _x(self, x, dtype, name):
+        if not isinstance(x, np.ndarray) or x.ndim != 2:
+            raise KernelError(f"{name} must be a 2-D numpy array (M, K)")
+        if x.shape[1] != self.k:
+            raise KernelError(f"{name} has K = {x.shape[1]}, the weights have K = {self.k}")
+        return _arr(x, dtype, x.shape, name, np.dtype(dtype).itemsize)
+
+    def matmul_f32(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        """Weight-only: x (M, K) float32 -> (M, N)."""
+        px = self._x(x, np.float32, "x")
+        y = np.empty((x.shape[0], self.n), np.float32)
+        _ok(lib().spfq_matmul_f32(self._h, x.shape[0], px, y.ctypes.data, threads), "matmul_f32")
+        return y
+
+    def matmul_i8_raw(self, xq: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Exact int32 (acc_c, acc_s) of int8 activations (M, K)."""
+        px = self._x(xq, np.int8, "xq")
+        acc_c = np.empty((xq.shape[0], self.n), np.int32)
+        acc_s = np.empty_like(acc_c)
+        _ok(lib().spfq_matmul_i8_raw(self._h, xq.shape[0], px, acc_c.ctypes.data, acc_s.ctypes.data, threads),
+            "matmul_i8_raw")
+        if self.layout in ("sign", "sign_mask"):
+            acc_c[...] = acc_s  # c == sign(c) for binary / ternary codes
+        return acc_c, acc_s
+
+    def matmul_i8(self, xq: np.ndarray, xscale: np.ndarray, threads: int = 1) -> np.ndarray:
+        px = self._x(xq, np.int8, "xq")
+        ps = _arr(xscale, np.float32, (xq.shape[0],), "xscale", 4)
+        y = np.empty((xq.shape[0], self.n), np.float32)
+        _ok(lib().spfq_matmul_i8(self._h, xq.shape[0], px, ps, y.ctypes.data, threads), "matmul_i8")
+        return y
+
+    def bgemm(self, xbits: np.ndarray, xscale: np.ndarray | None = None, threads: int = 1,
+              rebinarize: bool = False):
+        """XNOR/popcount: returns (dot int32 (M,N), y float32 (M,N)[, ybits uint64 (M, ceil(N/64))])."""
+        if self.layout != "sign":
+            raise KernelError("bgemm needs binary weights in the 'sign' layout")
+        W = (self.k + 63) // 64
+        if not isinstance(xbits, np.ndarray) or xbits.ndim != 2:
+            raise KernelError("xbits must be a 2-D numpy array (M, W)")
+        M = xbits.shape[0]
+        px = _arr(xbits, np.uint64, (M, W), "xbits")
+        ps = None if xscale is None else _arr(xscale, np.float32, (M,), "xscale", 4)
+        dot = np.empty((M, self.n), np.int32)
+        y = np.empty((M, self.n), np.float32)
+        yb = np.zeros((M, (self.n + 63) // 64), np.uint64) if rebinarize else None
+        _ok(lib().spfq_bgemm(self._h, M, px, ps, dot.ctypes.data, y.ctypes.data,
+                             None if yb is None else yb.ctypes.data, threads), "bgemm")
+        return (dot, y, yb) if rebinarize else (dot, y)
+
+
+def quantize_i8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric int8: (xq (M, K) int8, xscale (M,) float32)."""
+    if not isinstance(x, np.ndarray) or x.ndim != 2:
+        raise KernelError("x must be a 2-D numpy array (M, K)")
+    _arr(x, np.float32, x.shape, "x", 4)
+    xq = np.empty(x.shape, np.int8)
+    s = np.empty(x.shape[0], np.float32)
+    _ok(lib().spfq_quantize_i8(x.shape[0], x.shape[1], x.ctypes.data, xq.ctypes.data, s.ctypes.data), "quantize_i8")
+    return xq, s
+
+
+def binarize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sign bits (bit 1 = negative) packed like the weights, and per-row mean |x|."""
+    if not isinstance(x, np.ndarray) or x.ndim != 2:
+        raise KernelError("x must be a 2-D numpy array (M, K)")
+    _arr(x, np.float32, x.shape, "x", 4)
+    bits = np.empty((x.shape[0], (x.shape[1] + 63) // 64), np.uint64)
+    s = np.empty(x.shape[0], np.float32)
+    _ok(lib().spfq_binarize(x.shape[0], x.shape[1], x.ctypes.data, bits.ctypes.data, s.ctypes.data), "binarize")
+    return bits, s

@@ -1,0 +1,141 @@
+"""The kernel library through its public ABI (dispatcher + ctypes binding), against an
+independent numpy reference computed from the int8 codes: every layout, every ISA the CPU has,
+1 and 2 threads, bad arguments rejected in Python."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spfq_deploy import kernels as K
+from spfq_deploy.compressed import CompressedLayer
+
+RNG = np.random.default_rng(7)
+ISAS = [i for i in ("c", "avx2", "neon") if K.lib().spfq_set_isa(i.encode()) == 0]
+K.set_isa("auto")
+
+
+def make_layer(alphabet, bits, n, k, sparsity=0.0, pruned=False, bias=True, seed=0):
+    rng = np.random.default_rng(seed)
+    Kmax = 1 if alphabet in ("binary", "ternary") else 2 ** (bits - 1) - 1
+    if alphabet == "binary" and not pruned:
+        codes = rng.choice(np.array([-1, 1], np.int8), size=(n, k))
+    else:
+        codes = rng.integers(-Kmax, Kmax + 1, size=(n, k)).astype(np.int8)
+        if sparsity:
+            codes[rng.random((n, k)) < sparsity] = 0
+        if pruned and alphabet == "int":
+            codes[codes == 0] = 1
+            codes[rng.random((n, k)) < sparsity] = 0
+    scale = (rng.random(n) * 0.1 + 0.01).astype(np.float16).astype(np.float32)
+    lam = (scale * 1.7).astype(np.float16).astype(np.float32) if (pruned and alphabet == "int") else None
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    return CompressedLayer("t", "linear", (n, k), alphabet, bits, codes, scale, lam, b,
+                           meta={"sparsity_target": sparsity if pruned else 0.0})
+
+
+def reference_i8(layer, xq):
+    c = layer.codes.astype(np.int64)
+    s = np.sign(c)
+    x = xq.astype(np.int64)
+    return x @ c.T, x @ s.T
+
+
+CASES = [("binary", 1, False), ("ternary", 2, False), ("binary", 1, True)] + \
+        [("int", b, False) for b in range(2, 9)] + [("int", b, True) for b in (2, 4, 8)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("alphabet,bits,pruned", CASES)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (2, 3, 65), (5, 70, 257), (16, 65, 1000)])
+def test_i8_and_f32_match_reference(isa, alphabet, bits, pruned, m, n, k):
+    K.set_isa(isa)
+    try:
+        layer = make_layer(alphabet, bits, n, k, sparsity=0.5 if pruned else 0.0, pruned=pruned,
+                           seed=m * 1000 + n + k)
+        w = K.PackedWeights.from_layer(layer)
+        xq = RNG.integers(-127, 128, size=(m, k)).astype(np.int8)
+        acc_c, acc_s = w.matmul_i8_raw(xq)
+        want_c, want_s = reference_i8(layer, xq)
+        assert np.array_equal(acc_s, want_s) and np.array_equal(acc_c, want_c)
+        xs = (RNG.random(m) + 0.5).astype(np.float32)
+        Wd = layer.dequantize().astype(np.float64)
+        y = w.matmul_i8(xq, xs)
+        want = xs[:, None].astype(np.float64) * (xq.astype(np.float64) @ Wd.T) + layer.bias
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+        x = RNG.standard_normal((m, k)).astype(np.float32)
+        want = x.astype(np.float64) @ Wd.T + layer.bias
+        np.testing.assert_allclose(w.matmul_f32(x), want, rtol=1e-4, atol=1e-4 * np.abs(want).max() + 1e-6)
+    finally:
+        K.set_isa("auto")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 64, 64), (4, 65, 63), (33, 130, 1000)])
+def test_bgemm_exact_and_rebinarised(isa, m, n, k):
+    K.set_isa(isa)
+    try:
+        layer = make_layer("binary", 1, n, k, seed=n + k)
+        w = K.PackedWeights.from_layer(layer)
+        x = RNG.standard_normal((m, k)).astype(np.float32)
+        xbits, xs = K.binarize(x)
+        dot, y, yb = w.bgemm(xbits, xs, rebinarize=True)
+        sx = np.where(x < 0, -1, 1).astype(np.int64)
+        want = sx @ layer.codes.astype(np.int64).T
+        assert np.array_equal(dot, want)
+        yw = xs[:, None] * layer.scale[None, :] * want + layer.bias
+        np.testing.assert_allclose(y, yw, rtol=1e-6, atol=1e-5)
+        bits = np.unpackbits(yb.view(np.uint8), axis=1, bitorder="little")[:, :n].astype(bool)
+        assert np.array_equal(bits, y < 0)
+        assert not np.unpackbits(yb.view(np.uint8), axis=1, bitorder="little")[:, n:].any()
+    finally:
+        K.set_isa("auto")
+
+
+def test_threads_give_identical_results():
+    layer = make_layer("int", 4, 300, 777, sparsity=0.5, pruned=True)
+    w = K.PackedWeights.from_layer(layer)
+    xq = RNG.integers(-127, 128, size=(17, 777)).astype(np.int8)
+    a1 = w.matmul_i8_raw(xq, threads=1)
+    a2 = w.matmul_i8_raw(xq, threads=2)
+    assert all(np.array_equal(p, q) for p, q in zip(a1, a2))
+    x = RNG.standard_normal((17, 777)).astype(np.float32)
+    assert np.array_equal(w.matmul_f32(x, threads=1), w.matmul_f32(x, threads=2))
+
+
+def test_quantizers_match_numpy():
+    x = RNG.standard_normal((9, 300)).astype(np.float32) * 3
+    x[3] = 0.0
+    xq, s = K.quantize_i8(x)
+    amax = np.abs(x).max(1)
+    assert np.array_equal(s, (amax / np.float32(127)).astype(np.float32))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = x / s[:, None]
+    want = np.where(s[:, None] > 0, np.clip(np.sign(r) * np.floor(np.abs(r) + 0.5), -127, 127), 0)
+    assert np.array_equal(xq, want.astype(np.int8))
+    bits, m = K.binarize(x)
+    unpacked = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :300].astype(bool)
+    assert np.array_equal(unpacked, x < 0)
+    np.testing.assert_allclose(m, np.abs(x).mean(1), rtol=1e-6)
+
+
+def test_bad_arguments_raise_clear_errors():
+    layer = make_layer("int", 4, 8, 100)
+    w = K.PackedWeights.from_layer(layer)
+    with pytest.raises(K.KernelError, match="int8"):
+        w.matmul_i8_raw(np.zeros((2, 100), np.int16))
+    with pytest.raises(K.KernelError, match="K = 99"):
+        w.matmul_f32(np.zeros((2, 99), np.float32))
+    with pytest.raises(K.KernelError, match="C-contiguous"):
+        w.matmul_f32(np.zeros((100, 2), np.float32).T)
+    raw = np.zeros(2 * 100 * 4 + 1, np.uint8)[1:].view(np.float32).reshape(2, 100)
+    with pytest.raises(K.KernelError, match="aligned"):
+        w.matmul_f32(raw)
+    from spfq_deploy.pack import layouts as L
+    bufs = L.pack_layer(layer, "planes")
+    with pytest.raises(K.KernelError, match="planes must have shape"):
+        K.PackedWeights("planes", 8, 100, {"planes": bufs["planes"][:, :, :1].copy()}, layer.scale, bits=4)
+    with pytest.raises(K.KernelError, match="bgemm needs binary"):
+        w.bgemm(np.zeros((1, 2), np.uint64))
+    with pytest.raises(K.KernelError, match="ISA"):
+        K.set_isa("sse9")
