@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 export HF_HUB_OFFLINE := 1
 
-.PHONY: all setup demo test bench-quality clean
+.PHONY: all setup demo test bench-quality bench-kernels clean
 
 all: test
 
@@ -47,6 +47,9 @@ demo: $(KERNELS)
 
 bench-quality: $(KERNELS)
 	$(PY) benchmarks/quality.py --out benchmarks/results/quality.json
+
+bench-kernels: $(KERNELS)
+	$(PY) benchmarks/kernels.py --shapes full --scaling --out benchmarks/results/kernels.json
 
 clean:
 	rm -rf $(BUILD) .pytest_cache

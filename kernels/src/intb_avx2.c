@@ -1,0 +1,838 @@
+/* intb_avx2.c — AVX2 kernels for the int b-bit layouts PLANES and SPARSE (same semantics as the
+ * portable oracle intb.c: identical int32 sums, float sums up to summation order).
+ *
+ * Method (int8 activations). A row is processed in "superblocks" of 256 columns = 4 words per
+ * plane, i.e. one 32-byte load per bit plane. Byte i of such a plane vector holds the bits of
+ * columns 8i..8i+7. The offset codes u = c + 2^(b-1) are rebuilt as bytes with vpshufb lookup
+ * tables indexed by the plane vector's nibbles (no per-bit expand/compare):
+ *   b = 2   : LUT_p[nibble] puts the 4 bits at bits p, p+2, p+4, p+6 (4 crumbs per byte);
+ *   b = 3,4 : LUT_p,A / LUT_p,B put 2 of the 4 bits at bits p and p+4 (2 nibbles per byte);
+ *   b = 5..8: LUT_p,t puts bit t at bit p (one u per byte).
+ * OR-ing over planes and splitting crumbs/nibbles (shift + and) gives 8 vectors U_t whose byte i
+ * is u of column 8i+t. The activations are permuted once per call into the same order
+ * (X_t byte i = x[8i+t]), so no byte transposition of the weights is ever needed. Then
+ *   acc_c = sum vpmaddubsw(U_t, X_t) - 2^(b-1) * sum(x)          (u unsigned, x signed)
+ *   acc_s = sum vpmaddubsw(s1(U_t), X_t) - sum(x),  s1 = sign(c) + 1 in {0,1,2}
+ * where s1 is one more vpshufb (b <= 4) or min(subs_epu8(u, 2^(b-1) - 1), 2); for b = 2,
+ * sign(c) == c so acc_s = acc_c. The int16 products are summed across the 8 vectors while that
+ * provably cannot overflow (b <= 4: 8 * 2 * 15 * 128 = 30720), then widened with vpmaddwd.
+ * b = 8 splits u into (u & 0x7f) and (u & 0x80) so each vpmaddubsw stays exact. Every bound
+ * holds for xq in [-128, 127], so the AVX2 results equal the oracle's for any int8 input.
+ * Why this method: measured faster than a per-plane bit-serial (expand bits to byte masks,
+ * and, add) kernel, which costs ~5 ops per plane per 32 weights against ~1.4 here (b = 4).
+ * One row at a time for M = 1 (weights are streamed once); for M > 1 a row is decoded once into
+ * a scratch buffer of U bytes and every activation row is dotted against it.
+ *
+ * SPARSE: per row, phase 1 scatters the compact bit planes back to column positions with BMI2
+ * pdep (one pdep per plane per non-zero 64-column mask word; the compact index of a block's
+ * first kept code is the running popcount of the earlier mask words; zero words are skipped and
+ * read nothing). Phase 2 turns (mask, sign plane, magnitude planes) into the PLANES offset code
+ * u = c + 2^(b-1) with a few bit-sliced ops per 256 columns (negative: u = ~mag; positive:
+ * u = 2^(b-1) + 1 + mag via a bit-sliced increment; masked: u = 2^(b-1), i.e. c = 0), and reuses
+ * the PLANES decode. Superblocks whose 4 mask words are all zero are skipped entirely; the
+ * 2^(b-1) * sum(x) corrections then only count the superblocks that were processed.
+ *
+ * f32 kernels: the same decode gives the codes per row; they are turned into float weights
+ * value(c) (as CompressedLayer.dequantize computes them) in a scratch row and dotted with the
+ * (identically permuted) float activations with FMA, 4 independent accumulators.
+ *
+ * All reads stay inside the buffers: partial last superblocks go through a zero-padded copy;
+ * the compact stream is read with unaligned 8-byte loads that may run up to 15 bytes past a
+ * kept row, which is the next row of the buffer except for the very last row, which is read
+ * from a padded copy. Scratch memory is malloc'ed per call (no global writable state); if that
+ * fails the portable version does the work. Requires AVX2, FMA, POPCNT, BMI1, BMI2.
+ */
+#if defined(__x86_64__)
+
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define TGT __attribute__((target("avx2,fma,popcnt,bmi,bmi2")))
+#define INL static inline __attribute__((always_inline))
+
+/* ------------------------------------------------------------------ lookup tables */
+
+typedef struct {
+    __m256i t[32];  /* nibble LUTs, layout depends on b (see build_luts) */
+    __m256i s1;     /* u -> sign(u - 2^(b-1)) + 1, for b <= 4 */
+} luts;
+
+TGT static void build_luts(int b, luts *L)
+{
+    uint8_t tmp[32];
+    const int H = 1 << (b - 1);
+    memset(L, 0, sizeof *L);
+    if (b == 2) {
+        for (int p = 0; p < 2; p++) {
+            for (int n = 0; n < 16; n++) {
+                int v = 0;
+                for (int t = 0; t < 4; t++) v |= ((n >> t) & 1) << (2 * t + p);
+                tmp[n] = tmp[n + 16] = (uint8_t)v;
+            }
+            L->t[p] = _mm256_loadu_si256((const __m256i *)tmp);
+        }
+    } else if (b <= 4) {
+        for (int p = 0; p < b; p++) {
+            for (int half = 0; half < 2; half++) {
+                for (int n = 0; n < 16; n++) {
+                    int v = ((n >> (2 * half)) & 1) << p | ((n >> (2 * half + 1)) & 1) << (p + 4);
+                    tmp[n] = tmp[n + 16] = (uint8_t)v;
+                }
+                L->t[2 * p + half] = _mm256_loadu_si256((const __m256i *)tmp);
+            }
+        }
+    } else {
+        for (int p = 0; p < b; p++) {
+            for (int t = 0; t < 4; t++) {
+                for (int n = 0; n < 16; n++) tmp[n] = tmp[n + 16] = (uint8_t)(((n >> t) & 1) << p);
+                L->t[4 * p + t] = _mm256_loadu_si256((const __m256i *)tmp);
+            }
+        }
+    }
+    if (b <= 4) {
+        for (int u = 0; u < 16; u++) tmp[u] = tmp[u + 16] = (uint8_t)(u > H ? 2 : (u == H ? 1 : 0));
+        L->s1 = _mm256_loadu_si256((const __m256i *)tmp);
+    }
+}
+
+/* ------------------------------------------------------------------ superblock decode */
+
+/* Y[p]: 32 bytes of plane p (256 columns). Out: U[t] byte i = u of column 8i + t. */
+INL TGT void decode_sb(const __m256i *Y, const luts *L, int b, __m256i U[8])
+{
+    const __m256i m0f = _mm256_set1_epi8(0x0f);
+    if (b == 2) {
+        const __m256i m3 = _mm256_set1_epi8(3);
+        __m256i lo0 = _mm256_and_si256(Y[0], m0f);
+        __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(Y[0], 4), m0f);
+        __m256i lo1 = _mm256_and_si256(Y[1], m0f);
+        __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(Y[1], 4), m0f);
+        __m256i ql = _mm256_or_si256(_mm256_shuffle_epi8(L->t[0], lo0),
+                                     _mm256_shuffle_epi8(L->t[1], lo1));
+        __m256i qh = _mm256_or_si256(_mm256_shuffle_epi8(L->t[0], hi0),
+                                     _mm256_shuffle_epi8(L->t[1], hi1));
+        U[0] = _mm256_and_si256(ql, m3);
+        U[1] = _mm256_and_si256(_mm256_srli_epi16(ql, 2), m3);
+        U[2] = _mm256_and_si256(_mm256_srli_epi16(ql, 4), m3);
+        U[3] = _mm256_and_si256(_mm256_srli_epi16(ql, 6), m3);
+        U[4] = _mm256_and_si256(qh, m3);
+        U[5] = _mm256_and_si256(_mm256_srli_epi16(qh, 2), m3);
+        U[6] = _mm256_and_si256(_mm256_srli_epi16(qh, 4), m3);
+        U[7] = _mm256_and_si256(_mm256_srli_epi16(qh, 6), m3);
+    } else if (b <= 4) {
+        __m256i qla = _mm256_setzero_si256(), qlb = qla, qha = qla, qhb = qla;
+        for (int p = 0; p < b; p++) {
+            __m256i lo = _mm256_and_si256(Y[p], m0f);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(Y[p], 4), m0f);
+            qla = _mm256_or_si256(qla, _mm256_shuffle_epi8(L->t[2 * p], lo));
+            qlb = _mm256_or_si256(qlb, _mm256_shuffle_epi8(L->t[2 * p + 1], lo));
+            qha = _mm256_or_si256(qha, _mm256_shuffle_epi8(L->t[2 * p], hi));
+            qhb = _mm256_or_si256(qhb, _mm256_shuffle_epi8(L->t[2 * p + 1], hi));
+        }
+        U[0] = _mm256_and_si256(qla, m0f);
+        U[1] = _mm256_and_si256(_mm256_srli_epi16(qla, 4), m0f);
+        U[2] = _mm256_and_si256(qlb, m0f);
+        U[3] = _mm256_and_si256(_mm256_srli_epi16(qlb, 4), m0f);
+        U[4] = _mm256_and_si256(qha, m0f);
+        U[5] = _mm256_and_si256(_mm256_srli_epi16(qha, 4), m0f);
+        U[6] = _mm256_and_si256(qhb, m0f);
+        U[7] = _mm256_and_si256(_mm256_srli_epi16(qhb, 4), m0f);
+    } else {
+        for (int t = 0; t < 8; t++) U[t] = _mm256_setzero_si256();
+        for (int p = 0; p < b; p++) {
+            __m256i lo = _mm256_and_si256(Y[p], m0f);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(Y[p], 4), m0f);
+            for (int t = 0; t < 4; t++) {
+                U[t] = _mm256_or_si256(U[t], _mm256_shuffle_epi8(L->t[4 * p + t], lo));
+                U[t + 4] = _mm256_or_si256(U[t + 4], _mm256_shuffle_epi8(L->t[4 * p + t], hi));
+            }
+        }
+    }
+}
+
+/* 32 bytes of int8 activations */
+INL TGT __m256i ldx(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* Products of 4 U vectors (one half superblock) with their activations, b <= 4: int16 sums
+ * (at most 4 * 2 * 15 * 128 = 15360 per lane for the u products, 4 * 512 for s1). */
+INL TGT void dot4_small(__m256i u0, __m256i u1, __m256i u2, __m256i u3, const int8_t *xh,
+                        const luts *L, int b, int ws, __m256i *pc, __m256i *ps)
+{
+    const __m256i x0 = ldx(xh), x1 = ldx(xh + 32), x2 = ldx(xh + 64), x3 = ldx(xh + 96);
+    *pc = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, x0), _mm256_maddubs_epi16(u1, x1)),
+                           _mm256_add_epi16(_mm256_maddubs_epi16(u2, x2), _mm256_maddubs_epi16(u3, x3)));
+    if (b > 2 && ws) {
+        const __m256i s = L->s1;
+        *ps = _mm256_add_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(s, u0), x0),
+                             _mm256_maddubs_epi16(_mm256_shuffle_epi8(s, u1), x1)),
+            _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(s, u2), x2),
+                             _mm256_maddubs_epi16(_mm256_shuffle_epi8(s, u3), x3)));
+    }
+}
+
+/* One U vector (b >= 5) times its activations into the int32 accumulators; ps: int16 s1 sums
+ * (8 * 512 at most). */
+INL TGT void dot1_big(__m256i u, __m256i x, int b, int ws, __m256i *accu, __m256i *ps)
+{
+    const __m256i one16 = _mm256_set1_epi16(1);
+    if (b < 8) {
+        *accu = _mm256_add_epi32(*accu, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), one16));
+    } else {
+        __m256i a = _mm256_maddubs_epi16(_mm256_and_si256(u, _mm256_set1_epi8(0x7f)), x);
+        __m256i c = _mm256_maddubs_epi16(_mm256_and_si256(u, _mm256_set1_epi8((char)0x80)), x);
+        *accu = _mm256_add_epi32(*accu, _mm256_add_epi32(_mm256_madd_epi16(a, one16),
+                                                         _mm256_madd_epi16(c, one16)));
+    }
+    if (ws) {
+        __m256i s1 = _mm256_min_epu8(
+            _mm256_subs_epu8(u, _mm256_set1_epi8((char)((1 << (b - 1)) - 1))), _mm256_set1_epi8(2));
+        *ps = _mm256_add_epi16(*ps, _mm256_maddubs_epi16(s1, x));
+    }
+}
+
+/* acc_u += sum u*x, acc_s1 += sum s1(u)*x over one superblock given its b plane vectors Y
+ * (int32 lanes). Works half a superblock (the low or high nibbles of every plane) at a time so
+ * that few vectors are live. */
+INL TGT void dot_sb(const __m256i *Y, const int8_t *xp, const luts *L, int b, int ws,
+                    __m256i *accu, __m256i *accs)
+{
+    const __m256i F = _mm256_set1_epi8(0x0f), one16 = _mm256_set1_epi16(1);
+    __m256i pc = _mm256_setzero_si256(), ps = pc;
+    for (int half = 0; half < 2; half++) {
+        const int8_t *xh = xp + 128 * half;
+        __m256i n[8];
+        for (int p = 0; p < b; p++)
+            n[p] = half ? _mm256_and_si256(_mm256_srli_epi16(Y[p], 4), F) : _mm256_and_si256(Y[p], F);
+        if (b == 2) {
+            const __m256i m3 = _mm256_set1_epi8(3);
+            __m256i q = _mm256_or_si256(_mm256_shuffle_epi8(L->t[0], n[0]),
+                                        _mm256_shuffle_epi8(L->t[1], n[1]));
+            __m256i c, s;
+            dot4_small(_mm256_and_si256(q, m3), _mm256_and_si256(_mm256_srli_epi16(q, 2), m3),
+                       _mm256_and_si256(_mm256_srli_epi16(q, 4), m3),
+                       _mm256_and_si256(_mm256_srli_epi16(q, 6), m3), xh, L, b, ws, &c, &s);
+            pc = _mm256_add_epi16(pc, c);
+        } else if (b <= 4) {
+            __m256i qa = _mm256_shuffle_epi8(L->t[0], n[0]), qb = _mm256_shuffle_epi8(L->t[1], n[0]);
+            for (int p = 1; p < b; p++) {
+                qa = _mm256_or_si256(qa, _mm256_shuffle_epi8(L->t[2 * p], n[p]));
+                qb = _mm256_or_si256(qb, _mm256_shuffle_epi8(L->t[2 * p + 1], n[p]));
+            }
+            __m256i c, s;
+            dot4_small(_mm256_and_si256(qa, F), _mm256_and_si256(_mm256_srli_epi16(qa, 4), F),
+                       _mm256_and_si256(qb, F), _mm256_and_si256(_mm256_srli_epi16(qb, 4), F), xh,
+                       L, b, ws, &c, &s);
+            pc = _mm256_add_epi16(pc, c);
+            ps = _mm256_add_epi16(ps, s);
+        } else {
+            for (int t = 0; t < 4; t++) {
+                __m256i u = _mm256_shuffle_epi8(L->t[t], n[0]);
+                for (int p = 1; p < b; p++)
+                    u = _mm256_or_si256(u, _mm256_shuffle_epi8(L->t[4 * p + t], n[p]));
+                dot1_big(u, ldx(xh + 32 * t), b, ws, accu, &ps);
+            }
+        }
+    }
+    if (b <= 4) *accu = _mm256_add_epi32(*accu, _mm256_madd_epi16(pc, one16));
+    if (b > 2 && ws) *accs = _mm256_add_epi32(*accs, _mm256_madd_epi16(ps, one16));
+}
+
+/* The same from already decoded U vectors (scratch paths). */
+INL TGT void dot_sb_u(const uint8_t *ub, const int8_t *xp, const luts *L, int b, int ws,
+                      __m256i *accu, __m256i *accs)
+{
+    const __m256i one16 = _mm256_set1_epi16(1);
+    __m256i pc = _mm256_setzero_si256(), ps = pc;
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *uh = ub + 128 * half;
+        const int8_t *xh = xp + 128 * half;
+        if (b <= 4) {
+            __m256i c, s;
+            dot4_small(_mm256_loadu_si256((const __m256i *)uh), _mm256_loadu_si256((const __m256i *)(uh + 32)),
+                       _mm256_loadu_si256((const __m256i *)(uh + 64)), _mm256_loadu_si256((const __m256i *)(uh + 96)),
+                       xh, L, b, ws, &c, &s);
+            pc = _mm256_add_epi16(pc, c);
+            if (b > 2 && ws) ps = _mm256_add_epi16(ps, s);
+        } else {
+            for (int t = 0; t < 4; t++)
+                dot1_big(_mm256_loadu_si256((const __m256i *)(uh + 32 * t)), ldx(xh + 32 * t), b, ws, accu,
+                         &ps);
+        }
+    }
+    if (b <= 4) *accu = _mm256_add_epi32(*accu, _mm256_madd_epi16(pc, one16));
+    if (b > 2 && ws) *accs = _mm256_add_epi32(*accs, _mm256_madd_epi16(ps, one16));
+}
+
+INL TGT int32_t hsum32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+INL TGT float hsumf(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ------------------------------------------------------------------ activations */
+
+/* Permute x (M, K) into superblock order: out[m][sb*256 + 32t + i] = x[m][sb*256 + 8i + t],
+ * zero past K. Also per-superblock sums (sbsum[m][sb], int32) and row sums. */
+static void permute_i8(const int8_t *x, int32_t M, int32_t K, int32_t nsb, int8_t *out,
+                       int32_t *sbsum, int32_t *rowsum)
+{
+    for (int32_t m = 0; m < M; m++) {
+        const int8_t *xr = x + (size_t)m * (size_t)K;
+        int8_t *o = out + (size_t)m * (size_t)nsb * 256;
+        int32_t tot = 0;
+        for (int32_t sb = 0; sb < nsb; sb++) {
+            int32_t s = 0;
+            for (int i = 0; i < 32; i++) {
+                for (int t = 0; t < 8; t++) {
+                    int32_t k = sb * 256 + 8 * i + t;
+                    int8_t v = k < K ? xr[k] : 0;
+                    o[(size_t)sb * 256 + 32 * t + i] = v;
+                    s += v;
+                }
+            }
+            if (sbsum) sbsum[(size_t)m * (size_t)nsb + (size_t)sb] = s;
+            tot += s;
+        }
+        rowsum[m] = tot;
+    }
+}
+
+static void permute_f32(const float *x, int32_t M, int32_t K, int32_t nsb, float *out)
+{
+    for (int32_t m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * (size_t)K;
+        float *o = out + (size_t)m * (size_t)nsb * 256;
+        for (int32_t sb = 0; sb < nsb; sb++)
+            for (int i = 0; i < 32; i++)
+                for (int t = 0; t < 8; t++) {
+                    int32_t k = sb * 256 + 8 * i + t;
+                    o[(size_t)sb * 256 + 32 * t + i] = k < K ? xr[k] : 0.0f;
+                }
+    }
+}
+
+/* ------------------------------------------------------------------ PLANES row decode */
+
+/* Load the b plane vectors of superblock sb of a row (plane stride ps words, W words per row);
+ * the partial last superblock goes through a zero-padded copy. */
+INL TGT void load_planes(const uint64_t *base, size_t ps, int32_t W, int32_t sb, int b, __m256i *Y)
+{
+    for (int p = 0; p < b; p++)
+        Y[p] = _mm256_loadu_si256((const __m256i *)(base + (size_t)p * ps + 4 * (size_t)sb));
+    (void)W;
+}
+
+TGT static void load_planes_tail(const uint64_t *base, size_t ps, int32_t W, int32_t sb, int b,
+                                 __m256i *Y)
+{
+    const int nw = W - 4 * sb;
+    for (int p = 0; p < b; p++) {
+        uint64_t tmp[4] = {0, 0, 0, 0};
+        for (int i = 0; i < nw && i < 4; i++) tmp[i] = base[(size_t)p * ps + 4 * (size_t)sb + (size_t)i];
+        Y[p] = _mm256_loadu_si256((const __m256i *)tmp);
+    }
+}
+
+/* ------------------------------------------------------------------ SPARSE superblocks */
+
+INL uint64_t load64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+/* Kept planes of the current SPARSE row: plane p starts at kp0 + p * kstride bytes. The buffer's
+ * last row is read through a copy padded with 2 zero words; any other row may be over-read by
+ * up to 16 bytes, which stay inside the next row of the buffer. */
+typedef struct {
+    const uint8_t *kp0;
+    size_t kstride;
+    uint64_t *lastrow; /* b * (Wk + 2) words */
+    size_t limit;      /* Wk * 64: kept fields per row */
+} kept_rows;
+
+static int kept_rows_init(const spfq_prepared *w, kept_rows *kr)
+{
+    const int b = w->d.bits;
+    const size_t Wk = (size_t)w->d.kept_words, N = (size_t)w->d.n;
+    kr->limit = Wk * 64;
+    kr->lastrow = calloc((size_t)b * (Wk + 2), 8);
+    if (!kr->lastrow) return 0;
+    for (int p = 0; p < b; p++)
+        if (Wk)
+            memcpy(kr->lastrow + (size_t)p * (Wk + 2), w->d.planes + ((size_t)p * N + N - 1) * Wk,
+                   Wk * 8);
+    return 1;
+}
+
+/* Point kr at row n; returns 0 if the row's mask holds more set bits than its kept words
+ * (a corrupt buffer: the caller then hands the row to the portable version). */
+TGT static int kept_rows_set(const spfq_prepared *w, kept_rows *kr, int32_t n)
+{
+    const size_t Wk = (size_t)w->d.kept_words, N = (size_t)w->d.n, W = (size_t)w->words;
+    const uint64_t *mrow = w->d.mask + (size_t)n * W;
+    size_t total = 0;
+    for (size_t i = 0; i < W; i++) total += (size_t)_mm_popcnt_u64(mrow[i]);
+    if ((size_t)n == N - 1) {
+        kr->kp0 = (const uint8_t *)kr->lastrow;
+        kr->kstride = (Wk + 2) * 8;
+    } else {
+        kr->kp0 = (const uint8_t *)(w->d.planes + (size_t)n * Wk);
+        kr->kstride = N * Wk * 8;
+    }
+    return total <= kr->limit;
+}
+
+/* One ring slot: the 4 mask words of a superblock and its b dense field planes. */
+typedef struct {
+    uint64_t m[4];
+    uint64_t d[8][4];
+} sb_slot;
+
+#define RING 4      /* slots; the expansion runs LOOKAHEAD superblocks ahead of the vector work */
+#define LOOKAHEAD 2 /* so the pdep results are in L1 (not in flight) when loaded as vectors */
+
+/* Phase 1 for superblock sb of a SPARSE row: returns 0 (and reads nothing more) if its 4 mask
+ * words are zero; otherwise scatters the row's next compact fields to their columns with pdep
+ * (*pos: compact index of the superblock's first kept code, advanced past it). */
+INL TGT int sparse_expand(const uint64_t *mrow, int32_t W, int32_t sb, const kept_rows *kr, int b,
+                          size_t *pos, sb_slot *slot)
+{
+    uint64_t mw[4];
+    if (4 * sb + 4 <= W) {
+        const uint64_t *m = mrow + 4 * (size_t)sb;
+        mw[0] = m[0], mw[1] = m[1], mw[2] = m[2], mw[3] = m[3];
+    } else {
+        for (int i = 0; i < 4; i++) mw[i] = 4 * sb + i < W ? mrow[4 * sb + i] : 0;
+    }
+    if (!(mw[0] | mw[1] | mw[2] | mw[3])) return 0;
+    const uint8_t *kp0 = kr->kp0;
+    const size_t ks = kr->kstride;
+    size_t ps = *pos;
+    for (int i = 0; i < 4; i++) {
+        const uint64_t m = mw[i];
+        const unsigned cnt = (unsigned)_mm_popcnt_u64(m);
+        const uint8_t *src = kp0 + (ps >> 3);
+        const unsigned sh = (unsigned)(ps & 7);
+        slot->m[i] = m;
+        if (sh + cnt <= 64) {
+            for (int p = 0; p < b; p++)
+                slot->d[p][i] = _pdep_u64(load64(src + (size_t)p * ks) >> sh, m);
+        } else {
+            for (int p = 0; p < b; p++)
+                slot->d[p][i] = _pdep_u64((load64(src + (size_t)p * ks) >> sh) |
+                                              (load64(src + (size_t)p * ks + 8) << (64 - sh)), m);
+        }
+        ps += cnt;
+    }
+    *pos = ps;
+    return 1;
+}
+
+/* Phase 2: PLANES offset-code planes u = c + 2^(b-1) from the mask M, sign plane s and magnitude
+ * planes m_j: masked columns u = 2^(b-1) (c = 0); negative u = ~mag; positive
+ * u = 2^(b-1) + 1 + mag, the increment bit-sliced (inc_j = m_j ^ carry, carry &= m_j). */
+INL TGT void sparse_uplanes(const sb_slot *slot, int b, __m256i *Y)
+{
+    const __m256i ones = _mm256_set1_epi32(-1);
+    const __m256i Mv = _mm256_loadu_si256((const __m256i *)slot->m);
+    const __m256i s = _mm256_loadu_si256((const __m256i *)slot->d[0]);
+    __m256i carry = ones;
+    for (int j = 0; j + 1 < b; j++) {
+        __m256i mj = _mm256_loadu_si256((const __m256i *)slot->d[j + 1]);
+        __m256i inc = _mm256_xor_si256(mj, carry);
+        Y[j] = _mm256_and_si256(Mv, _mm256_xor_si256(inc, _mm256_andnot_si256(carry, s)));
+        carry = _mm256_and_si256(mj, carry);
+    }
+    Y[b - 1] = _mm256_xor_si256(s, ones);
+}
+
+/* ------------------------------------------------------------------ per-call context */
+
+typedef struct {
+    luts L;
+    const void *xp;       /* permuted activations: int8 or float, (M, nsb*256) */
+    const int32_t *sbsum; /* int8: per-superblock activation sums (M, nsb) */
+    const int32_t *xsum;  /* int8: row sums (M) */
+    kept_rows kr;
+    uint8_t *ubuf;        /* one decoded row: nsb * 256 U bytes */
+    uint8_t *used;        /* nsb flags */
+    float *wbuf;          /* f32: one row of weight values, nsb * 256 */
+    sb_slot *ring;        /* RING slots */
+} intb_ctx;
+
+/* ------------------------------------------------------------------ row decode to scratch */
+
+INL TGT void store_u(const __m256i *Y, const luts *L, int b, uint8_t *ub)
+{
+    __m256i U[8];
+    decode_sb(Y, L, b, U);
+    for (int t = 0; t < 8; t++) _mm256_storeu_si256((__m256i *)(ub + 32 * t), U[t]);
+}
+
+/* Decode row n into ctx->ubuf (superblock order) and ctx->used (0: all-zero SPARSE superblock,
+ * not written). Returns 0 on a corrupt SPARSE row. */
+INL TGT int decode_row(const spfq_prepared *w, int32_t n, int sparse, int b, intb_ctx *ctx)
+{
+    const int32_t W = w->words, nsb = (W + 3) / 4;
+    __m256i Y[8];
+    if (!sparse) {
+        const uint64_t *base = w->d.planes + (size_t)n * (size_t)W;
+        const size_t pstride = (size_t)w->d.n * (size_t)W;
+        for (int32_t sb = 0; sb < nsb; sb++) {
+            if (4 * sb + 4 <= W)
+                load_planes(base, pstride, W, sb, b, Y);
+            else
+                load_planes_tail(base, pstride, W, sb, b, Y);
+            store_u(Y, &ctx->L, b, ctx->ubuf + (size_t)sb * 256);
+            ctx->used[sb] = 1;
+        }
+        return 1;
+    }
+    if (!kept_rows_set(w, &ctx->kr, n)) return 0;
+    const uint64_t *mrow = w->d.mask + (size_t)n * (size_t)W;
+    size_t pos = 0;
+    for (int32_t sb = 0; sb < nsb + LOOKAHEAD; sb++) {
+        if (sb < nsb)
+            ctx->used[sb] = (uint8_t)sparse_expand(mrow, W, sb, &ctx->kr, b, &pos,
+                                                   &ctx->ring[sb % RING]);
+        const int32_t s = sb - LOOKAHEAD;
+        if (s >= 0 && ctx->used[s]) {
+            sparse_uplanes(&ctx->ring[s % RING], b, Y);
+            store_u(Y, &ctx->L, b, ctx->ubuf + (size_t)s * 256);
+        }
+    }
+    return 1;
+}
+
+/* ------------------------------------------------------------------ int8 kernels */
+
+INL TGT void store_i8(const spfq_job *job, int32_t m, int32_t n, int b, int32_t su, int32_t ss,
+                      int32_t xsum)
+{
+    const size_t o = (size_t)m * (size_t)job->w->d.n + (size_t)n;
+    int32_t c = (int32_t)((uint32_t)su - (uint32_t)xsum * (uint32_t)(1 << (b - 1)));
+    if (job->acc_c) job->acc_c[o] = c;
+    if (job->acc_s) job->acc_s[o] = b == 2 ? c : (int32_t)((uint32_t)ss - (uint32_t)xsum);
+}
+
+/* M == 1: decode and accumulate in registers (weights streamed once, nothing stored). */
+INL TGT void i8_m1(const spfq_job *job, int32_t n0, int32_t n1, int sparse, int b, int ws,
+                   intb_ctx *ctx)
+{
+    const spfq_prepared *w = job->w;
+    const int32_t W = w->words, nsb = (W + 3) / 4;
+    const size_t pstride = (size_t)w->d.n * (size_t)W;
+    const int8_t *xp = (const int8_t *)ctx->xp;
+    const luts *L = &ctx->L;
+    for (int32_t n = n0; n < n1; n++) {
+        __m256i accu = _mm256_setzero_si256(), accs = accu, Y[8];
+        int32_t used_sum = ctx->xsum[0];
+        if (!sparse) {
+            const uint64_t *base = w->d.planes + (size_t)n * (size_t)W;
+            for (int32_t sb = 0; sb < W / 4; sb++) {
+                load_planes(base, pstride, W, sb, b, Y);
+                dot_sb(Y, xp + (size_t)sb * 256, L, b, ws, &accu, &accs);
+            }
+            if (W % 4) {
+                load_planes_tail(base, pstride, W, W / 4, b, Y);
+                dot_sb(Y, xp + (size_t)(W / 4) * 256, L, b, ws, &accu, &accs);
+            }
+        } else {
+            if (!kept_rows_set(w, &ctx->kr, n)) {
+                spfq_sparse_i8_c(job, n, n + 1);
+                continue;
+            }
+            const uint64_t *mrow = w->d.mask + (size_t)n * (size_t)W;
+            size_t pos = 0;
+            used_sum = 0;
+            for (int32_t sb = 0; sb < nsb; sb++)
+                ctx->used[sb] = (uint8_t)sparse_expand(mrow, W, sb, &ctx->kr, b, &pos, &ctx->ring[sb]);
+            for (int32_t s = 0; s < nsb; s++) {
+                if (!ctx->used[s]) continue;
+                used_sum += ctx->sbsum[s];
+                sparse_uplanes(&ctx->ring[s], b, Y);
+                dot_sb(Y, xp + (size_t)s * 256, L, b, ws, &accu, &accs);
+            }
+        }
+        store_i8(job, 0, n, b, hsum32(accu), hsum32(accs), used_sum);
+    }
+}
+
+/* MB activation rows against one decoded superblock (b <= 4); int16 partial sums per row over
+ * the superblock's 8 vectors (same bounds as dot_sb), widened into accu[i] / accs[i]. */
+INL TGT void dot_sb_u_mb(const uint8_t *ub, const int8_t *const *xs, const luts *L, int b, int ws,
+                         int MB, __m256i *accu, __m256i *accs)
+{
+    const __m256i one16 = _mm256_set1_epi16(1);
+    const int wants = b > 2 && ws;
+    __m256i pc[4], ps[4];
+    for (int i = 0; i < MB; i++) pc[i] = ps[i] = _mm256_setzero_si256();
+    for (int t = 0; t < 8; t++) {
+        const __m256i u = _mm256_loadu_si256((const __m256i *)(ub + 32 * t));
+        const __m256i s = wants ? _mm256_shuffle_epi8(L->s1, u) : u;
+        for (int i = 0; i < MB; i++) {
+            const __m256i x = ldx(xs[i] + 32 * t);
+            pc[i] = _mm256_add_epi16(pc[i], _mm256_maddubs_epi16(u, x));
+            if (wants) ps[i] = _mm256_add_epi16(ps[i], _mm256_maddubs_epi16(s, x));
+        }
+    }
+    for (int i = 0; i < MB; i++) {
+        accu[i] = _mm256_add_epi32(accu[i], _mm256_madd_epi16(pc[i], one16));
+        if (wants) accs[i] = _mm256_add_epi32(accs[i], _mm256_madd_epi16(ps[i], one16));
+    }
+}
+
+/* M > 1: decode a row once into ubuf, then dot the activation rows with it, 4 at a time for
+ * b <= 4 (each weight vector load and sign lookup serves 4 rows). */
+INL TGT void i8_mm(const spfq_job *job, int32_t n0, int32_t n1, int sparse, int b, int ws,
+                   intb_ctx *ctx)
+{
+    const spfq_prepared *w = job->w;
+    const int32_t W = w->words, nsb = (W + 3) / 4, M = job->m;
+    const size_t xrow = (size_t)nsb * 256;
+    const int8_t *xp = (const int8_t *)ctx->xp;
+    enum { MB = 4 };
+    for (int32_t n = n0; n < n1; n++) {
+        if (!decode_row(w, n, sparse, b, ctx)) {
+            spfq_sparse_i8_c(job, n, n + 1);
+            continue;
+        }
+        int32_t m = 0;
+        if (b <= 4) {
+            for (; m + MB <= M; m += MB) {
+                __m256i accu[MB], accs[MB];
+                int32_t used_sum[MB];
+                const int8_t *xs[MB];
+                for (int i = 0; i < MB; i++) {
+                    accu[i] = accs[i] = _mm256_setzero_si256();
+                    used_sum[i] = 0;
+                }
+                for (int32_t sb = 0; sb < nsb; sb++) {
+                    if (!ctx->used[sb]) continue;
+                    for (int i = 0; i < MB; i++) {
+                        xs[i] = xp + (size_t)(m + i) * xrow + (size_t)sb * 256;
+                        used_sum[i] += ctx->sbsum[(size_t)(m + i) * (size_t)nsb + (size_t)sb];
+                    }
+                    dot_sb_u_mb(ctx->ubuf + (size_t)sb * 256, xs, &ctx->L, b, ws, MB, accu, accs);
+                }
+                for (int i = 0; i < MB; i++)
+                    store_i8(job, m + i, n, b, hsum32(accu[i]), hsum32(accs[i]),
+                             sparse ? used_sum[i] : ctx->xsum[m + i]);
+            }
+        }
+        for (; m < M; m++) {
+            const int8_t *xm = xp + (size_t)m * xrow;
+            const int32_t *sbs = ctx->sbsum + (size_t)m * (size_t)nsb;
+            __m256i accu = _mm256_setzero_si256(), accs = accu;
+            int32_t used_sum = 0;
+            for (int32_t sb = 0; sb < nsb; sb++) {
+                if (!ctx->used[sb]) continue;
+                used_sum += sbs[sb];
+                dot_sb_u(ctx->ubuf + (size_t)sb * 256, xm + (size_t)sb * 256, &ctx->L, b, ws, &accu,
+                         &accs);
+            }
+            store_i8(job, m, n, b, hsum32(accu), hsum32(accs), sparse ? used_sum : ctx->xsum[m]);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ float kernels */
+
+/* Turn one decoded superblock (U bytes) into float weights value(c), computed like
+ * CompressedLayer.dequantize: c * scale, or sign(c) * (lam + (|c| - 1) * scale). */
+INL TGT void values_sb(const uint8_t *u, float *out, int b, __m256 s, __m256 lamv, int has_lam)
+{
+    const __m256i H = _mm256_set1_epi8((char)(1 << (b - 1)));
+    const __m256 onef = _mm256_set1_ps(1.0f), signbit = _mm256_set1_ps(-0.0f);
+    for (int t = 0; t < 8; t++) {
+        __m256i c = _mm256_sub_epi8(_mm256_loadu_si256((const __m256i *)(u + 32 * t)), H);
+        __m128i h[2] = {_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)};
+        for (int q = 0; q < 4; q++) {
+            __m128i src = (q & 1) ? _mm_srli_si128(h[q >> 1], 8) : h[q >> 1];
+            __m256 cf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(src));
+            __m256 v;
+            if (!has_lam) {
+                v = _mm256_mul_ps(cf, s);
+            } else {
+                __m256 af = _mm256_andnot_ps(signbit, cf);
+                v = _mm256_add_ps(lamv, _mm256_mul_ps(_mm256_sub_ps(af, onef), s));
+                v = _mm256_xor_ps(v, _mm256_and_ps(cf, signbit));
+                v = _mm256_and_ps(v, _mm256_cmp_ps(cf, _mm256_setzero_ps(), _CMP_NEQ_OQ));
+            }
+            _mm256_storeu_ps(out + 32 * t + 8 * q, v);
+        }
+    }
+}
+
+INL TGT void f32_rows(const spfq_job *job, int32_t n0, int32_t n1, int sparse, int b, intb_ctx *ctx)
+{
+    const spfq_prepared *w = job->w;
+    const int32_t W = w->words, nsb = (W + 3) / 4, M = job->m, N = w->d.n;
+    const float *xp = (const float *)ctx->xp;
+    float *wbuf = ctx->wbuf;
+    for (int32_t n = n0; n < n1; n++) {
+        if (!decode_row(w, n, sparse, b, ctx)) {
+            spfq_sparse_f32_c(job, n, n + 1);
+            continue;
+        }
+        const float sc = w->d.scale[n];
+        const float lam = w->d.lam ? w->d.lam[n] : sc;
+        const __m256 s = _mm256_set1_ps(sc), lv = _mm256_set1_ps(lam);
+        for (int32_t sb = 0; sb < nsb; sb++)
+            if (ctx->used[sb])
+                values_sb(ctx->ubuf + (size_t)sb * 256, wbuf + (size_t)sb * 256, b, s, lv,
+                          w->d.lam != NULL);
+        const float bias = w->d.bias ? w->d.bias[n] : 0.0f;
+        for (int32_t m = 0; m < M; m++) {
+            const float *xm = xp + (size_t)m * (size_t)nsb * 256;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int32_t sb = 0; sb < nsb; sb++) {
+                if (!ctx->used[sb]) continue;
+                const float *xs = xm + (size_t)sb * 256, *ws = wbuf + (size_t)sb * 256;
+                for (int j = 0; j < 256; j += 32) {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + j), _mm256_loadu_ps(ws + j), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + j + 8), _mm256_loadu_ps(ws + j + 8), a1);
+                    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + j + 16), _mm256_loadu_ps(ws + j + 16), a2);
+                    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + j + 24), _mm256_loadu_ps(ws + j + 24), a3);
+                }
+            }
+            float acc = hsumf(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            job->y[(size_t)m * (size_t)N + (size_t)n] = acc + bias;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ per-b instances */
+
+/* Each kernel is compiled once per field width so every loop sees a constant b (fully unrolled
+ * plane loops, no spills from a giant all-b function). */
+#define INTB_INSTANCES(B)                                                                         \
+    __attribute__((noinline)) TGT static void i8_m1_b##B(const spfq_job *j, int32_t n0,           \
+                                                         int32_t n1, int sp, intb_ctx *c)         \
+    {                                                                                             \
+        if (j->acc_s)                                                                             \
+            i8_m1(j, n0, n1, sp, B, 1, c);                                                        \
+        else                                                                                      \
+            i8_m1(j, n0, n1, sp, B, 0, c);                                                        \
+    }                                                                                             \
+    __attribute__((noinline)) TGT static void i8_mm_b##B(const spfq_job *j, int32_t n0,           \
+                                                         int32_t n1, int sp, intb_ctx *c)         \
+    {                                                                                             \
+        if (j->acc_s)                                                                             \
+            i8_mm(j, n0, n1, sp, B, 1, c);                                                        \
+        else                                                                                      \
+            i8_mm(j, n0, n1, sp, B, 0, c);                                                        \
+    }                                                                                             \
+    __attribute__((noinline)) TGT static void f32_b##B(const spfq_job *j, int32_t n0, int32_t n1, \
+                                                       int sp, intb_ctx *c)                       \
+    {                                                                                             \
+        f32_rows(j, n0, n1, sp, B, c);                                                            \
+    }
+INTB_INSTANCES(2)
+INTB_INSTANCES(3)
+INTB_INSTANCES(4)
+INTB_INSTANCES(5)
+INTB_INSTANCES(6)
+INTB_INSTANCES(7)
+INTB_INSTANCES(8)
+
+typedef void (*intb_kernel)(const spfq_job *, int32_t, int32_t, int, intb_ctx *);
+static const intb_kernel I8_M1[9] = {0, 0, i8_m1_b2, i8_m1_b3, i8_m1_b4, i8_m1_b5, i8_m1_b6,
+                                     i8_m1_b7, i8_m1_b8};
+static const intb_kernel I8_MM[9] = {0, 0, i8_mm_b2, i8_mm_b3, i8_mm_b4, i8_mm_b5, i8_mm_b6,
+                                     i8_mm_b7, i8_mm_b8};
+static const intb_kernel F32[9] = {0, 0, f32_b2, f32_b3, f32_b4, f32_b5, f32_b6, f32_b7, f32_b8};
+
+/* ------------------------------------------------------------------ drivers */
+
+static void ctx_free(intb_ctx *ctx)
+{
+    free((void *)ctx->xp);
+    free((void *)ctx->sbsum);
+    free(ctx->ubuf);
+    free(ctx->used);
+    free(ctx->wbuf);
+    free(ctx->ring);
+    free(ctx->kr.lastrow);
+}
+
+/* Scratch shared by both operations; returns 0 when an allocation fails. */
+TGT static int ctx_init(const spfq_job *job, int sparse, int f32, intb_ctx *ctx)
+{
+    const spfq_prepared *w = job->w;
+    const int32_t M = job->m, K = w->d.k, nsb = (w->words + 3) / 4;
+    const size_t nx = (size_t)M * (size_t)nsb * 256;
+    memset(ctx, 0, sizeof *ctx);
+    build_luts(w->d.bits, &ctx->L);
+    ctx->ubuf = malloc((size_t)nsb * 256 + 32);
+    ctx->used = malloc((size_t)nsb + LOOKAHEAD + 1);
+    ctx->ring = malloc((size_t)(nsb > RING ? nsb : RING) * sizeof(sb_slot));
+    int ok = ctx->ubuf && ctx->used && ctx->ring && (!sparse || kept_rows_init(w, &ctx->kr));
+    if (f32) {
+        float *xp = malloc(nx * sizeof(float) + 32);
+        ctx->wbuf = malloc((size_t)nsb * 256 * sizeof(float) + 32);
+        ctx->xp = xp;
+        ok = ok && xp && ctx->wbuf;
+        if (ok) permute_f32(job->x, M, K, nsb, xp);
+    } else {
+        int8_t *xp = malloc(nx + 32);
+        int32_t *sums = malloc(((size_t)M * (size_t)nsb + (size_t)M + 1) * sizeof(int32_t));
+        ctx->xp = xp;
+        ctx->sbsum = sums;
+        ok = ok && xp && sums;
+        if (ok) {
+            ctx->xsum = sums + (size_t)M * (size_t)nsb;
+            permute_i8(job->xq, M, K, nsb, xp, sums, (int32_t *)ctx->xsum);
+        }
+    }
+    return ok;
+}
+
+TGT static void intb_run(const spfq_job *job, int32_t n0, int32_t n1, int sparse, int f32)
+{
+    const int b = job->w->d.bits;
+    const spfq_range_fn portable = f32 ? (sparse ? spfq_sparse_f32_c : spfq_planes_f32_c)
+                                       : (sparse ? spfq_sparse_i8_c : spfq_planes_i8_c);
+    if (n0 >= n1 || job->m <= 0) return;
+    if (b < 2 || b > 8 || (sparse && !__builtin_cpu_supports("bmi2"))) {
+        portable(job, n0, n1);
+        return;
+    }
+    intb_ctx ctx;
+    if (ctx_init(job, sparse, f32, &ctx)) {
+        if (f32)
+            F32[b](job, n0, n1, sparse, &ctx);
+        else
+            (job->m == 1 ? I8_M1 : I8_MM)[b](job, n0, n1, sparse, &ctx);
+    } else {
+        portable(job, n0, n1);
+    }
+    ctx_free(&ctx);
+}
+
+/* ------------------------------------------------------------------ range functions */
+
+TGT void spfq_planes_f32_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 0, 1); }
+TGT void spfq_planes_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 0, 0); }
+TGT void spfq_sparse_f32_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 1, 1); }
+TGT void spfq_sparse_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 1, 0); }
+
+#endif /* __x86_64__ */

@@ -1,0 +1,570 @@
+/* test_kernels.c — standalone test of the kernel library through its public ABI
+ * (kernels/include/spfq_kernels.h), no Python: it runs natively and under qemu-aarch64.
+ *
+ * For every layout (SIGN, SIGN_MASK, PLANES b=2..8, SPARSE b=2..8; sparsity 0 / 0.5 / 0.95 / 1
+ * for the masked ones; lam NULL and lam != scale) it draws random signed codes, packs them
+ * here directly in the documented bit layout (spfq_deploy/pack/bits.py, layouts.py), computes
+ * a naive reference from those codes (int64 sums, double floats) and checks spfq_matmul_i8_raw
+ * (bit-exact), spfq_matmul_i8 and spfq_matmul_f32 (within summation-order tolerance) and, for
+ * SIGN, spfq_bgemm (dot exact, y, re-binarised bits) for every ISA the build and CPU have and 1
+ * and 2 threads; spfq_quantize_i8 and spfq_binarize against the header's formulas.
+ * Activation buffers end at a PROT_NONE page, so a kernel reading past K faults.
+ *
+ * Prints "N passed, M failed" as its last line; exit status 1 on any failure.
+ * Environment: SPFQ_TEST_ISAS=c,neon (default: every ISA spfq_set_isa accepts),
+ * SPFQ_TEST_VERBOSE=1 (one line per failure, not only the first 20).
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "spfq_kernels.h"
+
+/* ------------------------------------------------------------------ harness */
+
+static long n_passed, n_failed;
+static int verbose;
+
+static void report(int ok, const char *fmt, ...) {
+    if (ok) { n_passed++; return; }
+    n_failed++;
+    if (n_failed <= 20 || verbose) {
+        va_list ap;
+        va_start(ap, fmt);
+        printf("FAIL ");
+        vprintf(fmt, ap);
+        printf("\n");
+        va_end(ap);
+    }
+}
+
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+static uint64_t rnd(void) { /* splitmix64 */
+    uint64_t z = (rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static double urand(void) { return (double)(rnd() >> 11) * (1.0 / 9007199254740992.0); }
+static int irand(int lo, int hi) { return lo + (int)(rnd() % (uint64_t)(hi - lo + 1)); } /* [lo, hi] */
+static float nrand(void) { /* roughly normal */
+    return (float)(urand() + urand() + urand() + urand() - 2.0) * 1.7f;
+}
+
+static void *xmalloc(size_t n) {
+    void *p = calloc(n ? n : 1, 1);
+    if (!p) { fprintf(stderr, "out of memory\n"); exit(3); }
+    return p;
+}
+
+/* A buffer whose last byte is the last byte before a PROT_NONE page. */
+typedef struct { void *base; size_t len; } guarded;
+static void *galloc(guarded *g, size_t bytes) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), data = (bytes + page - 1) / page * page;
+    g->len = data + page;
+    g->base = mmap(NULL, g->len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (g->base == MAP_FAILED || mprotect((char *)g->base + data, page, PROT_NONE)) {
+        fprintf(stderr, "mmap failed\n");
+        exit(3);
+    }
+    return (char *)g->base + data - bytes;
+}
+static void gfree(guarded *g) { munmap(g->base, g->len); }
+
+/* ------------------------------------------------------------------ weights */
+
+typedef struct {
+    int layout, bits, n, k, w, wk;
+    double sparsity;
+    int8_t *codes;                   /* (N, K) signed codes */
+    uint64_t *sign, *mask, *planes;  /* packed, exactly sized */
+    float *scale, *lam, *bias;
+} wcase;
+
+static const char *layout_name(int l) {
+    return l == SPFQ_SIGN ? "sign" : l == SPFQ_SIGN_MASK ? "sign_mask" : l == SPFQ_PLANES ? "planes" : "sparse";
+}
+
+static int kmax_of(const wcase *c) { return c->layout == SPFQ_PLANES || c->layout == SPFQ_SPARSE ? (1 << (c->bits - 1)) - 1 : 1; }
+
+static void set_bit(uint64_t *row, int j) { row[j / 64] |= 1ull << (j % 64); }
+
+static void make_case(wcase *c, int layout, int bits, int n, int k, double sparsity, int with_lam, int with_bias) {
+    memset(c, 0, sizeof *c);
+    c->layout = layout; c->bits = bits; c->n = n; c->k = k; c->sparsity = sparsity;
+    c->w = (k + 63) / 64;
+    const int K = kmax_of(c), W = c->w;
+    c->codes = xmalloc((size_t)n * k);
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < k; j++) {
+            int v;
+            if (layout == SPFQ_SIGN) v = rnd() & 1 ? -1 : 1;
+            else if (layout == SPFQ_PLANES) v = irand(-K, K);
+            else {
+                v = irand(1, K) * (rnd() & 1 ? -1 : 1);
+                if (urand() < sparsity) v = 0;
+            }
+            /* row 0: extreme magnitudes, to exercise int16 / int32 headroom */
+            if (r == 0 && v) v = v < 0 ? -K : K;
+            c->codes[(size_t)r * k + j] = (int8_t)v;
+        }
+    c->scale = xmalloc((size_t)n * 4);
+    for (int r = 0; r < n; r++) c->scale[r] = (float)(0.01 + 0.1 * urand());
+    if (with_lam) {
+        c->lam = xmalloc((size_t)n * 4);
+        for (int r = 0; r < n; r++) c->lam[r] = c->scale[r] * (float)(1.3 + 0.6 * urand());
+    }
+    if (with_bias) {
+        c->bias = xmalloc((size_t)n * 4);
+        for (int r = 0; r < n; r++) c->bias[r] = nrand();
+    }
+    const size_t rowbuf = (size_t)n * W;
+    if (layout == SPFQ_SIGN || layout == SPFQ_SIGN_MASK) {
+        c->sign = xmalloc(rowbuf * 8);
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < k; j++)
+                if (c->codes[(size_t)r * k + j] < 0 ||
+                    (layout == SPFQ_SIGN_MASK && !c->codes[(size_t)r * k + j] && (rnd() & 1)))
+                    set_bit(c->sign + (size_t)r * W, j); /* stray sign bits under a zero mask are ignored */
+    }
+    if (layout == SPFQ_SIGN_MASK || layout == SPFQ_SPARSE) {
+        c->mask = xmalloc(rowbuf * 8);
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < k; j++)
+                if (c->codes[(size_t)r * k + j]) set_bit(c->mask + (size_t)r * W, j);
+    }
+    if (layout == SPFQ_PLANES) { /* planes (b, N, W) of u = c + 2^(b-1) */
+        c->planes = xmalloc((size_t)bits * rowbuf * 8);
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < k; j++) {
+                int u = c->codes[(size_t)r * k + j] + (1 << (bits - 1));
+                for (int p = 0; p < bits; p++)
+                    if ((u >> p) & 1) set_bit(c->planes + ((size_t)p * n + r) * W, j);
+            }
+    }
+    if (layout == SPFQ_SPARSE) { /* kept (b, N, Wk): fields (c<0) | ((|c|-1) << 1) in column order */
+        int maxnnz = 0;
+        for (int r = 0; r < n; r++) {
+            int nnz = 0;
+            for (int j = 0; j < k; j++) nnz += c->codes[(size_t)r * k + j] != 0;
+            if (nnz > maxnnz) maxnnz = nnz;
+        }
+        c->wk = (maxnnz + 63) / 64;
+        if (c->wk) c->planes = xmalloc((size_t)bits * n * c->wk * 8);
+        for (int r = 0; r < n; r++) {
+            int rank = 0;
+            for (int j = 0; j < k; j++) {
+                int v = c->codes[(size_t)r * k + j];
+                if (!v) continue;
+                int f = (v < 0) | ((abs(v) - 1) << 1);
+                for (int p = 0; p < bits; p++)
+                    if ((f >> p) & 1) set_bit(c->planes + ((size_t)p * n + r) * c->wk, rank);
+                rank++;
+            }
+        }
+    }
+}
+
+static void free_case(wcase *c) {
+    free(c->codes); free(c->sign); free(c->mask); free(c->planes);
+    free(c->scale); free(c->lam); free(c->bias);
+}
+
+static spfq_prepared *prepare(const wcase *c) {
+    spfq_weights_desc d = {c->layout, c->n, c->k, c->layout == SPFQ_SIGN ? 1 : c->layout == SPFQ_SIGN_MASK ? 2 : c->bits,
+                           c->wk, c->sign, c->mask, c->planes, c->scale, c->lam, c->bias};
+    spfq_prepared *p = NULL;
+    int rc = spfq_prepare(&d, &p);
+    report(rc == SPFQ_OK && p, "spfq_prepare(%s b=%d N=%d K=%d) = %d", layout_name(c->layout), c->bits, c->n, c->k, rc);
+    return rc == SPFQ_OK ? p : NULL;
+}
+
+/* value(c) = sign(c) * (lam + (|c| - 1) * scale), lam = scale when NULL (spfq_kernels.h)
+ *          = scale * c + (lam - scale) * sign(c);
+ * for SIGN / SIGN_MASK (|c| <= 1) that is sign(c) * (lam or scale), as binary.c does. So every
+ * reference output is built from four sums over a row: sum x*c, sum x*sign(c) (the exact ones),
+ * and sum |x|*|c|, sum_{c != 0} |x| (the scale of the float tolerance). */
+static void row_sums_i8(const int8_t *c, const int8_t *x, int k, int64_t out[4]) {
+    int64_t sc = 0, ss = 0, ac = 0, an = 0;
+    for (int j = 0; j < k; j++) {
+        const int v = c[j], xv = x[j], ax = xv < 0 ? -xv : xv;
+        sc += (int64_t)xv * v;
+        ss += (int64_t)xv * ((v > 0) - (v < 0));
+        ac += (int64_t)ax * (v < 0 ? -v : v);
+        an += (int64_t)ax * (v != 0);
+    }
+    out[0] = sc; out[1] = ss; out[2] = ac; out[3] = an;
+}
+
+static void row_sums_f32(const int8_t *c, const float *x, int k, double out[4]) {
+    double sc = 0, ss = 0, ac = 0, an = 0;
+    for (int j = 0; j < k; j++) {
+        const int v = c[j];
+        const double xv = x[j];
+        sc += xv * v;
+        ss += xv * ((v > 0) - (v < 0));
+        ac += fabs(xv) * (v < 0 ? -v : v);
+        an += fabs(xv) * (v != 0);
+    }
+    out[0] = sc; out[1] = ss; out[2] = ac; out[3] = an;
+}
+
+/* y = sum x * value(c) + bias from the four sums; *tol = rel * (sum |x * value(c)| + |bias|) */
+static double reference_y(const wcase *c, int r, const double s4[4], double rel, double *tol) {
+    const double sc = c->scale[r], d = (c->lam ? c->lam[r] : sc) - sc, b = c->bias ? c->bias[r] : 0.0;
+    *tol = rel * (fabs(sc * s4[2] + d * s4[3]) + fabs(b)) + 1e-6;
+    return sc * s4[0] + d * s4[1] + b;
+}
+
+/* ------------------------------------------------------------------ one shape */
+
+typedef struct {
+    const char *isa;
+    int threads;
+} run_cfg;
+
+static char ctx[160];
+
+static void check_i8(const wcase *c, spfq_prepared *p, int m, const int8_t *xq, const run_cfg *cfgs, int ncfg) {
+    const int N = c->n, K = c->k;
+    const int two = c->layout == SPFQ_PLANES || c->layout == SPFQ_SPARSE;
+    const size_t cells = (size_t)m * N;
+    int64_t *rc_ = xmalloc(cells * 8), *rs = xmalloc(cells * 8);
+    double *ry = xmalloc(cells * 8), *rtol = xmalloc(cells * 8);
+    float *xs = xmalloc((size_t)m * 4);
+    for (int i = 0; i < m; i++) xs[i] = (float)(0.001 + 0.02 * urand());
+    for (int i = 0; i < m; i++)
+        for (int r = 0; r < N; r++) {
+            const size_t o = (size_t)i * N + r;
+            int64_t s4[4];
+            row_sums_i8(c->codes + (size_t)r * K, xq + (size_t)i * K, K, s4);
+            rc_[o] = s4[0];
+            rs[o] = s4[1];
+            const double d4[4] = {xs[i] * (double)s4[0], xs[i] * (double)s4[1], xs[i] * (double)s4[2], xs[i] * (double)s4[3]};
+            ry[o] = reference_y(c, r, d4, 2e-5, &rtol[o]);
+        }
+    int32_t *acc_c = xmalloc(cells * 4), *acc_s = xmalloc(cells * 4);
+    float *y = xmalloc(cells * 4);
+    for (int t = 0; t < ncfg; t++) {
+        spfq_set_isa(cfgs[t].isa);
+        const int th = cfgs[t].threads;
+        /* raw sums, both buffers */
+        memset(acc_c, 0x7f, cells * 4);
+        memset(acc_s, 0x7f, cells * 4);
+        int rc = spfq_matmul_i8_raw(p, m, xq, acc_c, acc_s, th);
+        size_t bad = cells, i;
+        for (i = 0; i < cells && rc == SPFQ_OK; i++)
+            if (acc_s[i] != rs[i] || acc_c[i] != (two ? rc_[i] : rs[i])) { bad = i; break; }
+        report(rc == SPFQ_OK && bad == cells, "%s %s t=%d matmul_i8_raw rc=%d at %zu: acc_c %d acc_s %d want %lld %lld", ctx,
+               cfgs[t].isa, th, rc, bad, bad < cells ? acc_c[bad] : 0, bad < cells ? acc_s[bad] : 0,
+               bad < cells ? (long long)(two ? rc_[bad] : rs[bad]) : 0LL, bad < cells ? (long long)rs[bad] : 0LL);
+        /* acc_c NULL: allowed for the sign layouts, rejected for int-b */
+        memset(acc_s, 0x7f, cells * 4);
+        rc = spfq_matmul_i8_raw(p, m, xq, NULL, acc_s, th);
+        if (two) {
+            report(rc == SPFQ_EINVAL, "%s %s t=%d matmul_i8_raw(acc_c NULL) on int-b = %d, want EINVAL", ctx, cfgs[t].isa, th, rc);
+        } else {
+            for (bad = cells, i = 0; i < cells && rc == SPFQ_OK; i++)
+                if (acc_s[i] != rs[i]) { bad = i; break; }
+            report(rc == SPFQ_OK && bad == cells, "%s %s t=%d matmul_i8_raw(acc_c NULL) rc=%d at %zu", ctx, cfgs[t].isa, th, rc, bad);
+        }
+        /* float epilogue */
+        for (i = 0; i < cells; i++) y[i] = NAN;
+        rc = spfq_matmul_i8(p, m, xq, xs, y, th);
+        for (bad = cells, i = 0; i < cells && rc == SPFQ_OK; i++)
+            if (!(fabs(y[i] - ry[i]) <= rtol[i])) { bad = i; break; }
+        report(rc == SPFQ_OK && bad == cells, "%s %s t=%d matmul_i8 rc=%d at %zu: y %.9g want %.9g", ctx, cfgs[t].isa, th, rc,
+               bad, bad < cells ? y[bad] : 0.0, bad < cells ? ry[bad] : 0.0);
+    }
+    free(rc_); free(rs); free(ry); free(rtol); free(xs); free(acc_c); free(acc_s); free(y);
+}
+
+static void check_f32(const wcase *c, spfq_prepared *p, int m, const float *x, const run_cfg *cfgs, int ncfg) {
+    const int N = c->n, K = c->k;
+    const size_t cells = (size_t)m * N;
+    double *ry = xmalloc(cells * 8), *rtol = xmalloc(cells * 8);
+    for (int i = 0; i < m; i++)
+        for (int r = 0; r < N; r++) {
+            const size_t o = (size_t)i * N + r;
+            double s4[4];
+            row_sums_f32(c->codes + (size_t)r * K, x + (size_t)i * K, K, s4);
+            ry[o] = reference_y(c, r, s4, 2e-5, &rtol[o]);
+        }
+    float *y = xmalloc(cells * 4);
+    for (int t = 0; t < ncfg; t++) {
+        spfq_set_isa(cfgs[t].isa);
+        for (size_t i = 0; i < cells; i++) y[i] = NAN;
+        int rc = spfq_matmul_f32(p, m, x, y, cfgs[t].threads);
+        size_t bad = cells;
+        for (size_t i = 0; i < cells && rc == SPFQ_OK; i++)
+            if (!(fabs(y[i] - ry[i]) <= rtol[i])) { bad = i; break; }
+        report(rc == SPFQ_OK && bad == cells, "%s %s t=%d matmul_f32 rc=%d at %zu: y %.9g want %.9g (tol %.3g)", ctx, cfgs[t].isa,
+               cfgs[t].threads, rc, bad, bad < cells ? y[bad] : 0.0, bad < cells ? ry[bad] : 0.0, bad < cells ? rtol[bad] : 0.0);
+    }
+    free(ry); free(rtol); free(y);
+}
+
+static void check_bgemm(const wcase *c, spfq_prepared *p, int m, const uint64_t *xbits, const run_cfg *cfgs, int ncfg) {
+    const int N = c->n, K = c->k, W = c->w, NW = (N + 63) / 64;
+    const size_t cells = (size_t)m * N;
+    int32_t *rdot = xmalloc(cells * 4);
+    float *xs = xmalloc((size_t)m * 4);
+    for (int i = 0; i < m; i++) xs[i] = (float)(0.2 + urand());
+    int8_t *xpm = xmalloc((size_t)K); /* +-1 activations of one row */
+    for (int i = 0; i < m; i++) {
+        for (int j = 0; j < K; j++) xpm[j] = (xbits[(size_t)i * W + j / 64] >> (j % 64)) & 1 ? -1 : 1;
+        for (int r = 0; r < N; r++) {
+            int64_t s4[4];
+            row_sums_i8(c->codes + (size_t)r * K, xpm, K, s4);
+            rdot[(size_t)i * N + r] = (int32_t)s4[0];
+        }
+    }
+    free(xpm);
+    int32_t *dot = xmalloc(cells * 4);
+    float *y = xmalloc(cells * 4);
+    uint64_t *yb = xmalloc((size_t)m * NW * 8), *yb2 = xmalloc((size_t)m * NW * 8);
+    for (int t = 0; t < ncfg; t++) {
+        spfq_set_isa(cfgs[t].isa);
+        const int th = cfgs[t].threads;
+        for (int pass = 0; pass < 2; pass++) { /* xscale given / NULL (= 1) */
+            const float *xsp = pass ? NULL : xs;
+            memset(dot, 0x7f, cells * 4);
+            memset(yb, 0xff, (size_t)m * NW * 8); /* stale bits, padding included, must be cleared */
+            for (size_t i = 0; i < cells; i++) y[i] = NAN;
+            int rc = spfq_bgemm(p, m, xbits, xsp, dot, y, yb, th);
+            size_t bd = cells, by = cells, bb = cells;
+            for (size_t i = 0; i < cells && rc == SPFQ_OK; i++) {
+                const int r = (int)(i % N);
+                const double lvl = c->lam ? c->lam[r] : c->scale[r], b = c->bias ? c->bias[r] : 0.0;
+                const double s = (xsp ? xsp[i / N] : 1.0) * lvl;
+                const double want = s * rdot[i] + b, tol = 2e-6 * (fabs(s * rdot[i]) + fabs(b)) + 1e-6;
+                if (dot[i] != rdot[i] && bd == cells) bd = i;
+                if (!(fabs(y[i] - want) <= tol) && by == cells) by = i;
+                const int bit = (yb[(i / N) * NW + r / 64] >> (r % 64)) & 1;
+                if (bit != (y[i] < 0.0f) && bb == cells) bb = i;
+            }
+            for (int i = 0; i < m && rc == SPFQ_OK; i++) /* padding bits of each output row are zero */
+                if (N % 64 && (yb[(size_t)i * NW + NW - 1] >> (N % 64)) && bb == cells) bb = (size_t)i * N;
+            report(rc == SPFQ_OK && bd == cells, "%s %s t=%d bgemm rc=%d dot at %zu: %d want %d", ctx, cfgs[t].isa, th, rc, bd,
+                   bd < cells ? dot[bd] : 0, bd < cells ? rdot[bd] : 0);
+            report(rc == SPFQ_OK && by == cells, "%s %s t=%d bgemm xscale=%s y at %zu: %.9g", ctx, cfgs[t].isa, th,
+                   xsp ? "given" : "NULL", by, by < cells ? y[by] : 0.0);
+            report(rc == SPFQ_OK && bb == cells, "%s %s t=%d bgemm ybits at %zu", ctx, cfgs[t].isa, th, bb);
+            /* dot and y NULL: the same bits */
+            memset(yb2, 0xff, (size_t)m * NW * 8);
+            rc = spfq_bgemm(p, m, xbits, xsp, NULL, NULL, yb2, th);
+            report(rc == SPFQ_OK && !memcmp(yb, yb2, (size_t)m * NW * 8), "%s %s t=%d bgemm(dot=y=NULL) ybits rc=%d", ctx,
+                   cfgs[t].isa, th, rc);
+        }
+    }
+    free(rdot); free(xs); free(dot); free(y); free(yb); free(yb2);
+}
+
+/* One weight case at one shape: every op, every ISA / thread count. */
+static void run_case(int layout, int bits, double sp, int with_lam, int n, int k, int m, const run_cfg *cfgs, int ncfg) {
+    wcase c;
+    make_case(&c, layout, bits, n, k, sp, with_lam, (n + k + m) % 2 == 0);
+    snprintf(ctx, sizeof ctx, "[%s b=%d sp=%.2f lam=%d bias=%d N=%d K=%d M=%d]", layout_name(layout), bits, sp, with_lam,
+             c.bias != NULL, n, k, m);
+    spfq_prepared *p = prepare(&c);
+    if (!p) { free_case(&c); return; }
+
+    guarded gq, gx;
+    int8_t *xq = galloc(&gq, (size_t)m * k);
+    for (size_t i = 0; i < (size_t)m * k; i++) xq[i] = (int8_t)irand(-128, 127);
+    for (int j = 0; j < k; j++) xq[j] = rnd() & 1 ? -128 : 127; /* row 0 at the extremes */
+    check_i8(&c, p, m, xq, cfgs, ncfg);
+    gfree(&gq);
+
+    float *x = galloc(&gx, (size_t)m * k * 4);
+    for (size_t i = 0; i < (size_t)m * k; i++) x[i] = nrand();
+    check_f32(&c, p, m, x, cfgs, ncfg);
+    gfree(&gx);
+
+    if (layout == SPFQ_SIGN) {
+        guarded gb;
+        const int W = c.w;
+        uint64_t *xb = galloc(&gb, (size_t)m * W * 8);
+        for (int i = 0; i < m; i++)
+            for (int w = 0; w < W; w++) {
+                uint64_t v = rnd();
+                if (w == W - 1 && k % 64) v &= (1ull << (k % 64)) - 1; /* zero padding */
+                xb[(size_t)i * W + w] = v;
+            }
+        if (m > 1) { /* row 0: all -1 */
+            memset(xb, 0xff, (size_t)W * 8);
+            if (k % 64) xb[W - 1] = (1ull << (k % 64)) - 1;
+        }
+        check_bgemm(&c, p, m, xb, cfgs, ncfg);
+        gfree(&gb);
+    }
+    spfq_free(p);
+    free_case(&c);
+}
+
+/* ------------------------------------------------------------------ activation quantisers */
+
+static void check_quantisers(int m, int k) {
+    const size_t len = (size_t)m * k;
+    guarded g;
+    float *x = galloc(&g, len * 4);
+    for (size_t i = 0; i < len; i++) x[i] = nrand() * (float)(1 + (i % 7));
+    if (m > 1) memset(x + k, 0, (size_t)k * 4); /* an all-zero row */
+    int8_t *xq = xmalloc(len);
+    float *xs = xmalloc((size_t)m * 4);
+    int rc = spfq_quantize_i8(m, k, x, xq, xs);
+    int ok = rc == SPFQ_OK;
+    for (int r = 0; r < m && ok; r++) {
+        const float *row = x + (size_t)r * k;
+        float amax = 0.0f;
+        for (int j = 0; j < k; j++) amax = fmaxf(amax, fabsf(row[j]));
+        const float s = amax / 127.0f;
+        ok = xs[r] == s;
+        for (int j = 0; j < k && ok; j++) {
+            float q = s > 0.0f ? roundf(row[j] / s) : 0.0f;
+            int want = q > 127.0f ? 127 : q < -127.0f ? -127 : (int)q;
+            ok = xq[(size_t)r * k + j] == want;
+        }
+    }
+    report(ok, "spfq_quantize_i8 M=%d K=%d rc=%d", m, k, rc);
+
+    const int W = (k + 63) / 64;
+    uint64_t *xb = xmalloc((size_t)m * W * 8);
+    memset(xb, 0xff, (size_t)m * W * 8);
+    rc = spfq_binarize(m, k, x, xb, xs);
+    ok = rc == SPFQ_OK;
+    for (int r = 0; r < m && ok; r++) {
+        const float *row = x + (size_t)r * k;
+        double sum = 0.0;
+        for (int j = 0; j < W * 64 && ok; j++) {
+            int bit = (xb[(size_t)r * W + j / 64] >> (j % 64)) & 1;
+            ok = bit == (j < k && row[j] < 0.0f);
+            if (j < k) sum += fabsf(row[j]);
+        }
+        ok = ok && fabs(xs[r] - sum / k) <= 1e-6 * (sum / k) + 1e-30;
+    }
+    report(ok, "spfq_binarize M=%d K=%d rc=%d", m, k, rc);
+    gfree(&g);
+    free(xq); free(xs); free(xb);
+}
+
+/* ------------------------------------------------------------------ argument checks */
+
+static void check_rejects(void) {
+    uint64_t words[4] = {0};
+    float scale[2] = {1.0f, 1.0f};
+    spfq_prepared *p = NULL;
+    spfq_weights_desc d = {SPFQ_PLANES, 2, 64, 9, 0, NULL, NULL, words, scale, NULL, NULL};
+    report(spfq_prepare(&d, &p) == SPFQ_EINVAL, "prepare accepted bits = 9");
+    d.bits = 1;
+    report(spfq_prepare(&d, &p) == SPFQ_EINVAL, "prepare accepted bits = 1 for PLANES");
+    d.layout = 7; d.bits = 2;
+    report(spfq_prepare(&d, &p) == SPFQ_EINVAL, "prepare accepted layout 7");
+    d.layout = SPFQ_SIGN; d.sign = NULL;
+    report(spfq_prepare(&d, &p) == SPFQ_EINVAL, "prepare accepted SIGN without sign bits");
+    d.layout = SPFQ_SIGN_MASK; d.sign = words; d.mask = words + 2; /* bgemm needs SIGN */
+    if (spfq_prepare(&d, &p) == SPFQ_OK) {
+        int32_t dot[2];
+        report(spfq_bgemm(p, 1, words, NULL, dot, NULL, NULL, 1) == SPFQ_EUNSUPPORTED, "bgemm accepted SIGN_MASK weights");
+        spfq_free(p);
+    } else report(0, "prepare rejected a valid SIGN_MASK desc");
+    report(spfq_set_isa("no-such-isa") == SPFQ_EUNSUPPORTED, "spfq_set_isa accepted an unknown name");
+    report(spfq_abi_version() == SPFQ_ABI_VERSION, "spfq_abi_version() = %d", spfq_abi_version());
+}
+
+/* ------------------------------------------------------------------ main */
+
+static const int KS[] = {1, 7, 63, 64, 65, 100, 257, 1000, 4096};
+static const int NS[] = {1, 3, 64, 65};
+static const int MS[] = {1, 2, 3, 16}; /* 3: a partial tile of the 4-row NEON / AVX2 kernels */
+#define LEN(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+int main(void) {
+    const double t0 = now();
+    verbose = getenv("SPFQ_TEST_VERBOSE") && *getenv("SPFQ_TEST_VERBOSE") == '1';
+
+    /* ISAs to test: SPFQ_TEST_ISAS or every one the library accepts here */
+    run_cfg cfgs[8];
+    int ncfg = 0;
+    char isas[64] = "";
+    const char *want = getenv("SPFQ_TEST_ISAS");
+    static const char *all[] = {"c", "avx2", "neon"};
+    for (int i = 0; i < 3; i++) {
+        if (want && *want) {
+            char list[128];
+            snprintf(list, sizeof list, ",%s,", want);
+            char key[16];
+            snprintf(key, sizeof key, ",%s,", all[i]);
+            if (!strstr(list, key)) continue;
+            report(spfq_set_isa(all[i]) == SPFQ_OK, "SPFQ_TEST_ISAS names %s, which this build / CPU lacks", all[i]);
+        }
+        if (spfq_set_isa(all[i]) != SPFQ_OK) continue;
+        for (int th = 1; th <= 2; th++) cfgs[ncfg++] = (run_cfg){all[i], th};
+        snprintf(isas + strlen(isas), sizeof isas - strlen(isas), "%s%s", *isas ? "," : "", all[i]);
+    }
+#if defined(__aarch64__)
+    report(spfq_set_isa("neon") == SPFQ_OK, "aarch64 build without the neon ISA");
+#endif
+    report(spfq_set_isa("auto") == SPFQ_OK, "spfq_set_isa(auto)");
+
+    check_rejects();
+    for (int a = 0; a < LEN(KS); a++)
+        for (int b = 0; b < LEN(MS); b++) check_quantisers(MS[b], KS[a]);
+
+    /* Weight variants: layout x bits x sparsity x lam. */
+    typedef struct { int layout, bits; double sp; } variant;
+    variant vs[64];
+    int nv = 0;
+    vs[nv++] = (variant){SPFQ_SIGN, 1, 0.0};
+    static const double sps[] = {0.0, 0.5, 0.95, 1.0};
+    for (int s = 0; s < 4; s++) vs[nv++] = (variant){SPFQ_SIGN_MASK, 2, sps[s]};
+    for (int b = 2; b <= 8; b++) vs[nv++] = (variant){SPFQ_PLANES, b, 0.0};
+    for (int b = 2; b <= 8; b++)
+        for (int s = 0; s < 4; s++) vs[nv++] = (variant){SPFQ_SPARSE, b, sps[s]};
+
+    /* Every variant (x lam) sees every K, with one (N, M) pair per K, rotating through the pairs
+     * whose K*N*M stays under a cost cap (so K = 4096 gets N*M <= 32). Four variants, one per
+     * layout family (b = 8 for the widest codes), see every shape under the cap plus the
+     * largest, K = 4096 x N = 65 x M = 16 (unless SPFQ_TEST_QUICK=1). The cap keeps the run
+     * short under qemu, where the bit-at-a-time portable C dominates. */
+    const int quick = getenv("SPFQ_TEST_QUICK") && *getenv("SPFQ_TEST_QUICK") == '1';
+    long cases = 0;
+    for (int v = 0; v < nv; v++)
+        for (int lam = 0; lam < 2; lam++) {
+            const variant *x = &vs[v];
+            const int full = !quick && ((x->layout == SPFQ_SIGN && !lam) ||
+                                        (x->layout == SPFQ_SIGN_MASK && x->sp == 0.5 && lam) ||
+                                        (x->layout == SPFQ_PLANES && x->bits == 8 && !lam) ||
+                                        (x->layout == SPFQ_SPARSE && x->bits == 4 && x->sp == 0.5 && lam));
+            for (int a = 0; a < LEN(KS); a++) {
+                int ok[LEN(NS) * LEN(MS)], nok = 0;
+                for (int nm = 0; nm < LEN(NS) * LEN(MS); nm++)
+                    if ((long)KS[a] * NS[nm / LEN(MS)] * MS[nm % LEN(MS)] <= 131072 ||
+                        (full && KS[a] == 4096 && nm == LEN(NS) * LEN(MS) - 1)) ok[nok++] = nm;
+                const int pick = (v * 5 + lam * 7 + a) % nok;
+                for (int i = 0; i < nok; i++) {
+                    if (!full && i != pick) continue;
+                    const int n = NS[ok[i] / LEN(MS)], m = MS[ok[i] % LEN(MS)];
+                    run_case(x->layout, x->bits, x->sp, lam, n, KS[a], m, cfgs, ncfg);
+                    cases++;
+                }
+            }
+        }
+
+    printf("test_kernels: isa %s, threads 1 and 2, %ld weight cases, %.1f s\n", isas, cases, now() - t0);
+    printf("%ld passed, %ld failed\n", n_passed, n_failed);
+    return n_failed ? 1 : 0;
+}
