@@ -29,9 +29,20 @@ $(KERNELS): $(STAMP) $(KERNEL_SRC)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-setup: $(KERNELS)
+# arm64: the kernels are cross-compiled and their tests run under qemu-aarch64 on every test run
+SYSDEPS := $(BUILD)/.sysdeps
+$(SYSDEPS):
+	@mkdir -p $(BUILD)
+	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; \
+	else echo "make: the arm64 tests need Debian's gcc-aarch64-linux-gnu and qemu-user (sudo apt-get install gcc-aarch64-linux-gnu qemu-user)"; exit 2; fi
+	touch $@
 
-test: $(KERNELS)
+setup: $(KERNELS) $(SYSDEPS)
+
+test: $(KERNELS) $(SYSDEPS)
 	$(PY) -m pytest -q -ra
 
 demo: $(KERNELS)

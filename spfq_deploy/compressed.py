@@ -86,6 +86,8 @@ class CompressedLayer:
         if self.alphabet == "binary" and self.lam is None and np.any(self.codes == 0) \
                 and not self.meta.get("sparsity_target"):
             raise ValueError(f"{self.name}: unpruned binary layer with zero codes")
+        if self.lam is not None and K == 1:
+            raise ValueError(f"{self.name}: lam is only for multi-level alphabets (K > 1); K = 1 uses scale")
         if self.scale.shape != (self.rows,):
             raise ValueError(f"{self.name}: scale must have shape ({self.rows},)")
 

@@ -28,7 +28,7 @@ def make_layer(alphabet, bits, n, k, sparsity=0.0, pruned=False, bias=True, seed
             codes[codes == 0] = 1
             codes[rng.random((n, k)) < sparsity] = 0
     scale = (rng.random(n) * 0.1 + 0.01).astype(np.float16).astype(np.float32)
-    lam = (scale * 1.7).astype(np.float16).astype(np.float32) if (pruned and alphabet == "int") else None
+    lam = (scale * 1.7).astype(np.float16).astype(np.float32) if (pruned and Kmax > 1) else None
     b = rng.standard_normal(n).astype(np.float32) if bias else None
     return CompressedLayer("t", "linear", (n, k), alphabet, bits, codes, scale, lam, b,
                            meta={"sparsity_target": sparsity if pruned else 0.0})

@@ -10,9 +10,11 @@ that a range [n0, n1) writes those rows and nothing else.
 The reference never uses popcount or the kernels' tricks: it unpacks the bits with
 np.unpackbits (bitorder="little") and does integer math in int64.
 
-Environment: CC picks the compiler; SPFQ_TEST_SANITIZE=address builds the library with
+Environment: CC picks the compiler, SPFQ_TEST_OPT the optimisation flag (default -O2);
+SPFQ_TEST_SANITIZE=address builds the library with
 AddressSanitizer (run pytest with LD_PRELOAD=$(cc -print-file-name=libasan.so) and
-ASAN_OPTIONS=detect_leaks=0).
+ASAN_OPTIONS=detect_leaks=0); SPFQ_TEST_SANITIZE=undefined builds it with UBSan (aborts on
+the first report).
 """
 
 from __future__ import annotations
@@ -112,9 +114,13 @@ def lib(tmp_path_factory):
     shim = out / "shim.c"
     shim.write_text(SHIM)
     so = out / "libspfq_binary_test.so"
-    flags = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC"]
-    if os.environ.get("SPFQ_TEST_SANITIZE") == "address":
+    flags = [os.environ.get("SPFQ_TEST_OPT", "-O2"), "-std=c11", "-Wall", "-Wextra", "-Werror",
+             "-shared", "-fPIC"]
+    sanitize = os.environ.get("SPFQ_TEST_SANITIZE")
+    if sanitize == "address":
         flags += ["-g", "-O1", "-fsanitize=address", "-fno-omit-frame-pointer"]
+    elif sanitize == "undefined":
+        flags += ["-g", "-fsanitize=undefined", "-fno-sanitize-recover=undefined"]
     cmd = [cc, *flags, f"-I{INC}", f"-I{SRC}", str(SRC / "binary.c"), str(SRC / "binary_avx2.c"),
            str(shim), "-o", str(so)]
     res = subprocess.run(cmd, capture_output=True, text=True)

@@ -13,7 +13,8 @@
  * so every integer kernel keeps two exact int32 sums per output:
  *     acc_c[m,n] = sum_k xq[m,k] * c[n,k]        acc_s[m,n] = sum_k xq[m,k] * sign(c[n,k])
  * and y[m,n] = xscale[m] * (scale[n] * acc_c + (lam[n] - scale[n]) * acc_s) + bias[n]
- * (for binary/ternary c == sign(c), the level is scale[n], and y = xscale*scale*acc_s + bias).
+ * (for binary/ternary c == sign(c), the level is scale[n], and y = xscale*scale*acc_s + bias;
+ * lam is ignored for the SIGN and SIGN_MASK layouts).
  */
 #ifndef SPFQ_KERNELS_H
 #define SPFQ_KERNELS_H

@@ -120,6 +120,11 @@ int spfq_prepare(const spfq_weights_desc *w, spfq_prepared **out) {
     p->bias = copy(w->bias, N * 4, &fail);
     p->d.sign = p->sign; p->d.mask = p->mask; p->d.planes = p->planes;
     p->d.scale = p->scale; p->d.lam = p->lam; p->d.bias = p->bias;
+    if (w->layout == SPFQ_SIGN || w->layout == SPFQ_SIGN_MASK) { /* one level: scale; lam unused */
+        free(p->lam);
+        p->lam = NULL;
+        p->d.lam = NULL;
+    }
     if (fail) { spfq_free(p); return SPFQ_ENOMEM; }
     *out = p;
     return SPFQ_OK;

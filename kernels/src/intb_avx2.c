@@ -358,9 +358,11 @@ INL uint64_t load64(const uint8_t *p)
     return v;
 }
 
-/* Kept planes of the current SPARSE row: plane p starts at kp0 + p * kstride bytes. The buffer's
- * last row is read through a copy padded with 2 zero words; any other row may be over-read by
- * up to 16 bytes, which stay inside the next row of the buffer. */
+/* Kept planes of the current SPARSE row: plane p starts at kp0 + p * kstride bytes. The compact
+ * stream is read with unaligned 8-byte loads that may run up to 8 bytes past the row's Wk words
+ * (never more: the mask's popcount is checked against Wk * 64 first); for any row but the
+ * buffer's last that is inside the next row, the last row is read from a copy padded with 2
+ * zero words. */
 typedef struct {
     const uint8_t *kp0;
     size_t kstride;
@@ -400,31 +402,19 @@ TGT static int kept_rows_set(const spfq_prepared *w, kept_rows *kr, int32_t n)
     return total <= kr->limit;
 }
 
-/* One ring slot: the 4 mask words of a superblock and its b dense field planes. */
+/* One superblock of a SPARSE row after phase 1: its 4 mask words and b dense field planes. */
 typedef struct {
     uint64_t m[4];
     uint64_t d[8][4];
 } sb_slot;
 
-#define RING 4      /* slots; the expansion runs LOOKAHEAD superblocks ahead of the vector work */
-#define LOOKAHEAD 2 /* so the pdep results are in L1 (not in flight) when loaded as vectors */
-
-/* Phase 1 for superblock sb of a SPARSE row: returns 0 (and reads nothing more) if its 4 mask
- * words are zero; otherwise scatters the row's next compact fields to their columns with pdep
- * (*pos: compact index of the superblock's first kept code, advanced past it). */
-INL TGT int sparse_expand(const uint64_t *mrow, int32_t W, int32_t sb, const kept_rows *kr, int b,
-                          size_t *pos, sb_slot *slot)
+/* Phase 1 for one superblock of a SPARSE row, given its 4 mask words: scatter the row's next
+ * compact fields to their columns with pdep (*pos: compact index of the superblock's first kept
+ * code, advanced past it). A zero mask word consumes no field and deposits zeros (its load is
+ * harmless and in bounds), so no data-dependent branch is taken for it. */
+INL TGT void sparse_expand4(const uint64_t *mw, const uint8_t *kp0, size_t ks, int b, size_t *pos,
+                            sb_slot *slot)
 {
-    uint64_t mw[4];
-    if (4 * sb + 4 <= W) {
-        const uint64_t *m = mrow + 4 * (size_t)sb;
-        mw[0] = m[0], mw[1] = m[1], mw[2] = m[2], mw[3] = m[3];
-    } else {
-        for (int i = 0; i < 4; i++) mw[i] = 4 * sb + i < W ? mrow[4 * sb + i] : 0;
-    }
-    if (!(mw[0] | mw[1] | mw[2] | mw[3])) return 0;
-    const uint8_t *kp0 = kr->kp0;
-    const size_t ks = kr->kstride;
     size_t ps = *pos;
     for (int i = 0; i < 4; i++) {
         const uint64_t m = mw[i];
@@ -443,7 +433,28 @@ INL TGT int sparse_expand(const uint64_t *mrow, int32_t W, int32_t sb, const kep
         ps += cnt;
     }
     *pos = ps;
-    return 1;
+}
+
+/* Phase 1 for a whole SPARSE row: slots[sb] and used[sb] (0: all 4 mask words zero, nothing
+ * read or written for that superblock). */
+INL TGT void sparse_expand_row(const uint64_t *mrow, int32_t W, const kept_rows *kr, int b,
+                               sb_slot *slots, uint8_t *used)
+{
+    const uint8_t *kp0 = kr->kp0;
+    const size_t ks = kr->kstride;
+    size_t pos = 0;
+    int32_t sb = 0;
+    for (; 4 * sb + 4 <= W; sb++) {
+        const uint64_t *mw = mrow + 4 * (size_t)sb;
+        used[sb] = (mw[0] | mw[1] | mw[2] | mw[3]) != 0;
+        if (used[sb]) sparse_expand4(mw, kp0, ks, b, &pos, &slots[sb]);
+    }
+    if (4 * sb < W) {
+        uint64_t mw[4] = {0, 0, 0, 0};
+        for (int i = 0; 4 * sb + i < W; i++) mw[i] = mrow[4 * sb + i];
+        used[sb] = (mw[0] | mw[1] | mw[2] | mw[3]) != 0;
+        if (used[sb]) sparse_expand4(mw, kp0, ks, b, &pos, &slots[sb]);
+    }
 }
 
 /* Phase 2: PLANES offset-code planes u = c + 2^(b-1) from the mask M, sign plane s and magnitude
@@ -475,7 +486,7 @@ typedef struct {
     uint8_t *ubuf;        /* one decoded row: nsb * 256 U bytes */
     uint8_t *used;        /* nsb flags */
     float *wbuf;          /* f32: one row of weight values, nsb * 256 */
-    sb_slot *ring;        /* RING slots */
+    sb_slot *slots;       /* SPARSE phase 1 output for one row: nsb slots */
 } intb_ctx;
 
 /* ------------------------------------------------------------------ row decode to scratch */
@@ -507,17 +518,11 @@ INL TGT int decode_row(const spfq_prepared *w, int32_t n, int sparse, int b, int
         return 1;
     }
     if (!kept_rows_set(w, &ctx->kr, n)) return 0;
-    const uint64_t *mrow = w->d.mask + (size_t)n * (size_t)W;
-    size_t pos = 0;
-    for (int32_t sb = 0; sb < nsb + LOOKAHEAD; sb++) {
-        if (sb < nsb)
-            ctx->used[sb] = (uint8_t)sparse_expand(mrow, W, sb, &ctx->kr, b, &pos,
-                                                   &ctx->ring[sb % RING]);
-        const int32_t s = sb - LOOKAHEAD;
-        if (s >= 0 && ctx->used[s]) {
-            sparse_uplanes(&ctx->ring[s % RING], b, Y);
-            store_u(Y, &ctx->L, b, ctx->ubuf + (size_t)s * 256);
-        }
+    sparse_expand_row(w->d.mask + (size_t)n * (size_t)W, W, &ctx->kr, b, ctx->slots, ctx->used);
+    for (int32_t sb = 0; sb < nsb; sb++) {
+        if (!ctx->used[sb]) continue;
+        sparse_uplanes(&ctx->slots[sb], b, Y);
+        store_u(Y, &ctx->L, b, ctx->ubuf + (size_t)sb * 256);
     }
     return 1;
 }
@@ -561,14 +566,12 @@ INL TGT void i8_m1(const spfq_job *job, int32_t n0, int32_t n1, int sparse, int 
                 continue;
             }
             const uint64_t *mrow = w->d.mask + (size_t)n * (size_t)W;
-            size_t pos = 0;
             used_sum = 0;
-            for (int32_t sb = 0; sb < nsb; sb++)
-                ctx->used[sb] = (uint8_t)sparse_expand(mrow, W, sb, &ctx->kr, b, &pos, &ctx->ring[sb]);
+            sparse_expand_row(mrow, W, &ctx->kr, b, ctx->slots, ctx->used);
             for (int32_t s = 0; s < nsb; s++) {
                 if (!ctx->used[s]) continue;
                 used_sum += ctx->sbsum[s];
-                sparse_uplanes(&ctx->ring[s], b, Y);
+                sparse_uplanes(&ctx->slots[s], b, Y);
                 dot_sb(Y, xp + (size_t)s * 256, L, b, ws, &accu, &accs);
             }
         }
@@ -585,6 +588,7 @@ INL TGT void dot_sb_u_mb(const uint8_t *ub, const int8_t *const *xs, const luts 
     const int wants = b > 2 && ws;
     __m256i pc[4], ps[4];
     for (int i = 0; i < MB; i++) pc[i] = ps[i] = _mm256_setzero_si256();
+#pragma GCC unroll 1
     for (int t = 0; t < 8; t++) {
         const __m256i u = _mm256_loadu_si256((const __m256i *)(ub + 32 * t));
         const __m256i s = wants ? _mm256_shuffle_epi8(L->s1, u) : u;
@@ -770,7 +774,7 @@ static void ctx_free(intb_ctx *ctx)
     free(ctx->ubuf);
     free(ctx->used);
     free(ctx->wbuf);
-    free(ctx->ring);
+    free(ctx->slots);
     free(ctx->kr.lastrow);
 }
 
@@ -783,9 +787,9 @@ TGT static int ctx_init(const spfq_job *job, int sparse, int f32, intb_ctx *ctx)
     memset(ctx, 0, sizeof *ctx);
     build_luts(w->d.bits, &ctx->L);
     ctx->ubuf = malloc((size_t)nsb * 256 + 32);
-    ctx->used = malloc((size_t)nsb + LOOKAHEAD + 1);
-    ctx->ring = malloc((size_t)(nsb > RING ? nsb : RING) * sizeof(sb_slot));
-    int ok = ctx->ubuf && ctx->used && ctx->ring && (!sparse || kept_rows_init(w, &ctx->kr));
+    ctx->used = malloc((size_t)nsb + 1);
+    ctx->slots = sparse ? malloc((size_t)nsb * sizeof(sb_slot) + 1) : NULL;
+    int ok = ctx->ubuf && ctx->used && (!sparse || (ctx->slots && kept_rows_init(w, &ctx->kr)));
     if (f32) {
         float *xp = malloc(nx * sizeof(float) + 32);
         ctx->wbuf = malloc((size_t)nsb * 256 * sizeof(float) + 32);

@@ -92,6 +92,11 @@ static const char *layout_name(int l) {
     return l == SPFQ_SIGN ? "sign" : l == SPFQ_SIGN_MASK ? "sign_mask" : l == SPFQ_PLANES ? "planes" : "sparse";
 }
 
+static int multi_level(int layout) { return layout == SPFQ_PLANES || layout == SPFQ_SPARSE; }
+
+/* lam only shapes multi-level codes; SIGN / SIGN_MASK have one level, scale (lam is ignored) */
+static const float *level_lam(const wcase *c) { return multi_level(c->layout) ? c->lam : NULL; }
+
 static int kmax_of(const wcase *c) { return c->layout == SPFQ_PLANES || c->layout == SPFQ_SPARSE ? (1 << (c->bits - 1)) - 1 : 1; }
 
 static void set_bit(uint64_t *row, int j) { row[j / 64] |= 1ull << (j % 64); }
@@ -188,7 +193,7 @@ static spfq_prepared *prepare(const wcase *c) {
 
 /* value(c) = sign(c) * (lam + (|c| - 1) * scale), lam = scale when NULL (spfq_kernels.h)
  *          = scale * c + (lam - scale) * sign(c);
- * for SIGN / SIGN_MASK (|c| <= 1) that is sign(c) * (lam or scale), as binary.c does. So every
+ * for SIGN / SIGN_MASK (|c| <= 1) that is sign(c) * scale (lam is ignored there). So every
  * reference output is built from four sums over a row: sum x*c, sum x*sign(c) (the exact ones),
  * and sum |x|*|c|, sum_{c != 0} |x| (the scale of the float tolerance). */
 static void row_sums_i8(const int8_t *c, const int8_t *x, int k, int64_t out[4]) {
@@ -218,7 +223,8 @@ static void row_sums_f32(const int8_t *c, const float *x, int k, double out[4]) 
 
 /* y = sum x * value(c) + bias from the four sums; *tol = rel * (sum |x * value(c)| + |bias|) */
 static double reference_y(const wcase *c, int r, const double s4[4], double rel, double *tol) {
-    const double sc = c->scale[r], d = (c->lam ? c->lam[r] : sc) - sc, b = c->bias ? c->bias[r] : 0.0;
+    const float *lam = level_lam(c);
+    const double sc = c->scale[r], d = (lam ? lam[r] : sc) - sc, b = c->bias ? c->bias[r] : 0.0;
     *tol = rel * (fabs(sc * s4[2] + d * s4[3]) + fabs(b)) + 1e-6;
     return sc * s4[0] + d * s4[1] + b;
 }
@@ -342,7 +348,7 @@ static void check_bgemm(const wcase *c, spfq_prepared *p, int m, const uint64_t 
             size_t bd = cells, by = cells, bb = cells;
             for (size_t i = 0; i < cells && rc == SPFQ_OK; i++) {
                 const int r = (int)(i % N);
-                const double lvl = c->lam ? c->lam[r] : c->scale[r], b = c->bias ? c->bias[r] : 0.0;
+                const double lvl = c->scale[r], b = c->bias ? c->bias[r] : 0.0; /* SIGN: lam ignored */
                 const double s = (xsp ? xsp[i / N] : 1.0) * lvl;
                 const double want = s * rdot[i] + b, tol = 2e-6 * (fabs(s * rdot[i]) + fabs(b)) + 1e-6;
                 if (dot[i] != rdot[i] && bd == cells) bd = i;
