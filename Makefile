@@ -33,7 +33,8 @@ $(KERNELS): $(STAMP) $(KERNEL_SRC)
 SYSDEPS := $(BUILD)/.sysdeps
 $(SYSDEPS):
 	@mkdir -p $(BUILD)
-	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then :; \
+	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null \
+	    && test -f "$$(aarch64-linux-gnu-gcc -print-file-name=libc.a)"; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; \

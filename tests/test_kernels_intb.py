@@ -371,6 +371,32 @@ def test_i8_null_outputs(lib, isa, layout, b, M):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("b", (3, 4))
+def test_sparse_corrupt_mask_stays_in_bounds(lib, isa, b):
+    """A mask with more set bits than a row's kept words can hold (a corrupt buffer) must not
+    make a kernel read past the kept buffer: both ISAs count the excess weights as 0 and agree
+    exactly (the AVX2 kernel hands such a row to the portable one)."""
+    rng = np.random.default_rng(b)
+    N, K = 4, 300
+    codes = make_codes(rng, b, N, K, 0.8)
+    p = Packed(make_layer(codes, b, rng, lam=True), "sparse")
+    p.mask[-1, :] = np.uint64(0xFFFFFFFFFFFFFFFF)  # last row: every column "kept"
+    p.mask[-1, -1] = np.uint64((1 << (K % 64)) - 1)  # keep the zero padding bits
+    p.mask[1, 0] = np.uint64(0xFFFFFFFFFFFFFFFF)
+    for M in (1, 3):
+        xq = rand_xq(rng, M, K)
+        a, c = p.run_i8(lib, isa, xq), p.run_i8(lib, "c", xq)
+        np.testing.assert_array_equal(a[0], c[0])
+        np.testing.assert_array_equal(a[1], c[1])
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        np.testing.assert_allclose(p.run_f32(lib, isa, x), p.run_f32(lib, "c", x), rtol=1e-4,
+                                   atol=1e-3)
+    ok = [r for r in range(N) if r not in (1, N - 1)]
+    rc, rs = ref_i8(codes, xq)
+    np.testing.assert_array_equal(a[0][:, ok], rc[:, ok].astype(np.int32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_avx2_matches_c_exactly(lib, isa):
     """Integer results of both ISAs agree with each other on one mixed case (sanity of the
     reference itself), including xq = -128 entries."""

@@ -9,8 +9,8 @@
  *   SIGN:      s_nk = sign bit ? -1 : +1
  *   SIGN_MASK: s_nk = mask bit ? (sign bit ? -1 : +1) : 0   (a sign bit under a zero mask bit
  *              is ignored, so a stray sign bit can never change a result)
- * Weight value of a nonzero code (|c| = 1): value = s_nk * level[n], level = lam[n] if lam is
- * given, else scale[n] (spfq_kernels.h: value(c) = sign(c) * (lam + (|c| - 1) * scale)).
+ * Weight value of a nonzero code (|c| = 1): value = s_nk * scale[n] (one-level layouts: lam is
+ * ignored, see spfq_kernels.h).
  *
  *   f32:   y[m,n]     = level[n] * sum_k x[m,k] * s_nk + bias[n]      (float accumulation)
  *   i8:    acc_s[m,n] = sum_k xq[m,k] * s_nk  (exact int32; also into acc_c when non-NULL)
@@ -56,7 +56,7 @@ static void f32_range(const spfq_job *j, int32_t n0, int32_t n1, int with_mask) 
                 if (s > 0) acc += x[k];
                 else if (s < 0) acc -= x[k];
             }
-            float level = d->lam ? d->lam[n] : d->scale[n];
+            float level = d->scale[n];
             j->y[(size_t)m * N + n] = level * acc + (d->bias ? d->bias[n] : 0.0f);
         }
     }

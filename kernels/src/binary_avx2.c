@@ -71,6 +71,13 @@ AVX2_INLINE __m128i hsum4_epi32(__m256i a, __m256i b, __m256i c, __m256i d) {
     return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
 }
 
+/* 4 horizontal sums of int16 lanes, widened exactly to int32. */
+AVX2_INLINE __m128i hsum4_epi16(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i one16 = _mm256_set1_epi16(1);
+    return hsum4_epi32(_mm256_madd_epi16(a, one16), _mm256_madd_epi16(b, one16),
+                       _mm256_madd_epi16(c, one16), _mm256_madd_epi16(d, one16));
+}
+
 AVX2_INLINE float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -111,8 +118,9 @@ AVX2_INLINE __m128i xor_popcount_4(const uint64_t *x, const uint64_t *w0, const 
             a3 = _mm256_add_epi8(a3, popcnt_bytes(_mm256_xor_si256(xv,
                      _mm256_loadu_si256((const __m256i *)(w3 + 4 * v))), lut, low));
         }
-        total = _mm_add_epi32(total, hsum4_epi32(_mm256_sad_epu8(a0, zero), _mm256_sad_epu8(a1, zero),
-                                                 _mm256_sad_epu8(a2, zero), _mm256_sad_epu8(a3, zero)));
+        total = _mm_add_epi32(total,
+                              hsum4_epi32(_mm256_sad_epu8(a0, zero), _mm256_sad_epu8(a1, zero),
+                                          _mm256_sad_epu8(a2, zero), _mm256_sad_epu8(a3, zero)));
     }
     int32_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
     for (int32_t i = 4 * nv; i < W; i++) {
@@ -188,7 +196,7 @@ static int32_t prep_x(const int8_t *x, int32_t K, int32_t w0, int32_t kw, int8_t
 AVX2_INLINE __m128i sel_n4m1(const uint64_t *w0, const uint64_t *w1, const uint64_t *w2,
                              const uint64_t *w3, const int8_t *xp, int32_t kw) {
     const __m256i sh0 = _mm256_setr_epi64x(0, 1, 2, 3), sh1 = _mm256_setr_epi64x(4, 5, 6, 7);
-    const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
+    const __m256i one8 = _mm256_set1_epi8(1);
     __m128i total = _mm_setzero_si128();
     for (int32_t j0 = 0; j0 < kw; j0 += BLKW) {
         const int32_t je = imin(kw, j0 + BLKW);
@@ -210,8 +218,7 @@ AVX2_INLINE __m128i sel_n4m1(const uint64_t *w0, const uint64_t *w1, const uint6
             SEL_ROW(a3, w3);
 #undef SEL_ROW
         }
-        total = _mm_add_epi32(total, hsum4_epi32(_mm256_madd_epi16(a0, one16), _mm256_madd_epi16(a1, one16),
-                                                 _mm256_madd_epi16(a2, one16), _mm256_madd_epi16(a3, one16)));
+        total = _mm_add_epi32(total, hsum4_epi16(a0, a1, a2, a3));
     }
     return total;
 }
@@ -220,7 +227,7 @@ AVX2_INLINE __m128i sel_n4m1(const uint64_t *w0, const uint64_t *w1, const uint6
 AVX2_INLINE __m128i sel_n1m4(const uint64_t *w, const int8_t *x0p, const int8_t *x1p,
                              const int8_t *x2p, const int8_t *x3p, int32_t kw) {
     const __m256i sh0 = _mm256_setr_epi64x(0, 1, 2, 3), sh1 = _mm256_setr_epi64x(4, 5, 6, 7);
-    const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
+    const __m256i one8 = _mm256_set1_epi8(1);
     __m128i total = _mm_setzero_si128();
     for (int32_t j0 = 0; j0 < kw; j0 += BLKW) {
         const int32_t je = imin(kw, j0 + BLKW);
@@ -239,8 +246,7 @@ AVX2_INLINE __m128i sel_n1m4(const uint64_t *w, const int8_t *x0p, const int8_t 
             SEL_ACT(a3, x3p);
 #undef SEL_ACT
         }
-        total = _mm_add_epi32(total, hsum4_epi32(_mm256_madd_epi16(a0, one16), _mm256_madd_epi16(a1, one16),
-                                                 _mm256_madd_epi16(a2, one16), _mm256_madd_epi16(a3, one16)));
+        total = _mm_add_epi32(total, hsum4_epi16(a0, a1, a2, a3));
     }
     return total;
 }
@@ -260,7 +266,7 @@ AVX2_INLINE __m128i tern_n4m1(const uint64_t *const s[4], const uint64_t *const 
                               const int8_t *xp, int32_t kw, int32_t sumw[4]) {
     const __m256i sh0 = _mm256_setr_epi64x(0, 1, 2, 3), sh1 = _mm256_setr_epi64x(4, 5, 6, 7);
     const __m256i sl0 = _mm256_setr_epi64x(7, 6, 5, 4), sl1 = _mm256_setr_epi64x(3, 2, 1, 0);
-    const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
+    const __m256i one8 = _mm256_set1_epi8(1);
     __m256i ones = _mm256_set1_epi8(-1);
     __asm__("" : "+x"(ones)); /* opaque: keeps vpblendvb (1 uop on Zen 3), not vpcmpgtb + vpor */
     const uint64_t *s0 = s[0], *s1 = s[1], *s2 = s[2], *s3 = s[3];
@@ -290,8 +296,7 @@ AVX2_INLINE __m128i tern_n4m1(const uint64_t *const s[4], const uint64_t *const 
             TERN_ROW(a3, w3, s3, k3);
 #undef TERN_ROW
         }
-        total = _mm_add_epi32(total, hsum4_epi32(_mm256_madd_epi16(a0, one16), _mm256_madd_epi16(a1, one16),
-                                                 _mm256_madd_epi16(a2, one16), _mm256_madd_epi16(a3, one16)));
+        total = _mm_add_epi32(total, hsum4_epi16(a0, a1, a2, a3));
     }
     sumw[0] = w0; sumw[1] = w1; sumw[2] = w2; sumw[3] = w3;
     return total;
@@ -303,7 +308,7 @@ AVX2_INLINE __m128i tern_n1m4(const uint64_t *s, const uint64_t *mk, const int8_
                               int32_t kw, int32_t *sumw) {
     const __m256i sh0 = _mm256_setr_epi64x(0, 1, 2, 3), sh1 = _mm256_setr_epi64x(4, 5, 6, 7);
     const __m256i sl0 = _mm256_setr_epi64x(7, 6, 5, 4), sl1 = _mm256_setr_epi64x(3, 2, 1, 0);
-    const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
+    const __m256i one8 = _mm256_set1_epi8(1);
     __m256i ones = _mm256_set1_epi8(-1);
     __asm__("" : "+x"(ones)); /* as in tern_n4m1 */
     int32_t cnt = 0;
@@ -327,8 +332,7 @@ AVX2_INLINE __m128i tern_n1m4(const uint64_t *s, const uint64_t *mk, const int8_
             TERN_ACT(a3, x3p);
 #undef TERN_ACT
         }
-        total = _mm_add_epi32(total, hsum4_epi32(_mm256_madd_epi16(a0, one16), _mm256_madd_epi16(a1, one16),
-                                                 _mm256_madd_epi16(a2, one16), _mm256_madd_epi16(a3, one16)));
+        total = _mm_add_epi32(total, hsum4_epi16(a0, a1, a2, a3));
     }
     *sumw = cnt;
     return total;
@@ -367,8 +371,9 @@ AVX2_FN static void i8_range_avx2(const spfq_job *j, int32_t n0, int32_t n1, int
                     const size_t row = (size_t)n * W + kw0;
                     int32_t out[4];
                     int32_t sw = 0;
-                    __m128i v = tern ? tern_n1m4(S + row, MK + row, xb[0], xb[1], xb[2], x3, kw, &sw)
-                                     : sel_n1m4(S + row, xb[0], xb[1], xb[2], x3, kw);
+                    __m128i v = tern
+                        ? tern_n1m4(S + row, MK + row, xb[0], xb[1], xb[2], x3, kw, &sw)
+                        : sel_n1m4(S + row, xb[0], xb[1], xb[2], x3, kw);
                     _mm_storeu_si128((__m128i *)out, v);
                     for (int32_t r = 0; r < mt; r++) {
                         int32_t val = tern ? out[r] - 128 * sw : sumx[r] - 2 * out[r];
@@ -451,7 +456,8 @@ AVX2_INLINE __m128 f32_n4(const uint64_t *const s[4], const uint64_t *const mk[4
                 v2 = _mm256_blendv_ps(zero, v2, _mm256_castsi256_ps(_mm256_sllv_epi32(bm, cnt2)));
                 v3 = _mm256_blendv_ps(zero, v3, _mm256_castsi256_ps(_mm256_sllv_epi32(bm, cnt3)));
             }
-            acc[r] = _mm256_add_ps(acc[r], _mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+            const __m256 v = _mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3));
+            acc[r] = _mm256_add_ps(acc[r], v);
         }
     }
     return _mm_setr_ps(hsum_ps(acc[0]), hsum_ps(acc[1]), hsum_ps(acc[2]), hsum_ps(acc[3]));
@@ -516,7 +522,9 @@ AVX2_FN static void f32_range_avx2(const spfq_job *j, int32_t n0, int32_t n1, in
                 for (; mm < M; mm += 3) {
                     const int32_t mr = imin(3, M - mm);
                     const float *xa = j->x + (size_t)mm * K + k0;
-                    const float *xb2 = xa + (mr > 1 ? K : 0), *xc = xa + (mr > 2 ? 2 * (size_t)K : 0);
+                    /* fewer than 3 rows left: the missing ones repeat row mm (unused) */
+                    const float *xb2 = xa + (mr > 1 ? K : 0);
+                    const float *xc = xa + (mr > 2 ? 2 * (size_t)K : 0);
                     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
                     __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
                     for (int32_t i = 0; i < len8; i += 8) {
@@ -557,7 +565,7 @@ AVX2_FN static void f32_range_avx2(const spfq_job *j, int32_t n0, int32_t n1, in
         for (int32_t mm = 0; mm < M; mm++) {
             float *yr = j->y + (size_t)mm * N;
             for (int32_t n = n0; n < n1; n++) {
-                const float level = d->lam ? d->lam[n] : d->scale[n];
+                const float level = d->scale[n];
                 yr[n] = level * yr[n] + (d->bias ? d->bias[n] : 0.0f);
             }
         }
@@ -578,7 +586,7 @@ AVX2_FN static void f32_range_avx2(const spfq_job *j, int32_t n0, int32_t n1, in
                                          : f32_n4(sp, mp, j->x + (size_t)mm * K, K, 0));
             for (int32_t q = 0; q < nr; q++) {
                 const int32_t nn = n + q;
-                const float level = d->lam ? d->lam[nn] : d->scale[nn];
+                const float level = d->scale[nn];
                 j->y[(size_t)mm * N + nn] = level * out[q] + (d->bias ? d->bias[nn] : 0.0f);
             }
         }

@@ -150,7 +150,7 @@ static inline void codes_to_f32(const int8_t *c, const int8_t *s, float scale, f
 }
 
 /* f32, all layouts: y = sum x * value(c) + bias. value(c) = scale*c + (lam-scale)*sign(c)
- * (two, int-b); for the sign layouts (|c| <= 1) it is c * level, level = lam or scale, applied
+ * (two, int-b); for the sign layouts (|c| <= 1) it is c * scale (lam ignored), applied
  * once after the sum as binary.c does. */
 void spfq_neon_rows_f32(const spfq_job *j, int32_t n0, int32_t n1, spfq_neon_decode_fn decode, int two) {
     const struct spfq_prepared *p = j->w;
@@ -180,7 +180,7 @@ void spfq_neon_rows_f32(const spfq_job *j, int32_t n0, int32_t n1, spfq_neon_dec
         }
         for (int32_t m = 0; m < M; m++) {
             float *y = &j->y[(size_t)m * N + n];
-            *y = (two ? *y : lam * *y) + bias;
+            *y = (two ? *y : scale * *y) + bias; /* one-level layouts: level = scale */
         }
     }
 }

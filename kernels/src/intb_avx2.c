@@ -384,14 +384,10 @@ static int kept_rows_init(const spfq_prepared *w, kept_rows *kr)
     return 1;
 }
 
-/* Point kr at row n; returns 0 if the row's mask holds more set bits than its kept words
- * (a corrupt buffer: the caller then hands the row to the portable version). */
-TGT static int kept_rows_set(const spfq_prepared *w, kept_rows *kr, int32_t n)
+/* Point kr at row n. */
+static void kept_rows_set(const spfq_prepared *w, kept_rows *kr, int32_t n)
 {
-    const size_t Wk = (size_t)w->d.kept_words, N = (size_t)w->d.n, W = (size_t)w->words;
-    const uint64_t *mrow = w->d.mask + (size_t)n * W;
-    size_t total = 0;
-    for (size_t i = 0; i < W; i++) total += (size_t)_mm_popcnt_u64(mrow[i]);
+    const size_t Wk = (size_t)w->d.kept_words, N = (size_t)w->d.n;
     if ((size_t)n == N - 1) {
         kr->kp0 = (const uint8_t *)kr->lastrow;
         kr->kstride = (Wk + 2) * 8;
@@ -399,7 +395,6 @@ TGT static int kept_rows_set(const spfq_prepared *w, kept_rows *kr, int32_t n)
         kr->kp0 = (const uint8_t *)(w->d.planes + (size_t)n * Wk);
         kr->kstride = N * Wk * 8;
     }
-    return total <= kr->limit;
 }
 
 /* One superblock of a SPARSE row after phase 1: its 4 mask words and b dense field planes. */
@@ -411,18 +406,23 @@ typedef struct {
 /* Phase 1 for one superblock of a SPARSE row, given its 4 mask words: scatter the row's next
  * compact fields to their columns with pdep (*pos: compact index of the superblock's first kept
  * code, advanced past it). A zero mask word consumes no field and deposits zeros (its load is
- * harmless and in bounds), so no data-dependent branch is taken for it. */
-INL TGT void sparse_expand4(const uint64_t *mw, const uint8_t *kp0, size_t ks, int b, size_t *pos,
-                            sb_slot *slot)
+ * harmless and in bounds), so no data-dependent branch is taken for it. Returns 0, before any
+ * load, if the fields would run past the row's Wk * 64 (a corrupt mask). */
+INL TGT int sparse_expand4(const uint64_t *mw, const kept_rows *kr, int b, size_t *pos,
+                           sb_slot *slot)
 {
+    const uint8_t *kp0 = kr->kp0;
+    const size_t ks = kr->kstride;
+    unsigned cnt[4];
+    for (int i = 0; i < 4; i++) cnt[i] = (unsigned)_mm_popcnt_u64(mw[i]);
     size_t ps = *pos;
+    if (ps + cnt[0] + cnt[1] + cnt[2] + cnt[3] > kr->limit) return 0;
     for (int i = 0; i < 4; i++) {
         const uint64_t m = mw[i];
-        const unsigned cnt = (unsigned)_mm_popcnt_u64(m);
         const uint8_t *src = kp0 + (ps >> 3);
         const unsigned sh = (unsigned)(ps & 7);
         slot->m[i] = m;
-        if (sh + cnt <= 64) {
+        if (sh + cnt[i] <= 64) {
             for (int p = 0; p < b; p++)
                 slot->d[p][i] = _pdep_u64(load64(src + (size_t)p * ks) >> sh, m);
         } else {
@@ -430,31 +430,35 @@ INL TGT void sparse_expand4(const uint64_t *mw, const uint8_t *kp0, size_t ks, i
                 slot->d[p][i] = _pdep_u64((load64(src + (size_t)p * ks) >> sh) |
                                               (load64(src + (size_t)p * ks + 8) << (64 - sh)), m);
         }
-        ps += cnt;
+        ps += cnt[i];
     }
     *pos = ps;
+    return 1;
 }
 
-/* Phase 1 for a whole SPARSE row: slots[sb] and used[sb] (0: all 4 mask words zero, nothing
- * read or written for that superblock). */
-INL TGT void sparse_expand_row(const uint64_t *mrow, int32_t W, const kept_rows *kr, int b,
-                               sb_slot *slots, uint8_t *used)
+/* Phase 1 for a whole SPARSE row n: slots[sb] and used[sb] (0: all 4 mask words zero, nothing
+ * read or written for that superblock). Returns 0 on a corrupt row (more set mask bits than
+ * kept fields); the caller then hands the row to the portable version. */
+INL TGT int sparse_expand_row(const spfq_prepared *w, int32_t n, kept_rows *kr, int b,
+                              sb_slot *slots, uint8_t *used)
 {
-    const uint8_t *kp0 = kr->kp0;
-    const size_t ks = kr->kstride;
+    const int32_t W = w->words;
+    const uint64_t *mrow = w->d.mask + (size_t)n * (size_t)W;
     size_t pos = 0;
     int32_t sb = 0;
+    kept_rows_set(w, kr, n);
     for (; 4 * sb + 4 <= W; sb++) {
         const uint64_t *mw = mrow + 4 * (size_t)sb;
         used[sb] = (mw[0] | mw[1] | mw[2] | mw[3]) != 0;
-        if (used[sb]) sparse_expand4(mw, kp0, ks, b, &pos, &slots[sb]);
+        if (used[sb] && !sparse_expand4(mw, kr, b, &pos, &slots[sb])) return 0;
     }
     if (4 * sb < W) {
         uint64_t mw[4] = {0, 0, 0, 0};
         for (int i = 0; 4 * sb + i < W; i++) mw[i] = mrow[4 * sb + i];
         used[sb] = (mw[0] | mw[1] | mw[2] | mw[3]) != 0;
-        if (used[sb]) sparse_expand4(mw, kp0, ks, b, &pos, &slots[sb]);
+        if (used[sb] && !sparse_expand4(mw, kr, b, &pos, &slots[sb])) return 0;
     }
+    return 1;
 }
 
 /* Phase 2: PLANES offset-code planes u = c + 2^(b-1) from the mask M, sign plane s and magnitude
@@ -517,8 +521,7 @@ INL TGT int decode_row(const spfq_prepared *w, int32_t n, int sparse, int b, int
         }
         return 1;
     }
-    if (!kept_rows_set(w, &ctx->kr, n)) return 0;
-    sparse_expand_row(w->d.mask + (size_t)n * (size_t)W, W, &ctx->kr, b, ctx->slots, ctx->used);
+    if (!sparse_expand_row(w, n, &ctx->kr, b, ctx->slots, ctx->used)) return 0;
     for (int32_t sb = 0; sb < nsb; sb++) {
         if (!ctx->used[sb]) continue;
         sparse_uplanes(&ctx->slots[sb], b, Y);
@@ -561,13 +564,11 @@ INL TGT void i8_m1(const spfq_job *job, int32_t n0, int32_t n1, int sparse, int 
                 dot_sb(Y, xp + (size_t)(W / 4) * 256, L, b, ws, &accu, &accs);
             }
         } else {
-            if (!kept_rows_set(w, &ctx->kr, n)) {
+            if (!sparse_expand_row(w, n, &ctx->kr, b, ctx->slots, ctx->used)) {
                 spfq_sparse_i8_c(job, n, n + 1);
                 continue;
             }
-            const uint64_t *mrow = w->d.mask + (size_t)n * (size_t)W;
             used_sum = 0;
-            sparse_expand_row(mrow, W, &ctx->kr, b, ctx->slots, ctx->used);
             for (int32_t s = 0; s < nsb; s++) {
                 if (!ctx->used[s]) continue;
                 used_sum += ctx->sbsum[s];
