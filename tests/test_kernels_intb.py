@@ -136,15 +136,14 @@ class Packed:
             self.planes, self.mask = bufs["kept"], bufs["mask"]
             Wk = self.planes.shape[2]
             assert self.mask.shape == (N, W)
-        # a non-empty dummy for zero-size buffers so the pointer is valid
-        if self.planes.size == 0:
-            self.planes = np.zeros(1, dtype="<u8")
         self.scale = np.ascontiguousarray(layer.scale, dtype=np.float32)
         self.lam = None if layer.lam is None else np.ascontiguousarray(layer.lam, dtype=np.float32)
         self.bias = None if layer.bias is None else np.ascontiguousarray(layer.bias, np.float32)
-        d = WeightsDesc(LAYOUT[layout], N, K, layer.bits, Wk, None, _ptr(self.mask, u64p),
-                        _ptr(self.planes, u64p), _ptr(self.scale, f32p), _ptr(self.lam, f32p),
-                        _ptr(self.bias, f32p))
+        # an all-zero SPARSE layer has Wk = 0 and no kept buffer at all: pass NULL (as api.c
+        # allows), so a kernel that touched it would crash
+        planes = _ptr(self.planes, u64p) if self.planes.size else None
+        d = WeightsDesc(LAYOUT[layout], N, K, layer.bits, Wk, None, _ptr(self.mask, u64p), planes,
+                        _ptr(self.scale, f32p), _ptr(self.lam, f32p), _ptr(self.bias, f32p))
         self.prep = Prepared(d, W, None, d.mask, d.planes, d.scale, d.lam, d.bias)
         self.layout = layout
 

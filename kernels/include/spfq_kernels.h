@@ -63,7 +63,8 @@ void spfq_free(spfq_prepared *p);
 int spfq_matmul_f32(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads);
 
 /* int8 activations, exact int32 sums (see the header comment); acc_c may be NULL for binary /
- * ternary layouts (it equals acc_s there). */
+ * ternary layouts (it equals acc_s there). Internally, spfq_matmul_i8 skips acc_s for PLANES /
+ * SPARSE weights without lam (value = scale * c needs acc_c only). */
 int spfq_matmul_i8_raw(const spfq_prepared *w, int32_t m, const int8_t *xq, int32_t *acc_c,
                        int32_t *acc_s, int32_t nthreads);
 int spfq_matmul_i8(const spfq_prepared *w, int32_t m, const int8_t *xq, const float *xscale,

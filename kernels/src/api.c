@@ -218,8 +218,9 @@ static void i8_finish(const spfq_job *j, int32_t n0, int32_t n1, void *ctx) {
         for (int32_t n = n0; n < n1; n++) {
             size_t i = (size_t)m * N + n;
             float s = d->scale[n];
-            float v = two ? s * (float)j->acc_c[i] + ((d->lam ? d->lam[n] : s) - s) * (float)j->acc_s[i]
-                          : s * (float)j->acc_s[i];
+            float v = !two ? s * (float)j->acc_s[i]
+                    : d->lam ? s * (float)j->acc_c[i] + (d->lam[n] - s) * (float)j->acc_s[i]
+                             : s * (float)j->acc_c[i];
             e->y[i] = xs * v + (d->bias ? d->bias[n] : 0.0f);
         }
     }
@@ -233,9 +234,12 @@ int spfq_matmul_i8(const spfq_prepared *w, int32_t m, const int8_t *xq, const fl
     if (!fn) return SPFQ_EUNSUPPORTED;
     size_t cells = (size_t)m * (size_t)w->d.n;
     int two = (L == SPFQ_PLANES || L == SPFQ_SPARSE);
-    int32_t *acc = malloc(cells * sizeof(int32_t) * (two ? 2 : 1) + 1);
+    /* int layouts without lam need only acc_c (value = scale * c): skip the sign sums */
+    int need_s = !two || w->d.lam != NULL;
+    int32_t *acc = malloc(cells * sizeof(int32_t) * (size_t)(two + need_s) + 1);
     if (!acc) return SPFQ_ENOMEM;
-    spfq_job job = {.w = w, .m = m, .xq = xq, .acc_s = acc, .acc_c = two ? acc + cells : NULL};
+    spfq_job job = {.w = w, .m = m, .xq = xq, .acc_s = need_s ? acc : NULL,
+                    .acc_c = two ? acc + (need_s ? cells : 0) : NULL};
     i8_epilogue e = {xscale, y};
     int rc = m ? parallel(fn, &job, nthreads, i8_finish, &e) : SPFQ_OK;
     free(acc);

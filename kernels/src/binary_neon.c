@@ -109,7 +109,7 @@ static inline int next_run(const uint8_t *live, int32_t nw, int32_t len, int32_t
 /* int32 sums across chunks wrap like the oracle's int64 -> int32 store (no signed overflow). */
 static inline int32_t wrap_add(int32_t a, int32_t b) { return (int32_t)((uint32_t)a + (uint32_t)b); }
 
-/* int-b i8: acc_c = sum xq*c, acc_s = sum xq*sign(c), both exact. */
+/* int-b i8: acc_c = sum xq*c, acc_s = sum xq*sign(c), both exact (acc_s skipped when NULL). */
 void spfq_neon_rows_i8(const spfq_job *j, int32_t n0, int32_t n1, spfq_neon_decode_fn decode) {
     const struct spfq_prepared *p = j->w;
     const int32_t N = p->d.n, K = p->d.k, M = j->m;
@@ -126,7 +126,7 @@ void spfq_neon_rows_i8(const spfq_job *j, int32_t n0, int32_t n1, spfq_neon_deco
                 int32_t ac = 0, as = 0, i = 0, b, e; /* chunk sums: |.| <= CHUNK * 128 * 128 */
                 while (next_run(live, nw, len, &i, &b, &e)) dot2_i8(x + b, c + b, s + b, e - b, &ac, &as);
                 j->acc_c[o] = k0 ? wrap_add(j->acc_c[o], ac) : ac;
-                j->acc_s[o] = k0 ? wrap_add(j->acc_s[o], as) : as;
+                if (j->acc_s) j->acc_s[o] = k0 ? wrap_add(j->acc_s[o], as) : as; /* NULL: not wanted */
             }
         }
     }

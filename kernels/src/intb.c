@@ -51,7 +51,6 @@ static void sparse_block(const spfq_prepared *w, int32_t n, uint64_t mw, size_t 
     const int b = w->d.bits;
     const size_t Wk = (size_t)w->d.kept_words;
     const size_t plane_stride = (size_t)w->d.n * Wk;
-    const uint64_t *kept = w->d.planes + (size_t)n * Wk;
     for (int j = 0; j < 64; j++) {
         c[j] = 0;
         if (!((mw >> j) & 1u)) continue;
@@ -59,7 +58,8 @@ static void sparse_block(const spfq_prepared *w, int32_t n, uint64_t mw, size_t 
         if (i >= Wk * 64) continue; /* corrupt mask: never read past the row's kept words */
         int f = 0;
         for (int p = 0; p < b; p++)
-            f |= (int)((kept[(size_t)p * plane_stride + i / 64] >> (i % 64)) & 1u) << p;
+            f |= (int)((w->d.planes[(size_t)p * plane_stride + (size_t)n * Wk + i / 64] >> (i % 64)) & 1u)
+                 << p;
         const int mag = (f >> 1) + 1;
         c[j] = (int8_t)((f & 1) ? -mag : mag);
     }

@@ -1,46 +1,56 @@
 /* intb_avx2.c — AVX2 kernels for the int b-bit layouts PLANES and SPARSE (same semantics as the
  * portable oracle intb.c: identical int32 sums, float sums up to summation order).
  *
- * Method (int8 activations). A row is processed in "superblocks" of 256 columns = 4 words per
- * plane, i.e. one 32-byte load per bit plane. Byte i of such a plane vector holds the bits of
- * columns 8i..8i+7. The offset codes u = c + 2^(b-1) are rebuilt as bytes with vpshufb lookup
- * tables indexed by the plane vector's nibbles (no per-bit expand/compare):
- *   b = 2   : LUT_p[nibble] puts the 4 bits at bits p, p+2, p+4, p+6 (4 crumbs per byte);
+ * PLANES, int8 activations. A row is processed in superblocks of 256 columns = 4 words per
+ * plane, one 32-byte load per bit plane; byte i of a plane vector holds columns 8i..8i+7. The
+ * offset codes u = c + 2^(b-1) are rebuilt as bytes with vpshufb lookup tables indexed by the
+ * plane vectors' nibbles (no per-bit expand/compare):
+ *   b = 2   : LUT_p[nibble] puts its 4 bits at bits p, p+2, p+4, p+6 (4 crumbs per byte);
  *   b = 3,4 : LUT_p,A / LUT_p,B put 2 of the 4 bits at bits p and p+4 (2 nibbles per byte);
  *   b = 5..8: LUT_p,t puts bit t at bit p (one u per byte).
  * OR-ing over planes and splitting crumbs/nibbles (shift + and) gives 8 vectors U_t whose byte i
- * is u of column 8i+t. The activations are permuted once per call into the same order
- * (X_t byte i = x[8i+t]), so no byte transposition of the weights is ever needed. Then
+ * is u of column 8i+t. The activations are permuted once per call into that order
+ * (X_t byte i = x[8i+t]), so the weights are never transposed. Then
  *   acc_c = sum vpmaddubsw(U_t, X_t) - 2^(b-1) * sum(x)          (u unsigned, x signed)
- *   acc_s = sum vpmaddubsw(s1(U_t), X_t) - sum(x),  s1 = sign(c) + 1 in {0,1,2}
- * where s1 is one more vpshufb (b <= 4) or min(subs_epu8(u, 2^(b-1) - 1), 2); for b = 2,
- * sign(c) == c so acc_s = acc_c. The int16 products are summed across the 8 vectors while that
- * provably cannot overflow (b <= 4: 8 * 2 * 15 * 128 = 30720), then widened with vpmaddwd.
- * b = 8 splits u into (u & 0x7f) and (u & 0x80) so each vpmaddubsw stays exact. Every bound
- * holds for xq in [-128, 127], so the AVX2 results equal the oracle's for any int8 input.
- * Why this method: measured faster than a per-plane bit-serial (expand bits to byte masks,
- * and, add) kernel, which costs ~5 ops per plane per 32 weights against ~1.4 here (b = 4).
- * One row at a time for M = 1 (weights are streamed once); for M > 1 a row is decoded once into
- * a scratch buffer of U bytes and every activation row is dotted against it.
+ *   acc_s = sum vpmaddubsw(s1(U_t), X_t) - sum(x),  s1 = sign(c) + 1 in {0, 1, 2},
+ * s1 by one more vpshufb (b <= 4) or min(subs_epu8(u, 2^(b-1) - 1), 2); for b = 2
+ * sign(c) == c, so acc_s = acc_c. int16 products are summed over a superblock's 8 vectors only
+ * where that provably cannot overflow (b <= 4: 8 * 2 * 15 * 128 = 30720), then widened with
+ * vpmaddwd; b = 8 splits u into (u & 0x7f) and (u & 0x80) so each vpmaddubsw stays exact. All
+ * bounds hold for xq in [-128, 127], so results equal the oracle's for any int8 input.
+ * Why: measured 2.5x faster (0.54 vs 1.37 ms, 4-bit 4096x4096 M = 1) than expanding each plane's
+ * bits to byte masks (broadcast, vpshufb, vpand, vpcmpeqb per plane per 32 weights) feeding the
+ * same vpmaddubsw tail; about 1.6 decode ops per plane per 32 weights here against 5-6 there.
+ * The sign sums cost ~30% of the time: with job->acc_s == NULL they are skipped (useful when
+ * lam == NULL, where (lam - scale) * acc_s vanishes).
+ * M == 1: decode and accumulate in registers, the weights are streamed once. M > 1: a row is
+ * decoded once into a scratch row of U bytes, then dotted with 4 activation rows per pass.
  *
- * SPARSE: per row, phase 1 scatters the compact bit planes back to column positions with BMI2
- * pdep (one pdep per plane per non-zero 64-column mask word; the compact index of a block's
- * first kept code is the running popcount of the earlier mask words; zero words are skipped and
- * read nothing). Phase 2 turns (mask, sign plane, magnitude planes) into the PLANES offset code
- * u = c + 2^(b-1) with a few bit-sliced ops per 256 columns (negative: u = ~mag; positive:
- * u = 2^(b-1) + 1 + mag via a bit-sliced increment; masked: u = 2^(b-1), i.e. c = 0), and reuses
- * the PLANES decode. Superblocks whose 4 mask words are all zero are skipped entirely; the
- * 2^(b-1) * sum(x) corrections then only count the superblocks that were processed.
+ * SPARSE. Per row, phase 1 scatters the compact bit planes back to their columns with BMI2 pdep:
+ * one pdep per plane per 64-column mask word, the compact stream read at the running popcount
+ * of the earlier mask words (unaligned 8-byte loads + shift). Phase 2 turns (mask M, sign plane
+ * s, magnitude planes) into the PLANES offset code with a few bit-sliced ops per superblock
+ * (masked: u = 2^(b-1), i.e. c = 0; negative: u = ~mag; positive: u = 2^(b-1) + 1 + mag, a
+ * bit-sliced increment) and runs the PLANES dot on it. Superblocks whose 4 mask words are all
+ * zero are skipped (nothing read, nothing computed) and the 2^(b-1) * sum(x) corrections count
+ * only the processed ones; a zero word inside a non-zero superblock deposits zeros and consumes
+ * no field without a data-dependent branch. Honest limit: the vector work is that of the dense
+ * row plus the pdep work (~b pdeps and ~20 scalar instructions per mask word), so on AVX2 this
+ * kernel is ~2.2x slower than PLANES at any density (no vpexpandb/vpcompressb before
+ * AVX-512 VBMI2); see the report for the numbers.
  *
- * f32 kernels: the same decode gives the codes per row; they are turned into float weights
- * value(c) (as CompressedLayer.dequantize computes them) in a scratch row and dotted with the
- * (identically permuted) float activations with FMA, 4 independent accumulators.
+ * f32: the same decode gives each row's codes once; they become float weights value(c) (computed
+ * like CompressedLayer.dequantize) in a scratch row that is dotted with the identically permuted
+ * float activations by FMA with 4 accumulators.
  *
- * All reads stay inside the buffers: partial last superblocks go through a zero-padded copy;
- * the compact stream is read with unaligned 8-byte loads that may run up to 15 bytes past a
- * kept row, which is the next row of the buffer except for the very last row, which is read
- * from a padded copy. Scratch memory is malloc'ed per call (no global writable state); if that
- * fails the portable version does the work. Requires AVX2, FMA, POPCNT, BMI1, BMI2.
+ * Memory safety: partial last superblocks go through zero-padded copies (weights and
+ * activations). The compact stream is read with 8-byte loads that run at most 8 bytes past a
+ * row's Wk words, since each superblock checks its popcount against Wk * 64 before loading (a
+ * corrupt row goes to the portable kernel); that is inside the next row of the buffer, except
+ * for the buffer's last row, which is read from a copy padded with 2 zero words. Scratch memory
+ * is malloc'ed per call (no global writable state); if that fails the portable version does the
+ * work. Requires AVX2, FMA, POPCNT (the dispatcher's check) and BMI1/BMI2 (checked here at run
+ * time; without them the portable kernels run).
  */
 #if defined(__x86_64__)
 
@@ -53,6 +63,7 @@
 #include "internal.h"
 
 #define TGT __attribute__((target("avx2,fma,popcnt,bmi,bmi2")))
+#define ENTRY __attribute__((target("avx2,fma,popcnt"))) /* runs before the BMI check */
 #define INL static inline __attribute__((always_inline))
 
 /* ------------------------------------------------------------------ lookup tables */
@@ -388,7 +399,7 @@ static int kept_rows_init(const spfq_prepared *w, kept_rows *kr)
 static void kept_rows_set(const spfq_prepared *w, kept_rows *kr, int32_t n)
 {
     const size_t Wk = (size_t)w->d.kept_words, N = (size_t)w->d.n;
-    if ((size_t)n == N - 1) {
+    if ((size_t)n == N - 1 || Wk == 0) { /* Wk == 0: planes may be NULL; nothing is read */
         kr->kp0 = (const uint8_t *)kr->lastrow;
         kr->kstride = (Wk + 2) * 8;
     } else {
@@ -811,13 +822,14 @@ TGT static int ctx_init(const spfq_job *job, int sparse, int f32, intb_ctx *ctx)
     return ok;
 }
 
-TGT static void intb_run(const spfq_job *job, int32_t n0, int32_t n1, int sparse, int f32)
+ENTRY static void intb_run(const spfq_job *job, int32_t n0, int32_t n1, int sparse, int f32)
 {
     const int b = job->w->d.bits;
     const spfq_range_fn portable = f32 ? (sparse ? spfq_sparse_f32_c : spfq_planes_f32_c)
                                        : (sparse ? spfq_sparse_i8_c : spfq_planes_i8_c);
     if (n0 >= n1 || job->m <= 0) return;
-    if (b < 2 || b > 8 || (sparse && !__builtin_cpu_supports("bmi2"))) {
+    /* the file is compiled for BMI1/BMI2 as well (pdep, shrx): fall back where the CPU lacks them */
+    if (b < 2 || b > 8 || !__builtin_cpu_supports("bmi") || !__builtin_cpu_supports("bmi2")) {
         portable(job, n0, n1);
         return;
     }
@@ -835,9 +847,9 @@ TGT static void intb_run(const spfq_job *job, int32_t n0, int32_t n1, int sparse
 
 /* ------------------------------------------------------------------ range functions */
 
-TGT void spfq_planes_f32_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 0, 1); }
-TGT void spfq_planes_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 0, 0); }
-TGT void spfq_sparse_f32_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 1, 1); }
-TGT void spfq_sparse_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 1, 0); }
+ENTRY void spfq_planes_f32_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 0, 1); }
+ENTRY void spfq_planes_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 0, 0); }
+ENTRY void spfq_sparse_f32_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 1, 1); }
+ENTRY void spfq_sparse_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1) { intb_run(j, n0, n1, 1, 0); }
 
 #endif /* __x86_64__ */
