@@ -84,7 +84,8 @@ int spfq_bgemm(const spfq_prepared *w, int32_t m, const uint64_t *xbits, const f
 int spfq_quantize_i8(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale);
 int spfq_binarize(int32_t m, int32_t k, const float *x, uint64_t *xbits, float *xscale);
 
-/* ISA selection: "auto" (default: best the CPU has), "c", "avx2", "neon". Returns SPFQ_OK or
+/* ISA selection: "auto" (default: best the CPU has), "c", "avx2", "avx512" (F/BW/VL/VNNI/
+ * VPOPCNTDQ/BITALG; kernels it lacks fall back to avx2), "neon". Returns SPFQ_OK or
  * SPFQ_EUNSUPPORTED when the CPU / build lacks it. spfq_isa() names the active one. */
 int spfq_set_isa(const char *name);
 const char *spfq_isa(void);

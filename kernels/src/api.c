@@ -22,6 +22,7 @@
     __attribute__((weak)) void spfq_sparse_i8_##isa(const spfq_job *, int32_t, int32_t);
 SPFQ_WEAK_ISA(c)
 SPFQ_WEAK_ISA(avx2)
+SPFQ_WEAK_ISA(avx512)
 SPFQ_WEAK_ISA(neon)
 
 typedef struct {
@@ -39,12 +40,20 @@ typedef struct {
 
 static const isa_table table_c = SPFQ_TABLE(c);
 static const isa_table table_avx2 = SPFQ_TABLE(avx2);
+static const isa_table table_avx512 = SPFQ_TABLE(avx512);
 static const isa_table table_neon = SPFQ_TABLE(neon);
 static const isa_table *active = NULL;
 
 static int cpu_has(const char *isa) {
     if (!strcmp(isa, "c")) return 1;
 #if defined(__x86_64__)
+    if (!strcmp(isa, "avx512")) { /* the subset the avx512 kernels may use */
+        __builtin_cpu_init();
+        return cpu_has("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+               __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bitalg") &&
+               __builtin_cpu_supports("bmi2");
+    }
     if (!strcmp(isa, "avx2")) {
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -60,11 +69,12 @@ static int cpu_has(const char *isa) {
 int spfq_set_isa(const char *name) {
     if (!name) return SPFQ_EINVAL;
     if (!strcmp(name, "auto")) {
-        active = cpu_has("avx2") ? &table_avx2 : cpu_has("neon") ? &table_neon : &table_c;
+        active = cpu_has("avx512") ? &table_avx512 : cpu_has("avx2") ? &table_avx2
+               : cpu_has("neon") ? &table_neon : &table_c;
         return SPFQ_OK;
     }
     const isa_table *t = !strcmp(name, "c") ? &table_c : !strcmp(name, "avx2") ? &table_avx2
-                       : !strcmp(name, "neon") ? &table_neon : NULL;
+                       : !strcmp(name, "avx512") ? &table_avx512 : !strcmp(name, "neon") ? &table_neon : NULL;
     if (!t || !cpu_has(name)) return SPFQ_EUNSUPPORTED;
     active = t;
     return SPFQ_OK;
@@ -79,6 +89,11 @@ const char *spfq_isa(void) { return isa()->name; }
 int32_t spfq_abi_version(void) { return SPFQ_ABI_VERSION; }
 
 static spfq_range_fn pick(spfq_range_fn simd, spfq_range_fn portable) { return simd ? simd : portable; }
+
+/* The kernel for one (operation, layout) on the active ISA: avx512 falls back to avx2, any
+ * SIMD table to the portable C one. */
+#define FIND(field) (isa() == &table_avx512 && !table_avx512.field ? pick(table_avx2.field, table_c.field) \
+                                                                 : pick(isa()->field, table_c.field))
 
 /* ------------------------------------------------------------------ weights */
 
@@ -188,7 +203,7 @@ static int check(const spfq_prepared *w, int32_t m) { return (!w || m < 0) ? SPF
 int spfq_matmul_f32(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads) {
     if (check(w, m) || !x || !y) return SPFQ_EINVAL;
     int L = w->d.layout;
-    spfq_range_fn fn = pick(isa()->f32[L], table_c.f32[L]);
+    spfq_range_fn fn = FIND(f32[L]);
     if (!fn) return SPFQ_EUNSUPPORTED;
     spfq_job job = {.w = w, .m = m, .x = x, .y = y};
     return m ? parallel(fn, &job, nthreads, NULL, NULL) : SPFQ_OK;
@@ -199,7 +214,7 @@ int spfq_matmul_i8_raw(const spfq_prepared *w, int32_t m, const int8_t *xq, int3
     if (check(w, m) || !xq || !acc_s) return SPFQ_EINVAL;
     int L = w->d.layout;
     if (!acc_c && (L == SPFQ_PLANES || L == SPFQ_SPARSE)) return SPFQ_EINVAL;
-    spfq_range_fn fn = pick(isa()->i8[L], table_c.i8[L]);
+    spfq_range_fn fn = FIND(i8[L]);
     if (!fn) return SPFQ_EUNSUPPORTED;
     spfq_job job = {.w = w, .m = m, .xq = xq, .acc_c = acc_c, .acc_s = acc_s};
     return m ? parallel(fn, &job, nthreads, NULL, NULL) : SPFQ_OK;
@@ -230,7 +245,7 @@ int spfq_matmul_i8(const spfq_prepared *w, int32_t m, const int8_t *xq, const fl
                    float *y, int32_t nthreads) {
     if (check(w, m) || !xq || !xscale || !y) return SPFQ_EINVAL;
     int L = w->d.layout;
-    spfq_range_fn fn = pick(isa()->i8[L], table_c.i8[L]);
+    spfq_range_fn fn = FIND(i8[L]);
     if (!fn) return SPFQ_EUNSUPPORTED;
     size_t cells = (size_t)m * (size_t)w->d.n;
     int two = (L == SPFQ_PLANES || L == SPFQ_SPARSE);
@@ -270,7 +285,7 @@ int spfq_bgemm(const spfq_prepared *w, int32_t m, const uint64_t *xbits, const f
                int32_t *dot, float *y, uint64_t *ybits, int32_t nthreads) {
     if (check(w, m) || !xbits) return SPFQ_EINVAL;
     if (w->d.layout != SPFQ_SIGN) return SPFQ_EUNSUPPORTED;
-    spfq_range_fn fn = pick(isa()->bgemm, table_c.bgemm);
+    spfq_range_fn fn = FIND(bgemm);
     if (!fn) return SPFQ_EUNSUPPORTED;
     size_t cells = (size_t)m * (size_t)w->d.n;
     int32_t *tmp = NULL;

@@ -38,8 +38,9 @@ typedef struct {
 typedef void (*spfq_range_fn)(const spfq_job *job, int32_t n0, int32_t n1);
 
 /* Range functions, one per (layout, operation, ISA). Family files define them:
- *   binary.c / binary_avx2.c / binary_neon.c : SIGN and SIGN_MASK (f32, i8) and bgemm
- *   intb.c   / intb_avx2.c   / intb_neon.c   : PLANES and SPARSE (f32, i8)
+ *   binary.c / binary_avx2.c / binary_avx512.c / binary_neon.c : SIGN and SIGN_MASK (f32, i8), bgemm
+ *   intb.c   / intb_avx2.c   / intb_avx512.c   / intb_neon.c   : PLANES and SPARSE (f32, i8)
+ * A NULL avx512 entry falls back to avx2, then to C.
  * SIMD files use function-level target attributes (no global -mavx2), and are compiled only
  * on their architecture. api.c references every name weakly: a missing one is NULL and the
  * dispatcher falls back to the C version (or reports SPFQ_EUNSUPPORTED if that is missing). */
@@ -56,6 +57,7 @@ typedef void (*spfq_range_fn)(const spfq_job *job, int32_t n0, int32_t n1);
 
 SPFQ_DECLARE_ISA(c)
 SPFQ_DECLARE_ISA(avx2)
+SPFQ_DECLARE_ISA(avx512)
 SPFQ_DECLARE_ISA(neon)
 
 #endif /* SPFQ_INTERNAL_H */
