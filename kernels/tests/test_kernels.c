@@ -507,8 +507,8 @@ int main(void) {
     int ncfg = 0;
     char isas[64] = "";
     const char *want = getenv("SPFQ_TEST_ISAS");
-    static const char *all[] = {"c", "avx2", "neon"};
-    for (int i = 0; i < 3; i++) {
+    static const char *all[] = {"c", "avx2", "avx512", "neon"};
+    for (int i = 0; i < (int)(sizeof all / sizeof all[0]); i++) {
         if (want && *want) {
             char list[128];
             snprintf(list, sizeof list, ",%s,", want);

@@ -63,18 +63,26 @@ def groups_of(module: nn.Module) -> int:
 
 def rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(g, m, d) calibration rows of the layer's input x."""
-    if isinstance(module, nn.Linear):
+    return patch_rows(x, layer_kind(module), conv_params(module))
+
+
+def patch_rows(x: torch.Tensor, kind: str, conv: dict | None) -> torch.Tensor:
+    """(g, m, d) rows of a layer input from the geometry recorded in the .spfq file (conv_params):
+    tokens for linear layers, input patches per group for convs (the same order as the weight)."""
+    if kind == "linear":
         return x.reshape(1, -1, x.shape[-1])
-    if isinstance(module, nn.Conv1d):
+    k, s, p, d = conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"]
+    if kind == "conv1d":
         x = x.unsqueeze(2)
-        k, s, p, d = (1, module.kernel_size[0]), (1, module.stride[0]), (0, _padding(module)[0]), \
-            (1, module.dilation[0])
-    else:
-        k, s, p, d = module.kernel_size, module.stride, tuple(_padding(module)), module.dilation
-    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, C*kh*kw, L), channel-major
-    g = module.groups
+        k, s, p, d = (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0])
+    cols = F.unfold(x, tuple(k), dilation=tuple(d), padding=tuple(p), stride=tuple(s))  # (B, C*kh*kw, L)
+    g = conv["groups"]
     B, CK, L = cols.shape
     return cols.reshape(B, g, CK // g, L).permute(1, 0, 3, 2).reshape(g, B * L, CK // g)
+
+
+def conv_output_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 class GramAccumulator:
