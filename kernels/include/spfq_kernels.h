@@ -85,7 +85,8 @@ int spfq_quantize_i8(int32_t m, int32_t k, const float *x, int8_t *xq, float *xs
 int spfq_binarize(int32_t m, int32_t k, const float *x, uint64_t *xbits, float *xscale);
 
 /* ISA selection: "auto" (default: best the CPU has), "c", "avx2", "avx512" (F/BW/VL/VNNI/
- * VPOPCNTDQ/BITALG; kernels it lacks fall back to avx2), "neon". Returns SPFQ_OK or
+ * VPOPCNTDQ/BITALG + BMI2; the int-b kernels also check VBMI2 and use GFNI when present, else a
+ * slower exact path; kernels it lacks fall back to avx2), "neon". Returns SPFQ_OK or
  * SPFQ_EUNSUPPORTED when the CPU / build lacks it. spfq_isa() names the active one. */
 int spfq_set_isa(const char *name);
 const char *spfq_isa(void);
