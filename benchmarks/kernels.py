@@ -216,9 +216,10 @@ def _impl_of(layout: str, op: str) -> str:
     fn = _RANGE_FN.get((layout, op))
     if fn is None:
         return "unknown"
-    active = K.isa()
-    if _has_symbol(f"spfq_{fn}_{active}"):
-        return active
+    chain = {"avx512": ("avx512", "avx2"), "avx2": ("avx2",), "neon": ("neon",)}.get(K.isa(), ())
+    for isa in chain:  # api.c: avx512 falls back to avx2, every SIMD ISA to C
+        if _has_symbol(f"spfq_{fn}_{isa}"):
+            return isa
     return "c" if _has_symbol(f"spfq_{fn}_c") else "none"
 
 
