@@ -12,17 +12,14 @@ Environment: CC, SPFQ_TEST_OPT and SPFQ_TEST_SANITIZE as in test_kernels_binary.
 from __future__ import annotations
 
 import ctypes as C
-import os
-import platform
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from spfq_deploy.pack.bits import pack_bits
 
+from kernel_build import build_library, compiler, cpu_has, env_flags
 from test_kernels_binary import (INC, SHIM, SRC, Weights, _mirror_layout, activations, check,
                                  make, ref_i8, reference, run, unpack, weights_for)
 
@@ -35,24 +32,7 @@ NEED = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_vpopcntdq", "a
         "bmi2", "popcnt", "fma"}
 
 
-def _has_avx512() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return NEED <= set(line.split())
-
-
-pytestmark = pytest.mark.skipif(not _has_avx512(), reason="no AVX-512 VNNI/VPOPCNTDQ CPU")
-
-
-def _cc():
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    assert cc, "no C compiler (the package build needs one: apt-get install gcc)"
-    return cc
+pytestmark = pytest.mark.skipif(not cpu_has(*NEED), reason="no AVX-512 VNNI/VPOPCNTDQ CPU")
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +40,8 @@ def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("binary_avx512_kernels")
     shim = out / "shim.c"
     shim.write_text(SHIM)
-    so = out / "libspfq_binary_avx512_test.so"
-    flags = [os.environ.get("SPFQ_TEST_OPT", "-O2"), "-std=c11", "-shared", "-fPIC"]
-    sanitize = os.environ.get("SPFQ_TEST_SANITIZE")
-    if sanitize == "address":
-        flags += ["-g", "-O1", "-fsanitize=address", "-fno-omit-frame-pointer"]
-    elif sanitize == "undefined":
-        flags += ["-g", "-fsanitize=undefined", "-fno-sanitize-recover=undefined"]
-    cmd = [_cc(), *flags, f"-I{INC}", f"-I{SRC}", str(SRC / "binary.c"),
-           str(SRC / "binary_avx512.c"), str(shim), "-o", str(so)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    h = C.CDLL(str(so))
+    h = build_library([SRC / "binary.c", SRC / "binary_avx512.c", shim],
+                      out / "libspfq_binary_avx512_test.so", env_flags())
     h.spfq_test_layout.restype = C.c_long
     h.spfq_test_layout.argtypes = [C.c_int]
     return h
@@ -84,7 +54,7 @@ def test_struct_mirror_matches_internal_h(lib):
 
 def test_file_compiles_alone_without_warnings(tmp_path):
     for opt in ("-O0", "-O2", "-O3"):
-        res = subprocess.run([_cc(), opt, "-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic",
+        res = subprocess.run([compiler(), opt, "-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic",
                               f"-I{INC}", f"-I{SRC}", "-c", str(SRC / "binary_avx512.c"),
                               "-o", str(tmp_path / "x.o")], capture_output=True, text=True)
         assert res.returncode == 0, (opt, res.stderr)

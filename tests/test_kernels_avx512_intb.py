@@ -13,8 +13,6 @@ from __future__ import annotations
 import ctypes as C
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,29 +20,23 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_build import build_library, cpu_has  # noqa: E402
 from test_kernels_intb import (  # noqa: E402
-    BITS, Job, Packed, _cpu_has, check_i8, make_codes, make_layer, rand_xq, ref_i8)
+    BITS, Job, Packed, check_i8, make_codes, make_layer, rand_xq, ref_i8)
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = [ROOT / "kernels/src/intb.c", ROOT / "kernels/src/intb_avx512.c"]
 
-HAVE_AVX512 = _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_vbmi2",
+HAVE_AVX512 = cpu_has("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_vbmi2",
                        "bmi2", "popcnt")
 pytestmark = pytest.mark.skipif(not HAVE_AVX512, reason="no AVX-512 VNNI/VBMI2/BMI2")
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    cc = os.environ.get("CC", "cc")
-    assert shutil.which(cc), f"no C compiler ({cc})"
     out = tmp_path_factory.mktemp("intb512") / "libintb512.so"
     extra = shlex.split(os.environ.get("SPFQ_INTB_CFLAGS", ""))
-    cmd = [cc, "-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
-           f"-I{ROOT / 'kernels/include'}", f"-I{ROOT / 'kernels/src'}", *map(str, SRC), *extra,
-           "-o", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    so = C.CDLL(str(out))
+    so = build_library(SRC, out, ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", *extra])
     for name in ("planes_i8", "sparse_i8"):
         for isa in ("c", "avx512"):
             fn = getattr(so, f"spfq_{name}_{isa}")

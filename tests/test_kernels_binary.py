@@ -19,20 +19,14 @@ SPFQ_TEST_SANITIZE=undefined builds it with UBSan (aborts on the first report).
 from __future__ import annotations
 
 import ctypes as C
-import os
-import platform
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from spfq_deploy.pack.bits import pack_bits, words_for
 
-ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "kernels" / "src"
-INC = ROOT / "kernels" / "include"
+from kernel_build import INC, SRC, build_library, compiler, cpu_has, env_flags
 SIGN, SIGN_MASK = 1, 2
 
 KS = [1, 7, 63, 64, 65, 100, 255, 257, 1000, 4096, 11008]
@@ -85,41 +79,17 @@ def _mirror_layout() -> list[int]:
             Job.acc_c.offset, Job.acc_s.offset, Job.xbits.offset, Job.dot.offset]
 
 
-def _has_avx2() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    line = next((ln for ln in flags.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split())
-    return {"avx2", "fma", "popcnt"} <= have
-
-
-HAS_AVX2 = _has_avx2()
+HAS_AVX2 = cpu_has("avx2", "fma", "popcnt")
 ISAS = ["c", pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 CPU"))]
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    assert cc, "no C compiler (the package build needs one: apt-get install gcc)"
     out = tmp_path_factory.mktemp("binary_kernels")
     shim = out / "shim.c"
     shim.write_text(SHIM)
-    so = out / "libspfq_binary_test.so"
-    flags = [os.environ.get("SPFQ_TEST_OPT", "-O2"), "-std=c11", "-shared", "-fPIC"]
-    sanitize = os.environ.get("SPFQ_TEST_SANITIZE")
-    if sanitize == "address":
-        flags += ["-g", "-O1", "-fsanitize=address", "-fno-omit-frame-pointer"]
-    elif sanitize == "undefined":
-        flags += ["-g", "-fsanitize=undefined", "-fno-sanitize-recover=undefined"]
-    cmd = [cc, *flags, f"-I{INC}", f"-I{SRC}", str(SRC / "binary.c"), str(SRC / "binary_avx2.c"),
-           str(shim), "-o", str(so)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    h = C.CDLL(str(so))
+    h = build_library([SRC / "binary.c", SRC / "binary_avx2.c", shim], out / "libspfq_binary_test.so",
+                      env_flags())
     h.spfq_test_layout.restype = C.c_long
     h.spfq_test_layout.argtypes = [C.c_int]
     return h
@@ -132,8 +102,7 @@ def test_struct_mirror_matches_internal_h(lib):
 
 
 def test_files_compile_alone_without_warnings(tmp_path):
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    assert cc, "no C compiler (the package build needs one: apt-get install gcc)"
+    cc = compiler()
     for f in ("binary.c", "binary_avx2.c"):
         for opt in ("-O0", "-O3"):
             res = subprocess.run([cc, opt, "-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic",

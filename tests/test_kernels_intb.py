@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import ctypes as C
 import os
-import platform
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from kernel_build import build_library, cpu_has
 from spfq_deploy.compressed import CompressedLayer
 from spfq_deploy.pack.layouts import pack_layer
 
@@ -57,32 +55,14 @@ def _ptr(a, typ):
     return None if a is None else a.ctypes.data_as(typ)
 
 
-def _cpu_has(*flags) -> bool:
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return all(f in have for f in flags)
-
-
-HAVE_AVX2 = _cpu_has("avx2", "fma", "popcnt", "bmi1", "bmi2")
+HAVE_AVX2 = cpu_has("avx2", "fma", "popcnt", "bmi1", "bmi2")
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    cc = os.environ.get("CC", "cc")
-    assert shutil.which(cc), f"no C compiler ({cc}); the package build needs one: apt-get install gcc"
     out = tmp_path_factory.mktemp("intb") / "libintb.so"
     extra = shlex.split(os.environ.get("SPFQ_INTB_CFLAGS", ""))
-    cmd = [cc, "-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
-           f"-I{ROOT / 'kernels/include'}", f"-I{ROOT / 'kernels/src'}", *map(str, SRC), *extra,
-           "-o", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    so = C.CDLL(str(out))
+    so = build_library(SRC, out, ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", *extra])
     for name in ("planes_f32", "planes_i8", "sparse_f32", "sparse_i8"):
         for isa in ("c", "avx2"):
             fn = getattr(so, f"spfq_{name}_{isa}", None)
