@@ -509,8 +509,8 @@ def time_items(items: list[Item], repeats: int, budget_s: float, min_repeats: in
     """Warm each item up (first call checked for correctness), then take its samples in `rounds`
     interleaved rounds (order reversed every other round). Each round starts an item with one
     discarded call (cache re-warm after the other items) unless a call takes > 50 ms. After a
-    multi-threaded onnxruntime item a short pause lets its spinning workers stop, so they do not
-    steal the second core from the next item. With `flush` (--cold) the caches are flushed before
+    multi-threaded item (onnxruntime's or the kernels' pool) a short pause lets its spinning
+    workers stop, so they do not steal the second core from the next item. With `flush` (--cold) the caches are flushed before
     every timed call instead of re-warmed. An item whose namesake at another thread count took
     longer than skip_s for its first call is skipped (recorded with the reason)."""
     live, first_ns = [], {}
@@ -560,8 +560,8 @@ def time_items(items: list[Item], repeats: int, budget_s: float, min_repeats: in
                     t0 = time.perf_counter_ns()
                     it.fn()
                     it.samples.append(time.perf_counter_ns() - t0)
-                if it.meta.get("kind") == "ort" and it.meta.get("threads", 1) > 1:
-                    time.sleep(spin_gap_s)  # let onnxruntime's spinning workers go idle first
+                if it.meta.get("threads", 1) > 1:
+                    time.sleep(spin_gap_s)  # let spinning pool workers (ORT's, ours) go idle first
             except Exception as e:
                 it.reason = _fmt_err(e)
                 it.samples.clear()

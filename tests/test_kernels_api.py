@@ -103,6 +103,44 @@ def test_threads_give_identical_results():
     assert np.array_equal(w.matmul_f32(x, threads=1), w.matmul_f32(x, threads=2))
 
 
+def test_thread_pool_concurrent_callers_and_fork():
+    """The persistent pool (kernels/src/pool.c): Python threads calling at once (ctypes drops the
+    GIL, so the calls overlap; a caller that finds the pool busy runs single-threaded), thread
+    counts changing between calls, and a forked child that must build its own pool."""
+    import os
+    import threading
+
+    layer = make_layer("int", 4, 9 * 64 + 5, 300)
+    w = K.PackedWeights.from_layer(layer)
+    xq = RNG.integers(-127, 128, size=(6, 300)).astype(np.int8)
+    want = reference_i8(layer, xq)
+    bad = []
+
+    def caller(seed):
+        for i in range(30):
+            got = w.matmul_i8_raw(xq, threads=(2, 3, 1, 8, 5)[(seed + i) % 5])
+            if not (np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])):
+                bad.append((seed, i))
+
+    ts = [threading.Thread(target=caller, args=(s,)) for s in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not bad
+    pid = os.fork()
+    if pid == 0:  # child: no workers survive the fork; a 3-thread call must still work
+        ok = False
+        try:
+            got = w.matmul_i8_raw(xq, threads=3)
+            ok = np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert np.array_equal(w.matmul_i8_raw(xq, threads=2)[0], want[0])
+
+
 def test_quantizers_match_numpy():
     x = RNG.standard_normal((9, 300)).astype(np.float32) * 3
     x[3] = 0.0

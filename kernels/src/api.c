@@ -1,9 +1,8 @@
 /* api.c — the ABI of spfq_kernels.h: argument checks, owned weight copies, ISA dispatch,
- * threads over output rows, the float epilogue of integer kernels, activation quantisers.
+ * threads over output rows (on the pool of pool.c), the float epilogue of integer kernels, activation quantisers.
  * Kernels themselves live in the family files (binary*.c, intb*.c). */
 #define _GNU_SOURCE
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -157,42 +156,29 @@ void spfq_free(spfq_prepared *p) {
 typedef struct {
     spfq_range_fn fn;
     const spfq_job *job;
-    int32_t n0, n1;
     void (*after)(const spfq_job *, int32_t, int32_t, void *);
     void *after_ctx;
-} slice;
+} task;
 
-static void *run_slice(void *arg) {
-    slice *s = arg;
-    if (s->n0 < s->n1) {
-        s->fn(s->job, s->n0, s->n1);
-        if (s->after) s->after(s->job, s->n0, s->n1, s->after_ctx);
-    }
-    return NULL;
+/* Slice t of nt: whole 64-row blocks (re-binarised output words are never shared), then the
+ * epilogue on the same rows while they are hot. */
+static void run_slice(void *arg, int32_t t, int32_t nt) {
+    const task *s = arg;
+    const int32_t N = s->job->w->d.n, blocks = (N + 63) / 64;
+    const int32_t b0 = (int32_t)((int64_t)blocks * t / nt), b1 = (int32_t)((int64_t)blocks * (t + 1) / nt);
+    const int32_t n0 = b0 * 64, n1 = b1 * 64 < N ? b1 * 64 : N;
+    if (n0 >= n1) return;
+    s->fn(s->job, n0, n1);
+    if (s->after) s->after(s->job, n0, n1, s->after_ctx);
 }
 
-/* Split [0, N) into nthreads chunks of whole 64-row blocks; run fn then after on each. */
+/* Split [0, N) into up to nthreads slices on the persistent pool (pool.c). */
 static int parallel(spfq_range_fn fn, const spfq_job *job, int32_t nthreads,
                     void (*after)(const spfq_job *, int32_t, int32_t, void *), void *ctx) {
-    int32_t N = job->w->d.n;
-    int32_t blocks = (N + 63) / 64;
-    if (nthreads < 1) nthreads = 1;
+    const int32_t blocks = (job->w->d.n + 63) / 64;
     if (nthreads > blocks) nthreads = blocks;
-    if (nthreads > 64) nthreads = 64;
-    slice s[64];
-    pthread_t tid[64];
-    for (int32_t t = 0; t < nthreads; t++) {
-        int32_t b0 = (int32_t)((int64_t)blocks * t / nthreads), b1 = (int32_t)((int64_t)blocks * (t + 1) / nthreads);
-        s[t] = (slice){fn, job, b0 * 64, b1 * 64 < N ? b1 * 64 : N, after, ctx};
-    }
-    int32_t started = 0;
-    for (int32_t t = 1; t < nthreads; t++) {
-        if (pthread_create(&tid[t], NULL, run_slice, &s[t]) != 0) break;
-        started = t;
-    }
-    run_slice(&s[0]);
-    for (int32_t t = started + 1; t < nthreads; t++) run_slice(&s[t]); /* threads that failed to start */
-    for (int32_t t = 1; t <= started; t++) pthread_join(tid[t], NULL);
+    task s = {fn, job, after, ctx};
+    spfq_pool_run(nthreads, run_slice, &s);
     return SPFQ_OK;
 }
 

@@ -1,8 +1,8 @@
 /* internal.h — what the per-ISA kernel files and api.c share (not part of the ABI).
  *
  * A kernel is a "range function": it computes output rows [n0, n1) for all M activation rows.
- * api.c splits N over threads (chunks are multiples of 64 rows so re-binarised output words are
- * never shared between threads), applies the float epilogue of integer kernels, and picks the
+ * api.c splits N over threads of the pool in pool.c (chunks are multiples of 64 rows so
+ * re-binarised output words are never shared between threads), applies the float epilogue of integer kernels, and picks the
  * ISA table. A NULL entry in an ISA table falls back to the portable C table.
  */
 #ifndef SPFQ_INTERNAL_H
@@ -59,5 +59,13 @@ SPFQ_DECLARE_ISA(c)
 SPFQ_DECLARE_ISA(avx2)
 SPFQ_DECLARE_ISA(avx512)
 SPFQ_DECLARE_ISA(neon)
+
+/* pool.c: the persistent worker pool. spfq_pool_run calls fn(ctx, t, nt) for t in [0, nt) (t = 0
+ * on the calling thread) and returns nt <= min(nthreads, SPFQ_POOL_MAX); nt is 1 when the pool is
+ * busy with another host thread's task. spfq_pool_workers: workers started so far (-1 if busy). */
+#define SPFQ_POOL_MAX 64
+typedef void (*spfq_pool_fn)(void *ctx, int32_t t, int32_t nt);
+int32_t spfq_pool_run(int32_t nthreads, spfq_pool_fn fn, void *ctx);
+int32_t spfq_pool_workers(void);
 
 #endif /* SPFQ_INTERNAL_H */

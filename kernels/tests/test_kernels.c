@@ -7,8 +7,13 @@
  * a naive reference from those codes (int64 sums, double floats) and checks spfq_matmul_i8_raw
  * (bit-exact), spfq_matmul_i8 and spfq_matmul_f32 (within summation-order tolerance) and, for
  * SIGN, spfq_bgemm (dot exact, y, re-binarised bits) for every ISA the build and CPU have and 1
- * and 2 threads; spfq_quantize_i8 and spfq_binarize against the header's formulas.
+ * and 2 threads (SPFQ_TEST_THREADS); spfq_quantize_i8 and spfq_binarize against the header's formulas.
  * Activation buffers end at a PROT_NONE page, so a kernel reading past K faults.
+ * The thread pool (check_pool): thread counts 1..9, 64 and 100 on N = 9 blocks + 5 rows, the
+ * thread count changing from call to call, four host threads calling at once (pool busy: the
+ * others run single-threaded), and a fork() child that recreates the pool (unless
+ * SPFQ_TEST_FORK_THREADS=0); every result bit-exact against the naive reference. SPFQ_TEST_THREADS=1,2,4 sets the thread counts of the
+ * per-shape checks (default 1,2).
  *
  * Prints "N passed, M failed" as its last line; exit status 1 on any failure.
  * Environment: SPFQ_TEST_ISAS=c,neon (default: every ISA spfq_set_isa accepts),
@@ -16,12 +21,14 @@
  */
 #define _GNU_SOURCE
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -485,6 +492,107 @@ static void check_rejects(void) {
     report(spfq_abi_version() == SPFQ_ABI_VERSION, "spfq_abi_version() = %d", spfq_abi_version());
 }
 
+/* ------------------------------------------------------------------ thread pool */
+
+/* Workers started so far (pool.c, internal; -1 while a task runs). */
+int32_t spfq_pool_workers(void);
+
+typedef struct {
+    spfq_prepared *p;
+    int m, n, k, two;
+    const int8_t *xq;
+    const int64_t *rc, *rs; /* naive reference sums (M, N) */
+} pool_case;
+
+/* One spfq_matmul_i8_raw call at `threads`, compared with the reference; returns 1 if exact. */
+static int pool_call(const pool_case *pc, int threads) {
+    const size_t cells = (size_t)pc->m * pc->n;
+    int32_t *ac = malloc(cells * 4), *as = malloc(cells * 4);
+    if (!ac || !as) { free(ac); free(as); return 0; }
+    memset(ac, 0x7f, cells * 4);
+    memset(as, 0x7f, cells * 4);
+    int ok = spfq_matmul_i8_raw(pc->p, pc->m, pc->xq, ac, as, threads) == SPFQ_OK;
+    for (size_t i = 0; i < cells && ok; i++)
+        ok = as[i] == pc->rs[i] && ac[i] == (pc->two ? pc->rc[i] : pc->rs[i]);
+    free(ac); free(as);
+    return ok;
+}
+
+typedef struct { const pool_case *pc; int seed, calls, bad; } host_arg;
+
+static void *host_thread(void *arg) {
+    host_arg *h = arg;
+    static const int th[] = {2, 3, 1, 8, 2, 5};
+    for (int i = 0; i < h->calls; i++)
+        if (!pool_call(h->pc, th[(h->seed + i) % 6])) h->bad++;
+    return NULL;
+}
+
+static void check_pool(const char *isa) {
+    spfq_set_isa(isa);
+    /* SPFQ_TEST_FORK_THREADS=0: the forked child stays single-threaded (run_arm64.sh sets it: in
+     * qemu-aarch64 7.2 a child forked from a process with a live second thread aborts in
+     * cpu_exec when it creates a thread, with or without this library) */
+    const char *fe = getenv("SPFQ_TEST_FORK_THREADS");
+    const int fork_threads = !(fe && *fe == '0');
+    const int layouts[2] = {SPFQ_SIGN, SPFQ_PLANES};
+    for (int li = 0; li < 2; li++) {
+        wcase c;
+        const int n = 9 * 64 + 5, k = 200, m = 3;
+        make_case(&c, layouts[li], 4, n, k, 0.0, 0, 1);
+        spfq_prepared *p = prepare(&c);
+        if (!p) { free_case(&c); continue; }
+        int8_t *xq = xmalloc((size_t)m * k);
+        for (size_t i = 0; i < (size_t)m * k; i++) xq[i] = (int8_t)irand(-128, 127);
+        int64_t *rc = xmalloc((size_t)m * n * 8), *rs = xmalloc((size_t)m * n * 8);
+        for (int i = 0; i < m; i++)
+            for (int r = 0; r < n; r++) {
+                int64_t s4[4];
+                row_sums_i8(c.codes + (size_t)r * k, xq + (size_t)i * k, k, s4);
+                rc[(size_t)i * n + r] = s4[0];
+                rs[(size_t)i * n + r] = s4[1];
+            }
+        pool_case pc = {p, m, n, k, layouts[li] == SPFQ_PLANES, xq, rc, rs};
+        const char *ln = layout_name(layouts[li]);
+        /* thread counts up and down (more threads than blocks / than SPFQ_POOL_MAX included) */
+        static const int ths[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 64, 100, 2, 1, 3, 0, -1};
+        for (size_t i = 0; i < sizeof ths / sizeof ths[0]; i++)
+            report(pool_call(&pc, ths[i]), "pool %s %s: threads %d", isa, ln, ths[i]);
+        const int workers = spfq_pool_workers();
+        report(workers >= 1 && workers <= 63, "pool %s %s: %d workers after up to 100 threads", isa, ln, workers);
+        /* four host threads at once */
+        pthread_t tid[4];
+        host_arg ha[4];
+        int started = 0;
+        for (int t = 0; t < 4; t++) {
+            ha[t] = (host_arg){&pc, t, 25, 0};
+            if (pthread_create(&tid[t], NULL, host_thread, &ha[t]) == 0) started++;
+            else break;
+        }
+        int bad = 0;
+        for (int t = 0; t < started; t++) {
+            pthread_join(tid[t], NULL);
+            bad += ha[t].bad;
+        }
+        report(started == 4 && bad == 0, "pool %s %s: 4 host threads: %d started, %d wrong results", isa, ln, started, bad);
+        /* fork: the child has no workers and must build its own pool */
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid == 0) { /* the pool is forgotten (no workers) and rebuilt on demand */
+            int ok = spfq_pool_workers() == 0 && pool_call(&pc, 1);
+            if (fork_threads) ok = ok && pool_call(&pc, 3) && pool_call(&pc, 2) && spfq_pool_workers() >= 1;
+            _exit(ok ? 0 : 1);
+        }
+        int status = 0;
+        report(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+               "pool %s %s: forked child (status %d)", isa, ln, status);
+        report(pool_call(&pc, 3) && pool_call(&pc, 2), "pool %s %s: parent after fork", isa, ln);
+        free(xq); free(rc); free(rs);
+        spfq_free(p);
+        free_case(&c);
+    }
+}
+
 /* ------------------------------------------------------------------ main */
 
 static const int KS[] = {1, 7, 63, 64, 65, 100, 257, 1000, 4096};
@@ -503,8 +611,22 @@ int main(void) {
     verbose = getenv("SPFQ_TEST_VERBOSE") && *getenv("SPFQ_TEST_VERBOSE") == '1';
 
     /* ISAs to test: SPFQ_TEST_ISAS or every one the library accepts here */
-    run_cfg cfgs[8];
+    run_cfg cfgs[32];
     int ncfg = 0;
+    /* thread counts of the per-shape checks: SPFQ_TEST_THREADS (default 1,2) */
+    int ths[8] = {1, 2}, nth = 2;
+    const char *tenv = getenv("SPFQ_TEST_THREADS");
+    if (tenv && *tenv) {
+        nth = 0;
+        for (const char *q = tenv; *q && nth < 8;) {
+            char *end;
+            long v = strtol(q, &end, 10);
+            if (end == q) break;
+            ths[nth++] = (int)v;
+            q = *end == ',' ? end + 1 : end;
+        }
+        if (!nth) ths[nth++] = 1;
+    }
     char isas[64] = "";
     const char *want = getenv("SPFQ_TEST_ISAS");
     static const char *all[] = {"c", "avx2", "avx512", "neon"};
@@ -518,7 +640,7 @@ int main(void) {
             report(spfq_set_isa(all[i]) == SPFQ_OK, "SPFQ_TEST_ISAS names %s, which this build / CPU lacks", all[i]);
         }
         if (spfq_set_isa(all[i]) != SPFQ_OK) continue;
-        for (int th = 1; th <= 2; th++) cfgs[ncfg++] = (run_cfg){all[i], th};
+        for (int t = 0; t < nth && ncfg < (int)(sizeof cfgs / sizeof cfgs[0]); t++) cfgs[ncfg++] = (run_cfg){all[i], ths[t]};
         snprintf(isas + strlen(isas), sizeof isas - strlen(isas), "%s%s", *isas ? "," : "", all[i]);
     }
 #if defined(__aarch64__)
@@ -527,6 +649,8 @@ int main(void) {
     report(spfq_set_isa("auto") == SPFQ_OK, "spfq_set_isa(auto)");
 
     check_rejects();
+    for (int t = 0; t < ncfg; t++)
+        if (t == 0 || strcmp(cfgs[t].isa, cfgs[t - 1].isa)) check_pool(cfgs[t].isa);
     for (int a = 0; a < LEN(KS); a++)
         for (int b = 0; b < LEN(MS); b++) check_quantisers(MS[b], KS[a]);
 
@@ -570,7 +694,10 @@ int main(void) {
             }
         }
 
-    printf("test_kernels: isa %s, threads 1 and 2, %ld weight cases, %.1f s\n", isas, cases, now() - t0);
+    char thl[64] = "";
+    for (int t = 0; t < nth; t++) snprintf(thl + strlen(thl), sizeof thl - strlen(thl), "%s%d", t ? "," : "", ths[t]);
+    printf("test_kernels: isa %s, threads %s (pool: 1..9, 64, 100, 4 host threads, fork), %ld weight cases, %.1f s\n",
+           isas, thl, cases, now() - t0);
     printf("%ld passed, %ld failed\n", n_passed, n_failed);
     return n_failed ? 1 : 0;
 }

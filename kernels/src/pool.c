@@ -1,0 +1,244 @@
+/* pool.c — the persistent worker pool behind the nthreads argument of every kernel call.
+ *
+ * spfq_pool_run(nthreads, fn, ctx) runs fn(ctx, t, nt) for t = 0 .. nt-1 and returns nt: slice
+ * 0 on the calling thread, slices 1 .. nt-1 on pool workers. nt = nthreads (capped at
+ * SPFQ_POOL_MAX) unless the pool is busy or a worker could not be started (then fewer, down to 1:
+ * the caller does the whole range itself; results never depend on nt).
+ *
+ * - Lazy: no thread exists until the first call with nthreads >= 2; workers are added when a
+ *   call asks for more than exist, and are kept (a later call with fewer threads leaves the
+ *   extra ones idle).
+ * - Hand-off: the caller publishes a ticket (generation << 8 | nt) with one atomic store;
+ *   workers spin on it (pause / yield) for SPFQ_SPIN_US microseconds (default 100; 0 = never
+ *   spin) after their last task, then block on a condition variable; the caller waits for the
+ *   workers' countdown the same way (spin, then block). Back-to-back calls therefore cost two
+ *   cache-line transfers, not a thread creation (the previous version created and joined
+ *   threads on every call: ~30-60 us and a fresh scheduling decision each time). Lost wake-ups
+ *   are excluded by seq_cst ordering (ticket store / sleeper count load against sleeper count
+ *   increment / ticket load, the latter under the mutex that the waker also takes).
+ * - Two host threads at once: one task runs at a time (a mutex, taken with trylock); a caller
+ *   that finds the pool busy does not wait for it but runs its whole range single-threaded
+ *   (nt = 1). So concurrent callers never block each other and never oversubscribe the cores;
+ *   the price is that the second caller gets one thread. Calls from pool workers cannot happen
+ *   (kernels do not call back).
+ * - fork: a pthread_atfork handler (registered when the pool is created) takes the task mutex
+ *   before fork (so no task is in flight), releases it in the parent, and in the child forgets
+ *   the pool (its workers do not exist there; the old bookkeeping is leaked, never touched):
+ *   the child's first multi-threaded call creates a fresh pool.
+ * - Teardown: a library destructor (process exit or dlclose of the library) stops and joins
+ *   the workers, unless a task is running at that moment (then they are left as they are).
+ *   Workers block every signal, so they never run a host's signal handlers.
+ * Plain C11 atomics and pthreads; no other dependency.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "internal.h"
+
+typedef struct pool pool_t;
+
+typedef struct {
+    pool_t *p;
+    int32_t idx;      /* slice index this worker runs (1 ..) */
+    uint64_t ticket;  /* the ticket current when it was created */
+} worker_arg;
+
+struct pool {
+    pthread_mutex_t lock;  /* only for blocking waits (wake / done) */
+    pthread_cond_t wake, done;
+    _Atomic uint64_t ticket;   /* (generation << 8) | nt of the current task; nt = 0: stop */
+    _Atomic int32_t remaining; /* workers of the current task still running */
+    _Atomic int32_t sleepers;  /* workers blocked on wake */
+    _Atomic int32_t caller_asleep;
+    spfq_pool_fn fn;           /* the current task, written before its ticket is published */
+    void *ctx;
+    int32_t nworkers;          /* workers 1 .. nworkers exist */
+    pthread_t tid[SPFQ_POOL_MAX];
+    worker_arg arg[SPFQ_POOL_MAX];
+};
+
+static pthread_mutex_t task_lock = PTHREAD_MUTEX_INITIALIZER; /* one task at a time; guards `pool` */
+static pool_t *pool;
+static long spin_ns;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+    __asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long)t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* Spin until *v != old (ticket wait) for up to spin_ns; returns the last value seen. */
+static uint64_t spin_ticket(_Atomic uint64_t *v, uint64_t old) {
+    uint64_t t = atomic_load_explicit(v, memory_order_acquire);
+    if (t != old || spin_ns <= 0) return t;
+    const long end = now_ns() + spin_ns;
+    for (unsigned i = 1;; i++) {
+        cpu_relax();
+        t = atomic_load_explicit(v, memory_order_acquire);
+        if (t != old || ((i & 63) == 0 && now_ns() > end)) return t;
+    }
+}
+
+static void *worker(void *arg) {
+    const worker_arg *a = arg;
+    pool_t *p = a->p;
+    const int32_t me = a->idx;
+    uint64_t seen = a->ticket;
+    for (;;) {
+        uint64_t t = spin_ticket(&p->ticket, seen);
+        if (t == seen) { /* block until the next ticket */
+            pthread_mutex_lock(&p->lock);
+            atomic_fetch_add(&p->sleepers, 1);
+            while ((t = atomic_load(&p->ticket)) == seen) pthread_cond_wait(&p->wake, &p->lock);
+            atomic_fetch_sub(&p->sleepers, 1);
+            pthread_mutex_unlock(&p->lock);
+        }
+        seen = t;
+        const int32_t nt = (int32_t)(t & 0xff);
+        if (nt == 0) break; /* stop */
+        if (me >= nt) continue; /* not part of this task */
+        p->fn(p->ctx, me, nt);
+        if (atomic_fetch_sub(&p->remaining, 1) == 1 && atomic_load(&p->caller_asleep)) {
+            pthread_mutex_lock(&p->lock);
+            pthread_cond_signal(&p->done);
+            pthread_mutex_unlock(&p->lock);
+        }
+    }
+    return NULL;
+}
+
+/* Publish a ticket and wake blocked workers. Caller holds task_lock. */
+static void publish(pool_t *p, int32_t nt) {
+    const uint64_t gen = (atomic_load_explicit(&p->ticket, memory_order_relaxed) >> 8) + 1;
+    atomic_store(&p->ticket, (gen << 8) | (uint64_t)nt);
+    if (atomic_load(&p->sleepers) > 0) {
+        pthread_mutex_lock(&p->lock);
+        pthread_cond_broadcast(&p->wake);
+        pthread_mutex_unlock(&p->lock);
+    }
+}
+
+static void fork_prepare(void) { pthread_mutex_lock(&task_lock); }
+static void fork_parent(void) { pthread_mutex_unlock(&task_lock); }
+static void fork_child(void) {
+    pool = NULL; /* the workers stayed in the parent; the old struct is leaked, not touched */
+    pthread_mutex_init(&task_lock, NULL);
+}
+
+static void init_once(void) {
+    const char *e = getenv("SPFQ_SPIN_US");
+    long us = 100;
+    if (e && *e) {
+        char *end;
+        long v = strtol(e, &end, 10);
+        if (*end == '\0' && v >= 0 && v <= 1000000) us = v;
+    }
+    spin_ns = us * 1000L;
+    pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
+
+static pool_t *pool_create(void) {
+    pool_t *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    if (pthread_mutex_init(&p->lock, NULL)) { free(p); return NULL; }
+    if (pthread_cond_init(&p->wake, NULL)) { pthread_mutex_destroy(&p->lock); free(p); return NULL; }
+    if (pthread_cond_init(&p->done, NULL)) {
+        pthread_cond_destroy(&p->wake);
+        pthread_mutex_destroy(&p->lock);
+        free(p);
+        return NULL;
+    }
+    atomic_init(&p->ticket, (uint64_t)1 << 8);
+    return p;
+}
+
+/* Start worker nworkers + 1 (signals blocked in it). Caller holds task_lock, no task running. */
+static int start_worker(pool_t *p) {
+    const int32_t i = p->nworkers + 1;
+    if (i >= SPFQ_POOL_MAX) return 0;
+    p->arg[i] = (worker_arg){p, i, atomic_load(&p->ticket)};
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    const int rc = pthread_create(&p->tid[i], NULL, worker, &p->arg[i]);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) return 0;
+    p->nworkers = i;
+    return 1;
+}
+
+int32_t spfq_pool_run(int32_t nthreads, spfq_pool_fn fn, void *ctx) {
+    if (nthreads > SPFQ_POOL_MAX) nthreads = SPFQ_POOL_MAX;
+    if (nthreads <= 1 || pthread_mutex_trylock(&task_lock) != 0) {
+        fn(ctx, 0, 1);
+        return 1;
+    }
+    pthread_once(&once, init_once);
+    if (!pool) pool = pool_create();
+    pool_t *p = pool;
+    while (p && p->nworkers < nthreads - 1 && start_worker(p)) {}
+    const int32_t nt = !p ? 1 : nthreads < p->nworkers + 1 ? nthreads : p->nworkers + 1;
+    if (nt <= 1) {
+        pthread_mutex_unlock(&task_lock);
+        fn(ctx, 0, 1);
+        return 1;
+    }
+    p->fn = fn;
+    p->ctx = ctx;
+    atomic_store(&p->remaining, nt - 1);
+    publish(p, nt);
+    fn(ctx, 0, nt);
+    /* wait for the workers: spin, then block */
+    if (spin_ns > 0 && atomic_load_explicit(&p->remaining, memory_order_acquire) != 0) {
+        const long end = now_ns() + spin_ns;
+        for (unsigned i = 1; atomic_load_explicit(&p->remaining, memory_order_acquire) != 0; i++) {
+            cpu_relax();
+            if ((i & 63) == 0 && now_ns() > end) break;
+        }
+    }
+    if (atomic_load(&p->remaining) != 0) {
+        pthread_mutex_lock(&p->lock);
+        atomic_store(&p->caller_asleep, 1);
+        while (atomic_load(&p->remaining) != 0) pthread_cond_wait(&p->done, &p->lock);
+        atomic_store(&p->caller_asleep, 0);
+        pthread_mutex_unlock(&p->lock);
+    }
+    pthread_mutex_unlock(&task_lock);
+    return nt;
+}
+
+int32_t spfq_pool_workers(void) {
+    if (pthread_mutex_trylock(&task_lock) != 0) return -1;
+    const int32_t n = pool ? pool->nworkers : 0;
+    pthread_mutex_unlock(&task_lock);
+    return n;
+}
+
+/* Stop and join the workers (library unload / process exit); skipped while a task runs. */
+__attribute__((destructor)) static void pool_teardown(void) {
+    if (pthread_mutex_trylock(&task_lock) != 0) return;
+    pool_t *p = pool;
+    if (p) {
+        publish(p, 0);
+        for (int32_t i = 1; i <= p->nworkers; i++) pthread_join(p->tid[i], NULL);
+        pthread_cond_destroy(&p->wake);
+        pthread_cond_destroy(&p->done);
+        pthread_mutex_destroy(&p->lock);
+        free(p);
+        pool = NULL;
+    }
+    pthread_mutex_unlock(&task_lock);
+}
