@@ -1,6 +1,8 @@
 """AVX-512 int b-bit kernels (kernels/src/intb_avx512.c) for PLANES and SPARSE, int8
 activations, tested directly through their range functions against the portable oracle
-(kernels/src/intb.c) and an independent numpy int64 reference, bit-exactly.
+(kernels/src/intb.c) and an independent numpy int64 reference, bit-exactly. PLANES twice: from
+the bit planes, and from the prepare-time repack (spfq_planes_repack, used when only acc_c is
+wanted).
 
 intb.c and intb_avx512.c are compiled into a throw-away shared library and called through
 ctypes, reusing the ctypes mirror and input builders of tests/test_kernels_intb.py. Skipped where
@@ -42,7 +44,31 @@ def lib(tmp_path_factory):
             fn = getattr(so, f"spfq_{name}_{isa}")
             fn.argtypes = [C.POINTER(Job), C.c_int32, C.c_int32]
             fn.restype = None
+    so.spfq_planes_repack.argtypes = [C.c_void_p]
+    so.spfq_planes_repack.restype = C.c_int
     return so
+
+
+_libc = C.CDLL(None)
+_libc.free.argtypes = [C.c_void_p]
+
+
+def check_repacked(p, lib, xq, ranges=None):
+    """acc_c from the repacked codes (acc_s NULL selects that path) == numpy, exactly; the
+    plane-decoding path (acc_s wanted) is unchanged by the repack."""
+    assert lib.spfq_planes_repack(C.addressof(p.prep)) == 0 and p.prep.rp
+    try:
+        acc_c, acc_s = p.run_i8(lib, "avx512", xq, ranges, want_s=False)
+        rc, _ = ref_i8(p.layer.codes, xq)
+        np.testing.assert_array_equal(acc_c, rc.astype(np.int32))
+        assert (acc_s == 0x5A5A5A5A).all()
+        a = p.run_i8(lib, "avx512", xq, ranges)
+        c = p.run_i8(lib, "c", xq, ranges)
+        np.testing.assert_array_equal(a[0], c[0])
+        np.testing.assert_array_equal(a[1], c[1])
+    finally:
+        _libc.free(p.prep.rp)
+        p.prep.rp = None
 
 
 def check_vs_c(p, lib, xq, ranges=None):
@@ -75,6 +101,43 @@ def test_planes_i8(lib, b, K, N, M):
     rng = np.random.default_rng(1000 * b + K + 7 * N + M)
     p = Packed(make_layer(make_codes(rng, b, N, K), b, rng), "planes")
     check_vs_c(p, lib, rng.integers(-128, 128, size=(M, K)).astype(np.int8))
+
+
+@pytest.mark.parametrize("b,K,N,M", sweep() + [(2, 4096, 200, 1), (4, 4096, 130, 6), (3, 16400, 65, 2),
+                                          (8, 40000, 17, 1), (4, 300, 300, 9)])
+def test_planes_i8_repacked(lib, b, K, N, M):
+    rng = np.random.default_rng(3000 * b + K + 7 * N + M)
+    p = Packed(make_layer(make_codes(rng, b, N, K), b, rng), "planes")
+    xq = rng.integers(-128, 128, size=(M, K)).astype(np.int8)
+    check_repacked(p, lib, xq)
+    if N > 70:  # ranges that do not start on a 64-row tile
+        check_repacked(p, lib, xq, [(0, 5), (5, 70), (70, N)])
+
+
+@pytest.mark.parametrize("b", BITS)
+@pytest.mark.parametrize("xval", (-128, 127))
+def test_planes_repacked_extremes(lib, b, xval):
+    """Extreme codes, raw bit patterns (u = 0 included) and constant extreme activations over
+    K long enough to need the chunked int32 partial sums (> 16384 columns)."""
+    rng = np.random.default_rng(70 + b)
+    Kmax = 2 ** (b - 1) - 1
+    for K in (256, 4099, 33000):
+        codes = np.full((5, K), Kmax, dtype=np.int8)
+        codes[1] = -Kmax
+        codes[2, ::2] = -Kmax
+        p = Packed(make_layer(codes, b, rng), "planes")
+        p.planes[:, 3:] = rng.integers(0, 2**63, size=p.planes[:, 3:].shape, dtype=np.uint64) * np.uint64(2) \
+            + rng.integers(0, 2, size=p.planes[:, 3:].shape, dtype=np.uint64)
+        p.planes[:, 4] = np.uint64(0)  # u = 0: c = -2^(b-1), a code the packer never writes
+        if K % 64:
+            p.planes[:, :, -1] &= np.uint64((1 << (K % 64)) - 1)
+        u = np.zeros((5, K), np.int64)  # the codes the planes now hold
+        for q in range(b):
+            bits = np.unpackbits(p.planes[q].view(np.uint8), axis=1, bitorder="little")[:, :K]
+            u |= bits.astype(np.int64) << q
+        p.layer.codes = (u - 2 ** (b - 1)).astype(np.int8)
+        for M in (1, 5):
+            check_repacked(p, lib, np.full((M, K), xval, dtype=np.int8))
 
 
 @pytest.mark.parametrize("b,K,N,M", sweep())

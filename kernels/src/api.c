@@ -140,6 +140,10 @@ int spfq_prepare(const spfq_weights_desc *w, spfq_prepared **out) {
         p->d.lam = NULL;
     }
     if (fail) { spfq_free(p); return SPFQ_ENOMEM; }
+#if defined(__x86_64__)
+    /* kernel-private interleaved codes for the AVX-512 int8 GEMMs (failure: they decode planes) */
+    if (w->layout == SPFQ_PLANES && cpu_has("avx512")) spfq_planes_repack(p);
+#endif
     *out = p;
     return SPFQ_OK;
 }
@@ -148,6 +152,7 @@ void spfq_free(spfq_prepared *p) {
     if (!p) return;
     free(p->sign); free(p->mask); free(p->planes);
     free(p->scale); free(p->lam); free(p->bias);
+    free(p->rp);
     free(p);
 }
 

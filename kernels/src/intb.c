@@ -22,6 +22,8 @@
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -152,3 +154,41 @@ void spfq_planes_f32_c(const spfq_job *j, int32_t n0, int32_t n1) { run_f32(j, n
 void spfq_planes_i8_c(const spfq_job *j, int32_t n0, int32_t n1) { run_i8(j, n0, n1, 0); }
 void spfq_sparse_f32_c(const spfq_job *j, int32_t n0, int32_t n1) { run_f32(j, n0, n1, 1); }
 void spfq_sparse_i8_c(const spfq_job *j, int32_t n0, int32_t n1) { run_i8(j, n0, n1, 1); }
+
+/* ------------------------------------------------------------------ prepare-time repack */
+
+/* The RP layout of internal.h, built from the planes (portable; read by intb_avx512.c). */
+int spfq_planes_repack(spfq_prepared *w)
+{
+    w->rp = NULL;
+    w->rp_cb = w->rp_steps = 0;
+    const spfq_weights_desc *d = &w->d;
+    if (d->layout != SPFQ_PLANES || d->bits < 2 || d->bits > 8) return SPFQ_OK;
+    const int b = d->bits, cb = b <= 2 ? 2 : b <= 4 ? 4 : 8, kstep = 4 * (8 / cb);
+    const int32_t N = d->n, K = d->k;
+    const size_t W = (size_t)w->words, plane_stride = (size_t)N * W;
+    const size_t steps = ((size_t)K + (size_t)kstep - 1) / (size_t)kstep, tiles = ((size_t)N + 63) / 64;
+    const size_t bytes = tiles * steps * 256;
+    uint8_t *rp = aligned_alloc(64, bytes);
+    if (!rp) return SPFQ_ENOMEM;
+    memset(rp, 0, bytes);
+    for (int32_t n = 0; n < N; n++) {
+        const size_t t = (size_t)n / 64, g = (size_t)(n % 64) / 16, lane = (size_t)(n % 16);
+        uint8_t *row = rp + (t * steps * 4 + g) * 64 + 4 * lane; /* + step * 256 + i */
+        for (int32_t word = 0; word < (int32_t)W; word++) {
+            uint64_t pl[8];
+            for (int p = 0; p < b; p++) pl[p] = d->planes[(size_t)p * plane_stride + (size_t)n * W + (size_t)word];
+            const int32_t kend = K - word * 64 < 64 ? K - word * 64 : 64;
+            for (int32_t j = 0; j < kend; j++) {
+                unsigned u = 0;
+                for (int p = 0; p < b; p++) u |= (unsigned)((pl[p] >> j) & 1u) << p;
+                const int32_t k = word * 64 + j, r = k % kstep;
+                row[(size_t)(k / kstep) * 256 + (size_t)(r % 4)] |= (uint8_t)(u << ((r / 4) * cb));
+            }
+        }
+    }
+    w->rp = rp;
+    w->rp_cb = cb;
+    w->rp_steps = (int32_t)steps;
+    return SPFQ_OK;
+}

@@ -22,6 +22,25 @@
  * single rows alternate two accumulator sets over words to hide the vpdpbusd latency; 4-row
  * chunks without sign sums take two output rows per pass (halves the activation loads).
  *
+ * PLANES from the prepare-time repack (used whenever only acc_c is wanted, i.e. spfq_matmul_i8
+ * without lam, and w->rp exists; acc_s requests take the plane-decoding path above). Method:
+ * offset codes u interleaved across 16 rows (layout "RP" in internal.h, built once by
+ * spfq_planes_repack): a 64-byte vector is 16 rows x 4 columns per field, one int32 lane per
+ * output row, so one vpdpbusd against 4 broadcast activation bytes (vpbroadcastd from memory)
+ * is 64 MACs and the accumulators need no horizontal reduction. Fields are not shifted out:
+ * field f is isolated in place by one vpand (u << f*rp_cb, still a u8: <= 192 for b = 2, <= 240
+ * for b = 3..4; b = 5..8 are whole bytes, no vpand), its sum is a multiple of 2^(f*rp_cb) and
+ * is shifted back exactly (vpsrad) every 16384 columns, which also bounds the int32 partial
+ * sums (|sum| <= 16384 * 255 * 128 < 2^31). So 2 ops (vpand + vpdpbusd) per 64 weights at
+ * b = 2..4 instead of the ~4-6 decode ops of the plane path, and no per-call decoding: 4-bit
+ * 4096 x 4096 M = 1 0.235 -> 0.10 ms, 2-bit 0.19 -> 0.058 ms (single thread, this machine).
+ * Why not T-MAC-style lookup tables: with VNNI a table lookup (vpshufb / vpermb) plus its
+ * accumulate costs at least as many ops per weight as vpand + vpdpbusd, and the tables must be
+ * rebuilt per activation row; the repacked dot product is already near the memory roofline.
+ * Tiles of 64 rows x MR (1..4) activation rows; with M = 1 all four 16-row groups run together
+ * (8 / 16 independent accumulators at b = 4 / 2 hide the vpdpbusd latency, one weight stream);
+ * activations are zero padded to whole steps per call (rows of K % kstep != 0 only).
+ *
  * SPARSE. Per row and mask word mw (compact position pos = set mask bits of the row's earlier
  * words, cnt = popcount(mw)), the 64 fields from pos on are rebuilt as bytes and placed at their
  * columns by vpexpandb (VBMI2), which is what AVX2 lacked (it deposits each plane with pdep):
@@ -620,6 +639,136 @@ static int cpu_ok(void)
            __builtin_cpu_supports("popcnt");
 }
 
+/* ------------------------------------------------------------------ repacked PLANES (RP) */
+
+/* acc += vpdpbusd(u (u8), x (s8)) in place (inline asm: GCC 12 copies the accumulator of the
+ * intrinsic on every call, as noted in binary_avx512.c). */
+INL TGT __m512i rp_dp(__m512i acc, __m512i u, __m512i x)
+{
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(x));
+    return acc;
+}
+
+#define RP_CHUNK 16384 /* columns per int32 partial sum (overflow bound in the header) */
+
+/* tot[a][g] (int32 lane = row (g0 + g) * 16 + lane of the tile) = sum_k u * x[a] over all steps.
+ * Field f of a byte is kept in place (u << f*CB, by one vpand) and its partial sum, a multiple
+ * of 2^(f*CB), is shifted back exactly at the end of each column chunk. */
+INL TGT void rp_block(const uint8_t *wt, int32_t S, const int8_t *x, size_t xstride, int g0,
+                      const int CB, const int MR, const int G, __m512i tot[4][4])
+{
+    const int F = 8 / CB, KSTEP = 4 * F;
+    const int32_t SCH = RP_CHUNK / KSTEP;
+    for (int a = 0; a < MR; a++)
+        for (int g = 0; g < G; g++) tot[a][g] = _mm512_setzero_si512();
+    for (int32_t s0 = 0; s0 < S; s0 += SCH) {
+        const int32_t s1 = S - s0 < SCH ? S : s0 + SCH;
+        __m512i acc[4][4][4];
+        for (int a = 0; a < MR; a++)
+            for (int g = 0; g < G; g++)
+                for (int f = 0; f < F; f++) acc[a][g][f] = _mm512_setzero_si512();
+        for (int32_t s = s0; s < s1; s++) {
+            __m512i wv[4];
+            for (int g = 0; g < G; g++) wv[g] = _mm512_load_si512(wt + ((size_t)s * 4 + (size_t)(g0 + g)) * 64);
+            for (int f = 0; f < F; f++) {
+                __m512i xb[4];
+                for (int a = 0; a < MR; a++) {
+                    int32_t v;
+                    memcpy(&v, x + (size_t)a * xstride + (size_t)s * KSTEP + 4 * f, 4);
+                    xb[a] = _mm512_set1_epi32(v);
+                }
+                for (int g = 0; g < G; g++) {
+                    const __m512i u = CB == 8 ? wv[g]
+                                    : _mm512_and_si512(wv[g], _mm512_set1_epi8((char)(((1 << CB) - 1) << (f * CB))));
+                    for (int a = 0; a < MR; a++) acc[a][g][f] = rp_dp(acc[a][g][f], u, xb[a]);
+                }
+            }
+        }
+        for (int a = 0; a < MR; a++)
+            for (int g = 0; g < G; g++)
+                for (int f = 0; f < F; f++)
+                    tot[a][g] = _mm512_add_epi32(tot[a][g], _mm512_srai_epi32(acc[a][g][f], f * CB));
+    }
+}
+
+/* groups of 16 rows per pass: at most 16 accumulators (MR * G * F), G in {1, 2, 4} */
+#define RP_G(CB, MR) ((16 / ((MR) * (8 / (CB)))) >= 4 ? 4 : (16 / ((MR) * (8 / (CB)))) >= 2 ? 2 : 1)
+
+/* One tile (64 rows from row t0) x MR activation rows: acc_c of rows [lo, hi). */
+INL TGT void rp_tile(const spfq_job *j, const uint8_t *wt, const int8_t *x, size_t xstride,
+                     const int32_t *xs, int32_t m, int32_t t0, int32_t lo, int32_t hi,
+                     const int CB, const int MR)
+{
+    const int G = RP_G(CB, MR);
+    const int32_t N = j->w->d.n, S = j->w->rp_steps, off = 1 << (j->w->d.bits - 1);
+    for (int g0 = 0; g0 < 4; g0 += G) {
+        const int32_t r0 = t0 + g0 * 16;
+        if (r0 >= hi || r0 + G * 16 <= lo) continue;
+        __m512i tot[4][4];
+        rp_block(wt, S, x, xstride, g0, CB, MR, G, tot);
+        for (int a = 0; a < MR; a++)
+            for (int g = 0; g < G; g++) {
+                const int32_t base = r0 + g * 16;
+                uint32_t keep = 0;
+                for (int l = 0; l < 16; l++) keep |= (uint32_t)(base + l >= lo && base + l < hi) << l;
+                if (!keep) continue;
+                const __m512i v = _mm512_sub_epi32(tot[a][g], _mm512_set1_epi32(off * xs[m + a]));
+                _mm512_mask_storeu_epi32(j->acc_c + (size_t)(m + a) * (size_t)N + base, (__mmask16)keep, v);
+            }
+    }
+}
+
+#define RP_TILE_FN(CB, MR)                                                                         \
+    __attribute__((noinline)) TGT static void rp_tile_##CB##_##MR(                                \
+        const spfq_job *j, const uint8_t *wt, const int8_t *x, size_t xs_, const int32_t *xs,      \
+        int32_t m, int32_t t0, int32_t lo, int32_t hi)                                             \
+    {                                                                                              \
+        rp_tile(j, wt, x, xs_, xs, m, t0, lo, hi, CB, MR);                                         \
+    }
+RP_TILE_FN(2, 1) RP_TILE_FN(2, 2) RP_TILE_FN(2, 3) RP_TILE_FN(2, 4)
+RP_TILE_FN(4, 1) RP_TILE_FN(4, 2) RP_TILE_FN(4, 3) RP_TILE_FN(4, 4)
+RP_TILE_FN(8, 1) RP_TILE_FN(8, 2) RP_TILE_FN(8, 3) RP_TILE_FN(8, 4)
+
+typedef void (*rp_tile_fn)(const spfq_job *, const uint8_t *, const int8_t *, size_t, const int32_t *,
+                           int32_t, int32_t, int32_t, int32_t);
+static const rp_tile_fn RP_TILES[3][4] = {
+    {rp_tile_2_1, rp_tile_2_2, rp_tile_2_3, rp_tile_2_4},
+    {rp_tile_4_1, rp_tile_4_2, rp_tile_4_3, rp_tile_4_4},
+    {rp_tile_8_1, rp_tile_8_2, rp_tile_8_3, rp_tile_8_4}};
+
+/* acc_c only (job->acc_s == NULL) from the RP codes; returns 0 if scratch could not be had. */
+TGT static int planes_rp(const spfq_job *j, int32_t n0, int32_t n1, const int32_t *xs)
+{
+    const spfq_prepared *w = j->w;
+    const int CB = w->rp_cb, KSTEP = 4 * (8 / CB);
+    const int32_t M = j->m, K = w->d.k, S = w->rp_steps;
+    const size_t Kp = (size_t)S * (size_t)KSTEP;
+    /* activations zero padded to whole steps (the broadcasts read 4 bytes at a time) */
+    const int8_t *x = j->xq;
+    int8_t *pad = NULL;
+    if (Kp != (size_t)K) {
+        pad = malloc((size_t)M * Kp);
+        if (!pad) return 0;
+        for (int32_t m = 0; m < M; m++) {
+            memcpy(pad + (size_t)m * Kp, j->xq + (size_t)m * (size_t)K, (size_t)K);
+            memset(pad + (size_t)m * Kp + K, 0, Kp - (size_t)K);
+        }
+        x = pad;
+    }
+    const rp_tile_fn *fns = RP_TILES[CB == 2 ? 0 : CB == 4 ? 1 : 2];
+    for (int32_t t = n0 / 64; t * 64 < n1; t++) {
+        const uint8_t *wt = w->rp + (size_t)t * (size_t)S * 256;
+        const int32_t lo = n0 > t * 64 ? n0 : t * 64, hi = n1 < t * 64 + 64 ? n1 : t * 64 + 64;
+        for (int32_t m = 0; m < M;) {
+            const int32_t mr = M - m >= 4 ? 4 : M - m;
+            fns[mr - 1](j, wt, x + (size_t)m * Kp, Kp, xs, m, t * 64, lo, hi);
+            m += mr;
+        }
+    }
+    free(pad);
+    return 1;
+}
+
 /* ------------------------------------------------------------------ range functions */
 
 void spfq_planes_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1)
@@ -637,6 +786,10 @@ void spfq_planes_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1)
         return;
     }
     row_sums(j->xq, j->m, j->w->d.k, xs);
+    if (!j->acc_s && j->acc_c && j->w->rp && planes_rp(j, n0, n1, xs)) {
+        if (xs != stackbuf) free(xs);
+        return;
+    }
     gf_tables t;
     const int gf = __builtin_cpu_supports("gfni") && !getenv_nogfni();
     if (gf) gf_tables_init(&t);

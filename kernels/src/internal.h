@@ -21,7 +21,22 @@ struct spfq_prepared {
     /* owned storage */
     uint64_t *sign, *mask, *planes;
     float *scale, *lam, *bias;
+    /* PLANES only, x86-64 only (NULL elsewhere or if the allocation failed): the same codes
+     * repacked once by spfq_planes_repack (intb.c) for the SIMD int8 GEMMs, layout "RP":
+     * offset codes u = c + 2^(b-1) in fields of rp_cb bits (2 for b = 2, 4 for b = 3..4, 8 for
+     * b = 5..8), F = 8 / rp_cb fields per byte, kstep = 4 F columns per step. Rows in tiles of
+     * 64 (4 groups of 16), columns in rp_steps = ceil(K / kstep) steps; byte
+     *   rp[((tile * rp_steps + step) * 4 + group) * 64 + 4 * lane + i]
+     * holds in bits [f * rp_cb, (f + 1) * rp_cb) the code of row tile * 64 + group * 16 + lane,
+     * column step * kstep + 4 f + i (0 past N or K). So a 64-byte vector is 16 rows x kstep
+     * columns: int32 lane = one row, its 4 bytes = 4 consecutive columns per field. */
+    uint8_t *rp;
+    int32_t rp_cb, rp_steps;
 };
+
+/* Fill w->rp / rp_cb / rp_steps for PLANES weights (intb.c). Returns SPFQ_OK or SPFQ_ENOMEM
+ * (then w->rp stays NULL and the kernels decode the planes instead). */
+int spfq_planes_repack(struct spfq_prepared *w);
 
 typedef struct {
     const struct spfq_prepared *w;
