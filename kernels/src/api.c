@@ -1,6 +1,7 @@
 /* api.c — the ABI of spfq_kernels.h: argument checks, owned weight copies, ISA dispatch,
- * threads over output rows (on the pool of pool.c), the float epilogue of integer kernels, activation quantisers.
- * Kernels themselves live in the family files (binary*.c, intb*.c). */
+ * threads over output rows (on the pool of pool.c), the float epilogue of integer kernels.
+ * Kernels themselves live in the family files (binary*.c, intb*.c), the activation quantisers
+ * in quant.c. */
 #define _GNU_SOURCE
 #include <math.h>
 #include <stdlib.h>
@@ -293,39 +294,4 @@ int spfq_bgemm(const spfq_prepared *w, int32_t m, const uint64_t *xbits, const f
     int rc = m ? parallel(fn, &job, nthreads, (y || ybits) ? bgemm_finish : NULL, &e) : SPFQ_OK;
     free(tmp);
     return rc;
-}
-
-/* ------------------------------------------------------------------ activation quantisers */
-
-int spfq_quantize_i8(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale) {
-    if (m < 0 || k <= 0 || !x || !xq || !xscale) return SPFQ_EINVAL;
-    for (int32_t r = 0; r < m; r++) {
-        const float *row = x + (size_t)r * k;
-        float amax = 0.0f;
-        for (int32_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(row[i]));
-        float s = amax / 127.0f;
-        xscale[r] = s;
-        for (int32_t i = 0; i < k; i++) {
-            float q = s > 0.0f ? roundf(row[i] / s) : 0.0f; /* roundf: half away from zero */
-            xq[(size_t)r * k + i] = (int8_t)(q > 127.0f ? 127 : q < -127.0f ? -127 : q);
-        }
-    }
-    return SPFQ_OK;
-}
-
-int spfq_binarize(int32_t m, int32_t k, const float *x, uint64_t *xbits, float *xscale) {
-    if (m < 0 || k <= 0 || !x || !xbits) return SPFQ_EINVAL;
-    int32_t W = SPFQ_WORDS(k);
-    for (int32_t r = 0; r < m; r++) {
-        const float *row = x + (size_t)r * k;
-        uint64_t *out = xbits + (size_t)r * W;
-        memset(out, 0, (size_t)W * 8);
-        double sum = 0.0;
-        for (int32_t i = 0; i < k; i++) {
-            sum += fabsf(row[i]);
-            if (row[i] < 0.0f) out[i / 64] |= 1ull << (i % 64);
-        }
-        if (xscale) xscale[r] = (float)(sum / k);
-    }
-    return SPFQ_OK;
 }

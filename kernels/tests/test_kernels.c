@@ -7,7 +7,8 @@
  * a naive reference from those codes (int64 sums, double floats) and checks spfq_matmul_i8_raw
  * (bit-exact), spfq_matmul_i8 and spfq_matmul_f32 (within summation-order tolerance) and, for
  * SIGN, spfq_bgemm (dot exact, y, re-binarised bits) for every ISA the build and CPU have and 1
- * and 2 threads (SPFQ_TEST_THREADS); spfq_quantize_i8 and spfq_binarize against the header's formulas.
+ * and 2 threads (SPFQ_TEST_THREADS); spfq_quantize_i8 and spfq_binarize against the header's formulas,
+ * and spfq_quantize_i8 of every ISA bit-exact against the portable C one (adversarial rows).
  * Activation buffers end at a PROT_NONE page, so a kernel reading past K faults.
  * The thread pool (check_pool): thread counts 1..9, 64 and 100 on N = 9 blocks + 5 rows, the
  * thread count changing from call to call, four host threads calling at once (pool busy: the
@@ -468,6 +469,68 @@ static void check_quantisers(int m, int k) {
     free(xq); free(xs); free(xb);
 }
 
+/* spfq_quantize_i8 of one ISA against the portable C version, bit for bit: random rows over
+ * many magnitudes, exact halves after the division (xscale = 2^e, x = (j + 0.5) 2^e) and their
+ * float neighbours, +-0 and all-zero rows, denormals, huge values, NaN (quiet, signalling) and
+ * +-inf; K around every vector width. Input and output buffers end at a PROT_NONE page. */
+static float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static void check_quantise_isa(const char *isa) {
+    static const int qks[] = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 100, 384, 1000, 4097};
+    const float specials[] = {0.0f, -0.0f, bits_f32(1), bits_f32(0x80000001u), bits_f32(0x00400000u),
+                              3.4028235e38f, -3.4028235e38f, INFINITY, -INFINITY, NAN, -NAN,
+                              bits_f32(0x7fa00000u), bits_f32(0xffa00001u), 0.5f, -1.5f, 2.5f};
+    const int m = 9;
+    for (size_t a = 0; a < sizeof qks / sizeof qks[0]; a++) {
+        const int k = qks[a];
+        const size_t len = (size_t)m * k;
+        guarded gx, gq;
+        float *x = galloc(&gx, len * 4);
+        int8_t *xq = galloc(&gq, len);
+        int8_t *want = xmalloc(len);
+        float xs[9], ws[9];
+        for (int r = 0; r < m; r++) {
+            float *row = x + (size_t)r * k;
+            const float e = ldexpf(1.0f, (int)(rnd() % 60) - 30);
+            for (int j = 0; j < k; j++) {
+                switch (r) {
+                case 0: row[j] = nrand() * ldexpf(1.0f, (int)(rnd() % 80) - 40); break;       /* random */
+                case 1: case 2: {                                                             /* halves */
+                    float v = ((float)(int)(rnd() % 254) - 127.0f + 0.5f) * e;
+                    uint64_t u = rnd() % 8;
+                    row[j] = u == 0 ? nextafterf(v, INFINITY) : u == 1 ? nextafterf(v, -INFINITY) : v;
+                    if (j == (int)(rnd() % (uint64_t)k) || j == 0) row[j] = (r == 1 ? 127.0f : -127.0f) * e;
+                    break;
+                }
+                case 3: row[j] = (rnd() & 1) ? -0.0f : 0.0f; break;                             /* +-0 */
+                case 4: row[j] = bits_f32((uint32_t)(rnd() % 400) | ((rnd() & 1) << 31)); break; /* denormal */
+                case 5: row[j] = (float)((double)nrand() * 1e38); break;                        /* huge */
+                default: /* random with specials sprinkled in: row 6 +-inf but no NaN, rows 7, 8 NaNs too */
+                    row[j] = rnd() % 5 ? nrand() : specials[rnd() % (r == 6 ? 9 : 16)];
+                }
+            }
+        }
+        spfq_set_isa("c");
+        int rc0 = spfq_quantize_i8(m, k, x, want, ws);
+        spfq_set_isa(isa);
+        memset(xq, 0x55, len);
+        int rc = spfq_quantize_i8(m, k, x, xq, xs);
+        int bad = -1;
+        for (size_t i = 0; i < len && bad < 0; i++)
+            if (xq[i] != want[i]) bad = (int)i;
+        int sbad = -1;
+        for (int r = 0; r < m && sbad < 0; r++)
+            if (memcmp(&xs[r], &ws[r], 4)) sbad = r;
+        report(rc0 == SPFQ_OK && rc == SPFQ_OK && bad < 0 && sbad < 0,
+               "spfq_quantize_i8 %s vs c K=%d rc=%d/%d: xq at %d (row %d) %d want %d, xscale row %d", isa, k, rc, rc0,
+               bad, bad < 0 ? -1 : bad / k, bad < 0 ? 0 : xq[bad], bad < 0 ? 0 : want[bad], sbad);
+        gfree(&gx);
+        gfree(&gq);
+        free(want);
+    }
+    spfq_set_isa("auto");
+}
+
 /* ------------------------------------------------------------------ argument checks */
 
 static void check_rejects(void) {
@@ -653,6 +716,8 @@ int main(void) {
         if (t == 0 || strcmp(cfgs[t].isa, cfgs[t - 1].isa)) check_pool(cfgs[t].isa);
     for (int a = 0; a < LEN(KS); a++)
         for (int b = 0; b < LEN(MS); b++) check_quantisers(MS[b], KS[a]);
+    for (int t = 0; t < ncfg; t++)
+        if (t == 0 || strcmp(cfgs[t].isa, cfgs[t - 1].isa)) check_quantise_isa(cfgs[t].isa);
 
     /* Weight variants: layout x bits x sparsity x lam. */
     typedef struct { int layout, bits; double sp; } variant;
