@@ -256,6 +256,28 @@ def _token_ids(texts: list[str]) -> list[list[int]]:
 
 
 @torch.no_grad()
+def pad_batch(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids, attention_mask), int64 (b, longest), padded with [PAD]=0."""
+    width = max(len(row) for row in ids)
+    input_ids = torch.zeros((len(ids), width), dtype=torch.int64)
+    mask = torch.zeros((len(ids), width), dtype=torch.int64)
+    for r, row in enumerate(ids):
+        input_ids[r, :len(row)] = torch.tensor(row, dtype=torch.int64)
+        mask[r, :len(row)] = 1
+    return input_ids, mask
+
+
+def export_inputs() -> dict:
+    """What `spfq-deploy export` traces with: two real sentences of different lengths (padded,
+    with their attention mask); batch and sequence axes dynamic."""
+    input_ids, mask = pad_batch(_token_ids(calibration_sentences(2)))
+    axes = {"batch": 0, "sequence": 1}
+    dyn = {name: {i: a for a, i in axes.items()} for name in ("input_ids", "attention_mask")}
+    dyn["embedding"] = {0: "batch"}
+    return {"args": (input_ids, mask), "input_names": ["input_ids", "attention_mask"],
+            "output_names": ["embedding"], "dynamic_axes": dyn}
+
+
 def encode(model: nn.Module, texts, batch_size: int = 32) -> np.ndarray:
     """Embed ``texts`` (a list of strings): float32 array (n, 384), rows in the input order.
 
@@ -273,12 +295,7 @@ def encode(model: nn.Module, texts, batch_size: int = 32) -> np.ndarray:
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(ids[i]) for i in idx)
-            input_ids = torch.zeros((len(idx), width), dtype=torch.int64)
-            mask = torch.zeros((len(idx), width), dtype=torch.int64)
-            for row, i in enumerate(idx):
-                input_ids[row, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.int64)
-                mask[row, :len(ids[i])] = 1
+            input_ids, mask = pad_batch([ids[i] for i in idx])
             emb = model(input_ids, mask)
             out[idx] = emb.to(torch.float32).cpu().numpy()
     finally:

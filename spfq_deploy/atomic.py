@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,3 +45,34 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode())
+
+
+@contextlib.contextmanager
+def staged_directory(path: str | os.PathLike, force: bool = False):
+    """Yield a fresh temp directory next to `path`; on success it replaces `path` (an existing
+    `path` only with force), on failure it is removed: readers never see a half-written folder."""
+    from .errors import SpfqError
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise SpfqError(f"{path} exists (use --force to replace it)")
+    if path.exists() and not path.is_dir():
+        raise SpfqError(f"{path} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
+    try:
+        yield stage
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(stage, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

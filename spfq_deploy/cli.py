@@ -71,6 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="print the layer table as JSON")
     i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("export", help="write deployable artifacts (ONNX flavours + custom-op libraries) for a target")
+    e.add_argument("file", help="the .spfq file")
+    e.add_argument("-o", "--output", required=True, help="output directory (created atomically)")
+    e.add_argument("--format", choices=["onnx"], default="onnx", help="artifact format (default onnx)")
+    e.add_argument("--target", help="target name from targets/*.toml (default: this machine)")
+    e.add_argument("--activations", choices=["int8", "float"], default="int8",
+                   help="custom-op flavour: int8 (activations quantised per row, integer kernels; default) "
+                        "or float (weight-only kernels, parity with the dequantised model)")
+    e.add_argument("--flavours", default="custom,stock,qonnx",
+                   help="comma-separated ONNX flavours to write (custom, stock, qonnx)")
+    e.add_argument("--model", help="model factory path.py:function (default: the one recorded in the file)")
+    e.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    e.set_defaults(func=cmd_export)
     return p
 
 
@@ -117,6 +131,15 @@ def cmd_inspect(args) -> int:
         print(json.dumps({k: v for k, v in header.items() if k != "sha256"}, indent=2))
     else:
         print(inspect_table(header))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export.onnx_export import export_onnx
+
+    flavours = tuple(f.strip() for f in args.flavours.split(",") if f.strip())
+    export_onnx(args.file, args.output, target=args.target, activations=args.activations, flavours=flavours,
+                force=args.force, model_spec=args.model)
     return 0
 
 

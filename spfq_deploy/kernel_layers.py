@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .compress.capture import conv_output_size, patch_rows
+from .compress.capture import patch_rows, rows_to_output
 from .compressed import CompressedLayer
 from .kernels import KernelError, PackedWeights, quantize_i8
 
@@ -54,10 +54,4 @@ class KernelLayer:
                 xq, xs = quantize_i8(r)
                 outs.append(w.matmul_i8(xq, xs, threads))
         y = torch.from_numpy(np.concatenate(outs, axis=1))  # (m, N), group-major channels
-        if layer.kind == "linear":
-            return y.reshape(*x.shape[:-1], layer.rows)
-        c = layer.conv
-        spatial = x.shape[2:]
-        out = [conv_output_size(n, k, s, p, d) for n, k, s, p, d in
-               zip(spatial, c["kernel_size"], c["stride"], c["padding"], c["dilation"])]
-        return y.reshape(x.shape[0], *out, layer.rows).movedim(-1, 1).contiguous()
+        return rows_to_output(y, x, layer.kind, layer.conv)

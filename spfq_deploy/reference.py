@@ -7,14 +7,16 @@ model is refused with one line, never loaded partially.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
 import torch
 from torch import nn
 
+from .compress.capture import patch_rows, rows_to_output
 from .compress.folding import fold
-from .compressed import CompressedModel
+from .compressed import CompressedLayer, CompressedModel
 from .errors import FormatError, SpfqError
 from .modelspec import load_model
 from .pack import container
@@ -67,3 +69,61 @@ def load_reference(path: str | os.PathLike, model_spec: str | None = None) -> nn
         raise SpfqError(f"{path}: no model factory recorded; pass the model file (path.py:factory)")
     model, _ = load_model(spec)
     return apply_compressed(model, cm, str(path))
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at dotted path `name` inside `model`."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def quantize_rows_i8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantiser in torch (kernels/include/spfq_kernels.h): per row
+    xscale = max|x| / 127 (float32), xq = round-half-away(x / xscale) in [-127, 127]."""
+    rows = rows.float()
+    xs = rows.abs().amax(dim=-1) / 127.0
+    safe = torch.where(xs > 0, xs, torch.ones_like(xs))
+    v = (rows / safe[..., None]).double()  # float32 quotient as C computes it; rounding exact in float64
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    q = torch.where(xs[..., None] > 0, q.clamp(-127, 127), torch.zeros_like(q))
+    return q, xs
+
+
+class Int8ActivationLayer(nn.Module):
+    """A compressed layer as the int8-activation kernels compute it, written independently of
+    them: activations quantised per row, exact integer sums (float64 holds them exactly), then
+    y = xscale * (scale * acc_c + (lam - scale) * acc_s) + bias."""
+
+    def __init__(self, layer: CompressedLayer):
+        super().__init__()
+        self.kind, self.conv = layer.kind, layer.conv
+        self.groups = int(layer.conv["groups"]) if layer.conv else 1
+        codes = torch.from_numpy(layer.codes.astype(np.float64))
+        self.register_buffer("codes", codes)
+        self.register_buffer("signs", torch.sign(codes))
+        scale = torch.from_numpy(layer.scale.astype(np.float64))
+        lam = scale if layer.lam is None or layer.K == 1 else torch.from_numpy(layer.lam.astype(np.float64))
+        self.register_buffer("scale", scale)
+        self.register_buffer("extra", lam - scale)
+        bias = np.zeros(layer.rows) if layer.bias is None else layer.bias
+        self.register_buffer("bias", torch.from_numpy(np.asarray(bias, dtype=np.float64)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = patch_rows(x.float(), self.kind, self.conv)  # (g, m, d)
+        n = self.codes.shape[0] // self.groups
+        outs = []
+        for g in range(self.groups):
+            q, xs = quantize_rows_i8(rows[g])
+            c, sg = self.codes[g * n:(g + 1) * n], self.signs[g * n:(g + 1) * n]
+            acc = q @ c.T * self.scale[g * n:(g + 1) * n] + (q @ sg.T) * self.extra[g * n:(g + 1) * n]
+            outs.append(xs.double()[:, None] * acc + self.bias[g * n:(g + 1) * n])
+        return rows_to_output(torch.cat(outs, dim=1).float(), x, self.kind, self.conv)
+
+
+def int8_activation_reference(model: nn.Module, cm: CompressedModel) -> nn.Module:
+    """A copy of the reference `model` whose compressed layers quantise their inputs to int8 per
+    row as the integer kernels do: the reference for artifacts built with int8 activations."""
+    model = copy.deepcopy(model)
+    for name, layer in cm.layers.items():
+        replace_module(model, name, Int8ActivationLayer(layer))
+    return model.eval()

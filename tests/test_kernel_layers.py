@@ -15,26 +15,9 @@ from spfq_deploy import kernels as K
 from spfq_deploy.compress import compress_model
 from spfq_deploy.compress.capture import patch_rows
 from spfq_deploy.kernel_layers import KernelLayer
+from zoo_model import Zoo
 
 torch.manual_seed(0)
-
-
-class Zoo(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=4)
-        self.c3 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
-        self.c4 = nn.Conv1d(8, 6, 3, padding=1)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x):
-        x = F.relu(self.c1(x))
-        x = F.relu(self.c2(x))
-        x = F.relu(self.c3(x))
-        x = x.flatten(2)  # (B, 8, L)
-        x = F.relu(self.c4(x))
-        return self.fc(x.transpose(1, 2))  # Linear over a sequence
 
 
 def _torch_layer(model, name, layer):

@@ -81,6 +81,17 @@ def patch_rows(x: torch.Tensor, kind: str, conv: dict | None) -> torch.Tensor:
     return cols.reshape(B, g, CK // g, L).permute(1, 0, 3, 2).reshape(g, B * L, CK // g)
 
 
+def rows_to_output(y: torch.Tensor, x: torch.Tensor, kind: str, conv: dict | None) -> torch.Tensor:
+    """Inverse of patch_rows for a layer's result: y (m, N) (groups side by side) -> the layer's
+    output tensor for input x (tokens keep x's leading axes; convs give (B, N, *spatial))."""
+    n = y.shape[-1]
+    if kind == "linear":
+        return y.reshape(*x.shape[:-1], n)
+    out = [conv_output_size(size, k, s, p, d) for size, k, s, p, d in
+           zip(x.shape[2:], conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"])]
+    return y.reshape(x.shape[0], *out, n).movedim(-1, 1).contiguous()
+
+
 def conv_output_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 

@@ -1,0 +1,341 @@
+// spfq_ort_ops.cc — the ONNX Runtime custom-op library of spfq-deploy (domain "ai.spfq", v1).
+//
+// Two operators run the packed .spfq weights through the same C kernels as the Python binding
+// (kernels/include/spfq_kernels.h, linked statically into this library):
+//
+//   PackedMatMul(X[..., K], sign?, mask?, planes?, scale[N], lam?, bias?) -> Y[..., N]
+//   PackedConv  (X[B, C, (H,) W], same weight inputs)                    -> Y[B, N, (OH,) OW]
+//
+// sign/mask are uint64 (N, W) and planes uint64 (bits, N, W or Wk) in the kernel ABI layouts
+// (W = ceil(K / 64) little-endian words per row). Attributes: layout (1 sign, 2 sign_mask,
+// 3 planes, 4 sparse), bits, in_features (K = C/group * prod(kernel_shape) for conv),
+// out_features (N), kept_words, activation ("float": weight-only, or "int8": activations
+// quantised per row, exact int32 sums), threads (0: SPFQ_NUM_THREADS or all cores);
+// PackedConv also kernel_shape, strides, pads (begins then ends), dilations, group.
+// Conv goes through im2col per group into the GEMM, as spfq_deploy/kernel_layers.py does.
+//
+// Built against the oldest ONNX Runtime C API it supports (the headers it is compiled with, e.g.
+// Debian's libonnxruntime-dev 1.21 = API 21); newer runtimes keep serving that API version.
+// Errors (shape mismatch, bad attribute) come back as ORT status messages, never as crashes.
+
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "spfq_kernels.h"
+
+#define SPFQ_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+const char *const kDomain = "ai.spfq";
+enum Input { kX = 0, kSign, kMask, kPlanes, kScale, kLam, kBias, kInputs };
+
+struct Error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+std::string shape_str(const std::vector<int64_t> &s) {
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); i++) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + ")";
+}
+
+int default_threads() {
+    if (const char *env = std::getenv("SPFQ_NUM_THREADS")) {
+        int v = std::atoi(env);
+        if (v > 0) return v;
+    }
+    unsigned hw = std::thread::hardware_concurrency();
+    return hw ? static_cast<int>(hw) : 1;
+}
+
+void check(int status, const char *what) {
+    static const char *names[] = {"ok", "invalid argument", "out of memory", "not supported"};
+    if (status) throw Error(std::string(what) + ": kernel returned " + (status < 4 ? names[status] : "error"));
+}
+
+// One kernel instance: attributes, and the prepared weights (one per conv group) built on the
+// first run from the constant initializers and rebuilt only if the weight buffers change.
+class PackedKernel {
+  public:
+    PackedKernel(const OrtKernelInfo *info, bool conv) : conv_(conv) {
+        Ort::ConstKernelInfo ki(info);
+        layout_ = static_cast<int>(ki.GetAttribute<int64_t>("layout"));
+        bits_ = static_cast<int>(ki.GetAttribute<int64_t>("bits"));
+        k_ = ki.GetAttribute<int64_t>("in_features");
+        n_ = ki.GetAttribute<int64_t>("out_features");
+        kept_words_ = attr_or(ki, "kept_words", 0);
+        std::string act = ki.GetAttribute<std::string>("activation");
+        if (act != "float" && act != "int8") throw Error("activation must be 'float' or 'int8', got '" + act + "'");
+        int8_ = act == "int8";
+        threads_ = static_cast<int>(attr_or(ki, "threads", 0));
+        if (threads_ <= 0) threads_ = default_threads();
+        if (layout_ < SPFQ_SIGN || layout_ > SPFQ_SPARSE) throw Error("unknown layout " + std::to_string(layout_));
+        if (k_ < 1 || n_ < 1) throw Error("in_features and out_features must be positive");
+        if (conv_) {
+            kshape_ = ki.GetAttributes<int64_t>("kernel_shape");
+            size_t d = kshape_.size();
+            if (d < 1 || d > 2) throw Error("PackedConv supports 1-D and 2-D convolution");
+            strides_ = ki.GetAttributes<int64_t>("strides");
+            pads_ = ki.GetAttributes<int64_t>("pads");
+            dil_ = ki.GetAttributes<int64_t>("dilations");
+            groups_ = ki.GetAttribute<int64_t>("group");
+            if (strides_.size() != d || dil_.size() != d || pads_.size() != 2 * d)
+                throw Error("strides / dilations / pads do not match kernel_shape");
+            if (groups_ < 1 || n_ % groups_) throw Error("out_features must be a multiple of group");
+            int64_t taps = 1;
+            for (int64_t v : kshape_) taps *= v;
+            if (k_ % taps) throw Error("in_features must be channels per group x prod(kernel_shape)");
+        }
+    }
+
+    ~PackedKernel() { release(); }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext *context) {
+        try {
+            Ort::KernelContext ctx(context);
+            prepare(ctx);
+            if (conv_) run_conv(ctx);
+            else run_linear(ctx);
+            return nullptr;
+        } catch (const std::exception &e) {
+            std::string msg = std::string(conv_ ? "ai.spfq.PackedConv" : "ai.spfq.PackedMatMul") + ": " + e.what();
+            return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str());
+        }
+    }
+
+  private:
+    static int64_t attr_or(Ort::ConstKernelInfo &ki, const char *name, int64_t dflt) {
+        try {
+            return ki.GetAttribute<int64_t>(name);
+        } catch (const Ort::Exception &) {
+            return dflt;
+        }
+    }
+
+    void release() {
+        for (spfq_prepared *p : parts_) spfq_free(p);
+        parts_.clear();
+    }
+
+    // Typed view of an optional input: nullptr when absent (or empty); checks the shape.
+    template <typename T>
+    const T *input(Ort::KernelContext &ctx, int index, const std::vector<int64_t> &shape, const char *name) {
+        Ort::ConstValue v = ctx.GetInput(index);
+        present_[index] = static_cast<const OrtValue *>(v) != nullptr;
+        if (!present_[index]) return nullptr;
+        auto info = v.GetTensorTypeAndShapeInfo();
+        std::vector<int64_t> got = info.GetShape();
+        if (got != shape) throw Error(std::string(name) + " has shape " + shape_str(got) + ", expected " + shape_str(shape));
+        return v.GetTensorData<T>();
+    }
+
+    void prepare(Ort::KernelContext &ctx) {
+        std::lock_guard<std::mutex> lock(mu_);
+        const int64_t W = (k_ + 63) / 64;
+        const uint64_t *sign = input<uint64_t>(ctx, kSign, {n_, W}, "sign");
+        const uint64_t *mask = input<uint64_t>(ctx, kMask, {n_, W}, "mask");
+        const int64_t pw = layout_ == SPFQ_SPARSE ? kept_words_ : W;
+        const uint64_t *planes = input<uint64_t>(ctx, kPlanes, {bits_, n_, pw}, "planes");
+        const float *scale = input<float>(ctx, kScale, {n_}, "scale");
+        const float *lam = input<float>(ctx, kLam, {n_}, "lam");
+        const float *bias = input<float>(ctx, kBias, {n_}, "bias");
+        const void *key[] = {sign, mask, planes, scale, lam, bias};
+        if (!parts_.empty() && std::equal(key, key + 6, key_)) return;
+        if (!scale) throw Error("scale is required");
+        bool need_sign = layout_ == SPFQ_SIGN || layout_ == SPFQ_SIGN_MASK;
+        bool need_mask = layout_ == SPFQ_SIGN_MASK || layout_ == SPFQ_SPARSE;
+        bool need_planes = layout_ == SPFQ_PLANES || layout_ == SPFQ_SPARSE;
+        if ((need_sign && !present_[kSign]) || (need_mask && !present_[kMask]) || (need_planes && !present_[kPlanes]))
+            throw Error("a packed weight input required by layout " + std::to_string(layout_) + " is missing");
+        release();
+        const int64_t g = conv_ ? groups_ : 1, ng = n_ / g;
+        std::vector<uint64_t> slab;  // one group's planes, contiguous (bits, ng, pw)
+        for (int64_t j = 0; j < g; j++) {
+            const int64_t r0 = j * ng;
+            spfq_weights_desc d{};
+            d.layout = layout_;
+            d.n = static_cast<int32_t>(ng);
+            d.k = static_cast<int32_t>(k_);
+            d.bits = bits_;
+            d.kept_words = static_cast<int32_t>(kept_words_);
+            d.sign = sign ? sign + r0 * W : nullptr;
+            d.mask = mask ? mask + r0 * W : nullptr;
+            if (planes) {
+                if (g == 1) {
+                    d.planes = planes;
+                } else {
+                    slab.resize(static_cast<size_t>(bits_ * ng * pw));
+                    for (int64_t b = 0; b < bits_; b++)
+                        std::memcpy(&slab[b * ng * pw], planes + (b * n_ + r0) * pw, sizeof(uint64_t) * ng * pw);
+                    d.planes = slab.data();
+                }
+            }
+            d.scale = scale + r0;
+            d.lam = lam ? lam + r0 : nullptr;
+            d.bias = bias ? bias + r0 : nullptr;
+            spfq_prepared *p = nullptr;
+            check(spfq_prepare(&d, &p), "prepare");
+            parts_.push_back(p);
+        }
+        std::copy(key, key + 6, key_);
+    }
+
+    // y (m, ng) = rows (m, K) through group part j.
+    void gemm(int64_t j, int64_t m, const float *rows, float *y) {
+        if (m == 0) return;
+        if (m > INT32_MAX) throw Error("too many rows");
+        spfq_prepared *p = parts_[static_cast<size_t>(j)];
+        if (!int8_) {
+            check(spfq_matmul_f32(p, static_cast<int32_t>(m), rows, y, threads_), "matmul_f32");
+            return;
+        }
+        std::vector<int8_t> xq(static_cast<size_t>(m * k_));  // per call: runs may be concurrent
+        std::vector<float> xs(static_cast<size_t>(m));
+        check(spfq_quantize_i8(static_cast<int32_t>(m), static_cast<int32_t>(k_), rows, xq.data(), xs.data()),
+              "quantize_i8");
+        check(spfq_matmul_i8(p, static_cast<int32_t>(m), xq.data(), xs.data(), y, threads_), "matmul_i8");
+    }
+
+    void run_linear(Ort::KernelContext &ctx) {
+        Ort::ConstValue xv = ctx.GetInput(kX);
+        std::vector<int64_t> shape = xv.GetTensorTypeAndShapeInfo().GetShape();
+        if (shape.empty() || shape.back() != k_)
+            throw Error("input has shape " + shape_str(shape) + ", the last axis must be " + std::to_string(k_));
+        int64_t m = 1;
+        for (size_t i = 0; i + 1 < shape.size(); i++) m *= shape[i];
+        shape.back() = n_;
+        float *y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+        gemm(0, m, xv.GetTensorData<float>(), y);
+    }
+
+    void run_conv(Ort::KernelContext &ctx) {
+        Ort::ConstValue xv = ctx.GetInput(kX);
+        std::vector<int64_t> s = xv.GetTensorTypeAndShapeInfo().GetShape();
+        const size_t d = kshape_.size();
+        if (s.size() != d + 2) throw Error("input has shape " + shape_str(s) + ", expected rank " + std::to_string(d + 2));
+        // treat 1-D as 2-D with height 1
+        const int64_t B = s[0], C = s[1], H = d == 2 ? s[2] : 1, Wd = s[d + 1];
+        const int64_t KH = d == 2 ? kshape_[0] : 1, KW = kshape_[d - 1];
+        const int64_t SH = d == 2 ? strides_[0] : 1, SW = strides_[d - 1];
+        const int64_t DH = d == 2 ? dil_[0] : 1, DW = dil_[d - 1];
+        const int64_t PT = d == 2 ? pads_[0] : 0, PL = pads_[d - 1], PB = d == 2 ? pads_[d] : 0, PR = pads_[2 * d - 1];
+        const int64_t cg = k_ / (KH * KW);
+        if (C != cg * groups_)
+            throw Error("input has " + std::to_string(C) + " channels, expected " + std::to_string(cg * groups_));
+        const int64_t OH = (H + PT + PB - DH * (KH - 1) - 1) / SH + 1, OW = (Wd + PL + PR - DW * (KW - 1) - 1) / SW + 1;
+        if (OH < 1 || OW < 1) throw Error("input " + shape_str(s) + " is smaller than the kernel");
+        std::vector<int64_t> oshape = d == 2 ? std::vector<int64_t>{B, n_, OH, OW} : std::vector<int64_t>{B, n_, OW};
+        float *y = ctx.GetOutput(0, oshape).GetTensorMutableData<float>();
+        const float *x = xv.GetTensorData<float>();
+        const int64_t m = B * OH * OW, ng = n_ / groups_, P = OH * OW;
+        std::vector<float> cols(static_cast<size_t>(m * k_)), yg(static_cast<size_t>(m * ng));
+        for (int64_t g = 0; g < groups_; g++) {
+            // im2col: row (b, oh, ow), column (c, kh, kw) as PyTorch flattens the weight
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t oh = 0; oh < OH; oh++)
+                    for (int64_t ow = 0; ow < OW; ow++) {
+                        float *row = &cols[static_cast<size_t>(((b * OH + oh) * OW + ow) * k_)];
+                        for (int64_t c = 0; c < cg; c++) {
+                            const float *plane = x + ((b * C + g * cg + c) * H) * Wd;
+                            for (int64_t kh = 0; kh < KH; kh++) {
+                                int64_t ih = oh * SH - PT + kh * DH;
+                                for (int64_t kw = 0; kw < KW; kw++) {
+                                    int64_t iw = ow * SW - PL + kw * DW;
+                                    *row++ = (ih >= 0 && ih < H && iw >= 0 && iw < Wd) ? plane[ih * Wd + iw] : 0.0f;
+                                }
+                            }
+                        }
+                    }
+            gemm(g, m, cols.data(), yg.data());
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t j = 0; j < ng; j++) {
+                    float *out = y + (b * n_ + g * ng + j) * P;
+                    const float *src = &yg[static_cast<size_t>(b * P * ng + j)];
+                    for (int64_t p = 0; p < P; p++) out[p] = src[p * ng];
+                }
+        }
+    }
+
+    bool conv_;
+    int layout_ = 0, bits_ = 0, threads_ = 1;
+    bool int8_ = false;
+    int64_t k_ = 0, n_ = 0, kept_words_ = 0, groups_ = 1;
+    std::vector<int64_t> kshape_, strides_, pads_, dil_;
+    std::mutex mu_;
+    const void *key_[6] = {};
+    bool present_[kInputs] = {};
+    std::vector<spfq_prepared *> parts_;
+};
+
+template <bool Conv>
+struct PackedOp : Ort::CustomOpBase<PackedOp<Conv>, PackedKernel, true> {
+    OrtStatusPtr CreateKernelV2(const OrtApi &api, const OrtKernelInfo *info, void **kernel) const {
+        try {
+            *kernel = new PackedKernel(info, Conv);
+            return nullptr;
+        } catch (const std::exception &e) {
+            std::string msg = std::string("ai.spfq.") + GetName() + ": " + e.what();
+            return api.CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str());
+        }
+    }
+    const char *GetName() const { return Conv ? "PackedConv" : "PackedMatMul"; }
+    size_t GetInputTypeCount() const { return kInputs; }
+    ONNXTensorElementDataType GetInputType(size_t i) const {
+        return (i >= kSign && i <= kPlanes) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+        return (i == kX || i == kScale) ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+PackedOp<false> g_matmul;
+PackedOp<true> g_conv;
+std::mutex g_domains_mu;
+std::vector<Ort::CustomOpDomain> g_domains;  // must outlive every session that uses them
+
+}  // namespace
+
+// "ai.spfq 1; ort-api <N>; kernels abi <N> isa <name>": what this library is, for manifests.
+SPFQ_EXPORT const char *SpfqOrtLibraryInfo(void) {
+    static std::string info = std::string(kDomain) + " 1; ort-api " + std::to_string(ORT_API_VERSION) +
+                              "; kernels abi " + std::to_string(spfq_abi_version()) + " isa " + spfq_isa();
+    return info.c_str();
+}
+
+// The entry point SessionOptions.register_custom_ops_library() calls.
+SPFQ_EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
+    const OrtApi *api = api_base ? api_base->GetApi(ORT_API_VERSION) : nullptr;
+    if (!api) {
+        std::fprintf(stderr, "spfq custom ops: this ONNX Runtime (%s) is older than the C API %d the library was built "
+                             "against\n", api_base ? api_base->GetVersionString() : "?", ORT_API_VERSION);
+        return nullptr;  // cannot build an OrtStatus without the API; sessions will name the missing ops
+    }
+    Ort::InitApi(api);
+    try {
+        Ort::CustomOpDomain domain(kDomain);
+        domain.Add(&g_matmul);
+        domain.Add(&g_conv);
+        Ort::UnownedSessionOptions(options).Add(domain);
+        std::lock_guard<std::mutex> lock(g_domains_mu);
+        g_domains.push_back(std::move(domain));
+    } catch (const std::exception &e) {
+        return api->CreateStatus(ORT_FAIL, e.what());
+    }
+    return nullptr;
+}
