@@ -231,6 +231,64 @@ def test_planes_i8(lib, isa, b, K, N, M):
     check_i8(p, lib, isa, rand_xq(rng, M, K))
 
 
+def check_repacked(p, lib, isa, xq, ranges=None, plane_acc_s=True):
+    """acc_c from the prepare-time repack (spfq_planes_repack; acc_s NULL selects it) == numpy
+    exactly; with acc_s wanted the plane path runs and still equals the oracle (acc_c only with
+    plane_acc_s=False: the AVX2 plane path takes acc_s = acc_c at b = 2, which differs for the
+    code u = 0, c = -2, that the packer never writes)."""
+    lib.spfq_planes_repack.argtypes = [C.c_void_p]
+    lib.spfq_planes_repack.restype = C.c_int
+    libc = C.CDLL(None)
+    libc.free.argtypes = [C.c_void_p]
+    assert lib.spfq_planes_repack(C.addressof(p.prep)) == 0 and p.prep.rp
+    try:
+        acc_c, acc_s = p.run_i8(lib, isa, xq, ranges, want_s=False)
+        np.testing.assert_array_equal(acc_c, ref_i8(p.layer.codes, xq)[0].astype(np.int32))
+        assert (acc_s == 0x5A5A5A5A).all()
+        if plane_acc_s:
+            check_i8(p, lib, isa, xq, ranges)
+        else:
+            np.testing.assert_array_equal(p.run_i8(lib, isa, xq, ranges)[0], acc_c)
+    finally:
+        libc.free(p.prep.rp)
+        p.prep.rp = None
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("b,K,N,M", sweep() + [(2, 4096, 200, 1), (4, 4096, 130, 6), (3, 16400, 65, 5)])
+def test_planes_i8_repacked(lib, isa, b, K, N, M):
+    rng = np.random.default_rng(4000 * b + K + 7 * N + M)
+    p = Packed(make_layer(make_codes(rng, b, N, K), b, rng), "planes")
+    xq = rng.integers(-128, 128, size=(M, K)).astype(np.int8)
+    if K >= 1000:  # extremes over long rows: the int16 partial sums at their bounds
+        xq = np.where(rng.random((M, K)) < 0.5, np.int8(-128), np.int8(127))
+    check_repacked(p, lib, isa, xq)
+    if N > 70:
+        check_repacked(p, lib, isa, xq, [(0, 5), (5, 70), (70, N)])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("b", (2, 3, 4))
+@pytest.mark.parametrize("xval", (-128, 127))
+def test_planes_repacked_extreme_codes(lib, isa, b, xval):
+    """Every row at the code extremes (u = 0 and u = 2^b - 1 included, the packer writes
+    neither) against constant extreme activations: the int16 sums at their largest."""
+    rng = np.random.default_rng(90 + b)
+    K, N = 5000, 4
+    p = Packed(make_layer(make_codes(rng, b, N, K), b, rng), "planes")
+    ones = np.uint64(2**64 - 1)
+    p.planes[:] = np.uint64(0)
+    p.planes[:, 1] = ones  # u = 2^b - 1
+    p.planes[:, 2, ::2] = ones  # u alternating
+    p.planes[:, :, -1] &= np.uint64((1 << (K % 64)) - 1)
+    u = np.zeros((N, K), np.int64)
+    for q in range(b):
+        u |= np.unpackbits(p.planes[q].view(np.uint8), axis=1, bitorder="little")[:, :K].astype(np.int64) << q
+    p.layer.codes = (u - 2 ** (b - 1)).astype(np.int8)
+    for M in (1, 3, 4):
+        check_repacked(p, lib, isa, np.full((M, K), xval, dtype=np.int8), plane_acc_s=b > 2)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("b,K,N,M", sweep())
 @pytest.mark.parametrize("sparsity", (0.0, 0.5, 0.95, 1.0))

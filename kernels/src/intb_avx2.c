@@ -39,6 +39,16 @@
  * kernel is ~2.2x slower than PLANES at any density (no vpexpandb/vpcompressb before
  * AVX-512 VBMI2); see the report for the numbers.
  *
+ * PLANES from the prepare-time repack (w->rp, rp_cb 2 or 4: b <= 4), used when only acc_c is
+ * wanted (spfq_matmul_i8 without lam): offset codes interleaved across 16 rows (layout "RP" in
+ * internal.h), one int32 lane per output row, so each ymm half-vector holds 8 rows x 4 columns
+ * per field and is dotted with 4 broadcast activation bytes: per field one shift (f > 0), one
+ * vpand, one vpmaddubsw and one int16 add per 32 weights, widened with vpmaddwd only every 4-10
+ * steps; no activation permutation and no per-call decoding of the planes. Why this and not the
+ * plane LUTs above: those rebuild every code on every call (~1.6 ops per plane per 32 weights
+ * plus the shuffles); a T-MAC-style table method would need per-activation-row tables and
+ * vpshufb lookups that cost as much as the multiply-add here.
+ *
  * f32: the same decode gives each row's codes once; they become float weights value(c) (computed
  * like CompressedLayer.dequantize) in a scratch row that is dotted with the identically permuted
  * float activations by FMA with 4 accumulators.
@@ -777,6 +787,138 @@ static const intb_kernel I8_MM[9] = {0, 0, i8_mm_b2, i8_mm_b3, i8_mm_b4, i8_mm_b
                                      i8_mm_b7, i8_mm_b8};
 static const intb_kernel F32[9] = {0, 0, f32_b2, f32_b3, f32_b4, f32_b5, f32_b6, f32_b7, f32_b8};
 
+/* ------------------------------------------------------------------ repacked PLANES (RP) */
+
+/* The RP layout of internal.h (rp_cb = 2 or 4; b >= 5 has byte fields, whose vpmaddubsw pairs
+ * could saturate, and stays on the plane path). A 64-byte vector is two ymm halves of 8 rows;
+ * field f is shifted down and masked (u <= 15), vpmaddubsw against 4 broadcast activation bytes
+ * gives int16 pair sums (|.| <= 2 * 15 * 128 = 3840), added in int16 over FLUSH steps
+ * (<= 8 additions of 3840 at b <= 4, <= 40 of 768 at b = 2: no overflow), then widened into the
+ * int32 row lanes with vpmaddwd(., 1). */
+INL TGT void rp2_block(const uint8_t *wt, int32_t S, const int8_t *x, size_t xstride, int g0,
+                       const int CB, const int MR, const int G, __m256i tot[4][2][2])
+{
+    const int F = 8 / CB, KSTEP = 4 * F, FLUSH = CB == 4 ? 4 : 10;
+    const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8((char)((1 << CB) - 1));
+    for (int a = 0; a < MR; a++)
+        for (int g = 0; g < G; g++) tot[a][g][0] = tot[a][g][1] = _mm256_setzero_si256();
+    for (int32_t s0 = 0; s0 < S; s0 += FLUSH) {
+        const int32_t s1 = S - s0 < FLUSH ? S : s0 + FLUSH;
+        __m256i acc[4][2][2];
+        for (int a = 0; a < MR; a++)
+            for (int g = 0; g < G; g++) acc[a][g][0] = acc[a][g][1] = _mm256_setzero_si256();
+        for (int32_t s = s0; s < s1; s++) {
+            __m256i v[2][2];
+            for (int g = 0; g < G; g++) {
+                const uint8_t *p = wt + ((size_t)s * 4 + (size_t)(g0 + g)) * 64;
+                v[g][0] = _mm256_load_si256((const __m256i *)p);
+                v[g][1] = _mm256_load_si256((const __m256i *)(p + 32));
+            }
+            for (int f = 0; f < F; f++) {
+                __m256i xb[4];
+                for (int a = 0; a < MR; a++) {
+                    int32_t t;
+                    memcpy(&t, x + (size_t)a * xstride + (size_t)s * KSTEP + 4 * f, 4);
+                    xb[a] = _mm256_set1_epi32(t);
+                }
+                for (int g = 0; g < G; g++)
+                    for (int h = 0; h < 2; h++) {
+                        const __m256i u = _mm256_and_si256(f ? _mm256_srli_epi16(v[g][h], f * CB) : v[g][h], mask);
+                        for (int a = 0; a < MR; a++)
+                            acc[a][g][h] = _mm256_add_epi16(acc[a][g][h], _mm256_maddubs_epi16(u, xb[a]));
+                    }
+            }
+        }
+        for (int a = 0; a < MR; a++)
+            for (int g = 0; g < G; g++)
+                for (int h = 0; h < 2; h++)
+                    tot[a][g][h] = _mm256_add_epi32(tot[a][g][h], _mm256_madd_epi16(acc[a][g][h], ones));
+    }
+}
+
+/* One 64-row tile from row t0 x MR (1..4) activation rows: acc_c of rows [lo, hi). */
+INL TGT void rp2_tile(const spfq_job *j, const uint8_t *wt, const int8_t *x, size_t xstride,
+                      const int32_t *xs, int32_t m, int32_t t0, int32_t lo, int32_t hi,
+                      const int CB, const int MR)
+{
+    const int G = MR == 1 ? 2 : 1;
+    const int32_t N = j->w->d.n, S = j->w->rp_steps, off = 1 << (j->w->d.bits - 1);
+    for (int g0 = 0; g0 < 4; g0 += G) {
+        const int32_t r0 = t0 + g0 * 16;
+        if (r0 >= hi || r0 + G * 16 <= lo) continue;
+        __m256i tot[4][2][2];
+        rp2_block(wt, S, x, xstride, g0, CB, MR, G, tot);
+        for (int a = 0; a < MR; a++)
+            for (int g = 0; g < G; g++) {
+                int32_t out[16];
+                const __m256i c = _mm256_set1_epi32(off * xs[m + a]);
+                _mm256_storeu_si256((__m256i *)out, _mm256_sub_epi32(tot[a][g][0], c));
+                _mm256_storeu_si256((__m256i *)(out + 8), _mm256_sub_epi32(tot[a][g][1], c));
+                int32_t *dst = j->acc_c + (size_t)(m + a) * (size_t)N;
+                for (int l = 0; l < 16; l++) {
+                    const int32_t r = r0 + g * 16 + l;
+                    if (r >= lo && r < hi) dst[r] = out[l];
+                }
+            }
+    }
+}
+
+#define RP2_TILE_FN(CB, MR)                                                                        \
+    __attribute__((noinline)) TGT static void rp2_tile_##CB##_##MR(                               \
+        const spfq_job *j, const uint8_t *wt, const int8_t *x, size_t xst, const int32_t *xs,      \
+        int32_t m, int32_t t0, int32_t lo, int32_t hi)                                             \
+    {                                                                                              \
+        rp2_tile(j, wt, x, xst, xs, m, t0, lo, hi, CB, MR);                                        \
+    }
+RP2_TILE_FN(2, 1) RP2_TILE_FN(2, 2) RP2_TILE_FN(2, 3) RP2_TILE_FN(2, 4)
+RP2_TILE_FN(4, 1) RP2_TILE_FN(4, 2) RP2_TILE_FN(4, 3) RP2_TILE_FN(4, 4)
+
+typedef void (*rp2_tile_fn)(const spfq_job *, const uint8_t *, const int8_t *, size_t, const int32_t *,
+                            int32_t, int32_t, int32_t, int32_t);
+
+/* acc_c only, from the RP codes (rp_cb 2 / 4); returns 0 when it cannot run (then the plane
+ * path does the work). */
+TGT static int planes_rp2(const spfq_job *j, int32_t n0, int32_t n1)
+{
+    const spfq_prepared *w = j->w;
+    if (!w->rp || (w->rp_cb != 2 && w->rp_cb != 4)) return 0;
+    const int CB = w->rp_cb, KSTEP = 4 * (8 / CB);
+    const int32_t M = j->m, K = w->d.k, S = w->rp_steps;
+    const size_t Kp = (size_t)S * (size_t)KSTEP;
+    int32_t *xs = malloc((size_t)M * sizeof(int32_t));
+    int8_t *pad = Kp != (size_t)K ? malloc((size_t)M * Kp) : NULL;
+    if (!xs || (Kp != (size_t)K && !pad)) {
+        free(xs);
+        free(pad);
+        return 0;
+    }
+    for (int32_t m = 0; m < M; m++) {
+        const int8_t *row = j->xq + (size_t)m * (size_t)K;
+        int32_t sum = 0;
+        for (int32_t k = 0; k < K; k++) sum += row[k];
+        xs[m] = sum;
+        if (pad) {
+            memcpy(pad + (size_t)m * Kp, row, (size_t)K);
+            memset(pad + (size_t)m * Kp + K, 0, Kp - (size_t)K);
+        }
+    }
+    const int8_t *x = pad ? pad : j->xq;
+    static const rp2_tile_fn fns[2][4] = {{rp2_tile_2_1, rp2_tile_2_2, rp2_tile_2_3, rp2_tile_2_4},
+                                          {rp2_tile_4_1, rp2_tile_4_2, rp2_tile_4_3, rp2_tile_4_4}};
+    for (int32_t t = n0 / 64; t * 64 < n1; t++) {
+        const uint8_t *wt = w->rp + (size_t)t * (size_t)S * 256;
+        const int32_t lo = n0 > t * 64 ? n0 : t * 64, hi = n1 < t * 64 + 64 ? n1 : t * 64 + 64;
+        for (int32_t m = 0; m < M;) {
+            const int32_t mr = M - m >= 4 ? 4 : M - m;
+            fns[CB == 4][mr - 1](j, wt, x + (size_t)m * Kp, Kp, xs, m, t * 64, lo, hi);
+            m += mr;
+        }
+    }
+    free(xs);
+    free(pad);
+    return 1;
+}
+
 /* ------------------------------------------------------------------ drivers */
 
 static void ctx_free(intb_ctx *ctx)
@@ -833,6 +975,7 @@ ENTRY static void intb_run(const spfq_job *job, int32_t n0, int32_t n1, int spar
         portable(job, n0, n1);
         return;
     }
+    if (!sparse && !f32 && !job->acc_s && job->acc_c && planes_rp2(job, n0, n1)) return;
     intb_ctx ctx;
     if (ctx_init(job, sparse, f32, &ctx)) {
         if (f32)
