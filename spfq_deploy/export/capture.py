@@ -110,6 +110,15 @@ def capture(model: nn.Module, cm: CompressedModel, inputs: ExportInputs) -> onnx
     return proto
 
 
+def float_graph(model: nn.Module, inputs: ExportInputs) -> onnx.ModelProto:
+    """The uncompressed model as plain ONNX (the fp32 baseline benchmarks compare against)."""
+    from .onnx_graph import finish
+
+    proto = capture(model, CompressedModel(layers={}, float_params={}), inputs)
+    finish(proto, {})
+    return proto
+
+
 def _wrap(model: nn.Module, cm: CompressedModel) -> nn.Module:
     import copy
 

@@ -40,7 +40,7 @@ def _dequantized_linear(rep: Replacement, name: str, codes: np.ndarray, scale: n
     """DequantizeLinear of codes (N, K) as a (K, N) weight, scale per output column."""
     wt, bits = _int_tensor(f"{name}.q", codes.T)
     rep.initializers.append(wt)
-    k, n = codes.shape[1], codes.shape[0]
+    k = codes.shape[1]
     bs = _block(k)
     if bs:  # blocked along K: the pattern onnxruntime fuses into MatMulNBits
         s = rep.const(f"{name}.s", np.tile(scale.astype(np.float32), (k // bs, 1)))
