@@ -119,7 +119,7 @@ def export_onnx(spfq_path: str | Path, out_dir: str | Path, target: str | None =
             lib_entries[tname] = str(dest.relative_to(stage))
         shutil.copyfile(spfq_path, stage / "model.spfq")
         np.savez(stage / "inputs.npz", **{n: np.asarray(a) for n, a in zip(inputs.input_names, inputs.args)})
-        manifest = _manifest(stage, cm, spec, tgt, activations, artifacts, layers, lib_entries, skipped, inputs)
+        manifest = _manifest(stage, spfq_path, spec, tgt, activations, artifacts, layers, lib_entries, skipped, inputs)
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
     return manifest
@@ -144,7 +144,7 @@ def _libraries(tgt: Target, want: bool, log) -> tuple[dict, dict]:
     return libs, {}
 
 
-def _manifest(stage: Path, cm, spec, tgt: Target, activations, artifacts, layers, libs, skipped, inputs) -> dict:
+def _manifest(stage: Path, spfq_path: Path, spec, tgt: Target, activations, artifacts, layers, libs, skipped, inputs) -> dict:
     import onnx
     import onnxruntime
 
@@ -163,7 +163,9 @@ def _manifest(stage: Path, cm, spec, tgt: Target, activations, artifacts, layers
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": {"spfq_deploy": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "torch": torch.__version__, "python": sys.version.split()[0]},
-        "source": {"file": "model.spfq", "model_spec": spec, "table_sha256": cm.meta.get("spfq_sha256")},
+        "source": {"file": "model.spfq", "from": str(spfq_path), "model_spec": spec,
+                   "sha256": files["model.spfq"]["sha256"],
+                   "format_version": container.read_header(stage / "model.spfq")["format_version"]},
         "target": tgt.name, "host": HOST, "activations": activations,
         "opset": cap.GRAPH_OPSET, "ir_version": cap.IR_VERSION,
         "inputs": {"file": "inputs.npz", "names": inputs.input_names, "outputs": inputs.output_names,
