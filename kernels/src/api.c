@@ -168,7 +168,7 @@ typedef struct {
     void *after_ctx;
 } task;
 
-/* Slice t of nt: whole 64-row blocks (re-binarised output words are never shared), then the
+/* Chunk t of nt: whole 64-row blocks (re-binarised output words are never shared), then the
  * epilogue on the same rows while they are hot. */
 static void run_slice(void *arg, int32_t t, int32_t nt) {
     const task *s = arg;
@@ -180,13 +180,18 @@ static void run_slice(void *arg, int32_t t, int32_t nt) {
     if (s->after) s->after(s->job, n0, n1, s->after_ctx);
 }
 
-/* Split [0, N) into up to nthreads slices on the persistent pool (pool.c). */
+/* Split [0, N) over up to nthreads threads of the persistent pool (pool.c): 4 chunks per thread
+ * (at most one per 64-row block), claimed dynamically, so a thread that starts late or runs
+ * slowly (a busy shared machine) leaves its chunks to the others. Kernels repeat small per-call
+ * setup (activation sums / permutations) per chunk, hence not more chunks than that. */
 static int parallel(spfq_range_fn fn, const spfq_job *job, int32_t nthreads,
                     void (*after)(const spfq_job *, int32_t, int32_t, void *), void *ctx) {
     const int32_t blocks = (job->w->d.n + 63) / 64;
     if (nthreads > blocks) nthreads = blocks;
+    if (nthreads > SPFQ_POOL_MAX) nthreads = SPFQ_POOL_MAX;
+    const int32_t chunks = nthreads <= 1 ? 1 : (4 * nthreads < blocks ? 4 * nthreads : blocks);
     task s = {fn, job, after, ctx};
-    spfq_pool_run(nthreads, run_slice, &s);
+    spfq_pool_run(nthreads, chunks, run_slice, &s);
     return SPFQ_OK;
 }
 

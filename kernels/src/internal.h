@@ -75,12 +75,13 @@ SPFQ_DECLARE_ISA(avx2)
 SPFQ_DECLARE_ISA(avx512)
 SPFQ_DECLARE_ISA(neon)
 
-/* pool.c: the persistent worker pool. spfq_pool_run calls fn(ctx, t, nt) for t in [0, nt) (t = 0
- * on the calling thread) and returns nt <= min(nthreads, SPFQ_POOL_MAX); nt is 1 when the pool is
- * busy with another host thread's task. spfq_pool_workers: workers started so far (-1 if busy). */
+/* pool.c: the persistent worker pool. spfq_pool_run calls fn(ctx, c, n) for every c in [0, n)
+ * and returns n: n = nchunks claimed dynamically by the caller and up to nthreads - 1 workers
+ * (<= SPFQ_POOL_MAX threads), or n = 1 (one call on the caller) when nthreads <= 1 or the pool
+ * is busy with another host thread's task. spfq_pool_workers: workers started (-1 if busy). */
 #define SPFQ_POOL_MAX 64
-typedef void (*spfq_pool_fn)(void *ctx, int32_t t, int32_t nt);
-int32_t spfq_pool_run(int32_t nthreads, spfq_pool_fn fn, void *ctx);
+typedef void (*spfq_pool_fn)(void *ctx, int32_t c, int32_t n);
+int32_t spfq_pool_run(int32_t nthreads, int32_t nchunks, spfq_pool_fn fn, void *ctx);
 int32_t spfq_pool_workers(void);
 
 #endif /* SPFQ_INTERNAL_H */

@@ -1,24 +1,29 @@
 /* pool.c — the persistent worker pool behind the nthreads argument of every kernel call.
  *
- * spfq_pool_run(nthreads, fn, ctx) runs fn(ctx, t, nt) for t = 0 .. nt-1 and returns nt: slice
- * 0 on the calling thread, slices 1 .. nt-1 on pool workers. nt = nthreads (capped at
- * SPFQ_POOL_MAX) unless the pool is busy or a worker could not be started (then fewer, down to 1:
- * the caller does the whole range itself; results never depend on nt).
+ * spfq_pool_run(nthreads, nchunks, fn, ctx) runs fn(ctx, c, n) once for every c in [0, n):
+ * n = nchunks split dynamically over the calling thread and up to nthreads - 1 pool workers
+ * (capped at SPFQ_POOL_MAX), or n = 1 (one call for the whole range, on the caller) when
+ * nthreads <= 1, the pool is busy or no worker could be started. Results never depend on n.
  *
  * - Lazy: no thread exists until the first call with nthreads >= 2; workers are added when a
  *   call asks for more than exist, and are kept (a later call with fewer threads leaves the
  *   extra ones idle).
- * - Hand-off: the caller publishes a ticket (generation << 8 | nt) with one atomic store;
- *   workers spin on it (pause / yield) for SPFQ_SPIN_US microseconds (default 100; 0 = never
- *   spin) after their last task, then block on a condition variable; the caller waits for the
- *   workers' countdown the same way (spin, then block). Back-to-back calls therefore cost two
- *   cache-line transfers, not a thread creation (the previous version created and joined
- *   threads on every call: ~30-60 us and a fresh scheduling decision each time). Lost wake-ups
- *   are excluded by seq_cst ordering (ticket store / sleeper count load against sleeper count
- *   increment / ticket load, the latter under the mutex that the waker also takes).
+ * - Hand-off: the caller publishes the task (fn, ctx, then a claim word (generation << 32 |
+ *   n << 16 | next chunk) and a ticket (generation << 8 | threads)); workers spin on the ticket (pause /
+ *   yield) for SPFQ_SPIN_US microseconds (default 100; 0 = never spin) after their last task,
+ *   then block on a condition variable. Back-to-back calls therefore cost a few cache-line
+ *   transfers, not a thread creation (the previous version created and joined threads on every
+ *   call: ~30-60 us and a fresh scheduling decision each time). Lost wake-ups are excluded by
+ *   seq_cst ordering (ticket store / sleeper count load against sleeper count increment /
+ *   ticket load, the latter under the mutex that the waker also takes).
+ * - Chunks are claimed by compare-and-swap on the claim word, by the caller as well: the caller
+ *   waits only for chunks a worker has actually claimed, never for a worker that has not been
+ *   scheduled yet (on a 2-vCPU machine shared with another busy process a late worker would
+ *   otherwise make a 2-thread call slower than a 1-thread one); a late worker finds the claim
+ *   word's generation changed or its chunks gone and touches nothing.
  * - Two host threads at once: one task runs at a time (a mutex, taken with trylock); a caller
  *   that finds the pool busy does not wait for it but runs its whole range single-threaded
- *   (nt = 1). So concurrent callers never block each other and never oversubscribe the cores;
+ *   (n = 1). So concurrent callers never block each other and never oversubscribe the cores;
  *   the price is that the second caller gets one thread. Calls from pool workers cannot happen
  *   (kernels do not call back).
  * - fork: a pthread_atfork handler (registered when the pool is created) takes the task mutex
@@ -49,9 +54,10 @@ typedef struct {
 
 struct pool {
     pthread_mutex_t lock;  /* only for blocking waits (wake / done) */
-    pthread_cond_t wake, done;
+    pthread_cond_t wake, done_cv;
     _Atomic uint64_t ticket;   /* (generation << 8) | nt of the current task; nt = 0: stop */
-    _Atomic int32_t remaining; /* workers of the current task still running */
+    _Atomic uint64_t claim;    /* (generation << 32) | (chunks << 16) | next unclaimed chunk */
+    _Atomic int32_t done;      /* chunks of the current task finished */
     _Atomic int32_t sleepers;  /* workers blocked on wake */
     _Atomic int32_t caller_asleep;
     spfq_pool_fn fn;           /* the current task, written before its ticket is published */
@@ -92,6 +98,28 @@ static uint64_t spin_ticket(_Atomic uint64_t *v, uint64_t old) {
     }
 }
 
+/* Claim chunks of generation gen and run them until none is left; returns how many ran. The
+ * claim word alone decides (generation, chunk count, next chunk), so a failed claim (another
+ * generation, or no chunk left) touches nothing else of the task. */
+static int32_t run_chunks(pool_t *p, uint64_t gen) {
+    int32_t ran = 0;
+    uint64_t c = atomic_load(&p->claim);
+    for (;;) {
+        const int32_t n = (int32_t)((c >> 16) & 0xffffu), next = (int32_t)(c & 0xffffu);
+        if ((c >> 32) != (gen & 0xffffffffu) || next >= n) return ran;
+        if (!atomic_compare_exchange_weak(&p->claim, &c, c + 1)) continue; /* c reloaded */
+        /* chunk claimed: the task cannot finish (nor be replaced) before it is done */
+        p->fn(p->ctx, next, n);
+        ran++;
+        if (atomic_fetch_add(&p->done, 1) + 1 == n && atomic_load(&p->caller_asleep)) {
+            pthread_mutex_lock(&p->lock);
+            pthread_cond_signal(&p->done_cv);
+            pthread_mutex_unlock(&p->lock);
+        }
+        c = atomic_load(&p->claim);
+    }
+}
+
 static void *worker(void *arg) {
     const worker_arg *a = arg;
     pool_t *p = a->p;
@@ -109,20 +137,13 @@ static void *worker(void *arg) {
         seen = t;
         const int32_t nt = (int32_t)(t & 0xff);
         if (nt == 0) break; /* stop */
-        if (me >= nt) continue; /* not part of this task */
-        p->fn(p->ctx, me, nt);
-        if (atomic_fetch_sub(&p->remaining, 1) == 1 && atomic_load(&p->caller_asleep)) {
-            pthread_mutex_lock(&p->lock);
-            pthread_cond_signal(&p->done);
-            pthread_mutex_unlock(&p->lock);
-        }
+        if (me < nt) run_chunks(p, t >> 8);
     }
     return NULL;
 }
 
-/* Publish a ticket and wake blocked workers. Caller holds task_lock. */
-static void publish(pool_t *p, int32_t nt) {
-    const uint64_t gen = (atomic_load_explicit(&p->ticket, memory_order_relaxed) >> 8) + 1;
+/* Publish ticket gen / nt and wake blocked workers. Caller holds task_lock. */
+static void publish(pool_t *p, uint64_t gen, int32_t nt) {
     atomic_store(&p->ticket, (gen << 8) | (uint64_t)nt);
     if (atomic_load(&p->sleepers) > 0) {
         pthread_mutex_lock(&p->lock);
@@ -155,7 +176,7 @@ static pool_t *pool_create(void) {
     if (!p) return NULL;
     if (pthread_mutex_init(&p->lock, NULL)) { free(p); return NULL; }
     if (pthread_cond_init(&p->wake, NULL)) { pthread_mutex_destroy(&p->lock); free(p); return NULL; }
-    if (pthread_cond_init(&p->done, NULL)) {
+    if (pthread_cond_init(&p->done_cv, NULL)) {
         pthread_cond_destroy(&p->wake);
         pthread_mutex_destroy(&p->lock);
         free(p);
@@ -180,9 +201,9 @@ static int start_worker(pool_t *p) {
     return 1;
 }
 
-int32_t spfq_pool_run(int32_t nthreads, spfq_pool_fn fn, void *ctx) {
+int32_t spfq_pool_run(int32_t nthreads, int32_t nchunks, spfq_pool_fn fn, void *ctx) {
     if (nthreads > SPFQ_POOL_MAX) nthreads = SPFQ_POOL_MAX;
-    if (nthreads <= 1 || pthread_mutex_trylock(&task_lock) != 0) {
+    if (nthreads <= 1 || nchunks <= 1 || pthread_mutex_trylock(&task_lock) != 0) {
         fn(ctx, 0, 1);
         return 1;
     }
@@ -196,28 +217,31 @@ int32_t spfq_pool_run(int32_t nthreads, spfq_pool_fn fn, void *ctx) {
         fn(ctx, 0, 1);
         return 1;
     }
+    const uint64_t gen = (atomic_load_explicit(&p->ticket, memory_order_relaxed) >> 8) + 1;
+    if (nchunks > 0xffff) nchunks = 0xffff;
     p->fn = fn;
     p->ctx = ctx;
-    atomic_store(&p->remaining, nt - 1);
-    publish(p, nt);
-    fn(ctx, 0, nt);
-    /* wait for the workers: spin, then block */
-    if (spin_ns > 0 && atomic_load_explicit(&p->remaining, memory_order_acquire) != 0) {
+    atomic_store(&p->done, 0);
+    atomic_store(&p->claim, ((gen & 0xffffffffu) << 32) | ((uint64_t)nchunks << 16));
+    publish(p, gen, nt);
+    run_chunks(p, gen);
+    /* wait for the chunks workers claimed: spin, then block */
+    if (spin_ns > 0 && atomic_load_explicit(&p->done, memory_order_acquire) != nchunks) {
         const long end = now_ns() + spin_ns;
-        for (unsigned i = 1; atomic_load_explicit(&p->remaining, memory_order_acquire) != 0; i++) {
+        for (unsigned i = 1; atomic_load_explicit(&p->done, memory_order_acquire) != nchunks; i++) {
             cpu_relax();
             if ((i & 63) == 0 && now_ns() > end) break;
         }
     }
-    if (atomic_load(&p->remaining) != 0) {
+    if (atomic_load(&p->done) != nchunks) {
         pthread_mutex_lock(&p->lock);
         atomic_store(&p->caller_asleep, 1);
-        while (atomic_load(&p->remaining) != 0) pthread_cond_wait(&p->done, &p->lock);
+        while (atomic_load(&p->done) != nchunks) pthread_cond_wait(&p->done_cv, &p->lock);
         atomic_store(&p->caller_asleep, 0);
         pthread_mutex_unlock(&p->lock);
     }
     pthread_mutex_unlock(&task_lock);
-    return nt;
+    return nchunks;
 }
 
 int32_t spfq_pool_workers(void) {
@@ -232,10 +256,10 @@ __attribute__((destructor)) static void pool_teardown(void) {
     if (pthread_mutex_trylock(&task_lock) != 0) return;
     pool_t *p = pool;
     if (p) {
-        publish(p, 0);
+        publish(p, (atomic_load(&p->ticket) >> 8) + 1, 0);
         for (int32_t i = 1; i <= p->nworkers; i++) pthread_join(p->tid[i], NULL);
         pthread_cond_destroy(&p->wake);
-        pthread_cond_destroy(&p->done);
+        pthread_cond_destroy(&p->done_cv);
         pthread_mutex_destroy(&p->lock);
         free(p);
         pool = NULL;
