@@ -72,13 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the layer table as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    e = sub.add_parser("export", help="write deployable artifacts (ONNX flavours + custom-op libraries) for a target")
+    e = sub.add_parser("export", help="write deployable artifacts (ONNX flavours + custom-op libraries, "
+                                      "TVM-compiled libraries) for a target")
     e.add_argument("file", help="the .spfq file")
     e.add_argument("-o", "--output", required=True, help="output directory (created atomically)")
-    e.add_argument("--format", choices=["onnx"], default="onnx", help="artifact format (default onnx)")
+    e.add_argument("--format", choices=["onnx", "tvm", "all"], default="onnx",
+                   help="onnx: the ONNX flavours (default); tvm: a TVM-compiled model.<target>.so per target "
+                        "(+ the host's) with the packed kernels linked in; all: both in one folder")
     e.add_argument("--target", help="target name from targets/*.toml (default: this machine)")
     e.add_argument("--activations", choices=["int8", "float"], default="int8",
-                   help="custom-op flavour: int8 (activations quantised per row, integer kernels; default) "
+                   help="custom-op flavour and TVM: int8 (activations quantised per row, integer kernels; default) "
                         "or float (weight-only kernels, parity with the dequantised model)")
     e.add_argument("--flavours", default="custom,stock,qonnx",
                    help="comma-separated ONNX flavours to write (custom, stock, qonnx)")
@@ -135,11 +138,17 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export.onnx_export import export_onnx
-
     flavours = tuple(f.strip() for f in args.flavours.split(",") if f.strip())
-    export_onnx(args.file, args.output, target=args.target, activations=args.activations, flavours=flavours,
-                force=args.force, model_spec=args.model)
+    if args.format in ("onnx", "all"):
+        from .export.onnx_export import export_onnx
+
+        export_onnx(args.file, args.output, target=args.target, activations=args.activations, flavours=flavours,
+                    force=args.force, model_spec=args.model)
+    if args.format in ("tvm", "all"):
+        from .export.tvm_export import export_tvm
+
+        export_tvm(args.file, args.output, target=args.target, activations=args.activations,
+                   force=args.force, model_spec=args.model, merge=args.format == "all")
     return 0
 
 

@@ -10,19 +10,16 @@ the custom-op flavour is unavailable (OrtHeadersMissing says how to get them).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 from ..errors import SpfqError
 from ..targets import ROOT, Target
+from .native_build import KERNEL_INCLUDE, build_hash, compile_kernels, kernel_sources, run
 
-KERNEL_SRC = ROOT / "kernels" / "src"
-KERNEL_INCLUDE = ROOT / "kernels" / "include"
 OP_SOURCE = ROOT / "kernels" / "ort" / "spfq_ort_ops.cc"
 LIB_NAME = "libspfq_ort.so"
 
@@ -53,43 +50,24 @@ def headers_info() -> dict:
             "path": str(inc)}
 
 
-def _sources() -> list[Path]:
-    return sorted(KERNEL_SRC.glob("*.c")) + sorted(KERNEL_SRC.glob("*.h")) + \
-        sorted(KERNEL_INCLUDE.glob("*.h")) + [OP_SOURCE]
-
-
-def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise SpfqError(f"{what} failed: {detail[-1] if detail else 'exit ' + str(proc.returncode)}")
-
-
 def build(target: Target, out_dir: Path | None = None) -> Path:
     """Compile (or reuse) the custom-op library for `target`; returns the .so path."""
     inc = headers_dir()
     target.require(target.cc, target.cxx)
     flags = list(target.cflags) + ["-fPIC", "-fvisibility=hidden"]
-    h = hashlib.sha256(" ".join([target.cc, target.cxx] + flags + [str(inc)]).encode())
-    for src in _sources():
-        h.update(src.name.encode() + src.read_bytes())
-    out_dir = Path(out_dir or ROOT / "build" / "ort" / target.name) / h.hexdigest()[:16]
+    digest = build_hash(target, flags, kernel_sources() + [OP_SOURCE], [str(inc)])
+    out_dir = Path(out_dir or ROOT / "build" / "ort" / target.name) / digest
     lib = out_dir / LIB_NAME
     if lib.is_file():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        objs = []
-        for src in sorted(KERNEL_SRC.glob("*.c")):
-            obj = Path(tmp) / (src.stem + ".o")
-            _run([target.cc, *flags, "-std=c11", "-I", str(KERNEL_INCLUDE), "-I", str(KERNEL_SRC),
-                  "-c", str(src), "-o", str(obj)], f"compiling {src.name} for {target.name}")
-            objs.append(str(obj))
+        objs = [str(o) for o in compile_kernels(target, flags, Path(tmp))]
         op_obj = Path(tmp) / "spfq_ort_ops.o"
-        _run([target.cxx, *flags, "-std=c++17", "-I", str(inc), "-I", str(KERNEL_INCLUDE),
+        run([target.cxx, *flags, "-std=c++17", "-I", str(inc), "-I", str(KERNEL_INCLUDE),
               "-c", str(OP_SOURCE), "-o", str(op_obj)], f"compiling the custom-op library for {target.name}")
         staged = Path(tmp) / LIB_NAME
-        _run([target.cxx, "-shared", "-pthread", "-o", str(staged), str(op_obj), *objs,
+        run([target.cxx, "-shared", "-pthread", "-o", str(staged), str(op_obj), *objs,
               "-static-libstdc++", "-static-libgcc", "-Wl,--no-undefined", "-lm"],
              f"linking the custom-op library for {target.name}")
         os.replace(staged, lib)

@@ -1,0 +1,292 @@
+// spfq_tvm_ops.cc — the TVM packed functions of spfq-deploy, linked into every TVM-exported
+// library (model.<target>.so) together with the C kernels (kernels/src/*.c).
+//
+// The Relax graph calls one destination-passing function per compressed layer:
+//
+//   R.call_dps_packed("spfq_packed_layer",
+//                     (x, attrs, sign, mask, planes, scale, lam, bias), out_sinfo=y)
+//
+// x float32 (..., K) for linear, (B, C, H, W) / (B, C, W) for conv; attrs int64 (kAttrs,) below;
+// sign / mask uint64 (N, W), planes uint64 (bits, N, W or Wk) in the kernel ABI layouts
+// (kernels/include/spfq_kernels.h); scale / lam / bias float32 (N,). A buffer the layout does
+// not use (or lam / bias when absent) is a 1-element placeholder, flagged in attrs.
+// Conv goes through im2col per group into the GEMM, as spfq_deploy/kernel_layers.py does.
+//
+// Weights are prepared (spfq_prepare: a copy / repack per conv group) on the first call and
+// cached per (attrs, weight buffer) address: Relax constants do not move while the VM lives.
+// Written against tvm-ffi's C ABI only (c_api.h: TVMFFIAny, the Tensor object layout), so the
+// library depends on no C++ symbol of libtvm_ffi; the runtime that loads it provides the C ones.
+//
+// Extra exported functions (callable from Python as lib["spfq_tvm_calls"]() etc.):
+//   spfq_tvm_calls()        -> int: kernel GEMM calls made so far (the "packed path is used" proof)
+//   spfq_tvm_library_info() -> str: "spfq-tvm 1; kernels abi N isa NAME"
+
+#include <tvm/ffi/c_api.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "spfq_kernels.h"
+
+namespace {
+
+// attrs layout (int64); kVersion first so a mismatched library refuses instead of misreading
+enum Attr {
+    kVersion = 0, kLayout, kBits, kK, kN, kKeptWords, kInt8, kHasLam, kHasBias,
+    kConvDims, kGroups, kKH, kKW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kAttrs
+};
+const int64_t kAttrVersion = 1;
+enum Arg { aX = 0, aAttrs, aSign, aMask, aPlanes, aScale, aLam, aBias, aY, kArgs };
+
+struct Error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+std::atomic<int64_t> g_calls{0};
+
+int default_threads() {
+    if (const char *env = std::getenv("SPFQ_NUM_THREADS")) {
+        int v = std::atoi(env);
+        if (v > 0) return v;
+    }
+    unsigned hw = std::thread::hardware_concurrency();
+    return hw ? static_cast<int>(hw) : 1;
+}
+
+void check(int status, const char *what) {
+    static const char *names[] = {"ok", "invalid argument", "out of memory", "not supported"};
+    if (status) throw Error(std::string(what) + ": kernel returned " + (status < 4 ? names[status] : "error"));
+}
+
+int64_t numel(const DLTensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+const DLTensor *tensor_arg(const TVMFFIAny *args, int i, DLDataTypeCode code, int bits, const char *name) {
+    const TVMFFIAny &a = args[i];
+    const DLTensor *t = nullptr;
+    if (a.type_index == kTVMFFITensor) t = TVMFFITensorGetDLTensorPtr(a.v_obj);
+    else if (a.type_index == kTVMFFIDLTensorPtr) t = static_cast<const DLTensor *>(a.v_ptr);
+    else throw Error(std::string(name) + " is not a tensor (type index " + std::to_string(a.type_index) + ")");
+    if (t->device.device_type != kDLCPU) throw Error(std::string(name) + " is not on the CPU");
+    if (t->dtype.code != code || t->dtype.bits != bits || t->dtype.lanes != 1)
+        throw Error(std::string(name) + " has the wrong dtype");
+    if (t->strides) {  // only compact row-major tensors
+        int64_t expect = 1;
+        for (int d = t->ndim - 1; d >= 0; d--) {
+            if (t->shape[d] != 1 && t->strides[d] != expect) throw Error(std::string(name) + " is not contiguous");
+            expect *= t->shape[d];
+        }
+    }
+    return t;
+}
+
+template <typename T>
+const T *data(const DLTensor *t) {
+    return reinterpret_cast<const T *>(static_cast<const char *>(t->data) + t->byte_offset);
+}
+
+// The prepared weights of one layer (one part per conv group).
+struct Prepared {
+    std::vector<spfq_prepared *> parts;
+};
+
+using Key = std::tuple<const void *, const void *, const void *, const void *, const void *, const void *,
+                       const void *>;
+std::mutex g_mu;
+std::map<Key, Prepared> g_cache;  // lives as long as the process (constants do too)
+
+const Prepared &prepare(const int64_t *at, const DLTensor *sign_t, const DLTensor *mask_t, const DLTensor *planes_t,
+                        const DLTensor *scale_t, const DLTensor *lam_t, const DLTensor *bias_t) {
+    const uint64_t *sign = data<uint64_t>(sign_t), *mask = data<uint64_t>(mask_t), *planes = data<uint64_t>(planes_t);
+    const float *scale = data<float>(scale_t);
+    const float *lam = at[kHasLam] ? data<float>(lam_t) : nullptr;
+    const float *bias = at[kHasBias] ? data<float>(bias_t) : nullptr;
+    Key key{at, sign, mask, planes, scale, lam, bias};
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = g_cache.find(key);
+    if (it != g_cache.end()) return it->second;
+
+    const int layout = static_cast<int>(at[kLayout]), bits = static_cast<int>(at[kBits]);
+    const int64_t n = at[kN], k = at[kK], kw = at[kKeptWords], g = at[kConvDims] ? at[kGroups] : 1;
+    const int64_t W = (k + 63) / 64, ng = n / g;
+    const int64_t pw = layout == SPFQ_SPARSE ? kw : W;
+    const bool need_sign = layout == SPFQ_SIGN || layout == SPFQ_SIGN_MASK;
+    const bool need_mask = layout == SPFQ_SIGN_MASK || layout == SPFQ_SPARSE;
+    const bool need_planes = layout == SPFQ_PLANES || layout == SPFQ_SPARSE;
+    if (need_sign && numel(sign_t) != n * W) throw Error("sign has the wrong size");
+    if (need_mask && numel(mask_t) != n * W) throw Error("mask has the wrong size");
+    // pw == 0 (an all-zero sparse layer): a 1-element placeholder stands for the empty buffer
+    if (need_planes && numel(planes_t) != (pw ? bits * n * pw : 1)) throw Error("planes has the wrong size");
+    if (numel(scale_t) != n || (lam && numel(lam_t) != n) || (bias && numel(bias_t) != n))
+        throw Error("scale / lam / bias must have out_features elements");
+
+    Prepared prep;
+    std::vector<uint64_t> slab;  // one group's planes, contiguous (bits, ng, pw)
+    try {
+        for (int64_t j = 0; j < g; j++) {
+            const int64_t r0 = j * ng;
+            spfq_weights_desc d{};
+            d.layout = layout;
+            d.n = static_cast<int32_t>(ng);
+            d.k = static_cast<int32_t>(k);
+            d.bits = bits;
+            d.kept_words = static_cast<int32_t>(kw);
+            d.sign = need_sign ? sign + r0 * W : nullptr;
+            d.mask = need_mask ? mask + r0 * W : nullptr;
+            if (need_planes) {
+                if (g == 1) {
+                    d.planes = planes;
+                } else {
+                    slab.resize(static_cast<size_t>(bits * ng * pw));
+                    for (int64_t b = 0; b < bits; b++)
+                        std::memcpy(&slab[b * ng * pw], planes + (b * n + r0) * pw, sizeof(uint64_t) * ng * pw);
+                    d.planes = slab.data();
+                }
+            }
+            d.scale = scale + r0;
+            d.lam = lam ? lam + r0 : nullptr;
+            d.bias = bias ? bias + r0 : nullptr;
+            spfq_prepared *p = nullptr;
+            check(spfq_prepare(&d, &p), "prepare");
+            prep.parts.push_back(p);
+        }
+    } catch (...) {
+        for (spfq_prepared *p : prep.parts) spfq_free(p);
+        throw;
+    }
+    return g_cache.emplace(key, std::move(prep)).first->second;
+}
+
+// y (m, ng) = rows (m, K) through one prepared part.
+void gemm(spfq_prepared *p, bool int8, int64_t m, int64_t k, const float *rows, float *y, int threads) {
+    if (m == 0) return;
+    if (m > INT32_MAX) throw Error("too many rows");
+    g_calls.fetch_add(1, std::memory_order_relaxed);
+    if (!int8) {
+        check(spfq_matmul_f32(p, static_cast<int32_t>(m), rows, y, threads), "matmul_f32");
+        return;
+    }
+    std::vector<int8_t> xq(static_cast<size_t>(m * k));
+    std::vector<float> xs(static_cast<size_t>(m));
+    check(spfq_quantize_i8(static_cast<int32_t>(m), static_cast<int32_t>(k), rows, xq.data(), xs.data()), "quantize_i8");
+    check(spfq_matmul_i8(p, static_cast<int32_t>(m), xq.data(), xs.data(), y, threads), "matmul_i8");
+}
+
+void run_linear(const int64_t *at, const Prepared &prep, const DLTensor *x, DLTensor *y, int threads) {
+    const int64_t k = at[kK], n = at[kN];
+    if (x->ndim < 1 || x->shape[x->ndim - 1] != k) throw Error("input's last axis must be in_features");
+    const int64_t m = numel(x) / k;
+    if (numel(y) != m * n) throw Error("output has the wrong size");
+    gemm(prep.parts[0], at[kInt8] != 0, m, k, data<float>(x), static_cast<float *>(y->data) + y->byte_offset / 4,
+         threads);
+}
+
+void run_conv(const int64_t *at, const Prepared &prep, const DLTensor *xt, DLTensor *yt, int threads) {
+    const int64_t dims = at[kConvDims], k = at[kK], n = at[kN], groups = at[kGroups];
+    if (xt->ndim != dims + 2) throw Error("conv input has the wrong rank");
+    const int64_t B = xt->shape[0], C = xt->shape[1], H = dims == 2 ? xt->shape[2] : 1, Wd = xt->shape[dims + 1];
+    const int64_t KH = at[kKH], KW = at[kKW], SH = at[kSH], SW = at[kSW], DH = at[kDH], DW = at[kDW];
+    const int64_t PT = at[kPT], PL = at[kPL], PB = at[kPB], PR = at[kPR];
+    const int64_t cg = k / (KH * KW);
+    if (C != cg * groups) throw Error("conv input has the wrong number of channels");
+    const int64_t OH = (H + PT + PB - DH * (KH - 1) - 1) / SH + 1, OW = (Wd + PL + PR - DW * (KW - 1) - 1) / SW + 1;
+    if (OH < 1 || OW < 1) throw Error("conv input is smaller than the kernel");
+    if (numel(yt) != B * n * OH * OW) throw Error("conv output has the wrong size");
+    const float *x = data<float>(xt);
+    float *y = static_cast<float *>(yt->data) + yt->byte_offset / 4;
+    const int64_t m = B * OH * OW, ng = n / groups, P = OH * OW;
+    std::vector<float> cols(static_cast<size_t>(m * k)), yg(static_cast<size_t>(m * ng));
+    for (int64_t g = 0; g < groups; g++) {
+        // im2col: row (b, oh, ow), column (c, kh, kw) as PyTorch flattens the weight
+        float *row = cols.data();
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t oh = 0; oh < OH; oh++)
+                for (int64_t ow = 0; ow < OW; ow++)
+                    for (int64_t c = 0; c < cg; c++) {
+                        const float *plane = x + ((b * C + g * cg + c) * H) * Wd;
+                        for (int64_t kh = 0; kh < KH; kh++) {
+                            const int64_t ih = oh * SH - PT + kh * DH;
+                            for (int64_t kw = 0; kw < KW; kw++) {
+                                const int64_t iw = ow * SW - PL + kw * DW;
+                                *row++ = (ih >= 0 && ih < H && iw >= 0 && iw < Wd) ? plane[ih * Wd + iw] : 0.0f;
+                            }
+                        }
+                    }
+        gemm(prep.parts[static_cast<size_t>(g)], at[kInt8] != 0, m, k, cols.data(), yg.data(), threads);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < ng; j++) {
+                float *out = y + (b * n + g * ng + j) * P;
+                const float *src = &yg[static_cast<size_t>(b * P * ng + j)];
+                for (int64_t p = 0; p < P; p++) out[p] = src[p * ng];
+            }
+    }
+}
+
+void packed_layer(const TVMFFIAny *args, int32_t num_args) {
+    if (num_args != kArgs) throw Error("expected " + std::to_string(kArgs) + " arguments, got " + std::to_string(num_args));
+    const DLTensor *attrs = tensor_arg(args, aAttrs, kDLInt, 64, "attrs");
+    if (numel(attrs) != kAttrs) throw Error("attrs has the wrong size");
+    const int64_t *at = data<int64_t>(attrs);
+    if (at[kVersion] != kAttrVersion) throw Error("attrs version mismatch (library and graph from different releases)");
+    const int layout = static_cast<int>(at[kLayout]);
+    if (layout < SPFQ_SIGN || layout > SPFQ_SPARSE) throw Error("unknown layout");
+    if (at[kK] < 1 || at[kN] < 1) throw Error("in_features and out_features must be positive");
+    if (at[kConvDims] && (at[kGroups] < 1 || at[kN] % at[kGroups] || at[kK] % (at[kKH] * at[kKW])))
+        throw Error("inconsistent conv attributes");
+    const DLTensor *x = tensor_arg(args, aX, kDLFloat, 32, "x");
+    const DLTensor *sign = tensor_arg(args, aSign, kDLUInt, 64, "sign");
+    const DLTensor *mask = tensor_arg(args, aMask, kDLUInt, 64, "mask");
+    const DLTensor *planes = tensor_arg(args, aPlanes, kDLUInt, 64, "planes");
+    const DLTensor *scale = tensor_arg(args, aScale, kDLFloat, 32, "scale");
+    const DLTensor *lam = tensor_arg(args, aLam, kDLFloat, 32, "lam");
+    const DLTensor *bias = tensor_arg(args, aBias, kDLFloat, 32, "bias");
+    DLTensor *y = const_cast<DLTensor *>(tensor_arg(args, aY, kDLFloat, 32, "y"));
+    const Prepared &prep = prepare(at, sign, mask, planes, scale, lam, bias);
+    static const int threads = default_threads();
+    if (at[kConvDims]) run_conv(at, prep, x, y, threads);
+    else run_linear(at, prep, x, y, threads);
+}
+
+}  // namespace
+
+extern "C" {
+
+TVM_FFI_DLL_EXPORT int __tvm_ffi_spfq_packed_layer(void *, const TVMFFIAny *args, int32_t num_args, TVMFFIAny *result) {
+    try {
+        packed_layer(args, num_args);
+        result->type_index = kTVMFFINone;
+        result->zero_padding = 0;
+        result->v_int64 = 0;
+        return 0;
+    } catch (const std::exception &e) {
+        TVMFFIErrorSetRaisedFromCStr("ValueError", (std::string("spfq_packed_layer: ") + e.what()).c_str());
+        return -1;
+    }
+}
+
+TVM_FFI_DLL_EXPORT int __tvm_ffi_spfq_tvm_calls(void *, const TVMFFIAny *, int32_t, TVMFFIAny *result) {
+    result->type_index = kTVMFFIInt;
+    result->zero_padding = 0;
+    result->v_int64 = g_calls.load();
+    return 0;
+}
+
+TVM_FFI_DLL_EXPORT int __tvm_ffi_spfq_tvm_library_info(void *, const TVMFFIAny *, int32_t, TVMFFIAny *result) {
+    static const std::string info = "spfq-tvm 1; kernels abi " + std::to_string(spfq_abi_version()) + " isa " + spfq_isa();
+    TVMFFIByteArray bytes{info.data(), info.size()};
+    return TVMFFIStringFromByteArray(&bytes, result);
+}
+
+}  // extern "C"

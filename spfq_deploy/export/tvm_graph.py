@@ -1,0 +1,227 @@
+"""The compressed model as a Relax module whose compressed layers call the packed kernels.
+
+torch.export traces the reference model with every compressed layer replaced by the marker op
+`spfq::packed_layer(x, index, geometry)` (a torch.library custom op: its fake implementation
+gives the output shape, so dynamic batch / sequence / spatial axes stay symbolic). TVM's
+from_exported_program imports everything else (attention, LayerNorm, GELU, pooling) as Relax
+ops, and our custom_convert_map turns each marker into
+
+    R.call_dps_packed("spfq_packed_layer", (x, attrs, sign, mask, planes, scale, lam, bias))
+
+with the kernel-ABI packed buffers (the same bytes as the ONNX custom-op flavour) as Relax
+constants. No float weight of a compressed layer enters the module.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..compress.capture import conv_output_size
+from ..compressed import CompressedLayer, CompressedModel
+from ..errors import SpfqError
+from ..pack import layouts as L
+from ..reference import replace_module
+from .capture import ExportInputs
+from .onnx_custom import LAYOUT_IDS, kernel_layout
+
+PACKED_FUNC = "spfq_packed_layer"  # kernels/tvm/spfq_tvm_ops.cc exports __tvm_ffi_spfq_packed_layer
+ATTR_VERSION = 1
+# the attrs vector of kernels/tvm/spfq_tvm_ops.cc (enum Attr), in order
+ATTR_FIELDS = ("version", "layout", "bits", "k", "n", "kept_words", "int8", "has_lam", "has_bias", "conv_dims",
+               "groups", "kh", "kw", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw")
+
+
+# ------------------------------------------------------------------ the marker op
+
+@torch.library.custom_op("spfq::packed_layer", mutates_args=())
+def packed_layer(x: torch.Tensor, index: int, geometry: list[int]) -> torch.Tensor:
+    """Stands for compressed layer `index` while tracing; never computed eagerly.
+    geometry: [out_features] (linear) or [out_features, k..., stride..., padding..., dilation...]."""
+    raise RuntimeError("spfq::packed_layer only marks a layer for the TVM export; it has no eager kernel")
+
+
+@packed_layer.register_fake
+def _(x, index, geometry):
+    return x.new_empty(_out_shape(list(x.shape), geometry))
+
+
+def _out_shape(shape: list, geometry: list[int]) -> list:
+    n = geometry[0]
+    if len(geometry) == 1:
+        return shape[:-1] + [n]
+    d = (len(geometry) - 1) // 4
+    k, s, p, dil = (geometry[1 + i * d:1 + (i + 1) * d] for i in range(4))
+    return [shape[0], n] + [conv_output_size(shape[2 + i], k[i], s[i], p[i], dil[i]) for i in range(d)]
+
+
+def geometry(layer: CompressedLayer) -> list[int]:
+    if layer.kind == "linear":
+        return [layer.rows]
+    c = layer.conv
+    return [layer.rows, *c["kernel_size"], *c["stride"], *c["padding"], *c["dilation"]]
+
+
+class _Marked(nn.Module):
+    def __init__(self, index: int, geom: list[int]):
+        super().__init__()
+        self.index, self.geom = index, geom
+
+    def forward(self, x):
+        return torch.ops.spfq.packed_layer(x, self.index, self.geom)
+
+
+# ------------------------------------------------------------------ per-layer kernel inputs
+
+@dataclass
+class PackedLayer:
+    """Everything the packed function gets for one layer, as numpy arrays."""
+
+    name: str
+    attrs: np.ndarray  # int64 (len(ATTR_FIELDS),)
+    buffers: dict  # sign, mask, planes (uint64), scale, lam, bias (float32); placeholders when absent
+    info: dict = field(default_factory=dict)
+
+
+def pack_for_kernel(layer: CompressedLayer, activation: str) -> PackedLayer:
+    """The kernel-ABI buffers and attributes of one layer (layout choice as the ONNX custom ops)."""
+    layout = kernel_layout(layer)
+    bufs = L.pack_layer(layer, layout)
+    bits = L.field_bits(layer) if layout in ("planes", "sparse") else (1 if layout == "sign" else 2)
+    empty_u64, empty_f32 = np.zeros(1, np.uint64), np.zeros(1, np.float32)
+    planes_key = "kept" if layout == "sparse" else "planes"
+    use_lam = layer.lam is not None and layout in ("planes", "sparse")
+    out = {"sign": bufs["sign"].astype(np.uint64) if "sign" in bufs else empty_u64,
+           "mask": bufs["mask"].astype(np.uint64) if "mask" in bufs else empty_u64,
+           "planes": bufs[planes_key].astype(np.uint64) if planes_key in bufs else empty_u64,
+           "scale": layer.scale.astype(np.float32),
+           "lam": layer.lam.astype(np.float32) if use_lam else empty_f32,
+           "bias": np.asarray(layer.bias, np.float32) if layer.bias is not None else empty_f32}
+    # a zero-element constant does not survive TVM's constant serialisation (an all-zero sparse
+    # layer has kept_words = 0): pass the placeholder; the kernel reads no kept word then
+    out = {k: (v if v.size else (empty_u64 if v.dtype == np.uint64 else empty_f32)) for k, v in out.items()}
+    a = dict.fromkeys(ATTR_FIELDS, 0)
+    a.update(version=ATTR_VERSION, layout=LAYOUT_IDS[layout], bits=bits, k=layer.cols, n=layer.rows,
+             kept_words=int(bufs["kept"].shape[2]) if layout == "sparse" else 0, int8=int(activation == "int8"),
+             has_lam=int(use_lam), has_bias=int(layer.bias is not None))
+    if layer.kind != "linear":
+        c = layer.conv
+        two = layer.kind == "conv2d"
+        k, s, p, d = c["kernel_size"], c["stride"], c["padding"], c["dilation"]
+        a.update(conv_dims=2 if two else 1, groups=int(c["groups"]),
+                 kh=k[0] if two else 1, kw=k[-1], sh=s[0] if two else 1, sw=s[-1],
+                 pt=p[0] if two else 0, pb=p[0] if two else 0, pl=p[-1], pr=p[-1],
+                 dh=d[0] if two else 1, dw=d[-1])
+    attrs = np.array([a[f] for f in ATTR_FIELDS], np.int64)
+    packed_bytes = int(sum(b.nbytes for b in bufs.values()))
+    return PackedLayer(layer.name, attrs, out, {"call": PACKED_FUNC, "layout": layout, "bits": bits,
+                                                "activation": activation, "packed_bytes": packed_bytes})
+
+
+# ------------------------------------------------------------------ torch.export -> Relax
+
+_EXPORT_LOCK = threading.Lock()  # torch.export and the importer are not re-entrant per process
+
+
+def _dynamic_shapes(inputs: ExportInputs):
+    """torch.export dynamic_shapes from the model file's dynamic axes: Dim.AUTO per named axis,
+    so torch derives the ranges (e.g. conv inputs >= the kernel) and relations between inputs
+    itself; an axis the model pins to one size is specialised (the IR then shows a constant)."""
+    from torch.export import Dim
+
+    spec = []
+    for name, arg in zip(inputs.input_names, inputs.args):
+        axes = inputs.dynamic_axes.get(name, {})
+        spec.append({int(axis): Dim.AUTO for axis in axes} or None)
+    return tuple(spec) if any(s is not None for s in spec) else None
+
+
+def dynamic_inputs(ep, input_names: list[str]) -> dict:
+    """{input name: [axis, ...]} of the exported program's symbolic input axes (user inputs in
+    argument order, named as the model file names them)."""
+    user = list(ep.graph_signature.user_inputs)
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    out = {}
+    for label, placeholder in zip(input_names, user):
+        val = nodes[placeholder].meta.get("val") if placeholder in nodes else None
+        axes = [i for i, s in enumerate(getattr(val, "shape", ())) if not isinstance(s, int)]
+        if axes:
+            out[label] = axes
+    return out
+
+
+def marked_model(model: nn.Module, cm: CompressedModel) -> tuple[nn.Module, list[str]]:
+    """A copy of `model` with every compressed layer replaced by the marker; layer order."""
+    model = copy.deepcopy(model).eval()
+    names = list(cm.layers)
+    for i, name in enumerate(names):
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise SpfqError(f"compressed layer '{name}' is not a module of the model") from None
+        replace_module(model, name, _Marked(i, geometry(cm.layers[name])))
+    return model, names
+
+
+def export_program(model: nn.Module, cm: CompressedModel, inputs: ExportInputs, dynamic: bool = True):
+    """torch.export of the marked model (dynamic axes from the model file when `dynamic`)."""
+    marked, names = marked_model(model, cm)
+    dyn = _dynamic_shapes(inputs) if dynamic else None
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(marked, tuple(inputs.args), dynamic_shapes=dyn, strict=False)
+    except Exception as exc:  # torch raises many types; the first line says what failed
+        raise SpfqError(f"torch.export of the model failed: {str(exc).strip().splitlines()[0]}") from None
+    seen = {n.args[1] for n in ep.graph.nodes if n.op == "call_function" and "packed_layer" in str(n.target)}
+    lost = [names[i] for i in range(len(names)) if i not in seen]
+    if lost:
+        raise SpfqError(f"compressed layer '{lost[0]}' is not on the model's forward path; cannot export it")
+    return ep, names
+
+
+def to_relax(ep, cm: CompressedModel, names: list[str], activation: str):
+    """The Relax module of an exported program; returns (IRModule, per-layer info)."""
+    from tvm import relax
+    from tvm import tirx as tir
+    from tvm.relax.frontend.torch import from_exported_program
+
+    packed = [pack_for_kernel(cm.layers[n], activation) for n in names]
+
+    def convert(node, importer):
+        x = importer.env[node.args[0]]
+        index, geom = int(node.args[1]), list(node.args[2])
+        p = packed[index]
+        shape = list(x.ty.shape.values)
+        out_shape = _relax_out_shape(shape, geom, tir)
+        # explicit dtypes: relax.const would narrow int64 to int32
+        args = [x, relax.const(p.attrs, "int64")] + [relax.const(p.buffers[k], str(p.buffers[k].dtype)) for k in
+                                                      ("sign", "mask", "planes", "scale", "lam", "bias")]
+        call = relax.call_dps_packed(PACKED_FUNC, args, relax.TensorType(out_shape, "float32"))
+        return importer.block_builder.emit(call)
+
+    try:
+        mod = from_exported_program(ep, custom_convert_map={"packed_layer.default": convert})
+    except AssertionError as exc:  # the importer asserts on unsupported torch ops
+        raise SpfqError(f"TVM's torch importer cannot translate the model: {exc}") from None
+    return mod, {p.name: p.info for p in packed}
+
+
+def _relax_out_shape(shape: list, geom: list[int], tir) -> list:
+    n = geom[0]
+    if len(geom) == 1:
+        return shape[:-1] + [n]
+    d = (len(geom) - 1) // 4
+    k, s, p, dil = (geom[1 + i * d:1 + (i + 1) * d] for i in range(4))
+    out = [shape[0], n]
+    for i in range(d):
+        size = shape[2 + i]
+        if isinstance(size, tir.IntImm):
+            out.append(conv_output_size(int(size), k[i], s[i], p[i], dil[i]))
+        else:
+            out.append(tir.floordiv(size + 2 * p[i] - dil[i] * (k[i] - 1) - 1, s[i]) + 1)
+    return out
