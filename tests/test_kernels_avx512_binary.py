@@ -187,3 +187,62 @@ def test_avx512_matches_c_oracle(lib, kernel):
         c, _ = run(lib, "c", kernel, w, act)
         a, _ = run(lib, "avx512", kernel, w, act)
         np.testing.assert_array_equal(a, c)
+
+
+# ------------------------------------------------------------------------------ prefill M
+# M >= 16 runs the expanded-weight path (sign_i8_vnni: M >= 16 at K <= 1024, M >= 24 at
+# K <= 2048, in K blocks of 1024): odd K (steps of 4 columns, 64-bit words), partial groups of
+# 16 rows, partial 4-row activation tiles, row ranges that are not multiples of 64.
+
+@pytest.mark.parametrize("kernel", ["sign_i8", "sign_mask_i8"])
+@pytest.mark.parametrize("k", [1, 3, 5, 63, 64, 65, 127, 384, 1000, 1024, 1025, 1537, 2048])
+@pytest.mark.parametrize("n", [1, 17, 64, 65, 130])
+def test_prefill_m_against_numpy_and_c(lib, kernel, k, n):
+    rng = np.random.default_rng([k, n, KERNELS.index(kernel), 16])
+    w = weights_for(kernel, rng, n, k)
+    for m in (16, 17, 23, 24, 37, 130):
+        act = activations(rng, kernel, m, k)
+        out = check(lib, "avx512", kernel, w, act)
+        c, _ = run(lib, "c", kernel, w, act)
+        np.testing.assert_array_equal(out, c)
+        out2, extra = run(lib, "avx512", kernel, w, act, acc_c=False)
+        assert extra is None
+        np.testing.assert_array_equal(out2, c)
+
+
+@pytest.mark.parametrize("kernel", ["sign_i8", "sign_mask_i8"])
+@pytest.mark.parametrize("n0,n1", [(0, 1), (5, 70), (64, 128), (63, 130), (127, 130), (7, 7), (3, 200)])
+def test_prefill_m_row_range(lib, kernel, n0, n1):
+    rng = np.random.default_rng([n0, n1, KERNELS.index(kernel), 16])
+    w = weights_for(kernel, rng, 200, 300)
+    for m in (16, 29):
+        check(lib, "avx512", kernel, w, activations(rng, kernel, m, 300), n0, n1)
+
+
+@pytest.mark.parametrize("kernel", ["sign_i8", "sign_mask_i8"])
+@pytest.mark.parametrize("k", [1, 66, 1000, 1537])
+def test_prefill_m_padding_and_stray_bits_are_ignored(lib, kernel, k):
+    rng = np.random.default_rng([k, 16, 99])
+    w = make(rng, 33, k, sparsity=0.6, stray=True) if "mask" in kernel else weights_for(kernel, rng, 33, k)
+    pad = ~np.uint64(0) << np.uint64(k % 64) if k % 64 else np.uint64(0)
+    x = activations(rng, kernel, 40, k)
+    ref = ref_i8(w, x)
+    w.sign[:, -1] |= pad
+    if w.mask is not None:
+        w.mask[:, -1] |= pad
+    a, _ = run(lib, "avx512", kernel, w, x)
+    np.testing.assert_array_equal(a, ref)
+
+
+@pytest.mark.parametrize("kernel", ["sign_i8", "sign_mask_i8"])
+@pytest.mark.parametrize("k", [1024, 2048])
+def test_prefill_m_extremes_do_not_overflow(lib, kernel, k):
+    n = 6
+    neg = np.zeros((n, k), bool)
+    neg[1] = neg[3] = neg[5] = True
+    w = Weights(pack_bits(neg), k, pack_bits(np.ones((n, k), bool)) if "mask" in kernel else None)
+    rows = [np.full(k, -128, np.int8), np.full(k, 127, np.int8),
+            np.where(np.arange(k) % 2, 127, -128).astype(np.int8)]
+    act = np.stack([rows[i % 3] for i in range(24)])
+    out = check(lib, "avx512", kernel, w, act)
+    assert out[0, 0] == -128 * k and out[0, 1] == 128 * k and out[1, 0] == 127 * k

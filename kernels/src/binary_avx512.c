@@ -30,6 +30,9 @@
  *   128 * sum_k w_k = 128 * (popcount(mask) - 2 popcount(mask & sign)) is computed per weight row
  *   once per block with vpopcntq. Bits at k >= K are masked off (the oracle ignores them).
  *
+ * i8 at prefill M (use_vnni: M >= 16 at K <= 1024, M >= 24 at K <= 2048): sign_i8_vnni, see
+ *   its section at the end (weights expanded to bytes once per call, outputs in vector lanes).
+ *
  * Times (single thread, AMD EPYC Zen 4 class, K = N = 4096, range function called from C, best
  * of many runs; avx2 = binary_avx2.c through the same API):
  *   bgemm         M = 1: 0.022 ms   M = 64: 0.63 ms   (avx2 ~0.045 / 2.7 ms)
@@ -41,6 +44,8 @@
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -191,7 +196,18 @@ AVX512_INLINE void sign_tile(const int8_t *x, const uint64_t *w, int32_t W, int3
         sign_tile(x, w, W, K, sumx, as, ac, N, MR_, NR_);                       \
         break;
 
+static int sign_i8_vnni(const spfq_job *j, int32_t n0, int32_t n1, int ternary);
+
+/* The expanded-weight path below for M activation rows at reduction length K: it wins from
+ * M = 16 at K <= 1024 (MiniLM M = 128: ~2x), from M ~ 24 at K <= 2048; at K = 4096 the
+ * per-call expansion makes it no faster than these tiles up to M = 128 (measured on the Zen 5
+ * class machine of the times above, 1 thread). */
+static inline int use_vnni(int32_t M, int32_t K) {
+    return (M >= 16 && K <= 1024) || (M >= 24 && K <= 2048);
+}
+
 AVX512_FN void spfq_sign_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1) {
+    if (use_vnni(j->m, j->w->d.k) && sign_i8_vnni(j, n0, n1, 0) == 0) return;
     const spfq_weights_desc *d = &j->w->d;
     const int32_t N = d->n, K = d->k, W = j->w->words, M = j->m;
     for (int32_t nb = n0; nb < n1; nb += NBLOCK) {
@@ -289,6 +305,7 @@ AVX512_INLINE void mask_tile(const int8_t *x, const uint64_t *w, const uint64_t 
         break;
 
 AVX512_FN void spfq_sign_mask_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1) {
+    if (use_vnni(j->m, j->w->d.k) && sign_i8_vnni(j, n0, n1, 1) == 0) return;
     const spfq_weights_desc *d = &j->w->d;
     const int32_t N = d->n, K = d->k, W = j->w->words, M = j->m;
     int32_t corr[NBLOCK];
@@ -318,6 +335,185 @@ AVX512_FN void spfq_sign_mask_i8_avx512(const spfq_job *j, int32_t n0, int32_t n
             m += MR;
         }
     }
+}
+
+/* ------------------------------------------------------------------------------ i8, prefill M (use_vnni)
+ *
+ * Prefill-sized M: the weight rows of one 64-row block are expanded once per call into bytes in
+ * the layout vpdpbusd wants with outputs in lanes ("vertical"): for column step s (4 columns)
+ * and group g of 16 weight rows, 64 bytes at buf[(s * ng + g) * 64], int32 lane r = row
+ * 16 g + r, its byte i = column 4 s + i, holding the unsigned weight byte
+ *   SIGN:      u = sign bit (0 / 1)           sum_k x_k s_k = sum_k x_k - 2 sum_k x_k u_k
+ *   SIGN_MASK: u = w + 1 in {0, 1, 2}         sum_k x_k w_k = sum_k x_k u_k - sum_k x_k
+ * A register tile of MR activation rows x ng * 16 outputs then needs, per step, ng weight
+ * loads, MR 4-byte activation broadcasts (the signed operand) and MR * ng vpdpbusd, with no
+ * horizontal reductions (the per-output reductions dominated the tile kernels above at K = 384).
+ * Each expanded block (ng * 16 * 64 W bytes, L2-resident) is reused by all M activation rows,
+ * in K blocks of VNNI_KC columns (raw partial sums parked in acc_s between K blocks).
+ * Columns k >= K: the activation bytes of the last partial step are loaded masked (0), so
+ * whatever the expanded weights hold there contributes nothing; steps past ceil(K / 4) are
+ * never read. Exact integers, equal to the C oracle bit for bit (int32 lanes, as above). */
+
+#define VNNI_MR 4 /* activation rows per register tile (4 x 4 zmm = 16 accumulators) */
+#ifndef VNNI_KC
+#define VNNI_KC 1024 /* columns per K block (multiple of 4; 64 KiB of expanded weights) */
+#endif
+
+/* Expand rows [0, rows) (rows <= 64) of a block, ng = ceil(rows / 16) groups, whole 64-bit
+ * words (16 W steps). Lanes of rows past `rows` hold u = 0 (SIGN) or 1 (SIGN_MASK); their
+ * outputs are never stored. */
+AVX512_INLINE void vnni_expand(const uint64_t *sign, const uint64_t *mask, int32_t W, int32_t rows,
+                               int ng, uint8_t *buf, const int ternary) {
+    const __m512i one = _mm512_set1_epi8(1), two = _mm512_set1_epi8(2), zero = _mm512_setzero_si512();
+    const __m512i pat_lo = _mm512_set1_epi32(0x08040201), pat_hi = _mm512_set1_epi32((int)0x80402010u);
+    const __m512i lo_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(1));
+    const long long w8 = (long long)W;
+    const __m512i vidx = _mm512_setr_epi64(0, w8, 2 * w8, 3 * w8, 4 * w8, 5 * w8, 6 * w8, 7 * w8);
+    __m512i sel[4]; /* byte b of each dword replicated into its 4 bytes (in-lane vpshufb) */
+    for (int b = 0; b < 4; b++)
+        sel[b] = _mm512_add_epi8(_mm512_set4_epi32(0x0c0c0c0c, 0x08080808, 0x04040404, 0x00000000),
+                                 _mm512_set1_epi8((char)b));
+    for (int g = 0; g < ng; g++) {
+        const int32_t r0 = 16 * g, nr = imin512(16, rows - r0);
+        const __mmask8 mlo = (__mmask8)(nr >= 8 ? 0xff : (1u << nr) - 1u);
+        const __mmask8 mhi = (__mmask8)(nr >= 16 ? 0xff : nr > 8 ? (1u << (nr - 8)) - 1u : 0u);
+        const uint64_t *s0 = sign + (size_t)r0 * W, *s1 = mhi ? s0 + (size_t)8 * W : s0;
+        const uint64_t *m0 = ternary ? mask + (size_t)r0 * W : NULL, *m1 = ternary && mhi ? m0 + (size_t)8 * W : m0;
+        for (int32_t j = 0; j < W; j++) {
+            /* dword lane r of d[0] / d[1] = bits 0..31 / 32..63 of word j of row r0 + r */
+            __m512i a = _mm512_mask_i64gather_epi64(zero, mlo, vidx, s0 + j, 8);
+            __m512i b = mhi ? _mm512_mask_i64gather_epi64(zero, mhi, vidx, s1 + j, 8) : zero;
+            __m512i d[2] = {_mm512_permutex2var_epi32(a, lo_idx, b), _mm512_permutex2var_epi32(a, hi_idx, b)};
+            __m512i e[2] = {zero, zero};
+            if (ternary) { /* d = mask, e = mask & sign */
+                __m512i ma = _mm512_mask_i64gather_epi64(zero, mlo, vidx, m0 + j, 8);
+                __m512i mb = mhi ? _mm512_mask_i64gather_epi64(zero, mhi, vidx, m1 + j, 8) : zero;
+                __m512i ml = _mm512_permutex2var_epi32(ma, lo_idx, mb), mh = _mm512_permutex2var_epi32(ma, hi_idx, mb);
+                e[0] = _mm512_and_si512(ml, d[0]);
+                e[1] = _mm512_and_si512(mh, d[1]);
+                d[0] = ml;
+                d[1] = mh;
+            }
+            uint8_t *out = buf + ((size_t)j * 16 * ng + g) * 64;
+            const size_t step = (size_t)ng * 64;
+            for (int h = 0; h < 2; h++)
+                for (int bb = 0; bb < 4; bb++) {
+                    const __m512i p = _mm512_shuffle_epi8(d[h], sel[bb]);
+                    const __mmask64 k0 = _mm512_test_epi8_mask(p, pat_lo), k1 = _mm512_test_epi8_mask(p, pat_hi);
+                    __m512i v0, v1;
+                    if (ternary) {
+                        const __m512i q = _mm512_shuffle_epi8(e[h], sel[bb]);
+                        const __mmask64 n0 = _mm512_test_epi8_mask(q, pat_lo), n1 = _mm512_test_epi8_mask(q, pat_hi);
+                        v0 = _mm512_mask_mov_epi8(_mm512_mask_mov_epi8(one, k0, two), n0, zero);
+                        v1 = _mm512_mask_mov_epi8(_mm512_mask_mov_epi8(one, k1, two), n1, zero);
+                    } else {
+                        v0 = _mm512_maskz_mov_epi8(k0, one);
+                        v1 = _mm512_maskz_mov_epi8(k1, one);
+                    }
+                    _mm512_store_si512(out + (size_t)(8 * h + 2 * bb) * step, v0);
+                    _mm512_store_si512(out + (size_t)(8 * h + 2 * bb + 1) * step, v1);
+                }
+        }
+    }
+}
+
+AVX512_INLINE int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* MR activation rows (x, stride K) x NG groups of 16 expanded rows; `valid` = rows of the
+ * block that exist (outputs past it are not stored). */
+AVX512_INLINE void vnni_tile(const uint8_t *buf, const int8_t *x, int32_t K, int32_t k0, int32_t k1,
+                             const int32_t *sumx, int32_t *acc_s, int32_t *acc_c, int32_t N,
+                             int32_t valid, const int ternary, const int MR, const int NG) {
+    __m512i acc[VNNI_MR][4];
+    for (int a = 0; a < MR; a++)
+        for (int g = 0; g < NG; g++) {
+            const int32_t left = valid - 16 * g;
+            const __mmask16 km = (__mmask16)(left >= 16 ? 0xffffu : (1u << left) - 1u);
+            acc[a][g] = k0 ? _mm512_maskz_loadu_epi32(km, acc_s + (size_t)a * N + 16 * g) : _mm512_setzero_si512();
+        }
+    const int32_t full = k1 / 4;
+    const uint8_t *wp = buf + (size_t)(k0 / 4) * NG * 64;
+    x += k0;
+    for (int32_t s = k0 / 4; s < full; s++, x += 4, wp += NG * 64) {
+        __m512i wv[4];
+        for (int g = 0; g < NG; g++) wv[g] = _mm512_load_si512(wp + 64 * g);
+        for (int a = 0; a < MR; a++) {
+            const __m512i xb = _mm512_set1_epi32(load_i32(x + (size_t)a * K));
+            for (int g = 0; g < NG; g++) acc[a][g] = dpbusd(acc[a][g], wv[g], xb);
+        }
+    }
+    if (k1 & 3) { /* (k1 = K) activation bytes past K load as 0 */
+        const __mmask16 t = (__mmask16)((1u << (k1 & 3)) - 1u);
+        __m512i wv[4];
+        for (int g = 0; g < NG; g++) wv[g] = _mm512_load_si512(wp + 64 * g);
+        for (int a = 0; a < MR; a++) {
+            const __m512i xb = _mm512_broadcastd_epi32(_mm_maskz_loadu_epi8(t, x + (size_t)a * K));
+            for (int g = 0; g < NG; g++) acc[a][g] = dpbusd(acc[a][g], wv[g], xb);
+        }
+    }
+    const int last = k1 == K;
+    for (int a = 0; a < MR; a++) {
+        const __m512i sx = _mm512_set1_epi32(sumx[a]);
+        for (int g = 0; g < NG; g++) {
+            const int32_t left = valid - 16 * g;
+            const __mmask16 km = (__mmask16)(left >= 16 ? 0xffffu : (1u << left) - 1u);
+            if (!last) { /* raw partial sums, picked up by the next K block */
+                _mm512_mask_storeu_epi32(acc_s + (size_t)a * N + 16 * g, km, acc[a][g]);
+                continue;
+            }
+            const __m512i v = ternary ? _mm512_sub_epi32(acc[a][g], sx)
+                                      : _mm512_sub_epi32(sx, _mm512_add_epi32(acc[a][g], acc[a][g]));
+            _mm512_mask_storeu_epi32(acc_s + (size_t)a * N + 16 * g, km, v);
+            if (acc_c) _mm512_mask_storeu_epi32(acc_c + (size_t)a * N + 16 * g, km, v);
+        }
+    }
+}
+
+#define VNNI_CASE(MR_, NG_)                                                                    \
+    case (MR_) * 8 + (NG_):                                                                    \
+        if (ternary) vnni_tile(buf, x, K, k0, k1, sx, as, ac, N, valid, 1, MR_, NG_);                  \
+        else vnni_tile(buf, x, K, k0, k1, sx, as, ac, N, valid, 0, MR_, NG_);                          \
+        break;
+#define VNNI_CASES(MR_) VNNI_CASE(MR_, 1) VNNI_CASE(MR_, 2) VNNI_CASE(MR_, 3) VNNI_CASE(MR_, 4)
+
+/* Returns 0, or -1 when the scratch allocation failed (the caller then runs the tile path). */
+AVX512_FN static int sign_i8_vnni(const spfq_job *j, int32_t n0, int32_t n1, int ternary) {
+    const spfq_weights_desc *d = &j->w->d;
+    const int32_t N = d->n, K = d->k, W = j->w->words, M = j->m;
+    uint8_t *buf = aligned_alloc(64, (size_t)W * 16 * 4 * 64);
+    int32_t *sumx = malloc((size_t)M * sizeof(int32_t));
+    if (!buf || !sumx) {
+        free(buf);
+        free(sumx);
+        return -1;
+    }
+    for (int32_t m = 0; m < M; m++) sumx[m] = row_sum_i8(j->xq + (size_t)m * K, K);
+    for (int32_t nb = n0; nb < n1; nb += NBLOCK) {
+        const int32_t valid = imin512(NBLOCK, n1 - nb), ng = (valid + 15) / 16;
+        if (ternary) vnni_expand(d->sign + (size_t)nb * W, d->mask + (size_t)nb * W, W, valid, ng, buf, 1);
+        else vnni_expand(d->sign + (size_t)nb * W, NULL, W, valid, ng, buf, 0);
+        for (int32_t k0 = 0; k0 < K; k0 += VNNI_KC)
+        for (int32_t m = 0; m < M; m += VNNI_MR) {
+            const int32_t k1 = imin512(k0 + VNNI_KC, K);
+            const int mr = imin512(VNNI_MR, M - m);
+            const int8_t *x = j->xq + (size_t)m * K;
+            const int32_t *sx = sumx + m;
+            int32_t *as = j->acc_s + (size_t)m * N + nb;
+            int32_t *ac = j->acc_c ? j->acc_c + (size_t)m * N + nb : NULL;
+            switch (mr * 8 + ng) {
+                VNNI_CASES(1) VNNI_CASES(2) VNNI_CASES(3) VNNI_CASES(4)
+                default: break;
+            }
+        }
+    }
+    free(buf);
+    free(sumx);
+    return 0;
 }
 
 #else
