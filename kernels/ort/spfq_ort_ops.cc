@@ -203,8 +203,11 @@ class PackedKernel {
             check(spfq_matmul_f32(p, static_cast<int32_t>(m), rows, y, threads_), "matmul_f32");
             return;
         }
-        std::vector<int8_t> xq(static_cast<size_t>(m * k_));  // per call: runs may be concurrent
-        std::vector<float> xs(static_cast<size_t>(m));
+        // per thread, reused across calls (runs may be concurrent; fresh buffers fault in pages)
+        thread_local std::vector<int8_t> xq;
+        thread_local std::vector<float> xs;
+        if (xq.size() < static_cast<size_t>(m * k_)) xq.resize(static_cast<size_t>(m * k_));
+        if (xs.size() < static_cast<size_t>(m)) xs.resize(static_cast<size_t>(m));
         check(spfq_quantize_i8(static_cast<int32_t>(m), static_cast<int32_t>(k_), rows, xq.data(), xs.data()),
               "quantize_i8");
         check(spfq_matmul_i8(p, static_cast<int32_t>(m), xq.data(), xs.data(), y, threads_), "matmul_i8");
@@ -242,13 +245,24 @@ class PackedKernel {
         float *y = ctx.GetOutput(0, oshape).GetTensorMutableData<float>();
         const float *x = xv.GetTensorData<float>();
         const int64_t m = B * OH * OW, ng = n_ / groups_, P = OH * OW;
-        std::vector<float> cols(static_cast<size_t>(m * k_)), yg(static_cast<size_t>(m * ng));
+        thread_local std::vector<float> cols, yg;
+        if (cols.size() < static_cast<size_t>(m * k_)) cols.resize(static_cast<size_t>(m * k_));
+        if (yg.size() < static_cast<size_t>(m * ng)) yg.resize(static_cast<size_t>(m * ng));
         for (int64_t g = 0; g < groups_; g++) {
             // im2col: row (b, oh, ow), column (c, kh, kw) as PyTorch flattens the weight
             for (int64_t b = 0; b < B; b++)
                 for (int64_t oh = 0; oh < OH; oh++)
                     for (int64_t ow = 0; ow < OW; ow++) {
                         float *row = &cols[static_cast<size_t>(((b * OH + oh) * OW + ow) * k_)];
+                        const int64_t ih0 = oh * SH - PT, iw0 = ow * SW - PL;
+                        if (ih0 >= 0 && ih0 + (KH - 1) * DH < H && iw0 >= 0 && iw0 + (KW - 1) * DW < Wd) {
+                            for (int64_t c = 0; c < cg; c++) {  // patch inside the image: no bounds checks
+                                const float *src = x + ((b * C + g * cg + c) * H + ih0) * Wd + iw0;
+                                for (int64_t kh = 0; kh < KH; kh++, src += DH * Wd)
+                                    for (int64_t kw = 0; kw < KW; kw++) *row++ = src[kw * DW];
+                            }
+                            continue;
+                        }
                         for (int64_t c = 0; c < cg; c++) {
                             const float *plane = x + ((b * C + g * cg + c) * H) * Wd;
                             for (int64_t kh = 0; kh < KH; kh++) {
@@ -261,11 +275,11 @@ class PackedKernel {
                         }
                     }
             gemm(g, m, cols.data(), yg.data());
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t j = 0; j < ng; j++) {
-                    float *out = y + (b * n_ + g * ng + j) * P;
-                    const float *src = &yg[static_cast<size_t>(b * P * ng + j)];
-                    for (int64_t p = 0; p < P; p++) out[p] = src[p * ng];
+            for (int64_t b = 0; b < B; b++)  // (pixel, channel) -> (channel, pixel): read rows in order
+                for (int64_t p = 0; p < P; p++) {
+                    const float *src = &yg[static_cast<size_t>((b * P + p) * ng)];
+                    float *out = y + (b * n_ + g * ng) * P + p;
+                    for (int64_t j = 0; j < ng; j++) out[j * P] = src[j];
                 }
         }
     }
