@@ -314,3 +314,31 @@ def test_format_all_writes_both_exports(tmp_path, mnist_spfq):
                         "--flavours", "stock", "-o", str(out)], capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
     assert {"manifest.json", tvm_export.MANIFEST, "model.stock.onnx", "model.x86_64.so"} <= {p.name for p in out.iterdir()}
+
+
+# ------------------------------------------------------------------ arm64 under qemu-aarch64
+
+def _arm64_python() -> Path:
+    """build/arm64-python (kernels/tvm/arm64_python.sh makes it once: Debian arm64 python3.11 +
+    aarch64 wheels of numpy / apache-tvm / apache-tvm-ffi); a failure to make it fails the test."""
+    py = ROOT / "build" / "arm64-python" / "python3"
+    if not py.is_file():
+        r = subprocess.run(["bash", str(ROOT / "kernels" / "tvm" / "arm64_python.sh")], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHON=sys.executable))
+        assert r.returncode == 0, r.stderr
+    return py
+
+
+def test_arm64_library_runs_under_qemu_with_neon_kernels(mnist_exports, tmp_path):
+    """The cross-compiled library, loaded by an arm64 Python with only the runtime packages, runs
+    the packed NEON kernels and computes what the host library computes."""
+    out = mnist_exports["int8"]
+    r = subprocess.run([str(_arm64_python()), "run_tvm.py", "model.arm64.so", "inputs.npz", "-o", str(tmp_path / "a.npz")],
+                       cwd=out, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["spfq_tvm_calls"] == 4 and "isa neon" in report["library"]
+    vm, _ = tvm_export.load(out / "model.x86_64.so")
+    with np.load(out / "inputs.npz") as feeds, np.load(tmp_path / "a.npz") as got:
+        want = tvm_export.run(vm, *[feeds[k] for k in feeds.files])[0]
+        np.testing.assert_allclose(got["output_0"], want, rtol=0, atol=1e-5 * np.abs(want).max())
