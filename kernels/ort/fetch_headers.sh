@@ -20,9 +20,16 @@ echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.
 apt_opts=(-o "Dir::Etc::SourceList=$tmp/sources" -o Dir::Etc::SourceParts=/dev/null
           -o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache" -o Debug::NoLocking=1
           -o APT::Sandbox::User=root)
-apt-get -qq "${apt_opts[@]}" update || { echo "fetch_headers.sh: cannot read Debian $suite package lists (network?)" >&2; exit 2; }
-(cd "$tmp/deb" && apt-get -qq "${apt_opts[@]}" download "$pkg") \
-    || { echo "fetch_headers.sh: cannot download $pkg from Debian $suite" >&2; exit 2; }
+# apt-get update exits 0 even when a fetch failed; retry the pair a few times (mirrors flake)
+ok=0
+for attempt in 1 2 3; do
+    if apt-get -qq "${apt_opts[@]}" update && (cd "$tmp/deb" && apt-get -qq "${apt_opts[@]}" download "$pkg"); then
+        ok=1; break
+    fi
+    echo "fetch_headers.sh: attempt $attempt to fetch $pkg from Debian $suite failed; retrying" >&2
+    sleep $((attempt * 5))
+done
+[ $ok = 1 ] || { echo "fetch_headers.sh: cannot download $pkg from Debian $suite (network?)" >&2; exit 2; }
 deb=$(ls "$tmp"/deb/*.deb)
 dpkg-deb -x "$deb" "$tmp/x"
 mkdir -p "$tmp/out/include"
