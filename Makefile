@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 export HF_HUB_OFFLINE := 1
 
-.PHONY: all setup ort-headers demo test bench-quality bench-kernels bench-onnx clean
+.PHONY: all setup ort-headers arm64-python demo test bench-quality bench-kernels bench-onnx clean
 
 all: test
 
@@ -50,12 +50,21 @@ $(ORT_HEADERS): kernels/ort/fetch_headers.sh
 
 ort-headers: $(ORT_HEADERS)
 
-setup: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS)
+# an arm64 Python (Debian bookworm's python3.11 debs + aarch64 wheels of the venv's numpy /
+# apache-tvm / apache-tvm-ffi) that runs the TVM-exported arm64 libraries under qemu-aarch64,
+# unpacked under build/ (nothing installed); the script is a no-op when the versions match
+ARM64_PYTHON := $(BUILD)/arm64-python/VERSION
+$(ARM64_PYTHON): kernels/tvm/arm64_python.sh pyproject.toml | $(STAMP) $(SYSDEPS)
+	PYTHON=$(PY) bash kernels/tvm/arm64_python.sh $(BUILD)/arm64-python
 
-test: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS)
+arm64-python: $(ARM64_PYTHON)
+
+setup: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS) $(ARM64_PYTHON)
+
+test: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS) $(ARM64_PYTHON)
 	$(PY) -m pytest -q -ra
 
-demo: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS)
+demo: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS) $(ARM64_PYTHON)
 	@mkdir -p $(BUILD)/demo
 	@echo "== MNIST CNN -> 1-bit (path following, default method gpfq) =="
 	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits 1 -o $(BUILD)/demo/mnist_1bit.spfq

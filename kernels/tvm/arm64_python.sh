@@ -5,9 +5,10 @@
 # changed: a private apt state under DEST lists bookworm arm64), and aarch64 wheels of numpy,
 # apache-tvm and apache-tvm-ffi (pinned to the host's versions) are unpacked into DEST/site.
 #
-#   kernels/tvm/arm64_python.sh [DEST]     # default build/arm64-python
+#   kernels/tvm/arm64_python.sh [DEST]     # default build/arm64-python (make arm64-python)
 #   DEST/python3 run_tvm.py model.arm64.so inputs.npz    # wrapper: qemu-aarch64 + env
 #
+# Does nothing when DEST/VERSION already names the host's numpy / apache-tvm / apache-tvm-ffi.
 # Exit 2 with one line when apt, pip or the network is unavailable.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -16,6 +17,11 @@ py=${PYTHON:-$root/.venv/bin/python}
 tvm_v=$("$py" -c "import tvm; print(tvm.__version__)")
 ffi_v=$("$py" -c "import tvm_ffi; print(tvm_ffi.__version__)")
 np_v=$("$py" -c "import numpy; print(numpy.__version__)")
+want="numpy==$np_v apache-tvm==$tvm_v apache-tvm-ffi==$ffi_v; debian bookworm python3.11 arm64"
+# already there for these versions: nothing to download (make's stamp is DEST/VERSION)
+if [ -x "$dest/python3" ] && [ "$(cat "$dest/VERSION" 2>/dev/null)" = "$want" ]; then
+    touch "$dest/VERSION"; echo "arm64 python in $dest is up to date ($want)"; exit 0
+fi
 debs=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 zlib1g libexpat1 libffi8 libssl3
       libbz2-1.0 liblzma5 libgcc-s1 libstdc++6 libuuid1 libsqlite3-0 libncursesw6 libtinfo6 libreadline8
       libcrypt1 libgomp1)
@@ -42,7 +48,7 @@ export QEMU_LD_PREFIX=$here/root PYTHONHOME=$here/root/usr PYTHONPATH=$here/site
 exec qemu-aarch64 "$here/root/usr/bin/python3.11" "$@"
 SH
 chmod +x "$tmp/out/python3"
-echo "numpy==$np_v apache-tvm==$tvm_v apache-tvm-ffi==$ffi_v; debian bookworm python3.11 arm64" > "$tmp/out/VERSION"
+echo "$want" > "$tmp/out/VERSION"
 rm -rf "$dest"
 mv "$tmp/out" "$dest"
 echo "arm64 python in $dest ($(cat "$dest/VERSION"))"

@@ -178,8 +178,11 @@ void gemm(spfq_prepared *p, bool int8, int64_t m, int64_t k, const float *rows, 
         check(spfq_matmul_f32(p, static_cast<int32_t>(m), rows, y, threads), "matmul_f32");
         return;
     }
-    std::vector<int8_t> xq(static_cast<size_t>(m * k));
-    std::vector<float> xs(static_cast<size_t>(m));
+    // per thread, reused across calls (the VM may run on several threads; fresh buffers fault in pages)
+    thread_local std::vector<int8_t> xq;
+    thread_local std::vector<float> xs;
+    if (xq.size() < static_cast<size_t>(m * k)) xq.resize(static_cast<size_t>(m * k));
+    if (xs.size() < static_cast<size_t>(m)) xs.resize(static_cast<size_t>(m));
     check(spfq_quantize_i8(static_cast<int32_t>(m), static_cast<int32_t>(k), rows, xq.data(), xs.data()), "quantize_i8");
     check(spfq_matmul_i8(p, static_cast<int32_t>(m), xq.data(), xs.data(), y, threads), "matmul_i8");
 }
@@ -207,29 +210,41 @@ void run_conv(const int64_t *at, const Prepared &prep, const DLTensor *xt, DLTen
     const float *x = data<float>(xt);
     float *y = static_cast<float *>(yt->data) + yt->byte_offset / 4;
     const int64_t m = B * OH * OW, ng = n / groups, P = OH * OW;
-    std::vector<float> cols(static_cast<size_t>(m * k)), yg(static_cast<size_t>(m * ng));
+    thread_local std::vector<float> cols, yg;  // per thread, reused across calls
+    if (cols.size() < static_cast<size_t>(m * k)) cols.resize(static_cast<size_t>(m * k));
+    if (yg.size() < static_cast<size_t>(m * ng)) yg.resize(static_cast<size_t>(m * ng));
     for (int64_t g = 0; g < groups; g++) {
         // im2col: row (b, oh, ow), column (c, kh, kw) as PyTorch flattens the weight
         float *row = cols.data();
         for (int64_t b = 0; b < B; b++)
             for (int64_t oh = 0; oh < OH; oh++)
-                for (int64_t ow = 0; ow < OW; ow++)
+                for (int64_t ow = 0; ow < OW; ow++) {
+                    const int64_t ih0 = oh * SH - PT, iw0 = ow * SW - PL;
+                    if (ih0 >= 0 && ih0 + (KH - 1) * DH < H && iw0 >= 0 && iw0 + (KW - 1) * DW < Wd) {
+                        for (int64_t c = 0; c < cg; c++) {  // patch inside the image: no bounds checks
+                            const float *src = x + ((b * C + g * cg + c) * H + ih0) * Wd + iw0;
+                            for (int64_t kh = 0; kh < KH; kh++, src += DH * Wd)
+                                for (int64_t kw = 0; kw < KW; kw++) *row++ = src[kw * DW];
+                        }
+                        continue;
+                    }
                     for (int64_t c = 0; c < cg; c++) {
                         const float *plane = x + ((b * C + g * cg + c) * H) * Wd;
                         for (int64_t kh = 0; kh < KH; kh++) {
-                            const int64_t ih = oh * SH - PT + kh * DH;
+                            const int64_t ih = ih0 + kh * DH;
                             for (int64_t kw = 0; kw < KW; kw++) {
-                                const int64_t iw = ow * SW - PL + kw * DW;
+                                const int64_t iw = iw0 + kw * DW;
                                 *row++ = (ih >= 0 && ih < H && iw >= 0 && iw < Wd) ? plane[ih * Wd + iw] : 0.0f;
                             }
                         }
                     }
+                }
         gemm(prep.parts[static_cast<size_t>(g)], at[kInt8] != 0, m, k, cols.data(), yg.data(), threads);
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t j = 0; j < ng; j++) {
-                float *out = y + (b * n + g * ng + j) * P;
-                const float *src = &yg[static_cast<size_t>(b * P * ng + j)];
-                for (int64_t p = 0; p < P; p++) out[p] = src[p * ng];
+        for (int64_t b = 0; b < B; b++)  // (pixel, channel) -> (channel, pixel): read rows in order
+            for (int64_t p = 0; p < P; p++) {
+                const float *src = &yg[static_cast<size_t>((b * P + p) * ng)];
+                float *out = y + (b * n + g * ng) * P + p;
+                for (int64_t j = 0; j < ng; j++) out[j * P] = src[j];
             }
     }
 }

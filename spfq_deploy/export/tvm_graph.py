@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..compress.capture import conv_output_size
+from ..compress.capture import conv_output_size, conv_params
 from ..compressed import CompressedLayer, CompressedModel
 from ..errors import SpfqError
 from ..pack import layouts as L
@@ -155,15 +156,44 @@ def dynamic_inputs(ep, input_names: list[str]) -> dict:
     return out
 
 
+_KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d}
+_GEOMETRY = ("kernel_size", "stride", "padding", "dilation", "groups")
+
+
+def check_module(name: str, module: nn.Module, layer: CompressedLayer) -> None:
+    """The model's module must compute what the packed kernel computes for the file's layer:
+    the same op (Linear / Conv1d / Conv2d; not transposed) with zero padding and the file's conv
+    geometry. Anything else would be replaced silently by a different op: one-line error."""
+    want = _KINDS.get(layer.kind)
+    if want is None:
+        raise SpfqError(f"layer '{name}': the file's layer kind {layer.kind!r} has no packed kernel "
+                        f"(the kernels run {', '.join(_KINDS)})")
+    if not isinstance(module, want) or isinstance(module, nn.modules.conv._ConvTransposeNd):
+        raise SpfqError(f"layer '{name}' is a {type(module).__name__} in the model but {layer.kind} in the file; "
+                        f"the packed kernels run only nn.Linear / nn.Conv1d / nn.Conv2d")
+    if layer.kind == "linear":
+        return
+    if module.padding_mode != "zeros":
+        raise SpfqError(f"layer '{name}': padding_mode={module.padding_mode!r} has no packed kernel (only zeros)")
+    if isinstance(module.padding, str) and module.padding == "same" and any(k % 2 == 0 for k in module.kernel_size):
+        raise SpfqError(f"layer '{name}': padding='same' with an even kernel has no packed kernel")
+    have = conv_params(module)
+    for key in _GEOMETRY:
+        a, b = have[key], layer.conv.get(key)
+        if b is not None and (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            raise SpfqError(f"layer '{name}': {key} is {a} in the model but {b} in the file")
+
+
 def marked_model(model: nn.Module, cm: CompressedModel) -> tuple[nn.Module, list[str]]:
     """A copy of `model` with every compressed layer replaced by the marker; layer order."""
     model = copy.deepcopy(model).eval()
     names = list(cm.layers)
     for i, name in enumerate(names):
         try:
-            model.get_submodule(name)
+            module = model.get_submodule(name)
         except AttributeError:
             raise SpfqError(f"compressed layer '{name}' is not a module of the model") from None
+        check_module(name, module, cm.layers[name])
         replace_module(model, name, _Marked(i, geometry(cm.layers[name])))
     return model, names
 
@@ -173,7 +203,9 @@ def export_program(model: nn.Module, cm: CompressedModel, inputs: ExportInputs, 
     marked, names = marked_model(model, cm)
     dyn = _dynamic_shapes(inputs) if dynamic else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch 2.13's own pytree deprecation, printed once per process: noise on the CLI
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
             ep = torch.export.export(marked, tuple(inputs.args), dynamic_shapes=dyn, strict=False)
     except Exception as exc:  # torch raises many types; the first line says what failed
         raise SpfqError(f"torch.export of the model failed: {str(exc).strip().splitlines()[0]}") from None
@@ -205,7 +237,9 @@ def to_relax(ep, cm: CompressedModel, names: list[str], activation: str):
         return importer.block_builder.emit(call)
 
     try:
-        mod = from_exported_program(ep, custom_convert_map={"packed_layer.default": convert})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+            mod = from_exported_program(ep, custom_convert_map={"packed_layer.default": convert})
     except AssertionError as exc:  # the importer asserts on unsupported torch ops
         raise SpfqError(f"TVM's torch importer cannot translate the model: {exc}") from None
     return mod, {p.name: p.info for p in packed}
