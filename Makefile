@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 export HF_HUB_OFFLINE := 1
 
-.PHONY: all setup ort-headers arm64-python demo test bench-quality bench-kernels bench-onnx clean
+.PHONY: all setup ort-headers arm64-python demo test bench-quality bench-kernels bench-onnx bench-tvm clean
 
 all: test
 
@@ -83,6 +83,9 @@ bench-quality: $(KERNELS)
 
 bench-onnx: $(KERNELS) $(ORT_HEADERS)
 	$(PY) benchmarks/onnx_latency.py --out benchmarks/results/onnx_latency.json
+
+bench-tvm: $(KERNELS)
+	$(PY) benchmarks/tvm_latency.py --out benchmarks/results/tvm_latency.json
 
 bench-kernels: $(KERNELS)
 	$(PY) benchmarks/kernels.py --shapes full --scaling --out benchmarks/results/kernels.json

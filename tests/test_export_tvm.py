@@ -160,6 +160,7 @@ def test_mnist_float_activations_match_the_dequantised_model(mnist_exports):
     assert tvm_export.kernel_calls(lib) - before == 4  # conv1, conv2, fc1, fc2: all packed
     assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
     assert (got.argmax(1) == want.argmax(1)).mean() == 1.0
+    print("float", {"max_abs_vs_ref": float(np.abs(got - want).max()), "max_abs_ref": float(np.abs(want).max())})
     # dynamic batch: another batch size runs through the same library
     assert tvm_export.run(vm, x[:3].numpy())[0].shape == (3, 10)
 
@@ -177,6 +178,7 @@ def test_mnist_int8_activations_match_the_integer_reference(mnist_exports):
     got = tvm_export.run(vm, x.numpy())[0]
     assert (got.argmax(1) == y8.argmax(1)).mean() == 1.0
     assert _cosine_rows(got, y8).min() > 0.9999
+    print("int8", {"max_abs_vs_int8_ref": float(np.abs(got - y8).max()), "cos_vs_int8_ref_min": float(_cosine_rows(got, y8).min())})
 
 
 def test_packed_kernels_are_the_compiled_path(mnist_exports, mnist_spfq):

@@ -109,6 +109,15 @@ def build_module(model, cm, inputs: ExportInputs, activations: str, dynamic: boo
     return mod, infos, tvm_graph.dynamic_inputs(ep, inputs.input_names)
 
 
+def float_library(model, inputs: ExportInputs, path: str | Path, target: str | None = None, log=print) -> Path:
+    """The uncompressed model through the same pipeline (torch.export -> Relax -> tvm.compile ->
+    export_library), no packed layer: the fp32 TVM baseline the benchmarks compare against."""
+    from ..compressed import CompressedModel
+
+    mod, _, _ = build_module(model, CompressedModel(layers={}, float_params={}), inputs, "float", log=log)
+    return compile_library(mod, get_target(target or HOST), Path(path))
+
+
 def export_tvm(spfq_path: str | Path, out_dir: str | Path, target: str | None = None, activations: str = "int8",
                force: bool = False, model_spec: str | None = None, dynamic: bool = True, merge: bool = False,
                log=print) -> dict:
