@@ -9,7 +9,7 @@
 # Exit 2 with one line when apt or the network is unavailable.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-dest=${1:-$root/build/onnxruntime-headers}
+dest=$(realpath -m "${1:-$root/build/onnxruntime-headers}")  # apt needs absolute Dir:: paths
 pkg=libonnxruntime-dev
 suite=${SPFQ_ORT_SUITE:-trixie}
 command -v apt-get >/dev/null || { echo "fetch_headers.sh: apt-get not found (Debian needed for $pkg)" >&2; exit 2; }

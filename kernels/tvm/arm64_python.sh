@@ -12,7 +12,7 @@
 # Exit 2 with one line when apt, pip or the network is unavailable.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-dest=${1:-$root/build/arm64-python}
+dest=$(realpath -m "${1:-$root/build/arm64-python}")  # apt needs absolute Dir:: paths
 py=${PYTHON:-$root/.venv/bin/python}
 tvm_v=$("$py" -c "import tvm; print(tvm.__version__)")
 ffi_v=$("$py" -c "import tvm_ffi; print(tvm_ffi.__version__)")
