@@ -255,7 +255,6 @@ def _token_ids(texts: list[str]) -> list[list[int]]:
     return [enc.ids for enc in tokenizer().encode_batch(list(texts))]
 
 
-@torch.no_grad()
 def pad_batch(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists -> (input_ids, attention_mask), int64 (b, longest), padded with [PAD]=0."""
     width = max(len(row) for row in ids)
@@ -278,6 +277,7 @@ def export_inputs() -> dict:
             "output_names": ["embedding"], "dynamic_axes": dyn}
 
 
+@torch.no_grad()
 def encode(model: nn.Module, texts, batch_size: int = 32) -> np.ndarray:
     """Embed ``texts`` (a list of strings): float32 array (n, 384), rows in the input order.
 
