@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="model factory path.py:function (default: the one recorded in the file)")
     e.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("validate", help="check every artifact of an export folder against the PyTorch reference "
+                                        "(exit 1 when one fails its tolerance)")
+    v.add_argument("folder", help="the export folder (spfq-deploy export -o OUT_DIR)")
+    v.add_argument("--target", action="append", help="only this target (repeatable; default: every one found, "
+                                                     "plus a cuda line)")
+    v.add_argument("--data", help=".npz with the model's input names (default: OUT_DIR/inputs.npz)")
+    v.add_argument("--json", help="also write the report as JSON to this file")
+    v.set_defaults(func=cmd_validate)
     return p
 
 
@@ -150,6 +159,17 @@ def cmd_export(args) -> int:
         export_tvm(args.file, args.output, target=args.target, activations=args.activations,
                    force=args.force, model_spec=args.model, merge=args.format == "all")
     return 0
+
+
+def cmd_validate(args) -> int:
+    from .validate import table, to_json, validate
+
+    report = validate(args.folder, targets=args.target, data=args.data)
+    print(table(report))
+    if args.json:
+        from .atomic import write_text
+        write_text(args.json, to_json(report))
+    return 0 if report["passed"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,106 @@
+"""Per-layer checks of an ONNX artifact: where it first diverges from the reference.
+
+Method: each compressed layer's input and output tensors in the artifact's graph are found from
+the manifest's layer names (the flavour builders name every tensor inside a layer's replacement
+`<layer>.<what>`; the first tensor a layer's nodes produce that is not so named is the layer's
+output, the one non-initializer input they read that is not so named its input) and added as
+extra graph outputs. Two comparisons per layer:
+
+- local: the artifact's layer output against the reference layer (the dequantised nn.Module,
+  or spfq_deploy.reference.Int8ActivationLayer for int8 activations) applied to the artifact's
+  own input of that layer. Exact kernels make this tight (tolerances.layer_rel_err) whatever
+  happened upstream; it is what decides the first diverging layer and fails the row.
+- accumulated: the artifact's layer output against the reference model's output of that layer
+  captured by a forward hook (shows how error grows along the network).
+
+The first diverging layer is the first (in graph order) whose local check fails; when every
+layer passes locally but the row fails end to end, the first layer whose accumulated error
+breaks the row's end-to-end tolerance.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from . import metrics
+
+
+def layer_tensors(model: onnx.ModelProto, layer_names) -> dict[str, tuple[str, str]]:
+    """{layer: (input tensor, output tensor)} in graph order, for the layers found in the graph."""
+    inits = {i.name for i in model.graph.initializer}
+    names = sorted(layer_names, key=len, reverse=True)  # "a.b" before "a"
+
+    def owner(tensor: str) -> str | None:
+        return next((n for n in names if tensor.startswith(n + ".")), None)
+
+    found: dict[str, tuple[str, str]] = {}
+    inputs: dict[str, str] = {}
+    for node in model.graph.node:
+        owners = {owner(t) for t in node.input if t} - {None}
+        for layer in owners:
+            if layer in found:
+                continue
+            for t in node.input:
+                if t and owner(t) is None and t not in inits:
+                    inputs.setdefault(layer, t)
+            out = node.output[0]
+            if owner(out) != layer:  # the first tensor not named after the layer: its output
+                if layer in inputs:
+                    found[layer] = (inputs[layer], out)
+    return found
+
+
+def with_layer_outputs(model: onnx.ModelProto, tensors: dict[str, tuple[str, str]]) -> onnx.ModelProto:
+    """A copy of the model that also outputs every layer's input and output tensor."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    for x, y in tensors.values():
+        for t in (x, y):
+            if t not in have:
+                m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+                have.add(t)
+    return m
+
+
+def hooked_outputs(model: torch.nn.Module, args, layer_names) -> tuple[list, dict]:
+    """(model outputs, {layer: output}) of a torch model, layer outputs captured by hooks."""
+    captured, handles = {}, []
+    for name in layer_names:
+        mod = model.get_submodule(name)
+        handles.append(mod.register_forward_hook(
+            lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().float().numpy())))
+    try:
+        with torch.no_grad():
+            y = model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return y, captured
+
+
+def check(values: dict, tensors: dict, feeds: dict, ref_layer, hooked: dict, tol, row_tol) -> tuple[list, str | None]:
+    """Per-layer rows and the first diverging layer. values: tensor name -> array from the
+    artifact; ref_layer(name) -> the reference module of that layer."""
+    rows, first_local, first_acc = [], None, None
+    for name, (x_name, y_name) in tensors.items():
+        x = feeds[x_name] if x_name in feeds else values[x_name]
+        y = values[y_name]
+        with torch.no_grad():
+            want = ref_layer(name)(torch.from_numpy(x)).float().numpy()
+        local = metrics.compare(y, want)
+        row = {"layer": name, "local_max_rel_err": local["max_rel_err"],
+               "local_ok": local["max_rel_err"] <= tol.layer_rel_err}
+        if name in hooked and hooked[name].shape == y.shape:
+            acc = metrics.compare(y, hooked[name])
+            row.update(accumulated_max_rel_err=acc["max_rel_err"], accumulated_min_cosine=acc["min_cosine"])
+            bad = (row_tol.max_rel_err is not None and not acc["max_rel_err"] <= row_tol.max_rel_err) \
+                or not acc["min_cosine"] >= row_tol.min_cosine
+            if bad and first_acc is None:
+                first_acc = name
+        if not row["local_ok"] and first_local is None:
+            first_local = name
+        rows.append(row)
+    return rows, first_local or first_acc

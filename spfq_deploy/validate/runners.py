@@ -1,0 +1,201 @@
+"""Find the artifacts of an export folder and run each one the way it is meant to run.
+
+ONNX flavours: onnxruntime sessions (spfq_deploy.export.runners.session, custom-op library
+registered) and the qonnx executor (run_qonnx). TVM libraries: in this process for a native
+target (spfq_deploy.export.tvm_export.load / run), under qemu-aarch64 with build/arm64-python
+and the folder's run_tvm.py for an aarch64 target. A library whose checksum differs from the
+manifest is first loaded in a child process, so a truncated file gives a load error, not a
+crash of the validator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..export import runners as ort_runners
+from ..targets import get_target
+
+ROOT = Path(__file__).resolve().parents[2]
+ARM64_PYTHON = ROOT / "build" / "arm64-python" / "python3"
+QONNX_SAMPLES = 8  # the qonnx executor runs node by node in numpy: a few samples
+REPEATS = 3
+
+
+@dataclass
+class Artifact:
+    file: str  # relative to the export folder
+    flavour: str  # custom | stock | qonnx | tvm
+    target: str
+    kind: str  # a key of tolerances.TOLERANCES
+    reference: str  # "float" (dequantised model) | "int8" (integer reference)
+    label: str
+    library: str | None = None  # custom-op library, relative
+    accuracy_level: int | None = None
+    skip: str | None = None  # why this artifact x target cannot run here
+    runner: str = "native"  # native | qemu
+    notes: list = field(default_factory=list)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _runner_for(target: str) -> tuple[str, str | None]:
+    """('native' | 'qemu', None) or (_, why it cannot run here)."""
+    try:
+        t = get_target(target)
+    except Exception:
+        return "native", f"unknown target {target!r} (no targets/{target}.toml)"
+    if t.native:
+        return "native", None
+    if t.run == "qemu-aarch64":
+        if not ARM64_PYTHON.is_file():
+            return "qemu", f"{ARM64_PYTHON.parent} is missing: run `make arm64-python` to run aarch64 libraries under qemu"
+        return "qemu", None
+    return "native", f"target {target} runs with {t.run!r}, which this host cannot do"
+
+
+def discover(out: Path, onnx_manifest: dict | None, tvm_manifest: dict | None, host: str) -> list[Artifact]:
+    """Every artifact x target in the folder, in a fixed order."""
+    arts: list[Artifact] = []
+    if onnx_manifest is not None:
+        act = onnx_manifest.get("activations", "int8")
+        files = {v.get("flavour"): k for k, v in onnx_manifest.get("artifacts", {}).items()}
+        libs = onnx_manifest.get("custom_op_library", {}).get("files", {})
+        if "custom" in files:
+            kind = "int8" if act == "int8" else "float"
+            for tname, lib in libs.items() or [(host, None)]:
+                a = Artifact(files["custom"], "custom", tname, kind, kind,
+                             f"onnx custom ops, {act} act.", library=lib)
+                if lib is None:
+                    a.skip = "the manifest names no custom-op library"
+                elif tname != host:
+                    a.skip = (f"{lib} is for {tname}: onnxruntime for {tname} is not available here "
+                              f"(build/arm64-python holds the TVM runtime only); run it on the device")
+                arts.append(a)
+        if "stock" in files:
+            arts.append(Artifact(files["stock"], "stock", host, "float", "float", "onnx stock, accuracy level 0",
+                                 accuracy_level=0))
+            arts.append(Artifact(files["stock"], "stock", host, "info", "float",
+                                 "onnx stock, accuracy level 4 (int8 compute)", accuracy_level=4))
+        if "qonnx" in files:
+            arts.append(Artifact(files["qonnx"], "qonnx", host, "float", "float",
+                                 f"qonnx (qonnx executor, first {QONNX_SAMPLES} samples)"))
+    if tvm_manifest is not None:
+        act = tvm_manifest.get("activations", "int8")
+        kind = "int8" if act == "int8" else "float"
+        for tname, info in tvm_manifest.get("libraries", {}).items():
+            runner, skip = _runner_for(tname)
+            arts.append(Artifact(info.get("file", f"model.{tname}.so"), "tvm", tname, kind, kind,
+                                 f"tvm library, {act} act." + (" (qemu-aarch64)" if runner == "qemu" else ""),
+                                 skip=skip, runner=runner))
+    return arts
+
+
+def elf_problem(path: Path) -> str | None:
+    """None when the ELF headers and every loadable segment lie inside the file, else why not
+    (dlopen of a truncated library can kill the process with SIGBUS instead of failing)."""
+    import struct
+
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2:
+        return "not a 64-bit ELF shared library"
+    end = "<" if data[5] == 1 else ">"
+    phoff, shoff = struct.unpack_from(end + "QQ", data, 32)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "HHHH", data, 54)
+    if phoff + phnum * phentsize > len(data) or shoff + shnum * shentsize > len(data):
+        return f"truncated ELF file ({len(data):,} bytes; its headers end past that)"
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(end + "IIQQQQ", data, phoff + i * phentsize)
+        if p_type == 1 and p_offset + p_filesz > len(data):  # PT_LOAD
+            return f"truncated ELF file ({len(data):,} bytes; a loadable segment ends at {p_offset + p_filesz:,})"
+    return None
+
+
+def probe_library(path: Path, how: str) -> str | None:
+    """Load a shared library in a child process; None if it loads, else the reason."""
+    code = {"ort": "import onnxruntime as o, sys; o.SessionOptions().register_custom_ops_library(sys.argv[1])",
+            "tvm": "import tvm, sys; tvm.runtime.load_module(sys.argv[1])"}[how]
+    try:
+        r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "loading it did not finish in 300 s"
+    if r.returncode == 0:
+        return None
+    if r.returncode < 0:
+        return f"loading it kills the process (signal {-r.returncode})"
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else f"loading it fails (exit {r.returncode})"
+
+
+def _timed(fn, repeats: int = REPEATS):
+    """(result of the first call, median ms of `repeats` more calls)."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return result, float(np.median(times))
+
+
+def run_onnx(out: Path, art: Artifact, feeds: dict) -> tuple[list, float | None]:
+    path = out / art.file
+    if art.flavour == "qonnx":
+        small = {k: v[:QONNX_SAMPLES] for k, v in feeds.items()}
+        t0 = time.perf_counter()
+        outs = ort_runners.run_qonnx(path, small)
+        return outs, (time.perf_counter() - t0) * 1e3
+    sess = ort_runners.session(path, out / art.library if art.library else None, accuracy_level=art.accuracy_level)
+    return _timed(lambda: sess.run(None, feeds))
+
+
+def run_tvm_native(out: Path, art: Artifact, arrays: list) -> tuple[list, float]:
+    from ..export import tvm_export
+
+    vm, _ = tvm_export.load(out / art.file)
+    return _timed(lambda: tvm_export.run(vm, *arrays))
+
+
+def run_tvm_qemu(out: Path, arts: list[Artifact], names: list[str], feeds: dict) -> dict:
+    """All aarch64 libraries in one qemu process (one `import tvm`, 10-20 s under emulation):
+    {file: (outputs, latency ms) or an error string}."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="spfq-validate-") as tmp:
+        tmp = Path(tmp)
+        np.savez(tmp / "inputs.npz", **{n: feeds[n] for n in names})  # argument order
+        argv = []
+        for a in arts:
+            argv += [str(out / a.file), str(tmp / "inputs.npz")]
+        for i, _ in enumerate(arts):
+            argv += ["-o", str(tmp / f"out{i}.npz")]
+        try:
+            r = subprocess.run([str(ARM64_PYTHON), str(out / "run_tvm.py"), *argv, "--repeat", str(REPEATS)],
+                               capture_output=True, text=True, timeout=1800)
+        except subprocess.TimeoutExpired:
+            return {a.file: "qemu run did not finish in 1800 s" for a in arts}
+        reports = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+        err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        why = err[-1][:300] if err else f"run_tvm.py exit {r.returncode}"
+        for i, a in enumerate(arts):
+            if i < len(reports) and (tmp / f"out{i}.npz").is_file():
+                with np.load(tmp / f"out{i}.npz") as o:
+                    outs = [o[k] for k in sorted(o.files, key=lambda s: int(s.split("_")[1]))]
+                # run_tvm.py times --repeat runs after the first (output) run is in the loop too
+                results[a.file] = (outs, reports[i]["seconds_per_run"] * 1e3)
+            else:
+                results[a.file] = f"under qemu-aarch64: {why}"
+    return results
