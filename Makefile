@@ -64,19 +64,27 @@ setup: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS) $(ARM64_PYTHON)
 test: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS) $(ARM64_PYTHON)
 	$(PY) -m pytest -q -ra
 
+# the whole story (README "Demo"): compress, export for arm64 + the host, validate (arm64 under
+# qemu), time on the host, one report with figures: build/demo/report.md
+DEMO := $(BUILD)/demo
+DEMO_MODELS := mnist_1bit mnist_ternary mnist_4bit_sparse50 minilm_1bit
 demo: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS) $(ARM64_PYTHON)
-	@mkdir -p $(BUILD)/demo
-	@echo "== MNIST CNN -> 1-bit (path following, default method gpfq) =="
-	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits 1 -o $(BUILD)/demo/mnist_1bit.spfq
-	$(BIN)/spfq-deploy inspect $(BUILD)/demo/mnist_1bit.spfq
-	@echo "== MNIST CNN -> 4-bit + 50% sparse (path following + pruning) =="
-	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits 4 --sparsity 0.5 -o $(BUILD)/demo/mnist_4bit_sparse50.spfq
-	$(BIN)/spfq-deploy inspect $(BUILD)/demo/mnist_4bit_sparse50.spfq
-	@echo "== accuracy on the 5000 real MNIST digits (models rebuilt from the .spfq files) =="
-	$(PY) -m examples.evaluate $(BUILD)/demo/mnist_1bit.spfq $(BUILD)/demo/mnist_4bit_sparse50.spfq
-	@echo "== export for arm64 (+ the host): ONNX custom-op / stock / QONNX flavours + custom-op libraries =="
-	$(BIN)/spfq-deploy export $(BUILD)/demo/mnist_1bit.spfq --target arm64 -o $(BUILD)/demo/mnist_1bit_arm64 --force
-	@ls -l $(BUILD)/demo/mnist_1bit_arm64 $(BUILD)/demo/mnist_1bit_arm64/lib/*
+	@mkdir -p $(DEMO)
+	@echo "== MNIST CNN -> 1-bit, ternary, 4-bit + 50% sparse (path following, default method gpfq) =="
+	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits 1 -q -o $(DEMO)/mnist_1bit.spfq
+	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits ternary -q -o $(DEMO)/mnist_ternary.spfq
+	$(BIN)/spfq-deploy compress examples/mnist_cnn.py --bits 4 --sparsity 0.5 -q -o $(DEMO)/mnist_4bit_sparse50.spfq
+	@echo "== MiniLM sentence encoder -> 1-bit (its calibration() sentences) =="
+	$(BIN)/spfq-deploy compress examples/minilm.py --bits 1 -q -o $(DEMO)/minilm_1bit.spfq
+	@for m in $(DEMO_MODELS); do \
+	  echo "== $$m: export (ONNX flavours + TVM) for arm64 and the host, validate, bench =="; \
+	  $(BIN)/spfq-deploy export $(DEMO)/$$m.spfq --format all --target arm64 -o $(DEMO)/$$m --force || exit 1; \
+	  $(BIN)/spfq-deploy validate $(DEMO)/$$m --json $(DEMO)/$$m.validate.json || exit 1; \
+	  $(BIN)/spfq-deploy bench $(DEMO)/$$m --batch 1,8 --threads 1,2 --json $(DEMO)/$$m.bench.json || exit 1; \
+	done
+	@echo "== report: compression, parity, latency, task accuracy (MNIST digits; MiniLM's is slow: skipped) =="
+	$(BIN)/spfq-deploy report $(addprefix $(DEMO)/,$(DEMO_MODELS)) -o $(DEMO)/report.md --task-only 'mnist*'
+	@echo "report: $(DEMO)/report.md"
 
 bench-quality: $(KERNELS)
 	$(PY) benchmarks/quality.py --out benchmarks/results/quality.json

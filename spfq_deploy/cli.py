@@ -96,8 +96,45 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "plus a cuda line)")
     v.add_argument("--data", help=".npz with the model's input names (default: OUT_DIR/inputs.npz)")
     v.add_argument("--json", help="also write the report as JSON to this file")
+    v.add_argument("--report", help="also write the markdown report (spfq-deploy report) to this file")
     v.set_defaults(func=cmd_validate)
+
+    b = sub.add_parser("bench", help="latency of the folder's host artifacts against the fp32 model "
+                                     "(median, p10/p90 per batch size and thread count)")
+    b.add_argument("folder", help="the export folder (spfq-deploy export -o OUT_DIR)")
+    b.add_argument("--target", help="whose artifacts to time (default and only choice: this host)")
+    b.add_argument("--batch", type=_ints, default=(1, 8), help="comma-separated batch sizes (default 1,8)")
+    b.add_argument("--threads", type=_ints, default=(1,), help="comma-separated thread counts (default 1)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed calls per cell (default 3)")
+    b.add_argument("--repeat", type=int, default=20, help="timed calls per cell (default 20)")
+    b.add_argument("--json", help="also write the results as JSON to this file")
+    b.add_argument("--chart", help="also write a PNG bar chart to this file")
+    b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", help="markdown report of export folders: compression, parity, latency, "
+                                      "task accuracy, PNG figures")
+    r.add_argument("folders", nargs="+", metavar="OUT_DIR", help="export folders")
+    r.add_argument("-o", "--output", required=True, help="the report (.md); figures go next to it")
+    r.add_argument("--validate-json", action="append", default=[],
+                   help="validate --json output (repeatable; matched to folders by its 'folder'; "
+                        "default: OUT_DIR.validate.json when present)")
+    r.add_argument("--bench-json", action="append", default=[],
+                   help="bench --json output (repeatable; default: OUT_DIR.bench.json when present)")
+    r.add_argument("--no-task", action="store_true", help="skip the model file's evaluate() (task accuracy)")
+    r.add_argument("--task-only", action="append", default=[], metavar="GLOB",
+                   help="run evaluate() only for folders whose name matches (repeatable; e.g. 'mnist*')")
+    r.set_defaults(func=cmd_report)
     return p
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated positive integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"comma-separated positive integers, got {text!r}")
+    return vals
 
 
 def cmd_compress(args) -> int:
@@ -169,7 +206,35 @@ def cmd_validate(args) -> int:
     if args.json:
         from .atomic import write_text
         write_text(args.json, to_json(report))
+    if args.report:
+        from .report import write_report
+
+        print(f"wrote {write_report([args.folder], args.report, validate_docs=[json.loads(to_json(report))])}")
     return 0 if report["passed"] else 1
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench, table
+
+    doc = bench(args.folder, target=args.target, batches=args.batch, threads=args.threads, warmup=args.warmup,
+                repeat=args.repeat)
+    print(table(doc))
+    if args.json:
+        from .atomic import write_text
+        write_text(args.json, json.dumps(doc, indent=1) + "\n")
+    if args.chart:
+        from .bench.charts import latency_chart
+        print(f"wrote {latency_chart(doc, args.chart)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.folders, args.output, validate_files=args.validate_json, bench_files=args.bench_json,
+                        task=not args.no_task, task_only=args.task_only)
+    print(f"wrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
