@@ -201,6 +201,8 @@ def cmd_export(args) -> int:
 def cmd_validate(args) -> int:
     from .validate import table, to_json, validate
 
+    if args.report and not Path(args.report).parent.is_dir():
+        raise SpfqError(f"{Path(args.report).parent}: output directory does not exist")
     report = validate(args.folder, targets=args.target, data=args.data)
     print(table(report))
     if args.json:
