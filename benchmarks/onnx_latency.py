@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import examples.minilm as minilm  # noqa: E402
 import examples.mnist_cnn as mnist  # noqa: E402
 from spfq_deploy.atomic import write_text  # noqa: E402
+from spfq_deploy.bench.worker import timeit  # noqa: E402,F401  (tvm_latency.py imports it from here)
 from spfq_deploy.compress import compress_model  # noqa: E402
 from spfq_deploy.export import capture as cap  # noqa: E402
 from spfq_deploy.export.onnx_export import export_inputs, export_onnx  # noqa: E402
@@ -37,19 +38,6 @@ from spfq_deploy.export.runners import session  # noqa: E402
 from spfq_deploy.pack import container  # noqa: E402
 
 GOAL = 0.5
-
-
-def timeit(run, warmup: int, repeat: int) -> dict:
-    for _ in range(warmup):
-        run()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        run()
-        ts.append(time.perf_counter_ns() - t0)
-    ts = np.array(ts) / 1e6
-    return {"median_ms": float(np.median(ts)), "p10_ms": float(np.percentile(ts, 10)),
-            "p90_ms": float(np.percentile(ts, 90)), "samples": len(ts)}
 
 
 def minilm_tokens(n: int = 128) -> dict:
