@@ -1,0 +1,59 @@
+/* quant.cu — per-row symmetric int8 activation quantiser, bit-exact with the CPU oracle
+ * (kernels/src/quant.c quant_rows_c): xscale = max|x| / 127.0f (IEEE division: this file must
+ * not be built with --use_fast_math / -prec-div=false), xq = roundf(x / xscale) (half away from
+ * zero) clamped to [-127, 127], 0 for a NaN quotient or xscale == 0. fmaxf ignores quiet NaNs
+ * like glibc's (signalling NaNs are not distinguished on the GPU).
+ *
+ * Thread mapping: one 256-thread block per activation row (blockIdx.x, grid-strided); the
+ * threads stride over the row for max|x| (exact in any order), reduce with warp shuffles and a
+ * shared array of 8 warp maxima, then stride again to write xq. */
+#include "internal.cuh"
+
+#define QTHREADS 256
+
+__global__ void __launch_bounds__(QTHREADS)
+spfq_quantize_i8_kernel(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale)
+{
+    __shared__ float wmax[QTHREADS / SPFQ_WARP];
+    __shared__ float row_scale;
+    for (int32_t r = (int32_t)blockIdx.x; r < m; r += (int32_t)gridDim.x) {
+        const float *row = x + (size_t)r * (size_t)k;
+        int8_t *out = xq + (size_t)r * (size_t)k;
+        float amax = 0.0f;
+        for (int32_t i = threadIdx.x; i < k; i += QTHREADS) amax = fmaxf(amax, fabsf(row[i]));
+        for (int off = SPFQ_WARP / 2; off > 0; off >>= 1)
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        if ((threadIdx.x % SPFQ_WARP) == 0) wmax[threadIdx.x / SPFQ_WARP] = amax;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float a = 0.0f;
+            for (int w = 0; w < QTHREADS / SPFQ_WARP; w++) a = fmaxf(a, wmax[w]);
+            const float s = __fdiv_rn(a, 127.0f);
+            row_scale = s;
+            xscale[r] = s;
+        }
+        __syncthreads();
+        const float s = row_scale;
+        for (int32_t i = threadIdx.x; i < k; i += QTHREADS) {
+            int8_t q = 0;
+            if (s > 0.0f) {
+                const float v = roundf(__fdiv_rn(row[i], s));
+                q = (v != v) ? 0 : (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : (int)v);
+            }
+            out[i] = q;
+        }
+        __syncthreads(); /* wmax / row_scale are reused by the next row */
+    }
+}
+
+extern "C" int spfq_cuda_quantize_i8(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale,
+                                     void *stream)
+{
+    spfq_cuda_clear_error();
+    if (m < 0 || k <= 0) return spfq_cuda_fail(SPFQ_EINVAL, "bad shape m=%d k=%d", m, k);
+    if (!x || !xq || !xscale) return spfq_cuda_fail(SPFQ_EINVAL, "x / xq / xscale is NULL");
+    if (m == 0) return SPFQ_OK;
+    const unsigned blocks = (unsigned)(m < 65535 * 16 ? m : 65535 * 16);
+    spfq_quantize_i8_kernel<<<blocks, QTHREADS, 0, spfq_stream(stream)>>>(m, k, x, xq, xscale);
+    return spfq_cuda_check(cudaGetLastError(), "spfq_quantize_i8_kernel launch");
+}
