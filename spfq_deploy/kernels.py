@@ -17,7 +17,7 @@ from .compressed import CompressedLayer
 from .pack import layouts as L
 
 SIGN, SIGN_MASK, PLANES, SPARSE = 1, 2, 3, 4
-_LAYOUT_IDS = {"sign": SIGN, "sign_mask": SIGN_MASK, "planes": PLANES, "sparse": SPARSE}
+LAYOUT_IDS = {"sign": SIGN, "sign_mask": SIGN_MASK, "planes": PLANES, "sparse": SPARSE}
 _STATUS = {1: "invalid argument", 2: "out of memory", 3: "not supported for this layout / ISA"}
 
 
@@ -98,12 +98,33 @@ def isa() -> str:
     return lib().spfq_isa().decode()
 
 
+# Int-code layers run on the dense bit-plane kernel (which also handles lam) unless at least this
+# fraction of the weights is zero: the sparse kernel is slower than the dense one below that
+# (benchmarks/results/kernels.json: 4-bit 50% sparse is several times slower than dense planes).
+SPARSE_MIN = 0.9
+
+
+def preferred_layout(layer: CompressedLayer) -> str:
+    """The kernel layout exported artifacts use for a layer (ONNX custom ops, TVM libraries)."""
+    if layer.alphabet in ("binary", "ternary"):
+        return L.default_layout(layer)
+    return "sparse" if layer.lam is not None and layer.sparsity >= SPARSE_MIN else "planes"
+
+
+def kernel_pack(layer: CompressedLayer, layout: str) -> tuple[str, int, dict]:
+    """(layout, field bits, packed buffers) of a layer as the kernel ABI takes them."""
+    if layout not in LAYOUT_IDS:
+        raise KernelError(f"kernels take layouts {', '.join(LAYOUT_IDS)}, not {layout!r}")
+    bits = L.field_bits(layer) if layout in ("planes", "sparse") else (1 if layout == "sign" else 2)
+    return layout, bits, L.pack_layer(layer, layout)
+
+
 class PackedWeights:
     """A layer's packed weights handed to the kernels once (they keep their own copy)."""
 
     def __init__(self, layout: str, n: int, k: int, buffers: dict, scale, lam=None, bias=None, bits: int = 1):
-        if layout not in _LAYOUT_IDS:
-            raise KernelError(f"kernels take layouts {', '.join(_LAYOUT_IDS)}, not {layout!r}")
+        if layout not in LAYOUT_IDS:
+            raise KernelError(f"kernels take layouts {', '.join(LAYOUT_IDS)}, not {layout!r}")
         W = (k + 63) // 64
         self.layout, self.n, self.k, self.bits = layout, n, k, bits
         keep = []  # the arrays must live until spfq_prepare has copied them
@@ -115,7 +136,7 @@ class PackedWeights:
             keep.append(v)
             return _arr(v, np.float32, (n,), name, 4)
 
-        d = _Desc(layout=_LAYOUT_IDS[layout], n=n, k=k, bits=bits, kept_words=0)
+        d = _Desc(layout=LAYOUT_IDS[layout], n=n, k=k, bits=bits, kept_words=0)
         if layout in ("sign", "sign_mask"):
             d.sign = _arr(buffers["sign"], np.uint64, (n, W), "sign")
         if layout in ("sign_mask", "sparse"):
@@ -138,9 +159,7 @@ class PackedWeights:
     @classmethod
     def from_layer(cls, layer: CompressedLayer, layout: str | None = None) -> "PackedWeights":
         """Pack a compressed layer in the .spfq layout and hand it to the kernels."""
-        layout = layout or L.default_layout(layer)
-        bufs = L.pack_layer(layer, layout)
-        bits = L.field_bits(layer) if layout in ("planes", "sparse") else (1 if layout == "sign" else 2)
+        layout, bits, bufs = kernel_pack(layer, layout or L.default_layout(layer))
         return cls(layout, layer.rows, layer.cols, bufs, layer.scale, layer.lam, layer.bias, bits)
 
     def __del__(self):

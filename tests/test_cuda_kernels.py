@@ -20,7 +20,8 @@ import pytest
 
 from spfq_deploy import kernels as K
 from spfq_deploy.compressed import CompressedLayer
-from spfq_deploy.pack.layouts import default_layout, field_bits, pack_layer
+from spfq_deploy.kernels import LAYOUT_IDS, kernel_pack
+from spfq_deploy.pack.layouts import default_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "kernels" / "cuda"
@@ -29,7 +30,6 @@ SYMBOLS = ["spfq_cuda_abi_version", "spfq_cuda_device_count", "spfq_cuda_last_er
            "spfq_cuda_alloc", "spfq_cuda_free", "spfq_cuda_copy_h2d", "spfq_cuda_copy_d2h", "spfq_cuda_memset",
            "spfq_cuda_synchronize", "spfq_cuda_bgemm", "spfq_cuda_matmul_i8_raw", "spfq_cuda_matmul_i8",
            "spfq_cuda_matmul_sparse_i8_raw", "spfq_cuda_matmul_sparse_i8", "spfq_cuda_quantize_i8"]
-LAYOUT_IDS = {"sign": 1, "sign_mask": 2, "planes": 3, "sparse": 4}
 NO_GPU = "no CUDA GPU on this machine: GPU parity unverified"
 
 
@@ -159,8 +159,7 @@ def make_layer(alphabet, bits, n, k, pruned=False, sparsity=0.5, lam=True, seed=
 
 
 def upload(cu: Cuda, layer, layout: str) -> Desc:
-    bufs = pack_layer(layer, layout)
-    bits = field_bits(layer) if layout in ("planes", "sparse") else (1 if layout == "sign" else 2)
+    _, bits, bufs = kernel_pack(layer, layout)
     d = Desc(layout=LAYOUT_IDS[layout], n=layer.rows, k=layer.cols, bits=bits, kept_words=0)
     d.sign = cu.put(bufs.get("sign")) if layout in ("sign", "sign_mask") else None
     d.mask = cu.put(bufs["mask"]) if layout in ("sign_mask", "sparse") else None

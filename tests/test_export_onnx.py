@@ -27,6 +27,7 @@ from spfq_deploy.export import capture as cap
 from spfq_deploy.export import onnx_custom, onnx_graph, onnx_qonnx, onnx_stock, ort_library
 from spfq_deploy.export.onnx_export import export_onnx
 from spfq_deploy.export.runners import run_qonnx, session
+from spfq_deploy.kernels import preferred_layout
 from spfq_deploy.reference import Int8ActivationLayer, int8_activation_reference, load_reference
 from spfq_deploy.targets import get_target
 
@@ -134,7 +135,7 @@ def test_one_layer_every_flavour_matches_its_reference(tmp_path, case, geometry)
     ref8 = Int8ActivationLayer(layer)(x).double().numpy()
     tol = 2e-5 * max(1.0, float(np.abs(ref).max()))
     lib = _host_lib()
-    assert (onnx_custom.kernel_layout(layer) == "sparse") == (case in ("int3-lam-sparse", "int6-lam-allzero"))
+    assert (preferred_layout(layer) == "sparse") == (case in ("int3-lam-sparse", "int6-lam-allzero"))
     for act, want in (("float", ref), ("int8", ref8)):
         path = _save(_one_layer_model(layer, "custom", act), tmp_path, f"c_{act}.onnx")
         got = session(path, lib).run(None, {"x": x.numpy()})[0]

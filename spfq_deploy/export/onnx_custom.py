@@ -10,23 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..compressed import CompressedLayer
-from ..pack import layouts as L
+from ..kernels import LAYOUT_IDS, kernel_pack, preferred_layout
 from .onnx_graph import Builder, Replacement, conv_attrs
 
 DOMAIN = "ai.spfq"
 DOMAIN_VERSION = 1
-LAYOUT_IDS = {"sign": 1, "sign_mask": 2, "planes": 3, "sparse": 4}
-# int codes go to the dense bit-plane kernel (which also handles lam) unless at least this
-# fraction of the weights is zero: the sparse kernel is slower than the dense one below that
-# (benchmarks/results/kernels.json: 4-bit 50% sparse is 3.5x slower than dense planes).
-SPARSE_MIN = 0.9
-
-
-def kernel_layout(layer: CompressedLayer) -> str:
-    """The kernel layout a layer is exported in."""
-    if layer.alphabet in ("binary", "ternary"):
-        return L.default_layout(layer)
-    return "sparse" if layer.lam is not None and layer.sparsity >= SPARSE_MIN else "planes"
 
 
 def builder(activation: str) -> Builder:
@@ -34,9 +22,7 @@ def builder(activation: str) -> Builder:
 
     def build(layer: CompressedLayer, x: str, y: str) -> Replacement:
         rep = Replacement()
-        layout = kernel_layout(layer)
-        bufs = L.pack_layer(layer, layout)
-        bits = L.field_bits(layer) if layout in ("planes", "sparse") else (1 if layout == "sign" else 2)
+        layout, bits, bufs = kernel_pack(layer, preferred_layout(layer))
         p = layer.name
         inputs = [x]
         for role, key in (("sign", "sign"), ("mask", "mask"), ("planes", "kept" if layout == "sparse" else "planes")):

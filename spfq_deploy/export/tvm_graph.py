@@ -26,10 +26,9 @@ from torch import nn
 from ..compress.capture import conv_output_size, conv_params
 from ..compressed import CompressedLayer, CompressedModel
 from ..errors import SpfqError
-from ..pack import layouts as L
+from ..kernels import LAYOUT_IDS, kernel_pack, preferred_layout
 from ..reference import replace_module
 from .capture import ExportInputs
-from .onnx_custom import LAYOUT_IDS, kernel_layout
 
 PACKED_FUNC = "spfq_packed_layer"  # kernels/tvm/spfq_tvm_ops.cc exports __tvm_ffi_spfq_packed_layer
 ATTR_VERSION = 1
@@ -91,9 +90,7 @@ class PackedLayer:
 
 def pack_for_kernel(layer: CompressedLayer, activation: str) -> PackedLayer:
     """The kernel-ABI buffers and attributes of one layer (layout choice as the ONNX custom ops)."""
-    layout = kernel_layout(layer)
-    bufs = L.pack_layer(layer, layout)
-    bits = L.field_bits(layer) if layout in ("planes", "sparse") else (1 if layout == "sign" else 2)
+    layout, bits, bufs = kernel_pack(layer, preferred_layout(layer))
     empty_u64, empty_f32 = np.zeros(1, np.uint64), np.zeros(1, np.float32)
     planes_key = "kept" if layout == "sparse" else "planes"
     use_lam = layer.lam is not None and layout in ("planes", "sparse")
