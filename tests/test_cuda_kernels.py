@@ -213,7 +213,7 @@ def test_cuda_i8_parity(cuda, alphabet, bits, pruned, m, n, k):
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 64, 64), (4, 65, 63), (33, 130, 1000)])
 def test_cuda_bgemm_parity(cuda, m, n, k):
     layer = make_layer("binary", 1, n, k, seed=n + k)
-    bufs = pack_layer(layer, "sign")
+    _, _, bufs = kernel_pack(layer, "sign")
     x = np.random.default_rng(m + k).standard_normal((m, k)).astype(np.float32)
     xbits, xs = K.binarize(x)
     xsign = np.where(x < 0, -1, 1).astype(np.int64)
