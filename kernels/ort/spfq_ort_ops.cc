@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "spfq_kernels.h"
+#include "spfq_layer.hpp"
 
 #define SPFQ_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -62,10 +63,6 @@ int default_threads() {
     return hw ? static_cast<int>(hw) : 1;
 }
 
-void check(int status, const char *what) {
-    static const char *names[] = {"ok", "invalid argument", "out of memory", "not supported"};
-    if (status) throw Error(std::string(what) + ": kernel returned " + (status < 4 ? names[status] : "error"));
-}
 
 // One kernel instance: attributes, and the prepared weights (one per conv group) built on the
 // first run from the constant initializers and rebuilt only if the weight buffers change.
@@ -126,10 +123,7 @@ class PackedKernel {
         }
     }
 
-    void release() {
-        for (spfq_prepared *p : parts_) spfq_free(p);
-        parts_.clear();
-    }
+    void release() { spfq_layer::free_parts(parts_); }
 
     // Typed view of an optional input: nullptr when absent (or empty); checks the shape.
     template <typename T>
@@ -156,61 +150,14 @@ class PackedKernel {
         const void *key[] = {sign, mask, planes, scale, lam, bias};
         if (!parts_.empty() && std::equal(key, key + 6, key_)) return;
         if (!scale) throw Error("scale is required");
-        bool need_sign = layout_ == SPFQ_SIGN || layout_ == SPFQ_SIGN_MASK;
-        bool need_mask = layout_ == SPFQ_SIGN_MASK || layout_ == SPFQ_SPARSE;
-        bool need_planes = layout_ == SPFQ_PLANES || layout_ == SPFQ_SPARSE;
-        if ((need_sign && !present_[kSign]) || (need_mask && !present_[kMask]) || (need_planes && !present_[kPlanes]))
+        using namespace spfq_layer;
+        if ((needs_sign(layout_) && !present_[kSign]) || (needs_mask(layout_) && !present_[kMask]) ||
+            (needs_planes(layout_) && !present_[kPlanes]))
             throw Error("a packed weight input required by layout " + std::to_string(layout_) + " is missing");
         release();
-        const int64_t g = conv_ ? groups_ : 1, ng = n_ / g;
-        std::vector<uint64_t> slab;  // one group's planes, contiguous (bits, ng, pw)
-        for (int64_t j = 0; j < g; j++) {
-            const int64_t r0 = j * ng;
-            spfq_weights_desc d{};
-            d.layout = layout_;
-            d.n = static_cast<int32_t>(ng);
-            d.k = static_cast<int32_t>(k_);
-            d.bits = bits_;
-            d.kept_words = static_cast<int32_t>(kept_words_);
-            d.sign = sign ? sign + r0 * W : nullptr;
-            d.mask = mask ? mask + r0 * W : nullptr;
-            if (planes) {
-                if (g == 1) {
-                    d.planes = planes;
-                } else {
-                    slab.resize(static_cast<size_t>(bits_ * ng * pw));
-                    for (int64_t b = 0; b < bits_; b++)
-                        std::memcpy(&slab[b * ng * pw], planes + (b * n_ + r0) * pw, sizeof(uint64_t) * ng * pw);
-                    d.planes = slab.data();
-                }
-            }
-            d.scale = scale + r0;
-            d.lam = lam ? lam + r0 : nullptr;
-            d.bias = bias ? bias + r0 : nullptr;
-            spfq_prepared *p = nullptr;
-            check(spfq_prepare(&d, &p), "prepare");
-            parts_.push_back(p);
-        }
+        parts_ = spfq_layer::prepare_groups(layout_, bits_, n_, k_, kept_words_, conv_ ? groups_ : 1, sign, mask,
+                                            planes, scale, lam, bias);
         std::copy(key, key + 6, key_);
-    }
-
-    // y (m, ng) = rows (m, K) through group part j.
-    void gemm(int64_t j, int64_t m, const float *rows, float *y) {
-        if (m == 0) return;
-        if (m > INT32_MAX) throw Error("too many rows");
-        spfq_prepared *p = parts_[static_cast<size_t>(j)];
-        if (!int8_) {
-            check(spfq_matmul_f32(p, static_cast<int32_t>(m), rows, y, threads_), "matmul_f32");
-            return;
-        }
-        // per thread, reused across calls (runs may be concurrent; fresh buffers fault in pages)
-        thread_local std::vector<int8_t> xq;
-        thread_local std::vector<float> xs;
-        if (xq.size() < static_cast<size_t>(m * k_)) xq.resize(static_cast<size_t>(m * k_));
-        if (xs.size() < static_cast<size_t>(m)) xs.resize(static_cast<size_t>(m));
-        check(spfq_quantize_i8(static_cast<int32_t>(m), static_cast<int32_t>(k_), rows, xq.data(), xs.data()),
-              "quantize_i8");
-        check(spfq_matmul_i8(p, static_cast<int32_t>(m), xq.data(), xs.data(), y, threads_), "matmul_i8");
     }
 
     void run_linear(Ort::KernelContext &ctx) {
@@ -222,7 +169,7 @@ class PackedKernel {
         for (size_t i = 0; i + 1 < shape.size(); i++) m *= shape[i];
         shape.back() = n_;
         float *y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
-        gemm(0, m, xv.GetTensorData<float>(), y);
+        spfq_layer::gemm(parts_[0], int8_, m, k_, xv.GetTensorData<float>(), y, threads_);
     }
 
     void run_conv(Ort::KernelContext &ctx) {
@@ -232,56 +179,17 @@ class PackedKernel {
         if (s.size() != d + 2) throw Error("input has shape " + shape_str(s) + ", expected rank " + std::to_string(d + 2));
         // treat 1-D as 2-D with height 1
         const int64_t B = s[0], C = s[1], H = d == 2 ? s[2] : 1, Wd = s[d + 1];
-        const int64_t KH = d == 2 ? kshape_[0] : 1, KW = kshape_[d - 1];
-        const int64_t SH = d == 2 ? strides_[0] : 1, SW = strides_[d - 1];
-        const int64_t DH = d == 2 ? dil_[0] : 1, DW = dil_[d - 1];
-        const int64_t PT = d == 2 ? pads_[0] : 0, PL = pads_[d - 1], PB = d == 2 ? pads_[d] : 0, PR = pads_[2 * d - 1];
-        const int64_t cg = k_ / (KH * KW);
+        const spfq_layer::ConvGeometry G{d == 2 ? kshape_[0] : 1, kshape_[d - 1], d == 2 ? strides_[0] : 1,
+                                         strides_[d - 1], d == 2 ? dil_[0] : 1, dil_[d - 1], d == 2 ? pads_[0] : 0,
+                                         pads_[d - 1], d == 2 ? pads_[d] : 0, pads_[2 * d - 1]};
+        const int64_t cg = k_ / (G.KH * G.KW);
         if (C != cg * groups_)
             throw Error("input has " + std::to_string(C) + " channels, expected " + std::to_string(cg * groups_));
-        const int64_t OH = (H + PT + PB - DH * (KH - 1) - 1) / SH + 1, OW = (Wd + PL + PR - DW * (KW - 1) - 1) / SW + 1;
+        const int64_t OH = G.out_h(H), OW = G.out_w(Wd);
         if (OH < 1 || OW < 1) throw Error("input " + shape_str(s) + " is smaller than the kernel");
         std::vector<int64_t> oshape = d == 2 ? std::vector<int64_t>{B, n_, OH, OW} : std::vector<int64_t>{B, n_, OW};
         float *y = ctx.GetOutput(0, oshape).GetTensorMutableData<float>();
-        const float *x = xv.GetTensorData<float>();
-        const int64_t m = B * OH * OW, ng = n_ / groups_, P = OH * OW;
-        thread_local std::vector<float> cols, yg;
-        if (cols.size() < static_cast<size_t>(m * k_)) cols.resize(static_cast<size_t>(m * k_));
-        if (yg.size() < static_cast<size_t>(m * ng)) yg.resize(static_cast<size_t>(m * ng));
-        for (int64_t g = 0; g < groups_; g++) {
-            // im2col: row (b, oh, ow), column (c, kh, kw) as PyTorch flattens the weight
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t oh = 0; oh < OH; oh++)
-                    for (int64_t ow = 0; ow < OW; ow++) {
-                        float *row = &cols[static_cast<size_t>(((b * OH + oh) * OW + ow) * k_)];
-                        const int64_t ih0 = oh * SH - PT, iw0 = ow * SW - PL;
-                        if (ih0 >= 0 && ih0 + (KH - 1) * DH < H && iw0 >= 0 && iw0 + (KW - 1) * DW < Wd) {
-                            for (int64_t c = 0; c < cg; c++) {  // patch inside the image: no bounds checks
-                                const float *src = x + ((b * C + g * cg + c) * H + ih0) * Wd + iw0;
-                                for (int64_t kh = 0; kh < KH; kh++, src += DH * Wd)
-                                    for (int64_t kw = 0; kw < KW; kw++) *row++ = src[kw * DW];
-                            }
-                            continue;
-                        }
-                        for (int64_t c = 0; c < cg; c++) {
-                            const float *plane = x + ((b * C + g * cg + c) * H) * Wd;
-                            for (int64_t kh = 0; kh < KH; kh++) {
-                                int64_t ih = oh * SH - PT + kh * DH;
-                                for (int64_t kw = 0; kw < KW; kw++) {
-                                    int64_t iw = ow * SW - PL + kw * DW;
-                                    *row++ = (ih >= 0 && ih < H && iw >= 0 && iw < Wd) ? plane[ih * Wd + iw] : 0.0f;
-                                }
-                            }
-                        }
-                    }
-            gemm(g, m, cols.data(), yg.data());
-            for (int64_t b = 0; b < B; b++)  // (pixel, channel) -> (channel, pixel): read rows in order
-                for (int64_t p = 0; p < P; p++) {
-                    const float *src = &yg[static_cast<size_t>((b * P + p) * ng)];
-                    float *out = y + (b * n_ + g * ng) * P + p;
-                    for (int64_t j = 0; j < ng; j++) out[j * P] = src[j];
-                }
-        }
+        spfq_layer::conv(parts_, int8_, k_, n_, groups_, G, xv.GetTensorData<float>(), B, C, H, Wd, y, threads_);
     }
 
     bool conv_;

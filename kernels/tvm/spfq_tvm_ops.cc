@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "spfq_kernels.h"
+#include "spfq_layer.hpp"
 
 namespace {
 
@@ -62,10 +63,7 @@ int default_threads() {
     return hw ? static_cast<int>(hw) : 1;
 }
 
-void check(int status, const char *what) {
-    static const char *names[] = {"ok", "invalid argument", "out of memory", "not supported"};
-    if (status) throw Error(std::string(what) + ": kernel returned " + (status < 4 ? names[status] : "error"));
-}
+using spfq_layer::check;
 
 int64_t numel(const DLTensor *t) {
     int64_t n = 1;
@@ -122,9 +120,8 @@ const Prepared &prepare(const int64_t *at, const DLTensor *sign_t, const DLTenso
     const int64_t n = at[kN], k = at[kK], kw = at[kKeptWords], g = at[kConvDims] ? at[kGroups] : 1;
     const int64_t W = (k + 63) / 64, ng = n / g;
     const int64_t pw = layout == SPFQ_SPARSE ? kw : W;
-    const bool need_sign = layout == SPFQ_SIGN || layout == SPFQ_SIGN_MASK;
-    const bool need_mask = layout == SPFQ_SIGN_MASK || layout == SPFQ_SPARSE;
-    const bool need_planes = layout == SPFQ_PLANES || layout == SPFQ_SPARSE;
+    const bool need_sign = spfq_layer::needs_sign(layout), need_mask = spfq_layer::needs_mask(layout);
+    const bool need_planes = spfq_layer::needs_planes(layout);
     if (need_sign && numel(sign_t) != n * W) throw Error("sign has the wrong size");
     if (need_mask && numel(mask_t) != n * W) throw Error("mask has the wrong size");
     // pw == 0 (an all-zero sparse layer): a 1-element placeholder stands for the empty buffer
@@ -133,58 +130,16 @@ const Prepared &prepare(const int64_t *at, const DLTensor *sign_t, const DLTenso
         throw Error("scale / lam / bias must have out_features elements");
 
     Prepared prep;
-    std::vector<uint64_t> slab;  // one group's planes, contiguous (bits, ng, pw)
-    try {
-        for (int64_t j = 0; j < g; j++) {
-            const int64_t r0 = j * ng;
-            spfq_weights_desc d{};
-            d.layout = layout;
-            d.n = static_cast<int32_t>(ng);
-            d.k = static_cast<int32_t>(k);
-            d.bits = bits;
-            d.kept_words = static_cast<int32_t>(kw);
-            d.sign = need_sign ? sign + r0 * W : nullptr;
-            d.mask = need_mask ? mask + r0 * W : nullptr;
-            if (need_planes) {
-                if (g == 1) {
-                    d.planes = planes;
-                } else {
-                    slab.resize(static_cast<size_t>(bits * ng * pw));
-                    for (int64_t b = 0; b < bits; b++)
-                        std::memcpy(&slab[b * ng * pw], planes + (b * n + r0) * pw, sizeof(uint64_t) * ng * pw);
-                    d.planes = slab.data();
-                }
-            }
-            d.scale = scale + r0;
-            d.lam = lam ? lam + r0 : nullptr;
-            d.bias = bias ? bias + r0 : nullptr;
-            spfq_prepared *p = nullptr;
-            check(spfq_prepare(&d, &p), "prepare");
-            prep.parts.push_back(p);
-        }
-    } catch (...) {
-        for (spfq_prepared *p : prep.parts) spfq_free(p);
-        throw;
-    }
+    prep.parts = spfq_layer::prepare_groups(layout, bits, n, k, kw, g, need_sign ? sign : nullptr,
+                                            need_mask ? mask : nullptr, need_planes ? planes : nullptr, scale, lam,
+                                            bias);
     return g_cache.emplace(key, std::move(prep)).first->second;
 }
 
-// y (m, ng) = rows (m, K) through one prepared part.
+// Counts kernel calls (the test that the packed kernels are the compiled path reads it).
 void gemm(spfq_prepared *p, bool int8, int64_t m, int64_t k, const float *rows, float *y, int threads) {
-    if (m == 0) return;
-    if (m > INT32_MAX) throw Error("too many rows");
-    g_calls.fetch_add(1, std::memory_order_relaxed);
-    if (!int8) {
-        check(spfq_matmul_f32(p, static_cast<int32_t>(m), rows, y, threads), "matmul_f32");
-        return;
-    }
-    // per thread, reused across calls (the VM may run on several threads; fresh buffers fault in pages)
-    thread_local std::vector<int8_t> xq;
-    thread_local std::vector<float> xs;
-    if (xq.size() < static_cast<size_t>(m * k)) xq.resize(static_cast<size_t>(m * k));
-    if (xs.size() < static_cast<size_t>(m)) xs.resize(static_cast<size_t>(m));
-    check(spfq_quantize_i8(static_cast<int32_t>(m), static_cast<int32_t>(k), rows, xq.data(), xs.data()), "quantize_i8");
-    check(spfq_matmul_i8(p, static_cast<int32_t>(m), xq.data(), xs.data(), y, threads), "matmul_i8");
+    if (m > 0) g_calls.fetch_add(1, std::memory_order_relaxed);
+    spfq_layer::gemm(p, int8, m, k, rows, y, threads);
 }
 
 void run_linear(const int64_t *at, const Prepared &prep, const DLTensor *x, DLTensor *y, int threads) {
@@ -200,53 +155,16 @@ void run_conv(const int64_t *at, const Prepared &prep, const DLTensor *xt, DLTen
     const int64_t dims = at[kConvDims], k = at[kK], n = at[kN], groups = at[kGroups];
     if (xt->ndim != dims + 2) throw Error("conv input has the wrong rank");
     const int64_t B = xt->shape[0], C = xt->shape[1], H = dims == 2 ? xt->shape[2] : 1, Wd = xt->shape[dims + 1];
-    const int64_t KH = at[kKH], KW = at[kKW], SH = at[kSH], SW = at[kSW], DH = at[kDH], DW = at[kDW];
-    const int64_t PT = at[kPT], PL = at[kPL], PB = at[kPB], PR = at[kPR];
-    const int64_t cg = k / (KH * KW);
+    const spfq_layer::ConvGeometry G{at[kKH], at[kKW], at[kSH], at[kSW], at[kDH], at[kDW],
+                                     at[kPT], at[kPL], at[kPB], at[kPR]};
+    const int64_t cg = k / (G.KH * G.KW);
     if (C != cg * groups) throw Error("conv input has the wrong number of channels");
-    const int64_t OH = (H + PT + PB - DH * (KH - 1) - 1) / SH + 1, OW = (Wd + PL + PR - DW * (KW - 1) - 1) / SW + 1;
+    const int64_t OH = G.out_h(H), OW = G.out_w(Wd);
     if (OH < 1 || OW < 1) throw Error("conv input is smaller than the kernel");
     if (numel(yt) != B * n * OH * OW) throw Error("conv output has the wrong size");
-    const float *x = data<float>(xt);
-    float *y = static_cast<float *>(yt->data) + yt->byte_offset / 4;
-    const int64_t m = B * OH * OW, ng = n / groups, P = OH * OW;
-    thread_local std::vector<float> cols, yg;  // per thread, reused across calls
-    if (cols.size() < static_cast<size_t>(m * k)) cols.resize(static_cast<size_t>(m * k));
-    if (yg.size() < static_cast<size_t>(m * ng)) yg.resize(static_cast<size_t>(m * ng));
-    for (int64_t g = 0; g < groups; g++) {
-        // im2col: row (b, oh, ow), column (c, kh, kw) as PyTorch flattens the weight
-        float *row = cols.data();
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t oh = 0; oh < OH; oh++)
-                for (int64_t ow = 0; ow < OW; ow++) {
-                    const int64_t ih0 = oh * SH - PT, iw0 = ow * SW - PL;
-                    if (ih0 >= 0 && ih0 + (KH - 1) * DH < H && iw0 >= 0 && iw0 + (KW - 1) * DW < Wd) {
-                        for (int64_t c = 0; c < cg; c++) {  // patch inside the image: no bounds checks
-                            const float *src = x + ((b * C + g * cg + c) * H + ih0) * Wd + iw0;
-                            for (int64_t kh = 0; kh < KH; kh++, src += DH * Wd)
-                                for (int64_t kw = 0; kw < KW; kw++) *row++ = src[kw * DW];
-                        }
-                        continue;
-                    }
-                    for (int64_t c = 0; c < cg; c++) {
-                        const float *plane = x + ((b * C + g * cg + c) * H) * Wd;
-                        for (int64_t kh = 0; kh < KH; kh++) {
-                            const int64_t ih = ih0 + kh * DH;
-                            for (int64_t kw = 0; kw < KW; kw++) {
-                                const int64_t iw = iw0 + kw * DW;
-                                *row++ = (ih >= 0 && ih < H && iw >= 0 && iw < Wd) ? plane[ih * Wd + iw] : 0.0f;
-                            }
-                        }
-                    }
-                }
-        gemm(prep.parts[static_cast<size_t>(g)], at[kInt8] != 0, m, k, cols.data(), yg.data(), threads);
-        for (int64_t b = 0; b < B; b++)  // (pixel, channel) -> (channel, pixel): read rows in order
-            for (int64_t p = 0; p < P; p++) {
-                const float *src = &yg[static_cast<size_t>((b * P + p) * ng)];
-                float *out = y + (b * n + g * ng) * P + p;
-                for (int64_t j = 0; j < ng; j++) out[j * P] = src[j];
-            }
-    }
+    if (B * OH * OW > 0) g_calls.fetch_add(groups, std::memory_order_relaxed);  // one GEMM per group
+    spfq_layer::conv(prep.parts, at[kInt8] != 0, k, n, groups, G, data<float>(xt), B, C, H, Wd,
+                     static_cast<float *>(yt->data) + yt->byte_offset / 4, threads);
 }
 
 void packed_layer(const TVMFFIAny *args, int32_t num_args) {

@@ -20,7 +20,8 @@ KERNEL_INCLUDE = ROOT / "kernels" / "include"
 
 def kernel_sources() -> list[Path]:
     """Every file whose bytes change the kernel objects (C files and headers)."""
-    return sorted(KERNEL_SRC.glob("*.c")) + sorted(KERNEL_SRC.glob("*.h")) + sorted(KERNEL_INCLUDE.glob("*.h"))
+    include = sorted(KERNEL_INCLUDE.glob("*.h")) + sorted(KERNEL_INCLUDE.glob("*.hpp"))
+    return sorted(KERNEL_SRC.glob("*.c")) + sorted(KERNEL_SRC.glob("*.h")) + include
 
 
 def run(cmd: list[str], what: str) -> None:

@@ -1,0 +1,153 @@
+// spfq_layer.hpp — one compressed Linear / Conv layer on top of the C kernels, for the C++ runtime
+// wrappers (kernels/ort/spfq_ort_ops.cc, kernels/tvm/spfq_tvm_ops.cc). Header-only so each
+// wrapper keeps its own build; the logic lives here once:
+//   prepare_groups: spfq_prepare per conv group (rows r0..r0+ng of the packed buffers; a group's
+//                   planes are copied to a contiguous (bits, ng, words) slab);
+//   gemm:           float (weight-only) or int8 (per-row quantised activations) through one part;
+//   conv:           im2col per group (rows (b, oh, ow), columns (c, kh, kw) as PyTorch flattens the
+//                   weight), the GEMM, and the (pixel, channel) -> (channel, pixel) scatter.
+// Errors are thrown as std::runtime_error with a one-line message.
+#ifndef SPFQ_LAYER_HPP
+#define SPFQ_LAYER_HPP
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "spfq_kernels.h"
+
+namespace spfq_layer {
+
+inline void check(int status, const char *what) {
+    static const char *names[] = {"ok", "invalid argument", "out of memory", "not supported"};
+    if (status)
+        throw std::runtime_error(std::string(what) + ": kernel returned " + (status < 4 ? names[status] : "error"));
+}
+
+inline bool needs_sign(int layout) { return layout == SPFQ_SIGN || layout == SPFQ_SIGN_MASK; }
+inline bool needs_mask(int layout) { return layout == SPFQ_SIGN_MASK || layout == SPFQ_SPARSE; }
+inline bool needs_planes(int layout) { return layout == SPFQ_PLANES || layout == SPFQ_SPARSE; }
+
+inline void free_parts(std::vector<spfq_prepared *> &parts) {
+    for (spfq_prepared *p : parts) spfq_free(p);
+    parts.clear();
+}
+
+// One prepared part per group; buffers the layout does not use are ignored.
+inline std::vector<spfq_prepared *> prepare_groups(int layout, int bits, int64_t n, int64_t k, int64_t kept_words,
+                                                   int64_t groups, const uint64_t *sign, const uint64_t *mask,
+                                                   const uint64_t *planes, const float *scale, const float *lam,
+                                                   const float *bias) {
+    const int64_t W = (k + 63) / 64, ng = n / groups;
+    const int64_t pw = layout == SPFQ_SPARSE ? kept_words : W;
+    std::vector<spfq_prepared *> parts;
+    std::vector<uint64_t> slab;
+    try {
+        for (int64_t j = 0; j < groups; j++) {
+            const int64_t r0 = j * ng;
+            spfq_weights_desc d{};
+            d.layout = layout;
+            d.n = static_cast<int32_t>(ng);
+            d.k = static_cast<int32_t>(k);
+            d.bits = bits;
+            d.kept_words = static_cast<int32_t>(kept_words);
+            d.sign = needs_sign(layout) && sign ? sign + r0 * W : nullptr;
+            d.mask = needs_mask(layout) && mask ? mask + r0 * W : nullptr;
+            if (needs_planes(layout) && planes) {
+                if (groups == 1) {
+                    d.planes = planes;
+                } else {
+                    slab.resize(static_cast<size_t>(bits * ng * pw));
+                    for (int64_t b = 0; b < bits; b++)
+                        std::memcpy(&slab[b * ng * pw], planes + (b * n + r0) * pw, sizeof(uint64_t) * ng * pw);
+                    d.planes = slab.data();
+                }
+            }
+            d.scale = scale + r0;
+            d.lam = lam ? lam + r0 : nullptr;
+            d.bias = bias ? bias + r0 : nullptr;
+            spfq_prepared *p = nullptr;
+            check(spfq_prepare(&d, &p), "prepare");
+            parts.push_back(p);
+        }
+    } catch (...) {
+        free_parts(parts);
+        throw;
+    }
+    return parts;
+}
+
+// y (m, ng) = rows (m, k) through one prepared part.
+inline void gemm(spfq_prepared *p, bool int8, int64_t m, int64_t k, const float *rows, float *y, int threads) {
+    if (m == 0) return;
+    if (m > INT32_MAX) throw std::runtime_error("too many rows");
+    if (!int8) {
+        check(spfq_matmul_f32(p, static_cast<int32_t>(m), rows, y, threads), "matmul_f32");
+        return;
+    }
+    // per thread, reused across calls (runs may be concurrent; fresh buffers fault in pages)
+    thread_local std::vector<int8_t> xq;
+    thread_local std::vector<float> xs;
+    if (xq.size() < static_cast<size_t>(m * k)) xq.resize(static_cast<size_t>(m * k));
+    if (xs.size() < static_cast<size_t>(m)) xs.resize(static_cast<size_t>(m));
+    check(spfq_quantize_i8(static_cast<int32_t>(m), static_cast<int32_t>(k), rows, xq.data(), xs.data()),
+          "quantize_i8");
+    check(spfq_matmul_i8(p, static_cast<int32_t>(m), xq.data(), xs.data(), y, threads), "matmul_i8");
+}
+
+// 2-D convolution geometry (1-D: height 1, KH = SH = DH = 1, PT = PB = 0).
+struct ConvGeometry {
+    int64_t KH, KW, SH, SW, DH, DW, PT, PL, PB, PR;
+    int64_t out_h(int64_t H) const { return (H + PT + PB - DH * (KH - 1) - 1) / SH + 1; }
+    int64_t out_w(int64_t Wd) const { return (Wd + PL + PR - DW * (KW - 1) - 1) / SW + 1; }
+};
+
+// y (B, n, OH, OW) = conv(x (B, C, H, Wd)) with k = C / groups * KH * KW inputs per output.
+inline void conv(const std::vector<spfq_prepared *> &parts, bool int8, int64_t k, int64_t n, int64_t groups,
+                 const ConvGeometry &G, const float *x, int64_t B, int64_t C, int64_t H, int64_t Wd, float *y,
+                 int threads) {
+    const int64_t OH = G.out_h(H), OW = G.out_w(Wd), cg = C / groups;
+    const int64_t m = B * OH * OW, ng = n / groups, P = OH * OW;
+    thread_local std::vector<float> cols, yg;  // per thread, reused across calls
+    if (cols.size() < static_cast<size_t>(m * k)) cols.resize(static_cast<size_t>(m * k));
+    if (yg.size() < static_cast<size_t>(m * ng)) yg.resize(static_cast<size_t>(m * ng));
+    for (int64_t g = 0; g < groups; g++) {
+        float *row = cols.data();
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t oh = 0; oh < OH; oh++)
+                for (int64_t ow = 0; ow < OW; ow++) {
+                    const int64_t ih0 = oh * G.SH - G.PT, iw0 = ow * G.SW - G.PL;
+                    if (ih0 >= 0 && ih0 + (G.KH - 1) * G.DH < H && iw0 >= 0 && iw0 + (G.KW - 1) * G.DW < Wd) {
+                        for (int64_t c = 0; c < cg; c++) {  // patch inside the image: no bounds checks
+                            const float *src = x + ((b * C + g * cg + c) * H + ih0) * Wd + iw0;
+                            for (int64_t kh = 0; kh < G.KH; kh++, src += G.DH * Wd)
+                                for (int64_t kw = 0; kw < G.KW; kw++) *row++ = src[kw * G.DW];
+                        }
+                        continue;
+                    }
+                    for (int64_t c = 0; c < cg; c++) {
+                        const float *plane = x + ((b * C + g * cg + c) * H) * Wd;
+                        for (int64_t kh = 0; kh < G.KH; kh++) {
+                            const int64_t ih = ih0 + kh * G.DH;
+                            for (int64_t kw = 0; kw < G.KW; kw++) {
+                                const int64_t iw = iw0 + kw * G.DW;
+                                *row++ = (ih >= 0 && ih < H && iw >= 0 && iw < Wd) ? plane[ih * Wd + iw] : 0.0f;
+                            }
+                        }
+                    }
+                }
+        gemm(parts[static_cast<size_t>(g)], int8, m, k, cols.data(), yg.data(), threads);
+        for (int64_t b = 0; b < B; b++)  // (pixel, channel) -> (channel, pixel): read rows in order
+            for (int64_t p = 0; p < P; p++) {
+                const float *src = &yg[static_cast<size_t>((b * P + p) * ng)];
+                float *out = y + (b * n + g * ng) * P + p;
+                for (int64_t j = 0; j < ng; j++) out[j * P] = src[j];
+            }
+    }
+}
+
+}  // namespace spfq_layer
+
+#endif  // SPFQ_LAYER_HPP
