@@ -33,7 +33,8 @@ from spfq_deploy.atomic import write_text  # noqa: E402
 from spfq_deploy.bench.worker import timeit  # noqa: E402,F401  (tvm_latency.py imports it from here)
 from spfq_deploy.compress import compress_model  # noqa: E402
 from spfq_deploy.export import capture as cap  # noqa: E402
-from spfq_deploy.export.onnx_export import export_inputs, export_onnx  # noqa: E402
+from spfq_deploy.export.onnx_export import export_onnx  # noqa: E402
+from spfq_deploy.export.source import export_inputs  # noqa: E402
 from spfq_deploy.export.runners import session  # noqa: E402
 from spfq_deploy.pack import container  # noqa: E402
 

@@ -48,7 +48,7 @@ from onnx_latency import compressed, minilm_tokens, timeit  # noqa: E402
 from spfq_deploy.atomic import write_text  # noqa: E402
 from spfq_deploy.export import capture as cap  # noqa: E402
 from spfq_deploy.export import tvm_export  # noqa: E402
-from spfq_deploy.export.onnx_export import export_inputs  # noqa: E402
+from spfq_deploy.export.source import export_inputs  # noqa: E402
 from spfq_deploy.export.runners import session  # noqa: E402
 from spfq_deploy.pack import container  # noqa: E402
 from spfq_deploy.reference import int8_activation_reference, load_reference  # noqa: E402

@@ -184,7 +184,7 @@ def test_mnist_int8_activations_match_the_integer_reference(mnist_exports):
 def test_packed_kernels_are_the_compiled_path(mnist_exports, mnist_spfq):
     """No float copy of a compressed weight in the Relax module; the library holds the kernels
     (hidden symbols in .symtab) and exports the packed function the VM calls."""
-    from spfq_deploy.export.onnx_export import export_inputs
+    from spfq_deploy.export.source import export_inputs
     from spfq_deploy.modelspec import load_model
     from spfq_deploy.pack import container
     from spfq_deploy.reference import apply_compressed

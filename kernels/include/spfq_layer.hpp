@@ -11,9 +11,11 @@
 #define SPFQ_LAYER_HPP
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "spfq_kernels.h"
@@ -24,6 +26,16 @@ inline void check(int status, const char *what) {
     static const char *names[] = {"ok", "invalid argument", "out of memory", "not supported"};
     if (status)
         throw std::runtime_error(std::string(what) + ": kernel returned " + (status < 4 ? names[status] : "error"));
+}
+
+// Kernel threads per call: SPFQ_NUM_THREADS, else every hardware thread.
+inline int default_threads() {
+    if (const char *env = std::getenv("SPFQ_NUM_THREADS")) {
+        int v = std::atoi(env);
+        if (v > 0) return v;
+    }
+    unsigned hw = std::thread::hardware_concurrency();
+    return hw ? static_cast<int>(hw) : 1;
 }
 
 inline bool needs_sign(int layout) { return layout == SPFQ_SIGN || layout == SPFQ_SIGN_MASK; }

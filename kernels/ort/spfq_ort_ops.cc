@@ -54,14 +54,7 @@ std::string shape_str(const std::vector<int64_t> &s) {
     return out + ")";
 }
 
-int default_threads() {
-    if (const char *env = std::getenv("SPFQ_NUM_THREADS")) {
-        int v = std::atoi(env);
-        if (v > 0) return v;
-    }
-    unsigned hw = std::thread::hardware_concurrency();
-    return hw ? static_cast<int>(hw) : 1;
-}
+using spfq_layer::default_threads;
 
 
 // One kernel instance: attributes, and the prepared weights (one per conv group) built on the

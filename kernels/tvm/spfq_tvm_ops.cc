@@ -54,14 +54,7 @@ struct Error : std::runtime_error {
 
 std::atomic<int64_t> g_calls{0};
 
-int default_threads() {
-    if (const char *env = std::getenv("SPFQ_NUM_THREADS")) {
-        int v = std::atoi(env);
-        if (v > 0) return v;
-    }
-    unsigned hw = std::thread::hardware_concurrency();
-    return hw ? static_cast<int>(hw) : 1;
-}
+using spfq_layer::default_threads;
 
 using spfq_layer::check;
 

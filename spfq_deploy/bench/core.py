@@ -53,7 +53,7 @@ def _model_spec(out: Path, manifests: list[dict]) -> str:
 def fp32_onnx(spec: str, path: Path) -> Path:
     """The uncompressed model of the factory as plain ONNX, traced like the export traces it."""
     from ..export.capture import float_graph
-    from ..export.onnx_export import export_inputs
+    from ..export.source import export_inputs
     from ..modelspec import load_model
 
     model, module = load_model(spec)

@@ -12,7 +12,6 @@ a manifest, written as one folder that appears only when everything in it is com
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -27,12 +26,11 @@ import torch
 from .. import __version__
 from ..atomic import staged_directory
 from ..errors import SpfqError
-from ..modelspec import load_model
 from ..pack import container
-from ..reference import apply_compressed
 from ..targets import Target, get_target
 from . import capture as cap
 from . import onnx_custom, onnx_graph, onnx_qonnx, onnx_stock, ort_library
+from .source import file_table, load_source
 
 FLAVOURS = ("custom", "stock", "qonnx")
 FILES = {"custom": "model.spfq.onnx", "stock": "model.stock.onnx", "qonnx": "model.qonnx.onnx"}
@@ -43,26 +41,6 @@ BIT_PACKING = ("ai.spfq weights: 64-bit little-endian words along K (the reducti
                "each row's nonzero codes in column order as (c<0) | ((|c|-1) << 1). Value of code c in "
                "row n: sign(c) * (lam[n] + (|c|-1) * scale[n]) (lam = scale when absent). "
                "Stock: int4/int8 two's complement, two int4 per byte, low nibble first.")
-
-
-def export_inputs(module, model_file_calibration) -> cap.ExportInputs:
-    """The model file's export_inputs() if it has one, else the first calibration rows."""
-    fn = getattr(module, "export_inputs", None)
-    if fn is not None:
-        spec = fn()
-        return cap.ExportInputs(tuple(spec["args"]), list(spec["input_names"]), list(spec["output_names"]),
-                                dict(spec.get("dynamic_axes", {})))
-    if model_file_calibration is None:
-        raise SpfqError("the model file has neither export_inputs() nor calibration(): cannot trace it")
-    return cap.default_inputs(model_file_calibration())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_model(model, path: Path) -> None:
@@ -83,13 +61,7 @@ def export_onnx(spfq_path: str | Path, out_dir: str | Path, target: str | None =
         raise SpfqError(f"unknown flavour {bad[0]!r} (known: {', '.join(FLAVOURS)})")
     if Path(out_dir).exists() and not force:
         raise SpfqError(f"{out_dir} exists (use --force to replace it)")
-    cm = container.load(spfq_path)
-    spec = model_spec or cm.model_spec
-    if not spec:
-        raise SpfqError(f"{spfq_path}: no model factory recorded; pass --model path.py:factory")
-    model, module = load_model(spec)
-    apply_compressed(model, cm, str(spfq_path))
-    inputs = export_inputs(module, getattr(module, "calibration", None))
+    cm, spec, model, inputs = load_source(spfq_path, model_spec)
 
     libs, skipped = _libraries(tgt, "custom" in flavours, log)
     t0 = time.perf_counter()
@@ -148,9 +120,7 @@ def _manifest(stage: Path, spfq_path: Path, spec, tgt: Target, activations, arti
     import onnx
     import onnxruntime
 
-    files = {}
-    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-        files[str(path.relative_to(stage))] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    files = file_table(stage)
     lib_info = {}
     if libs:
         lib_info = {"files": libs, "headers": ort_library.headers_info(), "domain": onnx_custom.DOMAIN,

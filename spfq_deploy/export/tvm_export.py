@@ -18,7 +18,6 @@ objects (tvm_library.py) as addons.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -32,12 +31,11 @@ import torch
 from .. import __version__
 from ..atomic import staged_directory
 from ..errors import SpfqError
-from ..modelspec import load_model
 from ..pack import container
-from ..reference import apply_compressed
 from ..targets import Target, get_target
 from . import tvm_graph, tvm_library
 from .capture import ExportInputs
+from .source import file_table, load_source
 
 HOST = {"x86_64": "x86_64", "aarch64": "arm64"}.get(platform.machine(), "")
 MANIFEST = "manifest.tvm.json"
@@ -47,14 +45,6 @@ ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 
 def library_name(target: str) -> str:
     return f"model.{target}.so"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def elf_machine(path: str | Path) -> str:
@@ -125,7 +115,6 @@ def export_tvm(spfq_path: str | Path, out_dir: str | Path, target: str | None = 
 
     merge: out_dir already holds another export (the ONNX one): keep its files and add ours,
     still replacing the folder atomically."""
-    from .onnx_export import export_inputs
 
     spfq_path = Path(spfq_path)
     tgt = get_target(target or HOST)
@@ -137,13 +126,7 @@ def export_tvm(spfq_path: str | Path, out_dir: str | Path, target: str | None = 
     targets = [get_target(n) for n in names]
     for t in targets:
         t.require(t.cc, t.cxx)
-    cm = container.load(spfq_path)
-    spec = model_spec or cm.model_spec
-    if not spec:
-        raise SpfqError(f"{spfq_path}: no model factory recorded; pass --model path.py:factory")
-    model, module = load_model(spec)
-    apply_compressed(model, cm, str(spfq_path))
-    inputs = export_inputs(module, getattr(module, "calibration", None))
+    cm, spec, model, inputs = load_source(spfq_path, model_spec)
 
     t0 = time.perf_counter()
     log(f"tracing {spec} with torch.export and importing it into Relax ...")
@@ -210,9 +193,7 @@ def _manifest(stage: Path, spfq_path: Path, spec, tgt: Target, activations, libs
     import tvm
     import tvm_ffi
 
-    files = {}
-    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-        files[str(path.relative_to(stage))] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    files = file_table(stage)
     return {
         "format": "spfq-deploy/tvm-export", "format_version": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..export.source import file_sha256
 from ..errors import SpfqError
 from . import layers as layer_checks
 from . import metrics, runners
@@ -110,7 +111,7 @@ def _checksum(out: Path, rel: str, files: dict) -> str | None:
     entry = files.get(rel)
     if entry is None:
         return f"{rel} has no checksum in the manifest"
-    if runners.sha256(path) != entry.get("sha256"):
+    if file_sha256(path) != entry.get("sha256"):
         return f"{rel}: sha256 differs from the manifest ({path.stat().st_size:,} bytes, manifest {entry.get('bytes', '?'):,})"
     return None
 

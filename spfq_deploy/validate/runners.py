@@ -10,7 +10,6 @@ crash of the validator.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -45,12 +44,6 @@ class Artifact:
     notes: list = field(default_factory=list)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _runner_for(target: str) -> tuple[str, str | None]:
