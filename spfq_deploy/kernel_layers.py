@@ -18,7 +18,7 @@ from .compressed import CompressedLayer
 from .kernels import KernelError, PackedWeights, quantize_i8
 
 
-def _rows_slice(layer: CompressedLayer, r0: int, r1: int) -> CompressedLayer:
+def rows_slice(layer: CompressedLayer, r0: int, r1: int) -> CompressedLayer:
     """The output rows [r0, r1) of a layer (one conv group) as a layer of its own."""
     cut = (lambda a: None if a is None else np.ascontiguousarray(a[r0:r1]))
     return replace(layer, weight_shape=(r1 - r0,) + tuple(layer.weight_shape[1:]), codes=layer.codes[r0:r1],
@@ -32,7 +32,7 @@ class KernelLayer:
         self.layer = layer
         self.groups = int(layer.conv["groups"]) if layer.conv else 1
         n = layer.rows // self.groups
-        self.parts = [PackedWeights.from_layer(_rows_slice(layer, g * n, (g + 1) * n), layout)
+        self.parts = [PackedWeights.from_layer(rows_slice(layer, g * n, (g + 1) * n), layout)
                       for g in range(self.groups)]
 
     def __call__(self, x, mode: str = "f32", threads: int = 1) -> torch.Tensor:

@@ -25,7 +25,7 @@ class KernelError(ValueError):
     """A bad argument to a kernel (dtype, shape, alignment) or a status the library returned."""
 
 
-class _Desc(C.Structure):
+class WeightsDesc(C.Structure):
     _fields_ = [("layout", C.c_int32), ("n", C.c_int32), ("k", C.c_int32), ("bits", C.c_int32),
                 ("kept_words", C.c_int32), ("sign", C.c_void_p), ("mask", C.c_void_p),
                 ("planes", C.c_void_p), ("scale", C.c_void_p), ("lam", C.c_void_p),
@@ -50,7 +50,7 @@ def lib() -> C.CDLL:
         so = C.CDLL(library_path())
         p, i32, vp = C.c_void_p, C.c_int32, C.c_void_p
         sig = {
-            "spfq_prepare": ([C.POINTER(_Desc), C.POINTER(p)], C.c_int),
+            "spfq_prepare": ([C.POINTER(WeightsDesc), C.POINTER(p)], C.c_int),
             "spfq_free": ([p], None),
             "spfq_matmul_f32": ([p, i32, vp, vp, i32], C.c_int),
             "spfq_matmul_i8_raw": ([p, i32, vp, vp, vp, i32], C.c_int),
@@ -136,7 +136,7 @@ class PackedWeights:
             keep.append(v)
             return _arr(v, np.float32, (n,), name, 4)
 
-        d = _Desc(layout=LAYOUT_IDS[layout], n=n, k=k, bits=bits, kept_words=0)
+        d = WeightsDesc(layout=LAYOUT_IDS[layout], n=n, k=k, bits=bits, kept_words=0)
         if layout in ("sign", "sign_mask"):
             d.sign = _arr(buffers["sign"], np.uint64, (n, W), "sign")
         if layout in ("sign_mask", "sparse"):

@@ -27,7 +27,7 @@ class Target:
     description: str
     arch: str
     triple: str
-    run: str  # "native" | "qemu-aarch64"
+    run: str  # "native" | "qemu-aarch64" | "cuda" (host code native, kernels on an NVIDIA GPU)
     cc: str
     cxx: str
     cflags: tuple[str, ...]
@@ -35,6 +35,7 @@ class Target:
     runtime_packages: tuple[str, ...] = ()
     tools: dict = field(default_factory=dict)
     tvm: dict = field(default_factory=dict)
+    cuda: dict = field(default_factory=dict)  # [cuda]: nvcc, nvcc_flags, gencode (GPU targets only)
 
     @property
     def native(self) -> bool:
@@ -67,6 +68,7 @@ def get_target(name: str) -> Target:
                       triple=data["triple"], run=data["run"], cc=data["cc"], cxx=data["cxx"],
                       cflags=tuple(data.get("cflags", ())), kernel_isa=data.get("kernel_isa", "auto"),
                       runtime_packages=tuple(data.get("runtime_packages", ())),
-                      tools=dict(data.get("tools", {})), tvm=dict(data.get("tvm", {})))
+                      tools=dict(data.get("tools", {})), tvm=dict(data.get("tvm", {})),
+                      cuda=dict(data.get("cuda", {})))
     except KeyError as exc:
         raise SpfqError(f"{path}: missing key {exc.args[0]!r}") from None

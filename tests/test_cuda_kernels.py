@@ -1,18 +1,19 @@
-"""CUDA kernels (kernels/cuda, GitHub issue 7 part 1) through their plain C ABI (ctypes).
+"""CUDA kernels (kernels/cuda) through their plain C ABI (spfq_deploy.cuda_runtime, ctypes).
 
-(a) always: nvcc compiles kernels/cuda/*.cu into a shared library for sm_80 and sm_90 and the
-    ABI symbols are exported (fails, naming the problem, when nvcc is missing);
-(b) on a machine with a CUDA GPU: exact parity of the int32 sums against a numpy int64
-    reference for every layout, y against the CPU kernels, bgemm and the int8 quantiser
-    bit-exact with the CPU ones. Skipped without a GPU / driver."""
+(a) always: nvcc compiles kernels/cuda/*.cu into the GPU library for every gencode of
+    targets/cuda.toml (sm_80, sm_90; the SASS of each is checked) and the ABI symbols are
+    exported; fails, naming the problem, when nvcc is missing;
+(b) parity, run twice: against the host-emulation build (-DSPFQ_CUDA_EMULATE: the kernels'
+    per-lane decode / dp4a / sparse walk / epilogue / quantiser code run on the CPU, always), and
+    against the GPU build on a machine with a CUDA GPU (skipped elsewhere, saying so). Integer
+    sums exact against a numpy int64 reference for every layout and bit width, y against the CPU
+    kernels, bgemm and the int8 quantiser bit-exact with the CPU ones."""
 
 from __future__ import annotations
 
 import ctypes as C
-import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,124 +21,73 @@ import pytest
 
 from spfq_deploy import kernels as K
 from spfq_deploy.compressed import CompressedLayer
-from spfq_deploy.kernels import LAYOUT_IDS, kernel_pack
+from spfq_deploy.cuda_runtime import CudaLibrary, CudaPackedWeights
+from spfq_deploy.export import cuda_library
+from spfq_deploy.kernels import LAYOUT_IDS, WeightsDesc, kernel_pack
 from spfq_deploy.pack.layouts import default_layout
+from spfq_deploy.targets import get_target
 
-ROOT = Path(__file__).resolve().parents[1]
-CUDA_DIR = ROOT / "kernels" / "cuda"
-GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
-SYMBOLS = ["spfq_cuda_abi_version", "spfq_cuda_device_count", "spfq_cuda_last_error", "spfq_cuda_set_device",
-           "spfq_cuda_alloc", "spfq_cuda_free", "spfq_cuda_copy_h2d", "spfq_cuda_copy_d2h", "spfq_cuda_memset",
-           "spfq_cuda_synchronize", "spfq_cuda_bgemm", "spfq_cuda_matmul_i8_raw", "spfq_cuda_matmul_i8",
-           "spfq_cuda_matmul_sparse_i8_raw", "spfq_cuda_matmul_sparse_i8", "spfq_cuda_quantize_i8"]
+SYMBOLS = ["spfq_cuda_abi_version", "spfq_cuda_library_info", "spfq_cuda_device_count", "spfq_cuda_device_name",
+           "spfq_cuda_last_error", "spfq_cuda_set_device", "spfq_cuda_alloc", "spfq_cuda_free",
+           "spfq_cuda_copy_h2d", "spfq_cuda_copy_d2h", "spfq_cuda_memset", "spfq_cuda_synchronize",
+           "spfq_cuda_bgemm", "spfq_cuda_matmul_i8_raw", "spfq_cuda_matmul_i8", "spfq_cuda_matmul_sparse_i8_raw",
+           "spfq_cuda_matmul_sparse_i8", "spfq_cuda_quantize_i8"]
 NO_GPU = "no CUDA GPU on this machine: GPU parity unverified"
 
 
-def find_nvcc() -> str | None:
-    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/bin/nvcc", "/usr/local/cuda/bin/nvcc"):
-        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return cand
-    return None
+def _build(emulate: bool) -> Path:
+    try:
+        return cuda_library.build(get_target("cuda"), emulate=emulate)
+    except Exception as exc:  # nvcc missing or failing is a failure here, never a skip
+        pytest.fail(f"building kernels/cuda ({'emulation' if emulate else 'GPU'}) failed: {exc}")
 
 
 @pytest.fixture(scope="module")
-def cuda_so(tmp_path_factory) -> Path:
-    nvcc = find_nvcc()
-    if nvcc is None:
-        pytest.fail("nvcc not found (PATH, $NVCC, /usr/local/bin, /usr/local/cuda/bin): the CUDA kernels "
-                    "cannot be compile-checked; install the CUDA toolkit (CI has nvcc)")
-    out = tmp_path_factory.mktemp("cuda") / "libspfq_cuda.so"
-    sources = sorted(str(p) for p in CUDA_DIR.glob("*.cu"))
-    assert sources, f"no .cu files under {CUDA_DIR}"
-    cmd = [nvcc, "-shared", "-Xcompiler", "-fPIC", "-O3", *GENCODE, "--threads", "0", *sources, "-o", str(out)]
-    t0 = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        pytest.fail(f"nvcc failed ({' '.join(cmd)}):\n{res.stdout}\n{res.stderr}")
-    print(f"nvcc: {time.monotonic() - t0:.1f} s")
-    return out
+def cuda_so() -> Path:
+    return _build(False)
 
 
-def test_nvcc_builds_library_with_abi_symbols(cuda_so):
+def _exported(path: Path) -> set[str]:
     nm = shutil.which("nm")
     assert nm, "nm (binutils) is needed to list the exported symbols"
-    res = subprocess.run([nm, "-D", "--defined-only", str(cuda_so)], capture_output=True, text=True, check=True)
-    exported = {line.split()[-1] for line in res.stdout.splitlines() if line.strip()}
+    res = subprocess.run([nm, "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True)
+    return {line.split()[-1] for line in res.stdout.splitlines() if line.strip()}
+
+
+@pytest.mark.parametrize("emulate", [False, True], ids=["gpu-build", "emulation-build"])
+def test_nvcc_builds_library_with_abi_symbols(emulate):
+    path = _build(emulate)
+    exported = _exported(path)
     missing = [s for s in SYMBOLS if s not in exported]
     assert not missing, f"not exported: {missing}"
     internal = [s for s in exported if s in ("spfq_cuda_fail", "spfq_cuda_check", "spfq_cuda_i8_setup")]
     assert not internal, f"internal helpers leak: {internal}"
-    # sm_80 and sm_90 SASS are both embedded
-    cuobjdump = shutil.which("cuobjdump") or (str(Path(find_nvcc()).parent / "cuobjdump"))
-    if os.path.exists(cuobjdump):
-        res = subprocess.run([cuobjdump, "--list-elf", str(cuda_so)], capture_output=True, text=True)
-        if res.returncode == 0:
-            assert "sm_80" in res.stdout and "sm_90" in res.stdout, res.stdout
+    lib = CudaLibrary(path)
+    assert lib.emulation == emulate, lib.info
+    if emulate:
+        return
+    assert "sm_80 sm_90" in lib.info, lib.info
+    # the SASS of every gencode in targets/cuda.toml is embedded (where the toolkit has cuobjdump;
+    # this machine's nvcc package ships without it)
+    cuobjdump = shutil.which("cuobjdump") or str(Path(cuda_library.find_nvcc(get_target("cuda"))).parent / "cuobjdump")
+    if Path(cuobjdump).exists():
+        res = subprocess.run([cuobjdump, "--list-elf", str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        for arch in cuda_library.arch_list(get_target("cuda")):
+            assert arch in res.stdout, (arch, res.stdout)
 
 
-# ------------------------------------------------------------------ GPU parity (needs a GPU)
+# ------------------------------------------------------------------ parity (emulation / GPU)
 
-class Desc(C.Structure):  # spfq_weights_desc, with device pointers
-    _fields_ = [("layout", C.c_int32), ("n", C.c_int32), ("k", C.c_int32), ("bits", C.c_int32),
-                ("kept_words", C.c_int32), ("sign", C.c_void_p), ("mask", C.c_void_p), ("planes", C.c_void_p),
-                ("scale", C.c_void_p), ("lam", C.c_void_p), ("bias", C.c_void_p)]
-
-
-class Cuda:
-    def __init__(self, path: Path):
-        self.lib = lib = C.CDLL(str(path))
-        lib.spfq_cuda_last_error.restype = C.c_char_p
-        lib.spfq_cuda_device_count.restype = C.c_int32
-        lib.spfq_cuda_alloc.argtypes = [C.POINTER(C.c_void_p), C.c_size_t]
-        lib.spfq_cuda_free.argtypes = [C.c_void_p]
-        lib.spfq_cuda_copy_h2d.argtypes = [C.c_void_p, C.c_void_p, C.c_size_t]
-        lib.spfq_cuda_copy_d2h.argtypes = [C.c_void_p, C.c_void_p, C.c_size_t]
-        lib.spfq_cuda_synchronize.argtypes = [C.c_void_p]
-        lib.spfq_cuda_bgemm.argtypes = [C.c_int32] * 3 + [C.c_void_p] * 9
-        for f in ("spfq_cuda_matmul_i8_raw", "spfq_cuda_matmul_sparse_i8_raw",
-                  "spfq_cuda_matmul_i8", "spfq_cuda_matmul_sparse_i8"):
-            getattr(lib, f).argtypes = [C.POINTER(Desc), C.c_int32] + [C.c_void_p] * 4
-        lib.spfq_cuda_quantize_i8.argtypes = [C.c_int32, C.c_int32] + [C.c_void_p] * 4
-        self.live: list[int] = []
-
-    def ok(self, rc, what):
-        assert rc == 0, f"{what}: status {rc}: {self.lib.spfq_cuda_last_error().decode()}"
-
-    def put(self, a) -> int | None:
-        if a is None:
-            return None
-        a = np.ascontiguousarray(a)
-        p = C.c_void_p()
-        self.ok(self.lib.spfq_cuda_alloc(C.byref(p), max(a.nbytes, 1)), "alloc")
-        self.live.append(p.value)
-        self.ok(self.lib.spfq_cuda_copy_h2d(p, a.ctypes.data, a.nbytes), "h2d")
-        return p.value
-
-    def empty(self, shape, dtype) -> tuple[int, np.ndarray]:
-        host = np.zeros(shape, dtype)
-        return self.put(host), host
-
-    def get(self, dev, host):
-        self.ok(self.lib.spfq_cuda_synchronize(None), "synchronize")
-        self.ok(self.lib.spfq_cuda_copy_d2h(host.ctypes.data, dev, host.nbytes), "d2h")
-        return host
-
-    def free_all(self):
-        for p in self.live:
-            self.lib.spfq_cuda_free(p)
-        self.live.clear()
-
-
-@pytest.fixture(scope="module")
-def cuda(cuda_so):
-    try:
-        cu = Cuda(cuda_so)
-    except OSError as exc:  # libcudart / libcuda missing
-        pytest.skip(f"{NO_GPU} ({exc})")
-    if cu.lib.spfq_cuda_device_count() <= 0:
-        pytest.skip(f"{NO_GPU} ({cu.lib.spfq_cuda_last_error().decode() or 'no device'})")
-    yield cu
-    cu.free_all()
+@pytest.fixture(scope="module", params=["emulation", "gpu"])
+def cuda(request) -> CudaLibrary:
+    """The library under test: the host emulation always, the GPU build where a GPU is."""
+    lib = CudaLibrary(_build(request.param == "emulation"))
+    if request.param == "gpu":
+        why = lib.unavailable()
+        if why:
+            pytest.skip(f"{NO_GPU} ({why})")
+    return lib
 
 
 def make_layer(alphabet, bits, n, k, pruned=False, sparsity=0.5, lam=True, seed=0):
@@ -158,20 +108,8 @@ def make_layer(alphabet, bits, n, k, pruned=False, sparsity=0.5, lam=True, seed=
                            meta={"sparsity_target": sparsity if pruned else 0.0})
 
 
-def upload(cu: Cuda, layer, layout: str) -> Desc:
-    _, bits, bufs = kernel_pack(layer, layout)
-    d = Desc(layout=LAYOUT_IDS[layout], n=layer.rows, k=layer.cols, bits=bits, kept_words=0)
-    d.sign = cu.put(bufs.get("sign")) if layout in ("sign", "sign_mask") else None
-    d.mask = cu.put(bufs["mask"]) if layout in ("sign_mask", "sparse") else None
-    if layout == "planes":
-        d.planes = cu.put(bufs["planes"])
-    if layout == "sparse":
-        d.kept_words = bufs["kept"].shape[2]
-        d.planes = cu.put(bufs["kept"]) if bufs["kept"].size else None
-    d.scale = cu.put(np.asarray(layer.scale, np.float32))
-    d.lam = cu.put(None if layer.lam is None else np.asarray(layer.lam, np.float32))
-    d.bias = cu.put(np.asarray(layer.bias, np.float32))
-    return d
+def upload(cu: CudaLibrary, layer, layout: str) -> CudaPackedWeights:
+    return CudaPackedWeights(cu, layer, layout)
 
 
 CASES = [("binary", 1, False), ("ternary", 2, False), ("binary", 1, True)] + \
@@ -193,21 +131,18 @@ def test_cuda_i8_parity(cuda, alphabet, bits, pruned, m, n, k):
     want_s = (xq.astype(np.int64) @ np.sign(c).T).astype(np.int32)
     dxq, dxs = cuda.put(xq), cuda.put(xs)
     for layout in layouts:
-        d = upload(cuda, layer, layout)
-        sparse = layout == "sparse"
-        raw = cuda.lib.spfq_cuda_matmul_sparse_i8_raw if sparse else cuda.lib.spfq_cuda_matmul_i8_raw
-        full = cuda.lib.spfq_cuda_matmul_sparse_i8 if sparse else cuda.lib.spfq_cuda_matmul_i8
-        dc, hc = cuda.empty((m, n), np.int32)
-        ds, hs = cuda.empty((m, n), np.int32)
-        cuda.ok(raw(C.byref(d), m, dxq, dc, ds, None), f"{layout} raw")
-        got_c, got_s = cuda.get(dc, hc).copy(), cuda.get(ds, hs).copy()
+        w = upload(cuda, layer, layout)
+        got_c, got_s = w.matmul_i8_raw(xq)
         assert np.array_equal(got_s, want_s), f"{layout}: acc_s differs"
         assert np.array_equal(got_c, want_c), f"{layout}: acc_c differs"
-        dy, hy = cuda.empty((m, n), np.float32)
-        cuda.ok(full(C.byref(d), m, dxq, dxs, dy, None), f"{layout} y")
-        y = cuda.get(dy, hy)
+        dy = cuda.empty((m, n), np.float32)
+        w.matmul_i8_device(m, dxq, dxs, dy)
+        y = cuda.get(dy, (m, n), np.float32)
         cpu = K.PackedWeights.from_layer(layer, layout).matmul_i8(xq, xs)
         np.testing.assert_allclose(y, cpu, rtol=1e-6, atol=1e-6 * (np.abs(cpu).max() + 1))
+        # float rows in: the GPU quantiser + GEMM equal the CPU quantiser + GEMM
+        cpu_f = K.PackedWeights.from_layer(layer, layout).matmul_i8(*K.quantize_i8(x))
+        np.testing.assert_allclose(w.forward_f32(x), cpu_f, rtol=1e-6, atol=1e-6 * (np.abs(cpu_f).max() + 1))
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 64, 64), (4, 65, 63), (33, 130, 1000)])
@@ -220,16 +155,21 @@ def test_cuda_bgemm_parity(cuda, m, n, k):
     want = (xsign @ layer.codes.astype(np.int64).T).astype(np.int32)
     dw, dx, dxs = cuda.put(bufs["sign"]), cuda.put(xbits), cuda.put(xs)
     dscale, dbias = cuda.put(np.asarray(layer.scale, np.float32)), cuda.put(layer.bias)
-    ddot, hdot = cuda.empty((m, n), np.int32)
-    dy, hy = cuda.empty((m, n), np.float32)
-    dyb, hyb = cuda.empty((m, (n + 63) // 64), np.uint64)
-    cuda.ok(cuda.lib.spfq_cuda_bgemm(m, n, k, dw, dx, dxs, dscale, dbias, ddot, dy, dyb, None), "bgemm")
-    assert np.array_equal(cuda.get(ddot, hdot), want)
-    y = cuda.get(dy, hy)
+    ddot, dy = cuda.empty((m, n), np.int32), cuda.empty((m, n), np.float32)
+    dyb = cuda.put(np.full((m, (n + 63) // 64), 0xAAAAAAAAAAAAAAAA, np.uint64))  # old bits: set and cleared
+    cuda.ok(cuda.so.spfq_cuda_bgemm(m, n, k, dw.ptr, dx.ptr, dxs.ptr, dscale.ptr, dbias.ptr, ddot.ptr, dy.ptr,
+                                    dyb.ptr, None), "bgemm")
+    assert np.array_equal(cuda.get(ddot, (m, n), np.int32), want)
+    y = cuda.get(dy, (m, n), np.float32)
     want_y = xs[:, None] * layer.scale[None, :] * want.astype(np.float32) + layer.bias
     np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
-    bits = np.unpackbits(cuda.get(dyb, hyb).view(np.uint8), axis=1, bitorder="little")[:, :n]
+    cpu_dot, cpu_y, cpu_bits = K.PackedWeights.from_layer(layer, "sign").bgemm(xbits, xs, rebinarize=True)
+    assert np.array_equal(cpu_dot, want)
+    yb = cuda.get(dyb, (m, (n + 63) // 64), np.uint64)
+    bits = np.unpackbits(yb.view(np.uint8), axis=1, bitorder="little")[:, :n]
     assert np.array_equal(bits.astype(bool), y < 0)
+    if n % 64 == 0:
+        assert np.array_equal(yb, cpu_bits)
 
 
 @pytest.mark.parametrize("m,k", [(1, 1), (3, 384), (7, 1000), (2, 5)])
@@ -240,22 +180,24 @@ def test_cuda_quantize_i8_bit_exact(cuda, m, k):
     if m > 2:
         x[2] = 0.0  # all-zero row: xscale 0, xq 0
     want_q, want_s = K.quantize_i8(x)
-    dx = cuda.put(x)
-    dq, hq = cuda.empty((m, k), np.int8)
-    ds, hs = cuda.empty((m,), np.float32)
-    cuda.ok(cuda.lib.spfq_cuda_quantize_i8(m, k, dx, dq, ds, None), "quantize")
-    assert np.array_equal(cuda.get(ds, hs), want_s)
-    assert np.array_equal(cuda.get(dq, hq), want_q)
+    dx, dq, ds = cuda.put(x), cuda.empty((m, k), np.int8), cuda.empty((m,), np.float32)
+    cuda.ok(cuda.so.spfq_cuda_quantize_i8(m, k, dx.ptr, dq.ptr, ds.ptr, None), "quantize")
+    assert np.array_equal(cuda.get(ds, (m,), np.float32), want_s)
+    assert np.array_equal(cuda.get(dq, (m, k), np.int8), want_q)
 
 
 def test_cuda_bad_arguments(cuda):
-    lib = cuda.lib
-    assert lib.spfq_cuda_matmul_i8_raw(None, 1, None, None, None, None) == 1
-    d = Desc(layout=9, n=1, k=1, bits=1)
-    dummy = cuda.put(np.zeros(8, np.int8))
-    assert lib.spfq_cuda_matmul_i8_raw(C.byref(d), 1, dummy, dummy, dummy, None) == 1
-    assert b"layout" in lib.spfq_cuda_last_error()
-    d = Desc(layout=LAYOUT_IDS["sparse"], n=1, k=1, bits=2, mask=dummy, planes=dummy, kept_words=1)
-    assert lib.spfq_cuda_matmul_i8_raw(C.byref(d), 1, dummy, dummy, dummy, None) == 3
-    assert lib.spfq_cuda_bgemm(1, 0, 1, dummy, dummy, None, None, None, dummy, None, None, None) == 1
-    assert lib.spfq_cuda_quantize_i8(-1, 1, dummy, dummy, dummy, None) == 1
+    so = cuda.so
+    buf = cuda.put(np.zeros(8, np.int8))
+    dummy = buf.ptr
+    assert so.spfq_cuda_matmul_i8_raw(None, 1, None, None, None, None) == 1
+    d = WeightsDesc(layout=9, n=1, k=1, bits=1)
+    assert so.spfq_cuda_matmul_i8_raw(C.byref(d), 1, dummy, dummy, dummy, None) == 1
+    assert "layout" in cuda.last_error()
+    d = WeightsDesc(layout=LAYOUT_IDS["sparse"], n=1, k=1, bits=2, mask=dummy, planes=dummy, kept_words=1)
+    assert so.spfq_cuda_matmul_i8_raw(C.byref(d), 1, dummy, dummy, dummy, None) == 3
+    assert so.spfq_cuda_bgemm(1, 0, 1, dummy, dummy, None, None, None, dummy, None, None, None) == 1
+    assert so.spfq_cuda_quantize_i8(-1, 1, dummy, dummy, dummy, None) == 1
+    with pytest.raises(Exception, match="must be"):
+        upload(cuda, make_layer("binary", 1, 4, 64), "sign").forward_f32(np.zeros((2, 63), np.float32))
+    assert cuda.device_count() >= 1 and cuda.device_name(0)

@@ -21,49 +21,73 @@ typedef struct {
     uint64_t *ybits;
 } bgemm_job;
 
-__global__ void __launch_bounds__(SPFQ_WARPS_PER_BLOCK * SPFQ_WARP)
-spfq_bgemm_kernel(const bgemm_job j)
+/* One lane's popcounts for output row n and the activation tile at m0 (pop[t] += ...; the
+ * second accumulator array is unused: the shape spfq_emulate_rows expects). */
+SPFQ_HD void bgemm_lane(const bgemm_job &j, int32_t n, int32_t m0, int lane, int pop[SPFQ_MTILE],
+                        int unused[SPFQ_MTILE])
+{
+    (void)unused;
+    const uint64_t *wrow = j.w + (size_t)n * (size_t)j.W;
+    for (int32_t word = lane; word < j.W; word += SPFQ_WARP) {
+        const uint64_t ww = wrow[word];
+#pragma unroll
+        for (int t = 0; t < SPFQ_MTILE; t++) {
+            if (m0 + t >= j.m) break;
+            pop[t] += spfq_popc64(ww ^ j.x[(size_t)(m0 + t) * (size_t)j.W + (size_t)word]);
+        }
+    }
+}
+
+/* Set (y < 0) or clear bit n of row m of ybits; several warps share one word on the GPU. */
+SPFQ_HD void bgemm_ybit(const bgemm_job &j, int32_t m, int32_t n, int negative)
+{
+    unsigned long long *wd = (unsigned long long *)(j.ybits + (size_t)m * (size_t)((j.n + 63) / 64) + n / 64);
+    const unsigned long long bit = 1ull << (n % 64);
+#ifdef __CUDA_ARCH__
+    if (negative) atomicOr(wd, bit);
+    else atomicAnd(wd, ~bit);
+#else
+    if (negative) *wd |= bit;
+    else *wd &= ~bit;
+#endif
+}
+
+/* Output (m, n) from the warp's popcount p. */
+SPFQ_HD void bgemm_store(const bgemm_job &j, int32_t n, int32_t m, int p, int unused)
+{
+    (void)unused;
+    const int32_t d = j.k - 2 * p;
+    const size_t i = (size_t)m * (size_t)j.n + (size_t)n;
+    if (j.dot) j.dot[i] = d;
+    if (j.y || j.ybits) {
+        const float xs = j.xscale ? j.xscale[m] : 1.0f;
+        /* CPU order: xs * scale * dot + bias, no FMA */
+        const float v = spfq_add(spfq_mul(spfq_mul(xs, j.scale[n]), (float)d), j.bias ? j.bias[n] : 0.0f);
+        if (j.y) j.y[i] = v;
+        if (j.ybits) bgemm_ybit(j, m, n, v < 0.0f);
+    }
+}
+
+#ifndef SPFQ_CUDA_EMULATE
+SPFQ_GLOBAL spfq_bgemm_kernel(const bgemm_job j)
 {
     const int warp = threadIdx.x / SPFQ_WARP, lane = threadIdx.x % SPFQ_WARP;
     const int32_t n = (int32_t)blockIdx.x * SPFQ_WARPS_PER_BLOCK + warp;
     if (n >= j.n) return; /* whole warp leaves */
-    const uint64_t *wrow = j.w + (size_t)n * (size_t)j.W;
     for (int32_t m0 = (int32_t)blockIdx.y * SPFQ_MTILE; m0 < j.m; m0 += (int32_t)gridDim.y * SPFQ_MTILE) {
         int pop[SPFQ_MTILE];
 #pragma unroll
         for (int t = 0; t < SPFQ_MTILE; t++) pop[t] = 0;
-        for (int32_t word = lane; word < j.W; word += SPFQ_WARP) {
-            const uint64_t ww = wrow[word];
-#pragma unroll
-            for (int t = 0; t < SPFQ_MTILE; t++) {
-                if (m0 + t >= j.m) break;
-                pop[t] += __popcll(ww ^ j.x[(size_t)(m0 + t) * (size_t)j.W + (size_t)word]);
-            }
-        }
+        bgemm_lane(j, n, m0, lane, pop, pop);
 #pragma unroll
         for (int t = 0; t < SPFQ_MTILE; t++) {
             if (m0 + t >= j.m) break; /* warp-uniform */
             const int p = spfq_warp_sum(pop[t]);
-            if (lane != 0) continue;
-            const int32_t m = m0 + t;
-            const int32_t d = j.k - 2 * p;
-            const size_t i = (size_t)m * (size_t)j.n + (size_t)n;
-            if (j.dot) j.dot[i] = d;
-            if (j.y || j.ybits) {
-                const float xs = j.xscale ? j.xscale[m] : 1.0f;
-                /* CPU order: xs * scale * dot + bias, no FMA */
-                const float v = __fadd_rn(__fmul_rn(__fmul_rn(xs, j.scale[n]), (float)d), j.bias ? j.bias[n] : 0.0f);
-                if (j.y) j.y[i] = v;
-                if (j.ybits) {
-                    unsigned long long *wd = (unsigned long long *)(j.ybits + (size_t)m * (size_t)((j.n + 63) / 64) + n / 64);
-                    const unsigned long long bit = 1ull << (n % 64);
-                    if (v < 0.0f) atomicOr(wd, bit);
-                    else atomicAnd(wd, ~bit);
-                }
-            }
+            if (lane == 0) bgemm_store(j, n, m0 + t, p, 0);
         }
     }
 }
+#endif
 
 extern "C" int spfq_cuda_bgemm(int32_t m, int32_t n, int32_t k, const uint64_t *w_sign, const uint64_t *xbits,
                                const float *xscale, const float *scale, const float *bias, int32_t *dot,
@@ -76,9 +100,15 @@ extern "C" int spfq_cuda_bgemm(int32_t m, int32_t n, int32_t k, const uint64_t *
     if ((y || ybits) && !scale) return spfq_cuda_fail(SPFQ_EINVAL, "scale is NULL");
     if (m == 0) return SPFQ_OK;
     bgemm_job j = {m, n, k, spfq_words(k), w_sign, xbits, xscale, scale, bias, dot, y, ybits};
+#ifdef SPFQ_CUDA_EMULATE
+    (void)stream;
+    spfq_emulate_rows(j, n, m, bgemm_lane, bgemm_store);
+    return SPFQ_OK;
+#else
     const int64_t tiles = ((int64_t)m + SPFQ_MTILE - 1) / SPFQ_MTILE;
     dim3 grid((unsigned)((n + SPFQ_WARPS_PER_BLOCK - 1) / SPFQ_WARPS_PER_BLOCK),
               (unsigned)(tiles < SPFQ_MAX_GRID_Y ? tiles : SPFQ_MAX_GRID_Y));
     spfq_bgemm_kernel<<<grid, SPFQ_WARPS_PER_BLOCK * SPFQ_WARP, 0, spfq_stream(stream)>>>(j);
     return spfq_cuda_check(cudaGetLastError(), "spfq_bgemm_kernel launch");
+#endif
 }

@@ -21,8 +21,7 @@
  * prepare-time repack of the planes into byte codes. */
 #include "internal.cuh"
 
-static __device__ __forceinline__ void decode_dense(const spfq_i8_job &j, int32_t n, int32_t word,
-                                                    int sh, int &c4, int &s4)
+SPFQ_HD void decode_dense(const spfq_i8_job &j, int32_t n, int32_t word, int sh, int &c4, int &s4)
 {
     const size_t W = (size_t)j.W, idx = (size_t)n * W + (size_t)word;
     switch (j.d.layout) {
@@ -44,9 +43,9 @@ static __device__ __forceinline__ void decode_dense(const spfq_i8_job &j, int32_
         for (int p = 0; p < b; p++)
             u4 |= spfq_spread4((uint32_t)(j.d.planes[(size_t)p * plane_stride + idx] >> sh) & 0xFu) << p;
         const uint32_t off4 = (1u << (b - 1)) * 0x01010101u;
-        c4 = (int)__vsub4(u4, off4);
+        c4 = (int)spfq_vsub4(u4, off4);
         if (j.need_s)
-            s4 = (int)((__vcmpgtu4(u4, off4) & 0x01010101u) | __vcmpltu4(u4, off4));
+            s4 = (int)((spfq_vcmpu4(u4, off4, 1) & 0x01010101u) | spfq_vcmpu4(u4, off4, 0));
         else
             s4 = 0;
         break;
@@ -54,36 +53,50 @@ static __device__ __forceinline__ void decode_dense(const spfq_i8_job &j, int32_
     }
 }
 
-__global__ void __launch_bounds__(SPFQ_WARPS_PER_BLOCK * SPFQ_WARP)
-spfq_dense_i8_kernel(const spfq_i8_job j)
+/* One lane's share of output row n for the activation tile at m0. */
+SPFQ_HD void dense_lane(const spfq_i8_job &j, int32_t n, int32_t m0, int lane, int acc_c[SPFQ_MTILE],
+                        int acc_s[SPFQ_MTILE])
+{
+    const int half = lane >> 4, g = lane & 15;
+    for (int32_t word = half; word < j.W; word += 2) {
+        const int32_t col = word * 64 + 4 * g;
+        if (col >= j.d.k) continue; /* padding group: x = 0 */
+        int c4, s4;
+        decode_dense(j, n, word, 4 * g, c4, s4);
+        spfq_tile_dp4a(j, m0, col, c4, s4, acc_c, acc_s);
+    }
+}
+
+#ifndef SPFQ_CUDA_EMULATE
+SPFQ_GLOBAL spfq_dense_i8_kernel(const spfq_i8_job j)
 {
     const int warp = threadIdx.x / SPFQ_WARP, lane = threadIdx.x % SPFQ_WARP;
     const int32_t n = (int32_t)blockIdx.x * SPFQ_WARPS_PER_BLOCK + warp;
     if (n >= j.d.n) return; /* whole warp leaves: the shuffles below stay full-warp */
-    const int half = lane >> 4, g = lane & 15;
     for (int32_t m0 = (int32_t)blockIdx.y * SPFQ_MTILE; m0 < j.m; m0 += (int32_t)gridDim.y * SPFQ_MTILE) {
         int acc_c[SPFQ_MTILE], acc_s[SPFQ_MTILE];
 #pragma unroll
         for (int t = 0; t < SPFQ_MTILE; t++) acc_c[t] = acc_s[t] = 0;
-        for (int32_t word = half; word < j.W; word += 2) {
-            const int32_t col = word * 64 + 4 * g;
-            if (col >= j.d.k) continue; /* padding group: x = 0 */
-            int c4, s4;
-            decode_dense(j, n, word, 4 * g, c4, s4);
-            spfq_tile_dp4a(j, m0, col, c4, s4, acc_c, acc_s);
-        }
+        dense_lane(j, n, m0, lane, acc_c, acc_s);
         spfq_tile_store(j, n, m0, acc_c, acc_s);
     }
 }
+#endif
 
 static int launch_dense(const spfq_i8_job &j, void *stream)
 {
     if (j.m == 0) return SPFQ_OK;
+#ifdef SPFQ_CUDA_EMULATE
+    (void)stream;
+    spfq_emulate_rows(j, j.d.n, j.m, dense_lane, spfq_i8_store);
+    return SPFQ_OK;
+#else
     const int64_t tiles = ((int64_t)j.m + SPFQ_MTILE - 1) / SPFQ_MTILE;
     dim3 grid((unsigned)((j.d.n + SPFQ_WARPS_PER_BLOCK - 1) / SPFQ_WARPS_PER_BLOCK),
               (unsigned)(tiles < SPFQ_MAX_GRID_Y ? tiles : SPFQ_MAX_GRID_Y));
     spfq_dense_i8_kernel<<<grid, SPFQ_WARPS_PER_BLOCK * SPFQ_WARP, 0, spfq_stream(stream)>>>(j);
     return spfq_cuda_check(cudaGetLastError(), "spfq_dense_i8_kernel launch");
+#endif
 }
 
 extern "C" int spfq_cuda_matmul_i8_raw(const spfq_weights_desc *w, int32_t m, const int8_t *xq,

@@ -1,25 +1,41 @@
 /* internal.cuh — helpers shared by the CUDA kernel files (not part of the ABI).
- * Device helpers are static inline so that every .cu compiles on its own (no -rdc). */
+ * Device helpers are static inline so that every .cu compiles on its own (no -rdc).
+ *
+ * Host emulation (-DSPFQ_CUDA_EMULATE): the same sources build a library with the same ABI whose
+ * "device" is host memory and whose launches run each kernel's per-lane body on the CPU, lane by
+ * lane, the warp reduction being a host sum (spfq_emulate_rows). It exists so that the kernels'
+ * arithmetic and indexing (decode, dp4a, sparse field walk, epilogue, quantiser) are tested bit
+ * for bit where there is no GPU (make test); launch geometry, shuffles and atomics are exercised
+ * only on a real GPU. Per-lane bodies are SPFQ_HD functions; each intrinsic they use has a
+ * portable twin below (spfq_dp4a, spfq_vsub4, ...), chosen by __CUDA_ARCH__. */
 #ifndef SPFQ_CUDA_INTERNAL_CUH
 #define SPFQ_CUDA_INTERNAL_CUH
 
-#include <cuda_runtime.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+#ifndef SPFQ_CUDA_EMULATE
+#include <cuda_runtime.h>
+#endif
 
 #include "spfq_cuda.h"
 
+#define SPFQ_HD static __host__ __device__ __forceinline__
+
 /* ---- host side: error reporting (runtime.cu) ---- */
 #define SPFQ_HIDDEN __attribute__((visibility("hidden")))
-SPFQ_HIDDEN int spfq_cuda_fail(int status, const char *fmt, ...);  /* records the message, returns status */
-SPFQ_HIDDEN int spfq_cuda_check(cudaError_t err, const char *what); /* SPFQ_OK or SPFQ_ECUDA (+ message) */
+SPFQ_HIDDEN int spfq_cuda_fail(int status, const char *fmt, ...); /* records the message, returns status */
 SPFQ_HIDDEN void spfq_cuda_clear_error(void);
+#ifndef SPFQ_CUDA_EMULATE
+SPFQ_HIDDEN int spfq_cuda_check(cudaError_t err, const char *what); /* SPFQ_OK or SPFQ_ECUDA (+ message) */
+static inline cudaStream_t spfq_stream(void *s) { return (cudaStream_t)s; }
+#endif
 
 #define SPFQ_WARP 32
 #define SPFQ_WARPS_PER_BLOCK 4 /* output rows (warps) per block in the GEMM kernels */
 #define SPFQ_MTILE 8           /* activation rows per warp per pass (registers: 2 x 8 accs) */
 #define SPFQ_MAX_GRID_Y 65535
-
-static inline cudaStream_t spfq_stream(void *s) { return (cudaStream_t)s; }
 
 /* Words per row. */
 static inline int32_t spfq_words(int32_t k) { return (int32_t)(((int64_t)k + 63) / 64); }
@@ -36,91 +52,202 @@ typedef struct {
     float *y;
 } spfq_i8_job;
 
-/* Shared host-side argument check and launch of the dense / sparse GEMMs. */
+/* Shared host-side argument check of the dense / sparse GEMMs. */
 SPFQ_HIDDEN int spfq_cuda_i8_setup(const spfq_weights_desc *w, int32_t m, const int8_t *xq, int32_t *acc_c,
-                       int32_t *acc_s, const float *xscale, float *y, int sparse, spfq_i8_job *job);
+                                   int32_t *acc_s, const float *xscale, float *y, int sparse, spfq_i8_job *job);
 
-/* ---- device side ---- */
+/* ---- intrinsics and their portable twins (the host emulation; identical results) ---- */
+
+/* sum of the 4 signed byte products + c, wrapping modulo 2^32 like __dp4a */
+SPFQ_HD int spfq_dp4a(int a, int b, int c)
+{
+#ifdef __CUDA_ARCH__
+    return __dp4a(a, b, c);
+#else
+    uint32_t s = (uint32_t)c;
+    for (int i = 0; i < 4; i++)
+        s += (uint32_t)((int32_t)(int8_t)((uint32_t)a >> (8 * i)) * (int32_t)(int8_t)((uint32_t)b >> (8 * i)));
+    return (int)s;
+#endif
+}
+
+/* bytewise a - b modulo 256 */
+SPFQ_HD uint32_t spfq_vsub4(uint32_t a, uint32_t b)
+{
+#ifdef __CUDA_ARCH__
+    return __vsub4(a, b);
+#else
+    uint32_t r = 0;
+    for (int i = 0; i < 4; i++) r |= (((a >> (8 * i)) - (b >> (8 * i))) & 0xFFu) << (8 * i);
+    return r;
+#endif
+}
+
+/* bytewise unsigned a > b (gt = 1) or a < b (gt = 0): 0xFF where true, 0 elsewhere */
+SPFQ_HD uint32_t spfq_vcmpu4(uint32_t a, uint32_t b, int gt)
+{
+#ifdef __CUDA_ARCH__
+    return gt ? __vcmpgtu4(a, b) : __vcmpltu4(a, b);
+#else
+    uint32_t r = 0;
+    for (int i = 0; i < 4; i++) {
+        const uint32_t x = (a >> (8 * i)) & 0xFFu, y = (b >> (8 * i)) & 0xFFu;
+        if (gt ? x > y : x < y) r |= 0xFFu << (8 * i);
+    }
+    return r;
+#endif
+}
+
+SPFQ_HD int spfq_popc64(uint64_t v)
+{
+#ifdef __CUDA_ARCH__
+    return __popcll(v);
+#else
+    return __builtin_popcountll(v);
+#endif
+}
+
+/* IEEE-rounded float ops, never contracted to FMA (the CPU epilogue's order) */
+SPFQ_HD float spfq_mul(float a, float b)
+{
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    volatile float r = a * b; /* volatile: no contraction with a neighbouring add */
+    return r;
+#endif
+}
+
+SPFQ_HD float spfq_add(float a, float b)
+{
+#ifdef __CUDA_ARCH__
+    return __fadd_rn(a, b);
+#else
+    volatile float r = a + b;
+    return r;
+#endif
+}
+
+SPFQ_HD float spfq_div(float a, float b)
+{
+#ifdef __CUDA_ARCH__
+    return __fdiv_rn(a, b);
+#else
+    volatile float r = a / b;
+    return r;
+#endif
+}
+
+/* ---- per-lane helpers shared by the GEMM bodies ---- */
 
 /* 4 bits -> 4 bytes: bit i of nib becomes bit 0 of byte i. */
-static __device__ __forceinline__ uint32_t spfq_spread4(uint32_t nib)
+SPFQ_HD uint32_t spfq_spread4(uint32_t nib)
 {
     return (nib & 1u) | ((nib & 2u) << 7) | ((nib & 4u) << 14) | ((nib & 8u) << 21);
 }
 
 /* 4 consecutive int8 activations of row `row` starting at column col (a multiple of 4), packed
  * little-endian into an int (byte i = column col+i); columns >= K read as 0. */
-static __device__ __forceinline__ int spfq_load_x4(const int8_t *row, int32_t col, int32_t K,
-                                                   int aligned)
+SPFQ_HD int spfq_load_x4(const int8_t *row, int32_t col, int32_t K, int aligned)
 {
-    if (aligned && col + 3 < K) return *(const int *)(row + col);
+    if (aligned && col + 3 < K) {
+        int v;
+        memcpy(&v, row + col, 4); /* one aligned 32-bit load on the GPU */
+        return v;
+    }
     uint32_t v = 0;
     for (int i = 0; i < 4; i++)
         if (col + i < K) v |= (uint32_t)(uint8_t)row[col + i] << (8 * i);
     return (int)v;
 }
 
-static __device__ __forceinline__ int spfq_warp_sum(int v)
-{
-    for (int off = SPFQ_WARP / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
-
 /* The CPU epilogue (api.c i8_finish), operation for operation, with no FMA contraction. */
-static __device__ __forceinline__ float spfq_i8_epilogue(const spfq_weights_desc &d, int32_t n,
-                                                         float xs, int32_t acc_c, int32_t acc_s)
+SPFQ_HD float spfq_i8_epilogue(const spfq_weights_desc &d, int32_t n, float xs, int32_t acc_c, int32_t acc_s)
 {
     const int two = (d.layout == SPFQ_PLANES || d.layout == SPFQ_SPARSE);
     const float s = d.scale[n];
     float v;
     if (!two)
-        v = __fmul_rn(s, (float)acc_s);
+        v = spfq_mul(s, (float)acc_s);
     else if (d.lam)
-        v = __fadd_rn(__fmul_rn(s, (float)acc_c), __fmul_rn(__fsub_rn(d.lam[n], s), (float)acc_s));
+        v = spfq_add(spfq_mul(s, (float)acc_c), spfq_mul(d.lam[n] - s, (float)acc_s));
     else
-        v = __fmul_rn(s, (float)acc_c);
-    return __fadd_rn(__fmul_rn(xs, v), d.bias ? d.bias[n] : 0.0f);
+        v = spfq_mul(s, (float)acc_c);
+    return spfq_add(spfq_mul(xs, v), d.bias ? d.bias[n] : 0.0f);
 }
 
 /* Accumulate one 4-column group (codes c4 / signs s4 as packed int8x4) into the MTILE row
- * accumulators of this warp's tile, then the tile reduction + store. Used by both GEMMs. */
-static __device__ __forceinline__ void spfq_tile_dp4a(const spfq_i8_job &j, int32_t m0, int32_t col,
-                                                      int c4, int s4, int acc_c[SPFQ_MTILE],
-                                                      int acc_s[SPFQ_MTILE])
+ * accumulators of this lane, for the tile of activation rows starting at m0. */
+SPFQ_HD void spfq_tile_dp4a(const spfq_i8_job &j, int32_t m0, int32_t col, int c4, int s4,
+                            int acc_c[SPFQ_MTILE], int acc_s[SPFQ_MTILE])
 {
     const int32_t K = j.d.k;
 #pragma unroll
     for (int t = 0; t < SPFQ_MTILE; t++) {
         if (m0 + t >= j.m) break;
         const int x4 = spfq_load_x4(j.xq + (size_t)(m0 + t) * (size_t)K, col, K, j.x_aligned);
-        if (j.need_c) acc_c[t] = __dp4a(c4, x4, acc_c[t]);
-        if (j.need_s) acc_s[t] = __dp4a(s4, x4, acc_s[t]);
+        if (j.need_c) acc_c[t] = spfq_dp4a(c4, x4, acc_c[t]);
+        if (j.need_s) acc_s[t] = spfq_dp4a(s4, x4, acc_s[t]);
     }
 }
 
+/* Store the warp-reduced sums c, s of output (row m, column n): raw sums or the epilogue. */
+SPFQ_HD void spfq_i8_store(const spfq_i8_job &j, int32_t n, int32_t m, int c, int s)
+{
+    const size_t i = (size_t)m * (size_t)j.d.n + (size_t)n;
+    if (j.y) {
+        /* SIGN / SIGN_MASK compute only acc_s (== acc_c) */
+        j.y[i] = spfq_i8_epilogue(j.d, n, j.xscale[m], c, s);
+    } else {
+        const int two = (j.d.layout == SPFQ_PLANES || j.d.layout == SPFQ_SPARSE);
+        if (j.acc_c) j.acc_c[i] = two ? c : s;
+        if (j.acc_s) j.acc_s[i] = s;
+    }
+}
+
+/* ---- device side: warp reduction ---- */
+#ifndef SPFQ_CUDA_EMULATE
+static __device__ __forceinline__ int spfq_warp_sum(int v)
+{
+    for (int off = SPFQ_WARP / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+/* Reduce the tile's per-lane sums over the warp; lane 0 stores. */
 static __device__ __forceinline__ void spfq_tile_store(const spfq_i8_job &j, int32_t n, int32_t m0,
                                                        int acc_c[SPFQ_MTILE], int acc_s[SPFQ_MTILE])
 {
     const int lane = threadIdx.x & (SPFQ_WARP - 1);
-    const int32_t N = j.d.n;
 #pragma unroll
     for (int t = 0; t < SPFQ_MTILE; t++) {
         /* all 32 lanes take part in the shuffles (m0 + t < m is warp-uniform) */
         if (m0 + t >= j.m) break;
         const int c = j.need_c ? spfq_warp_sum(acc_c[t]) : 0;
         const int s = j.need_s ? spfq_warp_sum(acc_s[t]) : 0;
-        if (lane == 0) {
-            const size_t i = (size_t)(m0 + t) * (size_t)N + (size_t)n;
-            if (j.y) {
-                /* SIGN / SIGN_MASK compute only acc_s (== acc_c) */
-                j.y[i] = spfq_i8_epilogue(j.d, n, j.xscale[m0 + t], c, s);
-            } else {
-                const int two = (j.d.layout == SPFQ_PLANES || j.d.layout == SPFQ_SPARSE);
-                if (j.acc_c) j.acc_c[i] = two ? c : s;
-                if (j.acc_s) j.acc_s[i] = s;
-            }
-        }
+        if (lane == 0) spfq_i8_store(j, n, m0 + t, c, s);
     }
 }
+#define SPFQ_GLOBAL __global__ void __launch_bounds__(SPFQ_WARPS_PER_BLOCK * SPFQ_WARP)
+#else
+/* ---- host emulation: run a lane body for every (row n, tile m0, lane), sum lanes, store ----
+ * body(j, n, m0, lane, acc_c, acc_s) adds this lane's partial sums into acc_c / acc_s. */
+template <class Job, class Body, class Store>
+static void spfq_emulate_rows(const Job &j, int32_t n_rows, int32_t m, Body body, Store store)
+{
+    for (int32_t n = 0; n < n_rows; n++)
+        for (int32_t m0 = 0; m0 < m; m0 += SPFQ_MTILE) {
+            uint32_t tot_c[SPFQ_MTILE] = {0}, tot_s[SPFQ_MTILE] = {0};
+            for (int lane = 0; lane < SPFQ_WARP; lane++) {
+                int acc_c[SPFQ_MTILE] = {0}, acc_s[SPFQ_MTILE] = {0};
+                body(j, n, m0, lane, acc_c, acc_s);
+                for (int t = 0; t < SPFQ_MTILE; t++) { /* int32 wrap, as the shuffles */
+                    tot_c[t] += (uint32_t)acc_c[t];
+                    tot_s[t] += (uint32_t)acc_s[t];
+                }
+            }
+            for (int t = 0; t < SPFQ_MTILE && m0 + t < m; t++) store(j, n, m0 + t, (int)tot_c[t], (int)tot_s[t]);
+        }
+}
+#endif
 
 #endif /* SPFQ_CUDA_INTERNAL_CUH */

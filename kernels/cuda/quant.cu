@@ -11,6 +11,21 @@
 
 #define QTHREADS 256
 
+/* max|x| accumulation step (fmaxf ignores a quiet NaN operand, as glibc's) */
+SPFQ_HD float quant_absmax(float acc, float x) { return fmaxf(acc, fabsf(x)); }
+
+/* the row's scale from its max |x| */
+SPFQ_HD float quant_scale(float amax) { return spfq_div(amax, 127.0f); }
+
+/* one activation: round half away from zero, clamp to +-127, 0 for a NaN quotient / zero scale */
+SPFQ_HD int8_t quant_value(float x, float s)
+{
+    if (!(s > 0.0f)) return 0;
+    const float v = roundf(spfq_div(x, s));
+    return (v != v) ? (int8_t)0 : (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : (int)v);
+}
+
+#ifndef SPFQ_CUDA_EMULATE
 __global__ void __launch_bounds__(QTHREADS)
 spfq_quantize_i8_kernel(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale)
 {
@@ -20,7 +35,7 @@ spfq_quantize_i8_kernel(int32_t m, int32_t k, const float *x, int8_t *xq, float 
         const float *row = x + (size_t)r * (size_t)k;
         int8_t *out = xq + (size_t)r * (size_t)k;
         float amax = 0.0f;
-        for (int32_t i = threadIdx.x; i < k; i += QTHREADS) amax = fmaxf(amax, fabsf(row[i]));
+        for (int32_t i = threadIdx.x; i < k; i += QTHREADS) amax = quant_absmax(amax, row[i]);
         for (int off = SPFQ_WARP / 2; off > 0; off >>= 1)
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
         if ((threadIdx.x % SPFQ_WARP) == 0) wmax[threadIdx.x / SPFQ_WARP] = amax;
@@ -28,23 +43,17 @@ spfq_quantize_i8_kernel(int32_t m, int32_t k, const float *x, int8_t *xq, float 
         if (threadIdx.x == 0) {
             float a = 0.0f;
             for (int w = 0; w < QTHREADS / SPFQ_WARP; w++) a = fmaxf(a, wmax[w]);
-            const float s = __fdiv_rn(a, 127.0f);
+            const float s = quant_scale(a);
             row_scale = s;
             xscale[r] = s;
         }
         __syncthreads();
         const float s = row_scale;
-        for (int32_t i = threadIdx.x; i < k; i += QTHREADS) {
-            int8_t q = 0;
-            if (s > 0.0f) {
-                const float v = roundf(__fdiv_rn(row[i], s));
-                q = (v != v) ? 0 : (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : (int)v);
-            }
-            out[i] = q;
-        }
+        for (int32_t i = threadIdx.x; i < k; i += QTHREADS) out[i] = quant_value(row[i], s);
         __syncthreads(); /* wmax / row_scale are reused by the next row */
     }
 }
+#endif
 
 extern "C" int spfq_cuda_quantize_i8(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale,
                                      void *stream)
@@ -53,7 +62,19 @@ extern "C" int spfq_cuda_quantize_i8(int32_t m, int32_t k, const float *x, int8_
     if (m < 0 || k <= 0) return spfq_cuda_fail(SPFQ_EINVAL, "bad shape m=%d k=%d", m, k);
     if (!x || !xq || !xscale) return spfq_cuda_fail(SPFQ_EINVAL, "x / xq / xscale is NULL");
     if (m == 0) return SPFQ_OK;
+#ifdef SPFQ_CUDA_EMULATE
+    (void)stream;
+    for (int32_t r = 0; r < m; r++) { /* max is exact in any order: one pass, then the row */
+        const float *row = x + (size_t)r * (size_t)k;
+        float amax = 0.0f;
+        for (int32_t i = 0; i < k; i++) amax = quant_absmax(amax, row[i]);
+        const float s = xscale[r] = quant_scale(amax);
+        for (int32_t i = 0; i < k; i++) xq[(size_t)r * (size_t)k + i] = quant_value(row[i], s);
+    }
+    return SPFQ_OK;
+#else
     const unsigned blocks = (unsigned)(m < 65535 * 16 ? m : 65535 * 16);
     spfq_quantize_i8_kernel<<<blocks, QTHREADS, 0, spfq_stream(stream)>>>(m, k, x, xq, xscale);
     return spfq_cuda_check(cudaGetLastError(), "spfq_quantize_i8_kernel launch");
+#endif
 }

@@ -1,9 +1,15 @@
 /* runtime.cu — error reporting, device helpers (alloc / copies) and the shared argument checks
- * of the CUDA kernel library. Host code only. */
+ * of the CUDA kernel library (or their host-memory twins in the SPFQ_CUDA_EMULATE build). Host code
+ * only. */
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "internal.cuh"
+
+#ifndef SPFQ_CUDA_ARCH_LIST /* the build passes e.g. -DSPFQ_CUDA_ARCH_LIST=" sm_80 sm_90" */
+#define SPFQ_CUDA_ARCH_LIST " (unrecorded)"
+#endif
 
 static thread_local char g_err[512];
 
@@ -19,18 +25,31 @@ int spfq_cuda_fail(int status, const char *fmt, ...)
 
 void spfq_cuda_clear_error(void) { g_err[0] = '\0'; }
 
+#ifndef SPFQ_CUDA_EMULATE
 int spfq_cuda_check(cudaError_t err, const char *what)
 {
     if (err == cudaSuccess) return SPFQ_OK;
     return spfq_cuda_fail(err == cudaErrorMemoryAllocation ? SPFQ_ENOMEM : SPFQ_ECUDA, "%s: %s (%s)",
                           what, cudaGetErrorString(err), cudaGetErrorName(err));
 }
+#endif
 
 extern "C" {
 
 int32_t spfq_cuda_abi_version(void) { return SPFQ_CUDA_ABI_VERSION; }
 
 const char *spfq_cuda_last_error(void) { return g_err; }
+
+#ifndef SPFQ_CUDA_EMULATE
+const char *spfq_cuda_library_info(void)
+{
+    static char info[160];
+    int rt = 0;
+    cudaRuntimeGetVersion(&rt);
+    snprintf(info, sizeof info, "spfq_cuda abi %d, CUDA runtime %d.%d (static), kernels for%s", SPFQ_CUDA_ABI_VERSION,
+             rt / 1000, (rt % 1000) / 10, SPFQ_CUDA_ARCH_LIST);
+    return info;
+}
 
 int32_t spfq_cuda_device_count(void)
 {
@@ -42,6 +61,17 @@ int32_t spfq_cuda_device_count(void)
         return 0;
     }
     return n;
+}
+
+int spfq_cuda_device_name(int32_t device, char *buf, size_t len)
+{
+    if (!buf || !len) return spfq_cuda_fail(SPFQ_EINVAL, "spfq_cuda_device_name: no buffer");
+    cudaDeviceProp prop;
+    int rc = spfq_cuda_check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+    if (rc) return rc;
+    snprintf(buf, len, "%s (sm_%d%d, %d SMs, %.1f GiB)", prop.name, prop.major, prop.minor, prop.multiProcessorCount,
+             (double)prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0));
+    return SPFQ_OK;
 }
 
 int spfq_cuda_set_device(int32_t device) { return spfq_cuda_check(cudaSetDevice(device), "cudaSetDevice"); }
@@ -82,6 +112,70 @@ int spfq_cuda_synchronize(void *stream)
     if (stream) return spfq_cuda_check(cudaStreamSynchronize(spfq_stream(stream)), "cudaStreamSynchronize");
     return spfq_cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
+#else  /* SPFQ_CUDA_EMULATE: one "device" whose memory is host memory; launches run synchronously */
+const char *spfq_cuda_library_info(void)
+{
+    static char info[96];
+    snprintf(info, sizeof info, "spfq_cuda abi %d, host emulation (no GPU)", SPFQ_CUDA_ABI_VERSION);
+    return info;
+}
+
+int32_t spfq_cuda_device_count(void) { return 1; }
+
+int spfq_cuda_device_name(int32_t device, char *buf, size_t len)
+{
+    if (!buf || !len) return spfq_cuda_fail(SPFQ_EINVAL, "spfq_cuda_device_name: no buffer");
+    if (device != 0) return spfq_cuda_fail(SPFQ_ECUDA, "no device %d (host emulation has device 0 only)", device);
+    snprintf(buf, len, "host emulation (no GPU: the kernels' per-lane code run on the CPU)");
+    return SPFQ_OK;
+}
+
+int spfq_cuda_set_device(int32_t device)
+{
+    return device == 0 ? SPFQ_OK : spfq_cuda_fail(SPFQ_ECUDA, "no device %d (host emulation has device 0 only)", device);
+}
+
+int spfq_cuda_alloc(void **ptr, size_t bytes)
+{
+    if (!ptr) return spfq_cuda_fail(SPFQ_EINVAL, "spfq_cuda_alloc: ptr is NULL");
+    *ptr = NULL;
+    if (!bytes) return SPFQ_OK;
+    *ptr = aligned_alloc(256, (bytes + 255) / 256 * 256); /* cudaMalloc's alignment */
+    return *ptr ? SPFQ_OK : spfq_cuda_fail(SPFQ_ENOMEM, "out of host memory (%zu bytes)", bytes);
+}
+
+int spfq_cuda_free(void *ptr)
+{
+    free(ptr);
+    return SPFQ_OK;
+}
+
+static int emu_copy(void *dst, const void *src, size_t bytes, const char *what)
+{
+    if (!bytes) return SPFQ_OK;
+    if (!dst || !src) return spfq_cuda_fail(SPFQ_EINVAL, "%s: NULL pointer", what);
+    memcpy(dst, src, bytes);
+    return SPFQ_OK;
+}
+
+int spfq_cuda_copy_h2d(void *dst, const void *src, size_t bytes) { return emu_copy(dst, src, bytes, "spfq_cuda_copy_h2d"); }
+
+int spfq_cuda_copy_d2h(void *dst, const void *src, size_t bytes) { return emu_copy(dst, src, bytes, "spfq_cuda_copy_d2h"); }
+
+int spfq_cuda_memset(void *dst, int value, size_t bytes)
+{
+    if (!bytes) return SPFQ_OK;
+    if (!dst) return spfq_cuda_fail(SPFQ_EINVAL, "spfq_cuda_memset: NULL pointer");
+    memset(dst, value, bytes);
+    return SPFQ_OK;
+}
+
+int spfq_cuda_synchronize(void *stream)
+{
+    (void)stream;
+    return SPFQ_OK;
+}
+#endif
 
 } /* extern "C" */
 

@@ -19,8 +19,7 @@
 
 /* Codes (and signs) of columns sh..sh+3 of mask word mw; base = compact index of the word's
  * first kept field. */
-static __device__ __forceinline__ void decode_sparse(const spfq_i8_job &j, int32_t n, uint64_t mw,
-                                                     uint64_t base, int sh, int &c4, int &s4)
+SPFQ_HD void decode_sparse(const spfq_i8_job &j, int32_t n, uint64_t mw, uint64_t base, int sh, int &c4, int &s4)
 {
     const int b = j.d.bits;
     const size_t Wk = (size_t)j.d.kept_words, plane_stride = (size_t)j.d.n * Wk;
@@ -31,7 +30,7 @@ static __device__ __forceinline__ void decode_sparse(const spfq_i8_job &j, int32
         const int col = sh + i;
         if (!((mw >> col) & 1u)) continue;
         const uint64_t below = col ? (mw & ((1ull << col) - 1ull)) : 0ull;
-        const uint64_t idx = base + (uint64_t)__popcll(below);
+        const uint64_t idx = base + (uint64_t)spfq_popc64(below);
         if (idx >= limit) continue; /* corrupt mask: weight counts as 0 */
         uint32_t f = 0;
         for (int p = 0; p < b; p++)
@@ -45,44 +44,59 @@ static __device__ __forceinline__ void decode_sparse(const spfq_i8_job &j, int32
     s4 = (int)s;
 }
 
-__global__ void __launch_bounds__(SPFQ_WARPS_PER_BLOCK * SPFQ_WARP)
-spfq_sparse_i8_kernel(const spfq_i8_job j)
+/* One lane's share of output row n for the activation tile at m0: the walk over mask-word pairs
+ * with the (warp-uniform) running count of kept fields. */
+SPFQ_HD void sparse_lane(const spfq_i8_job &j, int32_t n, int32_t m0, int lane, int acc_c[SPFQ_MTILE],
+                         int acc_s[SPFQ_MTILE])
+{
+    const int half = lane >> 4, g = lane & 15;
+    const uint64_t *mrow = j.d.mask + (size_t)n * (size_t)j.W;
+    uint64_t pos = 0; /* warp-uniform */
+    for (int32_t w0 = 0; w0 < j.W; w0 += 2) {
+        const uint64_t mlo = mrow[w0];
+        const uint64_t mhi = (w0 + 1 < j.W) ? mrow[w0 + 1] : 0ull;
+        if (!(mlo | mhi)) continue; /* all-zero blocks: skipped */
+        const uint64_t mw = half ? mhi : mlo;
+        const uint64_t base = pos + (half ? (uint64_t)spfq_popc64(mlo) : 0ull);
+        pos += (uint64_t)spfq_popc64(mlo) + (uint64_t)spfq_popc64(mhi);
+        const int32_t col = (w0 + half) * 64 + 4 * g;
+        if (((mw >> (4 * g)) & 0xFull) == 0 || col >= j.d.k) continue; /* 4 zero weights */
+        int c4, s4;
+        decode_sparse(j, n, mw, base, 4 * g, c4, s4);
+        spfq_tile_dp4a(j, m0, col, c4, s4, acc_c, acc_s);
+    }
+}
+
+#ifndef SPFQ_CUDA_EMULATE
+SPFQ_GLOBAL spfq_sparse_i8_kernel(const spfq_i8_job j)
 {
     const int warp = threadIdx.x / SPFQ_WARP, lane = threadIdx.x % SPFQ_WARP;
     const int32_t n = (int32_t)blockIdx.x * SPFQ_WARPS_PER_BLOCK + warp;
     if (n >= j.d.n) return; /* whole warp leaves */
-    const int half = lane >> 4, g = lane & 15;
-    const uint64_t *mrow = j.d.mask + (size_t)n * (size_t)j.W;
     for (int32_t m0 = (int32_t)blockIdx.y * SPFQ_MTILE; m0 < j.m; m0 += (int32_t)gridDim.y * SPFQ_MTILE) {
         int acc_c[SPFQ_MTILE], acc_s[SPFQ_MTILE];
 #pragma unroll
         for (int t = 0; t < SPFQ_MTILE; t++) acc_c[t] = acc_s[t] = 0;
-        uint64_t pos = 0; /* warp-uniform */
-        for (int32_t w0 = 0; w0 < j.W; w0 += 2) {
-            const uint64_t mlo = mrow[w0];
-            const uint64_t mhi = (w0 + 1 < j.W) ? mrow[w0 + 1] : 0ull;
-            if (!(mlo | mhi)) continue; /* all-zero blocks: skipped */
-            const uint64_t mw = half ? mhi : mlo;
-            const uint64_t base = pos + (half ? (uint64_t)__popcll(mlo) : 0ull);
-            pos += (uint64_t)__popcll(mlo) + (uint64_t)__popcll(mhi);
-            const int32_t col = (w0 + half) * 64 + 4 * g;
-            if (((mw >> (4 * g)) & 0xFull) == 0 || col >= j.d.k) continue; /* 4 zero weights */
-            int c4, s4;
-            decode_sparse(j, n, mw, base, 4 * g, c4, s4);
-            spfq_tile_dp4a(j, m0, col, c4, s4, acc_c, acc_s);
-        }
+        sparse_lane(j, n, m0, lane, acc_c, acc_s);
         spfq_tile_store(j, n, m0, acc_c, acc_s);
     }
 }
+#endif
 
 static int launch_sparse(const spfq_i8_job &j, void *stream)
 {
     if (j.m == 0) return SPFQ_OK;
+#ifdef SPFQ_CUDA_EMULATE
+    (void)stream;
+    spfq_emulate_rows(j, j.d.n, j.m, sparse_lane, spfq_i8_store);
+    return SPFQ_OK;
+#else
     const int64_t tiles = ((int64_t)j.m + SPFQ_MTILE - 1) / SPFQ_MTILE;
     dim3 grid((unsigned)((j.d.n + SPFQ_WARPS_PER_BLOCK - 1) / SPFQ_WARPS_PER_BLOCK),
               (unsigned)(tiles < SPFQ_MAX_GRID_Y ? tiles : SPFQ_MAX_GRID_Y));
     spfq_sparse_i8_kernel<<<grid, SPFQ_WARPS_PER_BLOCK * SPFQ_WARP, 0, spfq_stream(stream)>>>(j);
     return spfq_cuda_check(cudaGetLastError(), "spfq_sparse_i8_kernel launch");
+#endif
 }
 
 extern "C" int spfq_cuda_matmul_sparse_i8_raw(const spfq_weights_desc *w, int32_t m, const int8_t *xq,

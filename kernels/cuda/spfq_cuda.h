@@ -32,10 +32,15 @@ extern "C" {
 
 /* ---- runtime helpers (so that a ctypes caller needs nothing but this library) ---- */
 int32_t spfq_cuda_abi_version(void);
+/* "spfq_cuda abi 1, CUDA runtime 13.0 (static), kernels for sm_80 sm_90", or "..., host emulation
+ * (no GPU)" for the SPFQ_CUDA_EMULATE test build (same ABI, host memory, kernels' lane code on the CPU). */
+const char *spfq_cuda_library_info(void);
 /* Number of CUDA devices; 0 when there is no driver, no device, or any runtime error. */
 int32_t spfq_cuda_device_count(void);
 /* Message of the calling thread's last failure ("" if none). Valid until the next call. */
 const char *spfq_cuda_last_error(void);
+/* "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 79.1 GiB)" into buf (truncated to len - 1). */
+int spfq_cuda_device_name(int32_t device, char *buf, size_t len);
 int spfq_cuda_set_device(int32_t device);
 int spfq_cuda_alloc(void **ptr, size_t bytes);               /* *ptr = NULL for bytes == 0 */
 int spfq_cuda_free(void *ptr);                               /* NULL is a no-op */

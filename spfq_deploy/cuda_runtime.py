@@ -1,0 +1,221 @@
+"""ctypes binding of the CUDA kernel library (kernels/cuda/spfq_cuda.h) and a model runner that
+puts every compressed layer on the GPU.
+
+Device memory goes through the library's own helpers (spfq_cuda_alloc / copy_h2d / copy_d2h), so
+neither torch nor any CUDA Python package is needed: the float ops between compressed layers run
+in PyTorch on the host, each compressed layer uploads its input rows, quantises them to int8 on
+the GPU (spfq_cuda_quantize_i8, bit-exact with the CPU quantiser), runs the packed GEMM and copies
+y back. Weights are packed with the CPU kernel ABI (spfq_deploy.kernels.kernel_pack) and uploaded
+unchanged: there is no GPU-only layout. The same code drives the host-emulation build of the
+library (tests), whose device_name() says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes as C
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .compress.capture import patch_rows, rows_to_output
+from .compressed import CompressedLayer, CompressedModel
+from .errors import SpfqError
+from .kernel_layers import rows_slice
+from .kernels import LAYOUT_IDS, WeightsDesc, kernel_pack, preferred_layout
+from .reference import replace_module
+
+ABI_VERSION = 1
+_STATUS = {1: "invalid argument", 2: "out of memory", 3: "not supported", 16: "CUDA error"}
+
+
+class CudaError(SpfqError):
+    """The CUDA library failed to load or returned an error status."""
+
+
+class DeviceBuffer:
+    """A device allocation owned by Python (freed when collected)."""
+
+    def __init__(self, lib: "CudaLibrary", nbytes: int):
+        self.lib, self.nbytes, self.ptr = lib, int(nbytes), None
+        p = C.c_void_p()
+        lib.ok(lib.so.spfq_cuda_alloc(C.byref(p), max(self.nbytes, 1)), f"alloc {self.nbytes} bytes")
+        self.ptr = p.value
+
+    def __del__(self):
+        if self.ptr:
+            self.lib.so.spfq_cuda_free(C.c_void_p(self.ptr))
+            self.ptr = None
+
+
+class CudaLibrary:
+    """A loaded libspfq_cuda.so (the GPU build or its host emulation)."""
+
+    def __init__(self, path: str | Path):
+        try:
+            so = C.CDLL(str(path))
+        except OSError as exc:
+            raise CudaError(f"{path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+        vp, i32, sz = C.c_void_p, C.c_int32, C.c_size_t
+        sig = {
+            "spfq_cuda_abi_version": ([], i32), "spfq_cuda_library_info": ([], C.c_char_p),
+            "spfq_cuda_device_count": ([], i32), "spfq_cuda_last_error": ([], C.c_char_p),
+            "spfq_cuda_device_name": ([i32, C.c_char_p, sz], C.c_int), "spfq_cuda_set_device": ([i32], C.c_int),
+            "spfq_cuda_alloc": ([C.POINTER(vp), sz], C.c_int), "spfq_cuda_free": ([vp], C.c_int),
+            "spfq_cuda_copy_h2d": ([vp, vp, sz], C.c_int), "spfq_cuda_copy_d2h": ([vp, vp, sz], C.c_int),
+            "spfq_cuda_memset": ([vp, C.c_int, sz], C.c_int), "spfq_cuda_synchronize": ([vp], C.c_int),
+            "spfq_cuda_bgemm": ([i32] * 3 + [vp] * 9, C.c_int),
+            "spfq_cuda_quantize_i8": ([i32, i32] + [vp] * 4, C.c_int),
+        }
+        for f in ("spfq_cuda_matmul_i8_raw", "spfq_cuda_matmul_sparse_i8_raw", "spfq_cuda_matmul_i8",
+                  "spfq_cuda_matmul_sparse_i8"):
+            sig[f] = ([C.POINTER(WeightsDesc), i32] + [vp] * 4, C.c_int)
+        try:
+            for name, (args, res) in sig.items():
+                fn = getattr(so, name)
+                fn.argtypes, fn.restype = args, res
+        except AttributeError as exc:
+            raise CudaError(f"{path}: not an spfq CUDA kernel library ({exc})") from None
+        if so.spfq_cuda_abi_version() != ABI_VERSION:
+            raise CudaError(f"{path}: kernel ABI {so.spfq_cuda_abi_version()}, this package speaks {ABI_VERSION}")
+        self.so, self.path = so, Path(path)
+        self.info = so.spfq_cuda_library_info().decode()
+        self.emulation = "host emulation" in self.info
+
+    # ---- status
+    def last_error(self) -> str:
+        return self.so.spfq_cuda_last_error().decode(errors="replace")
+
+    def ok(self, status: int, what: str) -> None:
+        if status:
+            raise CudaError(f"CUDA kernels: {what}: {_STATUS.get(status, f'status {status}')}: {self.last_error()}")
+
+    def device_count(self) -> int:
+        return int(self.so.spfq_cuda_device_count())
+
+    def unavailable(self) -> str | None:
+        """None when a device can run the kernels, else why not (one line)."""
+        if self.device_count() > 0:
+            return None
+        return f"no CUDA GPU on this machine ({self.last_error() or 'no device'})"
+
+    def device_name(self, device: int = 0) -> str:
+        buf = C.create_string_buffer(256)
+        self.ok(self.so.spfq_cuda_device_name(device, buf, len(buf)), "device name")
+        return buf.value.decode(errors="replace")
+
+    # ---- memory
+    def put(self, a: np.ndarray | None) -> DeviceBuffer | None:
+        """A device copy of a host array (None stays None)."""
+        if a is None:
+            return None
+        a = np.ascontiguousarray(a)
+        buf = DeviceBuffer(self, a.nbytes)
+        self.ok(self.so.spfq_cuda_copy_h2d(buf.ptr, a.ctypes.data, a.nbytes), "copy to device")
+        return buf
+
+    def empty(self, shape, dtype) -> DeviceBuffer:
+        return DeviceBuffer(self, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+
+    def get(self, buf: DeviceBuffer, shape, dtype) -> np.ndarray:
+        """Wait for the device, copy buf back as a new host array."""
+        host = np.empty(shape, dtype)
+        self.ok(self.so.spfq_cuda_synchronize(None), "synchronize")
+        if host.nbytes > buf.nbytes:
+            raise CudaError(f"CUDA kernels: copy back of {host.nbytes} bytes from a {buf.nbytes}-byte buffer")
+        self.ok(self.so.spfq_cuda_copy_d2h(host.ctypes.data, buf.ptr, host.nbytes), "copy to host")
+        return host
+
+
+def _ptr(buf: DeviceBuffer | None):
+    return None if buf is None else buf.ptr
+
+
+class CudaPackedWeights:
+    """One layer's packed weights on the device (the CPU kernel-ABI words, uploaded as they are)."""
+
+    def __init__(self, lib: CudaLibrary, layer: CompressedLayer, layout: str | None = None):
+        layout, bits, bufs = kernel_pack(layer, layout or preferred_layout(layer))
+        self.lib, self.layout, self.n, self.k, self.bits = lib, layout, layer.rows, layer.cols, bits
+        f32 = (lambda v: None if v is None else np.asarray(v, np.float32))
+        self._keep = {  # device buffers live as long as this object
+            "sign": lib.put(bufs.get("sign")) if layout in ("sign", "sign_mask") else None,
+            "mask": lib.put(bufs.get("mask")) if layout in ("sign_mask", "sparse") else None,
+            "planes": lib.put(bufs["planes"]) if layout == "planes" else
+            (lib.put(bufs["kept"]) if layout == "sparse" and bufs["kept"].size else None),
+            "scale": lib.put(f32(layer.scale)), "lam": lib.put(f32(layer.lam)), "bias": lib.put(f32(layer.bias)),
+        }
+        d = WeightsDesc(layout=LAYOUT_IDS[layout], n=self.n, k=self.k, bits=bits,
+                  kept_words=bufs["kept"].shape[2] if layout == "sparse" else 0)
+        for field in ("sign", "mask", "planes", "scale", "lam", "bias"):
+            setattr(d, field, _ptr(self._keep[field]))
+        self.desc = d
+        self.device_bytes = sum(b.nbytes for b in self._keep.values() if b is not None)
+
+    def _check(self, x: np.ndarray, name: str) -> np.ndarray:
+        if not isinstance(x, np.ndarray) or x.ndim != 2 or x.shape[1] != self.k:
+            raise CudaError(f"{name} must be (M, {self.k}), got {getattr(x, 'shape', type(x).__name__)}")
+        return x
+
+    def matmul_i8_raw(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact int32 (acc_c, acc_s) of host int8 activations (M, K)."""
+        xq = self._check(np.ascontiguousarray(xq, np.int8), "xq")
+        m, lib = xq.shape[0], self.lib
+        dx, dc, ds = lib.put(xq), lib.empty((m, self.n), np.int32), lib.empty((m, self.n), np.int32)
+        fn = lib.so.spfq_cuda_matmul_sparse_i8_raw if self.layout == "sparse" else lib.so.spfq_cuda_matmul_i8_raw
+        lib.ok(fn(C.byref(self.desc), m, dx.ptr, dc.ptr, ds.ptr, None), f"matmul_i8_raw ({self.layout})")
+        return lib.get(dc, (m, self.n), np.int32), lib.get(ds, (m, self.n), np.int32)
+
+    def matmul_i8_device(self, m: int, dxq: DeviceBuffer, dxs: DeviceBuffer, dy: DeviceBuffer) -> None:
+        """y = the CPU epilogue of int8 activations already on the device (asynchronous)."""
+        fn = self.lib.so.spfq_cuda_matmul_sparse_i8 if self.layout == "sparse" else self.lib.so.spfq_cuda_matmul_i8
+        self.lib.ok(fn(C.byref(self.desc), m, dxq.ptr, dxs.ptr, dy.ptr, None), f"matmul_i8 ({self.layout})")
+
+    def forward_f32(self, x: np.ndarray) -> np.ndarray:
+        """Host float rows (M, K) -> y (M, N): upload, quantise on the GPU, GEMM, copy back."""
+        x = self._check(np.ascontiguousarray(x, np.float32), "x")
+        m, lib = x.shape[0], self.lib
+        if m == 0:
+            return np.zeros((0, self.n), np.float32)
+        dx, dxq, dxs, dy = lib.put(x), lib.empty((m, self.k), np.int8), lib.empty((m,), np.float32), \
+            lib.empty((m, self.n), np.float32)
+        lib.ok(lib.so.spfq_cuda_quantize_i8(m, self.k, dx.ptr, dxq.ptr, dxs.ptr, None), "quantize_i8")
+        self.matmul_i8_device(m, dxq, dxs, dy)
+        return lib.get(dy, (m, self.n), np.float32)
+
+
+class CudaLayer(nn.Module):
+    """A compressed Linear / Conv layer whose GEMMs run on the GPU (convs: host im2col per group,
+    as the CPU path). Keeps its last input and output when `record` is set (validate's per-layer
+    check)."""
+
+    def __init__(self, lib: CudaLibrary, layer: CompressedLayer):
+        super().__init__()
+        self.layer = layer
+        self.groups = int(layer.conv["groups"]) if layer.conv else 1
+        n = layer.rows // self.groups
+        self.parts = [CudaPackedWeights(lib, rows_slice(layer, g * n, (g + 1) * n)) for g in range(self.groups)]
+        self.record, self.last = False, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        in_ch = layer.weight_shape[1] * self.groups if layer.conv else layer.weight_shape[1]
+        channel_dim = -1 if layer.kind == "linear" else 1
+        if x.dim() < 2 or x.shape[channel_dim] != in_ch:
+            raise CudaError(f"layer {layer.name} expects {in_ch} input features/channels, got shape {tuple(x.shape)}")
+        rows = patch_rows(x.detach().float().cpu(), layer.kind, layer.conv)  # (g, m, d)
+        ys = [w.forward_f32(rows[g].numpy()) for g, w in enumerate(self.parts)]
+        y = rows_to_output(torch.from_numpy(np.concatenate(ys, axis=1)), x, layer.kind, layer.conv)
+        if self.record:
+            self.last = (x.detach().float().numpy().copy(), y.detach().numpy().copy())
+        return y
+
+
+def cuda_model(model: nn.Module, cm: CompressedModel, lib: CudaLibrary) -> nn.Module:
+    """A copy of the reference `model` with every compressed layer a CudaLayer."""
+    model = copy.deepcopy(model)
+    for name, layer in cm.layers.items():
+        replace_module(model, name, CudaLayer(lib, layer))
+    return model.eval()
