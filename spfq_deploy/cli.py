@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["onnx", "tvm", "all"], default="onnx",
                    help="onnx: the ONNX flavours (default); tvm: a TVM-compiled model.<target>.so per target "
                         "(+ the host's) with the packed kernels linked in; all: both in one folder")
-    e.add_argument("--target", help="target name from targets/*.toml (default: this machine)")
+    e.add_argument("--target", help="target name from targets/*.toml (default: this machine); a GPU target "
+                                    "(cuda) adds lib/cuda/libspfq_cuda.so + manifest.cuda.json to the host's "
+                                    "CPU artifacts")
     e.add_argument("--activations", choices=["int8", "float"], default="int8",
                    help="custom-op flavour and TVM: int8 (activations quantised per row, integer kernels; default) "
                         "or float (weight-only kernels, parity with the dequantised model)")
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(exit 1 when one fails its tolerance)")
     v.add_argument("folder", help="the export folder (spfq-deploy export -o OUT_DIR)")
     v.add_argument("--target", action="append", help="only this target (repeatable; default: every one found, "
-                                                     "plus a cuda line)")
+                                                     "plus a cuda line; cuda runs the compressed layers on the GPU)")
     v.add_argument("--data", help=".npz with the model's input names (default: OUT_DIR/inputs.npz)")
     v.add_argument("--json", help="also write the report as JSON to this file")
     v.add_argument("--report", help="also write the markdown report (spfq-deploy report) to this file")
@@ -184,17 +186,33 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .targets import get_target
+
     flavours = tuple(f.strip() for f in args.flavours.split(",") if f.strip())
+    gpu = get_target(args.target) if args.target else None
+    gpu = gpu if gpu is not None and gpu.cuda else None
+    cpu_target = None if gpu else args.target  # a GPU target: the CPU artifacts are the host's
+    if gpu is not None:  # nvcc first: a missing toolchain must fail before anything is written
+        from .export import cuda_library
+
+        cuda_library.build(gpu)
     if args.format in ("onnx", "all"):
         from .export.onnx_export import export_onnx
 
-        export_onnx(args.file, args.output, target=args.target, activations=args.activations, flavours=flavours,
+        export_onnx(args.file, args.output, target=cpu_target, activations=args.activations, flavours=flavours,
                     force=args.force, model_spec=args.model)
     if args.format in ("tvm", "all"):
         from .export.tvm_export import export_tvm
 
-        export_tvm(args.file, args.output, target=args.target, activations=args.activations,
+        export_tvm(args.file, args.output, target=cpu_target, activations=args.activations,
                    force=args.force, model_spec=args.model, merge=args.format == "all")
+    if gpu is not None:
+        from .export.cuda_export import export_cuda
+
+        if args.activations == "float":
+            print("note: the CUDA kernels quantise activations to int8 per row (there are no float-activation "
+                  "GPU kernels); the CPU artifacts use float activations")
+        export_cuda(args.file, args.output, target=gpu.name, force=args.force, model_spec=args.model, merge=True)
     return 0
 
 

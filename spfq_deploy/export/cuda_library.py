@@ -35,7 +35,7 @@ def sources() -> list[Path]:
 def find_nvcc(target: Target) -> str:
     """The nvcc to use: $NVCC, the target's (PATH), /usr/local/cuda/bin; SpfqError when none."""
     name = target.cuda.get("nvcc", "nvcc")
-    for cand in (os.environ.get("NVCC"), shutil.which(name), "/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"):
+    for cand in (os.environ.get("NVCC"), shutil.which(name), f"/usr/local/cuda/bin/{name}"):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
     pkg = target.tools.get("nvcc")

@@ -23,7 +23,7 @@ from . import metrics, runners
 from .tolerances import TOLERANCES, failures
 
 HOST = {"x86_64": "x86_64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-MANIFESTS = ("manifest.json", "manifest.tvm.json")
+MANIFESTS = ("manifest.json", "manifest.tvm.json", "manifest.cuda.json")
 
 
 def _read_manifest(path: Path) -> dict | None:
@@ -122,10 +122,11 @@ def validate(out_dir: str | Path, targets: list[str] | None = None, data: str | 
     out = Path(out_dir)
     if not out.is_dir():
         raise SpfqError(f"{out}: no such export folder")
-    onnx_m, tvm_m = (_read_manifest(out / m) for m in MANIFESTS)
-    if onnx_m is None and tvm_m is None:
-        raise SpfqError(f"{out}: no manifest.json or manifest.tvm.json (not an spfq-deploy export folder)")
-    first = onnx_m or tvm_m
+    onnx_m, tvm_m, cuda_m = (_read_manifest(out / m) for m in MANIFESTS)
+    if onnx_m is None and tvm_m is None and cuda_m is None:
+        raise SpfqError(f"{out}: no {', '.join(MANIFESTS)} (not an spfq-deploy export folder)")
+    first = onnx_m or tvm_m or cuda_m
+    manifests = {"onnx": onnx_m, "tvm": tvm_m, "cuda": cuda_m}
     if not (out / "model.spfq").is_file():
         raise SpfqError(f"{out}: model.spfq is missing (the reference is rebuilt from it)")
     names = list(first.get("inputs", {}).get("names", []))
@@ -143,7 +144,7 @@ def validate(out_dir: str | Path, targets: list[str] | None = None, data: str | 
     layer_names = [n for n in layer_names if n in refs.cm.layers] or list(refs.cm.layers)
     refs.layer_names = layer_names
 
-    arts = runners.discover(out, onnx_m, tvm_m, HOST)
+    arts = runners.discover(out, onnx_m, tvm_m, HOST, cuda_m)
     wanted = set(targets) if targets else None
     if wanted:
         arts = [a for a in arts if a.target in wanted]
@@ -155,14 +156,12 @@ def validate(out_dir: str | Path, targets: list[str] | None = None, data: str | 
             "(import tvm alone takes 10-20 s there) ...")
         qemu_results = runners.run_tvm_qemu(out, qemu, (tvm_m.get("inputs") or {}).get("names", names), feeds)
     for art in arts:
-        rows.append(_validate_one(out, art, onnx_m, tvm_m, feeds, refs, out_names, qemu_results))
+        rows.append(_validate_one(out, art, manifests, feeds, refs, out_names, qemu_results))
     for t in sorted(wanted or ()):
         if t != "cuda" and not any(a.target == t for a in arts):
             rows.append(_skip_row(f"(any)", t, f"no artifact for target {t} in {out}"))
-    if wanted is None or "cuda" in wanted:
-        gpu = torch.cuda.is_available()
-        rows.append(_skip_row("(cuda)", "cuda", "the export holds no CUDA artifact (its targets are CPUs)" if gpu
-                              else "no GPU on this machine (torch.cuda.is_available() is False)"))
+    if (wanted is None or "cuda" in wanted) and not any(a.flavour == "cuda" for a in arts):
+        rows.append(_skip_row("(cuda)", "cuda", "the export holds no CUDA artifact (export with --target cuda)"))
     summary = {s: sum(r["status"] == s for r in rows) for s in ("ok", "fail", "skip", "info")}
     return {"folder": str(out), "data": str(data_path), "samples": int(len(next(iter(feeds.values())))),
             "host": HOST, "tolerances": {k: v.as_dict() for k, v in TOLERANCES.items()},
@@ -174,7 +173,7 @@ def _skip_row(artifact: str, target: str, why: str) -> dict:
             "metrics": None, "latency_ms": None}
 
 
-def _validate_one(out, art, onnx_m, tvm_m, feeds, refs, out_names, qemu_results) -> dict:
+def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results) -> dict:
     row = {"artifact": art.label, "file": art.file, "target": art.target, "kind": art.kind,
            "reference": "integer reference (int8 activations)" if art.reference == "int8" else "dequantised model",
            "tolerance": TOLERANCES[art.kind].as_dict(), "status": "ok", "metrics": None, "latency_ms": None,
@@ -184,7 +183,10 @@ def _validate_one(out, art, onnx_m, tvm_m, feeds, refs, out_names, qemu_results)
         return row
     tol = TOLERANCES[art.kind]
     try:
-        outs, latency, per_layer = _run(out, art, onnx_m, tvm_m, feeds, refs, qemu_results, row)
+        outs, latency, per_layer = _run(out, art, manifests, feeds, refs, qemu_results, row)
+    except runners.Unavailable as exc:
+        row.update(status="skip", note=str(exc))
+        return row
     except Exception as exc:  # any load / run error is this row's failure, never a traceback
         row.update(status="fail", error=_one_line(exc))
         return row
@@ -225,9 +227,10 @@ def _validate_one(out, art, onnx_m, tvm_m, feeds, refs, out_names, qemu_results)
     return row
 
 
-def _run(out, art, onnx_m, tvm_m, feeds, refs, qemu_results, row):
+def _run(out, art, manifests, feeds, refs, qemu_results, row):
     """(outputs, latency ms, per-layer (rows, first) or None). Checksum problems go to row['failures']."""
-    manifest = tvm_m if art.flavour == "tvm" else onnx_m
+    tvm_m = manifests["tvm"]
+    manifest = manifests.get(art.flavour, manifests["onnx"])
     files = (manifest or {}).get("files", {})
     changed = {}
     for rel in [art.file] + ([art.library] if art.library else []):
@@ -238,13 +241,16 @@ def _run(out, art, onnx_m, tvm_m, feeds, refs, qemu_results, row):
             changed[rel] = why
             row["failures"].append(why)
     for rel in [art.file] + ([art.library] if art.library else []):
-        if rel.endswith(".so") and art.runner == "native":
+        if rel.endswith(".so") and art.runner in ("native", "cuda"):
             # never dlopen a damaged library in this process: a truncated one can die of SIGBUS
             why = runners.elf_problem(out / rel)
             if why is None and (rel in changed or art.flavour != "tvm"):  # the ORT probe is cheap
-                why = runners.probe_library(out / rel, "tvm" if art.flavour == "tvm" else "ort")
+                why = runners.probe_library(out / rel, {"tvm": "tvm", "cuda": "cuda"}.get(art.flavour, "ort"))
             if why:
                 raise SpfqError(f"{rel}: cannot be loaded ({why})")
+    if art.flavour == "cuda":
+        y, ms, recorded = runners.run_cuda(out, art, refs, row)
+        return _flat(y), ms, _recorded_layers(recorded, art, refs)
     if art.flavour == "tvm":
         if art.runner == "qemu":
             res = qemu_results.get(art.file, "not run")
@@ -259,6 +265,16 @@ def _run(out, art, onnx_m, tvm_m, feeds, refs, qemu_results, row):
     if art.flavour in ("custom", "stock") and art.kind != "info":
         per_layer = _layers(out, art, feeds, refs)
     return outs, ms, per_layer
+
+
+def _recorded_layers(recorded: dict, art, refs):
+    """Per-layer check of layers whose (input, output) the runner recorded (the CUDA layers)."""
+    names = [n for n in refs.layer_names if n in recorded]
+    tensors = {n: (f"{n}:input", f"{n}:output") for n in names}
+    values = {t: recorded[n][i] for n in names for i, t in enumerate(tensors[n])}
+    _, hooked = refs.outputs(art.reference)
+    return layer_checks.check(values, tensors, {}, lambda n: refs.layer(art.reference, n), hooked,
+                              TOLERANCES[art.kind], TOLERANCES[art.kind])
 
 
 def _layers(out, art, feeds, refs):

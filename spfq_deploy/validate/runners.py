@@ -37,10 +37,10 @@ class Artifact:
     kind: str  # a key of tolerances.TOLERANCES
     reference: str  # "float" (dequantised model) | "int8" (integer reference)
     label: str
-    library: str | None = None  # custom-op library, relative
+    library: str | None = None  # custom-op library (cuda: the packed weights it uploads), relative
     accuracy_level: int | None = None
     skip: str | None = None  # why this artifact x target cannot run here
-    runner: str = "native"  # native | qemu
+    runner: str = "native"  # native | qemu | cuda
     notes: list = field(default_factory=list)
 
 
@@ -61,7 +61,8 @@ def _runner_for(target: str) -> tuple[str, str | None]:
     return "native", f"target {target} runs with {t.run!r}, which this host cannot do"
 
 
-def discover(out: Path, onnx_manifest: dict | None, tvm_manifest: dict | None, host: str) -> list[Artifact]:
+def discover(out: Path, onnx_manifest: dict | None, tvm_manifest: dict | None, host: str,
+             cuda_manifest: dict | None = None) -> list[Artifact]:
     """Every artifact x target in the folder, in a fixed order."""
     arts: list[Artifact] = []
     if onnx_manifest is not None:
@@ -95,6 +96,10 @@ def discover(out: Path, onnx_manifest: dict | None, tvm_manifest: dict | None, h
             arts.append(Artifact(info.get("file", f"model.{tname}.so"), "tvm", tname, kind, kind,
                                  f"tvm library, {act} act." + (" (qemu-aarch64)" if runner == "qemu" else ""),
                                  skip=skip, runner=runner))
+    if cuda_manifest is not None:
+        lib = (cuda_manifest.get("library") or {}).get("file", "lib/cuda/libspfq_cuda.so")
+        arts.append(Artifact(lib, "cuda", cuda_manifest.get("target", "cuda"), "int8", "int8",
+                             "cuda kernels, int8 act.", library="model.spfq", runner="cuda"))
     return arts
 
 
@@ -121,7 +126,8 @@ def elf_problem(path: Path) -> str | None:
 def probe_library(path: Path, how: str) -> str | None:
     """Load a shared library in a child process; None if it loads, else the reason."""
     code = {"ort": "import onnxruntime as o, sys; o.SessionOptions().register_custom_ops_library(sys.argv[1])",
-            "tvm": "import tvm, sys; tvm.runtime.load_module(sys.argv[1])"}[how]
+            "tvm": "import tvm, sys; tvm.runtime.load_module(sys.argv[1])",
+            "cuda": "import ctypes, sys; ctypes.CDLL(sys.argv[1]).spfq_cuda_abi_version()"}[how]
     try:
         r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
@@ -161,6 +167,33 @@ def run_tvm_native(out: Path, art: Artifact, arrays: list) -> tuple[list, float]
 
     vm, _ = tvm_export.load(out / art.file)
     return _timed(lambda: tvm_export.run(vm, *arrays))
+
+
+def run_cuda(out: Path, art: Artifact, refs, row: dict):
+    """(outputs, latency ms, {layer: (input, output)}) of the reference model with every compressed
+    layer on the GPU; raises Unavailable when the library finds no GPU."""
+    import torch
+
+    from ..cuda_runtime import CudaLibrary, CudaLayer, cuda_model
+
+    lib = CudaLibrary(out / art.file)
+    why = lib.unavailable()
+    if why:
+        raise Unavailable(why)
+    row["device"] = lib.device_name(0)
+    row["note"] = (f"on {row['device']}; float ops in PyTorch on the host; latency includes per-layer upload / "
+                   "download (GPU kernel timings: benchmarks/cuda_gemm.py)")
+    model = cuda_model(refs.model, refs.cm, lib)
+    gpu_layers = {n: m for n, m in model.named_modules() if isinstance(m, CudaLayer)}
+    for m in gpu_layers.values():
+        m.record = True
+    with torch.no_grad():
+        y, ms = _timed(lambda: model(*refs.args))
+    return y, ms, {n: m.last for n, m in gpu_layers.items() if m.last is not None}
+
+
+class Unavailable(Exception):
+    """This artifact cannot run on this machine (no GPU): the row is skipped, not failed."""
 
 
 def run_tvm_qemu(out: Path, arts: list[Artifact], names: list[str], feeds: dict) -> dict:
