@@ -64,12 +64,16 @@ def fp32_onnx(spec: str, path: Path) -> Path:
 
 def plan_artifacts(out: Path, target: str) -> tuple[list[dict], list[dict]]:
     """(artifacts to time, [{artifact, target, why}] of those left out)."""
-    onnx_m, tvm_m = (_read_manifest(out / m) for m in MANIFESTS)
-    if onnx_m is None and tvm_m is None:
-        raise SpfqError(f"{out}: no manifest.json or manifest.tvm.json (not an spfq-deploy export folder)")
-    names = list(((onnx_m or tvm_m).get("inputs") or {}).get("names", []))
+    onnx_m, tvm_m, cuda_m = (_read_manifest(out / m) for m in MANIFESTS)
+    if onnx_m is None and tvm_m is None and cuda_m is None:
+        raise SpfqError(f"{out}: no {', '.join(MANIFESTS)} (not an spfq-deploy export folder)")
+    names = list(((onnx_m or tvm_m or cuda_m).get("inputs") or {}).get("names", []))
     timed, left = [], []
-    for art in runners.discover(out, onnx_m, tvm_m, HOST):
+    for art in runners.discover(out, onnx_m, tvm_m, HOST, cuda_m):
+        if art.flavour == "cuda":
+            left.append({"artifact": art.label, "target": art.target,
+                         "why": "GPU kernels: timed by benchmarks/cuda_gemm.py against torch fp16 / fp32"})
+            continue
         if art.flavour == "qonnx":
             left.append({"artifact": art.label, "target": art.target,
                          "why": "the qonnx executor runs node by node in numpy: not a deployment runtime"})
