@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 export HF_HUB_OFFLINE := 1
 
-.PHONY: all setup ort-headers arm64-python demo test bench-quality bench-kernels bench-onnx bench-tvm clean
+.PHONY: all setup ort-headers arm64-python demo test bench-quality bench-kernels bench-onnx bench-tvm bench-cuda clean
 
 all: test
 
@@ -82,6 +82,9 @@ demo: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS) $(ARM64_PYTHON)
 	  $(BIN)/spfq-deploy validate $(DEMO)/$$m --json $(DEMO)/$$m.validate.json || exit 1; \
 	  $(BIN)/spfq-deploy bench $(DEMO)/$$m --batch 1,8 --threads 1,2 --json $(DEMO)/$$m.bench.json || exit 1; \
 	done
+	@echo "== mnist_ternary for an NVIDIA GPU: CUDA kernel library (nvcc) + validate --target cuda (skips without a GPU) =="
+	$(BIN)/spfq-deploy export $(DEMO)/mnist_ternary.spfq --format onnx --flavours custom --target cuda -o $(DEMO)/mnist_ternary_cuda --force || exit 1
+	$(BIN)/spfq-deploy validate $(DEMO)/mnist_ternary_cuda --target cuda || exit 1
 	@echo "== report: compression, parity, latency, task metrics (MNIST digits; MiniLM's three tasks) =="
 	$(BIN)/spfq-deploy report $(addprefix $(DEMO)/,$(DEMO_MODELS)) -o $(DEMO)/report.md
 	@echo "report: $(DEMO)/report.md"
@@ -94,6 +97,10 @@ bench-onnx: $(KERNELS) $(ORT_HEADERS)
 
 bench-tvm: $(KERNELS)
 	$(PY) benchmarks/tvm_latency.py --out benchmarks/results/tvm_latency.json
+
+# needs an NVIDIA GPU and torch with CUDA (exit 2 with one line otherwise); README "CUDA kernels"
+bench-cuda:
+	python3 benchmarks/cuda_gemm.py --shapes full --graph --out benchmarks/results/cuda_gemm.json
 
 bench-kernels: $(KERNELS)
 	$(PY) benchmarks/kernels.py --shapes full --scaling --out benchmarks/results/kernels.json

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes as C
 import datetime as _dt
 import json
 import os
@@ -71,10 +70,10 @@ import torch  # noqa: E402
 
 from spfq_deploy.atomic import write_text  # noqa: E402
 from spfq_deploy.compressed import CompressedLayer  # noqa: E402
-from spfq_deploy.cuda_runtime import CudaError, CudaLibrary  # noqa: E402
+from spfq_deploy.cuda_runtime import CudaError, CudaLibrary, CudaPackedWeights  # noqa: E402
 from spfq_deploy.errors import SpfqError  # noqa: E402
 from spfq_deploy.export import cuda_library  # noqa: E402
-from spfq_deploy.kernels import LAYOUT_IDS, WeightsDesc, kernel_pack  # noqa: E402
+from spfq_deploy.kernels import kernel_pack  # noqa: E402
 from spfq_deploy.pack.bits import pack_bits  # noqa: E402
 from spfq_deploy.targets import get_target  # noqa: E402
 
@@ -282,43 +281,12 @@ class EmulatedDevice:
 
 # ------------------------------------------------------------------------------ our weights and calls
 
-@dataclass
-class DeviceWeights:
-    """One copy of a layer's packed weights on the device and its desc (device pointers)."""
-    layout: str
-    n: int
-    k: int
-    desc: WeightsDesc
-    pdesc: Any  # C.pointer(desc), made once
-    bufs: dict  # keeps the buffers alive
-    nbytes: int
-    what: str  # for error messages
-
-
-def upload(dev, layer: CompressedLayer, packed: tuple[str, int, dict]) -> DeviceWeights:
-    """Put packed buffers (kernel_pack's) and the float vectors of a layer on the device."""
-    layout, bits, host = packed
-    roles = {"sign": host.get("sign") if layout in ("sign", "sign_mask") else None,
-             "mask": host.get("mask") if layout in ("sign_mask", "sparse") else None,
-             "planes": host["kept"] if layout == "sparse" else host.get("planes"),
-             "scale": layer.scale, "lam": layer.lam, "bias": layer.bias}
-    bufs = {r: dev.put(np.asarray(a, np.float32) if r in ("scale", "lam", "bias") else a)
-            for r, a in roles.items() if a is not None and a.size}
-    desc = WeightsDesc(layout=LAYOUT_IDS[layout], n=layer.rows, k=layer.cols, bits=bits,
-                       kept_words=host["kept"].shape[2] if layout == "sparse" else 0)
-    for role in roles:
-        setattr(desc, role, bufs[role].ptr if role in bufs else None)
-    return DeviceWeights(layout, layer.rows, layer.cols, desc, C.pointer(desc), bufs,
-                         sum(b.nbytes for b in bufs.values()), f"matmul_i8 ({layout})")
-
-
 # One function per kernel; pointers are ints (None = NULL); the same code in GPU and emulation mode.
-def call_i8(lib: CudaLibrary, w: DeviceWeights, m: int, xq, xs, y, stream) -> None:
-    fn = lib.so.spfq_cuda_matmul_sparse_i8 if w.layout == "sparse" else lib.so.spfq_cuda_matmul_i8
-    lib.ok(fn(w.pdesc, m, xq, xs, y, stream), w.what)
+def call_i8(lib: CudaLibrary, w: CudaPackedWeights, m: int, xq, xs, y, stream) -> None:
+    w.matmul_i8_device(m, xq, xs, y, stream)
 
 
-def call_bgemm(lib: CudaLibrary, w: DeviceWeights, m: int, xbits, xs, y, stream) -> None:
+def call_bgemm(lib: CudaLibrary, w: CudaPackedWeights, m: int, xbits, xs, y, stream) -> None:
     d = w.desc
     lib.ok(lib.so.spfq_cuda_bgemm(m, w.n, w.k, d.sign, xbits, xs, d.scale, d.bias, None, y, None, stream), "bgemm")
 
@@ -412,14 +380,14 @@ class Activations:
         return d
 
 
-def kernel_launch(lib, kind: Kind, ws: list[DeviceWeights], m: int, a: SimpleNamespace, y: Buf):
+def kernel_launch(lib, kind: Kind, ws: list[CudaPackedWeights], m: int, a: SimpleNamespace, y: Buf):
     """launch(i, stream) of the kernel-only path of a kind."""
     if kind.op == "bgemm":
         return lambda i, s: call_bgemm(lib, ws[i % len(ws)], m, a.xbits.ptr, a.xbs.ptr, y.ptr, s)
     return lambda i, s: call_i8(lib, ws[i % len(ws)], m, a.xq.ptr, a.xs.ptr, y.ptr, s)
 
 
-def e2e_launch(lib, ws: list[DeviceWeights], m: int, k: int, a: SimpleNamespace, y: Buf):
+def e2e_launch(lib, ws: list[CudaPackedWeights], m: int, k: int, a: SimpleNamespace, y: Buf):
     def launch(i, s):
         call_quantize(lib, m, k, a.x.ptr, a.xq2.ptr, a.xs2.ptr, s)
         call_i8(lib, ws[i % len(ws)], m, a.xq2.ptr, a.xs2.ptr, y.ptr, s)
@@ -461,7 +429,7 @@ class TorchBaseline:
                      self.copies, calls)
 
 
-def upload_all(dev, layers: dict[str, CompressedLayer]) -> dict[tuple[str, str], list[DeviceWeights]]:
+def upload_all(dev, lib: CudaLibrary, layers: dict[str, CompressedLayer]) -> dict[tuple[str, str], list[CudaPackedWeights]]:
     """Every (weights, layout) of KINDS packed once and uploaded in copies_for() copies."""
     out = {}
     for kind in KINDS:
@@ -469,8 +437,9 @@ def upload_all(dev, layers: dict[str, CompressedLayer]) -> dict[tuple[str, str],
         if key not in out:
             layer = layers[kind.weights]
             packed = kernel_pack(layer, kind.layout)
-            first = upload(dev, layer, packed)
-            out[key] = [first] + [upload(dev, layer, packed) for _ in range(copies_for(first.nbytes, dev.l2_bytes) - 1)]
+            up = (lambda: CudaPackedWeights(lib, layer, packed=packed, put=dev.put))
+            first = up()
+            out[key] = [first] + [up() for _ in range(copies_for(first.device_bytes, dev.l2_bytes) - 1)]
     return out
 
 
@@ -483,7 +452,7 @@ def references(layers: dict[str, CompressedLayer], act: Activations) -> dict[str
 def bench_shape(dev, lib, n: int, k: int, cfg) -> tuple[list[dict], list[dict]]:
     """Rows (ours, one per kind x M) and baselines (torch, one per dtype x M) of one shape."""
     layers = make_layers(n, k, cfg.seed)
-    weights = upload_all(dev, layers)
+    weights = upload_all(dev, lib, layers)
     act = Activations(np.random.default_rng(cfg.seed + n + 3 * k).standard_normal((max(cfg.batch), k))
                       .astype(np.float32))
     refs = references(layers, act)
@@ -537,12 +506,12 @@ def _ratio(base: dict | None, ours: dict | None, graph: bool = False) -> float |
 def row(kind: Kind, ws, ko: Entry, e2e: Entry | None, err, err_e2e, m, fp: dict, graph: bool) -> dict:
     w = ws[0]
     r = {"kind": kind.name, "title": kind.title, "layout": kind.layout, "op": kind.op, "m": m, "n": w.n, "k": w.k,
-         "weight_bytes": w.nbytes, "copies": len(ws), "calls_per_sample": ko.calls,
+         "weight_bytes": w.device_bytes, "copies": len(ws), "calls_per_sample": ko.calls,
          "kernel_only": timing(ko, graph), "end_to_end": timing(e2e, graph),
          "max_rel_err": err, "max_rel_err_e2e": err_e2e}
     if e2e is None:
         r["end_to_end_note"] = XNOR_NOTE
-    r["gbps"] = w.nbytes / r["kernel_only"]["median_us"] / 1e3
+    r["gbps"] = w.device_bytes / r["kernel_only"]["median_us"] / 1e3
     for dt in ("float16", "float32"):
         b, short = fp.get(f"torch_{dt}"), dt.replace("float", "fp")
         r[f"{short}_us"] = b["median_us"] if b else None

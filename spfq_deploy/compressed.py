@@ -11,7 +11,7 @@ every runtime that reads the packed file computes with exactly the numbers the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -100,3 +100,10 @@ class CompressedModel:
     float_params: dict[str, np.ndarray]  # state_dict entries not covered by compressed layers
     model_spec: str | None = None  # "path/to/file.py:factory" used to rebuild the architecture
     meta: dict = field(default_factory=dict)  # config, seed, calibration size, versions
+
+
+def rows_slice(layer: CompressedLayer, r0: int, r1: int) -> CompressedLayer:
+    """The output rows [r0, r1) of a layer (one conv group) as a layer of its own."""
+    cut = (lambda a: None if a is None else np.ascontiguousarray(a[r0:r1]))
+    return replace(layer, weight_shape=(r1 - r0,) + tuple(layer.weight_shape[1:]), codes=layer.codes[r0:r1],
+                   scale=cut(layer.scale), lam=cut(layer.lam), bias=cut(layer.bias))

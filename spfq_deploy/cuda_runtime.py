@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compress.capture import patch_rows, rows_to_output
-from .compressed import CompressedLayer, CompressedModel
+from .compressed import CompressedLayer, CompressedModel, rows_slice
 from .errors import SpfqError
-from .kernel_layers import rows_slice
 from .kernels import LAYOUT_IDS, WeightsDesc, kernel_pack, preferred_layout
-from .reference import replace_module
+
+# Only numpy / torch / ctypes at import: the benchmark imports this on a GPU machine where the
+# CPU kernel library is not built; the model-level pieces import what they need when used.
 
 ABI_VERSION = 1
 _STATUS = {1: "invalid argument", 2: "out of memory", 3: "not supported", 16: "CUDA error"}
@@ -129,30 +129,34 @@ class CudaLibrary:
         return host
 
 
-def _ptr(buf: DeviceBuffer | None):
-    return None if buf is None else buf.ptr
-
-
 class CudaPackedWeights:
-    """One layer's packed weights on the device (the CPU kernel-ABI words, uploaded as they are)."""
+    """One layer's packed weights on the device (the CPU kernel-ABI words, uploaded as they are).
 
-    def __init__(self, lib: CudaLibrary, layer: CompressedLayer, layout: str | None = None):
-        layout, bits, bufs = kernel_pack(layer, layout or preferred_layout(layer))
+    packed: kernel_pack's (layout, bits, buffers) when the caller has packed already (the
+    benchmark uploads many copies of one packing); put: the allocator, any callable taking a host
+    array and returning an object with .ptr and .nbytes that owns the memory (default lib.put;
+    the benchmark passes torch CUDA tensors)."""
+
+    ROLES = ("sign", "mask", "planes", "scale", "lam", "bias")
+
+    def __init__(self, lib: CudaLibrary, layer: CompressedLayer, layout: str | None = None,
+                 packed: tuple[str, int, dict] | None = None, put=None):
+        layout, bits, bufs = packed or kernel_pack(layer, layout or preferred_layout(layer))
         self.lib, self.layout, self.n, self.k, self.bits = lib, layout, layer.rows, layer.cols, bits
-        f32 = (lambda v: None if v is None else np.asarray(v, np.float32))
-        self._keep = {  # device buffers live as long as this object
-            "sign": lib.put(bufs.get("sign")) if layout in ("sign", "sign_mask") else None,
-            "mask": lib.put(bufs.get("mask")) if layout in ("sign_mask", "sparse") else None,
-            "planes": lib.put(bufs["planes"]) if layout == "planes" else
-            (lib.put(bufs["kept"]) if layout == "sparse" and bufs["kept"].size else None),
-            "scale": lib.put(f32(layer.scale)), "lam": lib.put(f32(layer.lam)), "bias": lib.put(f32(layer.bias)),
-        }
+        host = {"sign": bufs.get("sign") if layout in ("sign", "sign_mask") else None,
+                "mask": bufs.get("mask") if layout in ("sign_mask", "sparse") else None,
+                "planes": bufs["kept"] if layout == "sparse" else bufs.get("planes"),
+                "scale": layer.scale, "lam": layer.lam, "bias": layer.bias}
+        put = put or lib.put
+        self._keep = {r: put(np.asarray(a, np.float32) if r in ("scale", "lam", "bias") else np.ascontiguousarray(a))
+                      for r, a in host.items() if a is not None and a.size}  # device memory lives with self
         d = WeightsDesc(layout=LAYOUT_IDS[layout], n=self.n, k=self.k, bits=bits,
-                  kept_words=bufs["kept"].shape[2] if layout == "sparse" else 0)
-        for field in ("sign", "mask", "planes", "scale", "lam", "bias"):
-            setattr(d, field, _ptr(self._keep[field]))
-        self.desc = d
-        self.device_bytes = sum(b.nbytes for b in self._keep.values() if b is not None)
+                        kept_words=bufs["kept"].shape[2] if layout == "sparse" else 0)
+        for role in self.ROLES:
+            setattr(d, role, self._keep[role].ptr if role in self._keep else None)
+        self.desc, self.pdesc = d, C.pointer(d)
+        self.device_bytes = sum(b.nbytes for b in self._keep.values())
+        self.entry = lib.so.spfq_cuda_matmul_sparse_i8 if layout == "sparse" else lib.so.spfq_cuda_matmul_i8
 
     def _check(self, x: np.ndarray, name: str) -> np.ndarray:
         if not isinstance(x, np.ndarray) or x.ndim != 2 or x.shape[1] != self.k:
@@ -165,13 +169,13 @@ class CudaPackedWeights:
         m, lib = xq.shape[0], self.lib
         dx, dc, ds = lib.put(xq), lib.empty((m, self.n), np.int32), lib.empty((m, self.n), np.int32)
         fn = lib.so.spfq_cuda_matmul_sparse_i8_raw if self.layout == "sparse" else lib.so.spfq_cuda_matmul_i8_raw
-        lib.ok(fn(C.byref(self.desc), m, dx.ptr, dc.ptr, ds.ptr, None), f"matmul_i8_raw ({self.layout})")
+        lib.ok(fn(self.pdesc, m, dx.ptr, dc.ptr, ds.ptr, None), f"matmul_i8_raw ({self.layout})")
         return lib.get(dc, (m, self.n), np.int32), lib.get(ds, (m, self.n), np.int32)
 
-    def matmul_i8_device(self, m: int, dxq: DeviceBuffer, dxs: DeviceBuffer, dy: DeviceBuffer) -> None:
-        """y = the CPU epilogue of int8 activations already on the device (asynchronous)."""
-        fn = self.lib.so.spfq_cuda_matmul_sparse_i8 if self.layout == "sparse" else self.lib.so.spfq_cuda_matmul_i8
-        self.lib.ok(fn(C.byref(self.desc), m, dxq.ptr, dxs.ptr, dy.ptr, None), f"matmul_i8 ({self.layout})")
+    def matmul_i8_device(self, m: int, xq: int, xs: int, y: int, stream: int | None = None) -> None:
+        """y = the CPU epilogue of int8 activations already on the device: device pointers (ints);
+        asynchronous on `stream` (a cudaStream_t as an int, None = the default stream)."""
+        self.lib.ok(self.entry(self.pdesc, m, xq, xs, y, stream), f"matmul_i8 ({self.layout})")
 
     def forward_f32(self, x: np.ndarray) -> np.ndarray:
         """Host float rows (M, K) -> y (M, N): upload, quantise on the GPU, GEMM, copy back."""
@@ -182,7 +186,7 @@ class CudaPackedWeights:
         dx, dxq, dxs, dy = lib.put(x), lib.empty((m, self.k), np.int8), lib.empty((m,), np.float32), \
             lib.empty((m, self.n), np.float32)
         lib.ok(lib.so.spfq_cuda_quantize_i8(m, self.k, dx.ptr, dxq.ptr, dxs.ptr, None), "quantize_i8")
-        self.matmul_i8_device(m, dxq, dxs, dy)
+        self.matmul_i8_device(m, dxq.ptr, dxs.ptr, dy.ptr)
         return lib.get(dy, (m, self.n), np.float32)
 
 
@@ -200,6 +204,8 @@ class CudaLayer(nn.Module):
         self.record, self.last = False, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .compress.capture import patch_rows, rows_to_output
+
         layer = self.layer
         in_ch = layer.weight_shape[1] * self.groups if layer.conv else layer.weight_shape[1]
         channel_dim = -1 if layer.kind == "linear" else 1
@@ -215,6 +221,8 @@ class CudaLayer(nn.Module):
 
 def cuda_model(model: nn.Module, cm: CompressedModel, lib: CudaLibrary) -> nn.Module:
     """A copy of the reference `model` with every compressed layer a CudaLayer."""
+    from .reference import replace_module
+
     model = copy.deepcopy(model)
     for name, layer in cm.layers.items():
         replace_module(model, name, CudaLayer(lib, layer))

@@ -8,21 +8,12 @@ int32 accumulation, then scale and bias).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 
 from .compress.capture import patch_rows, rows_to_output
-from .compressed import CompressedLayer
+from .compressed import CompressedLayer, rows_slice
 from .kernels import KernelError, PackedWeights, quantize_i8
-
-
-def rows_slice(layer: CompressedLayer, r0: int, r1: int) -> CompressedLayer:
-    """The output rows [r0, r1) of a layer (one conv group) as a layer of its own."""
-    cut = (lambda a: None if a is None else np.ascontiguousarray(a[r0:r1]))
-    return replace(layer, weight_shape=(r1 - r0,) + tuple(layer.weight_shape[1:]), codes=layer.codes[r0:r1],
-                   scale=cut(layer.scale), lam=cut(layer.lam), bias=cut(layer.bias))
 
 
 class KernelLayer:

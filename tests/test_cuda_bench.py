@@ -84,27 +84,3 @@ def test_without_gpu_exits_2_with_one_line(tmp_path):
     assert lines[0].startswith("cuda_gemm: no CUDA GPU here (") and lines[0].endswith("): nothing measured")
     assert not out.exists() and res.stdout == ""
 
-
-def test_benchmark_uploads_the_desc_cuda_runtime_would():
-    """The benchmark packs once and uploads its own copies (CudaPackedWeights would repack per
-    copy): its desc must match the runtime's field for field, device pointers aside."""
-    import importlib.util
-
-    from spfq_deploy.cuda_runtime import CudaLibrary, CudaPackedWeights
-
-    spec = importlib.util.spec_from_file_location("cuda_gemm_bench", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    lib = CudaLibrary(cuda_library.build(get_target("cuda"), emulate=True))
-    layers = bench.make_layers(70, 200)
-    for kind in bench.KINDS:
-        layer = layers[kind.weights]
-        ours = bench.upload(bench.EmulatedDevice(lib), layer, bench.kernel_pack(layer, kind.layout)).desc
-        theirs = CudaPackedWeights(lib, layer, kind.layout).desc
-        for name, _ in theirs._fields_:
-            a, b = getattr(ours, name), getattr(theirs, name)
-            if name in ("layout", "n", "k", "bits", "kept_words"):
-                assert a == b, (kind.name, name, a, b)
-            else:  # a device pointer: set (or NULL) alike
-                assert (a is None) == (b is None), (kind.name, name, a, b)
