@@ -7,11 +7,13 @@
     per-lane decode / dp4a / sparse walk / epilogue / quantiser code run on the CPU, always), and
     against the GPU build on a machine with a CUDA GPU (skipped elsewhere, saying so). Integer
     sums exact against a numpy int64 reference for every layout and bit width, y against the CPU
-    kernels, bgemm and the int8 quantiser bit-exact with the CPU ones."""
+    kernels, bgemm and the int8 quantiser bit-exact with the CPU ones; the dense GEMV kernel
+    (m <= 4) at K around its 128-column chunk edges, with unaligned activations and weights."""
 
 from __future__ import annotations
 
 import ctypes as C
+import mmap
 import shutil
 import subprocess
 from pathlib import Path
@@ -112,6 +114,23 @@ def upload(cu: CudaLibrary, layer, layout: str) -> CudaPackedWeights:
     return CudaPackedWeights(cu, layer, layout)
 
 
+def matmul_i8_y(cu: CudaLibrary, w: CudaPackedWeights, m: int, xq_ptr: int, xs_ptr: int, y_ptr: int) -> None:
+    """spfq_cuda_matmul_i8 / _sparse_i8 on device pointers (ints), straight through the ABI."""
+    fn = cu.so.spfq_cuda_matmul_sparse_i8 if w.layout == "sparse" else cu.so.spfq_cuda_matmul_i8
+    cu.ok(fn(C.byref(w.desc), m, xq_ptr, xs_ptr, y_ptr, None), f"matmul_i8 ({w.layout})")
+
+
+def put_at(cu: CudaLibrary, a: np.ndarray, offset: int):
+    """A device copy of `a` starting `offset` bytes into a fresh (256-byte aligned) allocation
+    whose other bytes are 0x5A, so that reading past the end counts (the buffer, to keep alive;
+    the pointer)."""
+    a = np.ascontiguousarray(a)
+    buf = cu.empty((a.nbytes + offset + 16,), np.uint8)
+    cu.ok(cu.so.spfq_cuda_memset(buf.ptr, 0x5A, buf.nbytes), "memset")
+    cu.ok(cu.so.spfq_cuda_copy_h2d(buf.ptr + offset, a.ctypes.data, a.nbytes), "copy to device")
+    return buf, buf.ptr + offset
+
+
 CASES = [("binary", 1, False), ("ternary", 2, False), ("binary", 1, True)] + \
         [("int", b, False) for b in range(2, 9)] + [("int", b, True) for b in (2, 4, 8)]
 SHAPES = [(1, 1, 1), (1, 70, 257), (3, 65, 64), (9, 33, 1000), (17, 5, 130)]
@@ -136,13 +155,108 @@ def test_cuda_i8_parity(cuda, alphabet, bits, pruned, m, n, k):
         assert np.array_equal(got_s, want_s), f"{layout}: acc_s differs"
         assert np.array_equal(got_c, want_c), f"{layout}: acc_c differs"
         dy = cuda.empty((m, n), np.float32)
-        w.matmul_i8_device(m, dxq, dxs, dy)
+        matmul_i8_y(cuda, w, m, dxq.ptr, dxs.ptr, dy.ptr)
         y = cuda.get(dy, (m, n), np.float32)
         cpu = K.PackedWeights.from_layer(layer, layout).matmul_i8(xq, xs)
         np.testing.assert_allclose(y, cpu, rtol=1e-6, atol=1e-6 * (np.abs(cpu).max() + 1))
         # float rows in: the GPU quantiser + GEMM equal the CPU quantiser + GEMM
         cpu_f = K.PackedWeights.from_layer(layer, layout).matmul_i8(*K.quantize_i8(x))
         np.testing.assert_allclose(w.forward_f32(x), cpu_f, rtol=1e-6, atol=1e-6 * (np.abs(cpu_f).max() + 1))
+
+
+# dense layouts on the GEMV kernel (m <= 4; m = 5 is the tiled kernel): (alphabet, bits, pruned, layout);
+# pruned int layers carry lam and are forced onto PLANES
+GEMV_CASES = [("binary", 1, False, "sign"), ("ternary", 2, False, "sign_mask"), ("binary", 1, True, "sign_mask")] + \
+             [("int", b, False, "planes") for b in (2, 4, 8)] + [("int", b, True, "planes") for b in (2, 4, 8)]
+# around the 64-column words and 128-column lane chunks; 4096 + 40: an odd W (every other row only
+# 8-byte aligned, a half chunk at the end); 11008: 3 passes, the last with idle lanes
+GEMV_K = [1, 63, 64, 127, 128, 129, 4096 + 40, 11008]
+# (xq byte offset, weights byte offset): 128-bit activation loads only at 0 (and K % 16 == 0 when
+# m > 1), 32-bit at 4 / 8, bytes at 1..3; weights 8 bytes off 16-byte alignment take 64-bit loads.
+# "guard" (emulation only): xq and every weight array end where a PROT_NONE page begins, so a read
+# of a column >= K or a word >= W of the last row segfaults. (The emulation's load twins abort on
+# an address the GPU load could not take.)
+GEMV_OFFSETS = [(0, 0), (1, 0), (2, 0), (3, 0), (8, 0), (0, 8), ("guard", "guard")]
+
+
+def guarded(cu: CudaLibrary, a: np.ndarray):
+    """Emulation only (its "device" memory is host memory): a copy of `a` ending exactly at a
+    PROT_NONE page. Returns (the mapping, to keep alive; the pointer)."""
+    assert cu.emulation
+    a = np.ascontiguousarray(a)
+    page = mmap.PAGESIZE
+    size = (a.nbytes + page - 1) // page * page + page
+    mm = mmap.mmap(-1, size)
+    guard = C.addressof(C.c_char.from_buffer(mm)) + size - page
+    libc = C.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [C.c_void_p, C.c_size_t, C.c_int]
+    assert libc.mprotect(guard, page, 0) == 0, C.get_errno()  # PROT_NONE
+    C.memmove(guard - a.nbytes, a.ctypes.data, a.nbytes)
+    return mm, guard - a.nbytes
+
+
+def place(cu: CudaLibrary, a: np.ndarray, where):
+    """(keep-alive object, device pointer) of a copy of `a` at byte offset `where`, or guarded."""
+    return guarded(cu, a) if where == "guard" else put_at(cu, a, where)
+
+
+def placed_desc(cu: CudaLibrary, layer, w: CudaPackedWeights, where):
+    """A copy of w.desc whose packed words are copies placed by `place` (the copies, to keep
+    alive; the desc)."""
+    _, _, bufs = kernel_pack(layer, w.layout)
+    d = WeightsDesc()
+    C.memmove(C.byref(d), C.byref(w.desc), C.sizeof(WeightsDesc))
+    keep = []
+    for field in ("sign", "mask", "planes"):
+        if getattr(d, field):
+            buf, ptr = place(cu, bufs[field], where)
+            keep.append(buf)
+            setattr(d, field, ptr)
+    return keep, d
+
+
+@pytest.mark.parametrize("k", GEMV_K)
+@pytest.mark.parametrize("alphabet,bits,pruned,layout", GEMV_CASES)
+def test_cuda_gemv_parity(cuda, alphabet, bits, pruned, layout, k):
+    """m = 1..4 (GEMV kernel) and 5 (tiled): exact int32 sums vs numpy int64 and y vs the CPU
+    kernels, at every xq / weight alignment of GEMV_OFFSETS; N = 1, 3 (R = 2 / 4 rows per warp:
+    partial last warps) and 4097 (many blocks) at K = 129."""
+    so = cuda.so
+    for n in (1, 3) + ((4097,) if k == 129 else ()):
+        layer = make_layer(alphabet, bits, n, k, pruned=pruned, seed=7 * n + k + bits)
+        c = layer.codes.astype(np.int64)
+        w = upload(cuda, layer, layout)
+        cpu = K.PackedWeights.from_layer(layer, layout)
+        two = layout == "planes"
+        offsets = [o for o in GEMV_OFFSETS if cuda.emulation or o[0] != "guard"]
+        if n == 4097:
+            offsets = offsets[:2]
+        for m in (1, 2, 3, 4, 5):
+            rng = np.random.default_rng(m * 100003 + n * 31 + k)
+            xq = rng.integers(-128, 128, size=(m, k), dtype=np.int8)  # the full int8 range
+            xs = (rng.random(m) * 0.02 + 0.001).astype(np.float32)
+            want_c = (xq.astype(np.int64) @ c.T).astype(np.int32)
+            want_s = (xq.astype(np.int64) @ np.sign(c).T).astype(np.int32)
+            want_y = cpu.matmul_i8(xq, xs)
+            xs_buf, dxs = put_at(cuda, xs, 0)
+            for x_off, w_off in offsets:
+                where = f"{layout} b={bits} lam={layer.lam is not None} m={m} n={n} k={k} xq+{x_off} w+{w_off}"
+                keep, d = placed_desc(cuda, layer, w, w_off) if w_off else ([], w.desc)
+                xbuf, dxq = place(cuda, xq, x_off)
+                dc, ds = cuda.empty((m, n), np.int32), cuda.empty((m, n), np.int32)
+                cuda.ok(so.spfq_cuda_matmul_i8_raw(C.byref(d), m, dxq, dc.ptr, ds.ptr, None), where)
+                assert np.array_equal(cuda.get(ds, (m, n), np.int32), want_s), f"{where}: acc_s differs"
+                assert np.array_equal(cuda.get(dc, (m, n), np.int32), want_c if two else want_s), \
+                    f"{where}: acc_c differs"
+                if two:  # acc_c alone (the kernel skips the sign sums)
+                    dc2 = cuda.empty((m, n), np.int32)
+                    cuda.ok(so.spfq_cuda_matmul_i8_raw(C.byref(d), m, dxq, dc2.ptr, None, None), where)
+                    assert np.array_equal(cuda.get(dc2, (m, n), np.int32), want_c), f"{where}: acc_c alone differs"
+                dy = cuda.empty((m, n), np.float32)
+                cuda.ok(so.spfq_cuda_matmul_i8(C.byref(d), m, dxq, dxs, dy.ptr, None), where)
+                y = cuda.get(dy, (m, n), np.float32)
+                np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6 * (np.abs(want_y).max() + 1), err_msg=where)
+                del keep, xbuf
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 64, 64), (4, 65, 63), (33, 130, 1000)])

@@ -7,12 +7,15 @@
  * arithmetic and indexing (decode, dp4a, sparse field walk, epilogue, quantiser) are tested bit
  * for bit where there is no GPU (make test); launch geometry, shuffles and atomics are exercised
  * only on a real GPU. Per-lane bodies are SPFQ_HD functions; each intrinsic they use has a
- * portable twin below (spfq_dp4a, spfq_vsub4, ...), chosen by __CUDA_ARCH__. */
+ * portable twin below (spfq_dp4a, spfq_vsub4, ...), chosen by __CUDA_ARCH__. The load twins
+ * (spfq_ld16 / ld8 / ld4) abort on an address the GPU load could not take. */
 #ifndef SPFQ_CUDA_INTERNAL_CUH
 #define SPFQ_CUDA_INTERNAL_CUH
 
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifndef SPFQ_CUDA_EMULATE
@@ -36,6 +39,8 @@ static inline cudaStream_t spfq_stream(void *s) { return (cudaStream_t)s; }
 #define SPFQ_WARPS_PER_BLOCK 4 /* output rows (warps) per block in the GEMM kernels */
 #define SPFQ_MTILE 8           /* activation rows per warp per pass (registers: 2 x 8 accs) */
 #define SPFQ_MAX_GRID_Y 65535
+#define SPFQ_GEMV_MAX_M 4      /* m <= this: the dense int8 GEMM takes the GEMV kernel (intb.cu) */
+#define SPFQ_MAX_BITS 8        /* most PLANES planes */
 
 /* Words per row. */
 static inline int32_t spfq_words(int32_t k) { return (int32_t)(((int64_t)k + 63) / 64); }
@@ -140,25 +145,107 @@ SPFQ_HD float spfq_div(float a, float b)
 
 /* ---- per-lane helpers shared by the GEMM bodies ---- */
 
-/* 4 bits -> 4 bytes: bit i of nib becomes bit 0 of byte i. */
-SPFQ_HD uint32_t spfq_spread4(uint32_t nib)
+/* 4 bits -> 4 bytes: bit i of nib (< 16) becomes bit 0 of byte i. The multiply puts copies of
+ * nib at bits 0, 7, 14, 21 (no two copies' bits overlap, so no carries); bit i of the copy at 7i
+ * lands on bit 8i, and the mask keeps exactly those (one IMAD + one LOP). */
+SPFQ_HD uint32_t spfq_spread4(uint32_t nib) { return (nib * 0x00204081u) & 0x01010101u; }
+
+/* The 4 bits of word w at bits sh..sh+3 (sh a multiple of 4, < 64). */
+SPFQ_HD uint32_t spfq_nib(uint64_t w, int sh) { return (uint32_t)(w >> sh) & 0xFu; }
+
+/* Read-only loads (activations and weights are never written by a GEMM): 16 bytes from a 16-byte
+ * aligned address (one 128-bit load on the GPU), 8 bytes from an 8-byte aligned one, 4 bytes
+ * from a 4-byte aligned one. The host twins memcpy, after checking the alignment the GPU load
+ * needs: a misaligned address, which faults on a GPU (cudaErrorMisalignedAddress), aborts the
+ * emulation instead of passing silently. */
+#ifndef __CUDA_ARCH__
+static inline void spfq_emu_aligned(const void *p, unsigned bytes)
 {
-    return (nib & 1u) | ((nib & 2u) << 7) | ((nib & 4u) << 14) | ((nib & 8u) << 21);
+    if ((uintptr_t)p % bytes) {
+        fprintf(stderr, "spfq_cuda host emulation: misaligned %u-byte load at %p (a GPU faults)\n", bytes, p);
+        abort();
+    }
+}
+#endif
+
+SPFQ_HD void spfq_ld16(const void *p, uint32_t v[4])
+{
+#ifdef __CUDA_ARCH__
+    const uint4 q = __ldg((const uint4 *)p);
+    v[0] = q.x;
+    v[1] = q.y;
+    v[2] = q.z;
+    v[3] = q.w;
+#else
+    spfq_emu_aligned(p, 16);
+    memcpy(v, p, 16);
+#endif
+}
+
+SPFQ_HD uint64_t spfq_ld8(const uint64_t *p)
+{
+#ifdef __CUDA_ARCH__
+    return (uint64_t)__ldg((const unsigned long long *)p);
+#else
+    spfq_emu_aligned(p, 8);
+    return *p;
+#endif
+}
+
+SPFQ_HD int spfq_ld4(const void *p)
+{
+#ifdef __CUDA_ARCH__
+    return __ldg((const int *)p);
+#else
+    spfq_emu_aligned(p, 4);
+    int v;
+    memcpy(&v, p, 4);
+    return v;
+#endif
 }
 
 /* 4 consecutive int8 activations of row `row` starting at column col (a multiple of 4), packed
  * little-endian into an int (byte i = column col+i); columns >= K read as 0. */
 SPFQ_HD int spfq_load_x4(const int8_t *row, int32_t col, int32_t K, int aligned)
 {
-    if (aligned && col + 3 < K) {
-        int v;
-        memcpy(&v, row + col, 4); /* one aligned 32-bit load on the GPU */
-        return v;
-    }
+    if (aligned && col + 3 < K) return spfq_ld4(row + col); /* one 32-bit load */
     uint32_t v = 0;
     for (int i = 0; i < 4; i++)
         if (col + i < K) v |= (uint32_t)(uint8_t)row[col + i] << (8 * i);
     return (int)v;
+}
+
+/* 16 consecutive activations of a row from column col (a multiple of 16) as 4 int8x4 (v[i] =
+ * columns col+4i..col+4i+3); columns >= K read as 0 and are never loaded. One 128-bit load when
+ * the address is 16-byte aligned and the 16 columns are inside the row, else 32-bit loads where
+ * 4-byte aligned (spfq_load_x4), else bytes. */
+SPFQ_HD void spfq_load_x16(const int8_t *row, int32_t col, int32_t K, int v[4])
+{
+    const int8_t *p = row + col;
+    if (col + 15 < K && ((uintptr_t)p & 15u) == 0) {
+        spfq_ld16(p, (uint32_t *)v);
+        return;
+    }
+    const int a4 = ((uintptr_t)p & 3u) == 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) v[i] = spfq_load_x4(row, col + 4 * i, K, a4);
+}
+
+/* Words w0 and w0 + 1 (w0 even) of a packed row of W words into out[0], out[1]; a word >= W is
+ * never read (0). One 128-bit load when both exist and the address is 16-byte aligned (rows of
+ * an odd W alternate between aligned and not), else 64-bit loads. */
+SPFQ_HD void spfq_load_words2(const uint64_t *row, int32_t w0, int32_t W, uint64_t out[2])
+{
+    const uint64_t *p = row + w0;
+    if (w0 + 1 < W && ((uintptr_t)p & 15u) == 0) {
+        uint32_t v[4];
+        spfq_ld16(p, v);
+        out[0] = (uint64_t)v[0] | ((uint64_t)v[1] << 32);
+        out[1] = (uint64_t)v[2] | ((uint64_t)v[3] << 32);
+        return;
+    }
+    out[0] = spfq_ld8(p);
+    out[1] = (w0 + 1 < W) ? spfq_ld8(p + 1) : 0ull;
 }
 
 /* The CPU epilogue (api.c i8_finish), operation for operation, with no FMA contraction. */
@@ -247,6 +334,27 @@ static void spfq_emulate_rows(const Job &j, int32_t n_rows, int32_t m, Body body
             }
             for (int t = 0; t < SPFQ_MTILE && m0 + t < m; t++) store(j, n, m0 + t, (int)tot_c[t], (int)tot_s[t]);
         }
+}
+
+/* The same for a kernel whose warp owns R output rows n0..n0+R-1 and all m <= SPFQ_GEMV_MAX_M
+ * activation rows (the GEMV kernel): body(j, n0, lane, acc_c[R][MAX_M], acc_s[R][MAX_M]). */
+template <int R, class Job, class Body, class Store>
+static void spfq_emulate_warps(const Job &j, int32_t n_rows, int32_t m, Body body, Store store)
+{
+    for (int32_t n0 = 0; n0 < n_rows; n0 += R) {
+        uint32_t tot_c[R][SPFQ_GEMV_MAX_M] = {}, tot_s[R][SPFQ_GEMV_MAX_M] = {};
+        for (int lane = 0; lane < SPFQ_WARP; lane++) {
+            int acc_c[R][SPFQ_GEMV_MAX_M] = {}, acc_s[R][SPFQ_GEMV_MAX_M] = {};
+            body(j, n0, lane, acc_c, acc_s);
+            for (int r = 0; r < R; r++)
+                for (int t = 0; t < SPFQ_GEMV_MAX_M; t++) {
+                    tot_c[r][t] += (uint32_t)acc_c[r][t];
+                    tot_s[r][t] += (uint32_t)acc_s[r][t];
+                }
+        }
+        for (int r = 0; r < R && n0 + r < n_rows; r++)
+            for (int t = 0; t < m && t < SPFQ_GEMV_MAX_M; t++) store(j, n0 + r, t, (int)tot_c[r][t], (int)tot_s[r][t]);
+    }
 }
 #endif
 
