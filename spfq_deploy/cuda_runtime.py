@@ -99,6 +99,10 @@ class CudaLibrary:
         """None when a device can run the kernels, else why not (one line)."""
         if self.device_count() > 0:
             return None
+        try:  # cudart calls a missing driver "insufficient": say what is missing
+            C.CDLL("libcuda.so.1")
+        except OSError:
+            return "no CUDA GPU on this machine (no NVIDIA driver: libcuda.so.1 is not installed)"
         return f"no CUDA GPU on this machine ({self.last_error() or 'no device'})"
 
     def device_name(self, device: int = 0) -> str:
