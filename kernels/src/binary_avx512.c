@@ -305,6 +305,10 @@ AVX512_INLINE void mask_tile(const int8_t *x, const uint64_t *w, const uint64_t 
         break;
 
 AVX512_FN void spfq_sign_mask_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1) {
+    if (spfq_ternary_use_rp(j->m, j->w->d.k) && spfq_rp_i8_avx512 && spfq_rp_i8_avx512(j, n0, n1, j->acc_s)) {
+        spfq_mirror_acc(j, n0, n1);
+        return;
+    }
     if (use_vnni(j->m, j->w->d.k) && sign_i8_vnni(j, n0, n1, 1) == 0) return;
     const spfq_weights_desc *d = &j->w->d;
     const int32_t N = d->n, K = d->k, W = j->w->words, M = j->m;

@@ -157,14 +157,17 @@ void spfq_sparse_i8_c(const spfq_job *j, int32_t n0, int32_t n1) { run_i8(j, n0,
 
 /* ------------------------------------------------------------------ prepare-time repack */
 
-/* The RP layout of internal.h, built from the planes (portable; read by intb_avx512.c). */
+/* The RP layout of internal.h, built from the planes, or from SIGN_MASK words as the two planes
+ * of u = c + 2 (bit 0 = mask, bit 1 = not (mask and sign)). Portable; read by intb_avx512.c /
+ * intb_avx2.c. */
 int spfq_planes_repack(spfq_prepared *w)
 {
     w->rp = NULL;
-    w->rp_cb = w->rp_steps = 0;
+    w->rp_cb = w->rp_steps = w->rp_off = 0;
     const spfq_weights_desc *d = &w->d;
-    if (d->layout != SPFQ_PLANES || d->bits < 2 || d->bits > 8) return SPFQ_OK;
-    const int b = d->bits, cb = b <= 2 ? 2 : b <= 4 ? 4 : 8, kstep = 4 * (8 / cb);
+    const int ternary = d->layout == SPFQ_SIGN_MASK;
+    if (!ternary && (d->layout != SPFQ_PLANES || d->bits < 2 || d->bits > 8)) return SPFQ_OK;
+    const int b = ternary ? 2 : d->bits, cb = b <= 2 ? 2 : b <= 4 ? 4 : 8, kstep = 4 * (8 / cb);
     const int32_t N = d->n, K = d->k;
     const size_t W = (size_t)w->words, plane_stride = (size_t)N * W;
     const size_t steps = ((size_t)K + (size_t)kstep - 1) / (size_t)kstep, tiles = ((size_t)N + 63) / 64;
@@ -177,7 +180,13 @@ int spfq_planes_repack(spfq_prepared *w)
         uint8_t *row = rp + (t * steps * 4 + g) * 64 + 4 * lane; /* + step * 256 + i */
         for (int32_t word = 0; word < (int32_t)W; word++) {
             uint64_t pl[8];
-            for (int p = 0; p < b; p++) pl[p] = d->planes[(size_t)p * plane_stride + (size_t)n * W + (size_t)word];
+            const size_t at = (size_t)n * W + (size_t)word;
+            if (ternary) {
+                pl[0] = d->mask[at];
+                pl[1] = ~(d->mask[at] & d->sign[at]);
+            } else {
+                for (int p = 0; p < b; p++) pl[p] = d->planes[(size_t)p * plane_stride + at];
+            }
             const int32_t kend = K - word * 64 < 64 ? K - word * 64 : 64;
             for (int32_t j = 0; j < kend; j++) {
                 unsigned u = 0;
@@ -188,6 +197,7 @@ int spfq_planes_repack(spfq_prepared *w)
         }
     }
     w->rp = rp;
+    w->rp_off = 1 << (b - 1);
     w->rp_cb = cb;
     w->rp_steps = (int32_t)steps;
     return SPFQ_OK;

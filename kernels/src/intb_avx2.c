@@ -842,7 +842,7 @@ INL TGT void rp2_tile(const spfq_job *j, const uint8_t *wt, const int8_t *x, siz
                       const int CB, const int MR)
 {
     const int G = MR == 1 ? 2 : 1;
-    const int32_t N = j->w->d.n, S = j->w->rp_steps, off = 1 << (j->w->d.bits - 1);
+    const int32_t N = j->w->d.n, S = j->w->rp_steps, off = j->w->rp_off;
     for (int g0 = 0; g0 < 4; g0 += G) {
         const int32_t r0 = t0 + g0 * 16;
         if (r0 >= hi || r0 + G * 16 <= lo) continue;
@@ -917,6 +917,16 @@ TGT static int planes_rp2(const spfq_job *j, int32_t n0, int32_t n1)
     free(xs);
     free(pad);
     return 1;
+}
+
+ENTRY int spfq_rp_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc)
+{
+    if (!acc || !__builtin_cpu_supports("bmi") || !__builtin_cpu_supports("bmi2")) return 0;
+    if (n0 >= n1 || j->m <= 0) return 1;
+    spfq_job k = *j;
+    k.acc_c = acc;
+    k.acc_s = NULL;
+    return planes_rp2(&k, n0, n1);
 }
 
 /* ------------------------------------------------------------------ drivers */

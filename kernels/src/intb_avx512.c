@@ -700,7 +700,7 @@ INL TGT void rp_tile(const spfq_job *j, const uint8_t *wt, const int8_t *x, size
                      const int CB, const int MR)
 {
     const int G = RP_G(CB, MR);
-    const int32_t N = j->w->d.n, S = j->w->rp_steps, off = 1 << (j->w->d.bits - 1);
+    const int32_t N = j->w->d.n, S = j->w->rp_steps, off = j->w->rp_off;
     for (int g0 = 0; g0 < 4; g0 += G) {
         const int32_t r0 = t0 + g0 * 16;
         if (r0 >= hi || r0 + G * 16 <= lo) continue;
@@ -769,6 +769,22 @@ TGT static int planes_rp(const spfq_job *j, int32_t n0, int32_t n1, const int32_
     return 1;
 }
 
+int spfq_rp_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc)
+{
+    if (!j->w->rp || !acc || !cpu_ok()) return 0;
+    if (n0 >= n1 || j->m <= 0) return 1;
+    spfq_job k = *j;
+    k.acc_c = acc;
+    k.acc_s = NULL;
+    int32_t stackbuf[64];
+    int32_t *xs = j->m <= 64 ? stackbuf : malloc((size_t)j->m * sizeof(int32_t));
+    if (!xs) return 0;
+    row_sums(j->xq, j->m, j->w->d.k, xs);
+    const int ok = planes_rp(&k, n0, n1, xs);
+    if (xs != stackbuf) free(xs);
+    return ok;
+}
+
 /* ------------------------------------------------------------------ range functions */
 
 void spfq_planes_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1)
@@ -779,6 +795,7 @@ void spfq_planes_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1)
         spfq_planes_i8_c(j, n0, n1);
         return;
     }
+    if (!j->acc_s && j->acc_c && spfq_rp_i8_avx512(j, n0, n1, j->acc_c)) return;
     int32_t stackbuf[64];
     int32_t *xs = j->m <= 64 ? stackbuf : malloc((size_t)j->m * sizeof(int32_t));
     if (!xs) {
@@ -786,10 +803,6 @@ void spfq_planes_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1)
         return;
     }
     row_sums(j->xq, j->m, j->w->d.k, xs);
-    if (!j->acc_s && j->acc_c && j->w->rp && planes_rp(j, n0, n1, xs)) {
-        if (xs != stackbuf) free(xs);
-        return;
-    }
     gf_tables t;
     const int gf = __builtin_cpu_supports("gfni") && !getenv_nogfni();
     if (gf) gf_tables_init(&t);

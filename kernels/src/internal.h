@@ -21,21 +21,21 @@ struct spfq_prepared {
     /* owned storage */
     uint64_t *sign, *mask, *planes;
     float *scale, *lam, *bias;
-    /* PLANES only, x86-64 only (NULL elsewhere or if the allocation failed): the same codes
-     * repacked once by spfq_planes_repack (intb.c) for the SIMD int8 GEMMs, layout "RP":
-     * offset codes u = c + 2^(b-1) in fields of rp_cb bits (2 for b = 2, 4 for b = 3..4, 8 for
-     * b = 5..8), F = 8 / rp_cb fields per byte, kstep = 4 F columns per step. Rows in tiles of
+    /* PLANES and SIGN_MASK, x86-64 only (NULL elsewhere or if the allocation failed): the same
+     * codes repacked once by spfq_planes_repack (intb.c) for the SIMD int8 GEMMs, layout "RP":
+     * offset codes u = c + rp_off (rp_off = 2^(b-1); SIGN_MASK: c in {-1, 0, 1}, u = c + 2 as for
+     * b = 2) in fields of rp_cb bits (2 for b = 2 and SIGN_MASK, 4 for b = 3..4, 8 for b = 5..8), F = 8 / rp_cb fields per byte, kstep = 4 F columns per step. Rows in tiles of
      * 64 (4 groups of 16), columns in rp_steps = ceil(K / kstep) steps; byte
      *   rp[((tile * rp_steps + step) * 4 + group) * 64 + 4 * lane + i]
      * holds in bits [f * rp_cb, (f + 1) * rp_cb) the code of row tile * 64 + group * 16 + lane,
      * column step * kstep + 4 f + i (0 past N or K). So a 64-byte vector is 16 rows x kstep
      * columns: int32 lane = one row, its 4 bytes = 4 consecutive columns per field. */
     uint8_t *rp;
-    int32_t rp_cb, rp_steps;
+    int32_t rp_cb, rp_steps, rp_off;
 };
 
-/* Fill w->rp / rp_cb / rp_steps for PLANES weights (intb.c). Returns SPFQ_OK or SPFQ_ENOMEM
- * (then w->rp stays NULL and the kernels decode the planes instead). */
+/* Fill w->rp / rp_cb / rp_steps / rp_off for PLANES or SIGN_MASK weights (intb.c). Returns
+ * SPFQ_OK or SPFQ_ENOMEM (then w->rp stays NULL and the kernels decode the packed words). */
 int spfq_planes_repack(struct spfq_prepared *w);
 
 typedef struct {
@@ -51,6 +51,28 @@ typedef struct {
 } spfq_job;
 
 typedef void (*spfq_range_fn)(const spfq_job *job, int32_t n0, int32_t n1);
+
+/* x86-64: acc (M, N) int32 = sum_k xq * c for rows [n0, n1) from the RP codes (w->rp), whatever
+ * the layout they came from; 0 when it cannot run here (no rp, CPU lacks the ISA, no scratch).
+ * intb_avx512.c / intb_avx2.c; the SIGN_MASK kernels use them for ternary weights. Weak: a build
+ * without the intb files (a test) has NULL here. */
+int spfq_rp_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc) __attribute__((weak));
+int spfq_rp_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc) __attribute__((weak));
+
+/* SIGN / SIGN_MASK kernels that computed acc_s only: acc_c (when asked for) is the same sums. */
+static inline void spfq_mirror_acc(const spfq_job *j, int32_t n0, int32_t n1)
+{
+    if (!j->acc_c || j->acc_c == j->acc_s) return;
+    const size_t N = (size_t)j->w->d.n;
+    for (int32_t m = 0; m < j->m; m++)
+        for (int32_t n = n0; n < n1; n++) j->acc_c[(size_t)m * N + n] = j->acc_s[(size_t)m * N + n];
+}
+
+/* Ternary (SIGN_MASK) x int8 through the RP codes? Measured (4096^2, 1536^2, 384^2; AVX-512 and
+ * AVX2): RP wins at every M < 64 (M = 1: 3.1x on AVX-512, 1.7x on AVX2) and at K = 4096 for
+ * every M; at M >= 64 with K <= 1536 the SIGN_MASK VNNI kernel, which reuses each decoded weight
+ * across more rows, is 3-11% faster. */
+static inline int spfq_ternary_use_rp(int32_t m, int32_t k) { return m < 64 || k > 2048; }
 
 /* Range functions, one per (layout, operation, ISA). Family files define them:
  *   binary.c / binary_avx2.c / binary_avx512.c / binary_neon.c : SIGN and SIGN_MASK (f32, i8), bgemm
