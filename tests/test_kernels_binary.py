@@ -64,7 +64,7 @@ class Prepared(C.Structure):
     _fields_ = [("d", WeightsDesc), ("words", C.c_int32), ("sign", C.c_void_p),
                 ("mask", C.c_void_p), ("planes", C.c_void_p), ("scale", C.c_void_p),
                 ("lam", C.c_void_p), ("bias", C.c_void_p), ("rp", C.c_void_p),
-                ("rp_cb", C.c_int32), ("rp_steps", C.c_int32), ("rp_off", C.c_int32)]
+                ("rp_cb", C.c_int32), ("rp_steps", C.c_int32), ("rp_off", C.c_int32), ("rp_mul", C.c_int32)]
 
 
 class Job(C.Structure):

@@ -44,7 +44,7 @@ class WeightsDesc(C.Structure):
 class Prepared(C.Structure):
     _fields_ = [("d", WeightsDesc), ("words", C.c_int32), ("sign", u64p), ("mask", u64p),
                 ("planes", u64p), ("scale", f32p), ("lam", f32p), ("bias", f32p),
-                ("rp", C.c_void_p), ("rp_cb", C.c_int32), ("rp_steps", C.c_int32), ("rp_off", C.c_int32)]
+                ("rp", C.c_void_p), ("rp_cb", C.c_int32), ("rp_steps", C.c_int32), ("rp_off", C.c_int32), ("rp_mul", C.c_int32)]
 
 
 class Job(C.Structure):

@@ -207,6 +207,10 @@ static inline int use_vnni(int32_t M, int32_t K) {
 }
 
 AVX512_FN void spfq_sign_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1) {
+    if (spfq_binary_use_rp(j->m, j->w->d.k) && spfq_rp_i8_avx512 && spfq_rp_i8_avx512(j, n0, n1, j->acc_s)) {
+        spfq_mirror_acc(j, n0, n1);
+        return;
+    }
     if (use_vnni(j->m, j->w->d.k) && sign_i8_vnni(j, n0, n1, 0) == 0) return;
     const spfq_weights_desc *d = &j->w->d;
     const int32_t N = d->n, K = d->k, W = j->w->words, M = j->m;

@@ -157,17 +157,17 @@ void spfq_sparse_i8_c(const spfq_job *j, int32_t n0, int32_t n1) { run_i8(j, n0,
 
 /* ------------------------------------------------------------------ prepare-time repack */
 
-/* The RP layout of internal.h, built from the planes, or from SIGN_MASK words as the two planes
- * of u = c + 2 (bit 0 = mask, bit 1 = not (mask and sign)). Portable; read by intb_avx512.c /
- * intb_avx2.c. */
+/* The RP layout of internal.h, built from the planes, from SIGN_MASK words as the two planes of
+ * u = c + 2 (bit 0 = mask, bit 1 = not (mask and sign)), or from SIGN words as the one plane
+ * u = not sign. Portable; read by intb_avx512.c (every rp_cb) / intb_avx2.c (rp_cb 2 and 4). */
 int spfq_planes_repack(spfq_prepared *w)
 {
     w->rp = NULL;
-    w->rp_cb = w->rp_steps = w->rp_off = 0;
+    w->rp_cb = w->rp_steps = w->rp_off = w->rp_mul = 0;
     const spfq_weights_desc *d = &w->d;
-    const int ternary = d->layout == SPFQ_SIGN_MASK;
-    if (!ternary && (d->layout != SPFQ_PLANES || d->bits < 2 || d->bits > 8)) return SPFQ_OK;
-    const int b = ternary ? 2 : d->bits, cb = b <= 2 ? 2 : b <= 4 ? 4 : 8, kstep = 4 * (8 / cb);
+    const int ternary = d->layout == SPFQ_SIGN_MASK, binary = d->layout == SPFQ_SIGN;
+    if (!ternary && !binary && (d->layout != SPFQ_PLANES || d->bits < 2 || d->bits > 8)) return SPFQ_OK;
+    const int b = binary ? 1 : ternary ? 2 : d->bits, cb = b <= 2 ? b : b <= 4 ? 4 : 8, kstep = 4 * (8 / cb);
     const int32_t N = d->n, K = d->k;
     const size_t W = (size_t)w->words, plane_stride = (size_t)N * W;
     const size_t steps = ((size_t)K + (size_t)kstep - 1) / (size_t)kstep, tiles = ((size_t)N + 63) / 64;
@@ -181,7 +181,9 @@ int spfq_planes_repack(spfq_prepared *w)
         for (int32_t word = 0; word < (int32_t)W; word++) {
             uint64_t pl[8];
             const size_t at = (size_t)n * W + (size_t)word;
-            if (ternary) {
+            if (binary) {
+                pl[0] = ~d->sign[at];
+            } else if (ternary) {
                 pl[0] = d->mask[at];
                 pl[1] = ~(d->mask[at] & d->sign[at]);
             } else {
@@ -197,7 +199,8 @@ int spfq_planes_repack(spfq_prepared *w)
         }
     }
     w->rp = rp;
-    w->rp_off = 1 << (b - 1);
+    w->rp_off = 1 << (b - 1); /* binary: c = 2u - 1 */
+    w->rp_mul = binary ? 2 : 1;
     w->rp_cb = cb;
     w->rp_steps = (int32_t)steps;
     return SPFQ_OK;

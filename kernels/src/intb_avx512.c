@@ -663,7 +663,7 @@ INL TGT void rp_block(const uint8_t *wt, int32_t S, const int8_t *x, size_t xstr
         for (int g = 0; g < G; g++) tot[a][g] = _mm512_setzero_si512();
     for (int32_t s0 = 0; s0 < S; s0 += SCH) {
         const int32_t s1 = S - s0 < SCH ? S : s0 + SCH;
-        __m512i acc[4][4][4];
+        __m512i acc[4][4][8]; /* [MR][G][F], F = 8 / CB <= 8 */
         for (int a = 0; a < MR; a++)
             for (int g = 0; g < G; g++)
                 for (int f = 0; f < F; f++) acc[a][g][f] = _mm512_setzero_si512();
@@ -712,7 +712,8 @@ INL TGT void rp_tile(const spfq_job *j, const uint8_t *wt, const int8_t *x, size
                 uint32_t keep = 0;
                 for (int l = 0; l < 16; l++) keep |= (uint32_t)(base + l >= lo && base + l < hi) << l;
                 if (!keep) continue;
-                const __m512i v = _mm512_sub_epi32(tot[a][g], _mm512_set1_epi32(off * xs[m + a]));
+                const __m512i t = j->w->rp_mul == 2 ? _mm512_add_epi32(tot[a][g], tot[a][g]) : tot[a][g];
+                const __m512i v = _mm512_sub_epi32(t, _mm512_set1_epi32(off * xs[m + a]));
                 _mm512_mask_storeu_epi32(j->acc_c + (size_t)(m + a) * (size_t)N + base, (__mmask16)keep, v);
             }
     }
@@ -725,13 +726,15 @@ INL TGT void rp_tile(const spfq_job *j, const uint8_t *wt, const int8_t *x, size
     {                                                                                              \
         rp_tile(j, wt, x, xs_, xs, m, t0, lo, hi, CB, MR);                                         \
     }
+RP_TILE_FN(1, 1) RP_TILE_FN(1, 2) /* 8 fields per byte: 16 accumulators at MR = 2 already */
 RP_TILE_FN(2, 1) RP_TILE_FN(2, 2) RP_TILE_FN(2, 3) RP_TILE_FN(2, 4)
 RP_TILE_FN(4, 1) RP_TILE_FN(4, 2) RP_TILE_FN(4, 3) RP_TILE_FN(4, 4)
 RP_TILE_FN(8, 1) RP_TILE_FN(8, 2) RP_TILE_FN(8, 3) RP_TILE_FN(8, 4)
 
 typedef void (*rp_tile_fn)(const spfq_job *, const uint8_t *, const int8_t *, size_t, const int32_t *,
                            int32_t, int32_t, int32_t, int32_t);
-static const rp_tile_fn RP_TILES[3][4] = {
+static const rp_tile_fn RP_TILES[4][4] = {
+    {rp_tile_1_1, rp_tile_1_2, NULL, NULL},
     {rp_tile_2_1, rp_tile_2_2, rp_tile_2_3, rp_tile_2_4},
     {rp_tile_4_1, rp_tile_4_2, rp_tile_4_3, rp_tile_4_4},
     {rp_tile_8_1, rp_tile_8_2, rp_tile_8_3, rp_tile_8_4}};
@@ -755,12 +758,13 @@ TGT static int planes_rp(const spfq_job *j, int32_t n0, int32_t n1, const int32_
         }
         x = pad;
     }
-    const rp_tile_fn *fns = RP_TILES[CB == 2 ? 0 : CB == 4 ? 1 : 2];
+    const rp_tile_fn *fns = RP_TILES[CB == 1 ? 0 : CB == 2 ? 1 : CB == 4 ? 2 : 3];
+    const int32_t mr_max = CB == 1 ? 2 : 4;
     for (int32_t t = n0 / 64; t * 64 < n1; t++) {
         const uint8_t *wt = w->rp + (size_t)t * (size_t)S * 256;
         const int32_t lo = n0 > t * 64 ? n0 : t * 64, hi = n1 < t * 64 + 64 ? n1 : t * 64 + 64;
         for (int32_t m = 0; m < M;) {
-            const int32_t mr = M - m >= 4 ? 4 : M - m;
+            const int32_t mr = M - m >= mr_max ? mr_max : M - m;
             fns[mr - 1](j, wt, x + (size_t)m * Kp, Kp, xs, m, t * 64, lo, hi);
             m += mr;
         }

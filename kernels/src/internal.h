@@ -21,17 +21,18 @@ struct spfq_prepared {
     /* owned storage */
     uint64_t *sign, *mask, *planes;
     float *scale, *lam, *bias;
-    /* PLANES and SIGN_MASK, x86-64 only (NULL elsewhere or if the allocation failed): the same
-     * codes repacked once by spfq_planes_repack (intb.c) for the SIMD int8 GEMMs, layout "RP":
-     * offset codes u = c + rp_off (rp_off = 2^(b-1); SIGN_MASK: c in {-1, 0, 1}, u = c + 2 as for
-     * b = 2) in fields of rp_cb bits (2 for b = 2 and SIGN_MASK, 4 for b = 3..4, 8 for b = 5..8), F = 8 / rp_cb fields per byte, kstep = 4 F columns per step. Rows in tiles of
+    /* PLANES, SIGN_MASK and SIGN, x86-64 only (NULL elsewhere or if the allocation failed): the
+     * same codes repacked once by spfq_planes_repack (intb.c) for the SIMD int8 GEMMs, layout
+     * "RP": codes u with c = rp_mul * u - rp_off (PLANES: u = c + 2^(b-1); SIGN_MASK: c in
+     * {-1, 0, 1}, u = c + 2 as for b = 2; SIGN: u = 1 - sign bit, c = 2u - 1) in fields of rp_cb
+     * bits (1 for SIGN, 2 for b = 2 and SIGN_MASK, 4 for b = 3..4, 8 for b = 5..8), F = 8 / rp_cb fields per byte, kstep = 4 F columns per step. Rows in tiles of
      * 64 (4 groups of 16), columns in rp_steps = ceil(K / kstep) steps; byte
      *   rp[((tile * rp_steps + step) * 4 + group) * 64 + 4 * lane + i]
      * holds in bits [f * rp_cb, (f + 1) * rp_cb) the code of row tile * 64 + group * 16 + lane,
      * column step * kstep + 4 f + i (0 past N or K). So a 64-byte vector is 16 rows x kstep
      * columns: int32 lane = one row, its 4 bytes = 4 consecutive columns per field. */
     uint8_t *rp;
-    int32_t rp_cb, rp_steps, rp_off;
+    int32_t rp_cb, rp_steps, rp_off, rp_mul;
 };
 
 /* Fill w->rp / rp_cb / rp_steps / rp_off for PLANES or SIGN_MASK weights (intb.c). Returns
@@ -73,6 +74,11 @@ static inline void spfq_mirror_acc(const spfq_job *j, int32_t n0, int32_t n1)
  * every M; at M >= 64 with K <= 1536 the SIGN_MASK VNNI kernel, which reuses each decoded weight
  * across more rows, is 3-11% faster. */
 static inline int spfq_ternary_use_rp(int32_t m, int32_t k) { return m < 64 || k > 2048; }
+
+/* Binary (SIGN) x int8 through the 1-bit RP codes (AVX-512 only)? Measured (384^2, 1536^2,
+ * 4096^2): 4096^2 M = 1 0.085 -> 0.053 ms, RP ahead for every M < 16 and at M = 16 for K >= 1536;
+ * at M >= 64 the SIGN VNNI / tile kernels are 1-17% faster. */
+static inline int spfq_binary_use_rp(int32_t m, int32_t k) { return m < 16 || (m < 64 && k > 1024); }
 
 /* Range functions, one per (layout, operation, ISA). Family files define them:
  *   binary.c / binary_avx2.c / binary_avx512.c / binary_neon.c : SIGN and SIGN_MASK (f32, i8), bgemm
