@@ -34,7 +34,6 @@ SYMBOLS = ["spfq_cuda_abi_version", "spfq_cuda_library_info", "spfq_cuda_device_
            "spfq_cuda_copy_h2d", "spfq_cuda_copy_d2h", "spfq_cuda_memset", "spfq_cuda_synchronize",
            "spfq_cuda_bgemm", "spfq_cuda_matmul_i8_raw", "spfq_cuda_matmul_i8", "spfq_cuda_matmul_sparse_i8_raw",
            "spfq_cuda_matmul_sparse_i8", "spfq_cuda_quantize_i8"]
-NO_GPU = "no CUDA GPU on this machine: GPU parity unverified"
 
 
 def _build(emulate: bool) -> Path:
@@ -88,7 +87,7 @@ def cuda(request) -> CudaLibrary:
     if request.param == "gpu":
         why = lib.unavailable()
         if why:
-            pytest.skip(f"{NO_GPU} ({why})")
+            pytest.skip(f"{why}: GPU parity unverified")
     return lib
 
 
