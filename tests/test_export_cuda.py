@@ -112,6 +112,9 @@ def test_validate_cuda_path_with_emulated_device(export_dir, capsys, tmp_path):
     assert [x["layer"] for x in row["layers"]] == LAYERS
     assert all(x["local_ok"] and x["local_max_rel_err"] <= 2e-5 for x in row["layers"]), row["layers"]
     assert row["metrics"]["top1_agreement"] == 1.0 and row["metrics"]["min_cosine"] > 0.99999
+    # reported beside it: the distance to the dequantised float model (int8 activation rounding)
+    ref = row["vs_dequantised_model"]
+    assert 0.99 < ref["min_cosine"] <= row["metrics"]["min_cosine"] + 1e-9, ref
 
 
 def test_perturbed_gpu_layer_fails_and_is_named(export_dir, tmp_path, monkeypatch):

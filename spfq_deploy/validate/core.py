@@ -205,6 +205,11 @@ def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results) -> 
         return row
     row["metrics"] = metrics.worst(per_output)
     row["failures"] = failures(row["metrics"], tol) + row["failures"]
+    if art.reference == "int8" and art.flavour != "qonnx":  # also against the dequantised float model (reported)
+        floats, _ = refs.outputs("float")
+        row["vs_dequantised_model"] = metrics.worst(
+            [metrics.compare(g, w, metrics.is_classifier(w, out_names[i] if i < len(out_names) else ""))
+             for i, (g, w) in enumerate(zip(outs, floats))])
     if per_layer is not None:
         layer_rows, first = per_layer
         row["layers"] = layer_rows
