@@ -54,7 +54,7 @@ ort-headers: $(ORT_HEADERS)
 # apache-tvm / apache-tvm-ffi) that runs the TVM-exported arm64 libraries under qemu-aarch64,
 # unpacked under build/ (nothing installed); the script is a no-op when the versions match
 ARM64_PYTHON := $(BUILD)/arm64-python/VERSION
-$(ARM64_PYTHON): kernels/tvm/arm64_python.sh pyproject.toml | $(STAMP) $(SYSDEPS)
+$(ARM64_PYTHON): kernels/tvm/arm64_python.sh pyproject.toml targets/arm64.toml | $(STAMP) $(SYSDEPS)
 	PYTHON=$(PY) bash kernels/tvm/arm64_python.sh $(BUILD)/arm64-python
 
 arm64-python: $(ARM64_PYTHON)

@@ -162,3 +162,37 @@ def test_bad_input_is_one_line(export_dir, capsys, tmp_path):
     assert main(["validate", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("spfq-deploy: error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def arm64_dir(export_dir, tmp_path_factory):
+    """The same file exported for arm64 (custom-op flavour): its aarch64 custom-op library runs in
+    the emulated arm64 Python (onnxruntime of targets/arm64.toml) through the folder's run_onnx.py."""
+    from spfq_deploy.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("validate-arm64") / "out"
+    export_onnx(export_dir.parent / "m.spfq", out, target="arm64", flavours=("custom",), log=lambda *a: None)
+    return out
+
+
+def test_arm64_custom_ops_run_under_qemu(arm64_dir, capsys, tmp_path):
+    rc, out, _, report = _validate(arm64_dir, capsys, "--target", "arm64")
+    assert rc == 0, out
+    row = _row(report, "model.spfq.onnx", target="arm64")
+    assert row["status"] == "ok" and "qemu-aarch64" in row["artifact"], row
+    assert row["metrics"]["top1_agreement"] == 1.0 and row["metrics"]["min_cosine"] > 0.99999
+    assert [x["layer"] for x in row["layers"]] == ["features.0", "features.3", "classifier.0", "classifier.2"]
+    assert all(x["local_ok"] for x in row["layers"])  # NEON int8 kernels exact per layer
+
+    # a flipped packed-weight bit is caught under emulation too, at its layer
+    bad = tmp_path / "bad"
+    shutil.copytree(arm64_dir, bad)
+    model = onnx.load(str(bad / "model.spfq.onnx"))
+    init = next(i for i in model.graph.initializer if i.name == "features.0.sign")
+    raw = bytearray(init.raw_data)
+    raw[0] ^= 0x01
+    init.raw_data = bytes(raw)
+    (bad / "model.spfq.onnx").write_bytes(model.SerializeToString())
+    rc, _, _, report = _validate(bad, capsys, "--target", "arm64")
+    row = _row(report, "model.spfq.onnx", target="arm64")
+    assert rc == 1 and row["status"] == "fail" and row["first_diverging_layer"] == "features.0", row

@@ -7,6 +7,7 @@ a manifest, written as one folder that appears only when everything in it is com
     OUT/lib/<target>/libspfq_ort.so   the custom-op library: the host's, and the target's
     OUT/model.spfq          the packed weights the artifacts were made from
     OUT/inputs.npz          the example inputs the graph was traced with (validate uses them)
+    OUT/run_onnx.py         runs a flavour with only numpy + onnxruntime on the device
     OUT/manifest.json       versions, opset / IR, bit-packing convention, sha256 of every file
 """
 
@@ -35,6 +36,7 @@ from .source import file_table, load_source
 FLAVOURS = ("custom", "stock", "qonnx")
 FILES = {"custom": "model.spfq.onnx", "stock": "model.stock.onnx", "qonnx": "model.qonnx.onnx"}
 HOST = {"x86_64": "x86_64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+RUNNER = Path(__file__).with_name("onnx_runner.py")
 BIT_PACKING = ("ai.spfq weights: 64-bit little-endian words along K (the reduction axis), bit j of a row "
                "in bit j%64 of word j/64, rows zero-padded to ceil(K/64) words; sign bit 1 = negative; "
                "mask bit 1 = nonzero; planes hold u = c + 2^(b-1) one bit-plane per bit; sparse holds "
@@ -91,6 +93,7 @@ def export_onnx(spfq_path: str | Path, out_dir: str | Path, target: str | None =
             lib_entries[tname] = str(dest.relative_to(stage))
         shutil.copyfile(spfq_path, stage / "model.spfq")
         np.savez(stage / "inputs.npz", **{n: np.asarray(a) for n, a in zip(inputs.input_names, inputs.args)})
+        shutil.copyfile(RUNNER, stage / "run_onnx.py")
         manifest = _manifest(stage, spfq_path, spec, tgt, activations, artifacts, layers, lib_entries, skipped, inputs)
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
@@ -125,7 +128,9 @@ def _manifest(stage: Path, spfq_path: Path, spec, tgt: Target, activations, arti
     if libs:
         lib_info = {"files": libs, "headers": ort_library.headers_info(), "domain": onnx_custom.DOMAIN,
                     "domain_version": onnx_custom.DOMAIN_VERSION,
-                    "load": "SessionOptions.register_custom_ops_library('lib/<target>/libspfq_ort.so')"}
+                    "load": "SessionOptions.register_custom_ops_library('lib/<target>/libspfq_ort.so')",
+                    "run": "python run_onnx.py model.spfq.onnx inputs.npz --library lib/<target>/libspfq_ort.so "
+                           "-o outputs.npz (numpy + the target's onnxruntime)"}
         if HOST in libs:
             lib_info["host_library_info"] = ort_library.library_info(stage / libs[HOST])
     return {

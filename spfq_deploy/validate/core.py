@@ -246,10 +246,10 @@ def _run(out, art, manifests, feeds, refs, qemu_results, row):
             changed[rel] = why
             row["failures"].append(why)
     for rel in [art.file] + ([art.library] if art.library else []):
-        if rel.endswith(".so") and art.runner in ("native", "cuda"):
+        if rel.endswith(".so"):
             # never dlopen a damaged library in this process: a truncated one can die of SIGBUS
             why = runners.elf_problem(out / rel)
-            if why is None and (rel in changed or art.flavour != "tvm"):  # the ORT probe is cheap
+            if why is None and art.runner != "qemu" and (rel in changed or art.flavour != "tvm"):  # cheap probe
                 why = runners.probe_library(out / rel, {"tvm": "tvm", "cuda": "cuda"}.get(art.flavour, "ort"))
             if why:
                 raise SpfqError(f"{rel}: cannot be loaded ({why})")
@@ -265,7 +265,11 @@ def _run(out, art, manifests, feeds, refs, qemu_results, row):
         names = (tvm_m.get("inputs") or {}).get("names", list(feeds))
         outs, ms = runners.run_tvm_native(out, art, [feeds[n] for n in names])
         return outs, ms, None
-    outs, ms = runners.run_onnx(out, art, feeds)
+    if art.runner == "qemu":
+        values, ms = runners.run_onnx_qemu(out, out / art.file, out / art.library if art.library else None, feeds)
+        outs = list(values.values())
+    else:
+        outs, ms = runners.run_onnx(out, art, feeds)
     per_layer = None
     if art.flavour in ("custom", "stock") and art.kind != "info":
         per_layer = _layers(out, art, feeds, refs)
@@ -295,9 +299,12 @@ def _layers(out, art, feeds, refs):
     with tempfile.TemporaryDirectory(prefix="spfq-validate-") as tmp:
         path = Path(tmp) / "layers.onnx"
         path.write_bytes(probe.SerializeToString())
-        sess = ort_runners.session(path, out / art.library if art.library else None, accuracy_level=art.accuracy_level)
-        names = [o.name for o in sess.get_outputs()]
-        values = dict(zip(names, sess.run(None, feeds)))
+        library = out / art.library if art.library else None
+        if art.runner == "qemu":
+            values, _ = runners.run_onnx_qemu(out, path, library, feeds)
+        else:
+            sess = ort_runners.session(path, library, accuracy_level=art.accuracy_level)
+            values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     _, hooked = refs.outputs(art.reference)
     return layer_checks.check(values, tensors, feeds, lambda n: refs.layer(art.reference, n), hooked,
                               TOLERANCES[art.kind], TOLERANCES[art.kind])

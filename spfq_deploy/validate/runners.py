@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import SpfqError
 from ..export import runners as ort_runners
 from ..targets import get_target
 
@@ -61,6 +62,16 @@ def _runner_for(target: str) -> tuple[str, str | None]:
     return "native", f"target {target} runs with {t.run!r}, which this host cannot do"
 
 
+def _onnx_qemu_problem(out: Path) -> str | None:
+    """None when an aarch64 ONNX artifact of this folder can run under qemu here, else why not."""
+    if not (ARM64_PYTHON.parent / "site" / "onnxruntime").is_dir():
+        return (f"{ARM64_PYTHON.parent} has no onnxruntime: run `make arm64-python` (it adds the version "
+                "targets/arm64.toml names)")
+    if not (out / "run_onnx.py").is_file():
+        return "the folder has no run_onnx.py (exported by an older spfq-deploy): export it again"
+    return None
+
+
 def discover(out: Path, onnx_manifest: dict | None, tvm_manifest: dict | None, host: str,
              cuda_manifest: dict | None = None) -> list[Artifact]:
     """Every artifact x target in the folder, in a fixed order."""
@@ -77,8 +88,9 @@ def discover(out: Path, onnx_manifest: dict | None, tvm_manifest: dict | None, h
                 if lib is None:
                     a.skip = "the manifest names no custom-op library"
                 elif tname != host:
-                    a.skip = (f"{lib} is for {tname}: onnxruntime for {tname} is not available here "
-                              f"(build/arm64-python holds the TVM runtime only); run it on the device")
+                    a.runner, a.skip = _runner_for(tname)
+                    a.skip = a.skip or _onnx_qemu_problem(out)
+                    a.label += " (qemu-aarch64)"
                 arts.append(a)
         if "stock" in files:
             arts.append(Artifact(files["stock"], "stock", host, "float", "float", "onnx stock, accuracy level 0",
@@ -160,6 +172,29 @@ def run_onnx(out: Path, art: Artifact, feeds: dict) -> tuple[list, float | None]
         return outs, (time.perf_counter() - t0) * 1e3
     sess = ort_runners.session(path, out / art.library if art.library else None, accuracy_level=art.accuracy_level)
     return _timed(lambda: sess.run(None, feeds))
+
+
+def run_onnx_qemu(out: Path, model: Path, library: Path | None, feeds: dict) -> tuple[dict, float]:
+    """({output name: array}, ms per run) of an ONNX model run by the folder's run_onnx.py in the
+    arm64 Python under qemu-aarch64 (latency: emulated, not a device figure)."""
+    with tempfile.TemporaryDirectory(prefix="spfq-validate-") as tmp:
+        tmp = Path(tmp)
+        np.savez(tmp / "inputs.npz", **feeds)
+        cmd = [str(ARM64_PYTHON), str(out / "run_onnx.py"), str(model), str(tmp / "inputs.npz"),
+               "-o", str(tmp / "outputs.npz"), "--repeat", str(REPEATS)]
+        if library is not None:
+            cmd += ["--library", str(library)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        except subprocess.TimeoutExpired:
+            raise SpfqError("under qemu-aarch64: run_onnx.py did not finish in 1800 s") from None
+        reports = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode or not reports or not (tmp / "outputs.npz").is_file():
+            err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+            raise SpfqError(f"under qemu-aarch64: {err[-1][:300] if err else f'run_onnx.py exit {r.returncode}'}")
+        with np.load(tmp / "outputs.npz") as o:
+            values = {name: o[f"output_{i}"] for i, name in enumerate(reports[0]["outputs"])}
+        return values, reports[0]["seconds_per_run"] * 1e3
 
 
 def run_tvm_native(out: Path, art: Artifact, arrays: list) -> tuple[list, float]:
