@@ -487,7 +487,8 @@ def _arm64_python() -> Path:
         pytest.fail(f"{ARM64_PYTHON} is missing: run `make arm64-python` (make test does) to unpack the arm64 "
                     "Python that runs the TVM libraries under qemu-aarch64", pytrace=False)
     have = version.read_text().strip()
-    if f"apache-tvm=={tvm.__version__} " not in have or f"apache-tvm-ffi=={tvm_ffi.__version__};" not in have:
+    pins = set(have.replace(";", " ").split())
+    if f"apache-tvm=={tvm.__version__}" not in pins or f"apache-tvm-ffi=={tvm_ffi.__version__}" not in pins:
         pytest.fail(f"{ARM64_PYTHON} holds {have!r}, the venv apache-tvm {tvm.__version__} / apache-tvm-ffi "
                     f"{tvm_ffi.__version__}: run `make arm64-python`", pytrace=False)
     return py
