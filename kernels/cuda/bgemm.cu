@@ -105,10 +105,7 @@ extern "C" int spfq_cuda_bgemm(int32_t m, int32_t n, int32_t k, const uint64_t *
     spfq_emulate_rows(j, n, m, bgemm_lane, bgemm_store);
     return SPFQ_OK;
 #else
-    const int64_t tiles = ((int64_t)m + SPFQ_MTILE - 1) / SPFQ_MTILE;
-    dim3 grid((unsigned)((n + SPFQ_WARPS_PER_BLOCK - 1) / SPFQ_WARPS_PER_BLOCK),
-              (unsigned)(tiles < SPFQ_MAX_GRID_Y ? tiles : SPFQ_MAX_GRID_Y));
-    spfq_bgemm_kernel<<<grid, SPFQ_WARPS_PER_BLOCK * SPFQ_WARP, 0, spfq_stream(stream)>>>(j);
+    spfq_bgemm_kernel<<<spfq_tile_grid(n, m), SPFQ_WARPS_PER_BLOCK * SPFQ_WARP, 0, spfq_stream(stream)>>>(j);
     return spfq_cuda_check(cudaGetLastError(), "spfq_bgemm_kernel launch");
 #endif
 }

@@ -61,6 +61,24 @@ typedef struct {
 SPFQ_HIDDEN int spfq_cuda_i8_setup(const spfq_weights_desc *w, int32_t m, const int8_t *xq, int32_t *acc_c,
                                    int32_t *acc_s, const float *xscale, float *y, int sparse, spfq_i8_job *job);
 
+/* The four int8 entry points (raw / y, dense / sparse): checks, then launch(job, stream) when
+ * m > 0. want_y: the y form (y must be given). */
+typedef int (*spfq_i8_launch)(const spfq_i8_job &job, void *stream);
+SPFQ_HIDDEN int spfq_cuda_i8_run(const spfq_weights_desc *w, int32_t m, const int8_t *xq, int32_t *acc_c,
+                                 int32_t *acc_s, const float *xscale, float *y, int want_y, int sparse,
+                                 spfq_i8_launch launch, void *stream);
+
+#ifndef SPFQ_CUDA_EMULATE
+/* Grid of the tiled GEMMs: SPFQ_WARPS_PER_BLOCK output rows per block on x, tiles of SPFQ_MTILE
+ * activation rows on y (the kernels grid-stride past SPFQ_MAX_GRID_Y). */
+static inline dim3 spfq_tile_grid(int32_t n, int32_t m)
+{
+    const int64_t tiles = ((int64_t)m + SPFQ_MTILE - 1) / SPFQ_MTILE;
+    return dim3((unsigned)((n + SPFQ_WARPS_PER_BLOCK - 1) / SPFQ_WARPS_PER_BLOCK),
+                (unsigned)(tiles < SPFQ_MAX_GRID_Y ? tiles : SPFQ_MAX_GRID_Y));
+}
+#endif
+
 /* ---- intrinsics and their portable twins (the host emulation; identical results) ---- */
 
 /* sum of the 4 signed byte products + c, wrapping modulo 2^32 like __dp4a */

@@ -235,3 +235,13 @@ int spfq_cuda_i8_setup(const spfq_weights_desc *w, int32_t m, const int8_t *xq, 
     *job = j;
     return SPFQ_OK;
 }
+
+int spfq_cuda_i8_run(const spfq_weights_desc *w, int32_t m, const int8_t *xq, int32_t *acc_c, int32_t *acc_s,
+                     const float *xscale, float *y, int want_y, int sparse, spfq_i8_launch launch, void *stream)
+{
+    if (want_y && !y) return spfq_cuda_fail(SPFQ_EINVAL, "y is NULL");
+    spfq_i8_job j;
+    const int rc = spfq_cuda_i8_setup(w, m, xq, acc_c, acc_s, xscale, y, sparse, &j);
+    if (rc) return rc;
+    return j.m ? launch(j, stream) : SPFQ_OK;
+}

@@ -85,33 +85,24 @@ SPFQ_GLOBAL spfq_sparse_i8_kernel(const spfq_i8_job j)
 
 static int launch_sparse(const spfq_i8_job &j, void *stream)
 {
-    if (j.m == 0) return SPFQ_OK;
 #ifdef SPFQ_CUDA_EMULATE
     (void)stream;
     spfq_emulate_rows(j, j.d.n, j.m, sparse_lane, spfq_i8_store);
     return SPFQ_OK;
 #else
-    const int64_t tiles = ((int64_t)j.m + SPFQ_MTILE - 1) / SPFQ_MTILE;
-    dim3 grid((unsigned)((j.d.n + SPFQ_WARPS_PER_BLOCK - 1) / SPFQ_WARPS_PER_BLOCK),
-              (unsigned)(tiles < SPFQ_MAX_GRID_Y ? tiles : SPFQ_MAX_GRID_Y));
-    spfq_sparse_i8_kernel<<<grid, SPFQ_WARPS_PER_BLOCK * SPFQ_WARP, 0, spfq_stream(stream)>>>(j);
+    spfq_sparse_i8_kernel<<<spfq_tile_grid(j.d.n, j.m), SPFQ_WARPS_PER_BLOCK * SPFQ_WARP, 0, spfq_stream(stream)>>>(j);
     return spfq_cuda_check(cudaGetLastError(), "spfq_sparse_i8_kernel launch");
 #endif
 }
 
-extern "C" int spfq_cuda_matmul_sparse_i8_raw(const spfq_weights_desc *w, int32_t m, const int8_t *xq,
-                                              int32_t *acc_c, int32_t *acc_s, void *stream)
+extern "C" int spfq_cuda_matmul_sparse_i8_raw(const spfq_weights_desc *w, int32_t m, const int8_t *xq, int32_t *acc_c,
+                                             int32_t *acc_s, void *stream)
 {
-    spfq_i8_job j;
-    int rc = spfq_cuda_i8_setup(w, m, xq, acc_c, acc_s, NULL, NULL, 1, &j);
-    return rc ? rc : launch_sparse(j, stream);
+    return spfq_cuda_i8_run(w, m, xq, acc_c, acc_s, NULL, NULL, 0, 1, launch_sparse, stream);
 }
 
-extern "C" int spfq_cuda_matmul_sparse_i8(const spfq_weights_desc *w, int32_t m, const int8_t *xq,
-                                          const float *xscale, float *y, void *stream)
+extern "C" int spfq_cuda_matmul_sparse_i8(const spfq_weights_desc *w, int32_t m, const int8_t *xq, const float *xscale,
+                                         float *y, void *stream)
 {
-    if (!y) return spfq_cuda_fail(SPFQ_EINVAL, "y is NULL");
-    spfq_i8_job j;
-    int rc = spfq_cuda_i8_setup(w, m, xq, NULL, NULL, xscale, y, 1, &j);
-    return rc ? rc : launch_sparse(j, stream);
+    return spfq_cuda_i8_run(w, m, xq, NULL, NULL, xscale, y, 1, 1, launch_sparse, stream);
 }
