@@ -159,7 +159,7 @@ def validate(out_dir: str | Path, targets: list[str] | None = None, data: str | 
         rows.append(_validate_one(out, art, manifests, feeds, refs, out_names, qemu_results))
     for t in sorted(wanted or ()):
         if t != "cuda" and not any(a.target == t for a in arts):
-            rows.append(_skip_row(f"(any)", t, f"no artifact for target {t} in {out}"))
+            rows.append(_skip_row("(any)", t, f"no artifact for target {t} in {out}"))
     if (wanted is None or "cuda" in wanted) and not any(a.flavour == "cuda" for a in arts):
         rows.append(_skip_row("(cuda)", "cuda", "the export holds no CUDA artifact (export with --target cuda)"))
     summary = {s: sum(r["status"] == s for r in rows) for s in ("ok", "fail", "skip", "info")}
