@@ -119,6 +119,15 @@ def kernel_pack(layer: CompressedLayer, layout: str) -> tuple[str, int, dict]:
     return layout, bits, L.pack_layer(layer, layout)
 
 
+def check_sparse_buffers(mask: np.ndarray, kept: np.ndarray, k: int) -> None:
+    """KernelError naming the row where a SPARSE mask and its kept codes disagree: the kernels
+    would read a missing code as 0 (or a stray one never), i.e. compute with wrong weights."""
+    try:
+        L.check_sparse(mask, kept, k)
+    except ValueError as e:
+        raise KernelError(f"sparse weights: {e}") from None
+
+
 class PackedWeights:
     """A layer's packed weights handed to the kernels once (they keep their own copy)."""
 
@@ -149,6 +158,7 @@ class PackedWeights:
                 raise KernelError("kept must be (bits, N, Wk)")
             d.kept_words = kept.shape[2]
             d.planes = _arr(kept, np.uint64, (bits, n, kept.shape[2]), "kept")
+            check_sparse_buffers(buffers["mask"], kept, k)
         d.scale, d.lam, d.bias = f32(scale, "scale"), f32(lam, "lam"), f32(bias, "bias")
         if d.scale is None:
             raise KernelError("scale is required")

@@ -3,13 +3,14 @@
 from .bits import (WORD, WORD_BITS, pack_bits, pack_fields, pack_planes, unpack_bits,
                    unpack_fields, unpack_planes, words_for)
 from .container import FORMAT_VERSION, load, read_header, save
-from .layouts import (LAYOUTS, Layout, default_layout, field_bits, get_layout, layer_info,
-                      pack_layer, register, storage_report, unpack_layer)
+from .layouts import (LAYOUTS, Layout, buffer_specs, check_sparse, default_layout, field_bits,
+                      get_layout, layer_info, pack_layer, register, storage_report, table_fields,
+                      unpack_layer)
 
 __all__ = [
     "WORD", "WORD_BITS", "words_for", "pack_bits", "unpack_bits", "pack_planes", "unpack_planes",
     "pack_fields", "unpack_fields",
     "LAYOUTS", "Layout", "register", "get_layout", "default_layout", "field_bits", "layer_info",
-    "pack_layer", "unpack_layer", "storage_report",
+    "pack_layer", "unpack_layer", "storage_report", "buffer_specs", "table_fields", "check_sparse",
     "FORMAT_VERSION", "save", "load", "read_header",
 ]

@@ -8,6 +8,7 @@ table = {"layers": {name: {kind, weight_shape, alphabet, bits, layout, conv, met
                            tensors: {role: key}, storage_report}},
          "float_params": [names], "model_spec", "meta",
          "sha256": {tensor key: hex digest of the tensor's raw little-endian bytes}}
+Layouts may add entries to a layer (sparse: row_nnz, the nonzeros per row).
 Tensor keys: layer/<name>/<role> (layout buffers, see layouts.py), layer/<name>/scale and
 layer/<name>/lam (float16: the compressor's scales are float16 values, so this is exact),
 layer/<name>/bias (float32), float/<name> (float params in their own dtype).
@@ -103,7 +104,7 @@ def _build(model: CompressedModel, layouts: dict[str, str] | None):
             "kind": layer.kind, "weight_shape": [int(s) for s in layer.weight_shape],
             "alphabet": layer.alphabet, "bits": int(layer.bits), "layout": layout,
             "conv": layer.conv, "meta": layer.meta, "tensors": keys,
-            "storage_report": L.storage_report(layer, layout),
+            "storage_report": L.storage_report(layer, layout), **L.table_fields(layer, layout),
         }
     for name, value in model.float_params.items():
         tensors[f"float/{name}"] = np.asarray(value)

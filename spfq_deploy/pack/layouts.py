@@ -16,7 +16,10 @@ Layouts (codes are the signed level indices k of a CompressedLayer, shape (N, d)
 - "sparse":    {"mask": (N,W), "kept": (b,N,Wk)}. Mask as in sign_mask; the nonzero codes of a
                row in column order form a compact sequence of fields
                c = (k < 0) | ((|k| - 1) << 1), packed as bit planes; rows zero-padded to Wk*64,
-               Wk = ceil(max nonzeros per row / 64) (0 for an all-zero layer).
+               Wk = ceil(max nonzeros per row / 64) (0 for an all-zero layer). The container
+               also stores the per-row nonzero counts in the layer table ("row_nnz"): a zero
+               padding field reads as the valid code +1, so without them a mask bit set too
+               many would go unnoticed.
 The field width b is layer.bits for the int alphabet and 2 for binary/ternary.
 """
 
@@ -45,7 +48,12 @@ class Bits:
 
 @dataclass(frozen=True)
 class Layout:
-    """How one packed format is written and read; `roles` are the buffer names it produces."""
+    """How one packed format is written and read; `roles` are the buffer names it produces.
+
+    specs(info) gives each buffer's dtype and shape from the table alone (None: any length), so a
+    reader can refuse a file before touching its data; table_keys / table_fields name and compute
+    the extra per-layer table entries the layout needs to check its buffers.
+    """
 
     name: str
     roles: tuple[str, ...]
@@ -53,6 +61,9 @@ class Layout:
     unpack: Callable[[Mapping[str, np.ndarray], Any], np.ndarray]
     storage: Callable[[CompressedLayer], "Bits"]
     doc: str = ""
+    specs: Callable[[Any], dict] | None = None
+    table_keys: tuple[str, ...] = ()
+    table_fields: Callable[[CompressedLayer], dict] | None = None
 
 
 # ---------------------------------------------------------------- layer metadata helpers
@@ -63,8 +74,10 @@ def layer_info(layer: CompressedLayer) -> dict:
             "bits": int(layer.bits)}
 
 
-def _get(info: Any, key: str):
-    return info[key] if isinstance(info, Mapping) else getattr(info, key)
+def _get(info: Any, key: str, *default):
+    if isinstance(info, Mapping):
+        return info.get(key, *default) if default else info[key]
+    return getattr(info, key, *default)
 
 
 def _dims(info: Any) -> tuple[int, int]:
@@ -126,6 +139,11 @@ def _pack_sign(layer: CompressedLayer) -> Buffers:
     return {"sign": B.pack_bits(codes < 0)}
 
 
+def _specs_sign(info) -> dict:
+    N, d = _dims(info)
+    return {"sign": (B.WORD, (N, B.words_for(d)))}
+
+
 def _unpack_sign(buffers, info) -> np.ndarray:
     N, d = _dims(info)
     neg = B.unpack_bits(_words(buffers, "sign", (N, B.words_for(d)), d), d)
@@ -138,6 +156,11 @@ def _pack_sign_mask(layer: CompressedLayer) -> Buffers:
     codes = _codes(layer)
     _check_limit(layer, codes, 2, "sign_mask")
     return {"sign": B.pack_bits(codes < 0), "mask": B.pack_bits(codes != 0)}
+
+
+def _specs_sign_mask(info) -> dict:
+    N, d = _dims(info)
+    return {"sign": (B.WORD, (N, B.words_for(d))), "mask": (B.WORD, (N, B.words_for(d)))}
 
 
 def _unpack_sign_mask(buffers, info) -> np.ndarray:
@@ -157,6 +180,11 @@ def _pack_planes(layer: CompressedLayer) -> Buffers:
     codes = _codes(layer)
     _check_limit(layer, codes, b, "planes")
     return {"planes": B.pack_planes(codes + 2 ** (b - 1), b)}
+
+
+def _specs_planes(info) -> dict:
+    N, d = _dims(info)
+    return {"planes": (B.WORD, (field_bits(info), N, B.words_for(d)))}
 
 
 def _unpack_planes(buffers, info) -> np.ndarray:
@@ -183,6 +211,14 @@ def _pack_offset(layer: CompressedLayer) -> Buffers:
     u = np.full((N, B.words_for(d) * B.WORD_BITS), 2 ** (b - 1), dtype=np.uint16)
     u[:, :d] = codes + 2 ** (b - 1)
     return {"codes": B.pack_fields(u, b)}
+
+
+def _specs_offset(info) -> dict:
+    N, d = _dims(info)
+    b = field_bits(info)
+    if b not in OFFSET_BITS:
+        raise ValueError(f"layout 'offset' needs 2, 4 or 8 bits, got {b}")
+    return {"codes": (np.dtype(np.uint8), (N, B.words_for(d) * 8 * b))}
 
 
 def _unpack_offset(buffers, info) -> np.ndarray:
@@ -220,19 +256,81 @@ def _pack_sparse(layer: CompressedLayer) -> Buffers:
     return {"mask": B.pack_bits(nz), "kept": B.pack_planes(compact, b)}
 
 
+def _sparse_fields(layer: CompressedLayer) -> dict:
+    return {"row_nnz": [int(n) for n in (np.asarray(layer.codes) != 0).sum(axis=1)]}
+
+
+def _row_nnz(info: Any, N: int, d: int) -> np.ndarray | None:
+    """The table's per-row nonzero counts (None in files written before they were stored)."""
+    counts = _get(info, "row_nnz", None)
+    if counts is None:
+        return None
+    if not isinstance(counts, (list, tuple, np.ndarray)) or len(counts) != N or not all(
+            isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= d for c in counts):
+        raise ValueError(f"row_nnz must be {N} counts in 0..{d} (one per row)")
+    return np.asarray(counts, dtype=np.int64).reshape(N)
+
+
+def _specs_sparse(info) -> dict:
+    N, d = _dims(info)
+    counts = _row_nnz(info, N, d)
+    Wk = None if counts is None else _kept_words(counts)
+    return {"mask": (B.WORD, (N, B.words_for(d))), "kept": (B.WORD, (field_bits(info), N, Wk))}
+
+
+def check_sparse(mask: np.ndarray, kept: np.ndarray, d: int, row_nnz=None):
+    """Check that a sparse mask (N, W) and kept planes (b, N, Wk) describe the same weights.
+
+    Per row: no mask bit in the padding, popcount == row_nnz (when known) and <= the Wk*64
+    fields kept holds, no kept field past the popcount; Wk is the least that holds the fullest
+    row. Raises ValueError naming the first bad row; returns (nonzero bools (N, d), counts,
+    kept fields (N, Wk*64)) for the decoder.
+    """
+    N = mask.shape[0]
+    tail = d % B.WORD_BITS
+    if tail and mask.shape[-1]:
+        bad = np.nonzero(mask[:, -1] >> np.uint64(tail))[0]
+        if bad.size:
+            raise ValueError(f"row {int(bad[0])}: mask bit set in the padding (column >= {d})")
+    nz = B.unpack_bits(mask, d)
+    counts = nz.sum(axis=1)
+    if row_nnz is not None:
+        bad = np.nonzero(counts != np.asarray(row_nnz))[0]
+        if bad.size:
+            r = int(bad[0])
+            raise ValueError(f"row {r}: mask has {int(counts[r])} nonzero weights, row_nnz says {int(row_nnz[r])}")
+    Wk = kept.shape[2]
+    cap = Wk * B.WORD_BITS
+    bad = np.nonzero(counts > cap)[0]
+    if bad.size:
+        r = int(bad[0])
+        raise ValueError(f"row {r}: mask has {int(counts[r])} nonzero weights, buffer 'kept' holds {cap} per row")
+    need = _kept_words(counts)
+    if Wk != need:
+        raise ValueError(f"buffer 'kept' has {Wk} words per row, the fullest mask row needs {need}")
+    compact = B.unpack_planes(kept, cap) if N else np.zeros((0, cap), np.uint16)
+    past = compact.astype(bool) & (np.arange(cap)[None, :] >= counts[:, None])
+    bad = np.nonzero(past.any(axis=1))[0]
+    if bad.size:
+        r = int(bad[0])
+        raise ValueError(f"row {r}: buffer 'kept' has a code past the row's {int(counts[r])} mask bits "
+                         "(mask and kept disagree)")
+    return nz, counts, compact
+
+
 def _unpack_sparse(buffers, info) -> np.ndarray:
     N, d = _dims(info)
     b = field_bits(info)
-    nz = B.unpack_bits(_words(buffers, "mask", (N, B.words_for(d)), d), d)
-    Wk = _kept_words(nz.sum(axis=1))
-    kept = _expect(buffers, "kept", (b, N, Wk), B.WORD)
+    mask = _expect(buffers, "mask", (N, B.words_for(d)), B.WORD)
+    counts = _row_nnz(info, N, d)
+    if counts is not None:
+        kept = _expect(buffers, "kept", (b, N, _kept_words(counts)), B.WORD)
+    else:  # a file from before row_nnz: kept's own width, checked against the mask below
+        have = np.asarray(buffers.get("kept", np.zeros(0)))
+        kept = _expect(buffers, "kept", (b, N, have.shape[-1] if have.ndim == 3 else -1), B.WORD)
+    nz, _, compact = check_sparse(mask, kept, d, counts)
     rows, cols = np.nonzero(nz)
     rank = (np.cumsum(nz, axis=1) - 1)[rows, cols]
-    used = np.zeros((N, Wk * B.WORD_BITS), dtype=bool)
-    used[rows, rank] = True
-    compact = B.unpack_planes(kept, Wk * B.WORD_BITS)
-    if np.any(compact[~used]):
-        raise ValueError("buffer 'kept' has nonzero padding bits")
     c = compact[rows, rank].astype(np.int16)
     if np.any((c >> 1) + 1 > 2 ** (b - 1) - 1):
         raise ValueError(f"kept field outside the {b}-bit range")
@@ -287,15 +385,18 @@ def register(layout: Layout) -> Layout:
 
 
 register(Layout("sign", ("sign",), _pack_sign, _unpack_sign, _bits_sign,
-                "binary, 1 bit/weight"))
+                "binary, 1 bit/weight", specs=_specs_sign))
 register(Layout("sign_mask", ("sign", "mask"), _pack_sign_mask, _unpack_sign_mask,
-                _bits_sign_mask, "ternary or pruned binary: sign bit + nonzero mask"))
+                _bits_sign_mask, "ternary or pruned binary: sign bit + nonzero mask",
+                specs=_specs_sign_mask))
 register(Layout("planes", ("planes",), _pack_planes, _unpack_planes, _bits_dense,
-                "b-bit offset codes as bit planes (bit-serial kernels)"))
+                "b-bit offset codes as bit planes (bit-serial kernels)", specs=_specs_planes))
 register(Layout("offset", ("codes",), _pack_offset, _unpack_offset, _bits_dense,
-                "b-bit offset codes, 8/b per byte (nibble/byte kernels, MatMulNBits)"))
+                "b-bit offset codes, 8/b per byte (nibble/byte kernels, MatMulNBits)",
+                specs=_specs_offset))
 register(Layout("sparse", ("mask", "kept"), _pack_sparse, _unpack_sparse, _bits_sparse,
-                "nonzero mask + bit-plane packed kept codes (pruned int layers)"))
+                "nonzero mask + bit-plane packed kept codes (pruned int layers)",
+                specs=_specs_sparse, table_keys=("row_nnz",), table_fields=_sparse_fields))
 
 
 def get_layout(name: str) -> Layout:
@@ -323,9 +424,25 @@ def pack_layer(layer: CompressedLayer, layout: str | None = None) -> Buffers:
     return {role: np.ascontiguousarray(a) for role, a in out.items()}
 
 
+def buffer_specs(layout: str, info: Any) -> dict[str, tuple[np.dtype, tuple]]:
+    """{role: (dtype, shape)} of a layer's buffers from its table entry alone (None in a shape:
+    any length), so a reader refuses mismatched dims before reading any data."""
+    lay = get_layout(layout)
+    if lay.specs is None:
+        return {}
+    return {role: (np.dtype(dt), tuple(shape)) for role, (dt, shape) in lay.specs(info).items()}
+
+
+def table_fields(layer: CompressedLayer, layout: str) -> dict:
+    """Extra layer-table entries a layout needs to check its buffers on load (sparse: row_nnz)."""
+    lay = get_layout(layout)
+    return lay.table_fields(layer) if lay.table_fields else {}
+
+
 def unpack_layer(layout: str, buffers: Mapping[str, np.ndarray], info: Any) -> np.ndarray:
     """Int8 codes (N, d) from packed buffers; info is a dict (or object) with weight_shape,
-    alphabet and bits. Raises ValueError when the buffers do not match the metadata."""
+    alphabet and bits (and the layout's table_keys where stored). Raises ValueError when the
+    buffers do not match the metadata."""
     return get_layout(layout).unpack(buffers, info)
 
 
