@@ -43,7 +43,7 @@ def layer(name, alphabet, bits, shape, rng, *, sparsity=0.0, lam=False, bias=Tru
 @pytest.fixture
 def model():
     rng = np.random.default_rng(0)
-    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1}
+    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1, "kernel_size": [3, 3]}
     layers = [
         layer("fc.sign", "binary", 1, (4, 65), rng),
         layer("fc.pruned_bin", "binary", 1, (3, 100), rng, sparsity=0.5, bias=False),

@@ -13,8 +13,11 @@ Tensor keys: layer/<name>/<role> (layout buffers, see layouts.py), layer/<name>/
 layer/<name>/lam (float16: the compressor's scales are float16 values, so this is exact),
 layer/<name>/bias (float32), float/<name> (float params in their own dtype).
 
-Reading never returns wrong weights: length sanity, truncation, format, version, checksums and
-buffer shapes are all checked, and every problem is a one-line FormatError naming the file.
+Reading never returns wrong weights: from a small read of the file head, the length prefix,
+truncation, format, version, the table checksum, the table's schema and every buffer's dtype and
+shape are checked before any tensor data is touched (read_header stops there); load() then maps
+the tensors with safetensors and verifies every checksum. Every problem is a one-line
+FormatError naming the file.
 Writing is atomic: temp file in the same directory, fsync, os.replace.
 """
 
@@ -22,22 +25,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors import numpy as st_numpy
 
 from .. import atomic
-from ..compressed import CompressedLayer, CompressedModel
+from ..compressed import ALPHABETS, CompressedLayer, CompressedModel, levels_for
 from ..errors import FormatError
 from . import layouts as L
 
 FORMAT = "spfq"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+MAX_DIM = 2 ** 31 - 1  # rows and columns (prod of the other dims) are int32 in the kernel ABI
+KINDS = {"linear": 2, "conv1d": 3, "conv2d": 4}  # kind -> dims of the PyTorch weight
+ST_NUMPY = {"BOOL": np.dtype(bool), "U8": np.dtype("u1"), "I8": np.dtype("i1"), "U16": np.dtype("<u2"),
+            "I16": np.dtype("<i2"), "F16": np.dtype("<f2"), "U32": np.dtype("<u4"), "I32": np.dtype("<i4"),
+            "F32": np.dtype("<f4"), "U64": np.dtype("<u8"), "I64": np.dtype("<i8"), "F64": np.dtype("<f8")}
+ST_NAME = {v: k for k, v in ST_NUMPY.items()}
+ST_BYTES = {k: v.itemsize for k, v in ST_NUMPY.items()}
+ROW_ROLES = {"scale": np.float16, "lam": np.float16, "bias": np.float32}  # per-row vectors (N,)
+REPORT_INTS = ("code_bits", "mask_bits", "scale_bits", "padding_bits", "total_bits", "weights",
+               "bias_bytes")
 
 
 # ---------------------------------------------------------------- helpers
@@ -116,9 +130,20 @@ def _build(model: CompressedModel, layouts: dict[str, str] | None):
         text = json.dumps(table, default=_json_default)
     except (TypeError, ValueError) as e:
         raise ValueError(f"model metadata cannot be stored: {e}") from e
+    try:
+        _check_table(json.loads(text), {k: (_st_name(k, v.dtype), v.shape) for k, v in tensors.items()})
+    except ValueError as e:
+        raise ValueError(f"model cannot be stored: {e}") from None  # load() would refuse it
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spfq": text,
                 "spfq_sha256": hashlib.sha256(text.encode()).hexdigest()}
     return tensors, metadata, json.loads(text)
+
+
+def _st_name(key: str, dtype: np.dtype) -> str:
+    for name, np_type in ST_NUMPY.items():
+        if np.dtype(dtype) == np_type:
+            return name
+    raise ValueError(f"tensor {key} has dtype {dtype}, which a .spfq file cannot hold")
 
 
 def _serialise(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
@@ -142,143 +167,361 @@ def save(path: str | os.PathLike, model: CompressedModel,
     return table
 
 
-# ---------------------------------------------------------------- reading
+# ---------------------------------------------------------------- reading: the file head
 
 def _fail(path: Path, problem: str) -> FormatError:
     return FormatError(f"{path}: {problem}")
 
 
-def _parse(path: Path, data: bytes) -> tuple[dict, dict, int]:
-    """(safetensors header, spfq table, format version) after every check that needs no tensor."""
-    size = len(data)
-    if size < 8:
-        raise _fail(path, f"truncated or not a .spfq file ({size} bytes)")
-    n = int.from_bytes(data[:8], "little")
-    if n < 2 or n > MAX_HEADER_BYTES:
-        raise _fail(path, "not a .spfq file")
-    if 8 + n > size:
-        if data[8:9] == b"{":
-            raise _fail(path, f"truncated: header needs {8 + n} bytes, file has {size}")
-        raise _fail(path, "not a .spfq file")
+def _read_head(path: Path) -> tuple[bytes, int]:
+    """(JSON header bytes, file size) from the first 8 + n bytes only: a huge or sparse file
+    costs no more than its header (at most MAX_HEADER_BYTES)."""
     try:
-        header = json.loads(data[8:8 + n])
-        meta = header.get("__metadata__") or {}
-    except (ValueError, AttributeError):
-        raise _fail(path, "not a .spfq file") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _fail(path, "not a .spfq file")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise _fail(path, f"bad format version {meta.get('format_version')!r}") from None
-    if version > FORMAT_VERSION:
-        raise _fail(path, f"written by a newer spfq-deploy: format version {version}, "
-                          f"this version reads up to {FORMAT_VERSION}")
-    if version < 1:
-        raise _fail(path, f"bad format version {version}")
-    try:
-        end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"],
-                  default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise _fail(path, "malformed safetensors header") from None
-    if 8 + n + end > size:
-        raise _fail(path, f"truncated: data needs {8 + n + end} bytes, file has {size}")
-    text = meta.get("spfq", "")
-    if hashlib.sha256(text.encode()).hexdigest() != meta.get("spfq_sha256"):
-        raise _fail(path, "corrupt: checksum mismatch in the layer table")
-    try:
-        table = json.loads(text)
-        if not isinstance(table, dict) or not isinstance(table.get("layers"), dict) \
-                or not isinstance(table.get("sha256"), dict):
-            raise ValueError("missing layers or sha256")
-    except ValueError as e:
-        raise _fail(path, f"malformed spfq table ({e})") from None
-    return header, table, version
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _fail(path, f"truncated or not a .spfq file ({size} bytes)")
+            n = int.from_bytes(prefix, "little")
+            if n < 2 or n > MAX_HEADER_BYTES:
+                raise _fail(path, "not a .spfq file")
+            first = f.read(1)
+            if first not in (b"{", b""):
+                raise _fail(path, "not a .spfq file")
+            if 8 + n > size:
+                raise _fail(path, f"truncated: header needs {8 + n} bytes, file has {size}")
+            text = first + f.read(n - 1)
     except FileNotFoundError:
         raise _fail(path, "no such file") from None
     except IsADirectoryError:
         raise _fail(path, "is a directory, not a .spfq file") from None
     except OSError as e:
         raise _fail(path, f"cannot read: {e.strerror or e}") from None
+    if len(text) < n:
+        raise _fail(path, f"truncated: header needs {8 + n} bytes, file has {8 + len(text)}")
+    return text, size
+
+
+def _what(v) -> str:
+    if v is None:
+        return "null"
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _tensor_entries(path: Path, header: dict, n: int, size: int) -> dict[str, tuple[str, tuple]]:
+    """{key: (dtype, shape)} after the size checks safetensors would make on open, so that
+    read_header refuses what load() would: offsets match dtype x shape, tile the data region."""
+    entries, spans = {}, []
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        ok = isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list) \
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+        if not ok:
+            raise _fail(path, f"malformed safetensors header: tensor {key} needs dtype, shape, data_offsets")
+        dtype, shape, (begin, end) = v["dtype"], v["shape"], v["data_offsets"]
+        if dtype not in ST_BYTES:
+            raise _fail(path, f"malformed safetensors header: tensor {key} has unsupported dtype {dtype!r}")
+        if not all(_is_int(s) and s >= 0 for s in shape):
+            raise _fail(path, f"malformed safetensors header: tensor {key} has shape {shape}")
+        if not (_is_int(begin) and _is_int(end) and 0 <= begin <= end) \
+                or end - begin != math.prod(shape) * ST_BYTES[dtype]:
+            raise _fail(path, f"malformed safetensors header: tensor {key} data_offsets {v['data_offsets']} "
+                              f"do not hold {dtype} {shape}")
+        entries[key] = (dtype, tuple(shape))
+        spans.append((begin, end, key))
+    spans.sort()
+    data_bytes = size - 8 - n
+    end = max((stop for _, stop, _ in spans), default=0)
+    if end > data_bytes:
+        raise _fail(path, f"truncated: data needs {8 + n + end} bytes, file has {size}")
+    at = 0
+    for begin, stop, key in spans:
+        if begin != at:
+            raise _fail(path, f"malformed safetensors header: tensor {key} starts at {begin}, "
+                              f"expected {at} (tensors overlap or leave a gap)")
+        at = stop
+    if at != data_bytes:
+        raise _fail(path, f"trailing data: {data_bytes - at} bytes after the last tensor")
+    return entries
+
+
+def _parse(path: Path, text: bytes, size: int) -> tuple[dict, dict, int]:
+    """(tensor entries, spfq table, format version) after every check that needs no tensor data."""
+    try:
+        header = json.loads(text)
+        meta = header.get("__metadata__") or {}
+    except (ValueError, AttributeError, RecursionError):
+        raise _fail(path, "not a .spfq file") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _fail(path, "not a .spfq file")
+    try:
+        version = int(meta.get("format_version", ""))
+    except (TypeError, ValueError):
+        raise _fail(path, f"bad format version {meta.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise _fail(path, f"written by a newer spfq-deploy: format version {version}, "
+                          f"this version reads up to {FORMAT_VERSION}")
+    if version < 1:
+        raise _fail(path, f"bad format version {version}")
+    odd = [k for k, v in meta.items() if not isinstance(v, str)]
+    if odd:
+        raise _fail(path, f"malformed safetensors header: metadata value {odd[0]!r} is not a string")
+    entries = _tensor_entries(path, header, len(text), size)
+    table_text = meta.get("spfq", "")
+    if hashlib.sha256(table_text.encode()).hexdigest() != meta.get("spfq_sha256"):
+        raise _fail(path, "corrupt: checksum mismatch in the layer table")
+    try:
+        table = json.loads(table_text)
+    except (ValueError, RecursionError) as e:
+        raise _fail(path, f"malformed spfq table ({e})") from None
+    try:
+        _check_table(table, entries)
+    except ValueError as e:
+        raise _fail(path, f"malformed spfq table: {e}".replace("\n", " ")) from None
+    return entries, table, version
+
+
+# ---------------------------------------------------------------- reading: the table schema
+
+def _check_table(table, entries: dict) -> None:
+    """ValueError naming the field (and layer) of the first table entry a reader cannot use."""
+    if not isinstance(table, dict):
+        raise ValueError(f"the table is {_what(table)}, not an object")
+    digests = table.get("sha256")
+    if not isinstance(digests, dict):
+        raise ValueError(f"sha256 is {_what(digests)}, not an object")
+    for key, digest in digests.items():
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ValueError(f"sha256 of {key} is not a sha256 hex digest")
+        if key not in entries:
+            raise ValueError(f"missing tensor {key}")
+    layers = table.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"layers is {_what(layers)}, not an object")
+    params = table.get("float_params", [])
+    if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+        raise ValueError("float_params must be a list of names")
+    for p in params:
+        _check_key(f"float/{p}", entries, digests)
+    if table.get("model_spec") is not None and not isinstance(table["model_spec"], str):
+        raise ValueError(f"model_spec is {_what(table['model_spec'])}, not a string")
+    meta = table.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError(f"meta is {_what(meta)}, not an object")
+    pairs = (meta or {}).get("folded_batchnorm", [])
+    if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p) for p in pairs):
+        raise ValueError("meta folded_batchnorm must be a list of [layer, batchnorm] name pairs")
+    for name, entry in layers.items():
+        _check_layer(name, entry, entries, digests)
+
+
+def _check_key(key, entries: dict, digests: dict) -> None:
+    if key not in entries:
+        raise ValueError(f"missing tensor {key}")
+    if key not in digests:
+        raise ValueError(f"tensor {key} has no checksum in the table")
+
+
+def _check_layer(name: str, e, entries: dict, digests: dict) -> None:
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"layer {name}: {problem}")
+
+    if not isinstance(e, dict):
+        raise bad(f"entry is {_what(e)}, not an object")
+    for field in ("kind", "weight_shape", "alphabet", "bits", "layout", "tensors", "storage_report"):
+        if field not in e:
+            raise bad(f"{field} is missing")
+    kind, shape = e["kind"], e["weight_shape"]
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise bad(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    if not isinstance(shape, list) or len(shape) != KINDS[kind] or not all(_is_int(s) and s >= 1 for s in shape):
+        raise bad(f"weight_shape {shape!r}: a {kind} weight has {KINDS[kind]} positive integer dims")
+    N, d = shape[0], math.prod(shape[1:])
+    if N > MAX_DIM or d > MAX_DIM:
+        raise bad(f"weight_shape {shape!r} is too large ({N} rows x {d} columns; at most {MAX_DIM} each)")
+    alphabet, bits = e["alphabet"], e["bits"]
+    if not isinstance(alphabet, str) or alphabet not in ALPHABETS:
+        raise bad(f"alphabet {alphabet!r} is not one of {', '.join(ALPHABETS)}")
+    allowed_bits = {"binary": range(1, 2), "ternary": range(2, 3), "int": range(2, 9)}[alphabet]
+    if not _is_int(bits) or bits not in allowed_bits:
+        shown = allowed_bits[0] if len(allowed_bits) == 1 else f"{allowed_bits[0]}..{allowed_bits[-1]}"
+        raise bad(f"bits {bits!r} is not valid for the {alphabet} alphabet ({shown})")
+    layout = e["layout"]
+    if not isinstance(layout, str) or layout not in L.LAYOUTS:
+        raise bad(f"layout {layout!r} is not one of {', '.join(L.LAYOUTS)}")
+    _check_conv(bad, kind, shape, e.get("conv"))
+    meta = e.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise bad(f"meta is {_what(meta)}, not an object")
+    for key in ("sparsity", "sparsity_target"):
+        v = (meta or {}).get(key)
+        if v is not None and not (_is_num(v) and 0 <= v <= 1):
+            raise bad(f"meta {key} {v!r} is not a fraction in [0, 1]")
+    lay = L.get_layout(layout)
+    extra = sorted(set(e) - {"kind", "weight_shape", "alphabet", "bits", "layout", "conv", "meta", "tensors",
+                             "storage_report"} - set(lay.table_keys))
+    if extra:
+        raise bad(f"{extra[0]} does not belong to a {layout} layer")
+    keys = e["tensors"]
+    if not isinstance(keys, dict):
+        raise bad(f"tensors is {_what(keys)}, not an object")
+    need, allowed = set(lay.roles) | {"scale"}, set(lay.roles) | set(ROW_ROLES)
+    missing = sorted(need - set(keys))
+    if missing:
+        raise bad(f"tensors has no {missing[0]} buffer")
+    for role, key in keys.items():
+        if role not in allowed:
+            raise bad(f"tensors role {role!r} is not one of {', '.join(sorted(allowed))}")
+        if not isinstance(key, str):
+            raise bad(f"tensors {role} is {_what(key)}, not a tensor name")
+        try:
+            _check_key(key, entries, digests)
+        except ValueError as err:
+            raise bad(f"tensors {role}: {err}") from None
+    if "lam" in keys and levels_for(alphabet, bits) == 1:
+        raise bad("tensors lam is only for multi-level int layers (K > 1); K = 1 uses scale")
+    info = {"weight_shape": shape, "alphabet": alphabet, "bits": bits,
+            **{k: e[k] for k in lay.table_keys if k in e}}
+    try:
+        specs = L.buffer_specs(layout, info)
+    except ValueError as err:
+        raise bad(str(err)) from None
+    specs.update({role: (np.dtype(dtype), (N,)) for role, dtype in ROW_ROLES.items() if role in keys})
+    for role, (dtype, want) in specs.items():
+        have_dtype, have = entries[keys[role]]
+        if have_dtype != ST_NAME[np.dtype(dtype)] or len(have) != len(want) or any(
+                w is not None and h != w for h, w in zip(have, want)):
+            shown = [("*" if w is None else w) for w in want]
+            raise bad(f"buffer {role!r} is {have_dtype} {list(have)} but weight_shape {shape} "
+                      f"({bits}-bit {layout}) needs {ST_NAME[np.dtype(dtype)]} {shown}".replace("'*'", "*"))
+    _check_report(bad, e["storage_report"], layout, N * d)
+
+
+def _check_conv(bad, kind: str, shape: list, conv) -> None:
+    """stride, padding, dilation, groups as exporters read them; kernel_size may be absent
+    (older files: load fills it in from weight_shape)."""
+    if kind == "linear":
+        if conv is not None:
+            raise bad(f"conv is {_what(conv)}: a linear layer has none (null)")
+        return
+    if not isinstance(conv, dict):
+        raise bad(f"conv is {_what(conv)}: a {kind} layer needs an object with stride, padding, "
+                  "dilation, groups, kernel_size")
+    spatial = len(shape) - 2
+    for key, low in (("stride", 1), ("padding", 0), ("dilation", 1), ("kernel_size", 1)):
+        v = conv.get(key, shape[2:] if key == "kernel_size" else None)
+        if not isinstance(v, list) or len(v) != spatial or not all(_is_int(x) and x >= low for x in v):
+            raise bad(f"conv {key} {v!r}: needs {spatial} integers >= {low}")
+    if conv.get("kernel_size", shape[2:]) != shape[2:]:
+        raise bad(f"conv kernel_size {conv['kernel_size']} does not match weight_shape {shape}")
+    g = conv.get("groups")
+    if not _is_int(g) or g < 1 or shape[0] % g:
+        raise bad(f"conv groups {g!r}: needs a positive integer dividing the {shape[0]} output channels")
+
+
+def _check_report(bad, report, layout: str, weights: int) -> None:
+    if not isinstance(report, dict):
+        raise bad(f"storage_report is {_what(report)}, not an object")
+    for key in REPORT_INTS:
+        if not (_is_int(report.get(key)) and report[key] >= 0):
+            raise bad(f"storage_report {key} {report.get(key)!r} is not a count")
+    bpw = report.get("bits_per_weight")
+    if report.get("layout") != layout or report["weights"] != weights or not _is_num(bpw) \
+            or not math.isclose(bpw, report["total_bits"] / weights, rel_tol=1e-9):
+        raise bad(f"storage_report does not describe this layer ({weights} weights, layout {layout}, "
+                  f"bits_per_weight = total_bits / weights)")
+
+
+# ---------------------------------------------------------------- reading: header and tensors
+
+def _read(path: Path) -> tuple[dict, dict, int, int]:
+    text, size = _read_head(path)
+    entries, table, version = _parse(path, text, size)
+    return entries, table, version, size
 
 
 def read_header(path: str | os.PathLike) -> dict:
-    """The layer table (shapes, layouts, storage reports, checksums) without unpacking weights.
+    """The layer table (shapes, layouts, storage reports, checksums) without reading tensor data.
 
     Adds "format_version", "file_bytes" and "tensors" ({key: {dtype, shape}}) for `inspect`.
-    Checksums are verified by load(), not here.
+    Every check that needs no data is made (so it refuses what load() would refuse for the
+    table); checksums are verified by load(), not here.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    header, table, version = _parse(path, data)
+    entries, table, version, size = _read(path)
     table = dict(table)
     table["format_version"] = version
-    table["file_bytes"] = len(data)
-    table["tensors"] = {k: {"dtype": v.get("dtype"), "shape": v.get("shape")}
-                        for k, v in header.items() if k != "__metadata__"}
+    table["file_bytes"] = size
+    table["tensors"] = {k: {"dtype": dtype, "shape": list(shape)} for k, (dtype, shape) in entries.items()}
     return table
 
 
 def load(path: str | os.PathLike) -> CompressedModel:
-    """Read and verify a .spfq file; codes come back exactly as saved."""
+    """Read and verify a .spfq file; codes come back exactly as saved.
+
+    Tensors are read through safetensors' memory map one at a time, each checked against its
+    sha256 before use; every checksum in the table is verified.
+    """
     path = Path(path)
-    data = _read_bytes(path)
-    _, table, _ = _parse(path, data)
-    try:
-        tensors = st_numpy.load(data)
-    except SafetensorError as e:
-        raise _fail(path, f"corrupt safetensors data ({e})") from None
+    _, table, _, _ = _read(path)
     digests = table["sha256"]
-    for key, want in digests.items():
-        if key not in tensors:
-            raise _fail(path, f"missing tensor {key}")
-        if _digest(tensors[key]) != want:
-            raise _fail(path, f"corrupt: checksum mismatch in tensor {key}")
-
-    def tensor(key: str) -> np.ndarray:
-        if key not in digests:
-            raise _fail(path, f"tensor {key} has no checksum in the table")
-        return tensors[key]
-
     try:
-        layers = {name: _layer(name, entry, tensor) for name, entry in table["layers"].items()}
-        float_params = {name: tensor(f"float/{name}") for name in table.get("float_params", [])}
-    except (ValueError, KeyError, TypeError) as e:
-        msg = f"missing {e}" if isinstance(e, KeyError) else str(e)
-        raise _fail(path, f"malformed spfq table: {msg}".replace("\n", " ")) from None
+        with safe_open(str(path), framework="numpy") as f:
+            verified = set()
+
+            def tensor(key: str) -> np.ndarray:
+                a = f.get_tensor(key)
+                if key not in verified:
+                    if _digest(a) != digests[key]:
+                        raise _fail(path, f"corrupt: checksum mismatch in tensor {key}")
+                    verified.add(key)
+                return a
+
+            layers = {name: _layer(path, name, entry, tensor) for name, entry in table["layers"].items()}
+            float_params = {name: tensor(f"float/{name}") for name in table.get("float_params", [])}
+            for key in digests:
+                if key not in verified:
+                    tensor(key)
+    except SafetensorError as e:
+        raise _fail(path, f"corrupt safetensors data ({e})".replace("\n", " ")) from None
+    except OSError as e:
+        raise _fail(path, f"cannot read: {e.strerror or e}") from None
     return CompressedModel(layers=layers, float_params=float_params,
                            model_spec=table.get("model_spec"), meta=table.get("meta") or {})
 
 
-def _layer(name: str, entry: dict, tensor) -> CompressedLayer:
+def _conv(entry: dict) -> dict | None:
+    conv = entry.get("conv")
+    if conv is None or "kernel_size" in conv:
+        return conv
+    return {**conv, "kernel_size": list(entry["weight_shape"][2:])}  # exporters read it
+
+
+def _layer(path: Path, name: str, entry: dict, tensor) -> CompressedLayer:
+    """A layer from its (schema-checked) table entry; buffer problems are FormatErrors."""
     keys = entry["tensors"]
     layout = L.get_layout(entry["layout"])
     try:
         codes = L.unpack_layer(layout.name, {r: tensor(keys[r]) for r in layout.roles}, entry)
+        layer = CompressedLayer(
+            name=name, kind=entry["kind"], weight_shape=tuple(entry["weight_shape"]),
+            alphabet=entry["alphabet"], bits=entry["bits"], codes=codes,
+            scale=tensor(keys["scale"]).astype(np.float32),
+            lam=tensor(keys["lam"]).astype(np.float32) if "lam" in keys else None,
+            bias=tensor(keys["bias"]).astype(np.float32) if "bias" in keys else None,
+            conv=_conv(entry), meta=dict(entry.get("meta") or {}))
+        layer.validate()
     except ValueError as e:
-        raise ValueError(f"layer {name}: {e}") from None
-    rows = int(entry["weight_shape"][0])
-
-    def row_vector(role: str, dtype) -> np.ndarray | None:
-        if role not in keys:
-            return None
-        a = tensor(keys[role])
-        if a.dtype != dtype or a.shape != (rows,):
-            raise ValueError(f"layer {name}: {role} is {a.dtype} {a.shape}, "
-                             f"expected {np.dtype(dtype)} ({rows},)")
-        return a.astype(np.float32)
-
-    layer = CompressedLayer(
-        name=name, kind=entry["kind"], weight_shape=tuple(int(s) for s in entry["weight_shape"]),
-        alphabet=entry["alphabet"], bits=int(entry["bits"]), codes=codes,
-        scale=row_vector("scale", np.float16), lam=row_vector("lam", np.float16),
-        bias=row_vector("bias", np.float32), conv=entry.get("conv"), meta=entry.get("meta") or {})
-    if layer.scale is None:
-        raise ValueError(f"layer {name}: no scale tensor")
-    layer.validate()
+        raise _fail(path, f"layer {name}: {str(e).removeprefix(f'{name}: ')}".replace("\n", " ")) from None
     return layer
