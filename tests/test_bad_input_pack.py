@@ -436,6 +436,69 @@ def test_valid_file_still_reads(saved):
     assert list(m.layers) == list(ref.layers) and m.meta == ref.meta
 
 
+# ---------------------------------------------------------------- (8) same model, same bytes
+
+SAVE_SCRIPT = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    from test_bad_input_pack import LAYOUTS, make_model
+    from spfq_deploy.pack import save
+    save(sys.argv[1], make_model(), layouts=LAYOUTS)
+''')
+
+
+def test_save_is_byte_identical_across_processes(tmp_path):
+    digests = set()
+    for seed in ("0", "1", "2", "3"):
+        out = tmp_path / f"m{seed}.spfq"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(out), str(Path(__file__).parent)],
+                       check=True, env=env, cwd=ROOT, timeout=120)
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    n = int.from_bytes(out.read_bytes()[:8], "little")
+    assert n % 8 == 0
+    header = json.loads(out.read_bytes()[8:8 + n])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert set(st_numpy.load_file(str(out))) == set(header) - {"__metadata__"}
+    load(out)
+
+
+def test_save_twice_in_one_process_same_bytes(tmp_path):
+    files = [tmp_path / f"{i}.spfq" for i in range(6)]
+    for f in files:
+        save(f, make_model(), layouts=LAYOUTS)
+    assert len({f.read_bytes() for f in files}) == 1
+
+
+TINY = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+    def calibration():
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(64, 1, 6, 6, generator=g)
+''')
+
+
+def test_compress_twice_same_sha256(tmp_path):
+    (tmp_path / "tiny.py").write_text(TINY)
+    digests = set()
+    for seed in ("0", "1"):
+        out = tmp_path / f"t{seed}.spfq"
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-m", "spfq_deploy.cli", "compress", str(tmp_path / "tiny.py"),
+                        "--bits", "4", "--sparsity", "0.5", "--method", "spfq", "--seed", "7", "-q",
+                        "-o", str(out)], check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
 # ---------------------------------------------------------------- (9) sparse mask vs kept codes
 
 def flip(row: int, col: int):

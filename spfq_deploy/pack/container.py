@@ -18,7 +18,8 @@ truncation, format, version, the table checksum, the table's schema and every bu
 shape are checked before any tensor data is touched (read_header stops there); load() then maps
 the tensors with safetensors and verifies every checksum. Every problem is a one-line
 FormatError naming the file.
-Writing is atomic: temp file in the same directory, fsync, os.replace.
+Writing is atomic (temp file in the same directory, fsync, os.replace) and deterministic: the
+same model gives the same bytes (sorted JSON keys; the layer order is kept).
 """
 
 from __future__ import annotations
@@ -88,6 +89,27 @@ def _as_float16(name: str, what: str, a: np.ndarray, rows: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- writing
 
+def _sorted(o):
+    if isinstance(o, dict):
+        return {k: _sorted(o[k]) for k in sorted(o)}
+    if isinstance(o, list):
+        return [_sorted(v) for v in o]
+    return o
+
+
+def _canonical_text(table: dict) -> str:
+    """The table as JSON with every object's keys sorted, except the layers, which keep the
+    model's order (load returns them in it): no dict built from a set can change the bytes."""
+    try:
+        plain = json.loads(json.dumps(table, default=_json_default))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model metadata cannot be stored: {e}") from e
+    out = {}
+    for k in sorted(plain):
+        out[k] = {n: _sorted(e) for n, e in plain[k].items()} if k == "layers" else _sorted(plain[k])
+    return json.dumps(out)
+
+
 def _build(model: CompressedModel, layouts: dict[str, str] | None):
     """Tensors and metadata of a model; raises ValueError on anything that would not round-trip."""
     layouts = dict(layouts or {})
@@ -126,10 +148,7 @@ def _build(model: CompressedModel, layouts: dict[str, str] | None):
     table = {"layers": table_layers, "float_params": list(model.float_params),
              "model_spec": model.model_spec, "meta": model.meta,
              "sha256": {k: _digest(v) for k, v in tensors.items()}}
-    try:
-        text = json.dumps(table, default=_json_default)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"model metadata cannot be stored: {e}") from e
+    text = _canonical_text(table)
     try:
         _check_table(json.loads(text), {k: (_st_name(k, v.dtype), v.shape) for k, v in tensors.items()})
     except ValueError as e:
@@ -147,7 +166,14 @@ def _st_name(key: str, dtype: np.dtype) -> str:
 
 
 def _serialise(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    return st_numpy.save(tensors, metadata=metadata)
+    """safetensors' bytes with its JSON header rewritten canonically (sorted keys, compact, padded
+    with spaces to 8 bytes as safetensors pads): it writes the metadata map in a random order."""
+    raw = st_numpy.save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":"),
+                        ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
 
 
 def save(path: str | os.PathLike, model: CompressedModel,
