@@ -219,8 +219,11 @@ def cmd_export(args) -> int:
 def cmd_validate(args) -> int:
     from .validate import table, to_json, validate
 
-    if args.report and not Path(args.report).parent.is_dir():
-        raise SpfqError(f"{Path(args.report).parent}: output directory does not exist")
+    for opt, dest in (("--json", args.json), ("--report", args.report)):  # before the (long) run
+        if dest and Path(dest).is_dir():
+            raise SpfqError(f"{opt} {dest}: is a directory (give a file name)")
+        if dest and not Path(dest).parent.is_dir():
+            raise SpfqError(f"{opt} {dest}: output directory {Path(dest).parent} does not exist")
     report = validate(args.folder, targets=args.target, data=args.data)
     print(table(report))
     if args.json:

@@ -25,8 +25,6 @@ from spfq_deploy.validate import tolerances
 def export_dir(tmp_path_factory):
     import examples.mnist_cnn as mnist
     from spfq_deploy.compress import compress_model
-    from spfq_deploy.export.onnx_export import export_onnx
-    from spfq_deploy.export.tvm_export import export_tvm
     from spfq_deploy.pack import container
 
     base = tmp_path_factory.mktemp("validate")
@@ -34,8 +32,7 @@ def export_dir(tmp_path_factory):
                          model_spec="examples/mnist_cnn.py")
     container.save(base / "m.spfq", res.model)
     out = base / "out"
-    export_onnx(base / "m.spfq", out, log=lambda *a: None)
-    export_tvm(base / "m.spfq", out, target="x86_64", merge=True, log=lambda *a: None)
+    assert main(["export", str(base / "m.spfq"), "-o", str(out), "--format", "all", "--target", "x86_64"]) == 0
     np.savez(base / "digits.npz", input=mnist.load_digits()[0][:32].numpy())
     return out
 
@@ -76,8 +73,12 @@ def test_clean_export_passes_every_row(export_dir, capsys, tmp_path):
     assert all(x["local_ok"] for x in custom["layers"])  # int8 kernels exact per layer
     cuda = [r for r in report["rows"] if r["target"] == "cuda"]
     assert len(cuda) == 1 and cuda[0]["status"] == "skip" and cuda[0]["note"]
-    for col in ("max abs err", "max rel err", "cosine (min)", "SNR dB", "top-1", "first diverging layer", "latency ms"):
+    for col in ("max abs err", "max rel err", "cosine (min)", "SNR dB", "top-1", "weights", "first diverging layer",
+                "latency ms"):
         assert col in out
+    for r in report["rows"]:  # every ONNX flavour's weights decoded and exact; TVM's are compiled in
+        if r["status"] != "skip":
+            assert r["weights"]["status"] == ("not checked" if r["file"].endswith(".so") else "ok"), r
     assert out.count("[ok]") == 4 and "[x]" not in out
     # --target picks rows; the default inputs.npz is used without --data
     rc, out, _, report = _validate(export_dir, capsys, "--target", "x86_64")
@@ -168,10 +169,9 @@ def test_bad_input_is_one_line(export_dir, capsys, tmp_path):
 def arm64_dir(export_dir, tmp_path_factory):
     """The same file exported for arm64 (custom-op flavour): its aarch64 custom-op library runs in
     the emulated arm64 Python (onnxruntime of targets/arm64.toml) through the folder's run_onnx.py."""
-    from spfq_deploy.export.onnx_export import export_onnx
-
     out = tmp_path_factory.mktemp("validate-arm64") / "out"
-    export_onnx(export_dir.parent / "m.spfq", out, target="arm64", flavours=("custom",), log=lambda *a: None)
+    assert main(["export", str(export_dir.parent / "m.spfq"), "-o", str(out), "--format", "onnx", "--target", "arm64",
+                 "--flavours", "custom"]) == 0
     return out
 
 
@@ -196,3 +196,20 @@ def test_arm64_custom_ops_run_under_qemu(arm64_dir, capsys, tmp_path):
     rc, _, _, report = _validate(bad, capsys, "--target", "arm64")
     row = _row(report, "model.spfq.onnx", target="arm64")
     assert rc == 1 and row["status"] == "fail" and row["first_diverging_layer"] == "features.0", row
+
+
+def test_changed_onnx_runner_is_not_executed_under_qemu(arm64_dir, capsys, tmp_path):
+    """validate executes the folder's run_onnx.py (under qemu-aarch64): a copy whose sha256 is not
+    the manifest's fails the rows that would run it and never runs."""
+    bad = tmp_path / "bad"
+    shutil.copytree(arm64_dir, bad)
+    marker = tmp_path / "runner-ran"
+    body = (bad / "run_onnx.py").read_text()
+    assert "from __future__ import annotations\n" in body
+    (bad / "run_onnx.py").write_text(body.replace("from __future__ import annotations\n", "from __future__ import "
+                                                  f"annotations\nopen({str(marker)!r}, 'w').write('ran')\n", 1))
+    rc, text, err, report = _validate(bad, capsys, "--target", "arm64")
+    assert rc == 1 and "Traceback" not in text + err
+    row = _row(report, "model.spfq.onnx", target="arm64")
+    assert row["status"] == "fail" and row["error"].startswith("run_onnx.py: sha256 differs from manifest.json"), row
+    assert "not run" in row["error"] and not marker.exists()

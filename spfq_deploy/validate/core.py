@@ -3,7 +3,13 @@
 Reference: the dequantised PyTorch model rebuilt from OUT/model.spfq (float artifacts), or the
 integer reference (spfq_deploy.reference.int8_activation_reference) for artifacts built with
 int8 activations. Same inputs for both: OUT/inputs.npz or a --data .npz with the same names.
-Rules: tolerances.TOLERANCES. First diverging layer: layers.py.
+Rules: tolerances.TOLERANCES. First diverging layer: layers.py. Weights of the ONNX flavours
+decoded and compared exactly with model.spfq: weights.py.
+
+Manifests: each one's "format" must be the one its file name stands for and its
+"format_version" one this code reads (FORMAT_VERSION); anything else, or a manifest that is not
+a JSON object, stops validation (SpfqError, exit 2): rows built from a misread manifest would
+mean nothing.
 """
 
 from __future__ import annotations
@@ -20,19 +26,48 @@ from ..export.source import file_sha256
 from ..errors import SpfqError
 from . import layers as layer_checks
 from . import metrics, runners
+from . import weights as weight_checks
 from .tolerances import TOLERANCES, failures
 
 HOST = {"x86_64": "x86_64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 MANIFESTS = ("manifest.json", "manifest.tvm.json", "manifest.cuda.json")
+FORMATS = {"manifest.json": "spfq-deploy/onnx-export", "manifest.tvm.json": "spfq-deploy/tvm-export",
+           "manifest.cuda.json": "spfq-deploy/cuda-export"}
+FORMAT_VERSION = 1  # the newest manifest format_version this validate reads
+_OBJECT_FIELDS = ("files", "inputs", "artifacts", "custom_op_library", "skipped", "layers", "libraries", "library",
+                  "source")
+
+
+def _kind(v) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number")
 
 
 def _read_manifest(path: Path) -> dict | None:
+    """The manifest, None when the folder has none; SpfqError for one validate cannot trust."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise SpfqError(f"{path}: not a readable manifest ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise SpfqError(f"{path}: not an spfq-deploy manifest (the JSON is a {_kind(doc)}, not an object)")
+    want, fmt, version = FORMATS[path.name], doc.get("format"), doc.get("format_version")
+    if fmt != want:
+        raise SpfqError(f"{path}: format {fmt!r}, expected {want!r} (not an export this spfq-deploy validates)")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise SpfqError(f"{path}: format_version {version!r} is not a version number")
+    if version > FORMAT_VERSION:
+        raise SpfqError(f"{path}: format_version {version} is newer than this spfq-deploy reads "
+                        f"({FORMAT_VERSION}): validate it with the spfq-deploy that exported it, or update")
+    for key in _OBJECT_FIELDS:
+        if key in doc and not isinstance(doc[key], dict):
+            raise SpfqError(f"{path}: {key!r} is a {_kind(doc[key])}, not an object (a damaged manifest)")
+    bad = next((k for k, v in doc.get("files", {}).items() if not isinstance(v, dict)), None)
+    if bad is not None:
+        raise SpfqError(f"{path}: the files entry of {bad!r} is not an object (a damaged manifest)")
+    return doc
 
 
 def _load_data(path: Path, names: list[str]) -> dict:
@@ -112,7 +147,9 @@ def _checksum(out: Path, rel: str, files: dict) -> str | None:
     if entry is None:
         return f"{rel} has no checksum in the manifest"
     if file_sha256(path) != entry.get("sha256"):
-        return f"{rel}: sha256 differs from the manifest ({path.stat().st_size:,} bytes, manifest {entry.get('bytes', '?'):,})"
+        size = entry.get("bytes")
+        size = f"{size:,}" if isinstance(size, int) and not isinstance(size, bool) else "?"
+        return f"{rel}: sha256 differs from the manifest ({path.stat().st_size:,} bytes, manifest {size})"
     return None
 
 
@@ -154,9 +191,16 @@ def validate(out_dir: str | Path, targets: list[str] | None = None, data: str | 
     if qemu:
         log(f"running {len(qemu)} aarch64 librar{'y' if len(qemu) == 1 else 'ies'} under qemu-aarch64 "
             "(import tvm alone takes 10-20 s there) ...")
-        qemu_results = runners.run_tvm_qemu(out, qemu, (tvm_m.get("inputs") or {}).get("names", names), feeds)
+        qemu_results = runners.run_tvm_qemu(out, qemu, (tvm_m.get("inputs") or {}).get("names", names), feeds,
+                                            tvm_m.get("files", {}), "manifest.tvm.json")
+    # model.spfq is the reference and what the weights are compared with: it must be the exported one
+    spfq_changed = next((f"{why} ({name}; the reference and the weight check are built from it)"
+                         for name, m in zip(MANIFESTS, (onnx_m, tvm_m, cuda_m))
+                         if m is not None and "model.spfq" in m.get("files", {})
+                         for why in [_checksum(out, "model.spfq", m["files"])] if why), None)
+    shared = {"weights": {}, "spfq_changed": spfq_changed}
     for art in arts:
-        rows.append(_validate_one(out, art, manifests, feeds, refs, out_names, qemu_results))
+        rows.append(_validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, shared))
     for t in sorted(wanted or ()):
         if t != "cuda" and not any(a.target == t for a in arts):
             rows.append(_skip_row("(any)", t, f"no artifact for target {t} in {out}"))
@@ -173,7 +217,46 @@ def _skip_row(artifact: str, target: str, why: str) -> dict:
             "metrics": None, "latency_ms": None}
 
 
-def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results) -> dict:
+WEIGHTS_NOT_CHECKED = {
+    "tvm": "not decoded: the weights are compiled into the TVM library (checked by its sha256 and the numbers)",
+    "cuda": "the CUDA library uploads model.spfq itself (no copy of the weights to decode); its sha256 is "
+            "checked against manifest.cuda.json",
+}
+
+
+def _weights(out, art, refs, shared, row) -> list[str]:
+    """The weight check of the row's artifact (once per file): row["weights"], failures to add."""
+    if art.flavour not in ("custom", "stock", "qonnx"):
+        row["weights"] = {"status": "not checked" if art.flavour == "tvm" else "sha256",
+                          "note": WEIGHTS_NOT_CHECKED.get(art.flavour, "")}
+        return []
+    cache = shared["weights"]
+    if art.file not in cache:
+        try:
+            cache[art.file] = weight_checks.check_file(out / art.file, art.flavour, refs.cm, refs.layer_names)
+        except Exception as exc:  # a decoder crash is this row's failure, never a traceback
+            cache[art.file] = {"status": "fail", "layers": len(refs.cm.layers), "exact": 0, "first_mismatch": None,
+                               "mismatches": [{"layer": None, "problem": f"cannot be checked ({_one_line(exc)})"}],
+                               "mismatch_count": 1}
+    res = cache[art.file]
+    row["weights"] = res
+    if res["status"] == "ok":
+        return []
+    first = res["mismatches"][0]
+    more = res["mismatch_count"] - 1
+    where = f"layer {first['layer']}" if first["layer"] else art.file
+    return [f"weights: {where}: {first['problem']}" + (f" (and {more} more)" if more > 0 else "")]
+
+
+def _earliest(names: list[str], *layers) -> str | None:
+    """The first of `layers` (None ignored) in graph order."""
+    cands = [n for n in layers if n]
+    order = {n: i for i, n in enumerate(names)}
+    return min(cands, key=lambda n: order.get(n, len(order))) if cands else None
+
+
+def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, shared=None) -> dict:
+    shared = shared or {"weights": {}, "spfq_changed": None}
     row = {"artifact": art.label, "file": art.file, "target": art.target, "kind": art.kind,
            "reference": "integer reference (int8 activations)" if art.reference == "int8" else "dequantised model",
            "tolerance": TOLERANCES[art.kind].as_dict(), "status": "ok", "metrics": None, "latency_ms": None,
@@ -182,26 +265,36 @@ def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results) -> 
         row.update(status="skip", note=art.skip)
         return row
     tol = TOLERANCES[art.kind]
+    # integrity (checksums, decoded weights): these fail the row whatever its kind, informational too
+    integrity = _weights(out, art, refs, shared, row)
+    if shared["spfq_changed"] and art.flavour != "cuda":  # the cuda row checks model.spfq as its upload
+        integrity.insert(0, shared["spfq_changed"])
+    row["failures"].extend(integrity)
+    weight_first = (row.get("weights") or {}).get("first_mismatch")
     try:
-        outs, latency, per_layer = _run(out, art, manifests, feeds, refs, qemu_results, row)
+        outs, latency, per_layer = _run(out, art, manifests, feeds, refs, qemu_results, row, integrity)
     except runners.Unavailable as exc:
-        row.update(status="skip", note=str(exc))
+        if integrity:
+            row.update(status="fail", note=str(exc), first_diverging_layer=weight_first)
+        else:
+            row.update(status="skip", note=str(exc))
         return row
     except Exception as exc:  # any load / run error is this row's failure, never a traceback
-        row.update(status="fail", error=_one_line(exc))
+        row.update(status="fail", error=_one_line(exc), first_diverging_layer=weight_first)
         return row
     row["latency_ms"] = latency
     want, _ = refs.outputs(art.reference)
     if art.flavour == "qonnx":
         want = [w[:runners.QONNX_SAMPLES] for w in want]
     if len(outs) != len(want):
-        row.update(status="fail", error=f"{len(outs)} outputs, the reference has {len(want)}")
+        row.update(status="fail", error=f"{len(outs)} outputs, the reference has {len(want)}",
+                   first_diverging_layer=weight_first)
         return row
     try:
         per_output = [metrics.compare(g, w, metrics.is_classifier(w, out_names[i] if i < len(out_names) else ""))
                       for i, (g, w) in enumerate(zip(outs, want))]
     except ValueError as exc:
-        row.update(status="fail", error=str(exc))
+        row.update(status="fail", error=str(exc), first_diverging_layer=weight_first)
         return row
     row["metrics"] = metrics.worst(per_output)
     row["failures"] = failures(row["metrics"], tol) + row["failures"]
@@ -210,6 +303,7 @@ def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results) -> 
         row["vs_dequantised_model"] = metrics.worst(
             [metrics.compare(g, w, metrics.is_classifier(w, out_names[i] if i < len(out_names) else ""))
              for i, (g, w) in enumerate(zip(outs, floats))])
+    numbers_first = None
     if per_layer is not None:
         layer_rows, first = per_layer
         row["layers"] = layer_rows
@@ -219,21 +313,26 @@ def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results) -> 
                                    f"(rel err {next(r['local_max_rel_err'] for r in layer_rows if r['layer'] == bad[0]):.3g}"
                                    f" > {tol.layer_rel_err:g})")
         if row["failures"]:
-            row["first_diverging_layer"] = first
+            numbers_first = first
     elif row["failures"] and art.flavour == "tvm":
         row["note"] = "first diverging layer: not observable inside a compiled TVM library"
+    row["first_diverging_layer"] = _earliest(refs.layer_names, weight_first, numbers_first)
     if tol.informational:
-        row["status"] = "info"
-        if row["failures"]:
-            row["note"] = "informational (int8 compute inside MatMulNBits is not held to parity): " + "; ".join(row["failures"])
-            row["failures"] = []
+        soft = [f for f in row["failures"] if f not in integrity]
+        row["failures"] = [f for f in row["failures"] if f in integrity]
+        row["status"] = "fail" if row["failures"] else "info"
+        if soft:
+            row["note"] = "informational (int8 compute inside MatMulNBits is not held to parity): " + "; ".join(soft)
+        if not row["failures"]:
+            row["first_diverging_layer"] = None
     elif row["failures"]:
         row["status"] = "fail"
     return row
 
 
-def _run(out, art, manifests, feeds, refs, qemu_results, row):
-    """(outputs, latency ms, per-layer (rows, first) or None). Checksum problems go to row['failures']."""
+def _run(out, art, manifests, feeds, refs, qemu_results, row, integrity):
+    """(outputs, latency ms, per-layer (rows, first) or None). Checksum problems go to row['failures']
+    and integrity. A runner script (run_onnx.py) runs only when its sha256 is the manifest's."""
     tvm_m = manifests["tvm"]
     manifest = manifests.get(art.flavour, manifests["onnx"])
     files = (manifest or {}).get("files", {})
@@ -245,6 +344,7 @@ def _run(out, art, manifests, feeds, refs, qemu_results, row):
                 raise SpfqError(why)
             changed[rel] = why
             row["failures"].append(why)
+            integrity.append(why)
     for rel in [art.file] + ([art.library] if art.library else []):
         if rel.endswith(".so"):
             # never dlopen a damaged library in this process: a truncated one can die of SIGBUS
@@ -266,13 +366,14 @@ def _run(out, art, manifests, feeds, refs, qemu_results, row):
         outs, ms = runners.run_tvm_native(out, art, [feeds[n] for n in names])
         return outs, ms, None
     if art.runner == "qemu":
-        values, ms = runners.run_onnx_qemu(out, out / art.file, out / art.library if art.library else None, feeds)
+        values, ms = runners.run_onnx_qemu(out, out / art.file, out / art.library if art.library else None, feeds,
+                                           files, "manifest.json")
         outs = list(values.values())
     else:
         outs, ms = runners.run_onnx(out, art, feeds)
     per_layer = None
     if art.flavour in ("custom", "stock") and art.kind != "info":
-        per_layer = _layers(out, art, feeds, refs)
+        per_layer = _layers(out, art, feeds, refs, files)
     return outs, ms, per_layer
 
 
@@ -286,7 +387,7 @@ def _recorded_layers(recorded: dict, art, refs):
                               TOLERANCES[art.kind], TOLERANCES[art.kind])
 
 
-def _layers(out, art, feeds, refs):
+def _layers(out, art, feeds, refs, files):
     import onnx
 
     from ..export import runners as ort_runners
@@ -301,7 +402,7 @@ def _layers(out, art, feeds, refs):
         path.write_bytes(probe.SerializeToString())
         library = out / art.library if art.library else None
         if art.runner == "qemu":
-            values, _ = runners.run_onnx_qemu(out, path, library, feeds)
+            values, _ = runners.run_onnx_qemu(out, path, library, feeds, files, "manifest.json")
         else:
             sess = ort_runners.session(path, library, accuracy_level=art.accuracy_level)
             values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))

@@ -7,7 +7,9 @@ import math
 
 MARKS = {"ok": "[ok]", "fail": "[x]", "skip": "[skip]", "info": "[info]"}
 COLUMNS = ("", "artifact", "target", "max abs err", "max rel err", "cosine (min)", "SNR dB", "top-1",
-           "first diverging layer", "latency ms")
+           "weights", "first diverging layer", "latency ms")
+# the weight check (weights.py): every layer decoded and equal to model.spfq / not / not decoded
+WEIGHTS = {"ok": "exact", "fail": "differ", "sha256": "sha256", "not checked": "-"}
 
 
 def _num(v, fmt) -> str:
@@ -23,7 +25,8 @@ def _cells(row: dict) -> list[str]:
     top1 = m.get("top1_agreement")
     return [MARKS[row["status"]], row["artifact"], row["target"], _num(m.get("max_abs_err"), ".3g"),
             _num(m.get("max_rel_err"), ".3g"), _num(m.get("min_cosine"), ".6f"), _num(m.get("snr_db"), ".1f"),
-            "-" if top1 is None else f"{100 * top1:.1f}%", row.get("first_diverging_layer") or "-",
+            "-" if top1 is None else f"{100 * top1:.1f}%",
+            WEIGHTS.get((row.get("weights") or {}).get("status"), "-"), row.get("first_diverging_layer") or "-",
             _num(row.get("latency_ms"), ".2f")]
 
 

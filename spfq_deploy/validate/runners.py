@@ -3,13 +3,15 @@
 ONNX flavours: onnxruntime sessions (spfq_deploy.export.runners.session, custom-op library
 registered) and the qonnx executor (run_qonnx). TVM libraries: in this process for a native
 target (spfq_deploy.export.tvm_export.load / run), under qemu-aarch64 with build/arm64-python
-and the folder's run_tvm.py for an aarch64 target. A library whose checksum differs from the
-manifest is first loaded in a child process, so a truncated file gives a load error, not a
-crash of the validator.
+and the folder's run_tvm.py for an aarch64 target. The runner scripts are executed, so each
+runs only as a private copy of bytes whose sha256 is the manifest's (verified_runner). A library
+whose checksum differs from the manifest is first loaded in a child process, so a truncated file
+gives a load error, not a crash of the validator.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -174,13 +176,35 @@ def run_onnx(out: Path, art: Artifact, feeds: dict) -> tuple[list, float | None]
     return _timed(lambda: sess.run(None, feeds))
 
 
-def run_onnx_qemu(out: Path, model: Path, library: Path | None, feeds: dict) -> tuple[dict, float]:
-    """({output name: array}, ms per run) of an ONNX model run by the folder's run_onnx.py in the
-    arm64 Python under qemu-aarch64 (latency: emulated, not a device figure)."""
+def verified_runner(out: Path, name: str, files: dict, manifest: str, dest: Path) -> Path:
+    """A private copy (in dest) of the folder's runner script `name`, made from bytes whose sha256
+    is the one `manifest`'s files table records; SpfqError (and nothing run) otherwise. The copy is
+    what runs, so the file cannot change between the check and its use."""
+    path = out / name
+    if not path.is_file():
+        raise SpfqError(f"{name} is missing: not run")
+    want = (files.get(name) or {}).get("sha256")
+    if not want:
+        raise SpfqError(f"{name} has no checksum in {manifest}: not run (validate executes it)")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != want:
+        raise SpfqError(f"{name}: sha256 differs from {manifest} ({len(data):,} bytes): not run "
+                        "(validate executes it; export the folder again)")
+    copy = dest / name
+    copy.write_bytes(data)
+    return copy
+
+
+def run_onnx_qemu(out: Path, model: Path, library: Path | None, feeds: dict, files: dict,
+                  manifest: str = "manifest.json") -> tuple[dict, float]:
+    """({output name: array}, ms per run) of an ONNX model run by the folder's run_onnx.py (checked
+    against `files`, the manifest's table) in the arm64 Python under qemu-aarch64 (latency:
+    emulated, not a device figure)."""
     with tempfile.TemporaryDirectory(prefix="spfq-validate-") as tmp:
         tmp = Path(tmp)
+        runner = verified_runner(out, "run_onnx.py", files, manifest, tmp)
         np.savez(tmp / "inputs.npz", **feeds)
-        cmd = [str(ARM64_PYTHON), str(out / "run_onnx.py"), str(model), str(tmp / "inputs.npz"),
+        cmd = [str(ARM64_PYTHON), str(runner), str(model), str(tmp / "inputs.npz"),
                "-o", str(tmp / "outputs.npz"), "--repeat", str(REPEATS)]
         if library is not None:
             cmd += ["--library", str(library)]
@@ -231,12 +255,18 @@ class Unavailable(Exception):
     """This artifact cannot run on this machine (no GPU): the row is skipped, not failed."""
 
 
-def run_tvm_qemu(out: Path, arts: list[Artifact], names: list[str], feeds: dict) -> dict:
+def run_tvm_qemu(out: Path, arts: list[Artifact], names: list[str], feeds: dict, files: dict,
+                 manifest: str = "manifest.tvm.json") -> dict:
     """All aarch64 libraries in one qemu process (one `import tvm`, 10-20 s under emulation):
-    {file: (outputs, latency ms) or an error string}."""
+    {file: (outputs, latency ms) or an error string}. The folder's run_tvm.py runs only when its
+    sha256 is the one `files` (the manifest's table) records."""
     results = {}
     with tempfile.TemporaryDirectory(prefix="spfq-validate-") as tmp:
         tmp = Path(tmp)
+        try:
+            runner = verified_runner(out, "run_tvm.py", files, manifest, tmp)
+        except SpfqError as exc:
+            return {a.file: str(exc) for a in arts}
         np.savez(tmp / "inputs.npz", **{n: feeds[n] for n in names})  # argument order
         argv = []
         for a in arts:
@@ -244,7 +274,7 @@ def run_tvm_qemu(out: Path, arts: list[Artifact], names: list[str], feeds: dict)
         for i, _ in enumerate(arts):
             argv += ["-o", str(tmp / f"out{i}.npz")]
         try:
-            r = subprocess.run([str(ARM64_PYTHON), str(out / "run_tvm.py"), *argv, "--repeat", str(REPEATS)],
+            r = subprocess.run([str(ARM64_PYTHON), str(runner), *argv, "--repeat", str(REPEATS)],
                                capture_output=True, text=True, timeout=1800)
         except subprocess.TimeoutExpired:
             return {a.file: "qemu run did not finish in 1800 s" for a in arts}
