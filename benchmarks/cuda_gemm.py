@@ -72,7 +72,7 @@ from spfq_deploy.atomic import write_text  # noqa: E402
 from spfq_deploy.compressed import CompressedLayer  # noqa: E402
 from spfq_deploy.cuda_runtime import CudaError, CudaLibrary, CudaPackedWeights  # noqa: E402
 from spfq_deploy.errors import SpfqError  # noqa: E402
-from spfq_deploy.export import cuda_library  # noqa: E402
+from spfq_deploy.export.cuda import library as cuda_library  # noqa: E402
 from spfq_deploy.kernels import kernel_pack  # noqa: E402
 from spfq_deploy.pack.bits import pack_bits  # noqa: E402
 from spfq_deploy.targets import get_target  # noqa: E402

@@ -32,10 +32,10 @@ import examples.mnist_cnn as mnist  # noqa: E402
 from spfq_deploy.atomic import write_text  # noqa: E402
 from spfq_deploy.bench.worker import timeit  # noqa: E402,F401  (tvm_latency.py imports it from here)
 from spfq_deploy.compress import compress_model  # noqa: E402
-from spfq_deploy.export import capture as cap  # noqa: E402
-from spfq_deploy.export.onnx_export import export_onnx  # noqa: E402
+from spfq_deploy.export import export  # noqa: E402
+from spfq_deploy.export.onnx.graph import float_graph  # noqa: E402
 from spfq_deploy.export.source import export_inputs  # noqa: E402
-from spfq_deploy.export.runners import session  # noqa: E402
+from spfq_deploy.export.onnx.session import session  # noqa: E402
 from spfq_deploy.pack import container  # noqa: E402
 
 GOAL = 0.5
@@ -67,13 +67,13 @@ def bench_model(label, module_file, module, feeds_by_case, bits_list, work, spfq
     rows = []
     inputs = export_inputs(module, getattr(module, "calibration", None))
     fp32 = work / f"{label}_fp32.onnx"
-    fp32.write_bytes(cap.float_graph(module.build(), inputs).SerializeToString())
+    fp32.write_bytes(float_graph(module.build(), inputs).SerializeToString())
     calib = module.calibration(16) if label == "minilm" else module.calibration(64)
     for bits in bits_list:
         spfq, method = compressed(label, module_file, module.build, calib, bits, work, spfq_dir)
         out8, outf = work / f"{label}_{bits}_int8", work / f"{label}_{bits}_float"
-        export_onnx(spfq, out8, log=lambda *a: None)
-        export_onnx(spfq, outf, activations="float", flavours=("custom",), log=lambda *a: None)
+        export(spfq, out8, log=lambda *a: None)
+        export(spfq, outf, activations="float", flavours=("custom",), log=lambda *a: None)
         lib = next((out8 / "lib").rglob("libspfq_ort.so"))
         sessions = {"fp32": session(fp32),
                     "stock_acc0": session(out8 / "model.stock.onnx", accuracy_level=0),

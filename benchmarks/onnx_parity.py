@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import examples.minilm as minilm  # noqa: E402
 import examples.mnist_cnn as mnist  # noqa: E402
 from spfq_deploy.atomic import write_text  # noqa: E402
-from spfq_deploy.export.onnx_export import export_onnx  # noqa: E402
-from spfq_deploy.export.runners import run_qonnx, session  # noqa: E402
+from spfq_deploy.export import export  # noqa: E402
+from spfq_deploy.export.onnx.session import run_qonnx, session  # noqa: E402
 from spfq_deploy.pack import container  # noqa: E402
 from spfq_deploy.reference import int8_activation_reference, load_reference  # noqa: E402
 
@@ -40,8 +40,8 @@ def compare(y, ref) -> dict:
 
 def run(spfq: Path, feeds: dict, work: Path, log) -> dict:
     out8, outf = work / "int8", work / "float"
-    export_onnx(spfq, out8, log=lambda *a: None)
-    export_onnx(spfq, outf, activations="float", flavours=("custom",), log=lambda *a: None)
+    export(spfq, out8, log=lambda *a: None)
+    export(spfq, outf, activations="float", flavours=("custom",), log=lambda *a: None)
     lib = out8 / "lib" / "x86_64" / "libspfq_ort.so"
     cm = container.load(spfq)
     ref = load_reference(spfq)

@@ -8,7 +8,7 @@ CNN (batch 1 and 64 real digits) at 1-bit, all in one process:
                          float activations)
   tvm_fp32               the uncompressed model through the same pipeline (torch.export ->
                          Relax -> tvm.compile for the same target dict -> export_library), no
-                         packed layer (tvm_export.float_library)
+                         packed layer (tvm_compile.float_library)
   ort_fp32               the uncompressed model as plain ONNX in onnxruntime
 One thread everywhere (SPFQ_NUM_THREADS, TVM_NUM_THREADS, ORT intra-op threads), medians of
 repeated runs after warm-up (timeit from onnx_latency.py). TVM builds use no tuning (no
@@ -46,10 +46,13 @@ import examples.minilm as minilm  # noqa: E402
 import examples.mnist_cnn as mnist  # noqa: E402
 from onnx_latency import compressed, minilm_tokens, timeit  # noqa: E402
 from spfq_deploy.atomic import write_text  # noqa: E402
-from spfq_deploy.export import capture as cap  # noqa: E402
-from spfq_deploy.export import tvm_export  # noqa: E402
+from spfq_deploy.export import export  # noqa: E402
+from spfq_deploy.export.onnx.graph import float_graph  # noqa: E402
+from spfq_deploy.export.tvm import compile as tvm_compile  # noqa: E402
+from spfq_deploy.export.tvm import runtime as tvm_runtime  # noqa: E402
 from spfq_deploy.export.source import export_inputs  # noqa: E402
-from spfq_deploy.export.runners import session  # noqa: E402
+from spfq_deploy.targets import get_target  # noqa: E402
+from spfq_deploy.export.onnx.session import session  # noqa: E402
 from spfq_deploy.pack import container  # noqa: E402
 from spfq_deploy.reference import int8_activation_reference, load_reference  # noqa: E402
 
@@ -65,24 +68,24 @@ def bench_model(label, module_file, module, feeds_by_case, bits_list, work, spfq
     rows = []
     inputs = export_inputs(module, getattr(module, "calibration", None))
     fp32_onnx = work / f"{label}_fp32.onnx"
-    fp32_onnx.write_bytes(cap.float_graph(module.build(), inputs).SerializeToString())
+    fp32_onnx.write_bytes(float_graph(module.build(), inputs).SerializeToString())
     t0 = time.perf_counter()
-    fp32_so = tvm_export.float_library(module.build(), inputs, work / f"{label}_fp32.so", log=lambda *a: None)
+    fp32_so = tvm_compile.float_library(module.build(), inputs, work / f"{label}_fp32.so", log=lambda *a: None)
     log(f"{label}: TVM fp32 compiled in {time.perf_counter() - t0:.0f} s")
     calib = module.calibration(16) if label == "minilm" else module.calibration(64)
-    base = {"ort_fp32": session(fp32_onnx), "tvm_fp32": tvm_export.load(fp32_so)[0]}
+    base = {"ort_fp32": session(fp32_onnx), "tvm_fp32": tvm_runtime.load(fp32_so)[0]}
     for bits in bits_list:
         spfq, method = compressed(label, module_file, module.build, calib, bits, work, spfq_dir)
         libs = {}
         for act in ("int8", "float"):
             out = work / f"{label}_{bits}_{act}"
-            tvm_export.export_tvm(spfq, out, target="x86_64", activations=act, log=lambda *a: None)
-            libs[f"tvm_{act}"] = out / tvm_export.library_name("x86_64")
+            export(spfq, out, formats=("tvm",), target="x86_64", activations=act, log=lambda *a: None)
+            libs[f"tvm_{act}"] = out / tvm_runtime.library_name("x86_64")
         ref = load_reference(spfq)
         ref8 = int8_activation_reference(ref, container.load(spfq))
         runners = dict(base)
         for k, path in libs.items():
-            runners[k] = tvm_export.load(path)[0]
+            runners[k] = tvm_runtime.load(path)[0]
         for case, feeds in feeds_by_case.items():
             arrays = list(feeds.values())
             tensors = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
@@ -99,7 +102,7 @@ def bench_model(label, module_file, module, feeds_by_case, bits_list, work, spfq
             res = {}
             for k, fn in calls.items():
                 res[k] = timeit(fn, warmup, repeat)
-                got = runners[k].run(None, feeds)[0] if k == "ort_fp32" else tvm_export.run(runners[k], *arrays)[0]
+                got = runners[k].run(None, feeds)[0] if k == "ort_fp32" else tvm_runtime.run(runners[k], *arrays)[0]
                 res[k]["cos_vs_reference_min"] = _cos(got, want[k])
             for k, r in res.items():
                 r["ratio_vs_tvm_fp32"] = r["median_ms"] / res["tvm_fp32"]["median_ms"]
@@ -140,7 +143,7 @@ def main(argv=None):
                        "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
                        "onnxruntime": onnxruntime.__version__, "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__,
                        "torch": torch.__version__},
-           "target": "x86_64", "tvm_target": dict(tvm_export.get_target("x86_64").tvm),
+           "target": "x86_64", "tvm_target": dict(get_target("x86_64").tvm),
            "threads": 1, "warmup": args.warmup, "repeat": args.repeat, "rows": rows,
            "arm64": "not timed: the arm64 libraries run here only under qemu-user emulation",
            "wall_s": time.perf_counter() - t0}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spfq_deploy.export import cuda_library
+from spfq_deploy.export.cuda import library as cuda_library
 from spfq_deploy.targets import get_target
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ import pytest
 from spfq_deploy import kernels as K
 from spfq_deploy.compressed import CompressedLayer
 from spfq_deploy.cuda_runtime import CudaLibrary, CudaPackedWeights
-from spfq_deploy.export import cuda_library
+from spfq_deploy.export.cuda import library as cuda_library
 from spfq_deploy.kernels import LAYOUT_IDS, WeightsDesc, kernel_pack
 from spfq_deploy.pack.layouts import default_layout
 from spfq_deploy.targets import get_target

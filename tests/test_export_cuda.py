@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from spfq_deploy.cli import main
-from spfq_deploy.export import cuda_library
+from spfq_deploy.export.cuda import library as cuda_library
 from spfq_deploy.export.source import file_sha256
 
 LAYERS = ["features.0", "features.3", "classifier.0", "classifier.2"]

@@ -23,10 +23,14 @@ from onnx import TensorProto, helper
 
 from spfq_deploy.compressed import CompressedLayer, CompressedModel
 from spfq_deploy.errors import SpfqError
-from spfq_deploy.export import capture as cap
-from spfq_deploy.export import onnx_custom, onnx_graph, onnx_qonnx, onnx_stock, ort_library
-from spfq_deploy.export.onnx_export import export_onnx
-from spfq_deploy.export.runners import run_qonnx, session
+from spfq_deploy.export import export
+from spfq_deploy.export.onnx import capture as cap
+from spfq_deploy.export.onnx import custom as onnx_custom
+from spfq_deploy.export.onnx import graph as onnx_graph
+from spfq_deploy.export.onnx import ort_library
+from spfq_deploy.export.onnx import qonnx as onnx_qonnx
+from spfq_deploy.export.onnx import stock as onnx_stock
+from spfq_deploy.export.onnx.session import run_qonnx, session
 from spfq_deploy.kernels import preferred_layout
 from spfq_deploy.reference import Int8ActivationLayer, int8_activation_reference, load_reference
 from spfq_deploy.targets import get_target
@@ -194,7 +198,7 @@ def mnist_exports(tmp_path_factory):
                       "4bit_sparse50": dict(bits=4, sparsity=0.5)}.items():
         res = compress_model(model, calib, progress=False, model_spec="examples/mnist_cnn.py", **opts)
         container.save(base / f"{tag}.spfq", res.model)
-        export_onnx(base / f"{tag}.spfq", base / tag, target="arm64" if tag == "1bit" else None,
+        export(base / f"{tag}.spfq", base / tag, target="arm64" if tag == "1bit" else None,
                     log=lambda *a: None)
         out[tag] = base / tag
     return out
@@ -273,8 +277,8 @@ def minilm_export(tmp_path_factory):
     res = compress_model(ml.build(), ml.calibration(16), progress=False, bits=4, sparsity=0.5, method="rtn",
                          model_spec="examples/minilm.py")
     container.save(base / "m.spfq", res.model)
-    export_onnx(base / "m.spfq", base / "out", log=lambda *a: None)
-    export_onnx(base / "m.spfq", base / "float", activations="float", flavours=("custom",), log=lambda *a: None)
+    export(base / "m.spfq", base / "out", log=lambda *a: None)
+    export(base / "m.spfq", base / "float", activations="float", flavours=("custom",), log=lambda *a: None)
     return base
 
 
@@ -375,11 +379,10 @@ def test_export_bad_input_one_line_no_output(zoo_spfq, tmp_path, problem):
 
 def test_export_force_replaces_and_missing_headers_skip_only_custom(zoo_spfq, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    assert _cli("export", zoo_spfq, "-o", out, "--flavours", "custom").returncode == 0  # an earlier export
     r = _cli("export", zoo_spfq, "-o", out, "--force", env={"SPFQ_ORT_HEADERS": str(tmp_path / "none")})
     assert r.returncode == 0, r.stderr
-    assert not (out / "old.txt").exists()
+    assert not (out / "lib").exists()  # the earlier export's files went with it
     m = json.loads((out / "manifest.json").read_text())
     assert "custom" in m["skipped"] and "make ort-headers" in m["skipped"]["custom"]
     assert not (out / "model.spfq.onnx").exists() and (out / "model.stock.onnx").is_file()

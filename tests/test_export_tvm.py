@@ -24,8 +24,12 @@ from torch import nn
 from spfq_deploy.cli import main as cli_main
 from spfq_deploy.compressed import CompressedModel
 from spfq_deploy.errors import SpfqError
-from spfq_deploy.export import tvm_export, tvm_graph
-from spfq_deploy.export.capture import ExportInputs
+from spfq_deploy.export import export
+from spfq_deploy.export.tvm import compile as tvm_compile
+from spfq_deploy.export.tvm import graph as tvm_graph
+from spfq_deploy.export.tvm import runtime as tvm_runtime
+from spfq_deploy.export.tvm.backend import Backend as TvmBackend
+from spfq_deploy.export.source import ExportInputs
 from spfq_deploy.reference import Int8ActivationLayer, int8_activation_reference, load_reference
 from spfq_deploy.targets import get_target
 
@@ -83,13 +87,13 @@ def test_every_layout_and_geometry_matches_its_reference(tmp_path, all_layers, a
     cm = CompressedModel(layers={la.name: la for la in layers}, float_params={})
     names = [f"x{i}" for i in range(len(xs))]
     inputs = ExportInputs(tuple(xs), names, [f"y{i}" for i in range(len(xs))], {})
-    mod, infos, _ = tvm_export.build_module(_Branches(layers), cm, inputs, activation, log=lambda *a: None)
+    mod, infos, _ = tvm_compile.build_module(_Branches(layers), cm, inputs, activation, log=lambda *a: None)
     assert {i["layout"] for i in infos.values()} == {"sign", "sign_mask", "planes", "sparse"}
-    vm, lib = tvm_export.load(tvm_export.compile_library(mod, HOST, tmp_path / "m.so"))
-    calls = tvm_export.kernel_calls(lib)
-    got = tvm_export.run(vm, *[x.numpy() for x in xs])
+    vm, lib = tvm_runtime.load(tvm_compile.compile_library(mod, HOST, tmp_path / "m.so"))
+    calls = tvm_runtime.kernel_calls(lib)
+    got = tvm_runtime.run(vm, *[x.numpy() for x in xs])
     groups = sum(int(la.conv["groups"]) if la.conv else 1 for la in layers)
-    assert tvm_export.kernel_calls(lib) - calls == groups  # one kernel GEMM per layer and conv group
+    assert tvm_runtime.kernel_calls(lib) - calls == groups  # one kernel GEMM per layer and conv group
     for layer, x, y in zip(layers, xs, got):
         want = _torch_float(layer, x).numpy() if activation == "float" else Int8ActivationLayer(layer)(x).double().numpy()
         tol = 2e-5 * max(1.0, float(np.abs(want).max()))
@@ -110,13 +114,13 @@ def test_packed_function_reports_bad_input(tmp_path):
     layer = _layer("linear", "int", 4, shape=(8, 70))
     cm = CompressedModel(layers={"b0": dataclasses.replace(layer, name="b0")}, float_params={})
     inputs = ExportInputs((torch.zeros(1, 2, 70),), ["x0"], ["y0"], {"x0": {1: "seq"}})
-    mod, _, dyn = tvm_export.build_module(_One(), cm, inputs, "float", log=lambda *a: None)
+    mod, _, dyn = tvm_compile.build_module(_One(), cm, inputs, "float", log=lambda *a: None)
     assert dyn == {"x0": [1]}
-    vm, _ = tvm_export.load(tvm_export.compile_library(mod, HOST, tmp_path / "m.so"))
-    assert tvm_export.run(vm, np.zeros((1, 0, 70), np.float32))[0].shape == (1, 0, 8)
-    assert tvm_export.run(vm, np.ones((1, 5, 70), np.float32))[0].shape == (1, 5, 8)
+    vm, _ = tvm_runtime.load(tvm_compile.compile_library(mod, HOST, tmp_path / "m.so"))
+    assert tvm_runtime.run(vm, np.zeros((1, 0, 70), np.float32))[0].shape == (1, 0, 8)
+    assert tvm_runtime.run(vm, np.ones((1, 5, 70), np.float32))[0].shape == (1, 5, 8)
     with pytest.raises(Exception):  # the VM checks the static last axis before the kernel runs
-        tvm_export.run(vm, np.zeros((1, 2, 69), np.float32))
+        tvm_runtime.run(vm, np.zeros((1, 2, 69), np.float32))
 
 
 # ------------------------------------------------------------------ MNIST CNN end to end
@@ -137,8 +141,8 @@ def mnist_spfq(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mnist_exports(mnist_spfq):
     base = mnist_spfq.parent
-    tvm_export.export_tvm(mnist_spfq, base / "float", target="arm64", activations="float", log=lambda *a: None)
-    tvm_export.export_tvm(mnist_spfq, base / "int8", target="arm64", activations="int8", log=lambda *a: None)
+    export(mnist_spfq, base / "float", formats=("tvm",), target="arm64", activations="float", log=lambda *a: None)
+    export(mnist_spfq, base / "int8", formats=("tvm",), target="arm64", activations="int8", log=lambda *a: None)
     return {"float": base / "float", "int8": base / "int8"}
 
 
@@ -154,15 +158,15 @@ def test_mnist_float_activations_match_the_dequantised_model(mnist_exports):
     ref = load_reference(out / "model.spfq")
     with torch.no_grad():
         want = ref(x).numpy()
-    vm, lib = tvm_export.load(out / "model.x86_64.so")
-    before = tvm_export.kernel_calls(lib)
-    got = tvm_export.run(vm, x.numpy())[0]
-    assert tvm_export.kernel_calls(lib) - before == 4  # conv1, conv2, fc1, fc2: all packed
+    vm, lib = tvm_runtime.load(out / "model.x86_64.so")
+    before = tvm_runtime.kernel_calls(lib)
+    got = tvm_runtime.run(vm, x.numpy())[0]
+    assert tvm_runtime.kernel_calls(lib) - before == 4  # conv1, conv2, fc1, fc2: all packed
     assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
     assert (got.argmax(1) == want.argmax(1)).mean() == 1.0
     print("float", {"max_abs_vs_ref": float(np.abs(got - want).max()), "max_abs_ref": float(np.abs(want).max())})
     # dynamic batch: another batch size runs through the same library
-    assert tvm_export.run(vm, x[:3].numpy())[0].shape == (3, 10)
+    assert tvm_runtime.run(vm, x[:3].numpy())[0].shape == (3, 10)
 
 
 def test_mnist_int8_activations_match_the_integer_reference(mnist_exports):
@@ -174,8 +178,8 @@ def test_mnist_int8_activations_match_the_integer_reference(mnist_exports):
     ref = load_reference(out / "model.spfq")
     with torch.no_grad():
         y8 = int8_activation_reference(ref, cm)(x).numpy()
-    vm, _ = tvm_export.load(out / "model.x86_64.so")
-    got = tvm_export.run(vm, x.numpy())[0]
+    vm, _ = tvm_runtime.load(out / "model.x86_64.so")
+    got = tvm_runtime.run(vm, x.numpy())[0]
     assert (got.argmax(1) == y8.argmax(1)).mean() == 1.0
     assert _cosine_rows(got, y8).min() > 0.9999
     print("int8", {"max_abs_vs_int8_ref": float(np.abs(got - y8).max()), "cos_vs_int8_ref_min": float(_cosine_rows(got, y8).min())})
@@ -193,7 +197,7 @@ def test_packed_kernels_are_the_compiled_path(mnist_exports, mnist_spfq):
     cm = container.load(mnist_spfq)
     model, module = load_model(cm.model_spec)
     apply_compressed(model, cm)
-    mod, _, _ = tvm_export.build_module(model, cm, export_inputs(module, module.calibration), "float",
+    mod, _, _ = tvm_compile.build_module(model, cm, export_inputs(module, module.calibration), "float",
                                         log=lambda *a: None)
     consts, calls = [], []
 
@@ -219,10 +223,10 @@ def test_packed_kernels_are_the_compiled_path(mnist_exports, mnist_spfq):
 
 def test_arm64_library_manifest_and_runner(mnist_exports):
     out = mnist_exports["int8"]
-    m = json.loads((out / tvm_export.MANIFEST).read_text())
+    m = json.loads((out / TvmBackend.MANIFEST).read_text())
     assert m["target"] == "arm64" and m["activations"] == "int8"
     assert set(m["libraries"]) == {"arm64", "x86_64"}
-    assert tvm_export.elf_machine(out / "model.arm64.so") == "aarch64" == m["libraries"]["arm64"]["elf_machine"]
+    assert tvm_runtime.elf_machine(out / "model.arm64.so") == "aarch64" == m["libraries"]["arm64"]["elf_machine"]
     assert m["libraries"]["arm64"]["tvm_target"]["mtriple"] == "aarch64-linux-gnu"
     assert "spfq-tvm 1" in m["libraries"]["x86_64"]["library_info"]
     assert m["inputs"]["dynamic_axes"] == {"input": [0]}
@@ -236,9 +240,9 @@ def test_arm64_library_manifest_and_runner(mnist_exports):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["spfq_tvm_calls"] == 4 and report["outputs"][0][1] == 10
-    vm, _ = tvm_export.load(out / "model.x86_64.so")
+    vm, _ = tvm_runtime.load(out / "model.x86_64.so")
     with np.load(out / "inputs.npz") as feeds, np.load(out.parent / "o.npz") as o:
-        np.testing.assert_array_equal(o["output_0"], tvm_export.run(vm, *[feeds[k] for k in feeds.files])[0])
+        np.testing.assert_array_equal(o["output_0"], tvm_runtime.run(vm, *[feeds[k] for k in feeds.files])[0])
 
 
 # ------------------------------------------------------------------ zoo model: dynamic spatial axes
@@ -252,16 +256,16 @@ def test_zoo_model_dynamic_batch_and_spatial_axes(tmp_path):
     res = compress_model(zoo_model.build(), zoo_model.calibration(), bits=2, method="rtn", progress=False,
                          model_spec="tests/zoo_model.py")
     container.save(tmp_path / "z.spfq", res.model)
-    m = tvm_export.export_tvm(tmp_path / "z.spfq", tmp_path / "out", target="x86_64", activations="float",
-                              log=lambda *a: None)
+    m = export(tmp_path / "z.spfq", tmp_path / "out", formats=("tvm",), target="x86_64", activations="float",
+               log=lambda *a: None)["manifest.tvm.json"]
     assert m["inputs"]["dynamic_axes"] == {"input": [0, 2, 3]}
     ref = load_reference(tmp_path / "z.spfq")
-    vm, _ = tvm_export.load(tmp_path / "out" / "model.x86_64.so")
+    vm, _ = tvm_runtime.load(tmp_path / "out" / "model.x86_64.so")
     for shape in [(2, 3, 12, 12), (3, 3, 9, 14)]:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             want = ref(x).numpy()
-        got = tvm_export.run(vm, x.numpy())[0]
+        got = tvm_runtime.run(vm, x.numpy())[0]
         assert got.shape == want.shape
         assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
 
@@ -281,15 +285,15 @@ def test_minilm_int8_dynamic_batch_and_sequence(tmp_path):
     res = compress_model(ml.build(), ml.calibration(16), bits=4, sparsity=0.5, method="rtn", progress=False,
                          model_spec="examples/minilm.py")
     container.save(tmp_path / "m.spfq", res.model)
-    m = tvm_export.export_tvm(tmp_path / "m.spfq", tmp_path / "out", target="x86_64", activations="int8",
-                              log=lambda *a: None)
+    m = export(tmp_path / "m.spfq", tmp_path / "out", formats=("tvm",), target="x86_64", activations="int8",
+               log=lambda *a: None)["manifest.tvm.json"]
     assert m["inputs"]["dynamic_axes"] == {"input_ids": [0, 1], "attention_mask": [0, 1]}
-    vm, lib = tvm_export.load(tmp_path / "out" / "model.x86_64.so")
+    vm, lib = tvm_runtime.load(tmp_path / "out" / "model.x86_64.so")
     for texts in (ml.calibration_sentences(40)[30:35], ml.calibration_sentences(2)):
         ids, mask = ml.pad_batch(ml._token_ids(texts))
-        before = tvm_export.kernel_calls(lib)
-        got = tvm_export.run(vm, ids.numpy(), mask.numpy())[0]
-        assert tvm_export.kernel_calls(lib) - before == len(res.model.layers) == 36
+        before = tvm_runtime.kernel_calls(lib)
+        got = tvm_runtime.run(vm, ids.numpy(), mask.numpy())[0]
+        assert tvm_runtime.kernel_calls(lib) - before == len(res.model.layers) == 36
         yf, y8 = _minilm_references(tmp_path / "m.spfq", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
         print(_check_minilm(got, yf, y8, "int8"))
 
@@ -300,7 +304,7 @@ def test_cli_tvm_export_and_bad_input(tmp_path, mnist_spfq, capsys):
     out = tmp_path / "o"
     assert cli_main(["export", str(mnist_spfq), "--format", "tvm", "--target", "x86_64", "--activations", "float",
                      "-o", str(out)]) == 0
-    assert (out / "model.x86_64.so").is_file() and (out / tvm_export.MANIFEST).is_file()
+    assert (out / "model.x86_64.so").is_file() and (out / TvmBackend.MANIFEST).is_file()
     assert cli_main(["export", str(mnist_spfq), "--format", "tvm", "-o", str(out)]) == 2  # exists, no --force
     assert "exists" in capsys.readouterr().err
     assert cli_main(["export", str(mnist_spfq), "--format", "tvm", "--target", "nope", "-o", str(tmp_path / "n")]) == 2
@@ -381,7 +385,7 @@ def test_layers_without_a_packed_kernel_or_tvm_op_are_one_line_errors(tmp_path, 
     res = compress_model(model, [module.calibration()], bits=2, method="rtn", progress=False, model_spec=str(src))
     container.save(tmp_path / "m.spfq", res.model)
     with pytest.raises(SpfqError, match=message):
-        tvm_export.export_tvm(tmp_path / "m.spfq", tmp_path / "o", target="x86_64", model_spec=f"{src}:{factory}",
+        export(tmp_path / "m.spfq", tmp_path / "o", formats=("tvm",), target="x86_64", model_spec=f"{src}:{factory}",
                               log=lambda *a: None)
     assert not (tmp_path / "o").exists()
     assert cli_main(["export", str(tmp_path / "m.spfq"), "--format", "tvm", "--model", f"{src}:{factory}",
@@ -390,7 +394,7 @@ def test_layers_without_a_packed_kernel_or_tvm_op_are_one_line_errors(tmp_path, 
     assert len(err) == 1 and err[0].startswith("spfq-deploy: error:"), err
     assert not (tmp_path / "o").exists()
     # the file's own model exports
-    tvm_export.export_tvm(tmp_path / "m.spfq", tmp_path / "ok", target="x86_64", log=lambda *a: None)
+    export(tmp_path / "m.spfq", tmp_path / "ok", formats=("tvm",), target="x86_64", log=lambda *a: None)
 
 
 def test_missing_tvm_target_table_is_one_line(tmp_path, monkeypatch):
@@ -398,7 +402,7 @@ def test_missing_tvm_target_table_is_one_line(tmp_path, monkeypatch):
                                         'run = "native"\ncc = "cc"\ncxx = "c++"\n')
     monkeypatch.setenv("SPFQ_TARGETS_DIR", str(tmp_path))
     with pytest.raises(SpfqError, match=r"no \[tvm\] table"):
-        tvm_export.tvm_target(get_target("bare"))
+        tvm_compile.tvm_target(get_target("bare"))
 
 
 def test_format_all_writes_both_exports(tmp_path, mnist_spfq):
@@ -407,7 +411,7 @@ def test_format_all_writes_both_exports(tmp_path, mnist_spfq):
     r = subprocess.run([sys.executable, "-m", "spfq_deploy.cli", "export", str(mnist_spfq), "--format", "all",
                         "--flavours", "stock", "-o", str(out)], capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
-    assert {"manifest.json", tvm_export.MANIFEST, "model.stock.onnx", "model.x86_64.so"} <= {p.name for p in out.iterdir()}
+    assert {"manifest.json", TvmBackend.MANIFEST, "model.stock.onnx", "model.x86_64.so"} <= {p.name for p in out.iterdir()}
 
 
 # ------------------------------------------------------------------ MiniLM layer stack (real weights)
@@ -425,7 +429,7 @@ def minilm_stack_exports(tmp_path_factory):
                          progress=False, model_spec="tests/minilm_stack.py")
     container.save(base / "m.spfq", res.model)
     for act in ("float", "int8"):
-        tvm_export.export_tvm(base / "m.spfq", base / act, target="arm64", activations=act, log=lambda *a: None)
+        export(base / "m.spfq", base / act, formats=("tvm",), target="arm64", activations=act, log=lambda *a: None)
     return {"float": base / "float", "int8": base / "int8", "layers": len(res.model.layers)}
 
 
@@ -463,10 +467,10 @@ def test_minilm_stack_on_the_host(minilm_stack_exports, activation):
     out = minilm_stack_exports[activation]
     feeds = minilm_stack.feeds()
     yf, y8 = _minilm_references(out / "model.spfq", feeds)
-    vm, lib = tvm_export.load(out / "model.x86_64.so")
-    before = tvm_export.kernel_calls(lib)
-    got = tvm_export.run(vm, feeds["input_ids"], feeds["attention_mask"])[0]
-    assert tvm_export.kernel_calls(lib) - before == minilm_stack_exports["layers"] == 12
+    vm, lib = tvm_runtime.load(out / "model.x86_64.so")
+    before = tvm_runtime.kernel_calls(lib)
+    got = tvm_runtime.run(vm, feeds["input_ids"], feeds["attention_mask"])[0]
+    assert tvm_runtime.kernel_calls(lib) - before == minilm_stack_exports["layers"] == 12
     print(activation, _check_minilm(got, yf, y8, activation))
 
 
@@ -543,8 +547,8 @@ def test_arm64_mnist_under_qemu_matches_the_reference(qemu_runs, mnist_exports, 
         assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
     else:
         assert _cosine_rows(got, want).min() > 0.9999
-    vm, _ = tvm_export.load(out / "model.x86_64.so")
-    host = tvm_export.run(vm, x.numpy())[0]
+    vm, _ = tvm_runtime.load(out / "model.x86_64.so")
+    host = tvm_runtime.run(vm, x.numpy())[0]
     np.testing.assert_allclose(got, host, rtol=0, atol=1e-5 * np.abs(host).max())
     print(activation, {"max_abs_vs_ref": float(np.abs(got - want).max()),
                        "cos_vs_ref_min": float(_cosine_rows(got, want).min()),

@@ -52,7 +52,7 @@ def _model_spec(out: Path, manifests: list[dict]) -> str:
 
 def fp32_onnx(spec: str, path: Path) -> Path:
     """The uncompressed model of the factory as plain ONNX, traced like the export traces it."""
-    from ..export.capture import float_graph
+    from ..export.onnx.graph import float_graph
     from ..export.source import export_inputs
     from ..modelspec import load_model
 
@@ -152,7 +152,7 @@ def bench(out_dir: str | Path, target: str | None = None, batches=(1, 8), thread
         a.pop("path", None), a.pop("library", None)
     return {"folder": str(out), "host": HOST, "target": target, "model_spec": spec,
             "baseline": "onnxruntime fp32: the uncompressed model of the factory, exported with "
-                        "spfq_deploy.export.capture.float_graph",
+                        "spfq_deploy.export.onnx.graph.float_graph",
             "inputs": {"file": str(out / "inputs.npz"), "shapes": input_shapes,
                        "batching": "rows repeated / cut to the batch size along axis 0"},
             "batches": list(batches), "threads": list(threads), "warmup": warmup, "repeat": repeat,

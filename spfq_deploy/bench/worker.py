@@ -41,11 +41,11 @@ def batch_of(arrays: dict, batch: int) -> dict:
 def _caller(art: dict, threads: int):
     """A function feeds -> outputs for one artifact (loaded once)."""
     if art["runtime"] == "onnxruntime":
-        from ..export.runners import session
+        from ..export.onnx.session import session
 
         sess = session(art["path"], art.get("library"), accuracy_level=art.get("accuracy_level"), threads=threads)
         return lambda feeds: sess.run(None, feeds)
-    from ..export import tvm_export
+    from ..export.tvm import runtime as tvm_export
 
     vm, _ = tvm_export.load(art["path"])
     names = art["input_names"]

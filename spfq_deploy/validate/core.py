@@ -15,7 +15,6 @@ mean nothing.
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 from pathlib import Path
 
@@ -24,12 +23,12 @@ import torch
 
 from ..export.source import file_sha256
 from ..errors import SpfqError
+from ..targets import HOST
 from . import layers as layer_checks
 from . import metrics, runners
 from . import weights as weight_checks
 from .tolerances import TOLERANCES, failures
 
-HOST = {"x86_64": "x86_64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 MANIFESTS = ("manifest.json", "manifest.tvm.json", "manifest.cuda.json")
 FORMATS = {"manifest.json": "spfq-deploy/onnx-export", "manifest.tvm.json": "spfq-deploy/tvm-export",
            "manifest.cuda.json": "spfq-deploy/cuda-export"}
@@ -390,7 +389,7 @@ def _recorded_layers(recorded: dict, art, refs):
 def _layers(out, art, feeds, refs, files):
     import onnx
 
-    from ..export import runners as ort_runners
+    from ..export.onnx import session as ort_runners
 
     model = onnx.load(str(out / art.file))
     tensors = layer_checks.layer_tensors(model, refs.layer_names)

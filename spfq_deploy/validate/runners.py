@@ -1,8 +1,8 @@
 """Find the artifacts of an export folder and run each one the way it is meant to run.
 
-ONNX flavours: onnxruntime sessions (spfq_deploy.export.runners.session, custom-op library
+ONNX flavours: onnxruntime sessions (spfq_deploy.export.onnx.session.session, custom-op library
 registered) and the qonnx executor (run_qonnx). TVM libraries: in this process for a native
-target (spfq_deploy.export.tvm_export.load / run), under qemu-aarch64 with build/arm64-python
+target (spfq_deploy.export.tvm.runtime.load / run), under qemu-aarch64 with build/arm64-python
 and the folder's run_tvm.py for an aarch64 target. The runner scripts are executed, so each
 runs only as a private copy of bytes whose sha256 is the manifest's (verified_runner). A library
 whose checksum differs from the manifest is first loaded in a child process, so a truncated file
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SpfqError
-from ..export import runners as ort_runners
+from ..export.onnx import session as ort_runners
 from ..targets import get_target
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,7 +222,7 @@ def run_onnx_qemu(out: Path, model: Path, library: Path | None, feeds: dict, fil
 
 
 def run_tvm_native(out: Path, art: Artifact, arrays: list) -> tuple[list, float]:
-    from ..export import tvm_export
+    from ..export.tvm import runtime as tvm_export
 
     vm, _ = tvm_export.load(out / art.file)
     return _timed(lambda: tvm_export.run(vm, *arrays))

@@ -17,9 +17,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..errors import SpfqError
-from ..targets import ROOT, Target, get_target
-from .native_build import run
+from ...errors import SpfqError
+from ...targets import ROOT, Target, get_target
+from ..native_build import run
 
 CUDA_SRC = ROOT / "kernels" / "cuda"
 LIB_NAME = "libspfq_cuda.so"

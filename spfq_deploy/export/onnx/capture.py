@@ -12,46 +12,22 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass, field
 
 import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compress.capture import conv_output_size
-from ..compressed import CompressedModel
-from ..errors import SpfqError
-from ..reference import replace_module
+from ...compress.capture import conv_output_size
+from ...compressed import CompressedModel
+from ...errors import SpfqError
+from ...reference import replace_module
+from ..source import ExportInputs
 
 CAPTURE_DOMAIN = "spfq.capture"
 OPSET = 20  # what torch's TorchScript exporter writes; flavours raise it to GRAPH_OPSET
 GRAPH_OPSET = 21  # blocked / int4 DequantizeLinear (stock flavour); every flavour uses one opset
 IR_VERSION = 10  # onnxruntime 1.31 loads IR <= 11; onnx 1.23 would write 12+
-
-
-@dataclass
-class ExportInputs:
-    """Example inputs and the graph's names/axes (a model file's `export_inputs()` gives these)."""
-
-    args: tuple
-    input_names: list[str]
-    output_names: list[str]
-    dynamic_axes: dict = field(default_factory=dict)
-
-
-def default_inputs(calibration, n: int = 2) -> ExportInputs:
-    """First rows of the first calibration batch, batch axis dynamic."""
-    batch = calibration[0] if isinstance(calibration, (list, tuple)) and not torch.is_tensor(calibration) \
-        else calibration
-    if isinstance(batch, (list, tuple)):
-        args = tuple(torch.as_tensor(a)[:n] for a in batch)
-    else:
-        args = (torch.as_tensor(batch)[:n],)
-    names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
-    axes = {name: {0: "batch"} for name in names}
-    axes["output"] = {0: "batch"}
-    return ExportInputs(args, names, ["output"], axes)
 
 
 class _Marker(torch.autograd.Function):
@@ -99,7 +75,7 @@ def capture(model: nn.Module, cm: CompressedModel, inputs: ExportInputs) -> onnx
             torch.onnx.export(model, inputs.args, buf, dynamo=False, opset_version=OPSET,
                               input_names=inputs.input_names, output_names=inputs.output_names,
                               dynamic_axes=inputs.dynamic_axes, do_constant_folding=True,
-                              custom_opsets={CAPTURE_DOMAIN: 1})
+                              custom_opsets={CAPTURE_DOMAIN: 1} if cm.layers else None)
         except Exception as exc:  # torch raises many types; the first line says what failed
             raise SpfqError(f"ONNX export of the model failed: {str(exc).splitlines()[0]}") from None
     proto = onnx.load_from_string(buf.getvalue())
@@ -107,15 +83,6 @@ def capture(model: nn.Module, cm: CompressedModel, inputs: ExportInputs) -> onnx
     lost = sorted(set(cm.layers) - found)
     if lost:
         raise SpfqError(f"compressed layer '{lost[0]}' is not on the model's forward path; cannot export it")
-    return proto
-
-
-def float_graph(model: nn.Module, inputs: ExportInputs) -> onnx.ModelProto:
-    """The uncompressed model as plain ONNX (the fp32 baseline benchmarks compare against)."""
-    from .onnx_graph import finish
-
-    proto = capture(model, CompressedModel(layers={}, float_params={}), inputs)
-    finish(proto, {})
     return proto
 
 

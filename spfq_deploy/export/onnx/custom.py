@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..compressed import CompressedLayer
-from ..kernels import LAYOUT_IDS, kernel_pack, preferred_layout
-from .onnx_graph import Builder, Replacement, conv_attrs
+from ...compressed import CompressedLayer
+from ...kernels import LAYOUT_IDS, kernel_pack, preferred_layout
+from .graph import Builder, Replacement, conv_attrs
 
 DOMAIN = "ai.spfq"
 DOMAIN_VERSION = 1

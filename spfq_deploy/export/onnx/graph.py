@@ -13,9 +13,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..compressed import CompressedLayer, CompressedModel
-from ..errors import SpfqError
-from .capture import CAPTURE_DOMAIN, GRAPH_OPSET, IR_VERSION
+from ...compressed import CompressedLayer, CompressedModel
+from ...errors import SpfqError
+from ..source import ExportInputs
+from .capture import CAPTURE_DOMAIN, GRAPH_OPSET, IR_VERSION, capture
 
 
 @dataclass
@@ -78,3 +79,10 @@ def finish(model: onnx.ModelProto, domains: dict[str, int]) -> None:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise SpfqError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+def float_graph(model, inputs: ExportInputs) -> onnx.ModelProto:
+    """The uncompressed model as plain ONNX (the fp32 baseline benchmarks compare against)."""
+    proto = capture(model, CompressedModel(layers={}, float_params={}), inputs)
+    finish(proto, {})
+    return proto

@@ -16,9 +16,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import SpfqError
-from ..targets import ROOT, Target
-from .native_build import KERNEL_INCLUDE, build_hash, compile_kernels, kernel_sources, run
+from ...errors import SpfqError
+from ...targets import ROOT, Target
+from ..native_build import KERNEL_INCLUDE, build_hash, compile_kernels, kernel_sources, run
 
 OP_SOURCE = ROOT / "kernels" / "ort" / "spfq_ort_ops.cc"
 LIB_NAME = "libspfq_ort.so"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..compressed import CompressedLayer
-from .onnx_graph import Builder, Replacement, conv_attrs
+from ...compressed import CompressedLayer
+from .graph import Builder, Replacement, conv_attrs
 
 DOMAIN = "qonnx.custom_op.general"
 DOMAIN_VERSION = 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import SpfqError
+from ...errors import SpfqError
 
 CUSTOM_DOMAIN = "ai.spfq"
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..compressed import CompressedLayer
-from .onnx_graph import Builder, Replacement, conv_attrs
+from ...compressed import CompressedLayer
+from .graph import Builder, Replacement, conv_attrs
 
 
 def _int_tensor(name: str, codes: np.ndarray) -> tuple:

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..compress.capture import conv_output_size, conv_params
-from ..compressed import CompressedLayer, CompressedModel
-from ..errors import SpfqError
-from ..kernels import LAYOUT_IDS, kernel_pack, preferred_layout
-from ..reference import replace_module
-from .capture import ExportInputs
+from ...compress.capture import conv_output_size, conv_params
+from ...compressed import CompressedLayer, CompressedModel
+from ...errors import SpfqError
+from ...kernels import LAYOUT_IDS, kernel_pack, preferred_layout
+from ...reference import replace_module
+from ..source import ExportInputs
 
 PACKED_FUNC = "spfq_packed_layer"  # kernels/tvm/spfq_tvm_ops.cc exports __tvm_ffi_spfq_packed_layer
 ATTR_VERSION = 1

@@ -13,9 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import SpfqError
-from ..targets import ROOT, Target
-from .native_build import KERNEL_INCLUDE, build_hash, compile_kernels, kernel_sources, run
+from ...errors import SpfqError
+from ...targets import ROOT, Target
+from ..native_build import KERNEL_INCLUDE, build_hash, compile_kernels, kernel_sources, run
 
 OP_SOURCE = ROOT / "kernels" / "tvm" / "spfq_tvm_ops.cc"
 # what the library needs from the C++ runtime is linked in: the device needs no libstdc++ match
@@ -29,6 +29,11 @@ def ffi_include() -> Path:
     except ImportError:
         raise SpfqError("apache-tvm-ffi is not installed: the TVM export needs it (pip install apache-tvm-ffi)") from None
     return Path(info.find_include_path())
+
+
+def link_options(target: Target) -> list[str]:
+    """Options of the final link of a model.<target>.so."""
+    return list(LINK_OPTIONS)
 
 
 def compile_flags(target: Target) -> list[str]:

@@ -1,0 +1,87 @@
+"""Relax module -> shared library for a target: tvm.compile with the target's TVM dict, then
+export_library with the target's C++ compiler (a cross compiler for arm64) and the kernel
+objects (library.py) as addons.
+
+TVM errors often carry an empty or multi-line message, and a Ctrl-C inside TVM's C++ code can
+come back as an exception with no text: reason() always gives one line, and an interrupt stays
+an interrupt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...compressed import CompressedModel
+from ...errors import SpfqError
+from ...targets import Target, host_target
+from ..source import ExportInputs
+from . import graph, library
+
+
+def reason(exc: BaseException) -> str:
+    """The last non-empty line of an exception's text, or its type name when it has none."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _reraise_interrupt(exc: BaseException) -> None:
+    """TVM's FFI may wrap a KeyboardInterrupt raised in a callback; keep it an interrupt."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        seen = seen.__cause__ or seen.__context__
+    if "KeyboardInterrupt" in str(exc):
+        raise KeyboardInterrupt from None
+
+
+def tvm_target(tgt: Target):
+    import tvm
+
+    if not tgt.tvm:
+        raise SpfqError(f"target {tgt.name}: no [tvm] table in its target file")
+    try:
+        return tvm.target.Target(dict(tgt.tvm))
+    except Exception as exc:  # TVM raises its own error types for a bad dict
+        _reraise_interrupt(exc)
+        raise SpfqError(f"target {tgt.name}: TVM rejects its [tvm] table ({reason(exc)})") from None
+
+
+def compile_library(mod, tgt: Target, path: Path) -> Path:
+    """tvm.compile `mod` for `tgt` and link it with the kernel objects into `path`."""
+    import tvm
+
+    objs = library.build(tgt)
+    target = tvm_target(tgt)
+    try:
+        ex = tvm.compile(mod, target=target)
+    except Exception as exc:
+        _reraise_interrupt(exc)
+        raise SpfqError(f"TVM could not compile the model for {tgt.name}: {reason(exc)}") from None
+    try:
+        ex.export_library(str(path), cc=tgt.cxx, addons=[str(o) for o in objs], options=list(library.link_options(tgt)))
+    except Exception as exc:
+        _reraise_interrupt(exc)
+        raise SpfqError(f"linking the TVM library for {tgt.name} failed: {reason(exc)}") from None
+    return path
+
+
+def build_module(model, cm, inputs: ExportInputs, activations: str, dynamic: bool = True, log=print):
+    """(Relax IRModule, per-layer info, {input: [symbolic axes]} of the traced program)."""
+    try:
+        ep, names = graph.export_program(model, cm, inputs, dynamic=dynamic)
+    except SpfqError as exc:
+        if not dynamic or not inputs.dynamic_axes:
+            raise
+        # some models only trace with fixed shapes (data-dependent control flow on a size)
+        log(f"warning: {exc}; exporting with the example inputs' fixed shapes instead")
+        ep, names = graph.export_program(model, cm, inputs, dynamic=False)
+    mod, infos = graph.to_relax(ep, cm, names, activations)
+    return mod, infos, graph.dynamic_inputs(ep, inputs.input_names)
+
+
+def float_library(model, inputs: ExportInputs, path: str | Path, target: Target | None = None, log=print) -> Path:
+    """The uncompressed model through the same pipeline (torch.export -> Relax -> tvm.compile ->
+    export_library), no packed layer: the fp32 TVM baseline the benchmarks compare against."""
+    mod, _, _ = build_module(model, CompressedModel(layers={}, float_params={}), inputs, "float", log=log)
+    return compile_library(mod, target or host_target(), Path(path))
