@@ -33,9 +33,19 @@ def _grid(text: str) -> tuple[float, ...]:
         vals = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"--c-grid takes comma-separated numbers, got {text!r}") from None
-    if not vals or any(v <= 0 for v in vals):
-        raise argparse.ArgumentTypeError("--c-grid values must be positive")
+    if not vals or not all(0 < v < float("inf") for v in vals):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"--c-grid values must be positive finite numbers, got {text!r}")
     return vals
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--include", action="append", help="layer name pattern to compress (repeatable; default all)")
     c.add_argument("--exclude", action="append", default=[], help="layer name pattern to keep float (repeatable)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=64, help="batch size when calibration is one array")
+    c.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="batch size when calibration is one array (or the arrays of an .npz)")
     c.add_argument("--layout", help="packed layout for every layer (sign, sign_mask, planes, offset, sparse)")
     c.add_argument("-o", "--output", help="output .spfq file (default: <model>.spfq)")
     c.add_argument("--report-json", help="also write the per-layer report as JSON")

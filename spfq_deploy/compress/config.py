@@ -45,6 +45,16 @@ class CompressConfig:
             raise SpfqError(f"order must be >= 1, got {self.order}")
         if self.range_quantile is not None and not 0.0 < self.range_quantile <= 1.0:
             raise SpfqError(f"range quantile must be in (0, 1], got {self.range_quantile}")
+        if self.c_grid is not None:
+            self.c_grid = tuple(float(c) for c in self.c_grid) or None  # empty: the default grid
+            if self.c_grid and not all(0.0 < c < float("inf") for c in self.c_grid):
+                raise SpfqError(f"c_grid values must be positive finite numbers, got {self.c_grid}")
+        for name in ("batch_size", "block"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SpfqError(f"{name} must be a positive integer, got {v!r}")
+        if not 0.0 <= self.sparsity_tolerance < 1.0:
+            raise SpfqError(f"sparsity tolerance must be in [0, 1), got {self.sparsity_tolerance}")
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
 
     @property
