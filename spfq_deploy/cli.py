@@ -150,10 +150,49 @@ def _ints(text: str) -> tuple[int, ...]:
     return vals
 
 
+def _check_output_path(path: Path, flag: str) -> None:
+    """Fail before the (slow) compression when an output cannot be written: a directory, a missing
+    or non-directory parent, or a parent we cannot create files in (a real write probe: root
+    ignores permission bits, a read-only mount does not)."""
+    import os
+    import tempfile
+
+    if path.is_dir():
+        raise SpfqError(f"{flag} {path}: is a directory")
+    parent = path.parent
+    if not parent.exists():
+        raise SpfqError(f"{flag} {path}: output directory {parent} does not exist")
+    if not parent.is_dir():
+        raise SpfqError(f"{flag} {path}: {parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SpfqError(f"{flag} {path}: cannot write in {parent}: {exc.strerror or exc}") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning of compress as `spfq-deploy: warning: ...` (one line, no source echo)."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    ours = "spfq_deploy" in str(filename) or category.__module__.startswith("spfq_deploy")
+    print(f"spfq-deploy: warning: {text if ours else f'{category.__name__}: {text}'}", file=sys.stderr)
+
+
 def cmd_compress(args) -> int:
+    import os
+    import warnings
+
     from .compress import CompressConfig, compress_model
-    from .modelspec import load_calibration, load_model
-    from .pack import container
+    from .modelspec import DEFAULT_FACTORY, calibration_label, load_calibration, load_model, split_spec
+    from .pack import LAYOUTS, container
     from .tables import compression_summary
 
     cfg = CompressConfig(bits=args.bits, method=args.method, sparsity=args.sparsity, order=args.order,
@@ -161,25 +200,57 @@ def cmd_compress(args) -> int:
                          range_quantile=args.range_quantile, bias_correction=args.bias_correction,
                          fold_batchnorm=not args.no_fold_bn, include=tuple(args.include or ["*"]),
                          exclude=tuple(args.exclude), seed=args.seed, batch_size=args.batch_size)
-    out = Path(args.output or Path(args.model.split(":")[0]).with_suffix(".spfq").name)
-    if not out.parent.is_dir():
-        raise SpfqError(f"{out.parent}: output directory does not exist")
-    model, module = load_model(args.model)
-    data = load_calibration(args.calib, module)
-    result = compress_model(model, data, cfg, progress=not args.quiet, model_spec=args.model)
+    model_path = split_spec(args.model, DEFAULT_FACTORY)[0]
+    out = Path(args.output or model_path.with_suffix(".spfq").name)
+    report_path = Path(args.report_json) if args.report_json is not None else None
+    # every check that needs no model runs before the model is built and compressed
+    _check_output_path(out, "-o")
+    if report_path is not None:
+        _check_output_path(report_path, "--report-json")
+        if _same_file(report_path, out):
+            raise SpfqError(f"--report-json {report_path} is the -o file: each needs its own path")
+    calib_path = split_spec(args.calib, "calibration")[0] if args.calib else None
+    for flag, target in (("-o", out), ("--report-json", report_path)):
+        for what, src in (("model file", model_path), ("calibration file", calib_path)):
+            if target is not None and src is not None and _same_file(target, src):
+                raise SpfqError(f"{flag} {target} is the {what}: it would be overwritten")
+    if args.layout and args.layout not in LAYOUTS:
+        raise SpfqError(f"--layout {args.layout}: unknown layout (known: {', '.join(LAYOUTS)})")
+
+    # warnings are held back until the run succeeds: a failed run ends with its one error line
+    with warnings.catch_warnings(record=True) as caught:
+        model, module = load_model(args.model)
+        data = load_calibration(args.calib, module, cfg.batch_size)
+        result = compress_model(model, data, cfg, progress=not args.quiet, model_spec=args.model,
+                                source=calibration_label(args.calib, args.model))
     layouts = {n: args.layout for n in result.model.layers} if args.layout else None
+    # with a report, the .spfq is staged next to its target and renamed only once the report is
+    # written: a failed report leaves neither file (both are written atomically)
+    target = out if report_path is None else out.parent / f".{out.name}.{os.getpid()}.staged"
     try:
-        table = container.save(out, result.model, layouts)
-    except ValueError as exc:  # a layout that cannot hold these codes
-        raise SpfqError(f"--layout {args.layout}: {exc}") from None
+        try:
+            table = container.save(target, result.model, layouts)
+        except ValueError as exc:  # a layout that cannot hold these codes
+            raise SpfqError(f"--layout {args.layout}: {exc}") from None
+        if report_path is not None:
+            from . import atomic
+            try:
+                atomic.write_text(report_path, json.dumps([r.as_dict() for r in result.report], indent=2))
+            except OSError as exc:
+                raise SpfqError(f"--report-json {report_path}: cannot write: {exc.strerror or exc}") from None
+            if out.exists():
+                os.chmod(target, out.stat().st_mode & 0o7777)
+            os.replace(target, out)
+    finally:
+        if target != out and os.path.lexists(target):
+            os.unlink(target)
+    for w in {(str(w.message), w.category, w.filename): w for w in caught}.values():
+        _one_line_warning(w.message, w.category, w.filename, w.lineno)
     print(compression_summary(result.report))
     bits = sum(e["storage_report"]["total_bits"] for e in table["layers"].values())
     weights = sum(e["storage_report"]["weights"] for e in table["layers"].values())
     print(f"\nwrote {out} ({out.stat().st_size:,} bytes; {len(table['layers'])} layers at "
           f"{bits / weights:.4f} bits/weight incl. scales and padding)")
-    if args.report_json:
-        from .atomic import write_text
-        write_text(args.report_json, json.dumps([r.as_dict() for r in result.report], indent=2))
     return 0
 
 

@@ -33,6 +33,8 @@ def split_spec(spec: str, default: str) -> tuple[Path, str]:
 
 def import_file(path: Path) -> ModuleType:
     """Import a .py file by path (as pkg.module when its folder is a package)."""
+    if path.is_dir():
+        raise SpfqError(f"{path}: is a directory, not a .py file")
     if not path.is_file():
         raise SpfqError(f"{path}: no such file")
     if path.suffix != ".py":
@@ -56,6 +58,8 @@ def import_file(path: Path) -> ModuleType:
         return module
     except SpfqError:
         raise
+    except SystemExit as exc:
+        raise SpfqError(f"{path}: import failed: the file called sys.exit({exc.code})") from None
     except Exception as exc:
         raise SpfqError(f"{path}: import failed: {type(exc).__name__}: {_first_line(exc)}") from None
 
@@ -76,6 +80,8 @@ def load_model(spec: str) -> tuple[nn.Module, ModuleType]:
         model = factory()
     except SpfqError:
         raise
+    except SystemExit as exc:
+        raise SpfqError(f"model factory {path}:{attr} called sys.exit({exc.code})") from None
     except Exception as exc:
         raise SpfqError(f"model factory {path}:{attr} failed: {type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(model, nn.Module):
@@ -83,8 +89,21 @@ def load_model(spec: str) -> tuple[nn.Module, ModuleType]:
     return model.eval(), module
 
 
-def load_calibration(arg: str | None, model_module: ModuleType | None):
-    """Calibration data from .npy/.npz, `file.py:function`, or the model file's calibration()."""
+def calibration_label(arg: str | None, model_spec: str) -> str:
+    """How error messages name the calibration data: the file, or file.py:function."""
+    if arg is None:
+        return f"{split_spec(model_spec, DEFAULT_FACTORY)[0]}:{DEFAULT_CALIBRATION}"
+    path, attr = split_spec(arg, DEFAULT_CALIBRATION)
+    return f"{path}:{attr}" if path.suffix == ".py" else str(path)
+
+
+_MAGIC = {".npy": (b"\x93NUMPY",), ".npz": (b"PK\x03\x04", b"PK\x05\x06")}  # zip: entries / empty
+
+
+def load_calibration(arg: str | None, model_module: ModuleType | None, batch_size: int = 64):
+    """Calibration data from .npy/.npz, `file.py:function`, or the model file's calibration().
+
+    Several .npz arrays are the model's positional inputs, batched together by batch_size."""
     if arg is None:
         fn = getattr(model_module, DEFAULT_CALIBRATION, None) if model_module else None
         if not callable(fn):
@@ -96,27 +115,42 @@ def load_calibration(arg: str | None, model_module: ModuleType | None):
         if not callable(fn):
             raise CalibrationError(f"{path}: has no function '{attr}'")
         return _call_data(fn, f"{path}:{attr}")
+    if path.suffix not in _MAGIC:
+        raise CalibrationError(f"{path}: calibration data must be .npy, .npz or file.py:function")
+    if path.is_dir():
+        raise CalibrationError(f"{path}: is a directory, not a calibration file")
     if not path.is_file():
         raise CalibrationError(f"{path}: no such calibration file")
     try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if not head.startswith(_MAGIC[path.suffix]):
+            raise CalibrationError(f"{path}: not a {path.suffix} file (numpy.save / numpy.savez write those)")
         if path.suffix == ".npy":
             return np.load(path, allow_pickle=False)
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                arrays = [z[k] for k in z.files]
-            if not arrays:
-                raise CalibrationError(f"{path}: empty .npz")
-            if len(arrays) == 1:
-                return arrays[0]
-            n = arrays[0].shape[0]
-            if any(a.shape[0] != n for a in arrays):
-                raise CalibrationError(f"{path}: arrays differ in their first (sample) dimension")
-            return _zip_batches(arrays, 64)
+        with np.load(path, allow_pickle=False) as z:
+            arrays = [(k, z[k]) for k in z.files]
+        if not arrays:
+            raise CalibrationError(f"{path}: holds no arrays")
+        if len(arrays) == 1:
+            return arrays[0][1]
+        for k, a in arrays:
+            if a.ndim == 0:
+                raise CalibrationError(f"{path}: array '{k}' is a scalar, not a batch of samples")
+        n = arrays[0][1].shape[0]
+        if any(a.shape[0] != n for _, a in arrays):
+            raise CalibrationError(f"{path}: arrays differ in their first (sample) dimension: "
+                                   + ", ".join(f"{k} {a.shape[0]}" for k, a in arrays))
+        return _zip_batches([a for _, a in arrays], batch_size)
     except CalibrationError:
         raise
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "pickle" in str(exc):
+            raise CalibrationError(f"{path}: holds Python objects (dtype object, which needs pickle and is not "
+                                   f"loaded); calibration data must be a numeric array") from None
+        raise CalibrationError(f"{path}: cannot read calibration data: {_first_line(exc)}") from None
     except Exception as exc:
         raise CalibrationError(f"{path}: cannot read calibration data: {_first_line(exc)}") from None
-    raise CalibrationError(f"{path}: calibration data must be .npy, .npz or file.py:function")
 
 
 def _zip_batches(arrays, size):
@@ -129,5 +163,7 @@ def _call_data(fn, label):
         return fn()
     except SpfqError:
         raise
+    except SystemExit as exc:
+        raise CalibrationError(f"calibration function {label} called sys.exit({exc.code})") from None
     except Exception as exc:
         raise CalibrationError(f"calibration function {label} failed: {type(exc).__name__}: {_first_line(exc)}") from None

@@ -19,7 +19,9 @@ from ..compressed import levels_for
 def fp16_round(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest float16 value (scales are stored as float16). numpy rounds float64
     to float16 directly; torch goes through float32 and can round twice."""
-    return torch.from_numpy(x.detach().cpu().numpy().astype(np.float16).astype(np.float64)).to(x.dtype)
+    with np.errstate(over="ignore"):  # out-of-range scales become Inf; the engine reports the layer
+        h = x.detach().cpu().numpy().astype(np.float16)
+    return torch.from_numpy(h.astype(np.float64)).to(x.dtype)
 
 
 @dataclass

@@ -15,43 +15,96 @@ from torch import nn
 from ..errors import CalibrationError
 
 
-def _to_tensor(x):
+def _prefix(source: str | None) -> str:
+    return f"{source}: " if source else ""
+
+
+def _to_tensor(x, source: str | None = None):
     if isinstance(x, np.ndarray):
+        kind = x.dtype.kind
+        if kind in "USa":
+            raise CalibrationError(f"{_prefix(source)}holds strings (dtype {x.dtype}); calibration data must be "
+                                   f"numbers")
+        if kind == "O":
+            raise CalibrationError(f"{_prefix(source)}holds Python objects (dtype object); calibration data must "
+                                   f"be a numeric array")
+        if kind not in "biufc":
+            raise CalibrationError(f"{_prefix(source)}has dtype {x.dtype}; calibration data must be numbers")
+        if x.ndim == 0:
+            raise CalibrationError(f"{_prefix(source)}is a scalar, not a batch of samples")
         if x.dtype == np.float64:
             x = x.astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(x))
     return x
 
 
-def as_batches(data: Any, batch_size: int = 64) -> list:
-    """Normalise calibration data into a non-empty list of batches."""
-    data = _to_tensor(data)
+def _lead(batch):
+    """The tensor whose first dimension counts the batch's samples (None when there is none)."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, dict) else batch
+    return next((v for v in items if isinstance(v, torch.Tensor)), None)
+
+
+def as_batches(data: Any, batch_size: int = 64, source: str | None = None) -> list:
+    """Normalise calibration data into a non-empty list of batches, each with at least one sample.
+    `source` (a file or function name) prefixes the error messages."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CalibrationError(f"batch size must be a positive integer, got {batch_size!r}")
+    pre = _prefix(source)
+    data = _to_tensor(data, source)
     if isinstance(data, torch.Tensor):
-        if data.dim() == 0 or data.shape[0] == 0:
-            raise CalibrationError("calibration data is empty")
+        if data.dim() == 0:
+            raise CalibrationError(f"{pre}calibration data is a scalar, not a batch of samples")
+        if data.shape[0] == 0:
+            raise CalibrationError(f"{pre}calibration data has no samples (shape {tuple(data.shape)})")
         return list(torch.split(data, batch_size))
     if isinstance(data, (list, tuple)):
         out = []
-        for item in data:
+        for i, item in enumerate(data):
+            where = f"{source} batch {i}" if source else f"calibration batch {i}"
             if isinstance(item, (list, tuple)):
-                out.append(tuple(_to_tensor(v) for v in item))
+                item = tuple(_to_tensor(v, where) for v in item)
             elif isinstance(item, dict):
-                out.append({k: _to_tensor(v) for k, v in item.items()})
+                item = {k: _to_tensor(v, where) for k, v in item.items()}
+            elif isinstance(item, (torch.Tensor, np.ndarray)):
+                item = _to_tensor(item, where)
             else:
-                out.append(_to_tensor(item))
+                raise CalibrationError(f"{where} is a {type(item).__name__}, not a tensor/array, a tuple/list "
+                                       f"of them or a dict of keyword inputs")
+            lead = _lead(item)
+            if lead is None:
+                raise CalibrationError(f"{where} holds no tensor or array")
+            if lead.dim() == 0:
+                raise CalibrationError(f"{where} is a scalar, not a batch of samples")
+            if lead.shape[0] == 0:
+                raise CalibrationError(f"{where} has no samples (shape {tuple(lead.shape)})")
+            out.append(item)
         if not out:
-            raise CalibrationError("calibration data is empty")
+            raise CalibrationError(f"{pre}calibration data is empty (no batches)")
         return out
-    raise CalibrationError(f"calibration data must be a tensor, an array or a list of batches, "
+    raise CalibrationError(f"{pre}calibration data must be a tensor, an array or a list of batches, "
                            f"got {type(data).__name__}")
 
 
 def count_samples(batches: list) -> int:
-    def first(b):
-        if isinstance(b, dict):
-            return next(iter(b.values()))
-        return b[0] if isinstance(b, tuple) else b
-    return sum(int(first(b).shape[0]) for b in batches)
+    return sum(int(_lead(b).shape[0]) for b in batches)
+
+
+def non_finite(batch) -> tuple[str, int, str] | None:
+    """("NaN" or "Inf", sample index in the batch, "input 0") for the first non-finite floating
+    value of a batch, else None (only called on the error path: one pass over the batch)."""
+    items = batch.items() if isinstance(batch, dict) else \
+        enumerate(batch if isinstance(batch, tuple) else (batch,))
+    for key, v in items:
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+            bad = ~torch.isfinite(v)
+            if bool(bad.any()):
+                idx = bad.nonzero()[0]
+                what = "NaN" if bool(torch.isnan(v[tuple(idx)])) else "Inf"
+                name = f"input '{key}'" if isinstance(batch, dict) else f"input {key}"
+                return what, int(idx[0]) if v.dim() else 0, name
+    return None
 
 
 def call(model: nn.Module, batch):

@@ -96,6 +96,18 @@ def conv_output_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+class NonFiniteRows(Exception):
+    """A batch's layer input holds NaN or Inf (which: "x" float model, "xt" compressed model)."""
+
+    def __init__(self, which: str, what: str):
+        super().__init__(which, what)
+        self.which, self.what = which, what
+
+
+def _nan_or_inf(X: torch.Tensor) -> str:
+    return "NaN" if bool(torch.isnan(X).any()) else "Inf"
+
+
 class GramAccumulator:
     """Sums Xt^T X, Xt^T Xt, X^T X (float64) and column sums (for bias correction) over batches."""
 
@@ -110,6 +122,11 @@ class GramAccumulator:
         X, Xt = X.double(), Xt.double()
         XtT = Xt.transpose(-1, -2)
         upd = (XtT @ X, XtT @ Xt, X.transpose(-1, -2) @ X, X.sum(-2), Xt.sum(-2))
+        # diag(X^T X) is the column sums of squares: finite exactly when every row value is
+        # (float32 rows squared cannot overflow float64), so the check costs O(d), not O(m d)
+        for which, rows_, gram in (("x", X, upd[2]), ("xt", Xt, upd[1])):
+            if not bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all()):
+                raise NonFiniteRows(which, _nan_or_inf(rows_))
         if self.G is None:
             self.G, self.H, self.F, self.sum_x, self.sum_xt = upd
         else:

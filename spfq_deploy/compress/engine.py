@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..compressed import CompressedLayer, CompressedModel
 from ..errors import CalibrationError, SpfqError, UnsupportedLayerError
 from . import calibration as calib
-from .capture import GramAccumulator, check_supported, conv_params, groups_of, layer_kind, rows
+from .capture import GramAccumulator, NonFiniteRows, check_supported, conv_params, groups_of, layer_kind, rows
 from .config import CompressConfig
 from .folding import find_pairs, fold
 from .layer import compress_weights
@@ -32,6 +32,14 @@ from .layer import compress_weights
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the needed input is captured."""
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration data that works but is likely to give a poor model (too few samples)."""
+
+
+MIN_SAMPLES = 64  # README / SPFQ.md: quality collapses below ~64 calibration samples
+ADVISED_SAMPLES = 256  # README: use at least 256
 
 
 @dataclass
@@ -75,6 +83,9 @@ def select_layers(model: nn.Module, include, exclude) -> list[str]:
             raise UnsupportedLayerError(
                 f"pattern '{pat}' selects no Linear/Conv layer (e.g. '{leaf}' is a {type(mods[leaf]).__name__})")
         chosen += [n for n in supported if n not in chosen]
+    for pat in exclude:  # a typo would silently compress the layer meant to stay float
+        if not any(n and fnmatch.fnmatchcase(n, pat) for n in mods):
+            raise SpfqError(f"no layer matches the --exclude pattern '{pat}'")
     chosen = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
     for n in chosen:
         check_supported(n, mods[n])
@@ -83,7 +94,7 @@ def select_layers(model: nn.Module, include, exclude) -> list[str]:
     return chosen
 
 
-def _run(model, batch, index):
+def _run(model, batch, index, source=None):
     try:
         with torch.no_grad():
             calib.call(model, batch)
@@ -91,13 +102,18 @@ def _run(model, batch, index):
         pass
     except (SpfqError, KeyboardInterrupt):
         raise
+    except SystemExit as exc:
+        of = f" of {source}" if source else ""
+        raise CalibrationError(f"the model's forward on calibration batch {index}{of} called "
+                               f"sys.exit({exc.code})") from None
     except Exception as exc:  # the model rejected the data: report it in one line
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CalibrationError(f"calibration batch {index} ({calib.describe(batch)}) does not fit the "
+        of = f" of {source}" if source else ""
+        raise CalibrationError(f"calibration batch {index}{of} ({calib.describe(batch)}) does not fit the "
                                f"model: {type(exc).__name__}: {msg}") from None
 
 
-def _trace(model: nn.Module, batch, names: list[str]):
+def _trace(model: nn.Module, batch, names: list[str], source=None):
     """Execution order of the selected layers and groups that share one input tensor."""
     mods = dict(model.named_modules())
     calls: dict[str, list] = {n: [] for n in names}
@@ -111,7 +127,7 @@ def _trace(model: nn.Module, batch, names: list[str]):
             seen.append(n)
         handles.append(mods[n].register_forward_pre_hook(hook))
     try:
-        _run(model, batch, 0)
+        _run(model, batch, 0, source)
     finally:
         for h in handles:
             h.remove()
@@ -142,7 +158,7 @@ def _row_key(m: nn.Module):
 FLOAT_ROWS_BUDGET = 3 * 2 ** 30  # bytes of float-model rows kept to skip re-running the float model
 
 
-def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET) -> dict | None:
+def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET, source=None) -> dict | None:
     """One full float pass keeping each group's input rows, or None when they exceed the budget
     (then every capture re-runs the float model, and memory stays independent of m)."""
     mods = dict(float_model.named_modules())
@@ -160,7 +176,7 @@ def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET) -> dict
     handles = [mods[n].register_forward_pre_hook(keep(n)) for n in leaders]
     try:
         for i, batch in enumerate(batches):
-            _run(float_model, batch, i)
+            _run(float_model, batch, i, source)
             if used[0] > budget:
                 return None
     finally:
@@ -169,9 +185,10 @@ def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET) -> dict
     return cache
 
 
-def _capture(float_model, qmodel, batches, name, float_rows=None) -> GramAccumulator:
+def _capture(float_model, qmodel, batches, name, float_rows=None, source=None) -> GramAccumulator:
     """One pass over the calibration batches: rows of the layer's input in both models
-    (the float model's rows come from float_rows when cached)."""
+    (the float model's rows come from float_rows when cached). A non-finite row is an error
+    naming the batch and the layer (NaN/Inf would silently zero the layer's codes)."""
     fmod, qmod = dict(float_model.named_modules())[name], dict(qmodel.named_modules())[name]
     acc = GramAccumulator()
     box = {}
@@ -187,14 +204,16 @@ def _capture(float_model, qmodel, batches, name, float_rows=None) -> GramAccumul
         for i, batch in enumerate(batches):
             box.clear()
             if float_rows is None:
-                _run(float_model, batch, i)
+                _run(float_model, batch, i, source)
             else:
                 box["x"] = float_rows[i]
-            _run(qmodel, batch, i)
+            _run(qmodel, batch, i, source)
             if "x" not in box or "xt" not in box:
                 raise CalibrationError(f"calibration batch {i} does not reach layer '{name}'")
             try:
                 acc.add(box["x"].float(), box["xt"].float())
+            except NonFiniteRows as exc:
+                raise CalibrationError(_non_finite_message(batches, i, name, exc, source)) from None
             except RuntimeError:  # a batch whose shape differs from the first one's
                 before = f", earlier batches {acc.G.shape[-1]}" if acc.G is not None else ""
                 raise CalibrationError(f"calibration batch {i} ({calib.describe(batch)}) gives layer '{name}' "
@@ -205,31 +224,73 @@ def _capture(float_model, qmodel, batches, name, float_rows=None) -> GramAccumul
     return acc
 
 
+def _non_finite_message(batches, i, name, exc: NonFiniteRows, source) -> str:
+    start = calib.count_samples(batches[:i])
+    where = f"calibration batch {i} (samples {start}-{start + calib.count_samples(batches[i:i + 1]) - 1}" + \
+        (f" of {source})" if source else ")")
+    bad = calib.non_finite(batches[i])
+    if bad is not None:
+        what, sample, inp = bad
+        return (f"{where} holds {what} (sample {start + sample}, {inp}): layer '{name}' gets a non-finite "
+                f"input; calibration data must be finite")
+    if exc.which == "x":
+        return (f"{where}: the input of layer '{name}' is {exc.what} in the float model although the calibration "
+                f"data is finite (the model's forward overflows or divides by zero)")
+    return (f"{where}: the input of layer '{name}' becomes {exc.what} once the layers before it are compressed "
+            f"(the float model stays finite)")
+
+
+def _check_finite(model: nn.Module, note: str = "") -> None:
+    """Every floating parameter finite: a NaN weight would give a model of zeros and 'rel err 0'."""
+    for pname, p in model.named_parameters():
+        if (p.is_floating_point() or p.is_complex()) and not bool(torch.isfinite(p).all()):
+            layer, _, attr = pname.rpartition(".")
+            n_nan = int(torch.isnan(p).sum())
+            n_inf = int(torch.isinf(p).sum())
+            parts = [f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else ""]
+            raise SpfqError(f"layer '{layer or pname}': its {attr or 'parameter'} holds "
+                            f"{' and '.join(x for x in parts if x)}{note}")
+
+
+def _warn_few(n: int) -> None:
+    if n < MIN_SAMPLES:
+        warnings.warn(CalibrationWarning(
+            f"only {n} calibration samples: quality collapses below ~{MIN_SAMPLES}; "
+            f"use at least {ADVISED_SAMPLES} (README)"), stacklevel=3)
+
+
 def _layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
 
 
 def compress_model(model: nn.Module, calibration, config: CompressConfig | None = None, *,
-                   progress: bool = True, model_spec: str | None = None, **options) -> CompressionResult:
-    """Compress every selected Linear/Conv layer of `model` (left untouched) with SPFQ/GPFQ/RTN."""
+                   progress: bool = True, model_spec: str | None = None, source: str | None = None,
+                   **options) -> CompressionResult:
+    """Compress every selected Linear/Conv layer of `model` (left untouched) with SPFQ/GPFQ/RTN.
+
+    `source` names the calibration data (a file or function) in error messages."""
     cfg = config or CompressConfig(**options)
-    batches = calib.as_batches(calibration, cfg.batch_size)
+    batches = calib.as_batches(calibration, cfg.batch_size, source)
+    _warn_few(calib.count_samples(batches))
+    _check_finite(model)
     float_model = copy.deepcopy(model).eval()
     pairs = find_pairs(float_model) if cfg.fold_batchnorm else []
     fold(float_model, pairs)
+    if pairs:  # a BatchNorm with broken running statistics (var + eps <= 0) breaks the layer before it
+        _check_finite(float_model, " after folding BatchNorm into it (check the BatchNorm's running statistics)")
     qmodel = copy.deepcopy(float_model)
     names = select_layers(float_model, cfg.include, cfg.exclude)
-    groups = _trace(float_model, batches[0], names)
+    groups = _trace(float_model, batches[0], names, source)
     mods = dict(qmodel.named_modules())
     layers: dict[str, CompressedLayer] = {}
     report: list[LayerReport] = []
     total = sum(len(g) for g in groups)
     bar = tqdm(total=total, desc=f"compress ({cfg.method}, {cfg.bits}-bit)", unit="layer",
                disable=not progress, leave=False)
-    cache = _float_rows(float_model, batches, [g[0] for g in groups])
+    cache = _float_rows(float_model, batches, [g[0] for g in groups], source=source)
     try:
         for group in groups:
-            acc = _capture(float_model, qmodel, batches, group[0], cache and cache.pop(group[0]))
+            acc = _capture(float_model, qmodel, batches, group[0], cache and cache.pop(group[0]), source)
             grams = acc.grams()
             for name in group:
                 bar.set_postfix_str(name)
@@ -251,6 +312,31 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
     return CompressionResult(cm, report, qmodel)
 
 
+FP16_MAX = 65504.0
+
+
+UNDERFLOW_SHARE = 0.01  # zeroed rows may hold at most this share of the layer's sum of w^2
+
+
+def _check_scales(name, a, W) -> None:
+    """Scales are stored as float16: weights too large give Inf scales (a broken model); rows too
+    small get a scale of 0 and become zeros, an error when they carry a real part of the layer
+    (a near-dead neuron's row may vanish). Errors name the layer."""
+    R = W.abs().amax(dim=-1)  # (g, n)
+    if not (bool(torch.isfinite(a.delta).all()) and bool(torch.isfinite(a.lam).all())):
+        raise SpfqError(f"layer '{name}': weights up to {float(R.max()):.3g} need scales beyond float16 "
+                        f"(max {FP16_MAX:g}), the .spfq scale type; rescale the layer or exclude it")
+    if a.pruned:
+        return
+    zeroed = (a.delta == 0) & (R > 0)
+    if bool(zeroed.any()):
+        energy = (W * W).sum(-1)
+        if float(energy[zeroed].sum()) > UNDERFLOW_SHARE * float(energy.sum()):
+            raise SpfqError(f"layer '{name}': weights this small (max |w| {float(R[zeroed].max()):.3g} in a row) "
+                            f"get a float16 scale of 0 (the .spfq scale type) and would become zeros; rescale "
+                            f"the layer or exclude it")
+
+
 @torch.no_grad()
 def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig):
     g = groups_of(module)
@@ -260,6 +346,7 @@ def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig
     res = compress_weights(W, grams, cfg, _layer_seed(cfg.seed, name))
     a = res.alphabet
     K = a.K
+    _check_scales(name, a, W)
     scale = (a.lam if K == 1 else a.delta).reshape(N).float().numpy()
     lam = a.lam.reshape(N).float().numpy() if (a.pruned and K > 1) else None
     bias = module.bias.detach().double() if module.bias is not None else None
