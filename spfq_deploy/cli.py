@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import SpfqError
+from .errors import SpfqError, watch_interrupts
 
 
 def _bits(text: str):
@@ -93,13 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", help="target name from targets/*.toml (default: this machine); a GPU target "
                                     "(cuda) adds lib/cuda/libspfq_cuda.so + manifest.cuda.json to the host's "
                                     "CPU artifacts")
+    e.add_argument("--target-file", metavar="PATH", help="a target described by your own TOML file (same keys as "
+                                                          "targets/*.toml; it names the compilers that get run)")
     e.add_argument("--activations", choices=["int8", "float"], default="int8",
                    help="custom-op flavour and TVM: int8 (activations quantised per row, integer kernels; default) "
                         "or float (weight-only kernels, parity with the dequantised model)")
     e.add_argument("--flavours", default="custom,stock,qonnx",
                    help="comma-separated ONNX flavours to write (custom, stock, qonnx)")
     e.add_argument("--model", help="model factory path.py:function (default: the one recorded in the file)")
-    e.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    e.add_argument("--force", action="store_true", help="replace the output directory if it is an earlier "
+                                                        "spfq-deploy export or empty (anything else is refused)")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("validate", help="check every artifact of an export folder against the PyTorch reference "
@@ -268,33 +271,12 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .targets import get_target
+    from .export import export
 
     flavours = tuple(f.strip() for f in args.flavours.split(",") if f.strip())
-    gpu = get_target(args.target) if args.target else None
-    gpu = gpu if gpu is not None and gpu.cuda else None
-    cpu_target = None if gpu else args.target  # a GPU target: the CPU artifacts are the host's
-    if gpu is not None:  # nvcc first: a missing toolchain must fail before anything is written
-        from .export import cuda_library
-
-        cuda_library.build(gpu)
-    if args.format in ("onnx", "all"):
-        from .export.onnx_export import export_onnx
-
-        export_onnx(args.file, args.output, target=cpu_target, activations=args.activations, flavours=flavours,
-                    force=args.force, model_spec=args.model)
-    if args.format in ("tvm", "all"):
-        from .export.tvm_export import export_tvm
-
-        export_tvm(args.file, args.output, target=cpu_target, activations=args.activations,
-                   force=args.force, model_spec=args.model, merge=args.format == "all")
-    if gpu is not None:
-        from .export.cuda_export import export_cuda
-
-        if args.activations == "float":
-            print("note: the CUDA kernels quantise activations to int8 per row (there are no float-activation "
-                  "GPU kernels); the CPU artifacts use float activations")
-        export_cuda(args.file, args.output, target=gpu.name, force=args.force, model_spec=args.model, merge=True)
+    formats = ("onnx", "tvm") if args.format == "all" else (args.format,)
+    export(args.file, args.output, formats=formats, target=args.target, target_file=args.target_file,
+           activations=args.activations, flavours=flavours, force=args.force, model_spec=args.model)
     return 0
 
 
@@ -345,13 +327,15 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    watch_interrupts()
     try:
         return args.func(args)
     except SpfqError as exc:
         print(f"spfq-deploy: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("spfq-deploy: interrupted", file=sys.stderr)
+        # every output is staged and renamed at the end, so an interrupt leaves nothing half written
+        print("spfq-deploy: error: interrupted (nothing was written)", file=sys.stderr)
         return 130
 
 

@@ -17,3 +17,26 @@ class UnsupportedLayerError(SpfqError):
 
 class CalibrationError(SpfqError):
     """Calibration data that the model cannot consume (wrong shape, dtype, or empty)."""
+
+
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def watch_interrupts() -> None:
+    """Note every Ctrl-C: a native library (TVM's FFI) may catch the KeyboardInterrupt and hand
+    back an ordinary error with no text, and interrupted() still tells it apart."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def interrupted() -> bool:
+    return _interrupted

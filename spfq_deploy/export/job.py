@@ -83,11 +83,11 @@ def save_inputs(path: Path, names: list[str], arrays) -> None:
 
 
 def resolve_target(name: str | None, target_file: str | os.PathLike | None) -> Target:
-    if name and target_file:
+    if name is not None and target_file is not None:
         raise SpfqError("give --target or --target-file, not both")
-    if target_file:
+    if target_file is not None:
         return load_target_file(target_file)
-    return get_target(name) if name else host_target()
+    return get_target(name) if name is not None else host_target()
 
 
 def export(spfq_path: str | os.PathLike, out_dir: str | os.PathLike, formats: tuple[str, ...] = ("onnx",),

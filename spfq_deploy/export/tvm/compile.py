@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...compressed import CompressedModel
-from ...errors import SpfqError
+from ...errors import SpfqError, interrupted
 from ...targets import Target, host_target
 from ..source import ExportInputs
 from . import graph, library
@@ -25,7 +25,9 @@ def reason(exc: BaseException) -> str:
 
 
 def _reraise_interrupt(exc: BaseException) -> None:
-    """TVM's FFI may wrap a KeyboardInterrupt raised in a callback; keep it an interrupt."""
+    """TVM's FFI may turn a Ctrl-C into an error without text; keep it an interrupt."""
+    if interrupted():
+        raise KeyboardInterrupt from None
     seen = exc
     while seen is not None:
         if isinstance(seen, KeyboardInterrupt):
