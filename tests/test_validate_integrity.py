@@ -313,9 +313,8 @@ def test_zero_scale_binary_row_is_exact_in_custom_and_stock():
         assert res["status"] == "ok", (flavour, res["mismatches"])
 
 
-@pytest.mark.xfail(strict=True, reason="exporter bug found by the weight check, left to export/onnx/qonnx.py: a "
-                   "binary row with scale 0 is written as BipolarQuant(0, scale 1) = +1, not the weight 0")
 def test_zero_scale_binary_row_is_exact_in_qonnx():
+    """A binary row with scale 0 weighs 0; BipolarQuant would write it as +1 (found by the weight check)."""
     cm, models = _synthetic_models(zero_row=True)
     res = W.check(models["qonnx"], "qonnx", cm)
     assert res["status"] == "ok", res["mismatches"]

@@ -45,7 +45,8 @@ def builder() -> Builder:
     def build(layer: CompressedLayer, x: str, y: str) -> Replacement:
         rep = Replacement()
         p = layer.name
-        pruned_binary = layer.alphabet == "binary" and bool(np.any(layer.codes == 0))
+        # BipolarQuant has no 0: pruned codes, and rows whose scale is 0 (their weight is 0), need Quant
+        pruned_binary = layer.alphabet == "binary" and bool(np.any(layer.codes == 0) or np.any(layer.scale == 0))
         bits = 1 if layer.alphabet == "binary" and not pruned_binary else (2 if layer.K == 1 else layer.bits)
         ws = [_quant(rep, p, layer, layer.codes, layer.scale, bits)]
         if layer.K > 1 and layer.lam is not None:
