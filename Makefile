@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 export HF_HUB_OFFLINE := 1
 
-.PHONY: all setup ort-headers arm64-python demo test bench-quality bench-kernels bench-onnx bench-tvm bench-cuda clean
+.PHONY: all setup ort-headers arm64-python demo test lint bench-quality bench-kernels bench-onnx bench-tvm bench-cuda clean
 
 all: test
 
@@ -61,7 +61,11 @@ arm64-python: $(ARM64_PYTHON)
 
 setup: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS) $(ARM64_PYTHON)
 
-test: $(KERNELS) $(SYSDEPS) $(ORT_HEADERS) $(ARM64_PYTHON)
+# pyflakes + import order ([tool.ruff] in pyproject.toml); ruff is pinned in the test extra
+lint: $(STAMP)
+	$(BIN)/ruff check spfq_deploy tests benchmarks examples setup.py
+
+test: lint $(KERNELS) $(SYSDEPS) $(ORT_HEADERS) $(ARM64_PYTHON)
 	$(PY) -m pytest -q -ra
 
 # the whole story (README "Demo"): compress, export for arm64 + the host, validate (arm64 under

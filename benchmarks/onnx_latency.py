@@ -34,8 +34,8 @@ from spfq_deploy.bench.worker import timeit  # noqa: E402,F401  (tvm_latency.py 
 from spfq_deploy.compress import compress_model  # noqa: E402
 from spfq_deploy.export import export  # noqa: E402
 from spfq_deploy.export.onnx.graph import float_graph  # noqa: E402
-from spfq_deploy.export.source import export_inputs  # noqa: E402
 from spfq_deploy.export.onnx.session import session  # noqa: E402
+from spfq_deploy.export.source import export_inputs  # noqa: E402
 from spfq_deploy.pack import container  # noqa: E402
 
 GOAL = 0.5

@@ -42,19 +42,20 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from onnx_latency import compressed, minilm_tokens, timeit  # noqa: E402
+
 import examples.minilm as minilm  # noqa: E402
 import examples.mnist_cnn as mnist  # noqa: E402
-from onnx_latency import compressed, minilm_tokens, timeit  # noqa: E402
 from spfq_deploy.atomic import write_text  # noqa: E402
 from spfq_deploy.export import export  # noqa: E402
 from spfq_deploy.export.onnx.graph import float_graph  # noqa: E402
+from spfq_deploy.export.onnx.session import session  # noqa: E402
+from spfq_deploy.export.source import export_inputs  # noqa: E402
 from spfq_deploy.export.tvm import compile as tvm_compile  # noqa: E402
 from spfq_deploy.export.tvm import runtime as tvm_runtime  # noqa: E402
-from spfq_deploy.export.source import export_inputs  # noqa: E402
-from spfq_deploy.targets import get_target  # noqa: E402
-from spfq_deploy.export.onnx.session import session  # noqa: E402
 from spfq_deploy.pack import container  # noqa: E402
 from spfq_deploy.reference import int8_activation_reference, load_reference  # noqa: E402
+from spfq_deploy.targets import get_target  # noqa: E402
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:

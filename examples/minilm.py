@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from examples.common import package_file, require
 from spfq_deploy.errors import CalibrationError, SpfqError
-
-from examples.common import package_dir, package_file, require
 
 __all__ = [
     "MiniLMEncoder", "build", "tokenizer", "encode", "calibration", "calibration_sentences",

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from spfq_deploy.errors import CalibrationError, SpfqError
-
 from examples.common import package_file, require
+from spfq_deploy.errors import CalibrationError, SpfqError
 
 __all__ = ["build", "load_digits", "calibration", "calibration_order", "evaluate", "MEAN", "STD"]
 

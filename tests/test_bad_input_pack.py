@@ -19,7 +19,8 @@ from safetensors import numpy as st_numpy
 from spfq_deploy import kernels as K
 from spfq_deploy.compressed import CompressedLayer, CompressedModel
 from spfq_deploy.errors import FormatError
-from spfq_deploy.pack import container, layouts as L, load, read_header, save
+from spfq_deploy.pack import container, load, read_header, save
+from spfq_deploy.pack import layouts as L
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2 ** 30

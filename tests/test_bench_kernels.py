@@ -11,10 +11,9 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
-
 import onnx  # noqa: F401  (installed by make test: the test extra)
 import onnxruntime  # noqa: F401
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 128, 256), (16, 128, 256)]  # (M, N, K): tiny, but every kernel and baseline runs

@@ -5,7 +5,6 @@ nearest): compress -> export (ONNX flavours + TVM x86_64) -> validate --json -> 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

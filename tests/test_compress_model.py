@@ -15,13 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from spfq_deploy.compress import CompressConfig, compress_model
-from spfq_deploy.compress import engine
+from spfq_deploy.compress import CompressConfig, compress_model, engine
 from spfq_deploy.compress.capture import rows
 from spfq_deploy.compress.layer import Grams, compress_weights
 from spfq_deploy.errors import CalibrationError, SpfqError, UnsupportedLayerError
-
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

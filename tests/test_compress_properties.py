@@ -17,8 +17,13 @@ import torch
 from spfq_deploy.compress.alphabet import Alphabet, fp16_round, make_alphabet, quantize
 from spfq_deploy.compress.config import CompressConfig
 from spfq_deploy.compress.layer import Grams, compress_weights
-from spfq_deploy.compress.path_following import (align, gram_path_following, quantizing_step,
-                                                  recurrence, squared_output_error)
+from spfq_deploy.compress.path_following import (
+    align,
+    gram_path_following,
+    quantizing_step,
+    recurrence,
+    squared_output_error,
+)
 
 DT = torch.float64
 

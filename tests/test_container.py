@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
+from spfq_deploy import atomic
 from spfq_deploy.compressed import CompressedLayer, CompressedModel
 from spfq_deploy.errors import FormatError
-from spfq_deploy import atomic
-from spfq_deploy.pack import container
-from spfq_deploy.pack import FORMAT_VERSION, load, read_header, save
+from spfq_deploy.pack import FORMAT_VERSION, container, load, read_header, save
 
 
 def f16(a):

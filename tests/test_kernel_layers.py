@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo_model import Zoo
 
 import examples.mnist_cnn as mnist
 from spfq_deploy import kernels as K
 from spfq_deploy.compress import compress_model
 from spfq_deploy.compress.capture import patch_rows
 from spfq_deploy.kernel_layers import KernelLayer
-from zoo_model import Zoo
 
 torch.manual_seed(0)
 

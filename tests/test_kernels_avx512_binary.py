@@ -16,12 +16,24 @@ import subprocess
 
 import numpy as np
 import pytest
+from kernel_build import build_library, compiler, cpu_has, env_flags
+from test_kernels_binary import (
+    INC,
+    SHIM,
+    SRC,
+    Weights,
+    _mirror_layout,
+    activations,
+    check,
+    make,
+    ref_i8,
+    reference,
+    run,
+    unpack,
+    weights_for,
+)
 
 from spfq_deploy.pack.bits import pack_bits
-
-from kernel_build import build_library, compiler, cpu_has, env_flags
-from test_kernels_binary import (INC, SHIM, SRC, Weights, _mirror_layout, activations, check,
-                                 make, ref_i8, reference, run, unpack, weights_for)
 
 KERNELS = ["sign_i8", "sign_mask_i8", "bgemm"]
 KS = [1, 63, 64, 65, 511, 512, 513, 1000, 4096]

@@ -23,8 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_build import build_library, cpu_has  # noqa: E402
-from test_kernels_intb import (  # noqa: E402
-    BITS, Job, Packed, check_i8, make_codes, make_layer, rand_xq, ref_i8)
+from test_kernels_intb import BITS, Job, Packed, check_i8, make_codes, make_layer, rand_xq, ref_i8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = [ROOT / "kernels/src/intb.c", ROOT / "kernels/src/intb_avx512.c"]

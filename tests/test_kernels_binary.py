@@ -23,10 +23,10 @@ import subprocess
 
 import numpy as np
 import pytest
+from kernel_build import INC, SRC, build_library, compiler, cpu_has, env_flags
 
 from spfq_deploy.pack.bits import pack_bits, words_for
 
-from kernel_build import INC, SRC, build_library, compiler, cpu_has, env_flags
 SIGN, SIGN_MASK = 1, 2
 
 KS = [1, 7, 63, 64, 65, 100, 255, 257, 1000, 4096, 11008]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from kernel_build import build_library, cpu_has
+
 from spfq_deploy.compressed import CompressedLayer
 from spfq_deploy.pack.layouts import pack_layer
 

@@ -9,8 +9,16 @@ from bitarray import bitarray
 from bitarray.util import int2ba
 
 from spfq_deploy.compressed import CompressedLayer
-from spfq_deploy.pack import (default_layout, layer_info, pack_bits, pack_layer, storage_report,
-                              unpack_bits, unpack_layer, words_for)
+from spfq_deploy.pack import (
+    default_layout,
+    layer_info,
+    pack_bits,
+    pack_layer,
+    storage_report,
+    unpack_bits,
+    unpack_layer,
+    words_for,
+)
 
 DS = (1, 9, 63, 64, 65, 100, 3136)
 NS = (1, 7, 32)

@@ -1,11 +1,32 @@
 """Bit-packed layouts and the .spfq container (bits.py holds the bit order every runtime reads)."""
 
-from .bits import (WORD, WORD_BITS, pack_bits, pack_fields, pack_planes, unpack_bits,
-                   unpack_fields, unpack_planes, words_for)
+from .bits import (
+    WORD,
+    WORD_BITS,
+    pack_bits,
+    pack_fields,
+    pack_planes,
+    unpack_bits,
+    unpack_fields,
+    unpack_planes,
+    words_for,
+)
 from .container import FORMAT_VERSION, load, read_header, save
-from .layouts import (LAYOUTS, Layout, buffer_specs, check_sparse, default_layout, field_bits,
-                      get_layout, layer_info, pack_layer, register, storage_report, table_fields,
-                      unpack_layer)
+from .layouts import (
+    LAYOUTS,
+    Layout,
+    buffer_specs,
+    check_sparse,
+    default_layout,
+    field_bits,
+    get_layout,
+    layer_info,
+    pack_layer,
+    register,
+    storage_report,
+    table_fields,
+    unpack_layer,
+)
 
 __all__ = [
     "WORD", "WORD_BITS", "words_for", "pack_bits", "unpack_bits", "pack_planes", "unpack_planes",
