@@ -307,3 +307,23 @@ def test_target_file_loads_an_explicit_target(spfq, tmp_path):
         assert r.returncode == 2 and why in _one_line_error(r.stderr)
     r = _cli("export", spfq, "-o", tmp_path / "o2", "--target-file", mine, "--target", "arm64", *FAST)
     assert r.returncode == 2 and "not both" in _one_line_error(r.stderr)
+
+
+# ---------------------------------------------------------------- layout: one job loads everything once
+
+def test_one_export_loads_the_source_and_each_target_once(spfq, tmp_path, monkeypatch, capsys):
+    from spfq_deploy import targets
+    from spfq_deploy.export import job
+    from spfq_deploy.pack import container
+
+    loads, target_files = [], []
+    real_load, real_target = container.load, targets.load_target_file
+    monkeypatch.setattr(container, "load", lambda p: loads.append(p) or real_load(p))
+    monkeypatch.setattr(targets, "load_target_file", lambda p: target_files.append(Path(p).name) or real_target(p))
+    monkeypatch.setattr(job, "load_target_file", targets.load_target_file)
+    rc = main(["export", str(spfq), "-o", str(tmp_path / "out"), "--format", "all", "--target", "cuda"])
+    assert rc == 0, capsys.readouterr().err
+    assert len(loads) == 1  # was three: once per backend
+    assert sorted(target_files) == ["cuda.toml", "x86_64.toml"]  # was six
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"manifest.json", "manifest.tvm.json", "manifest.cuda.json"} <= names
