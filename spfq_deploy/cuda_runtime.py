@@ -22,7 +22,7 @@ from torch import nn
 
 from .compressed import CompressedLayer, CompressedModel, rows_slice
 from .errors import SpfqError
-from .kernels import LAYOUT_IDS, WeightsDesc, kernel_pack, preferred_layout
+from .kernels import LAYOUT_IDS, WeightsDesc, check_sparse_buffers, kernel_pack, preferred_layout
 
 # Only numpy / torch / ctypes at import: the benchmark imports this on a GPU machine where the
 # CPU kernel library is not built; the model-level pieces import what they need when used.
@@ -147,6 +147,8 @@ class CudaPackedWeights:
                  packed: tuple[str, int, dict] | None = None, put=None):
         layout, bits, bufs = packed or kernel_pack(layer, layout or preferred_layout(layer))
         self.lib, self.layout, self.n, self.k, self.bits = lib, layout, layer.rows, layer.cols, bits
+        if layout == "sparse":  # the GPU kernels, like the CPU ones, would read a missing code as 0
+            check_sparse_buffers(bufs["mask"], bufs["kept"], self.k)
         host = {"sign": bufs.get("sign") if layout in ("sign", "sign_mask") else None,
                 "mask": bufs.get("mask") if layout in ("sign_mask", "sparse") else None,
                 "planes": bufs["kept"] if layout == "sparse" else bufs.get("planes"),

@@ -314,3 +314,18 @@ def test_cuda_bad_arguments(cuda):
     with pytest.raises(Exception, match="must be"):
         upload(cuda, make_layer("binary", 1, 4, 64), "sign").forward_f32(np.zeros((2, 63), np.float32))
     assert cuda.device_count() >= 1 and cuda.device_name(0)
+
+
+def test_upload_rejects_sparse_buffers_whose_mask_and_kept_codes_disagree(cuda):
+    """Issue 12, defect 9 on the GPU path: a mask that disagrees with the kept codes would make the
+    kernels compute with other weights; the upload refuses it, naming the row."""
+    layer = make_layer("int", 4, 8, 200, pruned=True, sparsity=0.7)
+    layout, bits, bufs = kernel_pack(layer, "sparse")
+    # a row whose last kept code is not +1 (field 0): clearing its mask bit leaves a code behind
+    row = next(r for r in range(layer.rows) if layer.codes[r][layer.codes[r] != 0][-1] != 1)
+    col = int(np.flatnonzero(layer.codes[row])[-1])
+    bad = dict(bufs, mask=bufs["mask"].copy())
+    bad["mask"][row, col // 64] &= ~np.uint64(1 << (col % 64))
+    with pytest.raises(K.KernelError, match=f"row {row}"):
+        CudaPackedWeights(cuda, layer, packed=(layout, bits, bad))
+    CudaPackedWeights(cuda, layer, packed=(layout, bits, bufs))  # the consistent buffers upload
