@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import onnx
 import pytest
 import torch
 from onnx import helper, numpy_helper
+from test_validate import _copy, _validate
 
 from spfq_deploy.cli import main
 from spfq_deploy.compressed import CompressedLayer, CompressedModel
@@ -73,19 +73,6 @@ def unseen(export_dir):
     cols = np.flatnonzero(zero)
     assert cols.size, "no input column of classifier.0 is zero on inputs.npz"
     return int(cols[len(cols) // 2]), 5
-
-
-def _validate(folder, capsys, *extra):
-    rc = main(["validate", str(folder), "--json", str(Path(folder).parent / "report.json"), *extra])
-    text = capsys.readouterr()
-    report = json.loads((Path(folder).parent / "report.json").read_text()) if rc in (0, 1) else None
-    return rc, text.out, text.err, report
-
-
-def _copy(export_dir, tmp_path) -> Path:
-    dest = tmp_path / "out"
-    shutil.copytree(export_dir, dest)
-    return dest
 
 
 def _rows(report, file):
