@@ -19,21 +19,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_export_onnx import CASES, CONVS, INPUTS, SHAPES, _cosine_rows, _layer, _torch_float
 from torch import nn
 
 from spfq_deploy.cli import main as cli_main
 from spfq_deploy.compressed import CompressedModel
 from spfq_deploy.errors import SpfqError
 from spfq_deploy.export import export
+from spfq_deploy.export.source import ExportInputs
 from spfq_deploy.export.tvm import compile as tvm_compile
 from spfq_deploy.export.tvm import graph as tvm_graph
 from spfq_deploy.export.tvm import runtime as tvm_runtime
 from spfq_deploy.export.tvm.backend import Backend as TvmBackend
-from spfq_deploy.export.source import ExportInputs
 from spfq_deploy.reference import Int8ActivationLayer, int8_activation_reference, load_reference
 from spfq_deploy.targets import get_target
-
-from test_export_onnx import CASES, CONVS, INPUTS, SHAPES, _cosine_rows, _layer, _torch_float
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = get_target("x86_64")
@@ -188,11 +187,12 @@ def test_mnist_int8_activations_match_the_integer_reference(mnist_exports):
 def test_packed_kernels_are_the_compiled_path(mnist_exports, mnist_spfq):
     """No float copy of a compressed weight in the Relax module; the library holds the kernels
     (hidden symbols in .symtab) and exports the packed function the VM calls."""
+    from tvm import ir, relax
+
     from spfq_deploy.export.source import export_inputs
     from spfq_deploy.modelspec import load_model
     from spfq_deploy.pack import container
     from spfq_deploy.reference import apply_compressed
-    from tvm import ir, relax
 
     cm = container.load(mnist_spfq)
     model, module = load_model(cm.model_spec)
@@ -250,6 +250,7 @@ def test_arm64_library_manifest_and_runner(mnist_exports):
 def test_zoo_model_dynamic_batch_and_spatial_axes(tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     import zoo_model
+
     from spfq_deploy.compress import compress_model
     from spfq_deploy.pack import container
 
@@ -421,6 +422,7 @@ def minilm_stack_exports(tmp_path_factory):
     """The real MiniLM encoder cut to 2 layers (tests/minilm_stack.py), ternary (sign + mask
     kernels; MNIST covers the bit-plane + lam ones), exported for arm64 (+ the x86_64 host)."""
     import minilm_stack
+
     from spfq_deploy.compress import compress_model
     from spfq_deploy.pack import container
 

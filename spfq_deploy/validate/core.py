@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export.source import file_sha256
 from ..errors import SpfqError
+from ..export.source import file_sha256
 from ..targets import HOST
 from . import layers as layer_checks
 from . import metrics, runners

@@ -233,7 +233,7 @@ def run_cuda(out: Path, art: Artifact, refs, row: dict):
     layer on the GPU; raises Unavailable when the library finds no GPU."""
     import torch
 
-    from ..cuda_runtime import CudaLibrary, CudaLayer, cuda_model
+    from ..cuda_runtime import CudaLayer, CudaLibrary, cuda_model
 
     lib = CudaLibrary(out / art.file)
     why = lib.unavailable()

@@ -2,6 +2,10 @@
 export_library with the target's C++ compiler (a cross compiler for arm64) and the kernel
 objects (library.py) as addons.
 
+Same module, same bytes: tvm.compile runs Relax's default pipeline followed by
+reproducible.canonical_shape_funcs (the order of TVM's shape-function stores otherwise follows
+object addresses), and the final link records a content-derived build id (library.py).
+
 TVM errors often carry an empty or multi-line message, and a Ctrl-C inside TVM's C++ code can
 come back as an exception with no text: reason() always gives one line, and an interrupt stays
 an interrupt.
@@ -15,7 +19,7 @@ from ...compressed import CompressedModel
 from ...errors import SpfqError, interrupted
 from ...targets import Target, host_target
 from ..source import ExportInputs
-from . import graph, library
+from . import graph, library, reproducible
 
 
 def reason(exc: BaseException) -> str:
@@ -56,7 +60,7 @@ def compile_library(mod, tgt: Target, path: Path) -> Path:
     objs = library.build(tgt)
     target = tvm_target(tgt)
     try:
-        ex = tvm.compile(mod, target=target)
+        ex = tvm.compile(mod, target=target, relax_pipeline=reproducible.relax_pipeline())
     except Exception as exc:
         _reraise_interrupt(exc)
         raise SpfqError(f"TVM could not compile the model for {tgt.name}: {reason(exc)}") from None

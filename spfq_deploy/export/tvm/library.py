@@ -18,8 +18,10 @@ from ...targets import ROOT, Target
 from ..native_build import KERNEL_INCLUDE, build_hash, compile_kernels, kernel_sources, run
 
 OP_SOURCE = ROOT / "kernels" / "tvm" / "spfq_tvm_ops.cc"
-# what the library needs from the C++ runtime is linked in: the device needs no libstdc++ match
-LINK_OPTIONS = ["-static-libstdc++", "-static-libgcc", "-pthread", "-lm"]
+# what the library needs from the C++ runtime is linked in: the device needs no libstdc++ match.
+# --build-id=sha1: the build id is a hash of the linked bytes (the same for the same input),
+# never a random uuid, whatever the toolchain's default.
+LINK_OPTIONS = ["-static-libstdc++", "-static-libgcc", "-pthread", "-lm", "-Wl,--build-id=sha1"]
 
 
 def ffi_include() -> Path:
