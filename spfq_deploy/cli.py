@@ -38,6 +38,22 @@ def _grid(text: str) -> tuple[float, ...]:
     return vals
 
 
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def _bytes(text: str) -> int:
+    """A size such as 4G, 512M, 1.5G or a plain number of bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    try:
+        v = float(t[:-1] if unit else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4G, 512M)") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a size >= 0, got {text!r}")
+    return int(v * _UNITS[unit])
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -72,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=_positive_int, default=64,
                    help="batch size when calibration is one array (or the arrays of an .npz)")
+    c.add_argument("--engine", choices=["auto", "sequential", "replay"], default="auto",
+                   help="sequential: each model runs once, layer by layer (cost linear in depth); replay: "
+                        "re-run both models up to every layer; auto (default): sequential when torch.export "
+                        "can capture the model, else replay with a warning saying why")
+    c.add_argument("--memory-budget", type=_bytes, default="4G",
+                   help="live calibration activations kept in RAM before they spill to a mapped temporary "
+                        "file (sequential engine; default 4G)")
     c.add_argument("--layout", help="packed layout for every layer (sign, sign_mask, planes, offset, sparse)")
     c.add_argument("-o", "--output", help="output .spfq file (default: <model>.spfq)")
     c.add_argument("--report-json", help="also write the per-layer report as JSON")
@@ -225,7 +248,8 @@ def cmd_compress(args) -> int:
         model, module = load_model(args.model)
         data = load_calibration(args.calib, module, cfg.batch_size)
         result = compress_model(model, data, cfg, progress=not args.quiet, model_spec=args.model,
-                                source=calibration_label(args.calib, args.model))
+                                source=calibration_label(args.calib, args.model), engine=args.engine,
+                                memory_budget=args.memory_budget)
     layouts = {n: args.layout for n in result.model.layers} if args.layout else None
     # with a report, the .spfq is staged next to its target and renamed only once the report is
     # written: a failed report leaves neither file (both are written atomically)
@@ -250,6 +274,13 @@ def cmd_compress(args) -> int:
     for w in {(str(w.message), w.category, w.filename): w for w in caught}.values():
         _one_line_warning(w.message, w.category, w.filename, w.lineno)
     print(compression_summary(result.report))
+    eng = result.engine
+    if eng.get("engine") == "sequential":
+        spilled = f", {eng['spilled_bytes'] / 2 ** 20:,.0f} MiB spilled to disk" if eng["spilled_bytes"] else ""
+        print(f"\nengine: sequential (live activations peaked at {eng['peak_activation_bytes'] / 2 ** 20:,.0f} MiB "
+              f"in RAM{spilled})")
+    else:
+        print("\nengine: replay")
     bits = sum(e["storage_report"]["total_bits"] for e in table["layers"].values())
     weights = sum(e["storage_report"]["weights"] for e in table["layers"].values())
     print(f"\nwrote {out} ({out.stat().st_size:,} bytes; {len(table['layers'])} layers at "

@@ -14,7 +14,7 @@ import fnmatch
 import time
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from tqdm import tqdm
 from ..compressed import CompressedLayer, CompressedModel
 from ..errors import CalibrationError, SpfqError, UnsupportedLayerError
 from . import calibration as calib
+from . import sequential
+from .activations import DEFAULT_BUDGET, ActivationStore
 from .capture import GramAccumulator, NonFiniteRows, check_supported, conv_params, groups_of, layer_kind, rows
 from .config import CompressConfig
 from .folding import find_pairs, fold
@@ -34,10 +36,15 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the needed input is captured."""
 
 
+class EngineWarning(UserWarning):
+    """The model cannot take the sequential engine; the replay engine runs instead."""
+
+
 class CalibrationWarning(UserWarning):
     """Calibration data that works but is likely to give a poor model (too few samples)."""
 
 
+ENGINES = ("auto", "sequential", "replay")
 MIN_SAMPLES = 64  # README / SPFQ.md: quality collapses below ~64 calibration samples
 ADVISED_SAMPLES = 256  # README: use at least 256
 
@@ -65,6 +72,7 @@ class CompressionResult:
     model: CompressedModel
     report: list[LayerReport]
     reference: nn.Module  # the compressed model in PyTorch (dequantised weights)
+    engine: dict = field(default_factory=dict)  # which engine ran (and why not the sequential one), memory
 
 
 def select_layers(model: nn.Module, include, exclude) -> list[str]:
@@ -102,15 +110,20 @@ def _run(model, batch, index, source=None):
         pass
     except (SpfqError, KeyboardInterrupt):
         raise
-    except SystemExit as exc:
-        of = f" of {source}" if source else ""
-        raise CalibrationError(f"the model's forward on calibration batch {index}{of} called "
-                               f"sys.exit({exc.code})") from None
-    except Exception as exc:  # the model rejected the data: report it in one line
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        of = f" of {source}" if source else ""
-        raise CalibrationError(f"calibration batch {index}{of} ({calib.describe(batch)}) does not fit the "
-                               f"model: {type(exc).__name__}: {msg}") from None
+    except (SystemExit, Exception) as exc:
+        raise _batch_error(exc, batch, index, source) from None
+
+
+def _batch_error(exc: BaseException, batch, index: int, source=None) -> Exception:
+    """The model's forward failed on a calibration batch: the one-line error to raise."""
+    if isinstance(exc, (SpfqError, KeyboardInterrupt)):
+        return exc
+    of = f" of {source}" if source else ""
+    if isinstance(exc, SystemExit):
+        return CalibrationError(f"the model's forward on calibration batch {index}{of} called sys.exit({exc.code})")
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CalibrationError(f"calibration batch {index}{of} ({calib.describe(batch)}) does not fit the "
+                            f"model: {type(exc).__name__}: {msg}")
 
 
 def _trace(model: nn.Module, batch, names: list[str], source=None):
@@ -210,18 +223,24 @@ def _capture(float_model, qmodel, batches, name, float_rows=None, source=None) -
             _run(qmodel, batch, i, source)
             if "x" not in box or "xt" not in box:
                 raise CalibrationError(f"calibration batch {i} does not reach layer '{name}'")
-            try:
-                acc.add(box["x"].float(), box["xt"].float())
-            except NonFiniteRows as exc:
-                raise CalibrationError(_non_finite_message(batches, i, name, exc, source)) from None
-            except RuntimeError:  # a batch whose shape differs from the first one's
-                before = f", earlier batches {acc.G.shape[-1]}" if acc.G is not None else ""
-                raise CalibrationError(f"calibration batch {i} ({calib.describe(batch)}) gives layer '{name}' "
-                                       f"rows of {box['x'].shape[-1]} features{before}") from None
+            _accumulate(acc, box["x"], box["xt"], batches, i, name, source)
     finally:
         hf.remove()
         hq.remove()
     return acc
+
+
+def _accumulate(acc: GramAccumulator, x, xt, batches, i: int, name: str, source=None) -> None:
+    """Add batch i's rows (x float model, xt compressed model) of layer `name` to acc; errors
+    name the batch and the layer."""
+    try:
+        acc.add(x.float(), xt.float())
+    except NonFiniteRows as exc:
+        raise CalibrationError(_non_finite_message(batches, i, name, exc, source)) from None
+    except RuntimeError:  # a batch whose shape differs from the first one's
+        before = f", earlier batches {acc.G.shape[-1]}" if acc.G is not None else ""
+        raise CalibrationError(f"calibration batch {i} ({calib.describe(batches[i])}) gives layer '{name}' "
+                               f"rows of {x.shape[-1]} features{before}") from None
 
 
 def _non_finite_message(batches, i, name, exc: NonFiniteRows, source) -> str:
@@ -265,10 +284,18 @@ def _layer_seed(seed: int, name: str) -> int:
 
 def compress_model(model: nn.Module, calibration, config: CompressConfig | None = None, *,
                    progress: bool = True, model_spec: str | None = None, source: str | None = None,
-                   **options) -> CompressionResult:
+                   engine: str = "auto", memory_budget: int = DEFAULT_BUDGET, **options) -> CompressionResult:
     """Compress every selected Linear/Conv layer of `model` (left untouched) with SPFQ/GPFQ/RTN.
 
+    engine: "sequential" (sequential.py: each model runs once, cost linear in depth), "replay"
+    (each layer re-runs both models up to it) or "auto" (sequential when torch.fx can trace the
+    model, else replay with a one-line EngineWarning). Both give the same codes. memory_budget:
+    bytes of live activations held in RAM before they spill to mapped files (activations.py).
     `source` names the calibration data (a file or function) in error messages."""
+    if engine not in ENGINES:
+        raise SpfqError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
+        raise SpfqError(f"memory budget must be a number of bytes >= 0, got {memory_budget!r}")
     cfg = config or CompressConfig(**options)
     batches = calib.as_batches(calibration, cfg.batch_size, source)
     _warn_few(calib.count_samples(batches))
@@ -282,26 +309,60 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
     names = select_layers(float_model, cfg.include, cfg.exclude)
     groups = _trace(float_model, batches[0], names, source)
     mods = dict(qmodel.named_modules())
+    fmods = dict(float_model.named_modules())
     layers: dict[str, CompressedLayer] = {}
     report: list[LayerReport] = []
     total = sum(len(g) for g in groups)
     bar = tqdm(total=total, desc=f"compress ({cfg.method}, {cfg.bits}-bit)", unit="layer",
                disable=not progress, leave=False)
-    cache = _float_rows(float_model, batches, [g[0] for g in groups], source=source)
+
+    def compress_group(group, acc):
+        grams = acc.grams()
+        for name in group:
+            bar.set_postfix_str(f"{name}: path following")
+            t0 = time.perf_counter()
+            layer, rep = _compress_one(name, mods[name], grams, acc, cfg)
+            rep.seconds = time.perf_counter() - t0
+            layers[name] = layer
+            report.append(rep)
+            bar.update(1)
+
+    plan, why = None, None
+    if engine in ("auto", "sequential"):
+        try:
+            plan = sequential.plan(float_model, sequential.sample_batch(batches), groups)
+            sequential.check_batches(plan, batches)
+        except sequential.NotTraceable as exc:
+            why = str(exc)
+            if engine == "sequential":
+                raise SpfqError(f"the sequential engine cannot take this model: {why}") from None
+            warnings.warn(EngineWarning(f"compressing with the replay engine (cost grows with depth squared): "
+                                        f"{why}"), stacklevel=2)
+    used = "sequential" if plan is not None else "replay"
+    store = ActivationStore(memory_budget)
     try:
-        for group in groups:
-            acc = _capture(float_model, qmodel, batches, group[0], cache and cache.pop(group[0]), source)
-            grams = acc.grams()
-            for name in group:
-                bar.set_postfix_str(name)
-                t0 = time.perf_counter()
-                layer, rep = _compress_one(name, mods[name], grams, acc, cfg)
-                rep.seconds = time.perf_counter() - t0
-                layers[name] = layer
-                report.append(rep)
-                bar.update(1)
+        if plan is not None:
+            def at_layer(group, inputs):
+                bar.set_postfix_str(f"{group[0]}: inputs")
+                acc = GramAccumulator()
+                fm, qm = fmods[group[0]], mods[group[0]]
+                for b, x, xt in inputs:
+                    _accumulate(acc, rows(fm, x.detach()), rows(qm, xt.detach()), batches, b, group[0], source)
+                compress_group(group, acc)
+
+            sequential.propagate(plan, float_model, qmodel, batches, at_layer,
+                                 lambda exc, b: _batch_error(exc, batches[b], b, source), store)
+        else:
+            cache = _float_rows(float_model, batches, [g[0] for g in groups], source=source)
+            for group in groups:
+                bar.set_postfix_str(f"{group[0]}: inputs")
+                compress_group(group, _capture(float_model, qmodel, batches, group[0],
+                                               cache and cache.pop(group[0]), source))
     finally:
         bar.close()
+        store.close()
+    stats = {"engine": used, "fallback_reason": why, "peak_activation_bytes": store.peak,
+             "spilled_bytes": store.spilled}
     compressed_keys = {f"{n}.{p}" for n in layers for p in ("weight", "bias")}
     float_params = {k: v.detach().cpu().numpy().copy() for k, v in qmodel.state_dict().items()
                     if k not in compressed_keys}
@@ -309,7 +370,7 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
             "folded_batchnorm": [list(p) for p in pairs], "torch": torch.__version__,
             "layer_order": [n for g in groups for n in g]}
     cm = CompressedModel(layers, float_params, model_spec, meta)
-    return CompressionResult(cm, report, qmodel)
+    return CompressionResult(cm, report, qmodel, stats)
 
 
 FP16_MAX = 65504.0
