@@ -17,7 +17,9 @@ falls back to the replay engine).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 import warnings
 from dataclasses import dataclass
@@ -91,7 +93,9 @@ def _export(model: nn.Module, batch):
             dynamic = {k: pytree.tree_map(lambda x: _dims(x, axes), v) for k, v in bound.items()} if axes != () \
                 else None
             try:
-                with warnings.catch_warnings():
+                # a failed capture also prints the partial graph to stderr: nothing stray on a clean run
+                with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+                        contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")
                     return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
             except Exception as exc:  # noqa: BLE001 - any capture failure means: try less, then replay
