@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--memory-budget", type=_bytes, default="4G",
                    help="live calibration activations kept in RAM before they spill to a mapped temporary "
                         "file (sequential engine; default 4G)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last finished layer (state in .OUT.resume next "
+                        "to the output, written after every layer group, removed when the run succeeds)")
     c.add_argument("--layout", help="packed layout for every layer (sign, sign_mask, planes, offset, sparse)")
     c.add_argument("-o", "--output", help="output .spfq file (default: <model>.spfq)")
     c.add_argument("--report-json", help="also write the per-layer report as JSON")
@@ -217,6 +220,7 @@ def cmd_compress(args) -> int:
     import warnings
 
     from .compress import CompressConfig, compress_model
+    from .compress.checkpoint import side_file
     from .modelspec import DEFAULT_FACTORY, calibration_label, load_calibration, load_model, split_spec
     from .pack import LAYOUTS, container
     from .tables import compression_summary
@@ -247,9 +251,17 @@ def cmd_compress(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         model, module = load_model(args.model)
         data = load_calibration(args.calib, module, cfg.batch_size)
-        result = compress_model(model, data, cfg, progress=not args.quiet, model_spec=args.model,
-                                source=calibration_label(args.calib, args.model), engine=args.engine,
-                                memory_budget=args.memory_budget)
+        side = side_file(out)
+        if args.resume and not side.exists():
+            print(f"spfq-deploy: note: --resume: no {side} yet, starting from the first layer", file=sys.stderr)
+        try:
+            result = compress_model(model, data, cfg, progress=not args.quiet, model_spec=args.model,
+                                    source=calibration_label(args.calib, args.model), engine=args.engine,
+                                    memory_budget=args.memory_budget, checkpoint=side, resume=args.resume)
+        except SpfqError:  # bad input: nothing to resume from
+            if not args.resume:
+                side.unlink(missing_ok=True)
+            raise
     layouts = {n: args.layout for n in result.model.layers} if args.layout else None
     # with a report, the .spfq is staged next to its target and renamed only once the report is
     # written: a failed report leaves neither file (both are written atomically)
@@ -271,6 +283,7 @@ def cmd_compress(args) -> int:
     finally:
         if target != out and os.path.lexists(target):
             os.unlink(target)
+    side.unlink(missing_ok=True)  # the run is complete: its resume state is no longer needed
     for w in {(str(w.message), w.category, w.filename): w for w in caught}.values():
         _one_line_warning(w.message, w.category, w.filename, w.lineno)
     print(compression_summary(result.report))

@@ -27,6 +27,7 @@ from . import calibration as calib
 from . import sequential
 from .activations import DEFAULT_BUDGET, ActivationStore
 from .capture import GramAccumulator, NonFiniteRows, check_supported, conv_params, groups_of, layer_kind, rows
+from .checkpoint import Checkpoint, run_key
 from .config import CompressConfig
 from .folding import find_pairs, fold
 from .layer import compress_weights
@@ -284,13 +285,16 @@ def _layer_seed(seed: int, name: str) -> int:
 
 def compress_model(model: nn.Module, calibration, config: CompressConfig | None = None, *,
                    progress: bool = True, model_spec: str | None = None, source: str | None = None,
-                   engine: str = "auto", memory_budget: int = DEFAULT_BUDGET, **options) -> CompressionResult:
+                   engine: str = "auto", memory_budget: int = DEFAULT_BUDGET, checkpoint=None, resume: bool = False,
+                   **options) -> CompressionResult:
     """Compress every selected Linear/Conv layer of `model` (left untouched) with SPFQ/GPFQ/RTN.
 
     engine: "sequential" (sequential.py: each model runs once, cost linear in depth), "replay"
     (each layer re-runs both models up to it) or "auto" (sequential when torch.fx can trace the
     model, else replay with a one-line EngineWarning). Both give the same codes. memory_budget:
     bytes of live activations held in RAM before they spill to mapped files (activations.py).
+    checkpoint: a side file (checkpoint.py) written after every layer group; with resume=True
+    the layers it holds for this very run are reused, so an interrupted run continues.
     `source` names the calibration data (a file or function) in error messages."""
     if engine not in ENGINES:
         raise SpfqError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -316,6 +320,22 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
     bar = tqdm(total=total, desc=f"compress ({cfg.method}, {cfg.bits}-bit)", unit="layer",
                disable=not progress, leave=False)
 
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = Checkpoint(checkpoint, run_key(model, batches, cfg.to_dict()), resume)
+
+    def restore(group) -> bool:
+        """Apply a group's layers from the side file (--resume) instead of compressing it."""
+        if ckpt is None or not ckpt.restored(group):
+            return False
+        for name in group:
+            layers[name] = ckpt.layers[name]
+            _apply(mods[name], layers[name])
+            d = ckpt.reports[name]
+            report.append(LayerReport(**dict(d, shape=tuple(d["shape"]))))
+            bar.update(1)
+        return True
+
     def compress_group(group, acc):
         grams = acc.grams()
         for name in group:
@@ -326,6 +346,8 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
             layers[name] = layer
             report.append(rep)
             bar.update(1)
+        if ckpt is not None:
+            ckpt.save(layers, {r.name: r.as_dict() for r in report})
 
     plan, why = None, None
     if engine in ("auto", "sequential"):
@@ -343,6 +365,8 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
     try:
         if plan is not None:
             def at_layer(group, inputs):
+                if restore(group):
+                    return
                 bar.set_postfix_str(f"{group[0]}: inputs")
                 acc = GramAccumulator()
                 fm, qm = fmods[group[0]], mods[group[0]]
@@ -355,6 +379,8 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
         else:
             cache = _float_rows(float_model, batches, [g[0] for g in groups], source=source)
             for group in groups:
+                if restore(group):
+                    continue
                 bar.set_postfix_str(f"{group[0]}: inputs")
                 compress_group(group, _capture(float_model, qmodel, batches, group[0],
                                                cache and cache.pop(group[0]), source))
@@ -399,6 +425,17 @@ def _check_scales(name, a, W) -> None:
 
 
 @torch.no_grad()
+def _apply(module: nn.Module, layer: CompressedLayer) -> None:
+    """The compressed layer's dequantised weight (and bias) into the model being compressed."""
+    module.weight.copy_(torch.from_numpy(layer.dequantize()))
+    if layer.bias is not None:
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.from_numpy(layer.bias.copy()))
+        else:
+            module.bias.copy_(torch.from_numpy(layer.bias))
+
+
+@torch.no_grad()
 def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig):
     g = groups_of(module)
     Wf = module.weight.detach().double()
@@ -424,12 +461,7 @@ def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig
               "order": cfg.order})
     layer.meta["sparsity"] = layer.sparsity
     layer.validate()
-    module.weight.copy_(torch.from_numpy(layer.dequantize()))
-    if layer.bias is not None:
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.from_numpy(layer.bias.copy()))
-        else:
-            module.bias.copy_(torch.from_numpy(layer.bias))
+    _apply(module, layer)
     bits = "ternary" if cfg.alphabet == "ternary" else str(cfg.nbits)
     rep = LayerReport(name, layer.kind, layer.weight_shape, bits, layer.sparsity, res.C, res.lam_factor,
                       res.rel_error, res.align_error, grams.m, 0.0)
