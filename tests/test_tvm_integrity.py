@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = "examples/mnist_cnn.py"
 LAYERS = ["features.0", "features.3", "classifier.0", "classifier.2"]
 TVM_FILES = ["model.x86_64.so", "model.arm64.so", "run_tvm.py", "manifest.tvm.json"]
 ARM64_PYTHON = ROOT / "build" / "arm64-python" / "python3"
@@ -36,14 +35,10 @@ def _export_process(spfq: Path, out: Path, seed: str) -> None:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """One 1-bit MNIST file exported twice (two processes, PYTHONHASHSEED 1 and 2)."""
-    import examples.mnist_cnn as mnist
-    from spfq_deploy.compress import compress_model
-    from spfq_deploy.pack import container
+    from test_validate_integrity import mnist_1bit_file
 
     base = tmp_path_factory.mktemp("tvm_integrity")
-    res = compress_model(mnist.build(), mnist.calibration(64), bits=1, method="rtn", progress=False,
-                         model_spec=SPEC)
-    container.save(base / "m.spfq", res.model)
+    mnist_1bit_file(base)
     _export_process(base / "m.spfq", base / "a", "1")
     _export_process(base / "m.spfq", base / "b", "2")
     return base / "a", base / "b"

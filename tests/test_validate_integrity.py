@@ -37,16 +37,22 @@ def _flavour_builders():
     return {"custom": custom.builder("int8"), "stock": stock.builder(), "qonnx": qonnx.builder()}
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
+def mnist_1bit_file(base: Path) -> Path:
+    """A 1-bit RTN MNIST .spfq in base (quick to make; every layer kind the exports check)."""
     import examples.mnist_cnn as mnist
     from spfq_deploy.compress import compress_model
     from spfq_deploy.pack import container
 
-    base = tmp_path_factory.mktemp("integrity")
     res = compress_model(mnist.build(), mnist.calibration(64), bits=1, method="rtn", progress=False,
                          model_spec=SPEC)
     container.save(base / "m.spfq", res.model)
+    return base / "m.spfq"
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("integrity")
+    mnist_1bit_file(base)
     assert main(["export", str(base / "m.spfq"), "-o", str(base / "out"), "--format", "onnx"]) == 0
     return base / "out"
 

@@ -37,8 +37,8 @@ class ActivationStore:
         """Register a node's value for one batch; returns it (a tensor maybe moved to a mapping)."""
         if isinstance(value, torch.Tensor):
             return self._keep_tensor(value)
-        if isinstance(value, (tuple, list)):
-            return type(value)(self.keep(v) for v in value) if type(value) in (tuple, list) else value
+        if type(value) in (tuple, list):  # plain containers only (not named tuples)
+            return type(value)(self.keep(v) for v in value)
         return value
 
     def release(self, value) -> None:

@@ -43,7 +43,6 @@ class NotTraceable(Exception):
 
 @dataclass
 class Plan:
-    graph: fx.Graph
     owner: nn.Module  # resolves get_attr nodes (sub-graphs of higher-order ops)
     inputs: dict  # placeholder node -> ("user", i) | ("param", target) | ("const", value)
     in_spec: object  # pytree spec of (args, kwargs) the graph was captured with
@@ -198,7 +197,7 @@ def plan(model: nn.Module, batch, groups: list[list[str]]) -> Plan:
         for a in n.all_input_nodes:
             if a in index:
                 last_use[a] = max(last_use[a], index[n])
-    return Plan(graph, ep.graph_module, inputs, ep.call_spec.in_spec, shapes, layers, leaders, needed, last_use)
+    return Plan(ep.graph_module, inputs, ep.call_spec.in_spec, shapes, layers, leaders, needed, last_use)
 
 
 def user_inputs(pl: Plan, batch, index: int) -> list:
