@@ -84,6 +84,29 @@ int spfq_bgemm(const spfq_prepared *w, int32_t m, const uint64_t *xbits, const f
 int spfq_quantize_i8(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale);
 int spfq_binarize(int32_t m, int32_t k, const float *x, uint64_t *xbits, float *xscale);
 
+/* Compression time (spfq_deploy/compress/path_following.py): the column loop of Gram-form
+ * path following over columns [b0, b1) for every row r = (candidate, group, neuron) of
+ * Q (cands, groups, rows, d): z = (A[g,i,t] - corr[r,t-b0]) * inv[g,t], q = T(z),
+ * corr[r,j-b0] += q * H[g,t,j] for t < j < b1. corr (cands*groups*rows, b1-b0) holds on entry
+ * the part from columns < b0 and is updated in place. Bit-exact with the Python reference.
+ * q'Hq is summed as sum_t q_t (2 corr_t + H_tt q_t) (H symmetric). */
+enum spfq_pf_mode { SPFQ_PF_IDENTITY = 0, SPFQ_PF_NEAREST = 1, SPFQ_PF_STOCHASTIC = 2 };
+typedef struct {
+    int32_t cands, groups, rows, d;
+    int32_t mode;                /* enum spfq_pf_mode */
+    int32_t levels, has_zero;    /* alphabet: {0 if has_zero} U +-{lam + j*delta : j < levels} */
+    const double *A;             /* (groups, rows, d) */
+    const double *H;             /* (groups, d, d) */
+    const double *inv;           /* (groups, d): 1 / H_tt, 0 for an all-zero column */
+    const double *lam, *delta;   /* (cands, groups, rows); NULL for IDENTITY */
+    const double *U;             /* (groups, rows, d) uniforms for STOCHASTIC, else NULL */
+    int8_t *codes;               /* (cands, groups, rows, d) out; NULL for IDENTITY */
+    double *Q;                   /* (cands, groups, rows, d) out: the values q */
+    double *qhq;                 /* (cands, groups, rows) or NULL: q'Hq added (caller zeroes it) */
+} spfq_pf_desc;
+#define SPFQ_PF_MAX_BLOCK 4096   /* b1 - b0 at most */
+int spfq_path_following_block(const spfq_pf_desc *p, int32_t b0, int32_t b1, double *corr, int32_t nthreads);
+
 /* ISA selection: "auto" (default: best the CPU has), "c", "avx2", "avx512" (F/BW/VL/VNNI/
  * VPOPCNTDQ/BITALG + BMI2; the int-b kernels also check VBMI2 and use GFNI when present, else a
  * slower exact path; kernels it lacks fall back to avx2), "neon". Returns SPFQ_OK or

@@ -109,30 +109,69 @@ def _nan_or_inf(X: torch.Tensor) -> str:
 
 
 class GramAccumulator:
-    """Sums Xt^T X, Xt^T Xt, X^T X (float64) and column sums (for bias correction) over batches."""
+    """Sums Xt^T X, Xt^T Xt, X^T X (float64) and column sums (for bias correction) over batches.
+
+    Short batches are copied into a float64 buffer of FLUSH_ROWS rows, which goes into the
+    Grams in one in-place batched GEMM (baddbmm_) when full: a calibration batch of a few
+    hundred tokens is too short a GEMM to run near peak, and a product plus a separate add
+    reads d x d three times. The order of rows, and so the result, depends only on the batches."""
+
+    FLUSH_ROWS = 4096
 
     def __init__(self):
         self.G = self.H = self.F = None
         self.sum_x = self.sum_xt = None
         self.m = 0
+        self._buf = None  # (X, Xt) buffers (g, FLUSH_ROWS, d) float64
+        self._rows = 0  # rows pending in the buffers
+        self.features: int | None = None  # d of the first batch's rows
 
     def add(self, X: torch.Tensor, Xt: torch.Tensor) -> None:
         if X.shape != Xt.shape:
             raise RuntimeError(f"float and compressed inputs differ in shape: {tuple(X.shape)} vs {tuple(Xt.shape)}")
-        X, Xt = X.double(), Xt.double()
-        XtT = Xt.transpose(-1, -2)
-        upd = (XtT @ X, XtT @ Xt, X.transpose(-1, -2) @ X, X.sum(-2), Xt.sum(-2))
-        # diag(X^T X) is the column sums of squares: finite exactly when every row value is
-        # (float32 rows squared cannot overflow float64), so the check costs O(d), not O(m d)
-        for which, rows_, gram in (("x", X, upd[2]), ("xt", Xt, upd[1])):
-            if not bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all()):
+        if self.features is not None and (X.shape[-1] != self.features or X.shape[:-2] != self.sum_x.shape[:-1]):
+            raise RuntimeError(f"rows of {X.shape[-1]} features, earlier batches {self.features}")
+        self.features = X.shape[-1]
+        # a float64 sum of float32 values cannot overflow, so it is finite exactly when every
+        # value is: an O(m d) check, which names the batch before it joins the Grams
+        for which, rows_ in (("x", X), ("xt", Xt)):
+            if not bool(torch.isfinite(rows_.sum(dtype=torch.float64))):
                 raise NonFiniteRows(which, _nan_or_inf(rows_))
-        if self.G is None:
-            self.G, self.H, self.F, self.sum_x, self.sum_xt = upd
+        sums = (X.sum(-2, dtype=torch.float64), Xt.sum(-2, dtype=torch.float64))
+        if self.sum_x is None:
+            self.sum_x, self.sum_xt = sums
         else:
-            for name, u in zip(("G", "H", "F", "sum_x", "sum_xt"), upd):
-                getattr(self, name).add_(u)
-        self.m += X.shape[-2]
+            self.sum_x.add_(sums[0])
+            self.sum_xt.add_(sums[1])
+        m = X.shape[-2]
+        self.m += m
+        if self._rows + m > self.FLUSH_ROWS:
+            self._flush()
+        if m >= self.FLUSH_ROWS:
+            self._gemm(X.double(), Xt.double())
+            return
+        if self._buf is None:
+            shape = X.shape[:-2] + (self.FLUSH_ROWS, X.shape[-1])
+            self._buf = (torch.empty(shape, dtype=torch.float64), torch.empty(shape, dtype=torch.float64))
+        self._buf[0][..., self._rows:self._rows + m, :].copy_(X)
+        self._buf[1][..., self._rows:self._rows + m, :].copy_(Xt)
+        self._rows += m
+
+    def _flush(self) -> None:
+        if self._rows:
+            r, self._rows = self._rows, 0
+            self._gemm(self._buf[0][..., :r, :], self._buf[1][..., :r, :])
+
+    def _gemm(self, X: torch.Tensor, Xt: torch.Tensor) -> None:
+        XtT, XT = Xt.transpose(-1, -2), X.transpose(-1, -2)
+        if self.G is None:
+            self.G, self.H, self.F = XtT @ X, XtT @ Xt, XT @ X
+        else:
+            self.G.baddbmm_(XtT, X)
+            self.H.baddbmm_(XtT, Xt)
+            self.F.baddbmm_(XT, X)
 
     def grams(self) -> Grams:
+        self._flush()
+        self._buf = None
         return Grams(self.G, self.H, self.F, self.m)

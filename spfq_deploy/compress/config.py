@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import SpfqError
 
 METHODS = ("spfq", "gpfq", "rtn")
+MAX_BLOCK = 4096  # SPFQ_PF_MAX_BLOCK of kernels/src/path_following.c
 
 
 @dataclass
@@ -53,6 +54,8 @@ class CompressConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SpfqError(f"{name} must be a positive integer, got {v!r}")
+        if self.block > MAX_BLOCK:
+            raise SpfqError(f"block must be at most {MAX_BLOCK} (the path-following kernel's), got {self.block}")
         if not 0.0 <= self.sparsity_tolerance < 1.0:
             raise SpfqError(f"sparsity tolerance must be in [0, 1), got {self.sparsity_tolerance}")
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)

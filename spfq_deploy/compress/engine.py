@@ -239,7 +239,7 @@ def _accumulate(acc: GramAccumulator, x, xt, batches, i: int, name: str, source=
     except NonFiniteRows as exc:
         raise CalibrationError(_non_finite_message(batches, i, name, exc, source)) from None
     except RuntimeError:  # a batch whose shape differs from the first one's
-        before = f", earlier batches {acc.G.shape[-1]}" if acc.G is not None else ""
+        before = f", earlier batches {acc.features}" if acc.features is not None else ""
         raise CalibrationError(f"calibration batch {i} ({calib.describe(batches[i])}) gives layer '{name}' "
                                f"rows of {x.shape[-1]} features{before}") from None
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .alphabet import Alphabet, make_alphabet, quantize
 from .config import CompressConfig
-from .path_following import align, gram_path_following, quantizing_step, squared_output_error
+from .path_following import align, squared_output_error
 
 RTN_LAM_FACTOR = 2.0
 MAX_BATCH_ELEMS = 24_000_000  # candidates x neurons x inputs per batched pass (float64 ~ 200 MB)
@@ -82,16 +83,12 @@ class _Evaluator:
         if self.cfg.method == "rtn":
             col = Alphabet(a.alphabet, a.bits, a.delta[..., None], a.lam[..., None], a.pruned)
             codes = quantize(self.W.expand((len(Cs),) + self.W.shape), col, stochastic=False)
-            Q = col.values(codes)
+            Q, qHq = col.values(codes), None
         else:
-            shape = (len(Cs),) + self.W.shape
-            codes = torch.zeros(shape, dtype=torch.int8)
-            U = self.U
-            quant = (lambda z, t: quantize(z, a, True, U[..., t])) if U is not None \
-                else (lambda z, t: quantize(z, a, False))
-            Q = gram_path_following(self.pf_W, self.pf_G, self.g.H,
-                                    quantizing_step(quant, a.values, codes), self.cfg.block, shape)
-        err, _ = squared_output_error(self.W, Q, self.g.F, self.g.G, self.g.H, self.GW, self.wFw)
+            # native.path_following: gram_path_following with T = quantize, the column loop in C
+            codes, Q, qHq = native.path_following(self.pf_W, self.pf_G, self.g.H, a, self.U, self.cfg.block,
+                                                  (len(Cs),) + self.W.shape)
+        err, _ = squared_output_error(self.W, Q, self.g.F, self.g.G, self.g.H, self.GW, self.wFw, qHq)
         return codes, Q, err.flatten(1).sum(1), (codes == 0).sum(-1)  # zeros per row (c, g, n)
 
 
@@ -106,14 +103,17 @@ def _refine(grid, best_idx):
 
 
 def _search_c(ev: _Evaluator, grid, f):
+    """The best C of the grid and its two refinements, with that candidate's run (codes, Q,
+    error, zeros), so it need not run again."""
     Cs = list(grid)
-    _, _, err, _ = ev.run(Cs, [f] * len(Cs))
-    best = int(torch.argmin(err))
+    out = ev.run(Cs, [f] * len(Cs))
+    best = int(torch.argmin(out[2]))
     extra = _refine(Cs, best)
     if extra:
-        _, _, err2, _ = ev.run(extra, [f] * len(extra))
-        Cs, err = Cs + extra, torch.cat([err, err2])
-    return Cs[int(torch.argmin(err))]
+        out2 = ev.run(extra, [f] * len(extra))
+        Cs, out = Cs + extra, tuple(torch.cat([a, b]) for a, b in zip(out, out2))
+        best = int(torch.argmin(out[2]))
+    return Cs[best], tuple(x[best:best + 1] for x in out)
 
 
 def _search_lam(ev: _Evaluator, C, target, tol, rounds=10, width=9, lo=0.05, hi=8.0):
@@ -185,16 +185,17 @@ def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: i
         # rounding to nearest zeroes |w| < lam/2, so f = 2 gives exactly s zeros before path
         # following moves them; search C there, then the factor near it
         f = RTN_LAM_FACTOR
-    C = _search_c(ev, grid, f)
+    C, run = _search_c(ev, grid, f)
     if cfg.sparsity > 0:
         f = _search_lam(ev, C, cfg.sparsity, cfg.sparsity_tolerance, lo=f / 1.6, hi=f * 1.6)
-    return _finish(ev, W, C, f)
+        run = None
+    return _finish(ev, W, C, f, run)
 
 
-def _finish(ev: _Evaluator, W, C, f) -> LayerResult:
-    """Run the chosen candidate once more and package it."""
+def _finish(ev: _Evaluator, W, C, f, run=None) -> LayerResult:
+    """Package the chosen candidate (run once more unless its run is given)."""
     c = 1.0 if C is None else C
-    codes, Q, err, zeros = ev.run([c], [f])
+    codes, Q, err, zeros = run if run is not None else ev.run([c], [f])
     ref_total = float(ev.wFw.sum())
     rel = math.sqrt(float(err[0]) / ref_total) if ref_total > 0 else 0.0
     alph = ev.alphabet(torch.tensor([c], dtype=W.dtype), ev.rows_f(f)[None])

@@ -73,7 +73,9 @@ def quantizing_step(quantizer: Quantizer, values: Values, codes: torch.Tensor) -
 def align(W, G, H, order: int, block: int = 128):
     """Order-r data alignment: w~ with Xt w~ ~ X w. Pass 1 is the identity recurrence; passes
     2..r are Gauss-Seidel sweeps on ||X w - Xt w~||^2 (r -> infinity is least squares)."""
-    Wt = gram_path_following(W, G, H, lambda z, t: z, block)  # pass 1: T = identity
+    from .native import path_following  # the same recurrence, its column loop in C
+
+    Wt = path_following(W, G, H, None, None, block)[1]  # pass 1: T = identity
     if order <= 1:
         return Wt
     inv = _inv_diag(H)[..., None, :]
@@ -86,15 +88,16 @@ def align(W, G, H, order: int, block: int = 128):
     return Wt
 
 
-def squared_output_error(W, Q, F, G, H, GW=None, wFw=None):
+def squared_output_error(W, Q, F, G, H, GW=None, wFw=None, qHq=None):
     """Per-neuron ||X w - Xt q||^2 = w'Fw - 2 q'Gw + q'Hq with F = X^T X (no data needed).
 
-    GW = W G^T and wFw do not depend on Q: pass them in when scoring many candidates Q.
-    Returns (error, w'Fw)."""
+    GW = W G^T and wFw do not depend on Q: pass them in when scoring many candidates Q; so
+    can q'Hq when the path following summed it (native.path_following). Returns (error, w'Fw)."""
     if wFw is None:
         wFw = ((W @ F) * W).sum(-1)
     if GW is None:
         GW = W @ G.transpose(-1, -2)
     qGw = (Q * GW).sum(-1)
-    qHq = ((Q @ H) * Q).sum(-1)
+    if qHq is None:
+        qHq = ((Q @ H) * Q).sum(-1)
     return (wFw - 2.0 * qGw + qHq).clamp_min(0.0), wFw

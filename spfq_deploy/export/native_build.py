@@ -16,12 +16,19 @@ from ..targets import ROOT, Target
 
 KERNEL_SRC = ROOT / "kernels" / "src"
 KERNEL_INCLUDE = ROOT / "kernels" / "include"
+# compression-time code in the kernel library (the package's build has it); exported runtimes
+# never call it, so it is not compiled into them
+COMPRESS_ONLY = frozenset({"path_following.c"})
+
+
+def _deploy_c_files() -> list[Path]:
+    return [p for p in sorted(KERNEL_SRC.glob("*.c")) if p.name not in COMPRESS_ONLY]
 
 
 def kernel_sources() -> list[Path]:
     """Every file whose bytes change the kernel objects (C files and headers)."""
     include = sorted(KERNEL_INCLUDE.glob("*.h")) + sorted(KERNEL_INCLUDE.glob("*.hpp"))
-    return sorted(KERNEL_SRC.glob("*.c")) + sorted(KERNEL_SRC.glob("*.h")) + include
+    return _deploy_c_files() + sorted(KERNEL_SRC.glob("*.h")) + include
 
 
 def run(cmd: list[str], what: str) -> None:
@@ -41,9 +48,9 @@ def build_hash(target: Target, flags: list[str], sources: list[Path], extra: lis
 
 
 def compile_kernels(target: Target, flags: list[str], out_dir: Path) -> list[Path]:
-    """Compile kernels/src/*.c with the target's C compiler into out_dir; returns the objects."""
+    """Compile kernels/src/*.c (but COMPRESS_ONLY) with the target's C compiler into out_dir."""
     objs = []
-    for src in sorted(KERNEL_SRC.glob("*.c")):
+    for src in _deploy_c_files():
         obj = Path(out_dir) / (src.stem + ".o")
         run([target.cc, *flags, "-std=c11", "-I", str(KERNEL_INCLUDE), "-I", str(KERNEL_SRC),
              "-c", str(src), "-o", str(obj)], f"compiling {src.name} for {target.name}")
