@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last finished layer (state in .OUT.resume next "
                         "to the output, written after every layer group, removed when the run succeeds)")
+    c.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch / kernel threads per process (default: torch's, i.e. the cores; torchrun sets 1). "
+                        "The bytes written depend on it (BLAS sums in another order): keep it to reproduce a file")
     c.add_argument("--layout", help="packed layout for every layer (sign, sign_mask, planes, offset, sparse)")
     c.add_argument("-o", "--output", help="output .spfq file (default: <model>.spfq)")
     c.add_argument("--report-json", help="also write the per-layer report as JSON")
@@ -219,7 +222,7 @@ def cmd_compress(args) -> int:
     import os
     import warnings
 
-    from .compress import CompressConfig, compress_model
+    from .compress import CompressConfig, compress_model, distributed
     from .compress.checkpoint import side_file
     from .modelspec import DEFAULT_FACTORY, calibration_label, load_calibration, load_model, split_spec
     from .pack import LAYOUTS, container
@@ -247,21 +250,33 @@ def cmd_compress(args) -> int:
     if args.layout and args.layout not in LAYOUTS:
         raise SpfqError(f"--layout {args.layout}: unknown layout (known: {', '.join(LAYOUTS)})")
 
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    comm = distributed.from_env()  # torchrun: the ranks share the work, rank 0 writes
     # warnings are held back until the run succeeds: a failed run ends with its one error line
     with warnings.catch_warnings(record=True) as caught:
         model, module = load_model(args.model)
         data = load_calibration(args.calib, module, cfg.batch_size)
         side = side_file(out)
-        if args.resume and not side.exists():
+        if args.resume and not side.exists() and comm.root:
             print(f"spfq-deploy: note: --resume: no {side} yet, starting from the first layer", file=sys.stderr)
         try:
             result = compress_model(model, data, cfg, progress=not args.quiet, model_spec=args.model,
                                     source=calibration_label(args.calib, args.model), engine=args.engine,
-                                    memory_budget=args.memory_budget, checkpoint=side, resume=args.resume)
+                                    memory_budget=args.memory_budget, checkpoint=side, resume=args.resume,
+                                    comm=comm)
         except SpfqError:  # bad input: nothing to resume from
-            if not args.resume:
+            if not args.resume and comm.root:
                 side.unlink(missing_ok=True)
             raise
+        except RuntimeError as exc:  # gloo: another rank died (its own error line says why)
+            if comm.world > 1:
+                raise SpfqError(f"rank {comm.rank}: stopped: another rank of the torchrun run failed "
+                                f"({str(exc).splitlines()[0][:120]})") from None
+            raise
+    if not comm.root:
+        return 0  # rank 0 alone writes the file and prints the summary
     layouts = {n: args.layout for n in result.model.layers} if args.layout else None
     # with a report, the .spfq is staged next to its target and renamed only once the report is
     # written: a failed report leaves neither file (both are written atomically)
@@ -294,6 +309,8 @@ def cmd_compress(args) -> int:
               f"in RAM{spilled})")
     else:
         print("\nengine: replay")
+    if comm.world > 1:
+        print(f"ranks: {comm.world} (torch.distributed, gloo): batches and candidates split, rank 0 wrote the file")
     bits = sum(e["storage_report"]["total_bits"] for e in table["layers"].values())
     weights = sum(e["storage_report"]["weights"] for e in table["layers"].values())
     print(f"\nwrote {out} ({out.stat().st_size:,} bytes; {len(table['layers'])} layers at "
@@ -368,6 +385,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _rank_label(exc: SpfqError) -> str | None:
+    """'' in a plain run; in a torchrun run 'rank N: ' for a rank's own failure, and None (say
+    nothing) where rank 0 already reports the same error (distributed.Comm.check)."""
+    dist = sys.modules.get("spfq_deploy.compress.distributed")
+    comm = dist.current() if dist is not None else None
+    if comm is None or comm.world == 1 or comm.root:
+        return ""
+    return None if getattr(exc, "reported_by_root", False) else f"rank {comm.rank}: "
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -375,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SpfqError as exc:
-        print(f"spfq-deploy: error: {exc}", file=sys.stderr)
+        who = _rank_label(exc)
+        if who is not None:
+            print(f"spfq-deploy: error: {who}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         # every output is staged and renamed at the end, so an interrupt leaves nothing half written

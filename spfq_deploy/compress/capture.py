@@ -111,38 +111,48 @@ def _nan_or_inf(X: torch.Tensor) -> str:
 class GramAccumulator:
     """Sums Xt^T X, Xt^T Xt, X^T X (float64) and column sums (for bias correction) over batches.
 
-    Short batches are copied into a float64 buffer of FLUSH_ROWS rows, which goes into the
-    Grams in one in-place batched GEMM (baddbmm_) when full: a calibration batch of a few
-    hundred tokens is too short a GEMM to run near peak, and a product plus a separate add
-    reads d x d three times. The order of rows, and so the result, depends only on the batches."""
+    Batches come in leaves (distributed.leaves: runs of consecutive batches, fixed by the
+    calibration data alone). Inside a leaf, short batches are copied into a float64 buffer of
+    FLUSH_ROWS rows that goes into the leaf's Grams in one GEMM when full (a batch of a few
+    hundred tokens is too short a GEMM to run near peak); the leaves are then added in leaf
+    order, along the ranks of a distributed run (distributed.Comm.ordered_sum), so the result
+    depends on the batches only, not on which process ran which leaf."""
 
     FLUSH_ROWS = 4096
 
-    def __init__(self):
-        self.G = self.H = self.F = None
-        self.sum_x = self.sum_xt = None
+    def __init__(self, comm=None, first_leaf: int = 0):
+        from .distributed import Comm
+
+        self.comm = comm or Comm()
+        self.first_leaf = first_leaf  # leaf 0 is folded as it closes; other leaves wait for the ring
+        self.total = None  # (G, H, F, sum_x, sum_xt) folded so far (rank owning leaf 0)
+        self.parts: list[tuple] = []  # closed leaves waiting for the running sum (other ranks)
+        self.leaf = None  # (leaf index, [G, H, F, sum_x, sum_xt]) being accumulated
         self.m = 0
         self._buf = None  # (X, Xt) buffers (g, FLUSH_ROWS, d) float64
         self._rows = 0  # rows pending in the buffers
         self.features: int | None = None  # d of the first batch's rows
+        self._lead: tuple | None = None  # leading (group) shape of the first batch's rows
 
-    def add(self, X: torch.Tensor, Xt: torch.Tensor) -> None:
+    def add(self, X: torch.Tensor, Xt: torch.Tensor, leaf: int = 0) -> None:
         if X.shape != Xt.shape:
             raise RuntimeError(f"float and compressed inputs differ in shape: {tuple(X.shape)} vs {tuple(Xt.shape)}")
-        if self.features is not None and (X.shape[-1] != self.features or X.shape[:-2] != self.sum_x.shape[:-1]):
+        if self.features is not None and (X.shape[-1] != self.features or X.shape[:-2] != self._lead):
             raise RuntimeError(f"rows of {X.shape[-1]} features, earlier batches {self.features}")
-        self.features = X.shape[-1]
+        self.features, self._lead = X.shape[-1], X.shape[:-2]
         # a float64 sum of float32 values cannot overflow, so it is finite exactly when every
         # value is: an O(m d) check, which names the batch before it joins the Grams
         for which, rows_ in (("x", X), ("xt", Xt)):
             if not bool(torch.isfinite(rows_.sum(dtype=torch.float64))):
                 raise NonFiniteRows(which, _nan_or_inf(rows_))
-        sums = (X.sum(-2, dtype=torch.float64), Xt.sum(-2, dtype=torch.float64))
-        if self.sum_x is None:
-            self.sum_x, self.sum_xt = sums
-        else:
-            self.sum_x.add_(sums[0])
-            self.sum_xt.add_(sums[1])
+        if self.leaf is not None and self.leaf[0] != leaf:
+            self._close()
+        if self.leaf is None:
+            self.leaf = (leaf, [None, None, None, None, None])
+        sums = self.leaf[1]
+        sx, sxt = X.sum(-2, dtype=torch.float64), Xt.sum(-2, dtype=torch.float64)
+        sums[3] = sx if sums[3] is None else sums[3].add_(sx)
+        sums[4] = sxt if sums[4] is None else sums[4].add_(sxt)
         m = X.shape[-2]
         self.m += m
         if self._rows + m > self.FLUSH_ROWS:
@@ -163,15 +173,46 @@ class GramAccumulator:
             self._gemm(self._buf[0][..., :r, :], self._buf[1][..., :r, :])
 
     def _gemm(self, X: torch.Tensor, Xt: torch.Tensor) -> None:
+        g = self.leaf[1]
         XtT, XT = Xt.transpose(-1, -2), X.transpose(-1, -2)
-        if self.G is None:
-            self.G, self.H, self.F = XtT @ X, XtT @ Xt, XT @ X
+        if g[0] is None:
+            g[0], g[1], g[2] = XtT @ X, XtT @ Xt, XT @ X
         else:
-            self.G.baddbmm_(XtT, X)
-            self.H.baddbmm_(XtT, Xt)
-            self.F.baddbmm_(XT, X)
+            g[0].baddbmm_(XtT, X)
+            g[1].baddbmm_(XtT, Xt)
+            g[2].baddbmm_(XT, X)
+
+    def _close(self) -> None:
+        """The current leaf is complete: fold it into the total (leaf 0's owner) or keep it."""
+        self._flush()
+        index, part = self.leaf
+        self.leaf = None
+        if self.total is not None or index == 0:
+            self.total = tuple(part) if self.total is None else _fold(self.total, tuple(part))
+        else:
+            self.parts.append(tuple(part))
 
     def grams(self) -> Grams:
-        self._flush()
+        if self.leaf is not None:
+            self._close()
         self._buf = None
+        first = self.total
+        if self.comm.world > 1:
+            total = self.comm.ordered_sum(first, self.parts, _fold)
+            self.m = sum(self.comm.gather(self.m))
+        else:
+            total = first if not self.parts else _fold_all(first, self.parts)
+        self.G, self.H, self.F, self.sum_x, self.sum_xt = total
+        self.features = self.G.shape[-1]
         return Grams(self.G, self.H, self.F, self.m)
+
+
+def _fold(acc: tuple, part: tuple) -> tuple:
+    return tuple(a.add_(p) for a, p in zip(acc, part))
+
+
+def _fold_all(first, parts):
+    acc = first
+    for p in parts:
+        acc = p if acc is None else _fold(acc, p)
+    return acc

@@ -24,11 +24,12 @@ from tqdm import tqdm
 from ..compressed import CompressedLayer, CompressedModel
 from ..errors import CalibrationError, SpfqError, UnsupportedLayerError
 from . import calibration as calib
-from . import sequential
+from . import distributed, sequential
 from .activations import DEFAULT_BUDGET, ActivationStore
 from .capture import GramAccumulator, NonFiniteRows, check_supported, conv_params, groups_of, layer_kind, rows
 from .checkpoint import Checkpoint, run_key
 from .config import CompressConfig
+from .distributed import Comm
 from .folding import find_pairs, fold
 from .layer import compress_weights
 
@@ -172,7 +173,7 @@ def _row_key(m: nn.Module):
 FLOAT_ROWS_BUDGET = 3 * 2 ** 30  # bytes of float-model rows kept to skip re-running the float model
 
 
-def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET, source=None) -> dict | None:
+def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET, source=None, mine=None) -> dict | None:
     """One full float pass keeping each group's input rows, or None when they exceed the budget
     (then every capture re-runs the float model, and memory stays independent of m)."""
     mods = dict(float_model.named_modules())
@@ -189,8 +190,8 @@ def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET, source=
         return hook
     handles = [mods[n].register_forward_pre_hook(keep(n)) for n in leaders]
     try:
-        for i, batch in enumerate(batches):
-            _run(float_model, batch, i, source)
+        for i in (range(len(batches)) if mine is None else mine):
+            _run(float_model, batches[i], i, source)
             if used[0] > budget:
                 return None
     finally:
@@ -199,12 +200,14 @@ def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET, source=
     return cache
 
 
-def _capture(float_model, qmodel, batches, name, float_rows=None, source=None) -> GramAccumulator:
-    """One pass over the calibration batches: rows of the layer's input in both models
-    (the float model's rows come from float_rows when cached). A non-finite row is an error
-    naming the batch and the layer (NaN/Inf would silently zero the layer's codes)."""
+def _capture(acc: GramAccumulator, float_model, qmodel, batches, name, float_rows=None, source=None,
+             mine=None, leaf_of=None) -> GramAccumulator:
+    """One pass over the calibration batches `mine` (all by default): rows of the layer's input
+    in both models into acc (the float model's rows come from float_rows, in the order of
+    mine, when cached). A non-finite row is an error naming the batch and the layer (NaN/Inf
+    would silently zero the layer's codes)."""
     fmod, qmod = dict(float_model.named_modules())[name], dict(qmodel.named_modules())[name]
-    acc = GramAccumulator()
+    mine = list(range(len(batches))) if mine is None else mine
     box = {}
 
     def grab(key, mod):
@@ -215,27 +218,28 @@ def _capture(float_model, qmodel, batches, name, float_rows=None, source=None) -
     hf = fmod.register_forward_pre_hook(grab("x", fmod))
     hq = qmod.register_forward_pre_hook(grab("xt", qmod))
     try:
-        for i, batch in enumerate(batches):
+        for k, i in enumerate(mine):
+            batch = batches[i]
             box.clear()
             if float_rows is None:
                 _run(float_model, batch, i, source)
             else:
-                box["x"] = float_rows[i]
+                box["x"] = float_rows[k]
             _run(qmodel, batch, i, source)
             if "x" not in box or "xt" not in box:
                 raise CalibrationError(f"calibration batch {i} does not reach layer '{name}'")
-            _accumulate(acc, box["x"], box["xt"], batches, i, name, source)
+            _accumulate(acc, box["x"], box["xt"], batches, i, name, source, 0 if leaf_of is None else leaf_of[i])
     finally:
         hf.remove()
         hq.remove()
     return acc
 
 
-def _accumulate(acc: GramAccumulator, x, xt, batches, i: int, name: str, source=None) -> None:
-    """Add batch i's rows (x float model, xt compressed model) of layer `name` to acc; errors
-    name the batch and the layer."""
+def _accumulate(acc: GramAccumulator, x, xt, batches, i: int, name: str, source=None, leaf: int = 0) -> None:
+    """Add batch i's rows (x float model, xt compressed model) of layer `name` to acc (in the
+    batch's leaf); errors name the batch and the layer."""
     try:
-        acc.add(x.float(), xt.float())
+        acc.add(x.float(), xt.float(), leaf)
     except NonFiniteRows as exc:
         raise CalibrationError(_non_finite_message(batches, i, name, exc, source)) from None
     except RuntimeError:  # a batch whose shape differs from the first one's
@@ -286,7 +290,7 @@ def _layer_seed(seed: int, name: str) -> int:
 def compress_model(model: nn.Module, calibration, config: CompressConfig | None = None, *,
                    progress: bool = True, model_spec: str | None = None, source: str | None = None,
                    engine: str = "auto", memory_budget: int = DEFAULT_BUDGET, checkpoint=None, resume: bool = False,
-                   **options) -> CompressionResult:
+                   comm: Comm | None = None, **options) -> CompressionResult:
     """Compress every selected Linear/Conv layer of `model` (left untouched) with SPFQ/GPFQ/RTN.
 
     engine: "sequential" (sequential.py: each model runs once, cost linear in depth), "replay"
@@ -295,13 +299,22 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
     bytes of live activations held in RAM before they spill to mapped files (activations.py).
     checkpoint: a side file (checkpoint.py) written after every layer group; with resume=True
     the layers it holds for this very run are reused, so an interrupted run continues.
-    `source` names the calibration data (a file or function) in error messages."""
+    `source` names the calibration data (a file or function) in error messages. comm: the
+    torch.distributed ranks sharing the work (distributed.py; default: this process alone):
+    each runs the models on its leaves of batches and its share of every layer's candidates,
+    and every rank returns the same result (byte-identical to one process)."""
     if engine not in ENGINES:
         raise SpfqError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
         raise SpfqError(f"memory budget must be a number of bytes >= 0, got {memory_budget!r}")
     cfg = config or CompressConfig(**options)
     batches = calib.as_batches(calibration, cfg.batch_size, source)
+    comm = comm or Comm()
+    if comm.world > 1 and resume:
+        raise SpfqError("--resume is not supported in a torchrun run yet: resume with one process")
+    leaf_of = distributed.leaves([calib.count_samples([b]) for b in batches])
+    span = comm.span(leaf_of[-1] + 1)
+    mine = [i for i, leaf in enumerate(leaf_of) if leaf in span]  # the batches this rank runs
     _warn_few(calib.count_samples(batches))
     _check_finite(model)
     float_model = copy.deepcopy(model).eval()
@@ -318,10 +331,10 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
     report: list[LayerReport] = []
     total = sum(len(g) for g in groups)
     bar = tqdm(total=total, desc=f"compress ({cfg.method}, {cfg.bits}-bit)", unit="layer",
-               disable=not progress, leave=False)
+               disable=not progress or not comm.root, leave=False)
 
     ckpt = None
-    if checkpoint is not None:
+    if checkpoint is not None and comm.root:
         ckpt = Checkpoint(checkpoint, run_key(model, batches, cfg.to_dict()), resume)
 
     def restore(group) -> bool:
@@ -341,7 +354,7 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
         for name in group:
             bar.set_postfix_str(f"{name}: path following")
             t0 = time.perf_counter()
-            layer, rep = _compress_one(name, mods[name], grams, acc, cfg)
+            layer, rep = _compress_one(name, mods[name], grams, acc, cfg, comm)
             rep.seconds = time.perf_counter() - t0
             layers[name] = layer
             report.append(rep)
@@ -368,22 +381,34 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
                 if restore(group):
                     return
                 bar.set_postfix_str(f"{group[0]}: inputs")
-                acc = GramAccumulator()
+                acc = GramAccumulator(comm)
                 fm, qm = fmods[group[0]], mods[group[0]]
-                for b, x, xt in inputs:
-                    _accumulate(acc, rows(fm, x.detach()), rows(qm, xt.detach()), batches, b, group[0], source)
+                failed = None
+                try:
+                    for b, x, xt in inputs:
+                        _accumulate(acc, rows(fm, x.detach()), rows(qm, xt.detach()), batches, mine[b], group[0],
+                                    source, leaf_of[mine[b]])
+                except SpfqError as exc:
+                    failed = exc
+                comm.check(failed)
                 compress_group(group, acc)
 
-            sequential.propagate(plan, float_model, qmodel, batches, at_layer,
-                                 lambda exc, b: _batch_error(exc, batches[b], b, source), store)
+            sequential.propagate(plan, float_model, qmodel, [batches[i] for i in mine], at_layer,
+                                 lambda exc, b: _batch_error(exc, batches[mine[b]], mine[b], source), store)
         else:
-            cache = _float_rows(float_model, batches, [g[0] for g in groups], source=source)
+            cache = _float_rows(float_model, batches, [g[0] for g in groups], source=source, mine=mine)
             for group in groups:
                 if restore(group):
                     continue
                 bar.set_postfix_str(f"{group[0]}: inputs")
-                compress_group(group, _capture(float_model, qmodel, batches, group[0],
-                                               cache and cache.pop(group[0]), source))
+                acc, failed = GramAccumulator(comm), None
+                try:
+                    _capture(acc, float_model, qmodel, batches, group[0], cache and cache.pop(group[0]), source,
+                             mine, leaf_of)
+                except SpfqError as exc:
+                    failed = exc
+                comm.check(failed)
+                compress_group(group, acc)
     finally:
         bar.close()
         store.close()
@@ -436,12 +461,12 @@ def _apply(module: nn.Module, layer: CompressedLayer) -> None:
 
 
 @torch.no_grad()
-def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig):
+def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig, comm=None):
     g = groups_of(module)
     Wf = module.weight.detach().double()
     N = Wf.shape[0]
     W = Wf.reshape(g, N // g, -1)
-    res = compress_weights(W, grams, cfg, _layer_seed(cfg.seed, name))
+    res = compress_weights(W, grams, cfg, _layer_seed(cfg.seed, name), comm)
     a = res.alphabet
     K = a.K
     _check_scales(name, a, W)

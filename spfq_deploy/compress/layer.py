@@ -16,10 +16,11 @@ import torch
 from . import native
 from .alphabet import Alphabet, make_alphabet, quantize
 from .config import CompressConfig
+from .distributed import Comm
 from .path_following import align, squared_output_error
 
 RTN_LAM_FACTOR = 2.0
-MAX_BATCH_ELEMS = 24_000_000  # candidates x neurons x inputs per batched pass (float64 ~ 200 MB)
+PARTS = 2  # row parts per candidate: the units of work that ranks share (distributed.py)
 
 
 @dataclass
@@ -45,10 +46,14 @@ class LayerResult:
 
 
 class _Evaluator:
-    """Runs the chosen method for a batch of (C, f) candidates on one layer."""
+    """Runs the chosen method for (C, f) candidates of one layer, split over the ranks."""
 
-    def __init__(self, W, grams: Grams, cfg: CompressConfig, seed: int):
+    def __init__(self, W, grams: Grams, cfg: CompressConfig, seed: int, comm=None):
         self.W, self.g, self.cfg = W, grams, cfg
+        self.comm = comm or Comm()
+        self._next = 0  # candidate ids handed out
+        self._codes: dict[int, torch.Tensor] = {}  # kept candidates run here
+        self._owner: dict[int, int] = {}
         self.align_error = None
         self.pf_W, self.pf_G = W, grams.G
         if cfg.method != "rtn" and cfg.order > 1:
@@ -67,29 +72,79 @@ class _Evaluator:
                              sparsity=cfg.sparsity, per_layer_delta=cfg.per_layer_delta,
                              range_quantile=cfg.range_quantile)
 
-    def run(self, Cs, fs):
-        """(codes, Q, squared error, sparsity) per candidate; candidates chunked to bound memory."""
-        per = max(1, MAX_BATCH_ELEMS // max(1, self.W.numel()))
-        outs = [self._run(Cs[i:i + per], fs[i:i + per]) for i in range(0, len(Cs), per)]
-        return tuple(torch.cat(parts) for parts in zip(*outs))
+    def parts(self) -> list[tuple[int, slice]]:
+        """The row parts every candidate is split into (PARTS of them, along the neurons, or
+        along the groups of a depthwise conv): fixed by the layer alone, so a part's
+        arithmetic is the same whichever rank runs it, and two ranks share 9 candidates evenly."""
+        g, n = self.W.shape[:2]
+        axis, size = (1, n) if n >= PARTS else (0, g)
+        k = min(PARTS, size)
+        return [(axis, slice(size * i // k, size * (i + 1) // k)) for i in range(k)]
+
+    def run(self, Cs, fs, keep: bool = False):
+        """(candidate ids, squared error (c,), zeros per row (c, g, n)) of candidates (C, f).
+
+        The units of work are (candidate, row part); each runs on its own (never batched with
+        others, so its arithmetic does not depend on how many run together), on the rank that
+        owns it (distributed.Comm.span); per-row errors and zero counts are gathered and joined
+        in row order. keep: hold the codes of this rank's parts for codes(id)."""
+        parts = self.parts()
+        units = [(i, p) for i in range(len(Cs)) for p in range(len(parts))]
+        first = self._next
+        self._next += len(Cs)
+        local = {}
+        for u in self.comm.span(len(units)):
+            i, p = units[u]
+            codes, err, zeros = self._run(Cs[i], fs[i], parts[p])
+            if keep:
+                self._codes[(first + i, p)] = codes
+            local[u] = (err, zeros)
+        done = {}
+        for part in self.comm.gather(local):
+            done.update(part)
+        axis = parts[0][0] + 1  # in (1, g, n): groups are axis 1, neurons axis 2
+        errs, zeros = [], []
+        for i in range(len(Cs)):
+            rows = [done[i * len(parts) + p] for p in range(len(parts))]
+            errs.append(torch.cat([r[0] for r in rows], dim=axis).flatten(1).sum(1))
+            zeros.append(torch.cat([r[1] for r in rows], dim=axis))
+        return list(range(first, first + len(Cs))), torch.cat(errs), torch.cat(zeros)
+
+    def codes(self, cid: int) -> torch.Tensor:
+        """The codes (1, g, n, d) of a kept candidate, its parts gathered from the ranks that ran
+        them; the other kept candidates are dropped."""
+        mine = {p: c for (i, p), c in self._codes.items() if i == cid}
+        self._codes.clear()
+        got = {}
+        for part in self.comm.gather(mine):
+            got.update(part)
+        return torch.cat([got[p] for p in range(len(got))], dim=self.parts()[0][0] + 1)
 
     def rows_f(self, f) -> torch.Tensor:
         """A lam factor (None, scalar or per-row tensor) as one factor per row (g, n)."""
         return torch.as_tensor(1.0 if f is None else f, dtype=self.W.dtype).expand(self.W.shape[:-1])
 
-    def _run(self, Cs, fs):
-        f = torch.stack([self.rows_f(f) for f in fs])  # (c, g, n)
-        a = self.alphabet(torch.tensor(Cs, dtype=self.W.dtype), f)
+    def _run(self, C, f, part):
+        """One candidate on one row part: codes (1, g', n', d), squared error and zeros per row
+        (1, g', n')."""
+        axis, rows = part
+        cut = (lambda t: t[rows]) if axis == 0 else (lambda t: t[:, rows])  # on (g, n, ...) tensors
+        same = (lambda t: t) if axis == 1 else cut  # Grams (g, d, d): cut along groups only
+        a = self.alphabet(torch.tensor([C], dtype=self.W.dtype), self.rows_f(f)[None])
+        a = Alphabet(a.alphabet, a.bits, cut(a.delta[0])[None], cut(a.lam[0])[None], a.pruned)
+        W = cut(self.W)
+        G, H, F = same(self.g.G), same(self.g.H), same(self.g.F)
         if self.cfg.method == "rtn":
             col = Alphabet(a.alphabet, a.bits, a.delta[..., None], a.lam[..., None], a.pruned)
-            codes = quantize(self.W.expand((len(Cs),) + self.W.shape), col, stochastic=False)
+            codes = quantize(W.expand((1,) + W.shape), col, stochastic=False)
             Q, qHq = col.values(codes), None
         else:
             # native.path_following: gram_path_following with T = quantize, the column loop in C
-            codes, Q, qHq = native.path_following(self.pf_W, self.pf_G, self.g.H, a, self.U, self.cfg.block,
-                                                  (len(Cs),) + self.W.shape)
-        err, _ = squared_output_error(self.W, Q, self.g.F, self.g.G, self.g.H, self.GW, self.wFw, qHq)
-        return codes, Q, err.flatten(1).sum(1), (codes == 0).sum(-1)  # zeros per row (c, g, n)
+            U = None if self.U is None else cut(self.U)
+            codes, Q, qHq = native.path_following(cut(self.pf_W), same(self.pf_G), H, a, U, self.cfg.block,
+                                                  (1,) + W.shape)
+        err, _ = squared_output_error(W, Q, F, G, H, cut(self.GW), cut(self.wFw), qHq)
+        return codes, err, (codes == 0).sum(-1)
 
 
 def _refine(grid, best_idx):
@@ -103,17 +158,16 @@ def _refine(grid, best_idx):
 
 
 def _search_c(ev: _Evaluator, grid, f):
-    """The best C of the grid and its two refinements, with that candidate's run (codes, Q,
-    error, zeros), so it need not run again."""
+    """The best C of the grid and its two refinements, and that candidate's id (its codes kept)."""
     Cs = list(grid)
-    out = ev.run(Cs, [f] * len(Cs))
-    best = int(torch.argmin(out[2]))
+    ids, err, _ = ev.run(Cs, [f] * len(Cs), keep=True)
+    best = int(torch.argmin(err))
     extra = _refine(Cs, best)
     if extra:
-        out2 = ev.run(extra, [f] * len(extra))
-        Cs, out = Cs + extra, tuple(torch.cat([a, b]) for a, b in zip(out, out2))
-        best = int(torch.argmin(out[2]))
-    return Cs[best], tuple(x[best:best + 1] for x in out)
+        ids2, err2, _ = ev.run(extra, [f] * len(extra), keep=True)
+        Cs, ids, err = Cs + extra, ids + ids2, torch.cat([err, err2])
+        best = int(torch.argmin(err))
+    return Cs[best], (ids[best], err[best:best + 1])
 
 
 def _search_lam(ev: _Evaluator, C, target, tol, rounds=10, width=9, lo=0.05, hi=8.0):
@@ -129,7 +183,7 @@ def _search_lam(ev: _Evaluator, C, target, tol, rounds=10, width=9, lo=0.05, hi=
     best_f, best_gap, seen = 1.0, float("inf"), []
     for _ in range(rounds):
         fs = [lo * (hi / lo) ** (i / (width - 1)) for i in range(width)]
-        zeros = ev.run([C] * width, fs)[3]  # (width, g, n)
+        zeros = ev.run([C] * width, fs)[2]  # (width, g, n)
         seen += list(zip(fs, zeros))
         totals = [int(z.sum()) for z in zeros]
         i = min(range(width), key=lambda j: abs(totals[j] - goal))
@@ -172,9 +226,9 @@ def _balance_rows(ev: _Evaluator, seen, best_f, goal):
     return f
 
 
-def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: int) -> LayerResult:
+def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: int, comm=None) -> LayerResult:
     """W (g, n, d) float64 -> codes and scales for one layer, with the searched C and lam."""
-    ev = _Evaluator(W, grams, cfg, seed)
+    ev = _Evaluator(W, grams, cfg, seed, comm)
     K = ev.alphabet(1.0, None).K
     grid = cfg.default_grid(K)
     f = None
@@ -193,12 +247,18 @@ def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: i
 
 
 def _finish(ev: _Evaluator, W, C, f, run=None) -> LayerResult:
-    """Package the chosen candidate (run once more unless its run is given)."""
+    """Package the chosen candidate (run once more unless (its id, its error) is given)."""
     c = 1.0 if C is None else C
-    codes, Q, err, zeros = run if run is not None else ev.run([c], [f])
+    if run is None:
+        ids, err, _ = ev.run([c], [f], keep=True)
+        run = (ids[0], err)
+    cid, err = run
+    codes = ev.codes(cid)
     ref_total = float(ev.wFw.sum())
     rel = math.sqrt(float(err[0]) / ref_total) if ref_total > 0 else 0.0
     alph = ev.alphabet(torch.tensor([c], dtype=W.dtype), ev.rows_f(f)[None])
+    Q = alph.values(codes)[0]  # what the path following continued with, bit for bit
     alph = Alphabet(alph.alphabet, alph.bits, alph.delta[0], alph.lam[0], alph.pruned)
     f_report = None if f is None else float(torch.as_tensor(f, dtype=torch.float64).mean())
-    return LayerResult(codes[0], alph, C, f_report, rel, float(zeros[0].sum()) / W.numel(), ev.align_error, Q[0])
+    zeros = int((codes == 0).sum())
+    return LayerResult(codes[0], alph, C, f_report, rel, zeros / W.numel(), ev.align_error, Q)

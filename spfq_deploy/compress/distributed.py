@@ -1,0 +1,140 @@
+"""Compression over torch.distributed ranks (torchrun): who owns which batches and candidates.
+
+`torchrun --nproc-per-node N -m spfq_deploy compress ...` starts N processes; each one runs
+the float and the compressed model on its share of the calibration batches only (contiguous
+leaves, see below), the Gram matrices are summed in one fixed order along the ranks, and the
+candidates of every layer's scale / sparsity search are split over the ranks; rank 0 alone
+writes the file. The output is byte-identical to a single-process run with the same number of
+threads per process, because every floating-point operation has the same operands and shapes
+whatever the rank count:
+- a leaf is a run of consecutive batches with >= LEAF_SAMPLES samples (it depends on the
+  batches only); each leaf's Grams are one buffered GEMM sequence on the rank that owns it;
+- the total is ((P_0 + P_1) + P_2) + ... in leaf order: rank r receives the running sum from
+  rank r - 1, adds its own leaves in order and passes it on; the last rank broadcasts it;
+- a candidate's path following runs on its own (never batched with other candidates), on
+  whichever rank owns it; only its error and zero counts, and the winner's codes, travel.
+Without torchrun (WORLD_SIZE unset or 1) a Comm of one rank does all of this locally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SpfqError
+
+LEAF_SAMPLES = 64  # samples per leaf of the Gram sum (a GEMM of a few thousand rows)
+
+
+@dataclass
+class Comm:
+    """This process's place in the run: rank of world (0 of 1 without torch.distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def root(self) -> bool:
+        return self.rank == 0
+
+    def span(self, n: int, rank: int | None = None) -> range:
+        """The contiguous share [n r / W, n (r + 1) / W) of n items that a rank owns."""
+        r = self.rank if rank is None else rank
+        return range(n * r // self.world, n * (r + 1) // self.world)
+
+    def owner(self, i: int, n: int) -> int:
+        return next(r for r in range(self.world) if i in self.span(n, r))
+
+    def gather(self, obj) -> list:
+        """obj of every rank, in rank order (pickled; small objects only)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def bcast(self, obj, src: int):
+        if self.world == 1:
+            return obj
+        box = [obj if self.rank == src else None]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def check(self, error: BaseException | None) -> None:
+        """A collective barrier that also carries failures: if any rank failed, every rank
+        raises the first failing rank's one-line error (so none waits forever)."""
+        msgs = self.gather(None if error is None else str(error))
+        for r, m in enumerate(msgs):
+            if m is not None:
+                exc = error if error is not None else SpfqError(m)
+                exc.reported_by_root = True  # rank 0 prints it (cli.main); the others stay quiet
+                raise exc
+
+    def ordered_sum(self, first, parts: list[torch.Tensor], add) -> object:
+        """Fold this rank's leaf partials (in leaf order) into the running sum from the rank
+        before, pass it on, and return the total on every rank. `first` is this rank's
+        running sum when it owns leaf 0 (already folded), `add(acc, part)` the fold."""
+        if self.world == 1:
+            return first
+        acc = first
+        if self.rank > 0:
+            acc = dist_recv_object(self.rank - 1)
+            if first is not None:  # this rank owns leaf 0: the ranks before it had no leaf
+                acc = first
+            for p in parts:
+                acc = p if acc is None else add(acc, p)
+        if self.rank < self.world - 1:
+            dist_send_object(acc, self.rank + 1)
+        box = [acc if self.rank == self.world - 1 else None]
+        torch.distributed.broadcast_object_list(box, src=self.world - 1)
+        return box[0]
+
+
+def dist_send_object(obj, dst: int) -> None:
+    torch.distributed.send_object_list([obj], dst=dst)
+
+
+def dist_recv_object(src: int):
+    box = [None]
+    torch.distributed.recv_object_list(box, src=src)
+    return box[0]
+
+
+def leaves(counts: list[int]) -> list[int]:
+    """Leaf index of every batch: consecutive batches until a leaf holds >= LEAF_SAMPLES samples."""
+    out, leaf, filled = [], 0, 0
+    for c in counts:
+        if filled >= LEAF_SAMPLES:
+            leaf, filled = leaf + 1, 0
+        out.append(leaf)
+        filled += c
+    return out
+
+
+_COMM: Comm | None = None
+
+
+def current() -> Comm:
+    """The run's Comm once from_env() made it, else a single process."""
+    return _COMM or Comm()
+
+
+def from_env() -> Comm:
+    """The run's Comm: a gloo process group when torchrun started this process (the
+    compression arithmetic runs on the CPU, so gloo carries it, on one host or many)."""
+    global _COMM
+    if _COMM is not None:
+        return _COMM
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        _COMM = Comm()
+        return _COMM
+    dist = torch.distributed
+    if not dist.is_available():
+        raise SpfqError("WORLD_SIZE > 1 but this torch has no torch.distributed")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    _COMM = Comm(dist.get_rank(), dist.get_world_size())
+    return _COMM
