@@ -9,6 +9,7 @@ Each capture pass stops the forward right after the group's input is seen.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import time
@@ -26,7 +27,16 @@ from ..errors import CalibrationError, SpfqError, UnsupportedLayerError
 from . import calibration as calib
 from . import distributed, sequential
 from .activations import DEFAULT_BUDGET, ActivationStore
-from .capture import GramAccumulator, NonFiniteRows, check_supported, conv_params, groups_of, layer_kind, rows
+from .capture import (
+    GramAccumulator,
+    NonFiniteRows,
+    RowShapeError,
+    check_supported,
+    conv_params,
+    groups_of,
+    layer_kind,
+    row_chunks,
+)
 from .checkpoint import Checkpoint, run_key
 from .config import CompressConfig
 from .distributed import Comm
@@ -170,11 +180,11 @@ def _row_key(m: nn.Module):
     return ("linear",) if isinstance(m, nn.Linear) else (type(m).__name__, conv_params(m).__repr__())
 
 
-FLOAT_ROWS_BUDGET = 3 * 2 ** 30  # bytes of float-model rows kept to skip re-running the float model
+FLOAT_ROWS_BUDGET = 3 * 2 ** 30  # bytes of float-model layer inputs kept to skip re-running the float model
 
 
 def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET, source=None, mine=None) -> dict | None:
-    """One full float pass keeping each group's input rows, or None when they exceed the budget
+    """One full float pass keeping each group's input, or None when they exceed the budget
     (then every capture re-runs the float model, and memory stays independent of m)."""
     mods = dict(float_model.named_modules())
     cache = {n: [] for n in leaders}
@@ -182,7 +192,7 @@ def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET, source=
 
     def keep(n):
         def hook(m, args):
-            r = rows(m, args[0].detach()).to(torch.float32, copy=True)  # later in-place ops must not reach it
+            r = args[0].detach().to(torch.float32, copy=True)  # later in-place ops must not reach it
             used[0] += r.numel() * 4
             if used[0] > budget:
                 raise _Stop
@@ -212,7 +222,7 @@ def _capture(acc: GramAccumulator, float_model, qmodel, batches, name, float_row
 
     def grab(key, mod):
         def hook(m, args):
-            box[key] = rows(mod, args[0].detach())
+            box[key] = args[0].detach()
             raise _Stop
         return hook
     hf = fmod.register_forward_pre_hook(grab("x", fmod))
@@ -228,24 +238,39 @@ def _capture(acc: GramAccumulator, float_model, qmodel, batches, name, float_row
             _run(qmodel, batch, i, source)
             if "x" not in box or "xt" not in box:
                 raise CalibrationError(f"calibration batch {i} does not reach layer '{name}'")
-            _accumulate(acc, box["x"], box["xt"], batches, i, name, source, 0 if leaf_of is None else leaf_of[i])
+            _accumulate(acc, fmod, box["x"], box["xt"], batches, i, name, source, 0 if leaf_of is None else leaf_of[i])
     finally:
         hf.remove()
         hq.remove()
     return acc
 
 
-def _accumulate(acc: GramAccumulator, x, xt, batches, i: int, name: str, source=None, leaf: int = 0) -> None:
-    """Add batch i's rows (x float model, xt compressed model) of layer `name` to acc (in the
-    batch's leaf); errors name the batch and the layer."""
+def _accumulate(acc: GramAccumulator, fmod, x, xt, batches, i: int, name: str, source=None,
+                leaf: int = 0) -> None:
+    """Add batch i's rows of layer `name` (inputs x of the float model, xt of the compressed
+    one) to acc, in the batch's leaf, a few samples at a time; errors name the batch and the
+    layer."""
+    with _rows_errors(acc, batches, i, name, source):
+        for X, Xt in row_chunks(fmod, x.detach(), xt.detach(), GramAccumulator.FLUSH_ROWS):
+            acc.add(X.float(), Xt.float(), leaf, i)
+
+
+def _finish(acc: GramAccumulator, batches, name: str, source=None) -> None:
+    """The accumulation's last GEMM (its non-finite rows name the batch they came from)."""
+    with _rows_errors(acc, batches, None, name, source):
+        acc.finish()
+
+
+@contextlib.contextmanager
+def _rows_errors(acc, batches, i, name, source):
     try:
-        acc.add(x.float(), xt.float(), leaf)
+        yield
     except NonFiniteRows as exc:
-        raise CalibrationError(_non_finite_message(batches, i, name, exc, source)) from None
-    except RuntimeError:  # a batch whose shape differs from the first one's
-        before = f", earlier batches {acc.features}" if acc.features is not None else ""
+        b = exc.batch if exc.batch is not None else i
+        raise CalibrationError(_non_finite_message(batches, b, name, exc, source)) from None
+    except RowShapeError as exc:  # a batch whose shape differs from the first one's
         raise CalibrationError(f"calibration batch {i} ({calib.describe(batches[i])}) gives layer '{name}' "
-                               f"rows of {x.shape[-1]} features{before}") from None
+                               f"rows of {exc.features} features, earlier batches {exc.before}") from None
 
 
 def _non_finite_message(batches, i, name, exc: NonFiniteRows, source) -> str:
@@ -381,13 +406,13 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
                 if restore(group):
                     return
                 bar.set_postfix_str(f"{group[0]}: inputs")
-                acc = GramAccumulator(comm)
-                fm, qm = fmods[group[0]], mods[group[0]]
+                acc = GramAccumulator(comm, sums=cfg.bias_correction)
+                fm = fmods[group[0]]
                 failed = None
                 try:
                     for b, x, xt in inputs:
-                        _accumulate(acc, rows(fm, x.detach()), rows(qm, xt.detach()), batches, mine[b], group[0],
-                                    source, leaf_of[mine[b]])
+                        _accumulate(acc, fm, x, xt, batches, mine[b], group[0], source, leaf_of[mine[b]])
+                    _finish(acc, batches, group[0], source)
                 except SpfqError as exc:
                     failed = exc
                 comm.check(failed)
@@ -401,10 +426,11 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
                 if restore(group):
                     continue
                 bar.set_postfix_str(f"{group[0]}: inputs")
-                acc, failed = GramAccumulator(comm), None
+                acc, failed = GramAccumulator(comm, sums=cfg.bias_correction), None
                 try:
                     _capture(acc, float_model, qmodel, batches, group[0], cache and cache.pop(group[0]), source,
                              mine, leaf_of)
+                    _finish(acc, batches, group[0], source)
                 except SpfqError as exc:
                     failed = exc
                 comm.check(failed)
