@@ -399,7 +399,8 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
             warnings.warn(EngineWarning(f"compressing with the replay engine (cost grows with depth squared): "
                                         f"{why}"), stacklevel=2)
     used = "sequential" if plan is not None else "replay"
-    store = ActivationStore(memory_budget)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    store = ActivationStore(memory_budget, rss_limit=memory_budget + model_bytes)
     try:
         if plan is not None:
             def at_layer(group, inputs):

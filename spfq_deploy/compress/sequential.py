@@ -270,7 +270,8 @@ def propagate(pl: Plan, float_model: nn.Module, qmodel: nn.Module, batches: list
         for i, node in enumerate(pl.needed):
             if node in pl.leaders:
                 src = node.args[0]
-                at_layer(pl.leaders[node], ((b, envs[0][src][b], envs[1][src][b]) for b in range(len(batches))))
+                at_layer(pl.leaders[node], _settled(store, ((b, envs[0][src][b], envs[1][src][b])
+                                                            for b in range(len(batches)))))
             if node.op == "placeholder":
                 spec = pl.inputs[node]  # parameters and constants are not activations: not counted
                 keep = store.keep if spec[0] == "user" else (lambda v: v)
@@ -307,4 +308,12 @@ def _evaluate(node: fx.Node, runner: _Runner, env: dict, n_batches: int, on_erro
             raise
         except Exception as exc:  # noqa: BLE001 - the model rejected the data: one line, by the caller
             raise on_error(exc, b) from None
+        store.settle([env[a][b] for a in node.all_input_nodes if a in env])  # spilled inputs: pages out again
     return out
+
+
+def _settled(store: ActivationStore, items):
+    """The (batch, x, x~) items of a leader's input, each settled once the consumer moves on."""
+    for item in items:
+        yield item
+        store.settle(item[1:])
