@@ -275,8 +275,14 @@ def cmd_compress(args) -> int:
                 raise SpfqError(f"rank {comm.rank}: stopped: another rank of the torchrun run failed "
                                 f"({str(exc).splitlines()[0][:120]})") from None
             raise
-    if not comm.root:
-        return 0  # rank 0 alone writes the file and prints the summary
+    if not comm.root:  # rank 0 alone writes the file and prints the summary
+        try:
+            comm.close()
+        except RuntimeError:  # rank 0 stopped before the end (its own error line says why)
+            err = SpfqError("rank 0 failed")
+            err.reported_by_root = True
+            raise err from None
+        return 0
     layouts = {n: args.layout for n in result.model.layers} if args.layout else None
     # with a report, the .spfq is staged next to its target and renamed only once the report is
     # written: a failed report leaves neither file (both are written atomically)
@@ -311,6 +317,7 @@ def cmd_compress(args) -> int:
         print("\nengine: replay")
     if comm.world > 1:
         print(f"ranks: {comm.world} (torch.distributed, gloo): batches and candidates split, rank 0 wrote the file")
+        comm.close()
     bits = sum(e["storage_report"]["total_bits"] for e in table["layers"].values())
     weights = sum(e["storage_report"]["weights"] for e in table["layers"].values())
     print(f"\nwrote {out} ({out.stat().st_size:,} bytes; {len(table['layers'])} layers at "

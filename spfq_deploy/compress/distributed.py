@@ -62,6 +62,13 @@ class Comm:
         torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
 
+    def close(self) -> None:
+        """End of the run: wait for every rank (rank 0 has written the file), then leave the
+        process group, so no rank exits with a peer still connected (gloo aborts then)."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def check(self, error: BaseException | None) -> None:
         """A collective barrier that also carries failures: if any rank failed, every rank
         raises the first failing rank's one-line error (so none waits forever)."""
