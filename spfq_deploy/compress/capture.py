@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedLayerError
+from .distributed import Comm
 from .layer import Grams
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -146,8 +147,6 @@ class GramAccumulator:
     FLUSH_ROWS = 4096
 
     def __init__(self, comm=None, sums: bool = False):
-        from .distributed import Comm
-
         self.comm = comm or Comm()
         self.sums = sums
         self.total = None  # (G, H, F[, sum_x, sum_xt]) folded so far (the rank owning leaf 0)
@@ -234,24 +233,13 @@ class GramAccumulator:
 
     def grams(self) -> Grams:
         self.finish()
-        first = self.total
-        if self.comm.world > 1:
-            total = self.comm.ordered_sum(first, self.parts, _fold)
-            self.m = sum(self.comm.gather(self.m))
-        else:
-            total = first if not self.parts else _fold_all(first, self.parts)
+        total = self.comm.ordered_sum(self.total, self.parts, _fold)  # one process: its own total
+        self.m = sum(self.comm.gather(self.m))
         self.G, self.H, self.F = total[:3]
         self.sum_x, self.sum_xt = total[3:] if self.sums else (None, None)
-        self.features = self.G.shape[-1]
         return Grams(self.G, self.H, self.F, self.m)
 
 
 def _fold(acc: tuple, part: tuple) -> tuple:
     return tuple(a.add_(p) for a, p in zip(acc, part))
 
-
-def _fold_all(first, parts):
-    acc = first
-    for p in parts:
-        acc = p if acc is None else _fold(acc, p)
-    return acc

@@ -11,8 +11,9 @@ whatever the rank count:
   batches only); each leaf's Grams are one buffered GEMM sequence on the rank that owns it;
 - the total is ((P_0 + P_1) + P_2) + ... in leaf order: rank r receives the running sum from
   rank r - 1, adds its own leaves in order and passes it on; the last rank broadcasts it;
-- a candidate's path following runs on its own (never batched with other candidates), on
-  whichever rank owns it; only its error and zero counts, and the winner's codes, travel.
+- the units of path following are (candidate, row half) pairs, each run on its own (never
+  batched with others; layer.PARTS), on whichever rank owns it; only per-row errors and zero
+  counts, and the winner's codes, travel.
 Without torchrun (WORLD_SIZE unset or 1) a Comm of one rank does all of this locally.
 """
 
@@ -44,9 +45,6 @@ class Comm:
         r = self.rank if rank is None else rank
         return range(n * r // self.world, n * (r + 1) // self.world)
 
-    def owner(self, i: int, n: int) -> int:
-        return next(r for r in range(self.world) if i in self.span(n, r))
-
     def gather(self, obj) -> list:
         """obj of every rank, in rank order (pickled; small objects only)."""
         if self.world == 1:
@@ -54,13 +52,6 @@ class Comm:
         out = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
-
-    def bcast(self, obj, src: int):
-        if self.world == 1:
-            return obj
-        box = [obj if self.rank == src else None]
-        torch.distributed.broadcast_object_list(box, src=src)
-        return box[0]
 
     def close(self) -> None:
         """End of the run: wait for every rank (rank 0 has written the file), then leave the
@@ -73,13 +64,13 @@ class Comm:
         """A collective barrier that also carries failures: if any rank failed, every rank
         raises the first failing rank's one-line error (so none waits forever)."""
         msgs = self.gather(None if error is None else str(error))
-        for r, m in enumerate(msgs):
+        for m in msgs:
             if m is not None:
                 exc = error if error is not None else SpfqError(m)
                 exc.reported_by_root = True  # rank 0 prints it (cli.main); the others stay quiet
                 raise exc
 
-    def ordered_sum(self, first, parts: list[torch.Tensor], add) -> object:
+    def ordered_sum(self, first, parts: list, add):
         """Fold this rank's leaf partials (in leaf order) into the running sum from the rank
         before, pass it on, and return the total on every rank. `first` is this rank's
         running sum when it owns leaf 0 (already folded), `add(acc, part)` the fold."""
@@ -87,23 +78,23 @@ class Comm:
             return first
         acc = first
         if self.rank > 0:
-            acc = dist_recv_object(self.rank - 1)
+            acc = _recv(self.rank - 1)
             if first is not None:  # this rank owns leaf 0: the ranks before it had no leaf
                 acc = first
             for p in parts:
                 acc = p if acc is None else add(acc, p)
         if self.rank < self.world - 1:
-            dist_send_object(acc, self.rank + 1)
+            _send(acc, self.rank + 1)
         box = [acc if self.rank == self.world - 1 else None]
         torch.distributed.broadcast_object_list(box, src=self.world - 1)
         return box[0]
 
 
-def dist_send_object(obj, dst: int) -> None:
+def _send(obj, dst: int) -> None:
     torch.distributed.send_object_list([obj], dst=dst)
 
 
-def dist_recv_object(src: int):
+def _recv(src: int):
     box = [None]
     torch.distributed.recv_object_list(box, src=src)
     return box[0]

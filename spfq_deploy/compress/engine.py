@@ -211,7 +211,7 @@ def _float_rows(float_model, batches, leaders, budget=FLOAT_ROWS_BUDGET, source=
 
 
 def _capture(acc: GramAccumulator, float_model, qmodel, batches, name, float_rows=None, source=None,
-             mine=None, leaf_of=None) -> GramAccumulator:
+             mine=None, leaf_of=None) -> None:
     """One pass over the calibration batches `mine` (all by default): rows of the layer's input
     in both models into acc (the float model's rows come from float_rows, in the order of
     mine, when cached). A non-finite row is an error naming the batch and the layer (NaN/Inf
@@ -242,7 +242,6 @@ def _capture(acc: GramAccumulator, float_model, qmodel, batches, name, float_row
     finally:
         hf.remove()
         hq.remove()
-    return acc
 
 
 def _accumulate(acc: GramAccumulator, fmod, x, xt, batches, i: int, name: str, source=None,
@@ -250,19 +249,28 @@ def _accumulate(acc: GramAccumulator, fmod, x, xt, batches, i: int, name: str, s
     """Add batch i's rows of layer `name` (inputs x of the float model, xt of the compressed
     one) to acc, in the batch's leaf, a few samples at a time; errors name the batch and the
     layer."""
-    with _rows_errors(acc, batches, i, name, source):
+    with _rows_errors(batches, i, name, source):
         for X, Xt in row_chunks(fmod, x.detach(), xt.detach(), GramAccumulator.FLUSH_ROWS):
             acc.add(X.float(), Xt.float(), leaf, i)
 
 
-def _finish(acc: GramAccumulator, batches, name: str, source=None) -> None:
-    """The accumulation's last GEMM (its non-finite rows name the batch they came from)."""
-    with _rows_errors(acc, batches, None, name, source):
-        acc.finish()
+def _group_grams(comm: Comm, cfg: CompressConfig, batches, name: str, source, fill) -> GramAccumulator:
+    """A group's Gram accumulator, filled by fill(acc) with this rank's batches and closed (its
+    last GEMM's non-finite rows name their batch); a failure on any rank stops every rank
+    with that rank's one-line error (Comm.check)."""
+    acc, failed = GramAccumulator(comm, sums=cfg.bias_correction), None
+    try:
+        fill(acc)
+        with _rows_errors(batches, None, name, source):
+            acc.finish()
+    except SpfqError as exc:
+        failed = exc
+    comm.check(failed)
+    return acc
 
 
 @contextlib.contextmanager
-def _rows_errors(acc, batches, i, name, source):
+def _rows_errors(batches, i, name, source):
     try:
         yield
     except NonFiniteRows as exc:
@@ -407,17 +415,12 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
                 if restore(group):
                     return
                 bar.set_postfix_str(f"{group[0]}: inputs")
-                acc = GramAccumulator(comm, sums=cfg.bias_correction)
                 fm = fmods[group[0]]
-                failed = None
-                try:
+
+                def fill(acc):
                     for b, x, xt in inputs:
                         _accumulate(acc, fm, x, xt, batches, mine[b], group[0], source, leaf_of[mine[b]])
-                    _finish(acc, batches, group[0], source)
-                except SpfqError as exc:
-                    failed = exc
-                comm.check(failed)
-                compress_group(group, acc)
+                compress_group(group, _group_grams(comm, cfg, batches, group[0], source, fill))
 
             sequential.propagate(plan, float_model, qmodel, [batches[i] for i in mine], at_layer,
                                  lambda exc, b: _batch_error(exc, batches[mine[b]], mine[b], source), store)
@@ -427,15 +430,11 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
                 if restore(group):
                     continue
                 bar.set_postfix_str(f"{group[0]}: inputs")
-                acc, failed = GramAccumulator(comm, sums=cfg.bias_correction), None
-                try:
-                    _capture(acc, float_model, qmodel, batches, group[0], cache and cache.pop(group[0]), source,
-                             mine, leaf_of)
-                    _finish(acc, batches, group[0], source)
-                except SpfqError as exc:
-                    failed = exc
-                comm.check(failed)
-                compress_group(group, acc)
+                rows_cache = cache and cache.pop(group[0])
+                compress_group(group, _group_grams(
+                    comm, cfg, batches, group[0], source,
+                    lambda acc: _capture(acc, float_model, qmodel, batches, group[0], rows_cache, source,
+                                         mine, leaf_of)))
     finally:
         bar.close()
         store.close()

@@ -52,8 +52,7 @@ class _Evaluator:
         self.W, self.g, self.cfg = W, grams, cfg
         self.comm = comm or Comm()
         self._next = 0  # candidate ids handed out
-        self._codes: dict[int, torch.Tensor] = {}  # kept candidates run here
-        self._owner: dict[int, int] = {}
+        self._codes: dict[tuple[int, int], torch.Tensor] = {}  # (id, part) -> codes, kept parts run here
         self.align_error = None
         self.pf_W, self.pf_G = W, grams.G
         if cfg.method != "rtn" and cfg.order > 1:

@@ -15,7 +15,6 @@ import torch
 
 from .. import kernels
 from .alphabet import Alphabet
-from .config import MAX_BLOCK
 from .path_following import _inv_diag
 
 IDENTITY, NEAREST, STOCHASTIC = 0, 1, 2  # enum spfq_pf_mode
@@ -69,8 +68,6 @@ def path_following(W, G, H, alph: Alphabet | None, U=None, block: int = 128, out
         delta = alph.delta.to(W.dtype).expand(Q.shape[:-1]).contiguous()
         mode, levels, has_zero = (STOCHASTIC if U is not None else NEAREST), alph.K, int(alph.has_zero)
         U = None if U is None else U.to(W.dtype).expand(W.shape).contiguous()
-    if block > MAX_BLOCK:
-        raise kernels.KernelError(f"path following: block {block} is above the kernel's {MAX_BLOCK}")
     qhq = torch.zeros(Q.shape[:-1], dtype=W.dtype)
     desc = _Desc(Q.numel() // (g * n * d), g, n, d, mode, levels, has_zero,
                  _ptr(A, torch.float64), _ptr(Hc, torch.float64), _ptr(inv, torch.float64),

@@ -1,4 +1,8 @@
-"""The SPFQ/GPFQ path-following recurrence, in data form (reference) and Gram form (used).
+"""The SPFQ/GPFQ path-following recurrence, in data form and Gram form: the Python references.
+
+The engine runs the Gram form through native.path_following (the same blocking and matmuls,
+the column loop in C, bit-identical: tests/test_path_following_native.py); align, the error
+and the helpers here are used as they are.
 
 Shapes: W (..., n, d) neurons x inputs; X, Xt (..., m, d); G = Xt^T X, H = Xt^T Xt (..., d, d).
 Leading axes are groups of a grouped conv and, during the scale search, candidate alphabets:
