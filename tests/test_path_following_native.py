@@ -36,8 +36,9 @@ def _layer(g, n, d, m=300, seed=0):
     return W, Xt.mT @ X, Xt.mT @ Xt, torch.rand(W.shape, generator=gen, dtype=torch.float64)
 
 
-def reference(W, G, H, alph, U, block, shape):
-    """The Python loop the kernel replaces: (codes, Q, q'Hq by matmul)."""
+def reference(W, G, H, alph, U, block, shape, A=None):
+    """The Python loop the kernel replaces: (codes, Q, q'Hq by matmul); it makes its own A
+    (the caller's prepared one is ignored)."""
     codes = torch.zeros(shape, dtype=torch.int8)
     quant = (lambda z, t: quantize(z, alph, True, U[..., t])) if U is not None else (lambda z, t: quantize(z, alph, False))
     Q = gram_path_following(W, G, H, quantizing_step(quant, alph.values, codes), block, shape)
@@ -59,7 +60,8 @@ def test_codes_and_values_bit_identical_to_the_reference(alphabet, bits, sparsit
     u = U if stochastic else None
     for block in (1, 16, 33, 128):
         want = reference(W, G, H, alph, u, block, shape)
-        got = native.path_following(W, G, H, alph, u, block, shape)
+        A = native.prepare(W, G) if block % 2 else None  # the candidate-independent GEMM made by the caller
+        got = native.path_following(W, G, H, alph, u, block, shape, A=A)
         assert torch.equal(got[0], want[0]), f"codes differ at block {block}"
         assert torch.equal(got[1], want[1]), f"values differ at block {block}"
         torch.testing.assert_close(got[2], want[2], rtol=1e-10, atol=1e-10 * float(want[2].abs().max()))

@@ -13,7 +13,8 @@ whatever the rank count:
   rank r - 1, adds its own leaves in order and passes it on; the last rank broadcasts it;
 - the units of path following are (candidate, row half) pairs, each run on its own (never
   batched with others; layer.PARTS), on whichever rank owns it; only per-row errors and zero
-  counts, and the winner's codes, travel.
+  counts, and the winner's codes, travel, each written by one rank into zeros and summed
+  (Comm.merge: exact).
 Without torchrun (WORLD_SIZE unset or 1) a Comm of one rank does all of this locally.
 """
 
@@ -53,6 +54,17 @@ class Comm:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def merge(self, t: torch.Tensor) -> torch.Tensor:
+        """t, in place, with every rank's entries: each entry is written by at most one rank
+        and is zero on the others, so the sum over ranks is exact (x + 0 = x) and one
+        all_reduce replaces a pickled gather (14 ms for a few tensors on gloo, vs 2 ms). Float
+        zeros are made +0.0 on one rank too, as the sum makes them on several."""
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        elif t.is_floating_point():
+            t.add_(0.0)
+        return t
+
     def close(self) -> None:
         """End of the run: wait for every rank (rank 0 has written the file), then leave the
         process group, so no rank exits with a peer still connected (gloo aborts then)."""
@@ -73,7 +85,8 @@ class Comm:
     def ordered_sum(self, first, parts: list, add):
         """Fold this rank's leaf partials (in leaf order) into the running sum from the rank
         before, pass it on, and return the total on every rank. `first` is this rank's
-        running sum when it owns leaf 0 (already folded), `add(acc, part)` the fold."""
+        running sum when it owns leaf 0 (already folded), `add(acc, part)` the fold; sums are
+        tuples of tensors."""
         if self.world == 1:
             return first
         acc = first
@@ -85,19 +98,42 @@ class Comm:
                 acc = p if acc is None else add(acc, p)
         if self.rank < self.world - 1:
             _send(acc, self.rank + 1)
-        box = [acc if self.rank == self.world - 1 else None]
-        torch.distributed.broadcast_object_list(box, src=self.world - 1)
-        return box[0]
+        return _broadcast(acc, self.world - 1)
 
 
-def _send(obj, dst: int) -> None:
-    torch.distributed.send_object_list([obj], dst=dst)
+def _send(obj: tuple | None, dst: int) -> None:
+    """A tuple of tensors (or None) to rank dst: their shapes and dtypes pickled, the data as
+    tensors (pickling 50 MB of Grams costs ~10x the raw transfer on gloo)."""
+    dist = torch.distributed
+    dist.send_object_list([None if obj is None else [(t.shape, t.dtype) for t in obj]], dst=dst)
+    for t in obj or ():
+        dist.send(t.contiguous(), dst=dst)
 
 
-def _recv(src: int):
+def _recv(src: int) -> tuple | None:
+    dist = torch.distributed
     box = [None]
-    torch.distributed.recv_object_list(box, src=src)
-    return box[0]
+    dist.recv_object_list(box, src=src)
+    if box[0] is None:
+        return None
+    out = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in box[0])
+    for t in out:
+        dist.recv(t, src=src)
+    return out
+
+
+def _broadcast(obj: tuple | None, src: int) -> tuple | None:
+    """The tuple of tensors (or None) of rank src on every rank, sent as in _send."""
+    dist = torch.distributed
+    me = dist.get_rank() == src
+    box = [None if not me or obj is None else [(t.shape, t.dtype) for t in obj]]
+    dist.broadcast_object_list(box, src=src)
+    if box[0] is None:
+        return None
+    out = tuple(t.contiguous() for t in obj) if me else tuple(torch.empty(s, dtype=d) for s, d in box[0])
+    for t in out:
+        dist.broadcast(t, src=src)
+    return out
 
 
 def leaves(counts: list[int]) -> list[int]:

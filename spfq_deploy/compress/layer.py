@@ -60,8 +60,8 @@ class _Evaluator:
             err, ref = squared_output_error(W, Wt, grams.F, grams.G, grams.H)
             self.align_error = math.sqrt(float(err.sum()) / max(float(ref.sum()), 1e-300))
             self.pf_W, self.pf_G = Wt, grams.H  # phase 2 quantises w~ against Xt alone
-        self.GW = W @ grams.G.transpose(-1, -2)  # shared by every candidate's error
-        self.wFw = ((W @ grams.F) * W).sum(-1)
+        self._terms: dict[int, tuple] = {}  # part -> (GW, wFw, A) of its rows, made where the part runs
+        self.wFw = None  # (g, n) w'Fw of every row, known after the first run()
         gen = torch.Generator().manual_seed(seed)
         self.U = torch.rand(W.shape, generator=gen, dtype=W.dtype) if cfg.stochastic else None
 
@@ -85,50 +85,68 @@ class _Evaluator:
 
         The units of work are (candidate, row part); each runs on its own (never batched with
         others, so its arithmetic does not depend on how many run together), on the rank that
-        owns it (distributed.Comm.span); per-row errors and zero counts are gathered and joined
-        in row order. keep: hold the codes of this rank's parts for codes(id)."""
+        owns it (distributed.Comm.span); the owner writes its per-row errors and zero counts
+        (and, for candidate 0, the rows' w'Fw) into zeros that one Comm.merge completes.
+        keep: hold the codes of this rank's parts for codes(id)."""
         parts = self.parts()
-        units = [(i, p) for i in range(len(Cs)) for p in range(len(parts))]
+        units = [(i, p) for p in range(len(parts)) for i in range(len(Cs))]  # part-major: a rank
+        # holding one part's units makes that part's shared terms (_part_terms) alone
         first = self._next
         self._next += len(Cs)
-        local = {}
+        c = len(Cs)
+        out = torch.zeros((2 * c + 1,) + self.W.shape[:2], dtype=torch.float64)  # err, zeros, w'Fw
         for u in self.comm.span(len(units)):
             i, p = units[u]
-            codes, err, zeros = self._run(Cs[i], fs[i], parts[p])
+            codes, err, zeros = self._run(Cs[i], fs[i], p)
             if keep:
                 self._codes[(first + i, p)] = codes
-            local[u] = (err, zeros)
-        done = {}
-        for part in self.comm.gather(local):
-            done.update(part)
-        axis = parts[0][0] + 1  # in (1, g, n): groups are axis 1, neurons axis 2
-        errs, zeros = [], []
-        for i in range(len(Cs)):
-            rows = [done[i * len(parts) + p] for p in range(len(parts))]
-            errs.append(torch.cat([r[0] for r in rows], dim=axis).flatten(1).sum(1))
-            zeros.append(torch.cat([r[1] for r in rows], dim=axis))
-        return list(range(first, first + len(Cs))), torch.cat(errs), torch.cat(zeros)
+            put = _placer(parts[p])
+            put(out[i], err[0])
+            put(out[c + i], zeros[0])
+            if i == 0:
+                put(out[2 * c], self._terms[p][1])
+        self.comm.merge(out)
+        if self.wFw is None:
+            self.wFw = out[2 * c].clone()
+        errs = torch.stack([out[i].flatten().sum() for i in range(c)])
+        return list(range(first, first + c)), errs, out[c:2 * c].long()
 
     def codes(self, cid: int) -> torch.Tensor:
-        """The codes (1, g, n, d) of a kept candidate, its parts gathered from the ranks that ran
-        them; the other kept candidates are dropped."""
-        mine = {p: c for (i, p), c in self._codes.items() if i == cid}
+        """The codes (1, g, n, d) of a kept candidate, its parts written by the ranks that ran
+        them and merged (Comm.merge); the other kept candidates are dropped."""
+        full = torch.zeros((1,) + self.W.shape, dtype=torch.int8)
+        parts = self.parts()
+        for (i, p), c in self._codes.items():
+            if i == cid:
+                _placer(parts[p])(full[0], c[0])
         self._codes.clear()
-        got = {}
-        for part in self.comm.gather(mine):
-            got.update(part)
-        return torch.cat([got[p] for p in range(len(got))], dim=self.parts()[0][0] + 1)
+        return self.comm.merge(full)
 
     def rows_f(self, f) -> torch.Tensor:
         """A lam factor (None, scalar or per-row tensor) as one factor per row (g, n)."""
         return torch.as_tensor(1.0 if f is None else f, dtype=self.W.dtype).expand(self.W.shape[:-1])
 
-    def _run(self, C, f, part):
-        """One candidate on one row part: codes (1, g', n', d), squared error and zeros per row
+    def _cuts(self, p):
+        """(cut, same) of part p: cut takes its rows of a (g, n, ...) tensor, same its groups of
+        a Gram (g, d, d) (all of them when the part splits the neurons)."""
+        axis, rows = self.parts()[p]
+        cut = (lambda t: t[rows]) if axis == 0 else (lambda t: t[:, rows])
+        return cut, ((lambda t: t) if axis == 1 else cut)
+
+    def _part_terms(self, p):
+        """(GW, w'Fw, A) of part p's rows: what every candidate's error and path following share
+        (A = native.prepare, None for rtn), computed once per part on the rank that runs it."""
+        if p not in self._terms:
+            cut, same = self._cuts(p)
+            W = cut(self.W)
+            A = None if self.cfg.method == "rtn" else native.prepare(cut(self.pf_W), same(self.pf_G))
+            self._terms[p] = (W @ same(self.g.G).transpose(-1, -2), ((W @ same(self.g.F)) * W).sum(-1), A)
+        return self._terms[p]
+
+    def _run(self, C, f, p):
+        """One candidate on row part p: codes (1, g', n', d), squared error and zeros per row
         (1, g', n')."""
-        axis, rows = part
-        cut = (lambda t: t[rows]) if axis == 0 else (lambda t: t[:, rows])  # on (g, n, ...) tensors
-        same = (lambda t: t) if axis == 1 else cut  # Grams (g, d, d): cut along groups only
+        cut, same = self._cuts(p)
         a = self.alphabet(torch.tensor([C], dtype=self.W.dtype), self.rows_f(f)[None])
         a = Alphabet(a.alphabet, a.bits, cut(a.delta[0])[None], cut(a.lam[0])[None], a.pruned)
         W = cut(self.W)
@@ -141,9 +159,19 @@ class _Evaluator:
             # native.path_following: gram_path_following with T = quantize, the column loop in C
             U = None if self.U is None else cut(self.U)
             codes, Q, qHq = native.path_following(cut(self.pf_W), same(self.pf_G), H, a, U, self.cfg.block,
-                                                  (1,) + W.shape)
-        err, _ = squared_output_error(W, Q, F, G, H, cut(self.GW), cut(self.wFw), qHq)
+                                                  (1,) + W.shape, A=self._part_terms(p)[2])
+        GW, wFw, _ = self._part_terms(p)
+        err, _ = squared_output_error(W, Q, F, G, H, GW, wFw, qHq)
         return codes, err, (codes == 0).sum(-1)
+
+
+def _placer(part):
+    """put(dst, src): src, the rows of one part, into dst (g, n, ...) at the part's rows."""
+    axis, rows = part
+
+    def put(dst, src):
+        (dst[rows] if axis == 0 else dst[:, rows]).copy_(src)
+    return put
 
 
 def _refine(grid, best_idx):

@@ -49,13 +49,20 @@ def _ptr(t: torch.Tensor | None, dtype) -> int | None:
     return t.data_ptr()
 
 
-def path_following(W, G, H, alph: Alphabet | None, U=None, block: int = 128, out_shape=None):
+def prepare(W, G) -> torch.Tensor:
+    """A[..., t] = sum_{j<=t} G_tj w_j: the candidate-independent start of path following (as
+    in the reference), one GEMM that a caller scoring many candidates makes once."""
+    return (W @ torch.tril(G).transpose(-1, -2)).contiguous()
+
+
+def path_following(W, G, H, alph: Alphabet | None, U=None, block: int = 128, out_shape=None, A=None):
     """(codes, Q, qHq) of gram_path_following with T = alphabet.quantize on `alph` (stochastic
     when U is given), or the identity (alph None: codes None). W (g, n, d); G, H (g, d, d);
     out_shape may add leading candidate axes, which alph's lam / delta (..., g, n) then carry.
-    qHq (..., g, n) is q'Hq per row, summed in the loop (squared_output_error takes it)."""
+    qHq (..., g, n) is q'Hq per row, summed in the loop (squared_output_error takes it).
+    A: prepare(W, G) when the caller has it."""
     g, n, d = W.shape
-    A = (W @ torch.tril(G).transpose(-1, -2)).contiguous()
+    A = prepare(W, G) if A is None else A
     inv = _inv_diag(H)
     Q = torch.zeros(out_shape or torch.broadcast_shapes(W.shape, inv[..., None, :].shape), dtype=W.dtype)
     inv = inv.contiguous()
