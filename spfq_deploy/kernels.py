@@ -61,6 +61,9 @@ def lib() -> C.CDLL:
             "spfq_set_isa": ([C.c_char_p], C.c_int),
             "spfq_isa": ([], C.c_char_p),
             "spfq_abi_version": ([], i32),
+            "spfq_dw_prepare": ([C.POINTER(WeightsDesc), C.POINTER(DwGeom), C.POINTER(p)], C.c_int),
+            "spfq_dw_free": ([p], None),
+            "spfq_dwconv": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
         }
         for name, (args, res) in sig.items():
             fn = getattr(so, name)
@@ -128,42 +131,50 @@ def check_sparse_buffers(mask: np.ndarray, kept: np.ndarray, k: int) -> None:
         raise KernelError(f"sparse weights: {e}") from None
 
 
+def _weights_desc(layout: str, n: int, k: int, buffers: dict, scale, lam, bias, bits: int):
+    """The WeightsDesc of packed buffers, and the arrays it points into (keep them alive until
+    the library has copied them)."""
+    if layout not in LAYOUT_IDS:
+        raise KernelError(f"kernels take layouts {', '.join(LAYOUT_IDS)}, not {layout!r}")
+    W = (k + 63) // 64
+    keep = []
+
+    def f32(v, name):
+        if v is None:
+            return None
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        keep.append(v)
+        return _arr(v, np.float32, (n,), name, 4)
+
+    d = WeightsDesc(layout=LAYOUT_IDS[layout], n=n, k=k, bits=bits, kept_words=0)
+    if layout in ("sign", "sign_mask"):
+        d.sign = _arr(buffers["sign"], np.uint64, (n, W), "sign")
+    if layout in ("sign_mask", "sparse"):
+        d.mask = _arr(buffers["mask"], np.uint64, (n, W), "mask")
+    if layout == "planes":
+        d.planes = _arr(buffers["planes"], np.uint64, (bits, n, W), "planes")
+    if layout == "sparse":
+        kept = buffers["kept"]
+        if kept.ndim != 3:
+            raise KernelError("kept must be (bits, N, Wk)")
+        d.kept_words = kept.shape[2]
+        d.planes = _arr(kept, np.uint64, (bits, n, kept.shape[2]), "kept")
+        check_sparse_buffers(buffers["mask"], kept, k)
+    d.scale, d.lam, d.bias = f32(scale, "scale"), f32(lam, "lam"), f32(bias, "bias")
+    if d.scale is None:
+        raise KernelError("scale is required")
+    return d, keep
+
+
 class PackedWeights:
     """A layer's packed weights handed to the kernels once (they keep their own copy)."""
 
     def __init__(self, layout: str, n: int, k: int, buffers: dict, scale, lam=None, bias=None, bits: int = 1):
-        if layout not in LAYOUT_IDS:
-            raise KernelError(f"kernels take layouts {', '.join(LAYOUT_IDS)}, not {layout!r}")
-        W = (k + 63) // 64
         self.layout, self.n, self.k, self.bits = layout, n, k, bits
-        keep = []  # the arrays must live until spfq_prepare has copied them
-
-        def f32(v, name):
-            if v is None:
-                return None
-            v = np.ascontiguousarray(v, dtype=np.float32)
-            keep.append(v)
-            return _arr(v, np.float32, (n,), name, 4)
-
-        d = WeightsDesc(layout=LAYOUT_IDS[layout], n=n, k=k, bits=bits, kept_words=0)
-        if layout in ("sign", "sign_mask"):
-            d.sign = _arr(buffers["sign"], np.uint64, (n, W), "sign")
-        if layout in ("sign_mask", "sparse"):
-            d.mask = _arr(buffers["mask"], np.uint64, (n, W), "mask")
-        if layout == "planes":
-            d.planes = _arr(buffers["planes"], np.uint64, (bits, n, W), "planes")
-        if layout == "sparse":
-            kept = buffers["kept"]
-            if kept.ndim != 3:
-                raise KernelError("kept must be (bits, N, Wk)")
-            d.kept_words = kept.shape[2]
-            d.planes = _arr(kept, np.uint64, (bits, n, kept.shape[2]), "kept")
-            check_sparse_buffers(buffers["mask"], kept, k)
-        d.scale, d.lam, d.bias = f32(scale, "scale"), f32(lam, "lam"), f32(bias, "bias")
-        if d.scale is None:
-            raise KernelError("scale is required")
+        d, keep = _weights_desc(layout, n, k, buffers, scale, lam, bias, bits)
         handle = C.c_void_p()
         _ok(lib().spfq_prepare(C.byref(d), C.byref(handle)), "prepare")
+        del keep  # spfq_prepare has copied them
         self._h = handle
 
     @classmethod
@@ -227,6 +238,61 @@ class PackedWeights:
         _ok(lib().spfq_bgemm(self._h, M, px, ps, dot.ctypes.data, y.ctypes.data,
                              None if yb is None else yb.ctypes.data, threads), "bgemm")
         return (dot, y, yb) if rebinarize else (dot, y)
+
+
+
+class DwGeom(C.Structure):
+    _fields_ = [(f, C.c_int32) for f in ("channels", "mult", "kh", "kw", "sh", "sw", "dh", "dw",
+                                         "pt", "pl", "pb", "pr")]
+
+
+def is_depthwise(layer: CompressedLayer) -> bool:
+    """One input channel per group (depthwise, or a conv of a 1-channel input): the layers the
+    direct kernel spfq_dwconv runs in the exported runtimes instead of im2col GEMMs."""
+    return bool(layer.conv) and layer.cols == int(np.prod(layer.conv["kernel_size"]))
+
+
+class DepthwiseWeights:
+    """A depthwise conv layer's weights unpacked once for spfq_dwconv (x NCHW -> y NCHW)."""
+
+    def __init__(self, layer: CompressedLayer, layout: str | None = None):
+        if not is_depthwise(layer):
+            raise KernelError(f"layer {layer.name!r} is not depthwise (one input channel per group)")
+        layout, bits, bufs = kernel_pack(layer, layout or L.default_layout(layer))
+        conv = layer.conv
+        ks, st, dl, pd = (list(conv[k]) for k in ("kernel_size", "stride", "dilation", "padding"))
+        if len(ks) == 1:  # 1-D: height 1
+            ks, st, dl, pd = [1] + ks, [1] + st, [1] + dl, [0] + pd
+        g = int(conv["groups"])
+        self.geom = DwGeom(g, layer.rows // g, ks[0], ks[1], st[0], st[1], dl[0], dl[1], pd[0], pd[1], pd[0], pd[1])
+        self.n, self.channels, self.one_d = layer.rows, g, len(conv["kernel_size"]) == 1
+        d, keep = _weights_desc(layout, layer.rows, layer.cols, bufs, layer.scale, layer.lam, layer.bias, bits)
+        handle = C.c_void_p()
+        _ok(lib().spfq_dw_prepare(C.byref(d), C.byref(self.geom), C.byref(handle)), "dw_prepare")
+        del keep
+        self._h = handle
+
+    def __del__(self):
+        h = getattr(self, "_h", None)
+        if h is not None and h.value and _lib is not None:
+            _lib.spfq_dw_free(h)
+            self._h = None
+
+    def __call__(self, x: np.ndarray, int8: bool = False, threads: int = 1) -> np.ndarray:
+        """x (B, C, H, W) (or (B, C, W) for 1-D) float32 -> y (B, N, OH, OW)."""
+        rank = 3 if self.one_d else 4
+        if not isinstance(x, np.ndarray) or x.ndim != rank or x.shape[1] != self.channels:
+            raise KernelError(f"x must be a {rank}-D float32 array with {self.channels} channels")
+        g = self.geom
+        H, W = (1, x.shape[2]) if self.one_d else x.shape[2:]
+        oh = (H + g.pt + g.pb - g.dh * (g.kh - 1) - 1) // g.sh + 1
+        ow = (W + g.pl + g.pr - g.dw * (g.kw - 1) - 1) // g.sw + 1
+        if oh < 1 or ow < 1:
+            raise KernelError("the input is smaller than the kernel")
+        px = _arr(x, np.float32, x.shape, "x", 4)
+        y = np.empty((x.shape[0], self.n, ow) if self.one_d else (x.shape[0], self.n, oh, ow), np.float32)
+        _ok(lib().spfq_dwconv(self._h, int(int8), x.shape[0], H, W, px, y.ctypes.data, threads), "dwconv")
+        return y
 
 
 def quantize_i8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

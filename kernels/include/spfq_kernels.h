@@ -84,6 +84,28 @@ int spfq_bgemm(const spfq_prepared *w, int32_t m, const uint64_t *xbits, const f
 int spfq_quantize_i8(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale);
 int spfq_binarize(int32_t m, int32_t k, const float *x, uint64_t *xbits, float *xscale);
 
+/* Depthwise convolution (groups == input channels, one input channel per group) straight
+ * from NCHW planes: no im2col, no GEMM call per channel (dwconv.c). Weights: a desc with
+ * n = channels * mult output rows (output o reads channel o / mult) and k = kh * kw taps in
+ * (kh, kw) order, as PyTorch flattens a depthwise weight. Same results as the im2col path of
+ * the oracle: f32 as spfq_matmul_f32's C oracle (taps in column order, zero codes skipped;
+ * bit-identical with it), i8 as spfq_quantize_i8 of every im2col row (one output pixel's
+ * patch, zero padding included) then spfq_matmul_i8 (bit-identical: the integer sums are
+ * exact, the epilogue is the same float expression). k * 127 * 127 < 2^24 is required
+ * (k <= 1040 taps), so the exact sums fit float lanes. */
+typedef struct {
+    int32_t channels, mult;            /* input channels C (= groups); outputs per channel */
+    int32_t kh, kw, sh, sw, dh, dw;    /* kernel, strides, dilations */
+    int32_t pt, pl, pb, pr;            /* zero padding: top, left, bottom, right */
+} spfq_dw_geom;
+typedef struct spfq_dw spfq_dw;
+int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw **out);
+void spfq_dw_free(spfq_dw *p);
+/* x (b, channels, h, w) -> y (b, channels * mult, oh, ow); int8: activations quantised per
+ * patch as above (0: weight-only float). */
+int spfq_dwconv(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w, const float *x, float *y,
+                int32_t nthreads);
+
 /* Compression time (spfq_deploy/compress/path_following.py): the column loop of Gram-form
  * path following over columns [b0, b1) for every row r = (candidate, group, neuron) of
  * Q (cands, groups, rows, d): z = (A[g,i,t] - corr[r,t-b0]) * inv[g,t], q = T(z),

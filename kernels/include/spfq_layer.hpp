@@ -5,7 +5,10 @@
 //                   planes are copied to a contiguous (bits, ng, words) slab);
 //   gemm:           float (weight-only) or int8 (per-row quantised activations) through one part;
 //   conv:           im2col per group (rows (b, oh, ow), columns (c, kh, kw) as PyTorch flattens the
-//                   weight), the GEMM, and the (pixel, channel) -> (channel, pixel) scatter.
+//                   weight), the GEMM, and the (pixel, channel) -> (channel, pixel) scatter;
+//                   depthwise layers (one input channel per group: k = KH * KW) instead run
+//                   the direct kernel spfq_dwconv, bit-identical with that path's C oracle;
+//   Layer:          what a wrapper holds per layer (prepare_layer / free_layer).
 // Errors are thrown as std::runtime_error with a one-line message.
 #ifndef SPFQ_LAYER_HPP
 #define SPFQ_LAYER_HPP
@@ -91,6 +94,56 @@ inline std::vector<spfq_prepared *> prepare_groups(int layout, int bits, int64_t
     return parts;
 }
 
+// 2-D convolution geometry (1-D: height 1, KH = SH = DH = 1, PT = PB = 0).
+struct ConvGeometry {
+    int64_t KH, KW, SH, SW, DH, DW, PT, PL, PB, PR;
+    int64_t out_h(int64_t H) const { return (H + PT + PB - DH * (KH - 1) - 1) / SH + 1; }
+    int64_t out_w(int64_t Wd) const { return (Wd + PL + PR - DW * (KW - 1) - 1) / SW + 1; }
+};
+
+// One input channel per group (depthwise, or a conv on a 1-channel input): the direct kernel.
+inline bool is_depthwise(int64_t k, const ConvGeometry &G) { return k == G.KH * G.KW; }
+
+// A prepared layer: one GEMM part per conv group, or the direct depthwise kernel.
+struct Layer {
+    std::vector<spfq_prepared *> parts;
+    spfq_dw *dw = nullptr;
+};
+
+inline void free_layer(Layer &l) {
+    free_parts(l.parts);
+    spfq_dw_free(l.dw);
+    l.dw = nullptr;
+}
+
+// The layer's kernels: G is null for a linear layer. Buffers the layout does not use are ignored.
+inline Layer prepare_layer(int layout, int bits, int64_t n, int64_t k, int64_t kept_words, int64_t groups,
+                           const ConvGeometry *G, const uint64_t *sign, const uint64_t *mask, const uint64_t *planes,
+                           const float *scale, const float *lam, const float *bias) {
+    Layer l;
+    if (G && is_depthwise(k, *G)) {
+        spfq_weights_desc d{};
+        d.layout = layout;
+        d.n = static_cast<int32_t>(n);
+        d.k = static_cast<int32_t>(k);
+        d.bits = bits;
+        d.kept_words = static_cast<int32_t>(kept_words);
+        d.sign = needs_sign(layout) ? sign : nullptr;
+        d.mask = needs_mask(layout) ? mask : nullptr;
+        d.planes = needs_planes(layout) ? planes : nullptr;
+        d.scale = scale;
+        d.lam = lam;
+        d.bias = bias;
+        auto i32 = [](int64_t v) { return static_cast<int32_t>(v); };
+        spfq_dw_geom g{i32(groups), i32(n / groups), i32(G->KH), i32(G->KW), i32(G->SH), i32(G->SW),
+                       i32(G->DH), i32(G->DW), i32(G->PT), i32(G->PL), i32(G->PB), i32(G->PR)};
+        check(spfq_dw_prepare(&d, &g, &l.dw), "prepare depthwise");
+        return l;
+    }
+    l.parts = prepare_groups(layout, bits, n, k, kept_words, G ? groups : 1, sign, mask, planes, scale, lam, bias);
+    return l;
+}
+
 // y (m, ng) = rows (m, k) through one prepared part.
 inline void gemm(spfq_prepared *p, bool int8, int64_t m, int64_t k, const float *rows, float *y, int threads) {
     if (m == 0) return;
@@ -109,17 +162,16 @@ inline void gemm(spfq_prepared *p, bool int8, int64_t m, int64_t k, const float 
     check(spfq_matmul_i8(p, static_cast<int32_t>(m), xq.data(), xs.data(), y, threads), "matmul_i8");
 }
 
-// 2-D convolution geometry (1-D: height 1, KH = SH = DH = 1, PT = PB = 0).
-struct ConvGeometry {
-    int64_t KH, KW, SH, SW, DH, DW, PT, PL, PB, PR;
-    int64_t out_h(int64_t H) const { return (H + PT + PB - DH * (KH - 1) - 1) / SH + 1; }
-    int64_t out_w(int64_t Wd) const { return (Wd + PL + PR - DW * (KW - 1) - 1) / SW + 1; }
-};
-
 // y (B, n, OH, OW) = conv(x (B, C, H, Wd)) with k = C / groups * KH * KW inputs per output.
-inline void conv(const std::vector<spfq_prepared *> &parts, bool int8, int64_t k, int64_t n, int64_t groups,
-                 const ConvGeometry &G, const float *x, int64_t B, int64_t C, int64_t H, int64_t Wd, float *y,
-                 int threads) {
+inline void conv(const Layer &layer, bool int8, int64_t k, int64_t n, int64_t groups, const ConvGeometry &G,
+                 const float *x, int64_t B, int64_t C, int64_t H, int64_t Wd, float *y, int threads) {
+    if (layer.dw) {
+        if (B > INT32_MAX || H > INT32_MAX || Wd > INT32_MAX) throw std::runtime_error("conv input too large");
+        check(spfq_dwconv(layer.dw, int8, static_cast<int32_t>(B), static_cast<int32_t>(H), static_cast<int32_t>(Wd),
+                          x, y, threads), "dwconv");
+        return;
+    }
+    const std::vector<spfq_prepared *> &parts = layer.parts;
     const int64_t OH = G.out_h(H), OW = G.out_w(Wd), cg = C / groups;
     const int64_t m = B * OH * OW, ng = n / groups, P = OH * OW;
     thread_local std::vector<float> cols, yg;  // per thread, reused across calls

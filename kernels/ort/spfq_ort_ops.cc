@@ -116,7 +116,7 @@ class PackedKernel {
         }
     }
 
-    void release() { spfq_layer::free_parts(parts_); }
+    void release() { spfq_layer::free_layer(layer_); }
 
     // Typed view of an optional input: nullptr when absent (or empty); checks the shape.
     template <typename T>
@@ -141,15 +141,17 @@ class PackedKernel {
         const float *lam = input<float>(ctx, kLam, {n_}, "lam");
         const float *bias = input<float>(ctx, kBias, {n_}, "bias");
         const void *key[] = {sign, mask, planes, scale, lam, bias};
-        if (!parts_.empty() && std::equal(key, key + 6, key_)) return;
+        if ((layer_.dw || !layer_.parts.empty()) && std::equal(key, key + 6, key_)) return;
         if (!scale) throw Error("scale is required");
         using namespace spfq_layer;
         if ((needs_sign(layout_) && !present_[kSign]) || (needs_mask(layout_) && !present_[kMask]) ||
             (needs_planes(layout_) && !present_[kPlanes]))
             throw Error("a packed weight input required by layout " + std::to_string(layout_) + " is missing");
         release();
-        parts_ = spfq_layer::prepare_groups(layout_, bits_, n_, k_, kept_words_, conv_ ? groups_ : 1, sign, mask,
-                                            planes, scale, lam, bias);
+        spfq_layer::ConvGeometry G{};
+        if (conv_) G = geometry();
+        layer_ = spfq_layer::prepare_layer(layout_, bits_, n_, k_, kept_words_, groups_, conv_ ? &G : nullptr, sign,
+                                           mask, planes, scale, lam, bias);
         std::copy(key, key + 6, key_);
     }
 
@@ -162,9 +164,16 @@ class PackedKernel {
         for (size_t i = 0; i + 1 < shape.size(); i++) m *= shape[i];
         shape.back() = n_;
         float *y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
-        spfq_layer::gemm(parts_[0], int8_, m, k_, xv.GetTensorData<float>(), y, threads_);
+        spfq_layer::gemm(layer_.parts[0], int8_, m, k_, xv.GetTensorData<float>(), y, threads_);
     }
 
+    // The conv attributes as a 2-D geometry (1-D: height 1).
+    spfq_layer::ConvGeometry geometry() const {
+        const size_t d = kshape_.size();
+        return {d == 2 ? kshape_[0] : 1, kshape_[d - 1], d == 2 ? strides_[0] : 1, strides_[d - 1],
+                d == 2 ? dil_[0] : 1,    dil_[d - 1],    d == 2 ? pads_[0] : 0,    pads_[d - 1],
+                d == 2 ? pads_[d] : 0,   pads_[2 * d - 1]};
+    }
     void run_conv(Ort::KernelContext &ctx) {
         Ort::ConstValue xv = ctx.GetInput(kX);
         std::vector<int64_t> s = xv.GetTensorTypeAndShapeInfo().GetShape();
@@ -172,9 +181,7 @@ class PackedKernel {
         if (s.size() != d + 2) throw Error("input has shape " + shape_str(s) + ", expected rank " + std::to_string(d + 2));
         // treat 1-D as 2-D with height 1
         const int64_t B = s[0], C = s[1], H = d == 2 ? s[2] : 1, Wd = s[d + 1];
-        const spfq_layer::ConvGeometry G{d == 2 ? kshape_[0] : 1, kshape_[d - 1], d == 2 ? strides_[0] : 1,
-                                         strides_[d - 1], d == 2 ? dil_[0] : 1, dil_[d - 1], d == 2 ? pads_[0] : 0,
-                                         pads_[d - 1], d == 2 ? pads_[d] : 0, pads_[2 * d - 1]};
+        const spfq_layer::ConvGeometry G = geometry();
         const int64_t cg = k_ / (G.KH * G.KW);
         if (C != cg * groups_)
             throw Error("input has " + std::to_string(C) + " channels, expected " + std::to_string(cg * groups_));
@@ -182,7 +189,7 @@ class PackedKernel {
         if (OH < 1 || OW < 1) throw Error("input " + shape_str(s) + " is smaller than the kernel");
         std::vector<int64_t> oshape = d == 2 ? std::vector<int64_t>{B, n_, OH, OW} : std::vector<int64_t>{B, n_, OW};
         float *y = ctx.GetOutput(0, oshape).GetTensorMutableData<float>();
-        spfq_layer::conv(parts_, int8_, k_, n_, groups_, G, xv.GetTensorData<float>(), B, C, H, Wd, y, threads_);
+        spfq_layer::conv(layer_, int8_, k_, n_, groups_, G, xv.GetTensorData<float>(), B, C, H, Wd, y, threads_);
     }
 
     bool conv_;
@@ -193,7 +200,7 @@ class PackedKernel {
     std::mutex mu_;
     const void *key_[6] = {};
     bool present_[kInputs] = {};
-    std::vector<spfq_prepared *> parts_;
+    spfq_layer::Layer layer_;
 };
 
 template <bool Conv>

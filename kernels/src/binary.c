@@ -97,3 +97,11 @@ void spfq_bgemm_c(const spfq_job *j, int32_t n0, int32_t n1) {
         }
     }
 }
+
+/* Signed codes s_nk of row n (K values) for kernels that keep weights unpacked (dwconv.c). */
+void spfq_sign_row_codes(const spfq_prepared *w, int32_t n, int8_t *c) {
+    const spfq_weights_desc *d = &w->d;
+    const uint64_t *srow = d->sign + (size_t)n * w->words;
+    const uint64_t *mrow = d->layout == SPFQ_SIGN_MASK ? d->mask + (size_t)n * w->words : NULL;
+    for (int32_t k = 0; k < d->k; k++) c[k] = (int8_t)weight_sign(srow, mrow, k);
+}

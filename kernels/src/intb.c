@@ -205,3 +205,20 @@ int spfq_planes_repack(spfq_prepared *w)
     w->rp_steps = (int32_t)steps;
     return SPFQ_OK;
 }
+
+/* Signed codes c of row n (K values) of PLANES / SPARSE weights, for kernels that keep
+ * weights unpacked (dwconv.c). */
+void spfq_int_row_codes(const spfq_prepared *w, int32_t n, int8_t *c)
+{
+    const int sparse = w->d.layout == SPFQ_SPARSE;
+    size_t pos = 0;
+    for (int32_t word = 0; word < w->words; word++) {
+        int8_t blk[64];
+        const int32_t kend = w->d.k - word * 64 < 64 ? w->d.k - word * 64 : 64;
+        if (!block(w, sparse, n, word, &pos, blk)) memset(blk, 0, sizeof blk);
+        memcpy(c + (size_t)word * 64, blk, (size_t)kend);
+    }
+}
+
+/* value(c) of row n as the f32 oracle computes it (for dwconv.c's unpacked weights). */
+float spfq_int_value(int c, float scale, const float *lam, int32_t n) { return weight_value(c, scale, lam, n); }

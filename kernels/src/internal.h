@@ -39,6 +39,12 @@ struct spfq_prepared {
  * SPFQ_OK or SPFQ_ENOMEM (then w->rp stays NULL and the kernels decode the packed words). */
 int spfq_planes_repack(struct spfq_prepared *w);
 
+/* Signed codes of one weight row (K int8 values): SIGN / SIGN_MASK (binary.c), PLANES /
+ * SPARSE (intb.c); for kernels that keep small weights unpacked (dwconv.c). */
+void spfq_sign_row_codes(const struct spfq_prepared *w, int32_t n, int8_t *c);
+void spfq_int_row_codes(const struct spfq_prepared *w, int32_t n, int8_t *c);
+float spfq_int_value(int c, float scale, const float *lam, int32_t n); /* the f32 oracle's value(c) */
+
 typedef struct {
     const struct spfq_prepared *w;
     int32_t m;

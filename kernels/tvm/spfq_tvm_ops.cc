@@ -88,10 +88,14 @@ const T *data(const DLTensor *t) {
     return reinterpret_cast<const T *>(static_cast<const char *>(t->data) + t->byte_offset);
 }
 
-// The prepared weights of one layer (one part per conv group).
+// The prepared weights of one layer (one part per conv group, or the depthwise kernel).
 struct Prepared {
-    std::vector<spfq_prepared *> parts;
+    spfq_layer::Layer layer;
 };
+
+spfq_layer::ConvGeometry geometry(const int64_t *at) {
+    return {at[kKH], at[kKW], at[kSH], at[kSW], at[kDH], at[kDW], at[kPT], at[kPL], at[kPB], at[kPR]};
+}
 
 using Key = std::tuple<const void *, const void *, const void *, const void *, const void *, const void *,
                        const void *>;
@@ -123,9 +127,10 @@ const Prepared &prepare(const int64_t *at, const DLTensor *sign_t, const DLTenso
         throw Error("scale / lam / bias must have out_features elements");
 
     Prepared prep;
-    prep.parts = spfq_layer::prepare_groups(layout, bits, n, k, kw, g, need_sign ? sign : nullptr,
-                                            need_mask ? mask : nullptr, need_planes ? planes : nullptr, scale, lam,
-                                            bias);
+    const spfq_layer::ConvGeometry G = geometry(at);
+    prep.layer = spfq_layer::prepare_layer(layout, bits, n, k, kw, g, at[kConvDims] ? &G : nullptr,
+                                           need_sign ? sign : nullptr, need_mask ? mask : nullptr,
+                                           need_planes ? planes : nullptr, scale, lam, bias);
     return g_cache.emplace(key, std::move(prep)).first->second;
 }
 
@@ -140,7 +145,7 @@ void run_linear(const int64_t *at, const Prepared &prep, const DLTensor *x, DLTe
     if (x->ndim < 1 || x->shape[x->ndim - 1] != k) throw Error("input's last axis must be in_features");
     const int64_t m = numel(x) / k;
     if (numel(y) != m * n) throw Error("output has the wrong size");
-    gemm(prep.parts[0], at[kInt8] != 0, m, k, data<float>(x), static_cast<float *>(y->data) + y->byte_offset / 4,
+    gemm(prep.layer.parts[0], at[kInt8] != 0, m, k, data<float>(x), static_cast<float *>(y->data) + y->byte_offset / 4,
          threads);
 }
 
@@ -148,15 +153,15 @@ void run_conv(const int64_t *at, const Prepared &prep, const DLTensor *xt, DLTen
     const int64_t dims = at[kConvDims], k = at[kK], n = at[kN], groups = at[kGroups];
     if (xt->ndim != dims + 2) throw Error("conv input has the wrong rank");
     const int64_t B = xt->shape[0], C = xt->shape[1], H = dims == 2 ? xt->shape[2] : 1, Wd = xt->shape[dims + 1];
-    const spfq_layer::ConvGeometry G{at[kKH], at[kKW], at[kSH], at[kSW], at[kDH], at[kDW],
-                                     at[kPT], at[kPL], at[kPB], at[kPR]};
+    const spfq_layer::ConvGeometry G = geometry(at);
     const int64_t cg = k / (G.KH * G.KW);
     if (C != cg * groups) throw Error("conv input has the wrong number of channels");
     const int64_t OH = G.out_h(H), OW = G.out_w(Wd);
     if (OH < 1 || OW < 1) throw Error("conv input is smaller than the kernel");
     if (numel(yt) != B * n * OH * OW) throw Error("conv output has the wrong size");
-    if (B * OH * OW > 0) g_calls.fetch_add(groups, std::memory_order_relaxed);  // one GEMM per group
-    spfq_layer::conv(prep.parts, at[kInt8] != 0, k, n, groups, G, data<float>(xt), B, C, H, Wd,
+    if (B * OH * OW > 0)  // one GEMM per group, or one depthwise call
+        g_calls.fetch_add(prep.layer.dw ? 1 : groups, std::memory_order_relaxed);
+    spfq_layer::conv(prep.layer, at[kInt8] != 0, k, n, groups, G, data<float>(xt), B, C, H, Wd,
                      static_cast<float *>(yt->data) + yt->byte_offset / 4, threads);
 }
 

@@ -1,0 +1,264 @@
+/* dwconv.c — depthwise convolution (one input channel per group) straight from NCHW planes.
+ *
+ * The im2col path (spfq_layer.hpp conv) runs a depthwise layer as one GEMM call per channel
+ * with N = 1, K = 9: the patch copy, the per-row quantiser and the call overhead dwarf the 9
+ * multiply-adds per output. Here the weights (a few taps per channel) are unpacked once at
+ * prepare time and every output row of a plane is computed tap by tap, vectorised along the
+ * output width: for each tap, one pass y[ow] += x[ih, ow * sw + off] * w over the columns
+ * whose input is inside the image (zero padding is never read).
+ *
+ * Results are bit-identical with the im2col path through the C oracle (spfq_kernels.h):
+ *   f32: taps added in column order (kh, kw) from 0.0f, zero codes skipped, then
+ *        level * acc + bias (SIGN / SIGN_MASK: weight +-1) or acc + bias (PLANES / SPARSE:
+ *        weight value(c) as intb.c computes it). ISO C build: no fused multiply-add.
+ *   i8:  per output pixel (= im2col row) amax = max |x| over the patch (padding adds 0),
+ *        xs = amax / 127, q = round-half-away(x / xs) clamped to +-127 (0 for NaN or xs = 0),
+ *        exactly as quant.c; acc_c = sum q c, acc_s = sum q sign(c) are integers below 2^24
+ *        (k * 127 * 127, k <= 1040: checked), so float lanes hold them exactly; then the
+ *        epilogue of api.c's i8_finish, the same float expression.
+ * The row functions are built for AVX-512, AVX2 and the baseline (target_clones on x86-64
+ * GCC); on aarch64 the baseline is NEON, which GCC's vectoriser uses at -O3.
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define DW_MAX_TAPS 1040 /* k * 127 * 127 < 2^24: exact integer sums in float */
+
+struct spfq_dw {
+    spfq_dw_geom g;
+    int32_t n, k, one_level, two; /* one_level: SIGN / SIGN_MASK; two: acc_c and acc_s used */
+    int8_t *code;                 /* (n, k) signed codes */
+    float *wf;                    /* (n, k) f32 tap weights: +-1 (one level) or value(c) */
+    float *c, *s;                 /* (n, k) code and sign(code) as floats (i8) */
+    float *scale, *lamx, *bias;   /* (n): scale, lam - scale (0 if unused), bias (0 if none) */
+};
+
+void spfq_dw_free(spfq_dw *p) {
+    if (!p) return;
+    free(p->code);
+    free(p->wf);
+    free(p->c);
+    free(p->s);
+    free(p->scale);
+    free(p->lamx);
+    free(p->bias);
+    free(p);
+}
+
+int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw **out) {
+    if (!w || !g || !out) return SPFQ_EINVAL;
+    *out = NULL;
+    if (g->channels < 1 || g->mult < 1 || g->kh < 1 || g->kw < 1 || g->sh < 1 || g->sw < 1 || g->dh < 1 ||
+        g->dw < 1 || g->pt < 0 || g->pl < 0 || g->pb < 0 || g->pr < 0)
+        return SPFQ_EINVAL;
+    if ((int64_t)g->channels * g->mult != w->n || (int64_t)g->kh * g->kw != w->k) return SPFQ_EINVAL;
+    if (w->k > DW_MAX_TAPS) return SPFQ_EUNSUPPORTED;
+    spfq_prepared *pw = NULL;
+    int rc = spfq_prepare(w, &pw);
+    if (rc) return rc;
+    const int32_t n = w->n, k = w->k;
+    spfq_dw *p = calloc(1, sizeof *p);
+    if (!p) {
+        spfq_free(pw);
+        return SPFQ_ENOMEM;
+    }
+    p->g = *g;
+    p->n = n;
+    p->k = k;
+    p->one_level = w->layout == SPFQ_SIGN || w->layout == SPFQ_SIGN_MASK;
+    p->two = !p->one_level;
+    const size_t cells = (size_t)n * (size_t)k;
+    p->code = malloc(cells);
+    p->wf = malloc(cells * sizeof(float));
+    p->c = malloc(cells * sizeof(float));
+    p->s = malloc(cells * sizeof(float));
+    p->scale = malloc((size_t)n * sizeof(float));
+    p->lamx = malloc((size_t)n * sizeof(float));
+    p->bias = malloc((size_t)n * sizeof(float));
+    if (!p->code || !p->wf || !p->c || !p->s || !p->scale || !p->lamx || !p->bias) {
+        spfq_free(pw);
+        spfq_dw_free(p);
+        return SPFQ_ENOMEM;
+    }
+    const spfq_weights_desc *d = &pw->d;
+    for (int32_t o = 0; o < n; o++) {
+        int8_t *c = p->code + (size_t)o * k;
+        if (p->one_level)
+            spfq_sign_row_codes(pw, o, c);
+        else
+            spfq_int_row_codes(pw, o, c);
+        for (int32_t t = 0; t < k; t++) {
+            const int v = c[t];
+            const size_t i = (size_t)o * k + t;
+            p->wf[i] = p->one_level ? (float)v : spfq_int_value(v, d->scale[o], d->lam, o);
+            p->c[i] = (float)v;
+            p->s[i] = (float)(v > 0) - (float)(v < 0);
+        }
+        p->scale[o] = d->scale[o];
+        p->lamx[o] = (p->two && d->lam) ? d->lam[o] - d->scale[o] : 0.0f;
+        p->bias[o] = d->bias ? d->bias[o] : 0.0f;
+    }
+    /* i8 epilogue form (api.c i8_finish): one level -> scale * acc_s; PLANES / SPARSE with lam
+     * -> scale * acc_c + (lam - scale) * acc_s; without lam -> scale * acc_c */
+    if (p->two && !d->lam) p->two = 2;
+    spfq_free(pw);
+    *out = p;
+    return SPFQ_OK;
+}
+
+/* The output columns [lo, hi) whose input column ow * sw + off lies in [0, W). */
+static void col_range(int32_t off, int32_t sw, int32_t W, int32_t OW, int32_t *lo, int32_t *hi) {
+    int32_t a = off >= 0 ? 0 : (-off + sw - 1) / sw;
+    int32_t b = W - 1 - off < 0 ? 0 : (W - 1 - off) / sw + 1;
+    *lo = a < OW ? a : OW;
+    *hi = b < OW ? b : OW;
+    if (*hi < *lo) *hi = *lo;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DW_CLONES
+#endif
+
+/* One output row, weight-only float. */
+DW_CLONES static void row_f32(const spfq_dw *p, int32_t o, const float *plane, int32_t H, int32_t W, int32_t oh,
+                              int32_t OW, float *restrict y) {
+    const spfq_dw_geom *g = &p->g;
+    const int8_t *code = p->code + (size_t)o * p->k;
+    const float *wf = p->wf + (size_t)o * p->k;
+    for (int32_t ow = 0; ow < OW; ow++) y[ow] = 0.0f;
+    for (int32_t kh = 0; kh < g->kh; kh++) {
+        const int32_t ih = oh * g->sh - g->pt + kh * g->dh;
+        if (ih < 0 || ih >= H) continue;
+        const float *xr = plane + (size_t)ih * W;
+        for (int32_t kw = 0; kw < g->kw; kw++) {
+            const int32_t t = kh * g->kw + kw;
+            if (!code[t]) continue;
+            const int32_t off = kw * g->dw - g->pl, sw = g->sw;
+            int32_t lo, hi;
+            col_range(off, sw, W, OW, &lo, &hi);
+            const float wv = wf[t];
+            for (int32_t ow = lo; ow < hi; ow++) y[ow] += xr[ow * sw + off] * wv;
+        }
+    }
+    const float level = p->one_level ? p->scale[o] : 1.0f, bias = p->bias[o];
+    if (p->one_level)
+        for (int32_t ow = 0; ow < OW; ow++) y[ow] = level * y[ow] + bias;
+    else
+        for (int32_t ow = 0; ow < OW; ow++) y[ow] = y[ow] + bias;
+}
+
+/* One output row, int8 activations quantised per patch; tmp holds 3 * OW floats. */
+DW_CLONES static void row_i8(const spfq_dw *p, int32_t o, const float *plane, int32_t H, int32_t W, int32_t oh,
+                             int32_t OW, float *restrict y, float *restrict tmp) {
+    const spfq_dw_geom *g = &p->g;
+    const int32_t k = p->k, sw = g->sw;
+    const int8_t *code = p->code + (size_t)o * k;
+    const float *cf = p->c + (size_t)o * k, *sf = p->s + (size_t)o * k;
+    float *restrict xs = tmp, *restrict ac = tmp + OW, *restrict as = tmp + 2 * (size_t)OW;
+    for (int32_t ow = 0; ow < OW; ow++) {
+        xs[ow] = 0.0f;
+        ac[ow] = 0.0f;
+        as[ow] = 0.0f;
+    }
+    for (int32_t kh = 0; kh < g->kh; kh++) { /* amax over the whole patch (every tap) */
+        const int32_t ih = oh * g->sh - g->pt + kh * g->dh;
+        if (ih < 0 || ih >= H) continue;
+        const float *xr = plane + (size_t)ih * W;
+        for (int32_t kw = 0; kw < g->kw; kw++) {
+            const int32_t off = kw * g->dw - g->pl;
+            int32_t lo, hi;
+            col_range(off, sw, W, OW, &lo, &hi);
+            for (int32_t ow = lo; ow < hi; ow++) {
+                const float a = fabsf(xr[ow * sw + off]);
+                xs[ow] = a > xs[ow] ? a : xs[ow]; /* a NaN is ignored, as by fmaxf */
+            }
+        }
+    }
+    for (int32_t ow = 0; ow < OW; ow++) xs[ow] = xs[ow] / 127.0f;
+    for (int32_t kh = 0; kh < g->kh; kh++) {
+        const int32_t ih = oh * g->sh - g->pt + kh * g->dh;
+        if (ih < 0 || ih >= H) continue;
+        const float *xr = plane + (size_t)ih * W;
+        for (int32_t kw = 0; kw < g->kw; kw++) {
+            const int32_t t = kh * g->kw + kw;
+            if (!code[t]) continue;
+            const int32_t off = kw * g->dw - g->pl;
+            int32_t lo, hi;
+            col_range(off, sw, W, OW, &lo, &hi);
+            const float c = cf[t], s = sf[t];
+            for (int32_t ow = lo; ow < hi; ow++) {
+                const float v = xr[ow * sw + off] / xs[ow];
+                const float a = fabsf(v), tr = truncf(a);
+                float q = tr + ((a - tr) >= 0.5f ? 1.0f : 0.0f);
+                q = q > 127.0f ? 127.0f : q;
+                q = v < 0.0f ? -q : q;
+                q = (v == v && xs[ow] > 0.0f) ? q : 0.0f;
+                ac[ow] += q * c;
+                as[ow] += q * s;
+            }
+        }
+    }
+    const float scale = p->scale[o], lamx = p->lamx[o], bias = p->bias[o];
+    if (p->one_level)
+        for (int32_t ow = 0; ow < OW; ow++) y[ow] = xs[ow] * (scale * as[ow]) + bias;
+    else if (p->two == 1)
+        for (int32_t ow = 0; ow < OW; ow++) y[ow] = xs[ow] * (scale * ac[ow] + lamx * as[ow]) + bias;
+    else
+        for (int32_t ow = 0; ow < OW; ow++) y[ow] = xs[ow] * (scale * ac[ow]) + bias;
+}
+
+typedef struct {
+    const spfq_dw *p;
+    int32_t int8, B, H, W, OH, OW;
+    const float *x;
+    float *y;
+    int failed;
+} dw_task;
+
+static void dw_planes(void *ctx, int32_t chunk, int32_t nchunks) {
+    dw_task *t = ctx;
+    const spfq_dw *p = t->p;
+    const int64_t planes = (int64_t)t->B * p->n;
+    const int64_t a = planes * chunk / nchunks, b = planes * (chunk + 1) / nchunks;
+    float *tmp = t->int8 ? malloc(3 * (size_t)t->OW * sizeof(float)) : NULL;
+    if (t->int8 && !tmp) {
+        __atomic_store_n(&t->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    for (int64_t i = a; i < b; i++) {
+        const int64_t bi = i / p->n;
+        const int32_t o = (int32_t)(i % p->n);
+        const float *plane = t->x + ((size_t)bi * p->g.channels + (size_t)(o / p->g.mult)) * (size_t)t->H * t->W;
+        float *yp = t->y + (size_t)i * t->OH * t->OW;
+        for (int32_t oh = 0; oh < t->OH; oh++) {
+            if (t->int8)
+                row_i8(p, o, plane, t->H, t->W, oh, t->OW, yp + (size_t)oh * t->OW, tmp);
+            else
+                row_f32(p, o, plane, t->H, t->W, oh, t->OW, yp + (size_t)oh * t->OW);
+        }
+    }
+    free(tmp);
+}
+
+int spfq_dwconv(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w, const float *x, float *y,
+                int32_t nthreads) {
+    if (!p || b < 0 || h < 1 || w < 1 || !x || !y) return SPFQ_EINVAL;
+    const spfq_dw_geom *g = &p->g;
+    const int64_t OH = ((int64_t)h + g->pt + g->pb - (int64_t)g->dh * (g->kh - 1) - 1) / g->sh + 1;
+    const int64_t OW = ((int64_t)w + g->pl + g->pr - (int64_t)g->dw * (g->kw - 1) - 1) / g->sw + 1;
+    if (OH < 1 || OW < 1 || OH > INT32_MAX || OW > INT32_MAX) return SPFQ_EINVAL;
+    if (!b) return SPFQ_OK;
+    dw_task t = {p, int8 != 0, b, h, w, (int32_t)OH, (int32_t)OW, x, y, 0};
+    const int64_t planes = (int64_t)b * p->n;
+    int64_t chunks = nthreads <= 1 ? 1 : 4 * (int64_t)nthreads;
+    if (chunks > planes) chunks = planes;
+    spfq_pool_run(nthreads, (int32_t)chunks, dw_planes, &t);
+    return t.failed ? SPFQ_ENOMEM : SPFQ_OK;
+}

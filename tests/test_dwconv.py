@@ -1,0 +1,137 @@
+"""The direct depthwise kernel (kernels/src/dwconv.c, spfq_dwconv) against the im2col GEMM path
+(kernel_layers.KernelLayer) it replaces in the exported runtimes: bit-identical outputs for
+every layout, geometry and activation mode (f32 against the C oracle, whose summation order it
+keeps; i8 under every ISA, since its integer sums are exact), and against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spfq_deploy import kernels as K
+from spfq_deploy.compressed import CompressedLayer
+from spfq_deploy.kernel_layers import KernelLayer
+
+# name: (in channels, mult, kernel, stride, padding, dilation, input (H, W)); 1-D when kernel has one entry
+GEOMS = {
+    "3x3 s1": (8, 1, [3, 3], [1, 1], [1, 1], [1, 1], (9, 11)),
+    "3x3 s2": (6, 1, [3, 3], [2, 2], [1, 1], [1, 1], (12, 13)),
+    "5x5 s2": (5, 1, [5, 5], [2, 2], [2, 2], [1, 1], (14, 9)),
+    "3x3 dil2 nopad": (4, 1, [3, 3], [1, 1], [0, 0], [2, 2], (10, 12)),
+    "mult 3": (3, 3, [3, 3], [1, 2], [1, 0], [1, 1], (7, 8)),
+    "1 channel": (1, 16, [3, 3], [1, 1], [0, 0], [1, 1], (28, 28)),
+    "wide": (2, 1, [3, 3], [1, 1], [1, 1], [1, 1], (5, 70)),
+    "conv1d": (6, 1, [5], [2], [2], [1], (1, 33)),
+}
+KINDS = {  # alphabet, bits, sparsity, lam, layout
+    "sign": ("binary", 1, 0.0, False, "sign"),
+    "sign_mask": ("binary", 1, 0.4, False, "sign_mask"),
+    "ternary": ("ternary", 2, 0.3, False, "sign_mask"),
+    "int4": ("int", 4, 0.0, False, "planes"),
+    "int3 lam": ("int", 3, 0.0, True, "planes"),
+    "int4 sparse": ("int", 4, 0.5, True, "sparse"),
+    "int8": ("int", 8, 0.0, False, "planes"),
+}
+
+
+def _layer(geom, kind, seed=0):
+    c, mult, ks, st, pd, dl, _ = GEOMS[geom]
+    alphabet, bits, sparsity, lam, _ = KINDS[kind]
+    rng = np.random.default_rng(seed)
+    n, d = c * mult, int(np.prod(ks))
+    top = 1 if alphabet != "int" else 2 ** (bits - 1) - 1
+    codes = rng.integers(-top, top + 1, (n, d)).astype(np.int8)
+    if alphabet == "binary":
+        codes = np.where(rng.random((n, d)) < 0.5, -1, 1).astype(np.int8)
+    if alphabet == "int" and sparsity:
+        codes[codes == 0] = top
+    if sparsity:
+        codes[rng.random((n, d)) < sparsity] = 0
+    scale = (rng.random(n) * 0.1 + 0.01).astype(np.float16).astype(np.float32)
+    lam_v = (scale * (0.6 + rng.random(n))).astype(np.float16).astype(np.float32) if lam else None
+    kind_name = "conv1d" if len(ks) == 1 else "conv2d"
+    layer = CompressedLayer(name="dw", kind=kind_name, weight_shape=(n, 1, *ks), alphabet=alphabet, bits=bits,
+                            codes=codes, scale=scale, lam=lam_v, bias=rng.standard_normal(n).astype(np.float32),
+                            conv={"stride": st, "padding": pd, "dilation": dl, "groups": c, "kernel_size": ks},
+                            meta={"sparsity_target": sparsity} if sparsity else {})
+    layer.validate()
+    return layer
+
+
+def _input(geom, batch=2, seed=1):
+    c, *_, (h, w) = GEOMS[geom]
+    x = np.random.default_rng(seed).standard_normal((batch, c, h, w)).astype(np.float32)
+    x[0, 0, :3] = 0.0  # patches that are all zero: xscale 0 in int8 mode
+    return x[:, :, 0] if len(GEOMS[geom][2]) == 1 else x
+
+
+@pytest.fixture
+def isa_c():
+    K.set_isa("c")
+    yield
+    K.set_isa("auto")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("geom", GEOMS)
+def test_float_bit_identical_with_the_gemm_oracle(geom, kind, isa_c):
+    layer, x = _layer(geom, kind), _input(geom)
+    want = KernelLayer(layer, KINDS[kind][4])(x, "f32").numpy()
+    got = K.DepthwiseWeights(layer, KINDS[kind][4])(x)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    conv = F.conv1d if layer.kind == "conv1d" else F.conv2d
+    c = layer.conv
+    ref = conv(torch.from_numpy(x), torch.from_numpy(layer.dequantize()), torch.from_numpy(layer.bias),
+               c["stride"], c["padding"], c["dilation"], c["groups"]).numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+
+
+@pytest.mark.parametrize("isa", ["auto", "c"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("geom", GEOMS)
+def test_int8_bit_identical_with_the_gemm_path(geom, kind, isa):
+    K.set_isa(isa)
+    try:
+        layer, x = _layer(geom, kind, seed=3), _input(geom, seed=4)
+        want = KernelLayer(layer, KINDS[kind][4])(x, "i8").numpy()
+        got = K.DepthwiseWeights(layer, KINDS[kind][4])(x, int8=True)
+    finally:
+        K.set_isa("auto")
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_do_not_change_the_result(threads):
+    layer, x = _layer("3x3 s2", "int4"), _input("3x3 s2", batch=3)
+    dw = K.DepthwiseWeights(layer)
+    for int8 in (False, True):
+        np.testing.assert_array_equal(dw(x, int8, threads), dw(x, int8, 1))
+
+
+def test_non_finite_inputs_follow_the_gemm_path():
+    """NaN is ignored by max |x| and quantises to 0; inf saturates: as quant.c does."""
+    layer, x = _layer("3x3 s1", "int4", seed=5), _input("3x3 s1")
+    x[1, 2, 4, 5], x[0, 3, 1, 1], x[1, 4, 6, 0] = np.nan, np.inf, -np.inf
+    want = KernelLayer(layer)(x, "i8").numpy()
+    got = K.DepthwiseWeights(layer)(x, int8=True)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.nan_to_num(got), np.nan_to_num(want))
+
+
+def test_bad_calls_are_errors():
+    layer = _layer("3x3 s1", "int4")
+    dw = K.DepthwiseWeights(layer)
+    with pytest.raises(K.KernelError, match="8 channels"):
+        dw(np.zeros((1, 3, 9, 9), np.float32))
+    with pytest.raises(K.KernelError, match="smaller than the kernel"):
+        K.DepthwiseWeights(_layer("3x3 dil2 nopad", "int4"))(np.zeros((1, 4, 3, 3), np.float32))
+    dense = CompressedLayer(name="c", kind="conv2d", weight_shape=(4, 2, 3, 3), alphabet="int", bits=4,
+                            codes=np.ones((4, 18), np.int8), scale=np.ones(4, np.float32), lam=None, bias=None,
+                            conv={"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1,
+                                  "kernel_size": [3, 3]})
+    assert not K.is_depthwise(dense)
+    with pytest.raises(K.KernelError, match="not depthwise"):
+        K.DepthwiseWeights(dense)
