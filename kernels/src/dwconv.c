@@ -20,6 +20,11 @@
  * GCC); on aarch64 the baseline is NEON, which GCC's vectoriser uses at -O3.
  */
 #define _GNU_SOURCE
+/* Values are unchanged (this is not fast-math); GCC may then evaluate the comparisons of the
+ * int8 quantiser unconditionally, which it must to vectorise them. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -112,12 +117,27 @@ int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw *
 }
 
 /* The output columns [lo, hi) whose input column ow * sw + off lies in [0, W). */
-static void col_range(int32_t off, int32_t sw, int32_t W, int32_t OW, int32_t *lo, int32_t *hi) {
+typedef struct { int32_t lo, hi; } cols;
+static inline cols col_range(int32_t off, int32_t sw, int32_t W, int32_t OW) {
     int32_t a = off >= 0 ? 0 : (-off + sw - 1) / sw;
     int32_t b = W - 1 - off < 0 ? 0 : (W - 1 - off) / sw + 1;
-    *lo = a < OW ? a : OW;
-    *hi = b < OW ? b : OW;
-    if (*hi < *lo) *hi = *lo;
+    cols r = {a < OW ? a : OW, b < OW ? b : OW};
+    if (r.hi < r.lo) r.hi = r.lo;
+    return r;
+}
+
+/* quant.c's rounding of one quotient v = x / xs: half away from zero, clamped to +-127, 0 for
+ * NaN or xs <= 0. |v| is capped at 128 first (NaN -> 128, masked below); the truncation is
+ * the 2^23 trick corrected down (exact below 2^23; an int conversion would not vectorise
+ * under GCC's trapping-math rules), then trunc + compare as quant.c's SIMD paths do. */
+static inline float quant_q(float v, float xs) {
+    float a = fabsf(v);
+    a = a < 128.0f ? a : 128.0f;
+    const float r = (a + 8388608.0f) - 8388608.0f; /* a rounded to an integer (a < 2^23) */
+    const float tr = r - (float)(r > a);            /* = trunc(a) for a >= 0 */
+    float q = tr + (float)((a - tr) >= 0.5f);
+    q = q < 127.0f ? q : 127.0f;
+    return copysignf(q, v) * (float)((v == v) & (xs > 0.0f)); /* arithmetic, no branch: vectorises */
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -141,10 +161,12 @@ DW_CLONES static void row_f32(const spfq_dw *p, int32_t o, const float *plane, i
             const int32_t t = kh * g->kw + kw;
             if (!code[t]) continue;
             const int32_t off = kw * g->dw - g->pl, sw = g->sw;
-            int32_t lo, hi;
-            col_range(off, sw, W, OW, &lo, &hi);
-            const float wv = wf[t];
-            for (int32_t ow = lo; ow < hi; ow++) y[ow] += xr[ow * sw + off] * wv;
+            const cols r = col_range(off, sw, W, OW);
+            const float wv = wf[t], *xp = xr + off;
+            if (sw == 1)
+                for (int32_t ow = r.lo; ow < r.hi; ow++) y[ow] += xp[ow] * wv;
+            else
+                for (int32_t ow = r.lo; ow < r.hi; ow++) y[ow] += xp[ow * sw] * wv;
         }
     }
     const float level = p->one_level ? p->scale[o] : 1.0f, bias = p->bias[o];
@@ -173,11 +195,11 @@ DW_CLONES static void row_i8(const spfq_dw *p, int32_t o, const float *plane, in
         const float *xr = plane + (size_t)ih * W;
         for (int32_t kw = 0; kw < g->kw; kw++) {
             const int32_t off = kw * g->dw - g->pl;
-            int32_t lo, hi;
-            col_range(off, sw, W, OW, &lo, &hi);
-            for (int32_t ow = lo; ow < hi; ow++) {
-                const float a = fabsf(xr[ow * sw + off]);
-                xs[ow] = a > xs[ow] ? a : xs[ow]; /* a NaN is ignored, as by fmaxf */
+            const cols r = col_range(off, sw, W, OW);
+            const float *xp = xr + off;
+            for (int32_t ow = r.lo; ow < r.hi; ow++) {
+                const float a = fabsf(xp[ow * sw]), m = xs[ow];
+                xs[ow] = a > m ? a : m; /* a NaN is ignored, as by fmaxf */
             }
         }
     }
@@ -190,19 +212,20 @@ DW_CLONES static void row_i8(const spfq_dw *p, int32_t o, const float *plane, in
             const int32_t t = kh * g->kw + kw;
             if (!code[t]) continue;
             const int32_t off = kw * g->dw - g->pl;
-            int32_t lo, hi;
-            col_range(off, sw, W, OW, &lo, &hi);
-            const float c = cf[t], s = sf[t];
-            for (int32_t ow = lo; ow < hi; ow++) {
-                const float v = xr[ow * sw + off] / xs[ow];
-                const float a = fabsf(v), tr = truncf(a);
-                float q = tr + ((a - tr) >= 0.5f ? 1.0f : 0.0f);
-                q = q > 127.0f ? 127.0f : q;
-                q = v < 0.0f ? -q : q;
-                q = (v == v && xs[ow] > 0.0f) ? q : 0.0f;
-                ac[ow] += q * c;
-                as[ow] += q * s;
-            }
+            const cols r = col_range(off, sw, W, OW);
+            const float c = cf[t], s = sf[t], *xp = xr + off;
+            if (sw == 1)
+                for (int32_t ow = r.lo; ow < r.hi; ow++) {
+                    const float q = quant_q(xp[ow] / xs[ow], xs[ow]);
+                    ac[ow] += q * c;
+                    as[ow] += q * s;
+                }
+            else
+                for (int32_t ow = r.lo; ow < r.hi; ow++) {
+                    const float q = quant_q(xp[ow * sw] / xs[ow], xs[ow]);
+                    ac[ow] += q * c;
+                    as[ow] += q * s;
+                }
         }
     }
     const float scale = p->scale[o], lamx = p->lamx[o], bias = p->bias[o];
