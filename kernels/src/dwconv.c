@@ -237,6 +237,94 @@ DW_CLONES static void row_i8(const spfq_dw *p, int32_t o, const float *plane, in
         for (int32_t ow = 0; ow < OW; ow++) y[ow] = xs[ow] * (scale * ac[ow]) + bias;
 }
 
+/* Narrow planes (OW < DW_LANES_BELOW: the 28x28 .. 7x7 layers of a MobileNet) leave the row
+ * loops mostly in their scalar tails, so there 8 outputs go into the lanes instead: their input
+ * planes are interleaved into xin[(ih * W + iw) * 8 + l] once, their taps into w[t * 8 + l],
+ * and each output pixel is one 8-lane pass per tap. Same operations per lane as the row
+ * functions (f32: zero codes add nothing, selected away; i8: their q * 0 is an exact 0). */
+#define DW_LANES 8
+#define DW_LANES_BELOW 64 /* measured on MobileNetV2 (AVX2): 16 -> 24.2 ms of depthwise, 64 -> 22.4, always -> 28.7 */
+
+DW_CLONES static void block_lanes(const spfq_dw *p, int32_t int8, const float *xb, int32_t o0, int32_t nb,
+                                  int32_t H, int32_t W, int32_t OH, int32_t OW, float *yb, float *scratch) {
+    enum { L = DW_LANES };
+    const spfq_dw_geom *g = &p->g;
+    const int32_t k = p->k;
+    float *restrict xin = scratch, *restrict w = xin + (size_t)H * W * L, *restrict cw = w + (size_t)k * L;
+    float *restrict sw8 = cw + (size_t)k * L, *restrict live = sw8 + (size_t)k * L;
+    float scale[L], lamx[L], bias[L];
+    for (int32_t l = 0; l < L; l++) {
+        const int32_t o = o0 + (l < nb ? l : 0);
+        const float *plane = xb + (size_t)(o / g->mult) * H * W;
+        for (int32_t i = 0; i < H * W; i++) xin[(size_t)i * L + l] = l < nb ? plane[i] : 0.0f;
+        for (int32_t t = 0; t < k; t++) {
+            const size_t i = (size_t)o * k + t;
+            w[t * L + l] = p->wf[i];
+            cw[t * L + l] = p->c[i];
+            sw8[t * L + l] = p->s[i];
+            live[t * L + l] = p->code[i] != 0 ? 1.0f : 0.0f;
+        }
+        scale[l] = p->scale[o];
+        lamx[l] = p->lamx[o];
+        bias[l] = p->bias[o];
+    }
+    for (int32_t oh = 0; oh < OH; oh++)
+        for (int32_t ow = 0; ow < OW; ow++) {
+            float a0[L], a1[L], xs[L];
+            for (int32_t l = 0; l < L; l++) a0[l] = a1[l] = xs[l] = 0.0f;
+            const int32_t ih0 = oh * g->sh - g->pt, iw0 = ow * g->sw - g->pl;
+            if (int8)
+                for (int32_t kh = 0; kh < g->kh; kh++) {
+                    const int32_t ih = ih0 + kh * g->dh;
+                    if (ih < 0 || ih >= H) continue;
+                    for (int32_t kw = 0; kw < g->kw; kw++) {
+                        const int32_t iw = iw0 + kw * g->dw;
+                        if (iw < 0 || iw >= W) continue;
+                        const float *xv = xin + ((size_t)ih * W + iw) * L;
+                        for (int32_t l = 0; l < L; l++) {
+                            const float a = fabsf(xv[l]), m = xs[l];
+                            xs[l] = a > m ? a : m;
+                        }
+                    }
+                }
+            if (int8)
+                for (int32_t l = 0; l < L; l++) xs[l] = xs[l] / 127.0f;
+            for (int32_t kh = 0; kh < g->kh; kh++) {
+                const int32_t ih = ih0 + kh * g->dh;
+                if (ih < 0 || ih >= H) continue;
+                for (int32_t kw = 0; kw < g->kw; kw++) {
+                    const int32_t iw = iw0 + kw * g->dw, t = kh * g->kw + kw;
+                    if (iw < 0 || iw >= W) continue;
+                    const float *xv = xin + ((size_t)ih * W + iw) * L;
+                    const float *wt = w + t * L, *ct = cw + t * L, *st = sw8 + t * L, *lt = live + t * L;
+                    if (int8)
+                        for (int32_t l = 0; l < L; l++) {
+                            const float q = quant_q(xv[l] / xs[l], xs[l]);
+                            a0[l] += q * ct[l];
+                            a1[l] += q * st[l];
+                        }
+                    else
+                        for (int32_t l = 0; l < L; l++) {
+                            const float prod = xv[l] * wt[l];
+                            a0[l] += lt[l] != 0.0f ? prod : 0.0f; /* a zero code adds nothing (inf x too) */
+                        }
+                }
+            }
+            float out[L];
+            for (int32_t l = 0; l < L; l++) {
+                if (!int8)
+                    out[l] = p->one_level ? scale[l] * a0[l] + bias[l] : a0[l] + bias[l];
+                else if (p->one_level)
+                    out[l] = xs[l] * (scale[l] * a1[l]) + bias[l];
+                else if (p->two == 1)
+                    out[l] = xs[l] * (scale[l] * a0[l] + lamx[l] * a1[l]) + bias[l];
+                else
+                    out[l] = xs[l] * (scale[l] * a0[l]) + bias[l];
+            }
+            for (int32_t l = 0; l < nb; l++) yb[((size_t)(o0 + l) * OH + oh) * OW + ow] = out[l];
+        }
+}
+
 typedef struct {
     const spfq_dw *p;
     int32_t int8, B, H, W, OH, OW;
@@ -245,21 +333,32 @@ typedef struct {
     int failed;
 } dw_task;
 
+/* Chunk `chunk` of nchunks: planes (b, o) of the row path, or blocks of DW_LANES outputs of
+ * one image for narrow planes. */
 static void dw_planes(void *ctx, int32_t chunk, int32_t nchunks) {
     dw_task *t = ctx;
     const spfq_dw *p = t->p;
-    const int64_t planes = (int64_t)t->B * p->n;
-    const int64_t a = planes * chunk / nchunks, b = planes * (chunk + 1) / nchunks;
-    float *tmp = t->int8 ? malloc(3 * (size_t)t->OW * sizeof(float)) : NULL;
-    if (t->int8 && !tmp) {
+    const int lanes = t->OW < DW_LANES_BELOW;
+    const int64_t per_b = lanes ? (p->n + DW_LANES - 1) / DW_LANES : p->n, units = (int64_t)t->B * per_b;
+    const int64_t a = units * chunk / nchunks, b = units * (chunk + 1) / nchunks;
+    const size_t scratch = lanes ? ((size_t)t->H * t->W + 4 * (size_t)p->k) * DW_LANES : (t->int8 ? 3 * (size_t)t->OW : 0);
+    float *tmp = scratch ? malloc(scratch * sizeof(float)) : NULL;
+    if (scratch && !tmp) {
         __atomic_store_n(&t->failed, 1, __ATOMIC_RELAXED);
         return;
     }
     for (int64_t i = a; i < b; i++) {
-        const int64_t bi = i / p->n;
+        const int64_t bi = i / per_b;
+        const float *xb = t->x + (size_t)bi * p->g.channels * (size_t)t->H * t->W;
+        float *yb = t->y + (size_t)bi * p->n * (size_t)t->OH * t->OW;
+        if (lanes) {
+            const int32_t o0 = (int32_t)(i % per_b) * DW_LANES, nb = p->n - o0 < DW_LANES ? p->n - o0 : DW_LANES;
+            block_lanes(p, t->int8, xb, o0, nb, t->H, t->W, t->OH, t->OW, yb, tmp);
+            continue;
+        }
         const int32_t o = (int32_t)(i % p->n);
-        const float *plane = t->x + ((size_t)bi * p->g.channels + (size_t)(o / p->g.mult)) * (size_t)t->H * t->W;
-        float *yp = t->y + (size_t)i * t->OH * t->OW;
+        const float *plane = xb + (size_t)(o / p->g.mult) * t->H * t->W;
+        float *yp = yb + (size_t)o * t->OH * t->OW;
         for (int32_t oh = 0; oh < t->OH; oh++) {
             if (t->int8)
                 row_i8(p, o, plane, t->H, t->W, oh, t->OW, yp + (size_t)oh * t->OW, tmp);
@@ -279,9 +378,9 @@ int spfq_dwconv(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w,
     if (OH < 1 || OW < 1 || OH > INT32_MAX || OW > INT32_MAX) return SPFQ_EINVAL;
     if (!b) return SPFQ_OK;
     dw_task t = {p, int8 != 0, b, h, w, (int32_t)OH, (int32_t)OW, x, y, 0};
-    const int64_t planes = (int64_t)b * p->n;
+    const int64_t units = (int64_t)b * (OW < DW_LANES_BELOW ? (p->n + DW_LANES - 1) / DW_LANES : p->n);
     int64_t chunks = nthreads <= 1 ? 1 : 4 * (int64_t)nthreads;
-    if (chunks > planes) chunks = planes;
+    if (chunks > units) chunks = units;
     spfq_pool_run(nthreads, (int32_t)chunks, dw_planes, &t);
     return t.failed ? SPFQ_ENOMEM : SPFQ_OK;
 }
