@@ -423,6 +423,73 @@ static void run_case(int layout, int bits, double sp, int with_lam, int n, int k
     free_case(&c);
 }
 
+/* ------------------------------------------------------------------ depthwise conv */
+
+/* spfq_dwconv against the im2col path it replaces: per-patch spfq_quantize_i8 + spfq_matmul_i8
+ * (bit-identical under every ISA) and, with the C ISA, spfq_matmul_f32 (bit-identical with the
+ * oracle). 3x3 stride 2 pad 1, channel multiplier 2; a narrow plane (channels in lanes) and a
+ * wide one (vectorised rows). */
+static void check_dwconv(int layout, int bits, double sp, int with_lam, const run_cfg *cfgs, int ncfg) {
+    const int C = 5, mult = 2, n = C * mult, B = 2, KH = 3, KW = 3, k = KH * KW;
+    static const int widths[] = {11, 70};
+    wcase c;
+    make_case(&c, layout, bits, n, k, sp, with_lam, 1);
+    spfq_weights_desc d = {c.layout, c.n, c.k, c.bits, c.wk, c.sign, c.mask, c.planes, c.scale, level_lam(&c), c.bias};
+    spfq_dw_geom g = {C, mult, KH, KW, 2, 2, 1, 1, 1, 1, 1, 1};
+    spfq_dw *dw = NULL;
+    spfq_prepared *p = NULL;
+    int rc = spfq_dw_prepare(&d, &g, &dw);
+    report(rc == SPFQ_OK && dw, "spfq_dw_prepare(%s b=%d) = %d", layout_name(layout), bits, rc);
+    rc = spfq_prepare(&d, &p);
+    if (!dw || rc) { spfq_dw_free(dw); spfq_free(p); free_case(&c); return; }
+    for (int wi = 0; wi < 2; wi++) {
+        const int H = 9, W = widths[wi], OH = (H + 2 - 3) / 2 + 1, OW = (W + 2 - 3) / 2 + 1, P = OH * OW;
+        float *x = xmalloc((size_t)B * C * H * W * 4), *rows = xmalloc((size_t)P * k * 4);
+        float *xs = xmalloc((size_t)P * 4), *yg = xmalloc((size_t)P * n * 4);
+        float *want = xmalloc((size_t)B * n * P * 4), *got = xmalloc((size_t)B * n * P * 4);
+        int8_t *xq = xmalloc((size_t)P * k);
+        for (int i = 0; i < B * C * H * W; i++) x[i] = nrand();
+        for (int i = 0; i < W; i++) x[i] = 0.0f; /* a zero row: patches with xscale 0 */
+        for (int t = 0; t < ncfg; t++) {
+            spfq_set_isa(cfgs[t].isa);
+            for (int int8 = 0; int8 < 2; int8++) {
+                if (!int8 && strcmp(cfgs[t].isa, "c")) continue; /* f32 is exact against the oracle only */
+                for (int b = 0; b < B; b++)
+                    for (int ch = 0; ch < C; ch++) { /* im2col of channel ch: rows (oh, ow), columns (kh, kw) */
+                        const float *plane = x + ((size_t)b * C + ch) * H * W;
+                        for (int oh = 0; oh < OH; oh++)
+                            for (int ow = 0; ow < OW; ow++)
+                                for (int kh = 0; kh < KH; kh++)
+                                    for (int kw = 0; kw < KW; kw++) {
+                                        const int ih = oh * 2 - 1 + kh, iw = ow * 2 - 1 + kw;
+                                        rows[((size_t)oh * OW + ow) * k + kh * KW + kw] =
+                                            (ih >= 0 && ih < H && iw >= 0 && iw < W) ? plane[ih * W + iw] : 0.0f;
+                                    }
+                        if (int8) {
+                            spfq_quantize_i8(P, k, rows, xq, xs);
+                            spfq_matmul_i8(p, P, xq, xs, yg, 1);
+                        } else {
+                            spfq_matmul_f32(p, P, rows, yg, 1);
+                        }
+                        for (int j = 0; j < mult; j++) /* outputs ch * mult + j read channel ch */
+                            for (int q = 0; q < P; q++)
+                                want[((size_t)b * n + ch * mult + j) * P + q] = yg[(size_t)q * n + ch * mult + j];
+                    }
+                rc = spfq_dwconv(dw, int8, B, H, W, x, got, cfgs[t].threads);
+                size_t bad = 0;
+                while (bad < (size_t)B * n * P && !memcmp(&got[bad], &want[bad], 4)) bad++;
+                report(rc == SPFQ_OK && bad == (size_t)B * n * P, "[dwconv %s b=%d sp=%.2f lam=%d W=%d] %s t=%d %s rc=%d at %zu",
+                       layout_name(layout), bits, sp, with_lam, W, cfgs[t].isa, cfgs[t].threads, int8 ? "i8" : "f32", rc, bad);
+            }
+        }
+        spfq_set_isa("auto");
+        free(x); free(rows); free(xs); free(yg); free(want); free(got); free(xq);
+    }
+    spfq_dw_free(dw);
+    spfq_free(p);
+    free_case(&c);
+}
+
 /* ------------------------------------------------------------------ activation quantisers */
 
 static void check_quantisers(int m, int k) {
@@ -758,6 +825,8 @@ int main(void) {
                 }
             }
         }
+
+    for (int v = 0; v < nv; v++) check_dwconv(vs[v].layout, vs[v].bits, vs[v].sp, v % 2, cfgs, ncfg);
 
     char thl[64] = "";
     for (int t = 0; t < nth; t++) snprintf(thl + strlen(thl), sizeof thl - strlen(thl), "%s%d", t ? "," : "", ths[t]);
