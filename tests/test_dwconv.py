@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_export_onnx import _layer as make_layer
 
 from spfq_deploy import kernels as K
 from spfq_deploy.compressed import CompressedLayer
@@ -39,25 +40,9 @@ KINDS = {  # alphabet, bits, sparsity, lam, layout
 def _layer(geom, kind, seed=0):
     c, mult, ks, st, pd, dl, _ = GEOMS[geom]
     alphabet, bits, sparsity, lam, _ = KINDS[kind]
-    rng = np.random.default_rng(seed)
-    n, d = c * mult, int(np.prod(ks))
-    top = 1 if alphabet != "int" else 2 ** (bits - 1) - 1
-    codes = rng.integers(-top, top + 1, (n, d)).astype(np.int8)
-    if alphabet == "binary":
-        codes = np.where(rng.random((n, d)) < 0.5, -1, 1).astype(np.int8)
-    if alphabet == "int" and sparsity:
-        codes[codes == 0] = top
-    if sparsity:
-        codes[rng.random((n, d)) < sparsity] = 0
-    scale = (rng.random(n) * 0.1 + 0.01).astype(np.float16).astype(np.float32)
-    lam_v = (scale * (0.6 + rng.random(n))).astype(np.float16).astype(np.float32) if lam else None
-    kind_name = "conv1d" if len(ks) == 1 else "conv2d"
-    layer = CompressedLayer(name="dw", kind=kind_name, weight_shape=(n, 1, *ks), alphabet=alphabet, bits=bits,
-                            codes=codes, scale=scale, lam=lam_v, bias=rng.standard_normal(n).astype(np.float32),
-                            conv={"stride": st, "padding": pd, "dilation": dl, "groups": c, "kernel_size": ks},
-                            meta={"sparsity_target": sparsity} if sparsity else {})
-    layer.validate()
-    return layer
+    conv = {"stride": st, "padding": pd, "dilation": dl, "groups": c, "kernel_size": ks}
+    return make_layer("conv1d" if len(ks) == 1 else "conv2d", alphabet, bits, sparsity, seed,
+                      shape=(c * mult, 1, *ks), conv=conv, lam=lam)
 
 
 def _input(geom, batch=2, seed=1):

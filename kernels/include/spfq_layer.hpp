@@ -50,6 +50,17 @@ inline void free_parts(std::vector<spfq_prepared *> &parts) {
     parts.clear();
 }
 
+// The scalar fields of a weights desc (its buffers are set by the caller).
+inline spfq_weights_desc make_desc(int layout, int bits, int64_t n, int64_t k, int64_t kept_words) {
+    spfq_weights_desc d{};
+    d.layout = layout;
+    d.n = static_cast<int32_t>(n);
+    d.k = static_cast<int32_t>(k);
+    d.bits = bits;
+    d.kept_words = static_cast<int32_t>(kept_words);
+    return d;
+}
+
 // One prepared part per group; buffers the layout does not use are ignored.
 inline std::vector<spfq_prepared *> prepare_groups(int layout, int bits, int64_t n, int64_t k, int64_t kept_words,
                                                    int64_t groups, const uint64_t *sign, const uint64_t *mask,
@@ -62,12 +73,7 @@ inline std::vector<spfq_prepared *> prepare_groups(int layout, int bits, int64_t
     try {
         for (int64_t j = 0; j < groups; j++) {
             const int64_t r0 = j * ng;
-            spfq_weights_desc d{};
-            d.layout = layout;
-            d.n = static_cast<int32_t>(ng);
-            d.k = static_cast<int32_t>(k);
-            d.bits = bits;
-            d.kept_words = static_cast<int32_t>(kept_words);
+            spfq_weights_desc d = make_desc(layout, bits, ng, k, kept_words);
             d.sign = needs_sign(layout) && sign ? sign + r0 * W : nullptr;
             d.mask = needs_mask(layout) && mask ? mask + r0 * W : nullptr;
             if (needs_planes(layout) && planes) {
@@ -122,12 +128,7 @@ inline Layer prepare_layer(int layout, int bits, int64_t n, int64_t k, int64_t k
                            const float *scale, const float *lam, const float *bias) {
     Layer l;
     if (G && is_depthwise(k, *G)) {
-        spfq_weights_desc d{};
-        d.layout = layout;
-        d.n = static_cast<int32_t>(n);
-        d.k = static_cast<int32_t>(k);
-        d.bits = bits;
-        d.kept_words = static_cast<int32_t>(kept_words);
+        spfq_weights_desc d = make_desc(layout, bits, n, k, kept_words);
         d.sign = needs_sign(layout) ? sign : nullptr;
         d.mask = needs_mask(layout) ? mask : nullptr;
         d.planes = needs_planes(layout) ? planes : nullptr;
