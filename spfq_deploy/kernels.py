@@ -64,6 +64,7 @@ def lib() -> C.CDLL:
             "spfq_dw_prepare": ([C.POINTER(WeightsDesc), C.POINTER(DwGeom), C.POINTER(p)], C.c_int),
             "spfq_dw_free": ([p], None),
             "spfq_dwconv": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
+            "spfq_dwconv_nhwc": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
         }
         for name, (args, res) in sig.items():
             fn = getattr(so, name)
@@ -253,7 +254,8 @@ def is_depthwise(layer: CompressedLayer) -> bool:
 
 
 class DepthwiseWeights:
-    """A depthwise conv layer's weights unpacked once for spfq_dwconv (x NCHW -> y NCHW)."""
+    """A depthwise conv layer's weights unpacked once for spfq_dwconv (x NCHW -> y NCHW) and
+    spfq_dwconv_nhwc (channels_last: x NHWC -> y NHWC)."""
 
     def __init__(self, layer: CompressedLayer, layout: str | None = None):
         if not is_depthwise(layer):
@@ -278,20 +280,25 @@ class DepthwiseWeights:
             _lib.spfq_dw_free(h)
             self._h = None
 
-    def __call__(self, x: np.ndarray, int8: bool = False, threads: int = 1) -> np.ndarray:
-        """x (B, C, H, W) (or (B, C, W) for 1-D) float32 -> y (B, N, OH, OW)."""
+    def __call__(self, x: np.ndarray, int8: bool = False, threads: int = 1,
+                 channels_last: bool = False) -> np.ndarray:
+        """x (B, C, H, W) (or (B, C, W) for 1-D) float32 -> y (B, N, OH, OW); channels_last:
+        x (B, H, W, C) -> y (B, OH, OW, N)."""
         rank = 3 if self.one_d else 4
-        if not isinstance(x, np.ndarray) or x.ndim != rank or x.shape[1] != self.channels:
+        if not isinstance(x, np.ndarray) or x.ndim != rank or x.shape[-1 if channels_last else 1] != self.channels:
             raise KernelError(f"x must be a {rank}-D float32 array with {self.channels} channels")
         g = self.geom
-        H, W = (1, x.shape[2]) if self.one_d else x.shape[2:]
+        spatial = x.shape[1:-1] if channels_last else x.shape[2:]
+        H, W = (1, spatial[0]) if self.one_d else spatial
         oh = (H + g.pt + g.pb - g.dh * (g.kh - 1) - 1) // g.sh + 1
         ow = (W + g.pl + g.pr - g.dw * (g.kw - 1) - 1) // g.sw + 1
         if oh < 1 or ow < 1:
             raise KernelError("the input is smaller than the kernel")
         px = _arr(x, np.float32, x.shape, "x", 4)
-        y = np.empty((x.shape[0], self.n, ow) if self.one_d else (x.shape[0], self.n, oh, ow), np.float32)
-        _ok(lib().spfq_dwconv(self._h, int(int8), x.shape[0], H, W, px, y.ctypes.data, threads), "dwconv")
+        out = (ow,) if self.one_d else (oh, ow)
+        y = np.empty((x.shape[0], *out, self.n) if channels_last else (x.shape[0], self.n, *out), np.float32)
+        fn = lib().spfq_dwconv_nhwc if channels_last else lib().spfq_dwconv
+        _ok(fn(self._h, int(int8), x.shape[0], H, W, px, y.ctypes.data, threads), "dwconv")
         return y
 
 

@@ -25,6 +25,8 @@ GEOMS = {
     "1 channel": (1, 16, [3, 3], [1, 1], [0, 0], [1, 1], (28, 28)),
     "wide": (2, 1, [3, 3], [1, 1], [1, 1], [1, 1], (5, 70)),
     "conv1d": (6, 1, [5], [2], [2], [1], (1, 33)),
+    "9 channels": (9, 1, [3, 3], [1, 1], [1, 1], [1, 1], (6, 7)),
+    "16 channels s2": (16, 1, [3, 3], [2, 2], [1, 1], [1, 1], (15, 8)),
 }
 KINDS = {  # alphabet, bits, sparsity, lam, layout
     "sign": ("binary", 1, 0.0, False, "sign"),
@@ -86,6 +88,28 @@ def test_int8_bit_identical_with_the_gemm_path(geom, kind, isa):
     finally:
         K.set_isa("auto")
     np.testing.assert_array_equal(got, want)
+
+
+def _last(a):
+    return np.ascontiguousarray(np.moveaxis(a, 1, -1))
+
+
+@pytest.mark.parametrize("isa", ["auto", "c"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("geom", GEOMS)
+def test_channels_last_is_the_same_result_transposed(geom, kind, isa):
+    """spfq_dwconv_nhwc: full blocks read in place, partial blocks (9 channels) and mult > 1
+    gathered; every element equal to the NCHW kernel's."""
+    K.set_isa(isa)
+    try:
+        layer, x = _layer(geom, kind, seed=6), _input(geom, seed=7)
+        dw = K.DepthwiseWeights(layer, KINDS[kind][4])
+        for int8 in (False, True):
+            want = dw(x, int8)
+            for threads in (1, 3):
+                np.testing.assert_array_equal(dw(_last(x), int8, threads, channels_last=True), _last(want))
+    finally:
+        K.set_isa("auto")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

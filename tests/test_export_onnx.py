@@ -89,15 +89,19 @@ CONVS = {
     "conv2d-grouped": {"kernel_size": [3, 3], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 4},
     "conv2d-depthwise": {"kernel_size": [3, 3], "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 12},
     "conv1d": {"kernel_size": [5], "stride": [2], "padding": [2], "dilation": [1], "groups": 2},
+    "conv2d-pointwise": {"kernel_size": [1, 1], "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1},
+    "conv2d-1x1-s2": {"kernel_size": [1, 1], "stride": [2, 2], "padding": [0, 0], "dilation": [1, 1], "groups": 1},
 }
 SHAPES = {"linear": (37, 203), "conv2d": (12, 3, 3, 3), "conv2d-grouped": (12, 3, 3, 3),
-          "conv2d-depthwise": (12, 1, 3, 3), "conv1d": (6, 4, 5)}
+          "conv2d-depthwise": (12, 1, 3, 3), "conv1d": (6, 4, 5), "conv2d-pointwise": (20, 70, 1, 1),
+          "conv2d-1x1-s2": (9, 13, 1, 1)}
 INPUTS = {"linear": (2, 5, 203), "conv2d": (2, 3, 9, 11), "conv2d-grouped": (2, 12, 7, 6),
-          "conv2d-depthwise": (2, 12, 7, 6), "conv1d": (3, 8, 17)}
+          "conv2d-depthwise": (2, 12, 7, 6), "conv1d": (3, 8, 17), "conv2d-pointwise": (2, 70, 5, 6),
+          "conv2d-1x1-s2": (1, 13, 7, 9)}
 
 
-def _one_layer_model(layer: CompressedLayer, flavour: str, activation="int8") -> bytes:
-    """input -> [marker] -> output, rewritten by a flavour builder."""
+def _one_layer_model(layer: CompressedLayer, flavour: str, activation="int8", graph_pass=None) -> bytes:
+    """input -> [marker] -> output, rewritten by a flavour builder (then graph_pass)."""
     rank = 3 if layer.kind != "conv2d" else 4
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [f"x{i}" for i in range(rank)])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"y{i}" for i in range(rank)])
@@ -108,7 +112,7 @@ def _one_layer_model(layer: CompressedLayer, flavour: str, activation="int8") ->
     build, domains = {"custom": (onnx_custom.builder(activation), {onnx_custom.DOMAIN: 1}),
                       "stock": (onnx_stock.builder(), {}),
                       "qonnx": (onnx_qonnx.builder(), {onnx_qonnx.DOMAIN: 1})}[flavour]
-    model, _ = onnx_graph.rewrite(proto, cm, build, domains)
+    model, _ = onnx_graph.rewrite(proto, cm, build, domains, graph_pass)
     return model
 
 
@@ -145,6 +149,11 @@ def test_one_layer_every_flavour_matches_its_reference(tmp_path, case, geometry)
         got = session(path, lib).run(None, {"x": x.numpy()})[0]
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f"custom {act}")
+        if layer.kind != "linear":  # channels last (layout.py): the same GEMM rows, bit-identical
+            model = _one_layer_model(layer, "custom", act, onnx_custom.graph_pass)
+            assert [n.op_type for n in model.graph.node] == ["Transpose", "PackedConv", "Transpose"]
+            last = session(_save(model, tmp_path, f"cl_{act}.onnx"), lib).run(None, {"x": x.numpy()})[0]
+            np.testing.assert_array_equal(last, got, err_msg=f"channels-last custom {act}")
     path = _save(_one_layer_model(layer, "stock"), tmp_path, "s.onnx")
     got = session(path, accuracy_level=0).run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, ref, rtol=0, atol=tol, err_msg="stock acc0")

@@ -105,6 +105,10 @@ void spfq_dw_free(spfq_dw *p);
  * patch as above (0: weight-only float). */
 int spfq_dwconv(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w, const float *x, float *y,
                 int32_t nthreads);
+/* The same with channels last: x (b, h, w, channels) -> y (b, oh, ow, channels * mult);
+ * bit-identical with spfq_dwconv (outputs transposed). */
+int spfq_dwconv_nhwc(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w, const float *x, float *y,
+                     int32_t nthreads);
 
 /* Compression time (spfq_deploy/compress/path_following.py): the column loop of Gram-form
  * path following over columns [b0, b1) for every row r = (candidate, group, neuron) of

@@ -8,6 +8,10 @@
 //                   weight), the GEMM, and the (pixel, channel) -> (channel, pixel) scatter;
 //                   depthwise layers (one input channel per group: k = KH * KW) instead run
 //                   the direct kernel spfq_dwconv, bit-identical with that path's C oracle;
+//   conv_nhwc:      the same with channels last (x (B, H, W, C) -> y (B, OH, OW, N)), the layout
+//                   activations keep between compressed convs: a 1x1 stride-1 conv is the GEMM on
+//                   the input itself, other convs gather their im2col rows from NHWC, depthwise
+//                   layers run spfq_dwconv_nhwc; outputs are bit-identical with conv's, transposed;
 //   Layer:          what a wrapper holds per layer (prepare_layer / free_layer).
 // Errors are thrown as std::runtime_error with a one-line message.
 #ifndef SPFQ_LAYER_HPP
@@ -210,6 +214,53 @@ inline void conv(const Layer &layer, bool int8, int64_t k, int64_t n, int64_t gr
                 float *out = y + (b * n + g * ng) * P + p;
                 for (int64_t j = 0; j < ng; j++) out[j * P] = src[j];
             }
+    }
+}
+
+// y (B, OH, OW, n) = conv(x (B, H, Wd, C)): the same rows and GEMMs as conv, channels last.
+inline void conv_nhwc(const Layer &layer, bool int8, int64_t k, int64_t n, int64_t groups, const ConvGeometry &G,
+                      const float *x, int64_t B, int64_t C, int64_t H, int64_t Wd, float *y, int threads) {
+    if (layer.dw) {
+        if (B > INT32_MAX || H > INT32_MAX || Wd > INT32_MAX) throw std::runtime_error("conv input too large");
+        check(spfq_dwconv_nhwc(layer.dw, int8, static_cast<int32_t>(B), static_cast<int32_t>(H),
+                               static_cast<int32_t>(Wd), x, y, threads), "dwconv_nhwc");
+        return;
+    }
+    const int64_t OH = G.out_h(H), OW = G.out_w(Wd), cg = C / groups;
+    const int64_t m = B * OH * OW, ng = n / groups;
+    const bool pointwise = G.KH == 1 && G.KW == 1 && G.SH == 1 && G.SW == 1 && G.PT == 0 && G.PL == 0 &&
+                           G.PB == 0 && G.PR == 0;
+    if (pointwise && groups == 1) {  // the input pixels are the GEMM rows
+        gemm(layer.parts[0], int8, m, k, x, y, threads);
+        return;
+    }
+    thread_local std::vector<float> cols, yg;  // per thread, reused across calls
+    if (cols.size() < static_cast<size_t>(m * k)) cols.resize(static_cast<size_t>(m * k));
+    if (groups > 1 && yg.size() < static_cast<size_t>(m * ng)) yg.resize(static_cast<size_t>(m * ng));
+    const int64_t taps = G.KH * G.KW;
+    for (int64_t g = 0; g < groups; g++) {
+        float *row = cols.data();
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t oh = 0; oh < OH; oh++)
+                for (int64_t ow = 0; ow < OW; ow++, row += k)
+                    for (int64_t kh = 0; kh < G.KH; kh++) {  // columns (c, kh, kw), as PyTorch flattens the weight
+                        const int64_t ih = oh * G.SH - G.PT + kh * G.DH;
+                        for (int64_t kw = 0; kw < G.KW; kw++) {
+                            const int64_t iw = ow * G.SW - G.PL + kw * G.DW, t = kh * G.KW + kw;
+                            if (ih < 0 || ih >= H || iw < 0 || iw >= Wd) {
+                                for (int64_t c = 0; c < cg; c++) row[c * taps + t] = 0.0f;
+                                continue;
+                            }
+                            const float *px = x + ((b * H + ih) * Wd + iw) * C + g * cg;
+                            for (int64_t c = 0; c < cg; c++) row[c * taps + t] = px[c];
+                        }
+                    }
+        if (groups == 1) {
+            gemm(layer.parts[0], int8, m, k, cols.data(), y, threads);
+            return;
+        }
+        gemm(layer.parts[static_cast<size_t>(g)], int8, m, k, cols.data(), yg.data(), threads);
+        for (int64_t r = 0; r < m; r++) std::memcpy(y + r * n + g * ng, &yg[static_cast<size_t>(r * ng)], sizeof(float) * ng);
     }
 }
 

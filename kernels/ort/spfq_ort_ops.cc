@@ -11,8 +11,11 @@
 // 3 planes, 4 sparse), bits, in_features (K = C/group * prod(kernel_shape) for conv),
 // out_features (N), kept_words, activation ("float": weight-only, or "int8": activations
 // quantised per row, exact int32 sums), threads (0: SPFQ_NUM_THREADS or all cores);
-// PackedConv also kernel_shape, strides, pads (begins then ends), dilations, group.
-// Conv goes through im2col per group into the GEMM, as spfq_deploy/kernel_layers.py does.
+// PackedConv also kernel_shape, strides, pads (begins then ends), dilations, group, and
+// channels_last (0: X / Y are NCHW as ONNX Conv; 1: X[B, (H,) W, C] -> Y[B, (OH,) OW, N], the
+// layout the export keeps between consecutive compressed convs). Conv runs spfq_layer.hpp's
+// conv / conv_nhwc: direct depthwise kernels, 1x1 convs as a GEMM on NHWC pixels, others
+// through im2col rows, as spfq_deploy/kernel_layers.py does.
 //
 // Built against the oldest ONNX Runtime C API it supports (the headers it is compiled with, e.g.
 // Debian's libonnxruntime-dev 1.21 = API 21); newer runtimes keep serving that API version.
@@ -83,6 +86,7 @@ class PackedKernel {
             pads_ = ki.GetAttributes<int64_t>("pads");
             dil_ = ki.GetAttributes<int64_t>("dilations");
             groups_ = ki.GetAttribute<int64_t>("group");
+            channels_last_ = attr_or(ki, "channels_last", 0) != 0;
             if (strides_.size() != d || dil_.size() != d || pads_.size() != 2 * d)
                 throw Error("strides / dilations / pads do not match kernel_shape");
             if (groups_ < 1 || n_ % groups_) throw Error("out_features must be a multiple of group");
@@ -180,7 +184,8 @@ class PackedKernel {
         const size_t d = kshape_.size();
         if (s.size() != d + 2) throw Error("input has shape " + shape_str(s) + ", expected rank " + std::to_string(d + 2));
         // treat 1-D as 2-D with height 1
-        const int64_t B = s[0], C = s[1], H = d == 2 ? s[2] : 1, Wd = s[d + 1];
+        const bool cl = channels_last_;
+        const int64_t B = s[0], C = cl ? s[d + 1] : s[1], H = d == 2 ? s[cl ? 1 : 2] : 1, Wd = s[cl ? d : d + 1];
         const spfq_layer::ConvGeometry G = geometry();
         const int64_t cg = k_ / (G.KH * G.KW);
         if (C != cg * groups_)
@@ -188,13 +193,15 @@ class PackedKernel {
         const int64_t OH = G.out_h(H), OW = G.out_w(Wd);
         if (OH < 1 || OW < 1) throw Error("input " + shape_str(s) + " is smaller than the kernel");
         std::vector<int64_t> oshape = d == 2 ? std::vector<int64_t>{B, n_, OH, OW} : std::vector<int64_t>{B, n_, OW};
+        if (cl) oshape = d == 2 ? std::vector<int64_t>{B, OH, OW, n_} : std::vector<int64_t>{B, OW, n_};
         float *y = ctx.GetOutput(0, oshape).GetTensorMutableData<float>();
-        spfq_layer::conv(layer_, int8_, k_, n_, groups_, G, xv.GetTensorData<float>(), B, C, H, Wd, y, threads_);
+        (cl ? spfq_layer::conv_nhwc : spfq_layer::conv)(layer_, int8_, k_, n_, groups_, G, xv.GetTensorData<float>(),
+                                                         B, C, H, Wd, y, threads_);
     }
 
     bool conv_;
     int layout_ = 0, bits_ = 0, threads_ = 1;
-    bool int8_ = false;
+    bool int8_ = false, channels_last_ = false;
     int64_t k_ = 0, n_ = 0, kept_words_ = 0, groups_ = 1;
     std::vector<int64_t> kshape_, strides_, pads_, dil_;
     std::mutex mu_;

@@ -33,6 +33,8 @@
 #include "internal.h"
 
 #define DW_MAX_TAPS 1040 /* k * 127 * 127 < 2^24: exact integer sums in float */
+#define DW_LANES 8
+#define DW_LANES_BELOW 64 /* measured on MobileNetV2 (AVX2): 16 -> 24.2 ms of depthwise, 64 -> 22.4, always -> 28.7 */
 
 struct spfq_dw {
     spfq_dw_geom g;
@@ -41,6 +43,9 @@ struct spfq_dw {
     float *wf;                    /* (n, k) f32 tap weights: +-1 (one level) or value(c) */
     float *c, *s;                 /* (n, k) code and sign(code) as floats (i8) */
     float *scale, *lamx, *bias;   /* (n): scale, lam - scale (0 if unused), bias (0 if none) */
+    int32_t nblk;                 /* ceil(n / DW_LANES) blocks of output channels */
+    float *lane;                  /* per block, lane order: (nblk, 4, k, DW_LANES) wf, c, s, live
+                                     then (nblk, 3, DW_LANES) scale, lamx, bias */
 };
 
 void spfq_dw_free(spfq_dw *p) {
@@ -52,7 +57,37 @@ void spfq_dw_free(spfq_dw *p) {
     free(p->scale);
     free(p->lamx);
     free(p->bias);
+    free(p->lane);
     free(p);
+}
+
+/* The weights of each block of DW_LANES output channels in lane order (lanes past n repeat
+ * the block's first channel; their outputs are never stored). */
+static int lane_order(spfq_dw *p) {
+    enum { L = DW_LANES };
+    const int32_t k = p->k;
+    p->nblk = (p->n + L - 1) / L;
+    const size_t per = (4 * (size_t)k + 3) * L;
+    p->lane = malloc((size_t)p->nblk * per * sizeof(float));
+    if (!p->lane) return 1;
+    for (int32_t b = 0; b < p->nblk; b++) {
+        float *w = p->lane + (size_t)b * per, *cw = w + (size_t)k * L, *sw = cw + (size_t)k * L;
+        float *live = sw + (size_t)k * L, *e = live + (size_t)k * L;
+        for (int32_t l = 0; l < L; l++) {
+            const int32_t o = b * L + l < p->n ? b * L + l : b * L;
+            for (int32_t t = 0; t < k; t++) {
+                const size_t i = (size_t)o * k + t;
+                w[t * L + l] = p->wf[i];
+                cw[t * L + l] = p->c[i];
+                sw[t * L + l] = p->s[i];
+                live[t * L + l] = p->code[i] != 0 ? 1.0f : 0.0f;
+            }
+            e[l] = p->scale[o];
+            e[L + l] = p->lamx[o];
+            e[2 * L + l] = p->bias[o];
+        }
+    }
+    return 0;
 }
 
 int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw **out) {
@@ -112,6 +147,10 @@ int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw *
      * -> scale * acc_c + (lam - scale) * acc_s; without lam -> scale * acc_c */
     if (p->two && !d->lam) p->two = 2;
     spfq_free(pw);
+    if (lane_order(p)) {
+        spfq_dw_free(p);
+        return SPFQ_ENOMEM;
+    }
     *out = p;
     return SPFQ_OK;
 }
@@ -237,38 +276,31 @@ DW_CLONES static void row_i8(const spfq_dw *p, int32_t o, const float *plane, in
         for (int32_t ow = 0; ow < OW; ow++) y[ow] = xs[ow] * (scale * ac[ow]) + bias;
 }
 
-/* Narrow planes (OW < DW_LANES_BELOW: the 28x28 .. 7x7 layers of a MobileNet) leave the row
- * loops mostly in their scalar tails, so there 8 outputs go into the lanes instead: their input
- * planes are interleaved into xin[(ih * W + iw) * 8 + l] once, their taps into w[t * 8 + l],
- * and each output pixel is one 8-lane pass per tap. Same operations per lane as the row
- * functions (f32: zero codes add nothing, selected away; i8: their q * 0 is an exact 0). */
-#define DW_LANES 8
-#define DW_LANES_BELOW 64 /* measured on MobileNetV2 (AVX2): 16 -> 24.2 ms of depthwise, 64 -> 22.4, always -> 28.7 */
+/* Channels in the lanes: DW_LANES outputs of one block per vector, weights from the block's
+ * lane-order copy (lane_order). Used for NHWC input (read in place: pixel stride C) and for
+ * narrow NCHW planes (OW < DW_LANES_BELOW: the 28x28 .. 7x7 layers of a MobileNet leave the row
+ * loops mostly in their scalar tails), whose planes are first interleaved into
+ * xin[(ih * W + iw) * 8 + l]. Same operations per lane as the row functions (f32: zero codes
+ * add nothing, selected away; i8: their q * 0 is an exact 0).
+ * Output rows [oh0, oh1) of block blk; input pixel (ih, iw) of lane l at
+ * xin[((ih - ih_lo) * W + iw) * ps + l]; output (oh, ow) of lane l < nb at
+ * y[(oh * OW + ow) * ys + l * yl]. */
+typedef struct {
+    const float *xin;
+    int32_t ih_lo, ps;
+    float *y;
+    size_t ys, yl;
+} lanes_io;
 
-DW_CLONES static void block_lanes(const spfq_dw *p, int32_t int8, const float *xb, int32_t o0, int32_t nb,
-                                  int32_t H, int32_t W, int32_t OH, int32_t OW, float *yb, float *scratch) {
+DW_CLONES static void lanes_rows(const spfq_dw *p, int32_t int8, int32_t blk, int32_t nb, lanes_io io, int32_t H,
+                                 int32_t W, int32_t oh0, int32_t oh1, int32_t OW) {
     enum { L = DW_LANES };
     const spfq_dw_geom *g = &p->g;
     const int32_t k = p->k;
-    float *restrict xin = scratch, *restrict w = xin + (size_t)H * W * L, *restrict cw = w + (size_t)k * L;
-    float *restrict sw8 = cw + (size_t)k * L, *restrict live = sw8 + (size_t)k * L;
-    float scale[L], lamx[L], bias[L];
-    for (int32_t l = 0; l < L; l++) {
-        const int32_t o = o0 + (l < nb ? l : 0);
-        const float *plane = xb + (size_t)(o / g->mult) * H * W;
-        for (int32_t i = 0; i < H * W; i++) xin[(size_t)i * L + l] = l < nb ? plane[i] : 0.0f;
-        for (int32_t t = 0; t < k; t++) {
-            const size_t i = (size_t)o * k + t;
-            w[t * L + l] = p->wf[i];
-            cw[t * L + l] = p->c[i];
-            sw8[t * L + l] = p->s[i];
-            live[t * L + l] = p->code[i] != 0 ? 1.0f : 0.0f;
-        }
-        scale[l] = p->scale[o];
-        lamx[l] = p->lamx[o];
-        bias[l] = p->bias[o];
-    }
-    for (int32_t oh = 0; oh < OH; oh++)
+    const float *w = p->lane + (size_t)blk * (4 * (size_t)k + 3) * L, *cw = w + (size_t)k * L;
+    const float *sw8 = cw + (size_t)k * L, *live = sw8 + (size_t)k * L, *e = live + (size_t)k * L;
+    const float *scale = e, *lamx = e + L, *bias = e + 2 * L;
+    for (int32_t oh = oh0; oh < oh1; oh++)
         for (int32_t ow = 0; ow < OW; ow++) {
             float a0[L], a1[L], xs[L];
             for (int32_t l = 0; l < L; l++) a0[l] = a1[l] = xs[l] = 0.0f;
@@ -280,7 +312,7 @@ DW_CLONES static void block_lanes(const spfq_dw *p, int32_t int8, const float *x
                     for (int32_t kw = 0; kw < g->kw; kw++) {
                         const int32_t iw = iw0 + kw * g->dw;
                         if (iw < 0 || iw >= W) continue;
-                        const float *xv = xin + ((size_t)ih * W + iw) * L;
+                        const float *xv = io.xin + ((size_t)(ih - io.ih_lo) * W + iw) * io.ps;
                         for (int32_t l = 0; l < L; l++) {
                             const float a = fabsf(xv[l]), m = xs[l];
                             xs[l] = a > m ? a : m;
@@ -295,7 +327,7 @@ DW_CLONES static void block_lanes(const spfq_dw *p, int32_t int8, const float *x
                 for (int32_t kw = 0; kw < g->kw; kw++) {
                     const int32_t iw = iw0 + kw * g->dw, t = kh * g->kw + kw;
                     if (iw < 0 || iw >= W) continue;
-                    const float *xv = xin + ((size_t)ih * W + iw) * L;
+                    const float *xv = io.xin + ((size_t)(ih - io.ih_lo) * W + iw) * io.ps;
                     const float *wt = w + t * L, *ct = cw + t * L, *st = sw8 + t * L, *lt = live + t * L;
                     if (int8)
                         for (int32_t l = 0; l < L; l++) {
@@ -321,44 +353,104 @@ DW_CLONES static void block_lanes(const spfq_dw *p, int32_t int8, const float *x
                 else
                     out[l] = xs[l] * (scale[l] * a0[l]) + bias[l];
             }
-            for (int32_t l = 0; l < nb; l++) yb[((size_t)(o0 + l) * OH + oh) * OW + ow] = out[l];
+            float *yp = io.y + ((size_t)oh * OW + ow) * io.ys;
+            if (io.yl == 1 && nb == L)
+                for (int32_t l = 0; l < L; l++) yp[l] = out[l];
+            else
+                for (int32_t l = 0; l < nb; l++) yp[l * io.yl] = out[l];
         }
 }
 
 typedef struct {
     const spfq_dw *p;
-    int32_t int8, B, H, W, OH, OW;
+    int32_t int8, nhwc, B, H, W, OH, OW, bands;
     const float *x;
     float *y;
     int failed;
 } dw_task;
 
-/* Chunk `chunk` of nchunks: planes (b, o) of the row path, or blocks of DW_LANES outputs of
- * one image for narrow planes. */
-static void dw_planes(void *ctx, int32_t chunk, int32_t nchunks) {
+/* Input rows [lo, hi) that output rows [oh0, oh1) read (clipped to the image). */
+static void in_rows(const spfq_dw_geom *g, int32_t H, int32_t oh0, int32_t oh1, int32_t *lo, int32_t *hi) {
+    int32_t a = oh0 * g->sh - g->pt, b = (oh1 - 1) * g->sh - g->pt + (g->kh - 1) * g->dh + 1;
+    *lo = a < 0 ? 0 : a;
+    *hi = b > H ? H : b;
+    if (*hi < *lo) *hi = *lo;
+}
+
+/* One unit of an NHWC call: rows of band `band` of block blk of image bi. The block reads its
+ * channels in place when they are DW_LANES consecutive input channels (mult 1, a full block),
+ * else gathers them into scratch (lanes past nb read 0). */
+static void nhwc_unit(const dw_task *t, int64_t bi, int32_t blk, int32_t band, float *scratch) {
+    enum { L = DW_LANES };
+    const spfq_dw *p = t->p;
+    const int32_t C = p->g.channels, o0 = blk * L, nb = p->n - o0 < L ? p->n - o0 : L;
+    const int32_t oh0 = (int32_t)((int64_t)t->OH * band / t->bands), oh1 = (int32_t)((int64_t)t->OH * (band + 1) / t->bands);
+    if (oh0 >= oh1) return;
+    const float *xb = t->x + (size_t)bi * t->H * t->W * C;
+    lanes_io io = {xb + o0, 0, C, t->y + (size_t)bi * t->OH * t->OW * p->n + o0, (size_t)p->n, 1};
+    if (p->g.mult != 1 || nb < L) {
+        int32_t lo, hi;
+        in_rows(&p->g, t->H, oh0, oh1, &lo, &hi);
+        for (int32_t i = 0; i < (hi - lo) * t->W; i++) {
+            const float *px = xb + ((size_t)lo * t->W + i) * C;
+            for (int32_t l = 0; l < L; l++) scratch[(size_t)i * L + l] = l < nb ? px[(o0 + l) / p->g.mult] : 0.0f;
+        }
+        io.xin = scratch;
+        io.ih_lo = lo;
+        io.ps = L;
+    }
+    lanes_rows(p, t->int8, blk, nb, io, t->H, t->W, oh0, oh1, t->OW);
+}
+
+/* One NCHW block of DW_LANES outputs of one image, narrow planes: interleave, then the lanes. */
+static void nchw_block(const dw_task *t, int64_t bi, int32_t blk, float *scratch) {
+    enum { L = DW_LANES };
+    const spfq_dw *p = t->p;
+    const int32_t o0 = blk * L, nb = p->n - o0 < L ? p->n - o0 : L, HW = t->H * t->W;
+    const float *xb = t->x + (size_t)bi * p->g.channels * (size_t)HW;
+    for (int32_t l = 0; l < L; l++) {
+        const float *plane = xb + (size_t)((o0 + (l < nb ? l : 0)) / p->g.mult) * HW;
+        for (int32_t i = 0; i < HW; i++) scratch[(size_t)i * L + l] = l < nb ? plane[i] : 0.0f;
+    }
+    const size_t P = (size_t)t->OH * t->OW;
+    lanes_io io = {scratch, 0, L, t->y + ((size_t)bi * p->n + o0) * P, 1, P};
+    lanes_rows(p, t->int8, blk, nb, io, t->H, t->W, 0, t->OH, t->OW);
+}
+
+/* Units: NHWC (image, block, band); NCHW narrow planes (image, block); NCHW wide planes
+ * (image, output channel), one row at a time. Chunk `chunk` of nchunks runs a range of them. */
+static int64_t dw_units(const dw_task *t) {
+    const spfq_dw *p = t->p;
+    if (t->nhwc) return (int64_t)t->B * p->nblk * t->bands;
+    return (int64_t)t->B * (t->OW < DW_LANES_BELOW ? p->nblk : p->n);
+}
+
+static void dw_chunk(void *ctx, int32_t chunk, int32_t nchunks) {
     dw_task *t = ctx;
     const spfq_dw *p = t->p;
-    const int lanes = t->OW < DW_LANES_BELOW;
-    const int64_t per_b = lanes ? (p->n + DW_LANES - 1) / DW_LANES : p->n, units = (int64_t)t->B * per_b;
-    const int64_t a = units * chunk / nchunks, b = units * (chunk + 1) / nchunks;
-    const size_t scratch = lanes ? ((size_t)t->H * t->W + 4 * (size_t)p->k) * DW_LANES : (t->int8 ? 3 * (size_t)t->OW : 0);
+    const int64_t units = dw_units(t), a = units * chunk / nchunks, b = units * (chunk + 1) / nchunks;
+    const int lanes = t->nhwc || t->OW < DW_LANES_BELOW;
+    size_t scratch = lanes ? (size_t)t->H * t->W * DW_LANES : (t->int8 ? 3 * (size_t)t->OW : 0);
+    if (t->nhwc && p->g.mult == 1 && p->n % DW_LANES == 0) scratch = 0;
     float *tmp = scratch ? malloc(scratch * sizeof(float)) : NULL;
     if (scratch && !tmp) {
         __atomic_store_n(&t->failed, 1, __ATOMIC_RELAXED);
         return;
     }
     for (int64_t i = a; i < b; i++) {
-        const int64_t bi = i / per_b;
-        const float *xb = t->x + (size_t)bi * p->g.channels * (size_t)t->H * t->W;
-        float *yb = t->y + (size_t)bi * p->n * (size_t)t->OH * t->OW;
-        if (lanes) {
-            const int32_t o0 = (int32_t)(i % per_b) * DW_LANES, nb = p->n - o0 < DW_LANES ? p->n - o0 : DW_LANES;
-            block_lanes(p, t->int8, xb, o0, nb, t->H, t->W, t->OH, t->OW, yb, tmp);
+        if (t->nhwc) {
+            const int64_t per_b = (int64_t)p->nblk * t->bands;
+            nhwc_unit(t, i / per_b, (int32_t)(i % per_b / t->bands), (int32_t)(i % t->bands), tmp);
             continue;
         }
+        if (lanes) {
+            nchw_block(t, i / p->nblk, (int32_t)(i % p->nblk), tmp);
+            continue;
+        }
+        const int64_t bi = i / p->n;
         const int32_t o = (int32_t)(i % p->n);
-        const float *plane = xb + (size_t)(o / p->g.mult) * t->H * t->W;
-        float *yp = yb + (size_t)o * t->OH * t->OW;
+        const float *plane = t->x + ((size_t)bi * p->g.channels + (size_t)(o / p->g.mult)) * t->H * t->W;
+        float *yp = t->y + ((size_t)bi * p->n + o) * (size_t)t->OH * t->OW;
         for (int32_t oh = 0; oh < t->OH; oh++) {
             if (t->int8)
                 row_i8(p, o, plane, t->H, t->W, oh, t->OW, yp + (size_t)oh * t->OW, tmp);
@@ -369,18 +461,32 @@ static void dw_planes(void *ctx, int32_t chunk, int32_t nchunks) {
     free(tmp);
 }
 
-int spfq_dwconv(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w, const float *x, float *y,
-                int32_t nthreads) {
+static int dw_run(const spfq_dw *p, int32_t int8, int32_t nhwc, int32_t b, int32_t h, int32_t w, const float *x,
+                  float *y, int32_t nthreads) {
     if (!p || b < 0 || h < 1 || w < 1 || !x || !y) return SPFQ_EINVAL;
     const spfq_dw_geom *g = &p->g;
     const int64_t OH = ((int64_t)h + g->pt + g->pb - (int64_t)g->dh * (g->kh - 1) - 1) / g->sh + 1;
     const int64_t OW = ((int64_t)w + g->pl + g->pr - (int64_t)g->dw * (g->kw - 1) - 1) / g->sw + 1;
     if (OH < 1 || OW < 1 || OH > INT32_MAX || OW > INT32_MAX) return SPFQ_EINVAL;
     if (!b) return SPFQ_OK;
-    dw_task t = {p, int8 != 0, b, h, w, (int32_t)OH, (int32_t)OW, x, y, 0};
-    const int64_t units = (int64_t)b * (OW < DW_LANES_BELOW ? (p->n + DW_LANES - 1) / DW_LANES : p->n);
+    dw_task t = {p, int8 != 0, nhwc, b, h, w, (int32_t)OH, (int32_t)OW, 1, x, y, 0};
     int64_t chunks = nthreads <= 1 ? 1 : 4 * (int64_t)nthreads;
+    if (nhwc && chunks > (int64_t)b * p->nblk) { /* bands of rows so that every thread has work */
+        const int64_t bands = (chunks + (int64_t)b * p->nblk - 1) / ((int64_t)b * p->nblk);
+        t.bands = (int32_t)(bands < OH ? bands : OH);
+    }
+    const int64_t units = dw_units(&t);
     if (chunks > units) chunks = units;
-    spfq_pool_run(nthreads, (int32_t)chunks, dw_planes, &t);
+    spfq_pool_run(nthreads, (int32_t)chunks, dw_chunk, &t);
     return t.failed ? SPFQ_ENOMEM : SPFQ_OK;
+}
+
+int spfq_dwconv(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w, const float *x, float *y,
+                int32_t nthreads) {
+    return dw_run(p, int8, 0, b, h, w, x, y, nthreads);
+}
+
+int spfq_dwconv_nhwc(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w, const float *x, float *y,
+                     int32_t nthreads) {
+    return dw_run(p, int8, 1, b, h, w, x, y, nthreads);
 }

@@ -405,6 +405,7 @@ def _layers(out, art, feeds, refs, files):
         else:
             sess = ort_runners.session(path, library, accuracy_level=art.accuracy_level)
             values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    values = layer_checks.channels_first(model, values)
     _, hooked = refs.outputs(art.reference)
     return layer_checks.check(values, tensors, feeds, lambda n: refs.layer(art.reference, n), hooked,
                               TOLERANCES[art.kind], TOLERANCES[art.kind])

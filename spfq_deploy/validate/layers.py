@@ -65,6 +65,23 @@ def with_layer_outputs(model: onnx.ModelProto, tensors: dict[str, tuple[str, str
     return m
 
 
+def channels_first(model: onnx.ModelProto, values: dict) -> dict:
+    """values with the NHWC tensors of channels-last PackedConv nodes (export/onnx/layout.py)
+    transposed back to NCHW, the layout the reference layers compute in."""
+    from ..export.onnx.layout import TO_FIRST
+
+    nhwc = {}
+    for node in model.graph.node:
+        if node.op_type == "PackedConv" and any(a.name == "channels_last" and a.i for a in node.attribute):
+            for t in (node.input[0], node.output[0]):
+                nhwc[t] = True
+    out = dict(values)
+    for t in nhwc:
+        if t in out:
+            out[t] = out[t].transpose(TO_FIRST[out[t].ndim])
+    return out
+
+
 def hooked_outputs(model: torch.nn.Module, args, layer_names) -> tuple[list, dict]:
     """(model outputs, {layer: output}) of a torch model, layer outputs captured by hooks."""
     captured, handles = {}, []

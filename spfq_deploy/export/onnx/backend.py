@@ -73,20 +73,21 @@ class Backend:
 
         job, cm = self.job, self.job.source.cm
         builders = {
-            "custom": (custom.builder(job.activations), {custom.DOMAIN: custom.DOMAIN_VERSION}),
-            "stock": (stock.builder(), {}),
-            "qonnx": (qonnx.builder(), {qonnx.DOMAIN: qonnx.DOMAIN_VERSION}),
+            "custom": (custom.builder(job.activations), {custom.DOMAIN: custom.DOMAIN_VERSION}, custom.graph_pass),
+            "stock": (stock.builder(), {}, None),
+            "qonnx": (qonnx.builder(), {qonnx.DOMAIN: qonnx.DOMAIN_VERSION}, None),
         }
         artifacts, layers, own = {}, {}, []
         for flavour in self.flavours:
             if flavour in self.skipped:
                 continue
-            build, domains = builders[flavour]
-            proto, infos = graph.rewrite(self.graph, cm, build, domains)
+            build, domains, graph_pass = builders[flavour]
+            proto, infos = graph.rewrite(self.graph, cm, build, domains, graph_pass)
             (stage / FILES[flavour]).write_bytes(proto.SerializeToString())
             own.append(FILES[flavour])
             artifacts[FILES[flavour]] = {"flavour": flavour, "opset": cap.GRAPH_OPSET, "ir_version": proto.ir_version,
-                                         "domains": {o.domain or "ai.onnx": o.version for o in proto.opset_import}}
+                                         "domains": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+                                         "transposes": sum(n.op_type == "Transpose" for n in proto.graph.node)}
             for name, info in infos.items():
                 layers.setdefault(name, {})[flavour] = info
             job.log(f"  {FILES[flavour]}: {(stage / FILES[flavour]).stat().st_size:,} bytes")

@@ -12,6 +12,7 @@ import numpy as np
 from ...compressed import CompressedLayer
 from ...kernels import LAYOUT_IDS, kernel_pack, preferred_layout
 from .graph import Builder, Replacement, conv_attrs
+from .layout import channels_last
 
 DOMAIN = "ai.spfq"
 DOMAIN_VERSION = 1
@@ -45,3 +46,8 @@ def builder(activation: str) -> Builder:
         return rep
 
     return build
+
+
+def graph_pass(model) -> None:
+    """Activations stay NHWC between the PackedConv nodes (layout.py)."""
+    channels_last(model, "PackedConv", DOMAIN)

@@ -46,9 +46,10 @@ def conv_attrs(layer: CompressedLayer) -> dict:
             "pads": list(c["padding"]) * 2, "dilations": list(c["dilation"]), "group": int(c["groups"])}
 
 
-def rewrite(proto: onnx.ModelProto, cm: CompressedModel, build: Builder,
-            domains: dict[str, int]) -> tuple[onnx.ModelProto, dict]:
-    """A copy of `proto` with each marker replaced by build(); returns (model, per-layer info)."""
+def rewrite(proto: onnx.ModelProto, cm: CompressedModel, build: Builder, domains: dict[str, int],
+            graph_pass: Callable[[onnx.ModelProto], None] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """A copy of `proto` with each marker replaced by build(), then graph_pass (in place) if
+    given; returns (model, per-layer info)."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     nodes, infos = [], {}
@@ -63,6 +64,8 @@ def rewrite(proto: onnx.ModelProto, cm: CompressedModel, build: Builder,
         infos[name] = rep.info
     del out.graph.node[:]
     out.graph.node.extend(nodes)
+    if graph_pass is not None:
+        graph_pass(out)
     finish(out, domains)
     return out, infos
 

@@ -1,0 +1,96 @@
+"""The channels-last pass of the custom flavour (spfq_deploy/export/onnx/layout.py): transposes
+pushed through elementwise nodes and cancelled between PackedConv nodes, values unchanged
+(bit-identical with the NCHW graph in onnxruntime), graph outputs kept in NCHW."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_export_onnx import _host_lib, _layer, _save
+
+from spfq_deploy.compressed import CompressedModel
+from spfq_deploy.export.onnx import capture as cap
+from spfq_deploy.export.onnx import custom as onnx_custom
+from spfq_deploy.export.onnx import graph as onnx_graph
+from spfq_deploy.export.onnx.session import session
+
+
+def _conv(name, n, c, k, groups=1, seed=0):
+    conv = {"kernel_size": [k, k], "stride": [1, 1], "padding": [k // 2] * 2, "dilation": [1, 1], "groups": groups}
+    layer = _layer("conv2d", "int", 4, seed=seed, shape=(n, c // groups, k, k), conv=conv)
+    layer.name = name
+    return layer
+
+
+def _marker(name, x, y):
+    node = helper.make_node("Layer", [x], [y], domain=cap.CAPTURE_DOMAIN, name=name)
+    node.attribute.append(helper.make_attribute("name", name))
+    return node
+
+
+def _model(extra_output=None):
+    """x -> A (1x1) -> Clip -> B (depthwise 3x3) -> PRelu -> C (1x1) -> Add(., clip) ->
+    HardSwish -> GlobalAveragePool -> y: an inverted-residual block."""
+    layers = {"A": _conv("A", 12, 6, 1, seed=1), "B": _conv("B", 12, 12, 3, groups=12, seed=2),
+              "C": _conv("C", 12, 12, 1, seed=3)}
+    inits = [numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi"),
+             numpy_helper.from_array(np.linspace(0.05, 0.6, 12, dtype=np.float32).reshape(12, 1, 1), "slope")]
+    nodes = [_marker("A", "x", "a"), helper.make_node("Clip", ["a", "lo", "hi"], ["a6"]),
+             _marker("B", "a6", "b"), helper.make_node("PRelu", ["b", "slope"], ["bp"]),
+             _marker("C", "bp", "c"), helper.make_node("Add", ["c", "a6"], ["r"]),
+             helper.make_node("HardSwish", ["r"], ["h"]), helper.make_node("GlobalAveragePool", ["h"], ["y"])]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 1, 1])]
+    if extra_output:
+        outs.append(helper.make_tensor_value_info(extra_output, TensorProto.FLOAT, [1, 12, 9, 7]))
+    g = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 9, 7])],
+                          outs, initializer=inits)
+    proto = helper.make_model(g)
+    cm = CompressedModel(layers=layers, float_params={})
+    build, domains = onnx_custom.builder("int8"), {onnx_custom.DOMAIN: 1}
+    plain, _ = onnx_graph.rewrite(proto, cm, build, domains)
+    last, _ = onnx_graph.rewrite(proto, cm, build, domains, onnx_custom.graph_pass)
+    return plain, last
+
+
+def _run(model, tmp_path, name, x):
+    sess = session(_save(model, tmp_path, name), _host_lib())
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+
+
+@pytest.mark.parametrize("extra", [None, "bp"])
+def test_block_keeps_values_and_only_edge_transposes(tmp_path, extra):
+    plain, last = _model(extra)
+    ops = [n.op_type for n in last.graph.node]
+    x = np.random.default_rng(0).standard_normal((1, 6, 9, 7)).astype(np.float32) * 3
+    want, got = _run(plain, tmp_path, "plain.onnx", x), _run(last, tmp_path, "last.onnx", x)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    convs = [n for n in last.graph.node if n.op_type == "PackedConv"]
+    assert len(convs) == 3 and all(any(a.name == "channels_last" and a.i == 1 for a in n.attribute) for n in convs)
+    if extra is None:  # into NHWC at the input, back before the pooling: nothing in between
+        assert ops.count("Transpose") == 2
+        assert ops[0] == "Transpose" and ops[-2:] == ["Transpose", "GlobalAveragePool"]
+    else:  # a graph output in the middle stays NCHW: one more transpose feeds it
+        assert ops.count("Transpose") == 3
+    prelu = next(n for n in last.graph.node if n.op_type == "PRelu")
+    slope = next(i for i in last.graph.initializer if i.name == prelu.input[1])
+    assert list(slope.dims) == [1, 1, 1, 12]  # the per-channel slope moved to the last axis
+    onnx.checker.check_model(last)
+
+
+def test_non_elementwise_consumers_keep_their_nchw_input(tmp_path):
+    """A Flatten between two convs is not layout-agnostic: the transpose stays before it."""
+    layers = {"A": _conv("A", 4, 3, 3, seed=4)}
+    nodes = [_marker("A", "x", "a"), helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Flatten", ["r"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 100])])
+    cm = CompressedModel(layers=layers, float_params={})
+    build, domains = onnx_custom.builder("float"), {onnx_custom.DOMAIN: 1}
+    plain, _ = onnx_graph.rewrite(helper.make_model(g), cm, build, domains)
+    last, _ = onnx_graph.rewrite(helper.make_model(g), cm, build, domains, onnx_custom.graph_pass)
+    assert [n.op_type for n in last.graph.node] == ["Transpose", "PackedConv", "Relu", "Transpose", "Flatten"]
+    x = np.random.default_rng(1).standard_normal((2, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_array_equal(_run(last, tmp_path, "l.onnx", x)["y"], _run(plain, tmp_path, "p.onnx", x)["y"])
