@@ -429,8 +429,10 @@ static void run_case(int layout, int bits, double sp, int with_lam, int n, int k
  * (bit-identical under every ISA) and, with the C ISA, spfq_matmul_f32 (bit-identical with the
  * oracle). 3x3 stride 2 pad 1, channel multiplier 2; a narrow plane (channels in lanes) and a
  * wide one (vectorised rows). */
-static void check_dwconv(int layout, int bits, double sp, int with_lam, const run_cfg *cfgs, int ncfg) {
-    const int C = 5, mult = 2, n = C * mult, B = 2, KH = 3, KW = 3, k = KH * KW;
+/* spfq_dwconv against im2col + GEMM; spfq_dwconv_nhwc against spfq_dwconv transposed (C = 16,
+ * mult = 1: full lane blocks read in place; C = 5, mult = 2: gathered blocks). */
+static void check_dwconv(int layout, int bits, double sp, int with_lam, int C, int mult, const run_cfg *cfgs, int ncfg) {
+    const int n = C * mult, B = 2, KH = 3, KW = 3, k = KH * KW;
     static const int widths[] = {11, 70};
     wcase c;
     make_case(&c, layout, bits, n, k, sp, with_lam, 1);
@@ -447,6 +449,7 @@ static void check_dwconv(int layout, int bits, double sp, int with_lam, const ru
         float *x = xmalloc((size_t)B * C * H * W * 4), *rows = xmalloc((size_t)P * k * 4);
         float *xs = xmalloc((size_t)P * 4), *yg = xmalloc((size_t)P * n * 4);
         float *want = xmalloc((size_t)B * n * P * 4), *got = xmalloc((size_t)B * n * P * 4);
+        float *xl = xmalloc((size_t)B * C * H * W * 4), *yl = xmalloc((size_t)B * n * P * 4);
         int8_t *xq = xmalloc((size_t)P * k);
         for (int i = 0; i < B * C * H * W; i++) x[i] = nrand();
         for (int i = 0; i < W; i++) x[i] = 0.0f; /* a zero row: patches with xscale 0 */
@@ -478,12 +481,26 @@ static void check_dwconv(int layout, int bits, double sp, int with_lam, const ru
                 rc = spfq_dwconv(dw, int8, B, H, W, x, got, cfgs[t].threads);
                 size_t bad = 0;
                 while (bad < (size_t)B * n * P && !memcmp(&got[bad], &want[bad], 4)) bad++;
-                report(rc == SPFQ_OK && bad == (size_t)B * n * P, "[dwconv %s b=%d sp=%.2f lam=%d W=%d] %s t=%d %s rc=%d at %zu",
-                       layout_name(layout), bits, sp, with_lam, W, cfgs[t].isa, cfgs[t].threads, int8 ? "i8" : "f32", rc, bad);
+                report(rc == SPFQ_OK && bad == (size_t)B * n * P, "[dwconv %s b=%d sp=%.2f lam=%d C=%d W=%d] %s t=%d %s rc=%d at %zu",
+                       layout_name(layout), bits, sp, with_lam, C, W, cfgs[t].isa, cfgs[t].threads, int8 ? "i8" : "f32", rc, bad);
+                for (int b = 0; b < B; b++) /* channels last: x -> xl (b, h, w, c), want -> yl (b, p, n) */
+                    for (int ch = 0; ch < C; ch++)
+                        for (int i = 0; i < H * W; i++) xl[((size_t)b * H * W + i) * C + ch] = x[((size_t)b * C + ch) * H * W + i];
+                rc = spfq_dwconv_nhwc(dw, int8, B, H, W, xl, yl, cfgs[t].threads);
+                bad = 0;
+                for (int b = 0; b < B && !bad; b++)
+                    for (int o = 0; o < n && !bad; o++)
+                        for (int q = 0; q < P; q++)
+                            if (memcmp(&yl[((size_t)b * P + q) * n + o], &got[((size_t)b * n + o) * P + q], 4)) {
+                                bad = 1 + ((size_t)b * P + q) * n + o;
+                                break;
+                            }
+                report(rc == SPFQ_OK && !bad, "[dwconv_nhwc %s b=%d sp=%.2f lam=%d C=%d W=%d] %s t=%d %s rc=%d at %zu",
+                       layout_name(layout), bits, sp, with_lam, C, W, cfgs[t].isa, cfgs[t].threads, int8 ? "i8" : "f32", rc, bad);
             }
         }
         spfq_set_isa("auto");
-        free(x); free(rows); free(xs); free(yg); free(want); free(got); free(xq);
+        free(x); free(rows); free(xs); free(yg); free(want); free(got); free(xq); free(xl); free(yl);
     }
     spfq_dw_free(dw);
     spfq_free(p);
@@ -826,7 +843,10 @@ int main(void) {
             }
         }
 
-    for (int v = 0; v < nv; v++) check_dwconv(vs[v].layout, vs[v].bits, vs[v].sp, v % 2, cfgs, ncfg);
+    for (int v = 0; v < nv; v++) {
+        check_dwconv(vs[v].layout, vs[v].bits, vs[v].sp, v % 2, 5, 2, cfgs, ncfg);
+        check_dwconv(vs[v].layout, vs[v].bits, vs[v].sp, v % 2, 16, 1, cfgs, ncfg);
+    }
 
     char thl[64] = "";
     for (int t = 0; t < nth; t++) snprintf(thl + strlen(thl), sizeof thl - strlen(thl), "%s%d", t ? "," : "", ths[t]);
