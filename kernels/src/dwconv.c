@@ -30,24 +30,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dwconv.h"
 #include "internal.h"
 
 #define DW_MAX_TAPS 1040 /* k * 127 * 127 < 2^24: exact integer sums in float */
-#define DW_LANES 8
-#define DW_LANES_BELOW 64 /* measured on MobileNetV2 (AVX2): 16 -> 24.2 ms of depthwise, 64 -> 22.4, always -> 28.7 */
-
-struct spfq_dw {
-    spfq_dw_geom g;
-    int32_t n, k, one_level, two; /* one_level: SIGN / SIGN_MASK; two: acc_c and acc_s used */
-    int8_t *code;                 /* (n, k) signed codes */
-    float *wf;                    /* (n, k) f32 tap weights: +-1 (one level) or value(c) */
-    float *c, *s;                 /* (n, k) code and sign(code) as floats (i8) */
-    float *scale, *lamx, *bias;   /* (n): scale, lam - scale (0 if unused), bias (0 if none) */
-    int32_t nblk;                 /* ceil(n / DW_LANES) blocks of output channels */
-    float *lane;                  /* per block, lane order: (nblk, 4, k, DW_LANES) wf, c, s, live
-                                     then (nblk, 3, DW_LANES) scale, lamx, bias */
-};
-
 void spfq_dw_free(spfq_dw *p) {
     if (!p) return;
     free(p->code);
@@ -285,14 +271,7 @@ DW_CLONES static void row_i8(const spfq_dw *p, int32_t o, const float *plane, in
  * Output rows [oh0, oh1) of block blk; input pixel (ih, iw) of lane l at
  * xin[((ih - ih_lo) * W + iw) * ps + l]; output (oh, ow) of lane l < nb at
  * y[(oh * OW + ow) * ys + l * yl]. */
-typedef struct {
-    const float *xin;
-    int32_t ih_lo, ps;
-    float *y;
-    size_t ys, yl;
-} lanes_io;
-
-DW_CLONES static void lanes_rows(const spfq_dw *p, int32_t int8, int32_t blk, int32_t nb, lanes_io io, int32_t H,
+DW_CLONES static void lanes_rows_c(const spfq_dw *p, int32_t int8, int32_t blk, int32_t nb, lanes_io io, int32_t H,
                                  int32_t W, int32_t oh0, int32_t oh1, int32_t OW) {
     enum { L = DW_LANES };
     const spfq_dw_geom *g = &p->g;
@@ -359,6 +338,19 @@ DW_CLONES static void lanes_rows(const spfq_dw *p, int32_t int8, int32_t blk, in
             else
                 for (int32_t l = 0; l < nb; l++) yp[l * io.yl] = out[l];
         }
+}
+
+/* The AVX2 micro-kernel (dwconv_avx2.c) when the CPU has it and the kernels are not pinned to
+ * the portable C ISA (spfq_set_isa("c"): the oracle runs everywhere). Bit-identical. */
+static void lanes_rows(const spfq_dw *p, int32_t int8, int32_t blk, int32_t nb, lanes_io io, int32_t H, int32_t W,
+                       int32_t oh0, int32_t oh1, int32_t OW) {
+#if defined(__x86_64__)
+    if (spfq_dw_lanes_avx2 && strcmp(spfq_isa(), "c") && __builtin_cpu_supports("avx2")) {
+        spfq_dw_lanes_avx2(p, int8, blk, nb, io, H, W, oh0, oh1, OW);
+        return;
+    }
+#endif
+    lanes_rows_c(p, int8, blk, nb, io, H, W, oh0, oh1, OW);
 }
 
 typedef struct {

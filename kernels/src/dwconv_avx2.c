@@ -1,0 +1,164 @@
+/* dwconv_avx2.c — the depthwise lanes micro-kernel (dwconv.c lanes_rows_c) in AVX2 intrinsics:
+ * 8 output channels per ymm, two neighbouring output pixels at a time where they read the same
+ * taps (interleaved: their dependency chains overlap), the valid taps of a pixel listed once.
+ *
+ * Bit-identical with the portable kernel (and so with the im2col GEMM oracle):
+ *   f32: taps in column order, each adding x * w or +0 (zero code), no fused multiply-add
+ *        (target avx2 without fma: GCC does not contract);
+ *   i8:  q = quant.c's rounding of x / xs. The quotient is taken as x * r, r = 127 / amax (one
+ *        division per pixel instead of one per tap): |x / xs| <= 128, and x * r is within 2^-15
+ *        of the correctly rounded quotient (three roundings of relative 2^-24 each), so both round
+ *        to the same integer unless the quotient lies within 2^-15 of a half-integer (the only
+ *        places where round-half-away changes value). A vector with a lane within 2^-13 of one
+ *        is recomputed with the true division; so is every pixel whose xs is subnormal (there
+ *        1 / xs may overflow). The integer sums are then exact, the epilogue the same float
+ *        expression as the portable kernel.
+ */
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "dwconv.h"
+
+#define TGT __attribute__((target("avx2")))
+
+TGT static inline __m256 absf(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+/* P output pixels (1 or 2) through the taps tap[0..nt) at xp[j] + off[i] (pixel i). */
+typedef struct {
+    const float *w, *cw, *sw8, *live;
+    __m256 scale, lamx, bias;
+    int one, two;
+} lanes_w;
+
+__attribute__((always_inline)) TGT static inline void pix_f32(const lanes_w *lw, int P, int32_t nt,
+                                                             const int32_t *tap, const float *const *xp,
+                                                             const size_t *off, __m256 *out) {
+    enum { L = DW_LANES };
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int32_t j = 0; j < nt; j++) {
+        const int32_t t = tap[j];
+        const __m256 wv = _mm256_loadu_ps(lw->w + t * L);
+        const __m256 m = _mm256_cmp_ps(_mm256_loadu_ps(lw->live + t * L), _mm256_setzero_ps(), _CMP_NEQ_UQ);
+        for (int i = 0; i < P; i++) /* a zero code adds +0 (inf x too) */
+            acc[i] = _mm256_add_ps(acc[i], _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(xp[j] + off[i]), wv), m));
+    }
+    for (int i = 0; i < P; i++)
+        out[i] = lw->one ? _mm256_add_ps(_mm256_mul_ps(lw->scale, acc[i]), lw->bias) : _mm256_add_ps(acc[i], lw->bias);
+}
+
+/* The int8 pixels; exact: true division for every quotient (the fallback). */
+__attribute__((always_inline)) TGT static inline void pix_i8(const lanes_w *lw, int P, int exact, int32_t nt,
+                                                            const int32_t *tap, const float *const *xp,
+                                                            const size_t *off, __m256 *out) {
+    enum { L = DW_LANES };
+    const __m256 sgnbit = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    __m256 xs[2], r[2], pos[2], a0[2], a1[2], near[2];
+    for (int i = 0; i < P; i++) {
+        __m256 amax = _mm256_setzero_ps();
+        for (int32_t j = 0; j < nt; j++) amax = _mm256_max_ps(absf(_mm256_loadu_ps(xp[j] + off[i])), amax);
+        xs[i] = _mm256_div_ps(amax, _mm256_set1_ps(127.0f));
+        r[i] = _mm256_div_ps(_mm256_set1_ps(127.0f), amax); /* within 2^-23 of 1 / xs */
+        pos[i] = _mm256_cmp_ps(xs[i], _mm256_setzero_ps(), _CMP_GT_OQ);
+        a0[i] = a1[i] = near[i] = _mm256_setzero_ps();
+    }
+    for (int32_t j = 0; j < nt; j++) {
+        const int32_t t = tap[j];
+        const __m256 c = _mm256_loadu_ps(lw->cw + t * L), sg = _mm256_loadu_ps(lw->sw8 + t * L);
+        for (int i = 0; i < P; i++) {
+            const __m256 x = _mm256_loadu_ps(xp[j] + off[i]);
+            const __m256 v = exact ? _mm256_div_ps(x, xs[i]) : _mm256_mul_ps(x, r[i]);
+            const __m256 a = exact ? _mm256_min_ps(absf(v), _mm256_set1_ps(128.0f)) : absf(v); /* NaN -> 128 */
+            const __m256 tr = _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            const __m256 f = _mm256_sub_ps(a, tr);
+            if (!exact) /* within 2^-13 of a half-integer: redo the pixel exactly */
+                near[i] = _mm256_or_ps(near[i], _mm256_cmp_ps(absf(_mm256_sub_ps(f, half)),
+                                                              _mm256_set1_ps(0x1p-13f), _CMP_LT_OQ));
+            const __m256 up = _mm256_and_ps(_mm256_cmp_ps(f, half, _CMP_GE_OQ), one);
+            const __m256 qa = _mm256_min_ps(_mm256_add_ps(tr, up), _mm256_set1_ps(127.0f));
+            const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(v, v, _CMP_ORD_Q), pos[i]); /* 0 for NaN, xs = 0 */
+            const __m256 q = _mm256_and_ps(_mm256_or_ps(qa, _mm256_and_ps(v, sgnbit)), ok);
+            if (lw->two) a0[i] = _mm256_add_ps(a0[i], _mm256_mul_ps(q, c));
+            if (lw->two != 2) a1[i] = _mm256_add_ps(a1[i], _mm256_mul_ps(q, sg));
+        }
+    }
+    for (int i = 0; i < P; i++) {
+        if (!exact && _mm256_movemask_ps(_mm256_or_ps(near[i], _mm256_and_ps(
+                pos[i], _mm256_cmp_ps(xs[i], _mm256_set1_ps(0x1p-120f), _CMP_LT_OQ))))) {
+            pix_i8(lw, 1, 1, nt, tap, xp, off + i, out + i); /* rare: a quotient near a rounding edge */
+            continue;
+        }
+        if (lw->one)
+            out[i] = _mm256_add_ps(_mm256_mul_ps(xs[i], _mm256_mul_ps(lw->scale, a1[i])), lw->bias);
+        else if (lw->two == 1)
+            out[i] = _mm256_add_ps(_mm256_mul_ps(xs[i], _mm256_add_ps(_mm256_mul_ps(lw->scale, a0[i]),
+                                                                     _mm256_mul_ps(lw->lamx, a1[i]))), lw->bias);
+        else
+            out[i] = _mm256_add_ps(_mm256_mul_ps(xs[i], _mm256_mul_ps(lw->scale, a0[i])), lw->bias);
+    }
+}
+
+TGT static inline void store(lanes_io io, int32_t nb, size_t pix, __m256 out) {
+    float *yp = io.y + pix * io.ys;
+    if (io.yl == 1 && nb == DW_LANES) {
+        _mm256_storeu_ps(yp, out);
+        return;
+    }
+    float o8[DW_LANES];
+    _mm256_storeu_ps(o8, out);
+    for (int32_t l = 0; l < nb; l++) yp[l * io.yl] = o8[l];
+}
+
+TGT void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, int32_t nb, lanes_io io, int32_t H,
+                            int32_t W, int32_t oh0, int32_t oh1, int32_t OW) {
+    enum { L = DW_LANES };
+    const spfq_dw_geom *g = &p->g;
+    const int32_t k = p->k;
+    lanes_w lw;
+    lw.w = p->lane + (size_t)blk * (4 * (size_t)k + 3) * L;
+    lw.cw = lw.w + (size_t)k * L;
+    lw.sw8 = lw.cw + (size_t)k * L;
+    lw.live = lw.sw8 + (size_t)k * L;
+    const float *e = lw.live + (size_t)k * L;
+    lw.scale = _mm256_loadu_ps(e), lw.lamx = _mm256_loadu_ps(e + L), lw.bias = _mm256_loadu_ps(e + 2 * L);
+    lw.one = p->one_level, lw.two = p->two;
+    int32_t tap[DW_MAX_TAPS];
+    const float *xp[DW_MAX_TAPS];
+    /* output columns whose taps all lie inside the image width */
+    const int32_t lo = g->pl <= 0 ? 0 : (g->pl + g->sw - 1) / g->sw;
+    const int32_t span = (g->kw - 1) * g->dw - g->pl; /* iw0 + (kw-1) dw = ow sw + span < W */
+    int32_t hi = W - 1 - span < 0 ? 0 : (W - 1 - span) / g->sw + 1;
+    if (hi > OW) hi = OW;
+    const size_t pair[2] = {0, (size_t)g->sw * io.ps}, *one_off = pair;
+    for (int32_t oh = oh0; oh < oh1; oh++) {
+        const int32_t ih0 = oh * g->sh - g->pt;
+        int32_t ow = 0;
+        while (ow < OW) {
+            const int32_t iw0 = ow * g->sw - g->pl;
+            int32_t nt = 0;
+            for (int32_t kh = 0; kh < g->kh; kh++) { /* the valid taps, in column order */
+                const int32_t ih = ih0 + kh * g->dh;
+                if (ih < 0 || ih >= H) continue;
+                const float *row = io.xin + (size_t)(ih - io.ih_lo) * W * io.ps;
+                for (int32_t kw = 0; kw < g->kw; kw++) {
+                    const int32_t iw = iw0 + kw * g->dw;
+                    if (iw < 0 || iw >= W) continue;
+                    tap[nt] = kh * g->kw + kw;
+                    xp[nt++] = row + (size_t)iw * io.ps;
+                }
+            }
+            __m256 out[2];
+            const int P = (ow >= lo && ow + 1 < hi) ? 2 : 1; /* two neighbours with the same valid taps */
+            if (int8) {
+                if (P == 2) pix_i8(&lw, 2, 0, nt, tap, xp, pair, out);
+                else pix_i8(&lw, 1, 0, nt, tap, xp, one_off, out);
+            } else {
+                if (P == 2) pix_f32(&lw, 2, nt, tap, xp, pair, out);
+                else pix_f32(&lw, 1, nt, tap, xp, one_off, out);
+            }
+            for (int i = 0; i < P; i++) store(io, nb, (size_t)oh * OW + ow + i, out[i]);
+            ow += P;
+        }
+    }
+}
+#endif
