@@ -144,3 +144,21 @@ def test_bad_calls_are_errors():
     assert not K.is_depthwise(dense)
     with pytest.raises(K.KernelError, match="not depthwise"):
         K.DepthwiseWeights(dense)
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.37, 3e-3, 1e-37])
+def test_int8_quotients_at_rounding_edges(scale):
+    """Inputs (k + 1/2) * s next to patch maxima 127 * s: the quotients x / xs lie on or within
+    an ulp of half-integers, where a reciprocal product may round the other way; the SIMD
+    kernels redo those exactly (and subnormal scales at s = 1e-37), so results stay
+    bit-identical with the division of the GEMM path."""
+    rng = np.random.default_rng(11)
+    layer = _layer("16 channels s2", "int4", seed=12)
+    c, *_, (h, w) = GEOMS["16 channels s2"]
+    k = rng.integers(-127, 127, (2, c, h, w)) + 0.5
+    x = (k * scale).astype(np.float32)
+    x[..., ::3] = np.float32(127 * scale) * np.where(rng.random((2, c, h, (w + 2) // 3)) < 0.5, -1, 1)
+    want = KernelLayer(layer)(x, "i8").numpy()
+    dw = K.DepthwiseWeights(layer)
+    np.testing.assert_array_equal(dw(x, int8=True), want)
+    np.testing.assert_array_equal(dw(_last(x), True, 1, channels_last=True), _last(want))
