@@ -120,10 +120,13 @@ class Int8ActivationLayer(nn.Module):
         return rows_to_output(torch.cat(outs, dim=1).float(), x, self.kind, self.conv)
 
 
-def int8_activation_reference(model: nn.Module, cm: CompressedModel) -> nn.Module:
+def int8_activation_reference(model: nn.Module, cm: CompressedModel, float_layers=()) -> nn.Module:
     """A copy of the reference `model` whose compressed layers quantise their inputs to int8 per
-    row as the integer kernels do: the reference for artifacts built with int8 activations."""
+    row as the integer kernels do: the reference for artifacts built with int8 activations.
+    float_layers: layers such an artifact runs weight-only (kernels.layer_activation), left as
+    the dequantised modules."""
     model = copy.deepcopy(model)
     for name, layer in cm.layers.items():
-        replace_module(model, name, Int8ActivationLayer(layer))
+        if name not in float_layers:
+            replace_module(model, name, Int8ActivationLayer(layer))
     return model.eval()

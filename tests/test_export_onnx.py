@@ -31,9 +31,17 @@ from spfq_deploy.export.onnx import ort_library
 from spfq_deploy.export.onnx import qonnx as onnx_qonnx
 from spfq_deploy.export.onnx import stock as onnx_stock
 from spfq_deploy.export.onnx.session import run_qonnx, session
-from spfq_deploy.kernels import preferred_layout
+from spfq_deploy.kernels import layer_activation, preferred_layout
 from spfq_deploy.reference import Int8ActivationLayer, int8_activation_reference, load_reference
 from spfq_deploy.targets import get_target
+
+
+def _float_layers(cm):
+    """The layers int8 exports run weight-only (depthwise: kernels.layer_activation)."""
+    from spfq_deploy.kernels import layer_activation
+
+    return frozenset(n for n, la in cm.layers.items() if layer_activation(la, "int8") == "float")
+
 
 ROOT = Path(__file__).resolve().parents[1]
 # The custom-op library needs ONNX Runtime's headers; `make test` fetches them (make ort-headers),
@@ -140,12 +148,17 @@ def test_one_layer_every_flavour_matches_its_reference(tmp_path, case, geometry)
     layer = _layer(kind, shape=SHAPES[geometry], conv=CONVS[geometry], **CASES[case])
     x = torch.from_numpy(np.random.default_rng(5).standard_normal(INPUTS[geometry]).astype(np.float32))
     ref = _torch_float(layer, x).numpy()
-    ref8 = Int8ActivationLayer(layer)(x).double().numpy()
+    # depthwise layers stay weight-only in int8 exports (kernels.layer_activation)
+    ref8 = ref if layer_activation(layer, "int8") == "float" else Int8ActivationLayer(layer)(x).double().numpy()
     tol = 2e-5 * max(1.0, float(np.abs(ref).max()))
     lib = _host_lib()
     assert (preferred_layout(layer) == "sparse") == (case in ("int3-lam-sparse", "int6-lam-allzero"))
     for act, want in (("float", ref), ("int8", ref8)):
-        path = _save(_one_layer_model(layer, "custom", act), tmp_path, f"c_{act}.onnx")
+        model = _one_layer_model(layer, "custom", act)
+        node = next(n for n in model.graph.node if n.domain == "ai.spfq")
+        assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "activation")).decode() == \
+            ("float" if geometry == "conv2d-depthwise" else act)
+        path = _save(model, tmp_path, f"c_{act}.onnx")
         got = session(path, lib).run(None, {"x": x.numpy()})[0]
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f"custom {act}")
@@ -237,7 +250,7 @@ def test_mnist_flavours_agree_with_reference(mnist_exports, tag):
     ref = load_reference(out / "model.spfq")
     with torch.no_grad():
         yf = ref(x).numpy()
-        y8 = int8_activation_reference(ref, cm)(x).numpy()
+        y8 = int8_activation_reference(ref, cm, _float_layers(cm))(x).numpy()
     feeds = {"input": x.numpy()}
     got = _run_flavours(out, feeds, (0, 4))
     assert (got["custom"].argmax(1) == y8.argmax(1)).mean() == 1.0
@@ -304,7 +317,7 @@ def test_minilm_flavours_cosine_with_dynamic_axes(minilm_export):
     ref = load_reference(out / "model.spfq")
     with torch.no_grad():
         yf = ref(ids, mask).numpy()
-        y8 = int8_activation_reference(ref, cm)(ids, mask).numpy()
+        y8 = int8_activation_reference(ref, cm, _float_layers(cm))(ids, mask).numpy()
     got = _run_flavours(out, feeds, (0,))
     # weight-only custom ops: the dequantised model up to float summation order
     y = _run_flavours(minilm_export / "float", feeds, ())["custom"]

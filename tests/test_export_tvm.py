@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_export_onnx import CASES, CONVS, INPUTS, SHAPES, _cosine_rows, _layer, _torch_float
+from test_export_onnx import CASES, CONVS, INPUTS, SHAPES, _cosine_rows, _float_layers, _layer, _torch_float
 from torch import nn
 
 from spfq_deploy import kernels
@@ -96,7 +96,9 @@ def test_every_layout_and_geometry_matches_its_reference(tmp_path, all_layers, a
     groups = sum(int(la.conv["groups"]) if la.conv and not kernels.is_depthwise(la) else 1 for la in layers)
     assert tvm_runtime.kernel_calls(lib) - calls == groups
     for layer, x, y in zip(layers, xs, got):
-        want = _torch_float(layer, x).numpy() if activation == "float" else Int8ActivationLayer(layer)(x).double().numpy()
+        act = kernels.layer_activation(layer, activation)  # depthwise layers stay float
+        assert infos[layer.name]["activation"] == act
+        want = _torch_float(layer, x).numpy() if act == "float" else Int8ActivationLayer(layer)(x).double().numpy()
         tol = 2e-5 * max(1.0, float(np.abs(want).max()))
         assert y.shape == want.shape, layer.name
         np.testing.assert_allclose(y, want, rtol=0, atol=tol, err_msg=f"{layer.name} {layer.alphabet} {layer.kind}")
@@ -178,7 +180,7 @@ def test_mnist_int8_activations_match_the_integer_reference(mnist_exports):
     cm = container.load(out / "model.spfq")
     ref = load_reference(out / "model.spfq")
     with torch.no_grad():
-        y8 = int8_activation_reference(ref, cm)(x).numpy()
+        y8 = int8_activation_reference(ref, cm, _float_layers(cm))(x).numpy()
     vm, _ = tvm_runtime.load(out / "model.x86_64.so")
     got = tvm_runtime.run(vm, x.numpy())[0]
     assert (got.argmax(1) == y8.argmax(1)).mean() == 1.0

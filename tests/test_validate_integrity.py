@@ -20,6 +20,7 @@ import onnx
 import pytest
 import torch
 from onnx import helper, numpy_helper
+from test_export_onnx import _float_layers
 from test_validate import _copy, _validate
 
 from spfq_deploy.cli import main
@@ -68,7 +69,8 @@ def unseen(export_dir):
     with np.load(export_dir / "inputs.npz") as z:
         x = torch.from_numpy(z["input"])
     zero = None
-    for m in (model, int8_activation_reference(model, container.load(export_dir / "model.spfq"))):
+    cm8 = container.load(export_dir / "model.spfq")
+    for m in (model, int8_activation_reference(model, cm8, _float_layers(cm8))):
         seen = {}
         h = m.get_submodule("classifier.0").register_forward_hook(lambda _m, i, _o, seen=seen: seen.update(x=i[0]))
         with torch.no_grad():

@@ -109,26 +109,28 @@ class _References:
         self.model = load_reference(out / "model.spfq", spec)
         self.args = [torch.from_numpy(v) for v in feeds.values()]
         self.layer_names = layer_names
-        self._cache, self._int8 = {}, None
+        self._cache, self._int8 = {}, {}
         self._int8_layers = {}
 
-    def module(self, kind: str):
+    def module(self, kind: str, float_layers: frozenset = frozenset()):
+        """float_layers: the layers an int8 artifact runs weight-only (dequantised modules)."""
         if kind == "float":
             return self.model
-        if self._int8 is None:
+        if float_layers not in self._int8:
             from ..reference import int8_activation_reference
 
-            self._int8 = int8_activation_reference(self.model, self.cm)
-        return self._int8
+            self._int8[float_layers] = int8_activation_reference(self.model, self.cm, float_layers)
+        return self._int8[float_layers]
 
-    def outputs(self, kind: str) -> tuple[list, dict]:
-        if kind not in self._cache:
-            y, hooked = layer_checks.hooked_outputs(self.module(kind), self.args, self.layer_names)
-            self._cache[kind] = (_flat(y), hooked)
-        return self._cache[kind]
+    def outputs(self, kind: str, float_layers: frozenset = frozenset()) -> tuple[list, dict]:
+        key = (kind, float_layers if kind != "float" else frozenset())
+        if key not in self._cache:
+            y, hooked = layer_checks.hooked_outputs(self.module(*key), self.args, self.layer_names)
+            self._cache[key] = (_flat(y), hooked)
+        return self._cache[key]
 
-    def layer(self, kind: str, name: str):
-        if kind == "float":
+    def layer(self, kind: str, name: str, float_layers: frozenset = frozenset()):
+        if kind == "float" or name in float_layers:
             return self.model.get_submodule(name)
         from ..reference import Int8ActivationLayer
 
@@ -282,7 +284,7 @@ def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, sha
         row.update(status="fail", error=_one_line(exc), first_diverging_layer=weight_first)
         return row
     row["latency_ms"] = latency
-    want, _ = refs.outputs(art.reference)
+    want, _ = refs.outputs(art.reference, art.float_layers)
     if art.flavour == "qonnx":
         want = [w[:runners.QONNX_SAMPLES] for w in want]
     if len(outs) != len(want):
@@ -381,8 +383,8 @@ def _recorded_layers(recorded: dict, art, refs):
     names = [n for n in refs.layer_names if n in recorded]
     tensors = {n: (f"{n}:input", f"{n}:output") for n in names}
     values = {t: recorded[n][i] for n in names for i, t in enumerate(tensors[n])}
-    _, hooked = refs.outputs(art.reference)
-    return layer_checks.check(values, tensors, {}, lambda n: refs.layer(art.reference, n), hooked,
+    _, hooked = refs.outputs(art.reference, art.float_layers)
+    return layer_checks.check(values, tensors, {}, lambda n: refs.layer(art.reference, n, art.float_layers), hooked,
                               TOLERANCES[art.kind], TOLERANCES[art.kind])
 
 
@@ -406,6 +408,6 @@ def _layers(out, art, feeds, refs, files):
             sess = ort_runners.session(path, library, accuracy_level=art.accuracy_level)
             values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     values = layer_checks.channels_first(model, values)
-    _, hooked = refs.outputs(art.reference)
-    return layer_checks.check(values, tensors, feeds, lambda n: refs.layer(art.reference, n), hooked,
+    _, hooked = refs.outputs(art.reference, art.float_layers)
+    return layer_checks.check(values, tensors, feeds, lambda n: refs.layer(art.reference, n, art.float_layers), hooked,
                               TOLERANCES[art.kind], TOLERANCES[art.kind])

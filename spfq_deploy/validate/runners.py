@@ -45,6 +45,13 @@ class Artifact:
     skip: str | None = None  # why this artifact x target cannot run here
     runner: str = "native"  # native | qemu | cuda
     notes: list = field(default_factory=list)
+    float_layers: frozenset = frozenset()  # layers an int8 artifact runs weight-only (its manifest says)
+
+
+def _float_layers(layers: dict, flavour: str | None) -> frozenset:
+    """Names of the manifest's layers recorded with activation 'float' (kernels.layer_activation)."""
+    return frozenset(n for n, v in (layers or {}).items()
+                     if ((v.get(flavour) if flavour else v) or {}).get("activation") == "float")
 
 
 
@@ -86,7 +93,9 @@ def discover(out: Path, onnx_manifest: dict | None, tvm_manifest: dict | None, h
             kind = "int8" if act == "int8" else "float"
             for tname, lib in libs.items() or [(host, None)]:
                 a = Artifact(files["custom"], "custom", tname, kind, kind,
-                             f"onnx custom ops, {act} act.", library=lib)
+                             f"onnx custom ops, {act} act.", library=lib,
+                             float_layers=_float_layers(onnx_manifest.get("layers"), "custom") if kind == "int8"
+                             else frozenset())
                 if lib is None:
                     a.skip = "the manifest names no custom-op library"
                 elif tname != host:
@@ -109,7 +118,9 @@ def discover(out: Path, onnx_manifest: dict | None, tvm_manifest: dict | None, h
             runner, skip = _runner_for(tname)
             arts.append(Artifact(info.get("file", f"model.{tname}.so"), "tvm", tname, kind, kind,
                                  f"tvm library, {act} act." + (" (qemu-aarch64)" if runner == "qemu" else ""),
-                                 skip=skip, runner=runner))
+                                 skip=skip, runner=runner,
+                                 float_layers=_float_layers(tvm_manifest.get("layers"), None) if kind == "int8"
+                                 else frozenset()))
     if cuda_manifest is not None:
         lib = (cuda_manifest.get("library") or {}).get("file", "lib/cuda/libspfq_cuda.so")
         arts.append(Artifact(lib, "cuda", cuda_manifest.get("target", "cuda"), "int8", "int8",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...compressed import CompressedLayer
-from ...kernels import LAYOUT_IDS, kernel_pack, preferred_layout
+from ...kernels import LAYOUT_IDS, kernel_pack, layer_activation, preferred_layout
 from .graph import Builder, Replacement, conv_attrs
 from .layout import channels_last
 
@@ -19,10 +19,12 @@ DOMAIN_VERSION = 1
 
 
 def builder(activation: str) -> Builder:
-    """activation: 'float' (weight-only kernels) or 'int8' (per-row int8 activations)."""
+    """activation: 'float' (weight-only kernels) or 'int8' (per-row int8 activations; depthwise
+    layers weight-only, kernels.layer_activation)."""
 
     def build(layer: CompressedLayer, x: str, y: str) -> Replacement:
         rep = Replacement()
+        act = layer_activation(layer, activation)
         layout, bits, bufs = kernel_pack(layer, preferred_layout(layer))
         p = layer.name
         inputs = [x]
@@ -35,13 +37,13 @@ def builder(activation: str) -> Builder:
         while inputs[-1] == "":
             inputs.pop()
         attrs = dict(layout=LAYOUT_IDS[layout], bits=bits, in_features=layer.cols, out_features=layer.rows,
-                     kept_words=int(bufs["kept"].shape[2]) if layout == "sparse" else 0, activation=activation)
+                     kept_words=int(bufs["kept"].shape[2]) if layout == "sparse" else 0, activation=act)
         op = "PackedMatMul"
         if layer.kind != "linear":
             op = "PackedConv"
             attrs.update(conv_attrs(layer))
         rep.node(op, inputs, [y], domain=DOMAIN, **attrs)
-        rep.info = {"op": f"{DOMAIN}.{op}", "layout": layout, "bits": bits, "activation": activation,
+        rep.info = {"op": f"{DOMAIN}.{op}", "layout": layout, "bits": bits, "activation": act,
                     "packed_bytes": int(sum(b.nbytes for b in bufs.values()))}
         return rep
 

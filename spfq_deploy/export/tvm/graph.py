@@ -26,7 +26,7 @@ from torch import nn
 from ...compress.capture import conv_output_size, conv_params
 from ...compressed import CompressedLayer, CompressedModel
 from ...errors import SpfqError
-from ...kernels import LAYOUT_IDS, kernel_pack, preferred_layout
+from ...kernels import LAYOUT_IDS, kernel_pack, layer_activation, preferred_layout
 from ...reference import replace_module
 from ..source import ExportInputs
 
@@ -219,7 +219,7 @@ def to_relax(ep, cm: CompressedModel, names: list[str], activation: str):
     from tvm import tirx as tir
     from tvm.relax.frontend.torch import from_exported_program
 
-    packed = [pack_for_kernel(cm.layers[n], activation) for n in names]
+    packed = [pack_for_kernel(cm.layers[n], layer_activation(cm.layers[n], activation)) for n in names]
 
     def convert(node, importer):
         x = importer.env[node.args[0]]
