@@ -65,6 +65,8 @@ def lib() -> C.CDLL:
             "spfq_dw_free": ([p], None),
             "spfq_dwconv": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
             "spfq_dwconv_nhwc": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
+            "spfq_set_clamp": ([p, C.c_float, C.c_float], C.c_int),
+            "spfq_dw_set_clamp": ([p, C.c_float, C.c_float], C.c_int),
         }
         for name, (args, res) in sig.items():
             fn = getattr(so, name)
@@ -197,6 +199,10 @@ class PackedWeights:
             raise KernelError(f"{name} has K = {x.shape[1]}, the weights have K = {self.k}")
         return _arr(x, dtype, x.shape, name, np.dtype(dtype).itemsize)
 
+    def set_clamp(self, lo: float = -np.inf, hi: float = np.inf) -> None:
+        """Fuse y = min(max(y, lo), hi) into the epilogue (ReLU: lo = 0; ReLU6: 0, 6)."""
+        _ok(lib().spfq_set_clamp(self._h, lo, hi), "set_clamp")
+
     def matmul_f32(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """Weight-only: x (M, K) float32 -> (M, N)."""
         px = self._x(x, np.float32, "x")
@@ -290,6 +296,9 @@ class DepthwiseWeights:
         if h is not None and h.value and _lib is not None:
             _lib.spfq_dw_free(h)
             self._h = None
+
+    def set_clamp(self, lo: float = -np.inf, hi: float = np.inf) -> None:
+        _ok(lib().spfq_dw_set_clamp(self._h, lo, hi), "dw_set_clamp")
 
     def __call__(self, x: np.ndarray, int8: bool = False, threads: int = 1,
                  channels_last: bool = False) -> np.ndarray:

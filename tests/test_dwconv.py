@@ -162,3 +162,14 @@ def test_int8_quotients_at_rounding_edges(scale):
     dw = K.DepthwiseWeights(layer)
     np.testing.assert_array_equal(dw(x, int8=True), want)
     np.testing.assert_array_equal(dw(_last(x), True, 1, channels_last=True), _last(want))
+
+
+def test_fused_clamp():
+    layer, x = _layer("16 channels s2", "int4", seed=13), _input("16 channels s2", seed=14)
+    dw = K.DepthwiseWeights(layer)
+    want = {i: dw(x, i) for i in (False, True)}
+    dw.set_clamp(0.0, 0.5)
+    for int8 in (False, True):
+        clamped = np.minimum(np.maximum(want[int8], 0), 0.5)
+        np.testing.assert_array_equal(dw(x, int8), clamped)
+        np.testing.assert_array_equal(dw(_last(x), int8, 2, channels_last=True), _last(clamped))

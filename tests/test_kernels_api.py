@@ -177,3 +177,39 @@ def test_bad_arguments_raise_clear_errors():
         w.bgemm(np.zeros((1, 2), np.uint64))
     with pytest.raises(K.KernelError, match="ISA"):
         K.set_isa("sse9")
+
+
+@pytest.mark.parametrize("layout", ["sign", "sign_mask", "planes", "sparse"])
+def test_conv_shaped_calls_split_rows_across_threads(layout):
+    """Many rows, few outputs (a conv's pixels x 20 channels): api.c splits M over the threads;
+    every element equals the 1-thread result (int8 exact; f32 the same per-element sums)."""
+    alphabet, bits, sp = {"sign": ("binary", 1, 0.0), "sign_mask": ("ternary", 2, 0.3),
+                          "planes": ("int", 4, 0.0), "sparse": ("int", 3, 0.95)}[layout]
+    layer = make_layer(alphabet, bits, 20, 70, sparsity=sp, pruned=sp > 0)
+    w = K.PackedWeights.from_layer(layer, layout)
+    xq = RNG.integers(-127, 128, size=(1000, 70)).astype(np.int8)
+    xs = RNG.random(1000).astype(np.float32)
+    x = RNG.standard_normal((1000, 70)).astype(np.float32)
+    want = w.matmul_i8_raw(xq, threads=1), w.matmul_i8(xq, xs, threads=1), w.matmul_f32(x, threads=1)
+    for t in (2, 3, 8):
+        got = w.matmul_i8_raw(xq, threads=t), w.matmul_i8(xq, xs, threads=t), w.matmul_f32(x, threads=t)
+        assert all(np.array_equal(a, b) for a, b in zip(got[0], want[0]))
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_fused_clamp_is_min_max_of_the_unclamped_output():
+    layer = make_layer("int", 4, 70, 90)
+    w = K.PackedWeights.from_layer(layer)
+    xq = RNG.integers(-127, 128, size=(300, 90)).astype(np.int8)
+    xs = RNG.random(300).astype(np.float32)
+    x = RNG.standard_normal((300, 90)).astype(np.float32)
+    y8, yf = w.matmul_i8(xq, xs), w.matmul_f32(x)
+    w.set_clamp(0.0, 6.0)
+    for t in (1, 3):
+        np.testing.assert_array_equal(w.matmul_i8(xq, xs, threads=t), np.minimum(np.maximum(y8, 0), 6))
+        np.testing.assert_array_equal(w.matmul_f32(x, threads=t), np.minimum(np.maximum(yf, 0), 6))
+    w.set_clamp()  # off again
+    np.testing.assert_array_equal(w.matmul_i8(xq, xs), y8)
+    with pytest.raises(K.KernelError):
+        w.set_clamp(1.0, 0.0)

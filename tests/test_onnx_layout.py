@@ -68,7 +68,10 @@ def test_block_keeps_values_and_only_edge_transposes(tmp_path, extra):
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert "Clip" not in ops  # ReLU6 fused into A (fuse.py)
     convs = [n for n in last.graph.node if n.op_type == "PackedConv"]
+    assert {(a.name, a.f) for a in convs[0].attribute if a.name.startswith("clip")} == {("clip_min", 0.0),
+                                                                                       ("clip_max", 6.0)}
     assert len(convs) == 3 and all(any(a.name == "channels_last" and a.i == 1 for a in n.attribute) for n in convs)
     if extra is None:  # into NHWC at the input, back before the pooling: nothing in between
         assert ops.count("Transpose") == 2
@@ -91,6 +94,9 @@ def test_non_elementwise_consumers_keep_their_nchw_input(tmp_path):
     build, domains = onnx_custom.builder("float"), {onnx_custom.DOMAIN: 1}
     plain, _ = onnx_graph.rewrite(helper.make_model(g), cm, build, domains)
     last, _ = onnx_graph.rewrite(helper.make_model(g), cm, build, domains, onnx_custom.graph_pass)
-    assert [n.op_type for n in last.graph.node] == ["Transpose", "PackedConv", "Relu", "Transpose", "Flatten"]
+    # the Relu is fused into the conv (fuse.py): clip_min = 0
+    assert [n.op_type for n in last.graph.node] == ["Transpose", "PackedConv", "Transpose", "Flatten"]
+    conv = last.graph.node[1]
+    assert [(a.name, a.f) for a in conv.attribute if a.name.startswith("clip")] == [("clip_min", 0.0)]
     x = np.random.default_rng(1).standard_normal((2, 3, 5, 5)).astype(np.float32)
     np.testing.assert_array_equal(_run(last, tmp_path, "l.onnx", x)["y"], _run(plain, tmp_path, "p.onnx", x)["y"])

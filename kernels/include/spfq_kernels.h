@@ -58,6 +58,12 @@ typedef struct spfq_prepared spfq_prepared;  /* owns a copy / repack of the weig
 int spfq_prepare(const spfq_weights_desc *w, spfq_prepared **out);
 void spfq_free(spfq_prepared *p);
 
+/* An output clamp fused into the epilogue of spfq_matmul_f32 / spfq_matmul_i8 (and of
+ * spfq_dwconv / spfq_dwconv_nhwc through spfq_dw_set_clamp): y = min(max(y, lo), hi), as
+ * v < lo ? lo : v, then v > hi ? hi : v (NaN stays NaN). ReLU: (0, inf), ReLU6: (0, 6).
+ * lo > hi or a NaN bound is SPFQ_EINVAL; (-inf, inf) turns it off. */
+int spfq_set_clamp(spfq_prepared *w, float lo, float hi);
+
 /* Weight-only: y (M,N) = x (M,K) @ value(W)^T + bias, float accumulation (matches the
  * dequantised PyTorch model up to summation order). */
 int spfq_matmul_f32(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads);
@@ -100,6 +106,7 @@ typedef struct {
 } spfq_dw_geom;
 typedef struct spfq_dw spfq_dw;
 int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw **out);
+int spfq_dw_set_clamp(spfq_dw *p, float lo, float hi);
 void spfq_dw_free(spfq_dw *p);
 /* x (b, channels, h, w) -> y (b, channels * mult, oh, ow); int8: activations quantised per
  * patch as above (0: weight-only float). */

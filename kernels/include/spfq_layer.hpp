@@ -120,6 +120,12 @@ struct Layer {
     spfq_dw *dw = nullptr;
 };
 
+// The output clamp fused into every kernel of the layer (ReLU / ReLU6 / Clip after it).
+inline void set_clamp(Layer &l, float lo, float hi) {
+    for (spfq_prepared *p : l.parts) check(spfq_set_clamp(p, lo, hi), "set_clamp");
+    if (l.dw) check(spfq_dw_set_clamp(l.dw, lo, hi), "set_clamp");
+}
+
 inline void free_layer(Layer &l) {
     free_parts(l.parts);
     spfq_dw_free(l.dw);

@@ -15,7 +15,8 @@
 // channels_last (0: X / Y are NCHW as ONNX Conv; 1: X[B, (H,) W, C] -> Y[B, (OH,) OW, N], the
 // layout the export keeps between consecutive compressed convs). Conv runs spfq_layer.hpp's
 // conv / conv_nhwc: direct depthwise kernels, 1x1 convs as a GEMM on NHWC pixels, others
-// through im2col rows, as spfq_deploy/kernel_layers.py does.
+// through im2col rows, as spfq_deploy/kernel_layers.py does. Both ops take clip_min / clip_max
+// (floats, default -inf / inf): a ReLU / ReLU6 / Clip fused into the kernels' epilogue.
 //
 // Built against the oldest ONNX Runtime C API it supports (the headers it is compiled with, e.g.
 // Debian's libonnxruntime-dev 1.21 = API 21); newer runtimes keep serving that API version.
@@ -26,6 +27,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -75,6 +77,9 @@ class PackedKernel {
         if (act != "float" && act != "int8") throw Error("activation must be 'float' or 'int8', got '" + act + "'");
         int8_ = act == "int8";
         threads_ = static_cast<int>(attr_or(ki, "threads", 0));
+        clip_lo_ = fattr_or(ki, "clip_min", -INFINITY);
+        clip_hi_ = fattr_or(ki, "clip_max", INFINITY);
+        if (!(clip_lo_ <= clip_hi_)) throw Error("clip_min must not exceed clip_max");
         if (threads_ <= 0) threads_ = default_threads();
         if (layout_ < SPFQ_SIGN || layout_ > SPFQ_SPARSE) throw Error("unknown layout " + std::to_string(layout_));
         if (k_ < 1 || n_ < 1) throw Error("in_features and out_features must be positive");
@@ -120,6 +125,14 @@ class PackedKernel {
         }
     }
 
+    static float fattr_or(Ort::ConstKernelInfo &ki, const char *name, float dflt) {
+        try {
+            return ki.GetAttribute<float>(name);
+        } catch (const Ort::Exception &) {
+            return dflt;
+        }
+    }
+
     void release() { spfq_layer::free_layer(layer_); }
 
     // Typed view of an optional input: nullptr when absent (or empty); checks the shape.
@@ -156,6 +169,7 @@ class PackedKernel {
         if (conv_) G = geometry();
         layer_ = spfq_layer::prepare_layer(layout_, bits_, n_, k_, kept_words_, groups_, conv_ ? &G : nullptr, sign,
                                            mask, planes, scale, lam, bias);
+        spfq_layer::set_clamp(layer_, clip_lo_, clip_hi_);
         std::copy(key, key + 6, key_);
     }
 
@@ -202,6 +216,7 @@ class PackedKernel {
     bool conv_;
     int layout_ = 0, bits_ = 0, threads_ = 1;
     bool int8_ = false, channels_last_ = false;
+    float clip_lo_ = -INFINITY, clip_hi_ = INFINITY;
     int64_t k_ = 0, n_ = 0, kept_words_ = 0, groups_ = 1;
     std::vector<int64_t> kshape_, strides_, pads_, dil_;
     std::mutex mu_;

@@ -168,18 +168,39 @@ typedef struct {
     const spfq_job *job;
     void (*after)(const spfq_job *, int32_t, int32_t, void *);
     void *after_ctx;
+    int32_t mparts; /* the call's rows split into this many parts (1: every chunk has all rows) */
 } task;
 
 /* Chunk t of nt: whole 64-row blocks (re-binarised output words are never shared), then the
  * epilogue on the same rows while they are hot. */
 static void run_slice(void *arg, int32_t t, int32_t nt) {
     const task *s = arg;
-    const int32_t N = s->job->w->d.n, blocks = (N + 63) / 64;
-    const int32_t b0 = (int32_t)((int64_t)blocks * t / nt), b1 = (int32_t)((int64_t)blocks * (t + 1) / nt);
+    const spfq_job *j = s->job;
+    const int32_t N = j->w->d.n, blocks = (N + 63) / 64, mparts = s->mparts, nparts = nt / mparts;
+    const int32_t tn = t % nparts, tm = t / nparts;
+    const int32_t b0 = (int32_t)((int64_t)blocks * tn / nparts), b1 = (int32_t)((int64_t)blocks * (tn + 1) / nparts);
     const int32_t n0 = b0 * 64, n1 = b1 * 64 < N ? b1 * 64 : N;
     if (n0 >= n1) return;
-    s->fn(s->job, n0, n1);
-    if (s->after) s->after(s->job, n0, n1, s->after_ctx);
+    if (mparts == 1) {
+        s->fn(j, n0, n1);
+        if (s->after) s->after(j, n0, n1, s->after_ctx);
+        return;
+    }
+    const int32_t m0 = (int32_t)((int64_t)j->m * tm / mparts), m1 = (int32_t)((int64_t)j->m * (tm + 1) / mparts);
+    if (m0 >= m1) return;
+    const size_t K = (size_t)j->w->d.k, W = (size_t)j->w->words, r = (size_t)m0;
+    spfq_job sub = *j; /* rows [m0, m1): every M-indexed pointer moved to row m0 */
+    sub.m = m1 - m0;
+    sub.m0 = j->m0 + m0;
+    if (j->x) sub.x = j->x + r * K;
+    if (j->y) sub.y = j->y + r * N;
+    if (j->xq) sub.xq = j->xq + r * K;
+    if (j->acc_c) sub.acc_c = j->acc_c + r * N;
+    if (j->acc_s) sub.acc_s = j->acc_s + r * N;
+    if (j->xbits) sub.xbits = j->xbits + r * W;
+    if (j->dot) sub.dot = j->dot + r * N;
+    s->fn(&sub, n0, n1);
+    if (s->after) s->after(&sub, n0, n1, s->after_ctx);
 }
 
 /* Split [0, N) over up to nthreads threads of the persistent pool (pool.c): 4 chunks per thread
@@ -189,11 +210,18 @@ static void run_slice(void *arg, int32_t t, int32_t nt) {
 static int parallel(spfq_range_fn fn, const spfq_job *job, int32_t nthreads,
                     void (*after)(const spfq_job *, int32_t, int32_t, void *), void *ctx) {
     const int32_t blocks = (job->w->d.n + 63) / 64;
-    if (nthreads > blocks) nthreads = blocks;
     if (nthreads > SPFQ_POOL_MAX) nthreads = SPFQ_POOL_MAX;
-    const int32_t chunks = nthreads <= 1 ? 1 : (4 * nthreads < blocks ? 4 * nthreads : blocks);
-    task s = {fn, job, after, ctx};
-    spfq_pool_run(nthreads, chunks, run_slice, &s);
+    /* fewer 64-row blocks than 4 per thread (a conv's pixels x a few output channels): the
+     * activation rows are split too, into parts of at least 64 rows */
+    int32_t mparts = 1;
+    if (nthreads > 1 && blocks < 4 * nthreads && job->m >= 128) {
+        const int32_t want = (4 * nthreads + blocks - 1) / blocks, most = job->m / 64;
+        mparts = want < most ? want : most;
+    }
+    if (mparts == 1 && nthreads > blocks) nthreads = blocks;
+    const int32_t nparts = nthreads <= 1 ? 1 : (4 * nthreads < blocks ? 4 * nthreads : blocks);
+    task s = {fn, job, after, ctx, mparts};
+    spfq_pool_run(nthreads, nparts * mparts, run_slice, &s);
     return SPFQ_OK;
 }
 
@@ -201,13 +229,39 @@ static int parallel(spfq_range_fn fn, const spfq_job *job, int32_t nthreads,
 
 static int check(const spfq_prepared *w, int32_t m) { return (!w || m < 0) ? SPFQ_EINVAL : SPFQ_OK; }
 
+int spfq_set_clamp(spfq_prepared *w, float lo, float hi) {
+    if (!w || lo != lo || hi != hi || lo > hi) return SPFQ_EINVAL;
+    w->clamp_lo = lo;
+    w->clamp_hi = hi;
+    w->clamped = !(lo == -INFINITY && hi == INFINITY);
+    return SPFQ_OK;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EPI_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define EPI_CLONES
+#endif
+
+/* The clamp on the rows [n0, n1) this thread made (weight-only kernels write y themselves). */
+EPI_CLONES static void f32_finish(const spfq_job *j, int32_t n0, int32_t n1, void *ctx) {
+    (void)ctx;
+    const struct spfq_prepared *w = j->w;
+    const int32_t N = w->d.n;
+    const float lo = w->clamp_lo, hi = w->clamp_hi;
+    for (int32_t m = 0; m < j->m; m++) {
+        float *y = j->y + (size_t)m * N;
+        for (int32_t n = n0; n < n1; n++) y[n] = spfq_clamp(y[n], lo, hi);
+    }
+}
+
 int spfq_matmul_f32(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads) {
     if (check(w, m) || !x || !y) return SPFQ_EINVAL;
     int L = w->d.layout;
     spfq_range_fn fn = FIND(f32[L]);
     if (!fn) return SPFQ_EUNSUPPORTED;
     spfq_job job = {.w = w, .m = m, .x = x, .y = y};
-    return m ? parallel(fn, &job, nthreads, NULL, NULL) : SPFQ_OK;
+    return m ? parallel(fn, &job, nthreads, w->clamped ? f32_finish : NULL, NULL) : SPFQ_OK;
 }
 
 int spfq_matmul_i8_raw(const spfq_prepared *w, int32_t m, const int8_t *xq, int32_t *acc_c,
@@ -223,22 +277,31 @@ int spfq_matmul_i8_raw(const spfq_prepared *w, int32_t m, const int8_t *xq, int3
 
 typedef struct { const float *xscale; float *y; } i8_epilogue;
 
-/* y = xscale * (scale * acc_c + (lam - scale) * acc_s) + bias, on the rows this thread made. */
-static void i8_finish(const spfq_job *j, int32_t n0, int32_t n1, void *ctx) {
+/* y = xscale * (scale * acc_c + (lam - scale) * acc_s) + bias (then the clamp), on the rows
+ * this thread made. One loop per form so each vectorises (no fused multiply-add: ISO C). */
+EPI_CLONES static void i8_finish(const spfq_job *j, int32_t n0, int32_t n1, void *ctx) {
     const i8_epilogue *e = ctx;
-    const spfq_weights_desc *d = &j->w->d;
-    int32_t N = d->n;
-    int two = (d->layout == SPFQ_PLANES || d->layout == SPFQ_SPARSE);
+    const struct spfq_prepared *w = j->w;
+    const spfq_weights_desc *d = &w->d;
+    const int32_t N = d->n;
+    const int two = (d->layout == SPFQ_PLANES || d->layout == SPFQ_SPARSE);
+    const float *restrict sc = d->scale, *restrict lam = d->lam, *restrict bias = d->bias;
+    const float lo = w->clamped ? w->clamp_lo : -INFINITY, hi = w->clamped ? w->clamp_hi : INFINITY;
     for (int32_t m = 0; m < j->m; m++) {
-        float xs = e->xscale[m];
-        for (int32_t n = n0; n < n1; n++) {
-            size_t i = (size_t)m * N + n;
-            float s = d->scale[n];
-            float v = !two ? s * (float)j->acc_s[i]
-                    : d->lam ? s * (float)j->acc_c[i] + (d->lam[n] - s) * (float)j->acc_s[i]
-                             : s * (float)j->acc_c[i];
-            e->y[i] = xs * v + (d->bias ? d->bias[n] : 0.0f);
-        }
+        const float xs = e->xscale[j->m0 + m];
+        const size_t r = (size_t)m * N;
+        const int32_t *restrict ac = two ? j->acc_c + r : NULL, *restrict as = j->acc_s ? j->acc_s + r : NULL;
+        float *restrict y = e->y + (size_t)j->m0 * N + r;
+        if (!two)
+            for (int32_t n = n0; n < n1; n++)
+                y[n] = spfq_clamp(xs * (sc[n] * (float)as[n]) + (bias ? bias[n] : 0.0f), lo, hi);
+        else if (lam)
+            for (int32_t n = n0; n < n1; n++)
+                y[n] = spfq_clamp(xs * (sc[n] * (float)ac[n] + (lam[n] - sc[n]) * (float)as[n]) + (bias ? bias[n] : 0.0f),
+                                  lo, hi);
+        else
+            for (int32_t n = n0; n < n1; n++)
+                y[n] = spfq_clamp(xs * (sc[n] * (float)ac[n]) + (bias ? bias[n] : 0.0f), lo, hi);
     }
 }
 
@@ -269,13 +332,14 @@ static void bgemm_finish(const spfq_job *j, int32_t n0, int32_t n1, void *ctx) {
     const spfq_weights_desc *d = &j->w->d;
     int32_t N = d->n, NW = (N + 63) / 64;
     for (int32_t m = 0; m < j->m; m++) {
-        float xs = e->xscale ? e->xscale[m] : 1.0f;
+        const size_t mm = (size_t)j->m0 + (size_t)m;
+        float xs = e->xscale ? e->xscale[mm] : 1.0f;
         for (int32_t n = n0; n < n1; n++) {
             size_t i = (size_t)m * N + n;
             float v = xs * d->scale[n] * (float)j->dot[i] + (d->bias ? d->bias[n] : 0.0f);
-            if (e->y) e->y[i] = v;
+            if (e->y) e->y[mm * N + n] = v;
             if (e->ybits) {
-                uint64_t *word = &e->ybits[(size_t)m * NW + n / 64], bit = 1ull << (n % 64);
+                uint64_t *word = &e->ybits[mm * NW + n / 64], bit = 1ull << (n % 64);
                 *word = v < 0.0f ? (*word | bit) : (*word & ~bit);
             }
         }

@@ -76,6 +76,13 @@ static int lane_order(spfq_dw *p) {
     return 0;
 }
 
+int spfq_dw_set_clamp(spfq_dw *p, float lo, float hi) {
+    if (!p || lo != lo || hi != hi || lo > hi) return SPFQ_EINVAL;
+    p->lo = lo;
+    p->hi = hi;
+    return SPFQ_OK;
+}
+
 int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw **out) {
     if (!w || !g || !out) return SPFQ_EINVAL;
     *out = NULL;
@@ -94,6 +101,8 @@ int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw *
         return SPFQ_ENOMEM;
     }
     p->g = *g;
+    p->lo = -INFINITY;
+    p->hi = INFINITY;
     p->n = n;
     p->k = k;
     p->one_level = w->layout == SPFQ_SIGN || w->layout == SPFQ_SIGN_MASK;
@@ -195,10 +204,11 @@ DW_CLONES static void row_f32(const spfq_dw *p, int32_t o, const float *plane, i
         }
     }
     const float level = p->one_level ? p->scale[o] : 1.0f, bias = p->bias[o];
+    const float lo = p->lo, hi = p->hi;
     if (p->one_level)
-        for (int32_t ow = 0; ow < OW; ow++) y[ow] = level * y[ow] + bias;
+        for (int32_t ow = 0; ow < OW; ow++) y[ow] = spfq_clamp(level * y[ow] + bias, lo, hi);
     else
-        for (int32_t ow = 0; ow < OW; ow++) y[ow] = y[ow] + bias;
+        for (int32_t ow = 0; ow < OW; ow++) y[ow] = spfq_clamp(y[ow] + bias, lo, hi);
 }
 
 /* One output row, int8 activations quantised per patch; tmp holds 3 * OW floats. */
@@ -253,13 +263,13 @@ DW_CLONES static void row_i8(const spfq_dw *p, int32_t o, const float *plane, in
                 }
         }
     }
-    const float scale = p->scale[o], lamx = p->lamx[o], bias = p->bias[o];
+    const float scale = p->scale[o], lamx = p->lamx[o], bias = p->bias[o], lo = p->lo, hi = p->hi;
     if (p->one_level)
-        for (int32_t ow = 0; ow < OW; ow++) y[ow] = xs[ow] * (scale * as[ow]) + bias;
+        for (int32_t ow = 0; ow < OW; ow++) y[ow] = spfq_clamp(xs[ow] * (scale * as[ow]) + bias, lo, hi);
     else if (p->two == 1)
-        for (int32_t ow = 0; ow < OW; ow++) y[ow] = xs[ow] * (scale * ac[ow] + lamx * as[ow]) + bias;
+        for (int32_t ow = 0; ow < OW; ow++) y[ow] = spfq_clamp(xs[ow] * (scale * ac[ow] + lamx * as[ow]) + bias, lo, hi);
     else
-        for (int32_t ow = 0; ow < OW; ow++) y[ow] = xs[ow] * (scale * ac[ow]) + bias;
+        for (int32_t ow = 0; ow < OW; ow++) y[ow] = spfq_clamp(xs[ow] * (scale * ac[ow]) + bias, lo, hi);
 }
 
 /* Channels in the lanes: DW_LANES outputs of one block per vector, weights from the block's
@@ -332,6 +342,7 @@ DW_CLONES static void lanes_rows_c(const spfq_dw *p, int32_t int8, int32_t blk, 
                 else
                     out[l] = xs[l] * (scale[l] * a0[l]) + bias[l];
             }
+            for (int32_t l = 0; l < L; l++) out[l] = spfq_clamp(out[l], p->lo, p->hi);
             float *yp = io.y + ((size_t)oh * OW + ow) * io.ys;
             if (io.yl == 1 && nb == L)
                 for (int32_t l = 0; l < L; l++) yp[l] = out[l];

@@ -21,6 +21,7 @@ struct spfq_dw {
     int32_t nblk;                 /* ceil(n / DW_LANES) blocks of output channels */
     float *lane;                  /* per block, lane order: (nblk, 4, k, DW_LANES) wf, c, s, live
                                      then (nblk, 3, DW_LANES) scale, lamx, bias */
+    float lo, hi;                 /* output clamp (spfq_dw_set_clamp; -inf, inf: none) */
 };
 
 /* Where a lanes kernel reads and writes: input pixel (ih, iw) of lane l at

@@ -98,7 +98,9 @@ __attribute__((always_inline)) TGT static inline void pix_i8(const lanes_w *lw, 
     }
 }
 
-TGT static inline void store(lanes_io io, int32_t nb, size_t pix, __m256 out) {
+/* The clamp (spfq_clamp: max(lo, v) and min(hi, v) keep a NaN v), then the store. */
+TGT static inline void store(lanes_io io, int32_t nb, size_t pix, __m256 out, __m256 lo, __m256 hi) {
+    out = _mm256_min_ps(hi, _mm256_max_ps(lo, out));
     float *yp = io.y + pix * io.ys;
     if (io.yl == 1 && nb == DW_LANES) {
         _mm256_storeu_ps(yp, out);
@@ -130,6 +132,7 @@ TGT void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, 
     int32_t hi = W - 1 - span < 0 ? 0 : (W - 1 - span) / g->sw + 1;
     if (hi > OW) hi = OW;
     const size_t pair[2] = {0, (size_t)g->sw * io.ps}, *one_off = pair;
+    const __m256 clo = _mm256_set1_ps(p->lo), chi = _mm256_set1_ps(p->hi);
     for (int32_t oh = oh0; oh < oh1; oh++) {
         const int32_t ih0 = oh * g->sh - g->pt;
         int32_t ow = 0;
@@ -156,7 +159,7 @@ TGT void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, 
                 if (P == 2) pix_f32(&lw, 2, nt, tap, xp, pair, out);
                 else pix_f32(&lw, 1, nt, tap, xp, one_off, out);
             }
-            for (int i = 0; i < P; i++) store(io, nb, (size_t)oh * OW + ow + i, out[i]);
+            for (int i = 0; i < P; i++) store(io, nb, (size_t)oh * OW + ow + i, out[i], clo, chi);
             ow += P;
         }
     }

@@ -33,7 +33,15 @@ struct spfq_prepared {
      * columns: int32 lane = one row, its 4 bytes = 4 consecutive columns per field. */
     uint8_t *rp;
     int32_t rp_cb, rp_steps, rp_off, rp_mul;
+    int32_t clamped;           /* spfq_set_clamp: y = min(max(y, lo), hi) in the epilogue */
+    float clamp_lo, clamp_hi;
 };
+
+/* The fused output clamp (NaN stays NaN; the same expression everywhere it is applied). */
+static inline float spfq_clamp(float v, float lo, float hi) {
+    v = v < lo ? lo : v;
+    return v > hi ? hi : v;
+}
 
 /* Fill w->rp / rp_cb / rp_steps / rp_off for PLANES or SIGN_MASK weights (intb.c). Returns
  * SPFQ_OK or SPFQ_ENOMEM (then w->rp stays NULL and the kernels decode the packed words). */
@@ -55,6 +63,8 @@ typedef struct {
     int32_t *acc_s;        /* i8 out: (M, N) */
     const uint64_t *xbits; /* bgemm: (M, W) */
     int32_t *dot;          /* bgemm out: (M, N) exact K - 2 popcount */
+    int32_t m0;            /* rows [m0, m0 + m) of the call (api.c splits M too): the epilogues'
+                              own arrays are indexed from m0; the pointers above already are */
 } spfq_job;
 
 typedef void (*spfq_range_fn)(const spfq_job *job, int32_t n0, int32_t n1);

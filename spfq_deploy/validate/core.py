@@ -409,5 +409,12 @@ def _layers(out, art, feeds, refs, files):
             values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     values = layer_checks.channels_first(model, values)
     _, hooked = refs.outputs(art.reference, art.float_layers)
-    return layer_checks.check(values, tensors, feeds, lambda n: refs.layer(art.reference, n, art.float_layers), hooked,
+    clamps = layer_checks.fused_clamps(model, tensors)
+    hooked = {n: (np.clip(v, *clamps[n]) if n in clamps else v) for n, v in hooked.items()}
+
+    def ref_layer(n):
+        layer = refs.layer(art.reference, n, art.float_layers)
+        return layer_checks.Clamped(layer, *clamps[n]) if n in clamps else layer
+
+    return layer_checks.check(values, tensors, feeds, ref_layer, hooked,
                               TOLERANCES[art.kind], TOLERANCES[art.kind])

@@ -82,6 +82,30 @@ def channels_first(model: onnx.ModelProto, values: dict) -> dict:
     return out
 
 
+def fused_clamps(model: onnx.ModelProto, tensors: dict[str, tuple[str, str]]) -> dict[str, tuple[float, float]]:
+    """{layer: (lo, hi)} for layers whose node has a fused clamp (export/onnx/fuse.py): their
+    output tensor is after the ReLU / Clip, so the reference is clamped the same way."""
+    by_output = {n.output[0]: n for n in model.graph.node if n.output}
+    out = {}
+    for name, (_, y) in tensors.items():
+        node = by_output.get(y)
+        attrs = {a.name: a.f for a in node.attribute if a.name in ("clip_min", "clip_max")} if node else {}
+        if attrs:
+            out[name] = (attrs.get("clip_min", -float("inf")), attrs.get("clip_max", float("inf")))
+    return out
+
+
+class Clamped(torch.nn.Module):
+    """A reference layer followed by the clamp its artifact fused in."""
+
+    def __init__(self, inner, lo: float, hi: float):
+        super().__init__()
+        self.inner, self.lo, self.hi = inner, lo, hi
+
+    def forward(self, x):
+        return torch.clamp(self.inner(x), self.lo, self.hi)
+
+
 def hooked_outputs(model: torch.nn.Module, args, layer_names) -> tuple[list, dict]:
     """(model outputs, {layer: output}) of a torch model, layer outputs captured by hooks."""
     captured, handles = {}, []

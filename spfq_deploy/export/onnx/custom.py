@@ -11,6 +11,7 @@ import numpy as np
 
 from ...compressed import CompressedLayer
 from ...kernels import LAYOUT_IDS, kernel_pack, layer_activation, preferred_layout
+from .fuse import fuse_activations
 from .graph import Builder, Replacement, conv_attrs
 from .layout import channels_last
 
@@ -51,5 +52,7 @@ def builder(activation: str) -> Builder:
 
 
 def graph_pass(model) -> None:
-    """Activations stay NHWC between the PackedConv nodes (layout.py)."""
+    """ReLU / Clip after a packed layer fused into it (fuse.py), then activations stay NHWC
+    between the PackedConv nodes (layout.py)."""
+    fuse_activations(model, ("PackedConv", "PackedMatMul"), DOMAIN)
     channels_last(model, "PackedConv", DOMAIN)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import sys
 import time
 
@@ -39,6 +40,9 @@ def main(argv=None) -> int:
     so.intra_op_num_threads = args.threads
     info = None
     if args.library:
+        os.environ.setdefault("SPFQ_NUM_THREADS", str(args.threads))
+        # the packed kernels have their own thread pool: ORT's threads must sleep, not spin
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.register_custom_ops_library(args.library)
         fn = ctypes.CDLL(args.library).SpfqOrtLibraryInfo
         fn.restype = ctypes.c_char_p
