@@ -79,6 +79,13 @@ def rows(kind: str, m: int, k: int, seed: int) -> np.ndarray:
         if m > 2:
             x[2] = 0.0
         return x
+    if kind == "near":  # quotients within an ulp or two of half-integers, for arbitrary scales:
+        # where a reciprocal product (the SIMD fast path) could round the other way
+        s = np.exp(rng.uniform(-20, 20, (m, 1)))
+        x = ((rng.integers(-127, 127, (m, k)) + 0.5) * s).astype(F32)
+        if k:
+            x[:, 0] = (127 * s[:, 0]).astype(F32)
+        return x
     if kind == "denormal":
         return (rng.integers(-300, 301, (m, k)).astype(np.float64) * 2.0 ** -149).astype(F32)
     if kind == "huge":
@@ -89,7 +96,7 @@ def rows(kind: str, m: int, k: int, seed: int) -> np.ndarray:
     raise ValueError(kind)
 
 
-KINDS = ("random", "ties", "special", "denormal", "huge")
+KINDS = ("random", "ties", "near", "special", "denormal", "huge")
 
 
 @pytest.mark.parametrize("kind", KINDS)

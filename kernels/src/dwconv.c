@@ -394,9 +394,15 @@ static void nhwc_unit(const dw_task *t, int64_t bi, int32_t blk, int32_t band, f
     if (p->g.mult != 1 || nb < L) {
         int32_t lo, hi;
         in_rows(&p->g, t->H, oh0, oh1, &lo, &hi);
+        int32_t src[L]; /* each lane's input channel (lanes past nb: channel 0, then zeroed) */
+        float keep[L];
+        for (int32_t l = 0; l < L; l++) {
+            src[l] = l < nb ? (o0 + l) / p->g.mult : 0;
+            keep[l] = l < nb ? 1.0f : 0.0f;
+        }
         for (int32_t i = 0; i < (hi - lo) * t->W; i++) {
             const float *px = xb + ((size_t)lo * t->W + i) * C;
-            for (int32_t l = 0; l < L; l++) scratch[(size_t)i * L + l] = l < nb ? px[(o0 + l) / p->g.mult] : 0.0f;
+            for (int32_t l = 0; l < L; l++) scratch[(size_t)i * L + l] = keep[l] != 0.0f ? px[src[l]] : 0.0f;
         }
         io.xin = scratch;
         io.ih_lo = lo;

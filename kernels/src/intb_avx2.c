@@ -852,9 +852,15 @@ INL TGT void rp2_tile(const spfq_job *j, const uint8_t *wt, const int8_t *x, siz
             for (int g = 0; g < G; g++) {
                 int32_t out[16];
                 const __m256i c = _mm256_set1_epi32(off * xs[m + a]);
+                int32_t *dst = j->acc_c + (size_t)(m + a) * (size_t)N;
+                const int32_t rg = r0 + g * 16;
+                if (rg >= lo && rg + 16 <= hi) { /* all 16 rows wanted: store them as they are */
+                    _mm256_storeu_si256((__m256i *)(dst + rg), _mm256_sub_epi32(tot[a][g][0], c));
+                    _mm256_storeu_si256((__m256i *)(dst + rg + 8), _mm256_sub_epi32(tot[a][g][1], c));
+                    continue;
+                }
                 _mm256_storeu_si256((__m256i *)out, _mm256_sub_epi32(tot[a][g][0], c));
                 _mm256_storeu_si256((__m256i *)(out + 8), _mm256_sub_epi32(tot[a][g][1], c));
-                int32_t *dst = j->acc_c + (size_t)(m + a) * (size_t)N;
                 for (int l = 0; l < 16; l++) {
                     const int32_t r = r0 + g * 16 + l;
                     if (r >= lo && r < hi) dst[r] = out[l];

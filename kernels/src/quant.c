@@ -87,6 +87,17 @@ SPFQ_AVX2 static inline __m256i quant8_avx2(__m256 v) {
     return _mm256_cvtps_epi32(q);                               /* integral: exact */
 }
 
+/* quant8_avx2 of x * r (r = 127 / amax); near |= lanes whose product lies within 2^-13 of a
+ * half-integer (there the product may round unlike the quotient: the caller redoes the row). */
+SPFQ_AVX2 static inline __m256i quant8_recip(const float *x, __m256 r, __m256 *near) {
+    const __m256 sgn = _mm256_set1_ps(-0.0f);
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x), r), a = _mm256_andnot_ps(sgn, v);
+    const __m256 f = _mm256_sub_ps(a, _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+    const __m256 d = _mm256_andnot_ps(sgn, _mm256_sub_ps(f, _mm256_set1_ps(0.5f)));
+    *near = _mm256_or_ps(*near, _mm256_cmp_ps(d, _mm256_set1_ps(0x1p-13f), _CMP_LT_OQ));
+    return quant8_avx2(v);
+}
+
 SPFQ_AVX2 static void quant_rows_avx2(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale) {
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int32_t r = 0; r < m; r++) {
@@ -119,6 +130,27 @@ SPFQ_AVX2 static void quant_rows_avx2(int32_t m, int32_t k, const float *x, int8
         xscale[r] = s;
         if (!(s > 0.0f)) { memset(out, 0, (size_t)k); continue; }
         const __m256 vs = _mm256_set1_ps(s);
+        if (amax >= 0x1p-100f && k >= 8) {
+            /* x * (127 / amax) instead of x / s: within 2^-15 of the quotient (|x / s| <= 128, three
+             * roundings of 2^-24), so it rounds the same unless within 2^-15 of a half-integer; a
+             * row with a product within 2^-13 of one is redone with the division below */
+            const __m256 vr = _mm256_set1_ps(127.0f / amax);
+            __m256 near = _mm256_setzero_ps();
+            for (i = 0; i + 32 <= k; i += 32) {
+                const __m256i q0 = quant8_recip(row + i, vr, &near), q1 = quant8_recip(row + i + 8, vr, &near), q2 = quant8_recip(row + i + 16, vr, &near), q3 = quant8_recip(row + i + 24, vr, &near);
+                const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+                _mm256_storeu_si256((__m256i *)(out + i), _mm256_permutevar8x32_epi32(b, order));
+            }
+            for (; i + 8 <= k; i += 8) {
+                const __m256i q = quant8_recip(row + i, vr, &near);
+                const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+                _mm_storel_epi64((__m128i *)(out + i), _mm_packs_epi16(w, w));
+            }
+            if (!_mm256_movemask_ps(near)) {
+                for (; i < k; i++) out[i] = quant_one(row[i], s);
+                continue;
+            }
+        }
         for (i = 0; i + 32 <= k; i += 32) {
             const __m256i q0 = quant8_avx2(_mm256_div_ps(_mm256_loadu_ps(row + i), vs));
             const __m256i q1 = quant8_avx2(_mm256_div_ps(_mm256_loadu_ps(row + i + 8), vs));
