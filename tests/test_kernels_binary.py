@@ -64,13 +64,14 @@ class Prepared(C.Structure):
     _fields_ = [("d", WeightsDesc), ("words", C.c_int32), ("sign", C.c_void_p),
                 ("mask", C.c_void_p), ("planes", C.c_void_p), ("scale", C.c_void_p),
                 ("lam", C.c_void_p), ("bias", C.c_void_p), ("rp", C.c_void_p),
-                ("rp_cb", C.c_int32), ("rp_steps", C.c_int32), ("rp_off", C.c_int32), ("rp_mul", C.c_int32)]
+                ("rp_cb", C.c_int32), ("rp_steps", C.c_int32), ("rp_off", C.c_int32), ("rp_mul", C.c_int32),
+                ("clamped", C.c_int32), ("clamp_lo", C.c_float), ("clamp_hi", C.c_float)]
 
 
 class Job(C.Structure):
     _fields_ = [("w", C.POINTER(Prepared)), ("m", C.c_int32), ("x", C.c_void_p),
                 ("y", C.c_void_p), ("xq", C.c_void_p), ("acc_c", C.c_void_p),
-                ("acc_s", C.c_void_p), ("xbits", C.c_void_p), ("dot", C.c_void_p)]
+                ("acc_s", C.c_void_p), ("xbits", C.c_void_p), ("dot", C.c_void_p), ("m0", C.c_int32)]
 
 
 def _mirror_layout() -> list[int]:

@@ -44,12 +44,13 @@ class WeightsDesc(C.Structure):
 class Prepared(C.Structure):
     _fields_ = [("d", WeightsDesc), ("words", C.c_int32), ("sign", u64p), ("mask", u64p),
                 ("planes", u64p), ("scale", f32p), ("lam", f32p), ("bias", f32p),
-                ("rp", C.c_void_p), ("rp_cb", C.c_int32), ("rp_steps", C.c_int32), ("rp_off", C.c_int32), ("rp_mul", C.c_int32)]
+                ("rp", C.c_void_p), ("rp_cb", C.c_int32), ("rp_steps", C.c_int32), ("rp_off", C.c_int32), ("rp_mul", C.c_int32),
+                ("clamped", C.c_int32), ("clamp_lo", C.c_float), ("clamp_hi", C.c_float)]
 
 
 class Job(C.Structure):
     _fields_ = [("w", C.POINTER(Prepared)), ("m", C.c_int32), ("x", f32p), ("y", f32p),
-                ("xq", i8p), ("acc_c", i32p), ("acc_s", i32p), ("xbits", u64p), ("dot", i32p)]
+                ("xq", i8p), ("acc_c", i32p), ("acc_s", i32p), ("xbits", u64p), ("dot", i32p), ("m0", C.c_int32)]
 
 
 def _ptr(a, typ):
