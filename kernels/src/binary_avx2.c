@@ -410,7 +410,7 @@ AVX2_FN void spfq_sign_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1) {
 }
 
 AVX2_FN void spfq_sign_mask_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1) {
-    if (spfq_ternary_use_rp(j->m, j->w->d.k) && spfq_rp_i8_avx2 && spfq_rp_i8_avx2(j, n0, n1, j->acc_s)) {
+    if (spfq_rp_i8_avx2 && spfq_rp_i8_avx2(j, n0, n1, j->acc_s)) { /* AVX2: RP at every shape (internal.h) */
         spfq_mirror_acc(j, n0, n1);
         return;
     }

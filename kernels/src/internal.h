@@ -85,10 +85,11 @@ static inline void spfq_mirror_acc(const spfq_job *j, int32_t n0, int32_t n1)
         for (int32_t n = n0; n < n1; n++) j->acc_c[(size_t)m * N + n] = j->acc_s[(size_t)m * N + n];
 }
 
-/* Ternary (SIGN_MASK) x int8 through the RP codes? Measured (4096^2, 1536^2, 384^2; AVX-512 and
- * AVX2): RP wins at every M < 64 (M = 1: 3.1x on AVX-512, 1.7x on AVX2) and at K = 4096 for
- * every M; at M >= 64 with K <= 1536 the SIGN_MASK VNNI kernel, which reuses each decoded weight
- * across more rows, is 3-11% faster. */
+/* Ternary (SIGN_MASK) x int8 through the RP codes? Measured (4096^2, 1536^2, 384^2; AVX-512):
+ * RP wins at every M < 64 (M = 1: 3.1x) and at K = 4096 for every M; at M >= 64 with K <= 1536
+ * the SIGN_MASK VNNI kernel, which reuses each decoded weight across more rows, is 3-11% faster.
+ * The AVX2 kernels (no VNNI) take RP at every shape: MobileNetV2 1x1 convs 3136x24x144 3.5 ->
+ * 1.4 ms, 3136x144x24 2.4 -> 0.8, 196x384x576 4.0 -> 1.8 (AVX2 EPYC, 1 thread). */
 static inline int spfq_ternary_use_rp(int32_t m, int32_t k) { return m < 64 || k > 2048; }
 
 /* Binary (SIGN) x int8 through the 1-bit RP codes (AVX-512 only)? Measured (384^2, 1536^2,
