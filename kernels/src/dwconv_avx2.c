@@ -1,6 +1,7 @@
 /* dwconv_avx2.c — the depthwise lanes micro-kernel (dwconv.c lanes_rows_c) in AVX2 intrinsics:
- * 8 output channels per ymm, two neighbouring output pixels at a time where they read the same
- * taps (interleaved: their dependency chains overlap), the valid taps of a pixel listed once.
+ * 8 output channels per ymm, up to four neighbouring output pixels at a time where they read
+ * the same taps (interleaved: their dependency chains overlap); the taps of a row's interior
+ * columns are listed once per row, a border pixel lists its valid ones.
  *
  * Bit-identical with the portable kernel (and so with the im2col GEMM oracle):
  *   f32: taps in column order, each adding x * w or +0 (zero code), no fused multiply-add
@@ -24,25 +25,33 @@
 
 TGT static inline __m256 absf(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
 
-/* P output pixels (1 or 2) through the taps tap[0..nt) at xp[j] + off[i] (pixel i). */
+/* P output pixels (f32: 1, 2 or 4; i8: 1 or 2) through the taps tap[0..nt) at xp[j] + off[i]
+ * (pixel i). dense: the block has no zero code (f32 then needs no mask). */
 typedef struct {
     const float *w, *cw, *sw8, *live;
     __m256 scale, lamx, bias;
-    int one, two;
+    int one, two, dense;
 } lanes_w;
 
 __attribute__((always_inline)) TGT static inline void pix_f32(const lanes_w *lw, int P, int32_t nt,
                                                              const int32_t *tap, const float *const *xp,
                                                              const size_t *off, __m256 *out) {
     enum { L = DW_LANES };
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int32_t j = 0; j < nt; j++) {
-        const int32_t t = tap[j];
-        const __m256 wv = _mm256_loadu_ps(lw->w + t * L);
-        const __m256 m = _mm256_cmp_ps(_mm256_loadu_ps(lw->live + t * L), _mm256_setzero_ps(), _CMP_NEQ_UQ);
-        for (int i = 0; i < P; i++) /* a zero code adds +0 (inf x too) */
-            acc[i] = _mm256_add_ps(acc[i], _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(xp[j] + off[i]), wv), m));
-    }
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    if (lw->dense)
+        for (int32_t j = 0; j < nt; j++) {
+            const __m256 wv = _mm256_loadu_ps(lw->w + tap[j] * L);
+            for (int i = 0; i < P; i++)
+                acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_loadu_ps(xp[j] + off[i]), wv));
+        }
+    else
+        for (int32_t j = 0; j < nt; j++) {
+            const int32_t t = tap[j];
+            const __m256 wv = _mm256_loadu_ps(lw->w + t * L);
+            const __m256 m = _mm256_cmp_ps(_mm256_loadu_ps(lw->live + t * L), _mm256_setzero_ps(), _CMP_NEQ_UQ);
+            for (int i = 0; i < P; i++) /* a zero code adds +0 (inf x too) */
+                acc[i] = _mm256_add_ps(acc[i], _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(xp[j] + off[i]), wv), m));
+        }
     for (int i = 0; i < P; i++)
         out[i] = lw->one ? _mm256_add_ps(_mm256_mul_ps(lw->scale, acc[i]), lw->bias) : _mm256_add_ps(acc[i], lw->bias);
 }
@@ -124,39 +133,64 @@ TGT void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, 
     const float *e = lw.live + (size_t)k * L;
     lw.scale = _mm256_loadu_ps(e), lw.lamx = _mm256_loadu_ps(e + L), lw.bias = _mm256_loadu_ps(e + 2 * L);
     lw.one = p->one_level, lw.two = p->two;
-    int32_t tap[DW_MAX_TAPS];
-    const float *xp[DW_MAX_TAPS];
+    lw.dense = 1;
+    for (int32_t i = 0; i < k * L; i++) lw.dense &= lw.live[i] != 0.0f;
+    int32_t tap[DW_MAX_TAPS], rtap[DW_MAX_TAPS];
+    const float *xp[DW_MAX_TAPS], *rxp[DW_MAX_TAPS];
     /* output columns whose taps all lie inside the image width */
     const int32_t lo = g->pl <= 0 ? 0 : (g->pl + g->sw - 1) / g->sw;
     const int32_t span = (g->kw - 1) * g->dw - g->pl; /* iw0 + (kw-1) dw = ow sw + span < W */
     int32_t hi = W - 1 - span < 0 ? 0 : (W - 1 - span) / g->sw + 1;
     if (hi > OW) hi = OW;
-    const size_t pair[2] = {0, (size_t)g->sw * io.ps}, *one_off = pair;
+    const size_t step = (size_t)g->sw * io.ps, one_off[1] = {0};
     const __m256 clo = _mm256_set1_ps(p->lo), chi = _mm256_set1_ps(p->hi);
     for (int32_t oh = oh0; oh < oh1; oh++) {
         const int32_t ih0 = oh * g->sh - g->pt;
+        /* the taps of this row's interior columns, at column lo (shifted by off[] below) */
+        int32_t rnt = 0;
+        for (int32_t kh = 0; kh < g->kh && lo < hi; kh++) {
+            const int32_t ih = ih0 + kh * g->dh;
+            if (ih < 0 || ih >= H) continue;
+            const float *row = io.xin + (size_t)(ih - io.ih_lo) * W * io.ps;
+            for (int32_t kw = 0; kw < g->kw; kw++) {
+                rtap[rnt] = kh * g->kw + kw;
+                rxp[rnt++] = row + (size_t)(lo * g->sw - g->pl + kw * g->dw) * io.ps;
+            }
+        }
         int32_t ow = 0;
         while (ow < OW) {
-            const int32_t iw0 = ow * g->sw - g->pl;
-            int32_t nt = 0;
-            for (int32_t kh = 0; kh < g->kh; kh++) { /* the valid taps, in column order */
-                const int32_t ih = ih0 + kh * g->dh;
-                if (ih < 0 || ih >= H) continue;
-                const float *row = io.xin + (size_t)(ih - io.ih_lo) * W * io.ps;
-                for (int32_t kw = 0; kw < g->kw; kw++) {
-                    const int32_t iw = iw0 + kw * g->dw;
-                    if (iw < 0 || iw >= W) continue;
-                    tap[nt] = kh * g->kw + kw;
-                    xp[nt++] = row + (size_t)iw * io.ps;
+            __m256 out[4];
+            int P = 1;
+            if (ow >= lo && ow < hi) { /* interior: every tap of the row valid */
+                const int32_t room = hi - ow, most = int8 ? 2 : 4;
+                P = room >= most ? most : (room >= 2 ? 2 : 1);
+                const size_t d = (size_t)(ow - lo) * step;
+                const size_t off[4] = {d, d + step, d + 2 * step, d + 3 * step};
+                if (int8) {
+                    if (P == 2) pix_i8(&lw, 2, 0, rnt, rtap, rxp, off, out);
+                    else pix_i8(&lw, 1, 0, rnt, rtap, rxp, off, out);
+                } else if (P == 4) {
+                    pix_f32(&lw, 4, rnt, rtap, rxp, off, out);
+                } else if (P == 2) {
+                    pix_f32(&lw, 2, rnt, rtap, rxp, off, out);
+                } else {
+                    pix_f32(&lw, 1, rnt, rtap, rxp, off, out);
                 }
-            }
-            __m256 out[2];
-            const int P = (ow >= lo && ow + 1 < hi) ? 2 : 1; /* two neighbours with the same valid taps */
-            if (int8) {
-                if (P == 2) pix_i8(&lw, 2, 0, nt, tap, xp, pair, out);
-                else pix_i8(&lw, 1, 0, nt, tap, xp, one_off, out);
-            } else {
-                if (P == 2) pix_f32(&lw, 2, nt, tap, xp, pair, out);
+            } else { /* a border column: its valid taps, in column order */
+                const int32_t iw0 = ow * g->sw - g->pl;
+                int32_t nt = 0;
+                for (int32_t kh = 0; kh < g->kh; kh++) {
+                    const int32_t ih = ih0 + kh * g->dh;
+                    if (ih < 0 || ih >= H) continue;
+                    const float *row = io.xin + (size_t)(ih - io.ih_lo) * W * io.ps;
+                    for (int32_t kw = 0; kw < g->kw; kw++) {
+                        const int32_t iw = iw0 + kw * g->dw;
+                        if (iw < 0 || iw >= W) continue;
+                        tap[nt] = kh * g->kw + kw;
+                        xp[nt++] = row + (size_t)iw * io.ps;
+                    }
+                }
+                if (int8) pix_i8(&lw, 1, 0, nt, tap, xp, one_off, out);
                 else pix_f32(&lw, 1, nt, tap, xp, one_off, out);
             }
             for (int i = 0; i < P; i++) store(io, nb, (size_t)oh * OW + ow + i, out[i], clo, chi);
