@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 export HF_HUB_OFFLINE := 1
 
-.PHONY: all setup ort-headers arm64-python demo test lint bench-quality bench-kernels bench-onnx bench-tvm bench-cuda clean
+.PHONY: all setup ort-headers arm64-python demo test lint bench-quality bench-kernels bench-onnx bench-conv bench-tvm bench-cuda clean
 
 all: test
 
@@ -99,6 +99,10 @@ bench-quality: $(KERNELS)
 
 bench-onnx: $(KERNELS) $(ORT_HEADERS)
 	$(PY) benchmarks/onnx_latency.py --out benchmarks/results/onnx_latency.json
+
+# compressed CNNs vs ORT fp32 and ORT's quantize_static int8, kernel rows (issue 15)
+bench-conv: $(KERNELS) $(ORT_HEADERS)
+	$(PY) benchmarks/conv_latency.py --out benchmarks/results/conv_latency.json
 
 bench-tvm: $(KERNELS)
 	$(PY) benchmarks/tvm_latency.py --out benchmarks/results/tvm_latency.json

@@ -11,8 +11,9 @@ activations, MinMax calibration). Timing: spfq_deploy.bench.worker, one process 
 count (1 and 2) with SPFQ_NUM_THREADS and ORT's intra-op threads set; medians.
 
 Kernel rows: single PackedConv nodes (NHWC in and out, as they run between compressed convs)
-vs one fp32 ONNX Conv at the same shape (NCHW, what onnxruntime runs), 4-bit weights, int8
-activations, 1 thread. Roofline: roof = min(fp32 sgemm MAC/s measured here with numpy, copy
+vs one fp32 ONNX Conv at the same shape (NCHW, what onnxruntime runs), 4-bit weights, the
+activation mode an int8 export gives the layer (depthwise: float, kernels.layer_activation),
+1 thread. Roofline: roof = min(fp32 sgemm MAC/s measured here with numpy, copy
 bandwidth x MACs per byte moved (fp32 input + output + packed weights)); fraction = achieved /
 roof. Latency does not depend on which codes were chosen, so models are compressed with
 round-to-nearest (quick); --spfq-dir reuses <dir>/<model>_<bits>.spfq files.
@@ -195,6 +196,7 @@ def bench_kernels(work: Path, warmup, repeat, log) -> tuple[list[dict], dict]:
         packed, _ = onnx_graph.rewrite(helper.make_model(g), cm, custom.builder("int8"), {custom.DOMAIN: 1},
                                        custom.graph_pass)
         conv = next(nd for nd in packed.graph.node if nd.op_type == "PackedConv")  # the NHWC node alone
+        act = helper.get_attribute_value(next(a for a in conv.attribute if a.name == "activation")).decode()
         g2 = helper.make_graph([conv], "k", [helper.make_tensor_value_info(conv.input[0], TensorProto.FLOAT,
                                                                            [1, hw, hw, c])],
                                [helper.make_tensor_value_info(conv.output[0], TensorProto.FLOAT, [1, oh, oh, n])],
@@ -215,7 +217,7 @@ def bench_kernels(work: Path, warmup, repeat, log) -> tuple[list[dict], dict]:
         onnx.save(m3, p_fp32)
         x = np.random.default_rng(1).standard_normal((1, c, hw, hw)).astype(np.float32)
         for path, feed, art in ((p_fp32, x, "ort_fp32_conv"),
-                                (p_packed, np.ascontiguousarray(x.transpose(0, 2, 3, 1)), "packed_conv_4bit_i8")):
+                                (p_packed, np.ascontiguousarray(x.transpose(0, 2, 3, 1)), f"packed_conv_4bit_{act}")):
             npz = work / f"in_{tag}_{art}.npz"
             np.savez(npz, **{("x" if art == "ort_fp32_conv" else conv.input[0]): feed})
             r = _time([{"name": art, "path": str(path), "library": str(lib), "runtime": "onnxruntime"}], npz, [1], 1,
