@@ -15,16 +15,15 @@ import math
 import onnx
 from onnx import helper, numpy_helper
 
+from .layout import constants
+
 FUSED = ("Relu", "Clip")
 
 
 def fuse_activations(model: onnx.ModelProto, ops: tuple[str, ...], domain: str) -> int:
     """Rewrite model.graph in place; returns how many activation nodes were absorbed."""
     g = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    consts = {k: numpy_helper.to_array(v) for k, v in constants(g).items()}
     consumers: dict[str, list] = {}
     for n in g.node:
         for t in n.input:

@@ -31,13 +31,19 @@ UNARY = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwi
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "PRelu", "Pow"}  # numpy-style broadcasting
 
 
-def channels_last(model: onnx.ModelProto, conv_op: str, domain: str) -> int:
-    """Rewrite model.graph in place; returns how many Transpose nodes remain."""
-    g = model.graph
+def constants(g: onnx.GraphProto) -> dict:
+    """{name: TensorProto} of the graph's initializers and Constant-node outputs."""
     consts = {i.name: i for i in g.initializer}
     for n in g.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             consts[n.output[0]] = n.attribute[0].t
+    return consts
+
+
+def channels_last(model: onnx.ModelProto, conv_op: str, domain: str) -> int:
+    """Rewrite model.graph in place; returns how many Transpose nodes remain."""
+    g = model.graph
+    consts = constants(g)
     nodes = list(g.node)
     taken = {t for n in nodes for t in list(n.input) + list(n.output)} | {i.name for i in g.input}
     protected = {o.name for o in g.output}
