@@ -213,3 +213,29 @@ def test_fused_clamp_is_min_max_of_the_unclamped_output():
     np.testing.assert_array_equal(w.matmul_i8(xq, xs), y8)
     with pytest.raises(K.KernelError):
         w.set_clamp(1.0, 0.0)
+
+
+@pytest.mark.parametrize("alphabet,bits", [("ternary", 2), ("int", 2), ("int", 3), ("int", 4)])
+@pytest.mark.parametrize("m,n,k", [(4, 16, 16), (7, 17, 9), (600, 24, 27), (37, 144, 24), (9, 1, 1),
+                                   (300, 65, 100), (5, 40, 33)])
+@pytest.mark.parametrize("bias,clamp", [(True, None), (False, (0.0, 6.0))])
+def test_i8_epilogue_bit_identical_to_portable_c(alphabet, bits, m, n, k, bias, clamp):
+    """Tall int8 calls take a kernel with the epilogue fused where the ISA has one (AVX2: the
+    RP codes; partial 16-row groups, K tails shorter than a step, 600 rows = several blocks):
+    y must equal the C version's bit for bit, since both compute clamp(xs * (scale * acc) + b)."""
+    layer = make_layer(alphabet, bits, n, k, bias=bias, seed=m + n + k)
+    xq = RNG.integers(-127, 128, size=(m, k)).astype(np.int8)
+    xs = (RNG.random(m) * 0.02).astype(np.float32)
+    got = {}
+    for isa in ISAS:
+        K.set_isa(isa)
+        try:
+            w = K.PackedWeights.from_layer(layer)
+            if clamp:
+                w.set_clamp(*clamp)
+            got[isa] = [w.matmul_i8(xq, xs, threads=t) for t in (1, 2)]
+        finally:
+            K.set_isa("auto")
+    for isa, ys in got.items():
+        for y in ys:
+            np.testing.assert_array_equal(y.view(np.uint32), got["c"][0].view(np.uint32), err_msg=isa)

@@ -50,7 +50,8 @@ class Prepared(C.Structure):
 
 class Job(C.Structure):
     _fields_ = [("w", C.POINTER(Prepared)), ("m", C.c_int32), ("x", f32p), ("y", f32p),
-                ("xq", i8p), ("acc_c", i32p), ("acc_s", i32p), ("xbits", u64p), ("dot", i32p), ("m0", C.c_int32)]
+                ("xq", i8p), ("acc_c", i32p), ("acc_s", i32p), ("xbits", u64p), ("dot", i32p), ("m0", C.c_int32),
+                ("xscale", C.POINTER(C.c_float))]
 
 
 def _ptr(a, typ):

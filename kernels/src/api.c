@@ -200,6 +200,7 @@ static void run_slice(void *arg, int32_t t, int32_t nt) {
     if (j->acc_s) sub.acc_s = j->acc_s + r * N;
     if (j->xbits) sub.xbits = j->xbits + r * W;
     if (j->dot) sub.dot = j->dot + r * N;
+    if (j->xscale) sub.xscale = j->xscale + r;
     s->fn(&sub, n0, n1);
     if (s->after) s->after(&sub, n0, n1, s->after_ctx);
 }
@@ -347,6 +348,18 @@ int spfq_matmul_i8(const spfq_prepared *w, int32_t m, const int8_t *xq, const fl
     if (!fn) return SPFQ_EUNSUPPORTED;
     if (!m) return SPFQ_OK;
     const int32_t N = w->d.n, K = w->d.k, mb = m > 2 * I8_ROW_BLOCK ? I8_ROW_BLOCK : m;
+#if defined(__x86_64__)
+    /* tall calls on AVX2 with RP codes: the epilogue fused into the kernel (no int32 buffer) */
+    if (m >= 4 && isa() == &table_avx2 && spfq_rp_i8_fused_avx2 && spfq_rp_i8_fused_ok_avx2 &&
+        spfq_rp_i8_fused_ok_avx2(w)) {
+        for (int32_t m0 = 0; m0 < m; m0 += mb) {
+            spfq_job job = {.w = w, .m = m - m0 < mb ? m - m0 : mb, .xq = xq + (size_t)m0 * K,
+                            .xscale = xscale + m0, .y = y + (size_t)m0 * N};
+            parallel(spfq_rp_i8_fused_avx2, &job, nthreads, NULL, NULL);
+        }
+        return SPFQ_OK;
+    }
+#endif
     const size_t cells = (size_t)mb * (size_t)N;
     int two = (L == SPFQ_PLANES || L == SPFQ_SPARSE);
     /* int layouts without lam need only acc_c (value = scale * c): skip the sign sums */

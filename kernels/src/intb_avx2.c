@@ -68,6 +68,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #include "internal.h"
@@ -796,43 +797,45 @@ static const intb_kernel F32[9] = {0, 0, f32_b2, f32_b3, f32_b4, f32_b5, f32_b6,
  * (<= 8 additions of 3840 at b <= 4, <= 40 of 768 at b = 2: no overflow), then widened into the
  * int32 row lanes with vpmaddwd(., 1). */
 INL TGT void rp2_block(const uint8_t *wt, int32_t S, const int8_t *x, size_t xstride, int g0,
-                       const int CB, const int MR, const int G, __m256i tot[4][2][2])
+                       const int CB, const int MR, const int G, int32_t tot[4][32], int add)
 {
+    /* tot lives in memory (L1): with it in registers next to the int16 sums, MR = 4 needs 16+
+     * ymm and the compiler spilled inside the step loop (conv shapes 3136x24x144 ran at 15
+     * GMAC/s). A flush every FLUSH steps is one load-add-store per sum vector. */
     const int F = 8 / CB, KSTEP = 4 * F, FLUSH = CB == 4 ? 4 : 10;
-    const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8((char)((1 << CB) - 1));
-    for (int a = 0; a < MR; a++)
-        for (int g = 0; g < G; g++) tot[a][g][0] = tot[a][g][1] = _mm256_setzero_si256();
+    const __m256i mask = _mm256_set1_epi8((char)((1 << CB) - 1));
     for (int32_t s0 = 0; s0 < S; s0 += FLUSH) {
         const int32_t s1 = S - s0 < FLUSH ? S : s0 + FLUSH;
         __m256i acc[4][2][2];
         for (int a = 0; a < MR; a++)
             for (int g = 0; g < G; g++) acc[a][g][0] = acc[a][g][1] = _mm256_setzero_si256();
         for (int32_t s = s0; s < s1; s++) {
-            __m256i v[2][2];
-            for (int g = 0; g < G; g++) {
-                const uint8_t *p = wt + ((size_t)s * 4 + (size_t)(g0 + g)) * 64;
-                v[g][0] = _mm256_load_si256((const __m256i *)p);
-                v[g][1] = _mm256_load_si256((const __m256i *)(p + 32));
-            }
+            const uint8_t *p = wt + ((size_t)s * 4 + (size_t)g0) * 64;
             for (int f = 0; f < F; f++) {
-                __m256i xb[4];
+                __m256i u[2][2];
+                for (int g = 0; g < G; g++)
+                    for (int h = 0; h < 2; h++) {
+                        const __m256i v = _mm256_load_si256((const __m256i *)(p + g * 64 + h * 32));
+                        u[g][h] = _mm256_and_si256(f ? _mm256_srli_epi16(v, f * CB) : v, mask);
+                    }
                 for (int a = 0; a < MR; a++) {
                     int32_t t;
                     memcpy(&t, x + (size_t)a * xstride + (size_t)s * KSTEP + 4 * f, 4);
-                    xb[a] = _mm256_set1_epi32(t);
+                    const __m256i xb = _mm256_set1_epi32(t);
+                    for (int g = 0; g < G; g++)
+                        for (int h = 0; h < 2; h++)
+                            acc[a][g][h] = _mm256_add_epi16(acc[a][g][h], _mm256_maddubs_epi16(u[g][h], xb));
                 }
-                for (int g = 0; g < G; g++)
-                    for (int h = 0; h < 2; h++) {
-                        const __m256i u = _mm256_and_si256(f ? _mm256_srli_epi16(v[g][h], f * CB) : v[g][h], mask);
-                        for (int a = 0; a < MR; a++)
-                            acc[a][g][h] = _mm256_add_epi16(acc[a][g][h], _mm256_maddubs_epi16(u, xb[a]));
-                    }
             }
         }
+        const __m256i ones = _mm256_set1_epi16(1);
         for (int a = 0; a < MR; a++)
             for (int g = 0; g < G; g++)
-                for (int h = 0; h < 2; h++)
-                    tot[a][g][h] = _mm256_add_epi32(tot[a][g][h], _mm256_madd_epi16(acc[a][g][h], ones));
+                for (int h = 0; h < 2; h++) {
+                    __m256i *t = (__m256i *)(tot[a] + g * 16 + h * 8);
+                    const __m256i w = _mm256_madd_epi16(acc[a][g][h], ones);
+                    _mm256_store_si256(t, s0 || add ? _mm256_add_epi32(_mm256_load_si256(t), w) : w);
+                }
     }
 }
 
@@ -843,29 +846,25 @@ INL TGT void rp2_tile(const spfq_job *j, const uint8_t *wt, const int8_t *x, siz
 {
     const int G = MR == 1 ? 2 : 1;
     const int32_t N = j->w->d.n, S = j->w->rp_steps, off = j->w->rp_off;
+    int32_t tot[4][32] __attribute__((aligned(32)));
     for (int g0 = 0; g0 < 4; g0 += G) {
         const int32_t r0 = t0 + g0 * 16;
         if (r0 >= hi || r0 + G * 16 <= lo) continue;
-        __m256i tot[4][2][2];
-        rp2_block(wt, S, x, xstride, g0, CB, MR, G, tot);
-        for (int a = 0; a < MR; a++)
-            for (int g = 0; g < G; g++) {
-                int32_t out[16];
-                const __m256i c = _mm256_set1_epi32(off * xs[m + a]);
-                int32_t *dst = j->acc_c + (size_t)(m + a) * (size_t)N;
-                const int32_t rg = r0 + g * 16;
-                if (rg >= lo && rg + 16 <= hi) { /* all 16 rows wanted: store them as they are */
-                    _mm256_storeu_si256((__m256i *)(dst + rg), _mm256_sub_epi32(tot[a][g][0], c));
-                    _mm256_storeu_si256((__m256i *)(dst + rg + 8), _mm256_sub_epi32(tot[a][g][1], c));
-                    continue;
-                }
-                _mm256_storeu_si256((__m256i *)out, _mm256_sub_epi32(tot[a][g][0], c));
-                _mm256_storeu_si256((__m256i *)(out + 8), _mm256_sub_epi32(tot[a][g][1], c));
-                for (int l = 0; l < 16; l++) {
-                    const int32_t r = r0 + g * 16 + l;
-                    if (r >= lo && r < hi) dst[r] = out[l];
-                }
+        if (S == 0) memset(tot, 0, sizeof tot);
+        rp2_block(wt, S, x, xstride, g0, CB, MR, G, tot, 0);
+        const int32_t a0 = r0 > lo ? r0 : lo, a1 = r0 + G * 16 < hi ? r0 + G * 16 : hi;
+        for (int a = 0; a < MR; a++) {
+            const __m256i c = _mm256_set1_epi32(off * xs[m + a]);
+            int32_t *dst = j->acc_c + (size_t)(m + a) * (size_t)N;
+            if (a0 == r0 && a1 == r0 + G * 16) { /* every row wanted: vector stores, no copy */
+                for (int q = 0; q < 2 * G; q++)
+                    _mm256_storeu_si256((__m256i *)(dst + r0 + 8 * q),
+                                        _mm256_sub_epi32(_mm256_load_si256((const __m256i *)(tot[a] + 8 * q)), c));
+                continue;
             }
+            const int32_t cs = off * xs[m + a];
+            for (int32_t r = a0; r < a1; r++) dst[r] = tot[a][r - r0] - cs;
+        }
     }
 }
 
@@ -923,6 +922,108 @@ TGT static int planes_rp2(const spfq_job *j, int32_t n0, int32_t n1)
     free(xs);
     free(pad);
     return 1;
+}
+
+/* ------------------------------------------------------------------ fused RP (tall M) */
+
+/* Tall calls (a conv's pixels x its output channels) with the epilogue fused: each 16-row group
+ * x MR activation rows goes from int16/int32 sums in registers / L1 straight to
+ * y = clamp(xscale * (scale * acc) + bias), the same expression (and rounding) as api.c's
+ * i8_finish, so no int32 (M, N) buffer is written and read back. The activation rows are read in
+ * place; the last, partial KSTEP step of a row (K not a multiple of KSTEP) comes from a
+ * zero-padded copy on the stack, so no padded copy of x is made either. */
+/* tot is written before it is read (rp2_block's first flush stores unless add), which GCC 12
+ * cannot see through the add flag */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+INL TGT void rp2_fused_rows(const spfq_job *j, const int32_t *xs, int32_t m, int32_t n0, int32_t n1,
+                            const int CB, const int MR)
+{
+    const spfq_prepared *w = j->w;
+    const int KSTEP = 4 * (8 / CB);
+    const int32_t K = w->d.k, N = w->d.n, S = w->rp_steps, Sf = K / KSTEP, off = w->rp_off;
+    const float lo = w->clamped ? w->clamp_lo : -INFINITY, hi = w->clamped ? w->clamp_hi : INFINITY;
+    const int8_t *x = j->xq + (size_t)m * (size_t)K;
+    int8_t tail[4][16] __attribute__((aligned(32)));
+    if (Sf < S) {
+        memset(tail, 0, sizeof tail);
+        for (int a = 0; a < MR; a++) memcpy(tail[a], x + (size_t)a * K + (size_t)Sf * KSTEP, (size_t)(K - Sf * KSTEP));
+    }
+    int32_t tot[4][32] __attribute__((aligned(32)));
+    for (int32_t r0 = n0; r0 < n1; r0 += 16) {
+        const uint8_t *wt = w->rp + (size_t)(r0 / 64) * (size_t)S * 256;
+        const int g = (r0 % 64) / 16;
+        if (Sf) rp2_block(wt, Sf, x, (size_t)K, g, CB, MR, 1, tot, 0);
+        if (Sf < S) rp2_block(wt + (size_t)Sf * 256, 1, &tail[0][0], 16, g, CB, MR, 1, tot, Sf > 0);
+        const int32_t rows = n1 - r0 < 16 ? n1 - r0 : 16;
+        static const float zeros[16];
+        float scp[16], bip[16]; /* a partial last group: the rows past N read zeros */
+        const float *sc = w->d.scale + r0, *bi = w->d.bias ? w->d.bias + r0 : zeros;
+        if (rows < 16) {
+            memset(scp, 0, sizeof scp);
+            memset(bip, 0, sizeof bip);
+            memcpy(scp, sc, (size_t)rows * sizeof(float));
+            if (w->d.bias) memcpy(bip, bi, (size_t)rows * sizeof(float));
+            sc = scp;
+            bi = bip;
+        }
+        const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+        for (int a = 0; a < MR; a++) {
+            const __m256i c = _mm256_set1_epi32(off * xs[m + a]);
+            const __m256 vx = _mm256_set1_ps(j->xscale[m + a]);
+            float out[16] __attribute__((aligned(32)));
+            float *y = j->y + (size_t)(m + a) * (size_t)N + r0, *dst = rows == 16 ? y : out;
+            for (int h = 0; h < 2; h++) {
+                const __m256i acc = _mm256_sub_epi32(_mm256_load_si256((const __m256i *)(tot[a] + 8 * h)), c);
+                __m256 v = _mm256_mul_ps(_mm256_loadu_ps(sc + 8 * h), _mm256_cvtepi32_ps(acc));
+                v = _mm256_add_ps(_mm256_mul_ps(vx, v), _mm256_loadu_ps(bi + 8 * h));
+                /* spfq_clamp: max(lo, v) / min(hi, v) return v when it is NaN */
+                v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
+                _mm256_storeu_ps(dst + 8 * h, v);
+            }
+            if (rows < 16) memcpy(y, out, (size_t)rows * sizeof(float));
+        }
+    }
+}
+
+#define RP2_FUSED_FN(CB, MR)                                                                        \
+    __attribute__((noinline)) TGT static void rp2_fused_##CB##_##MR(const spfq_job *j, const int32_t *xs, \
+                                                                   int32_t m, int32_t n0, int32_t n1) \
+    {                                                                                               \
+        rp2_fused_rows(j, xs, m, n0, n1, CB, MR);                                                   \
+    }
+RP2_FUSED_FN(2, 1) RP2_FUSED_FN(2, 2) RP2_FUSED_FN(2, 3) RP2_FUSED_FN(2, 4)
+RP2_FUSED_FN(4, 1) RP2_FUSED_FN(4, 2) RP2_FUSED_FN(4, 3) RP2_FUSED_FN(4, 4)
+#pragma GCC diagnostic pop
+
+ENTRY int spfq_rp_i8_fused_ok_avx2(const spfq_prepared *w)
+{
+    return w->rp && (w->rp_cb == 2 || w->rp_cb == 4) && w->rp_mul == 1 && !w->d.lam &&
+           (w->d.layout == SPFQ_PLANES || w->d.layout == SPFQ_SIGN_MASK) &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+}
+
+ENTRY void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1)
+{
+    typedef void (*fn)(const spfq_job *, const int32_t *, int32_t, int32_t, int32_t);
+    static const fn fns[2][4] = {{rp2_fused_2_1, rp2_fused_2_2, rp2_fused_2_3, rp2_fused_2_4},
+                                 {rp2_fused_4_1, rp2_fused_4_2, rp2_fused_4_3, rp2_fused_4_4}};
+    const int32_t K = j->w->d.k;
+    int32_t xs[256];
+    for (int32_t c0 = 0; c0 < j->m; c0 += 256) { /* activation sums of up to 256 rows at a time */
+        const int32_t c1 = j->m - c0 < 256 ? j->m : c0 + 256;
+        for (int32_t m = c0; m < c1; m++) {
+            const int8_t *row = j->xq + (size_t)m * (size_t)K;
+            int32_t sum = 0;
+            for (int32_t k = 0; k < K; k++) sum += row[k];
+            xs[m - c0] = sum;
+        }
+        for (int32_t m = c0; m < c1;) {
+            const int32_t mr = c1 - m >= 4 ? 4 : c1 - m;
+            fns[j->w->rp_cb == 4][mr - 1](j, xs - c0, m, n0, n1);
+            m += mr;
+        }
+    }
 }
 
 ENTRY int spfq_rp_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc)

@@ -65,6 +65,7 @@ typedef struct {
     int32_t *dot;          /* bgemm out: (M, N) exact K - 2 popcount */
     int32_t m0;            /* rows [m0, m0 + m) of the call (api.c splits M too): the epilogues'
                               own arrays are indexed from m0; the pointers above already are */
+    const float *xscale;   /* fused i8 kernels (y written directly): (M) activation scales */
 } spfq_job;
 
 typedef void (*spfq_range_fn)(const spfq_job *job, int32_t n0, int32_t n1);
@@ -75,6 +76,12 @@ typedef void (*spfq_range_fn)(const spfq_job *job, int32_t n0, int32_t n1);
  * without the intb files (a test) has NULL here. */
 int spfq_rp_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc) __attribute__((weak));
 int spfq_rp_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc) __attribute__((weak));
+
+/* AVX2, tall int8 calls: PLANES (b <= 4) and SIGN_MASK weights with RP codes and no lam, the
+ * epilogue fused (y = clamp(xscale * (scale * acc) + bias) from j->xq, j->xscale into j->y);
+ * api.c uses it when spfq_rp_i8_fused_ok_avx2(w) and the active ISA is AVX2. intb_avx2.c. */
+int spfq_rp_i8_fused_ok_avx2(const struct spfq_prepared *w) __attribute__((weak));
+void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1) __attribute__((weak));
 
 /* SIGN / SIGN_MASK kernels that computed acc_s only: acc_c (when asked for) is the same sums. */
 static inline void spfq_mirror_acc(const spfq_job *j, int32_t n0, int32_t n1)

@@ -87,15 +87,17 @@ SPFQ_AVX2 static inline __m256i quant8_avx2(__m256 v) {
     return _mm256_cvtps_epi32(q);                               /* integral: exact */
 }
 
-/* quant8_avx2 of x * r (r = 127 / amax); near |= lanes whose product lies within 2^-13 of a
- * half-integer (there the product may round unlike the quotient: the caller redoes the row). */
+/* quant8_avx2 of x * r (r = 127 / amax, |x * r| < 128, no NaN); near |= lanes whose product lies
+ * within 2^-13 of a half-integer (there the product may round unlike the quotient: the caller
+ * redoes the row). Away from half-integers round-to-nearest-even
+ * and half-away agree, so the lanes of a row without a near lane need no other rounding (the
+ * rounding mode is explicit, not the caller's MXCSR). */
 SPFQ_AVX2 static inline __m256i quant8_recip(const float *x, __m256 r, __m256 *near) {
-    const __m256 sgn = _mm256_set1_ps(-0.0f);
-    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x), r), a = _mm256_andnot_ps(sgn, v);
-    const __m256 f = _mm256_sub_ps(a, _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
-    const __m256 d = _mm256_andnot_ps(sgn, _mm256_sub_ps(f, _mm256_set1_ps(0.5f)));
-    *near = _mm256_or_ps(*near, _mm256_cmp_ps(d, _mm256_set1_ps(0x1p-13f), _CMP_LT_OQ));
-    return quant8_avx2(v);
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x), r);
+    const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 d = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(v, t)); /* exact */
+    *near = _mm256_or_ps(*near, _mm256_cmp_ps(d, _mm256_set1_ps(0.5f - 0x1p-13f), _CMP_GT_OQ));
+    return _mm256_cvttps_epi32(t); /* integral: exact */
 }
 
 SPFQ_AVX2 static void quant_rows_avx2(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale) {
@@ -116,6 +118,10 @@ SPFQ_AVX2 static void quant_rows_avx2(int32_t m, int32_t k, const float *x, int8
         }
         for (; i + 8 <= k; i += 8)
             m0 = _mm256_max_epi32(m0, _mm256_and_si256(abs, _mm256_loadu_si256((const __m256i *)(row + i))));
+        if (i < k && k >= 8) { /* the last 8, overlapping the ones done (max is idempotent) */
+            m1 = _mm256_max_epi32(m1, _mm256_and_si256(abs, _mm256_loadu_si256((const __m256i *)(row + k - 8))));
+            i = k;
+        }
         m0 = _mm256_max_epi32(_mm256_max_epi32(m0, m1), _mm256_max_epi32(m2, m3));
         __m128i h = _mm_max_epi32(_mm256_castsi256_si128(m0), _mm256_extracti128_si256(m0, 1));
         h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0x4e));
@@ -130,7 +136,7 @@ SPFQ_AVX2 static void quant_rows_avx2(int32_t m, int32_t k, const float *x, int8
         xscale[r] = s;
         if (!(s > 0.0f)) { memset(out, 0, (size_t)k); continue; }
         const __m256 vs = _mm256_set1_ps(s);
-        if (amax >= 0x1p-100f && k >= 8) {
+        if (amax >= 0x1p-100f && amax_bits < 0x7f800000 && k >= 8) { /* finite: no NaN products */
             /* x * (127 / amax) instead of x / s: within 2^-15 of the quotient (|x / s| <= 128, three
              * roundings of 2^-24), so it rounds the same unless within 2^-15 of a half-integer; a
              * row with a product within 2^-13 of one is redone with the division below */
@@ -145,6 +151,12 @@ SPFQ_AVX2 static void quant_rows_avx2(int32_t m, int32_t k, const float *x, int8
                 const __m256i q = quant8_recip(row + i, vr, &near);
                 const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
                 _mm_storel_epi64((__m128i *)(out + i), _mm_packs_epi16(w, w));
+            }
+            if (i < k) { /* the last 8 again, overlapping: the same values rewritten */
+                const __m256i q = quant8_recip(row + k - 8, vr, &near);
+                const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+                _mm_storel_epi64((__m128i *)(out + k - 8), _mm_packs_epi16(w, w));
+                i = k;
             }
             if (!_mm256_movemask_ps(near)) {
                 for (; i < k; i++) out[i] = quant_one(row[i], s);
