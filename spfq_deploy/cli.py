@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=_positive_int, default=None,
                    help="torch / kernel threads per process (default: torch's, i.e. the cores; torchrun sets 1). "
                         "The bytes written depend on it (BLAS sums in another order): keep it to reproduce a file")
-    c.add_argument("--layout", help="packed layout for every layer (sign, sign_mask, planes, offset, sparse)")
+    c.add_argument("--layout", help="packed layout for every layer (sign, sign_mask, planes, offset, sparse, sign_rows, "
+                   "sign_mask_rows, planes_rows; default per layer: the *_rows twin where rows are not "
+                   "whole 64-bit words)")
     c.add_argument("-o", "--output", help="output .spfq file (default: <model>.spfq)")
     c.add_argument("--report-json", help="also write the per-layer report as JSON")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -118,7 +118,10 @@ def preferred_layout(layer: CompressedLayer) -> str:
 
 
 def kernel_pack(layer: CompressedLayer, layout: str) -> tuple[str, int, dict]:
-    """(layout, field bits, packed buffers) of a layer as the kernel ABI takes them."""
+    """(layout, field bits, packed buffers) of a layer as the kernel ABI takes them; a *_rows
+    layout (a file's, rows back to back) gives its padded twin, the words the kernels walk."""
+    if layout in L.LAYOUTS and L.LAYOUTS[layout].padded:
+        layout = L.LAYOUTS[layout].padded
     if layout not in LAYOUT_IDS:
         raise KernelError(f"kernels take layouts {', '.join(LAYOUT_IDS)}, not {layout!r}")
     bits = L.field_bits(layer) if layout in ("planes", "sparse") else (1 if layout == "sign" else 2)

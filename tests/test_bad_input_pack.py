@@ -256,7 +256,7 @@ def test_read_header_reads_no_tensor_data(saved, monkeypatch):
     n = int.from_bytes(saved.read_bytes()[:8], "little")
     assert seen and max(seen) <= 8 + n < saved.stat().st_size
     assert h["file_bytes"] == saved.stat().st_size
-    assert h["tensors"]["layer/fc.sign/sign"] == {"dtype": "U64", "shape": [4, 2]}
+    assert h["tensors"]["layer/fc.sign/sign"] == {"dtype": "U64", "shape": [5]}  # sign_rows: 4 x 65 bits
 
 
 def test_load_still_verifies_checksums(saved):

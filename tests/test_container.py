@@ -4,6 +4,7 @@ truncated, corrupt, newer, foreign files; atomic writes."""
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,8 +64,9 @@ def model():
 
 
 LAYOUTS = {"fc.offset": "offset"}
-EXPECTED_LAYOUT = {"fc.sign": "sign", "fc.pruned_bin": "sign_mask", "conv.tern": "sign_mask",
-                   "dw": "planes", "fc.offset": "offset", "fc.sparse": "sparse",
+# rows that are not whole 64-bit words get the *_rows twins (no per-row padding): version 2
+EXPECTED_LAYOUT = {"fc.sign": "sign_rows", "fc.pruned_bin": "sign_mask_rows", "conv.tern": "sign_mask_rows",
+                   "dw": "planes_rows", "fc.offset": "offset", "fc.sparse": "sparse",
                    "fc.empty": "sparse"}
 
 
@@ -112,7 +114,7 @@ def test_header_table(saved, model, monkeypatch):
     monkeypatch.setattr(container.L, "unpack_layer", boom)
     monkeypatch.setattr(container.st_numpy, "load", boom)
     h = read_header(saved)
-    assert h["format_version"] == FORMAT_VERSION == 1
+    assert h["format_version"] == FORMAT_VERSION == 2
     assert {n: e["layout"] for n, e in h["layers"].items()} == EXPECTED_LAYOUT
     e = h["layers"]["fc.sparse"]
     assert e["weight_shape"] == [7, 130] and e["alphabet"] == "int" and e["bits"] == 5
@@ -124,7 +126,7 @@ def test_header_table(saved, model, monkeypatch):
     assert h["model_spec"] == "models/net.py:build" and h["meta"] == model.meta
     assert set(h["sha256"]) == set(h["tensors"])
     assert h["tensors"]["layer/fc.sign/scale"]["dtype"] == "F16"
-    assert h["tensors"]["layer/fc.sign/sign"] == {"dtype": "U64", "shape": [4, 2]}
+    assert h["tensors"]["layer/fc.sign/sign"] == {"dtype": "U64", "shape": [5]}  # 4 x 65 bits back to back
     assert h["tensors"]["layer/fc.sign/bias"]["dtype"] == "F32"
     assert h["tensors"]["float/emb"]["dtype"] == "F64"
 
@@ -135,7 +137,7 @@ def test_metadata_keys(saved):
         meta = json.loads(f.read(n))["__metadata__"]
     assert set(meta) == {"format", "format_version", "spfq", "spfq_sha256"}
     assert hashlib.sha256(meta["spfq"].encode()).hexdigest() == meta["spfq_sha256"]
-    assert meta["format"] == "spfq" and meta["format_version"] == "1"
+    assert meta["format"] == "spfq" and meta["format_version"] == "2"
     table = json.loads(meta["spfq"])
     tensors = st_numpy.load_file(str(saved))
     assert set(tensors) == set(table["sha256"])
@@ -221,8 +223,8 @@ def rewrite(path, edit_meta=None, drop=None, reseal=True):
 
 
 def test_newer_version(saved):
-    rewrite(saved, lambda m: m.update(format_version="2"))
-    msg = expect_error(saved, "newer", "format version 2", "up to 1")
+    rewrite(saved, lambda m: m.update(format_version="3"))
+    msg = expect_error(saved, "newer", "format version 3", "up to 2")
     with pytest.raises(FormatError, match="newer"):
         read_header(saved)
     assert "checksum" not in msg
@@ -272,6 +274,87 @@ def test_table_inconsistent_with_buffers(saved):
         m["spfq"] = json.dumps(t)
     rewrite(saved, widen)
     expect_error(saved, "fc.sign")
+
+
+# ---------------------------------------------------------------- format versions 1 and 2
+
+V1_FILE = Path(__file__).parent / "data" / "format_v1.spfq"
+
+
+def format_v1_model():
+    """The model in tests/data/format_v1.spfq, written by the version-1 writer (commit b73165d,
+    before the *_rows layouts): padded sign, planes, sign_mask, planes layers."""
+    rng = np.random.default_rng(15)
+    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1, "kernel_size": [3, 3]}
+
+    def make(name, kind, shape, alphabet, bits, conv=None):
+        N, d = shape[0], int(np.prod(shape[1:]))
+        K = 1 if alphabet in ("binary", "ternary") else 2 ** (bits - 1) - 1
+        if alphabet == "binary":
+            codes = rng.choice(np.array([-1, 1], np.int8), size=(N, d))
+        else:
+            codes = rng.integers(-K, K + 1, size=(N, d)).astype(np.int8)
+        scale = (rng.random(N) + 0.1).astype(np.float16).astype(np.float32)
+        bias = rng.standard_normal(N).astype(np.float32)
+        return CompressedLayer(name, kind, tuple(shape), alphabet, bits, codes, scale, bias=bias, conv=conv,
+                               meta={"method": "rtn"})
+
+    layers = [make("fc.sign", "linear", (4, 65), "binary", 1),
+              make("dw", "conv2d", (8, 1, 3, 3), "int", 4, {**conv, "groups": 8}),
+              make("conv.tern", "conv2d", (4, 3, 3, 3), "ternary", 2, conv),
+              make("fc.planes", "linear", (3, 128), "int", 3)]
+    return CompressedModel(layers={lay.name: lay for lay in layers},
+                           float_params={"bn.weight": rng.standard_normal(4).astype(np.float32)},
+                           model_spec="tests/format_v1", meta={"seed": 15})
+
+
+V1_LAYOUTS = {"fc.sign": "sign", "dw": "planes", "conv.tern": "sign_mask", "fc.planes": "planes"}
+
+
+def test_version_1_file_still_loads():
+    h = read_header(V1_FILE)
+    assert h["format_version"] == 1
+    assert {n: e["layout"] for n, e in h["layers"].items()} == V1_LAYOUTS
+    assert_same(format_v1_model(), load(V1_FILE))
+
+
+def test_padded_layouts_still_write_version_1_byte_for_byte(tmp_path):
+    path = tmp_path / "m.spfq"
+    save(path, format_v1_model(), layouts=V1_LAYOUTS)
+    assert path.read_bytes() == V1_FILE.read_bytes()
+
+
+def test_rows_layouts_write_version_2(tmp_path):
+    path = tmp_path / "m.spfq"
+    table = save(path, format_v1_model())
+    assert {n: e["layout"] for n, e in table["layers"].items()} == {
+        "fc.sign": "sign_rows", "dw": "planes_rows", "conv.tern": "sign_mask_rows", "fc.planes": "planes"}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        assert json.loads(f.read(n))["__metadata__"]["format_version"] == "2"
+    h = read_header(path)
+    assert h["format_version"] == 2
+    assert h["tensors"]["layer/dw/planes"] == {"dtype": "U64", "shape": [4, 2]}  # 72 fields, 2 words a plane
+    assert h["tensors"]["layer/conv.tern/mask"] == {"dtype": "U64", "shape": [2]}  # 108 fields
+    assert_same(format_v1_model(), load(path))
+    assert path.stat().st_size < V1_FILE.stat().st_size
+
+
+def test_whole_word_rows_stay_version_1(tmp_path):
+    rng = np.random.default_rng(1)
+    m = CompressedModel(layers={"fc": layer("fc", "int", 4, (3, 128), rng),
+                                "b": layer("b", "binary", 1, (2, 64), rng)}, float_params={})
+    table = save(tmp_path / "m.spfq", m)
+    assert {n: e["layout"] for n, e in table["layers"].items()} == {"fc": "planes", "b": "sign"}
+    assert read_header(tmp_path / "m.spfq")["format_version"] == 1
+
+
+def test_version_1_file_with_a_rows_layout_is_refused(saved):
+    rewrite(saved, lambda m: m.update(format_version="1"))
+    msg = expect_error(saved, "fc.sign", "layout 'sign_rows' needs format version 2", "says 1")
+    assert "checksum" not in msg
+    with pytest.raises(FormatError, match="needs format version 2"):
+        read_header(saved)
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -9,11 +9,16 @@ from bitarray import bitarray
 from bitarray.util import int2ba
 
 from spfq_deploy.compressed import CompressedLayer
+from spfq_deploy.kernels import kernel_pack
 from spfq_deploy.pack import (
+    LAYOUTS,
+    buffer_specs,
     default_layout,
     layer_info,
     pack_bits,
     pack_layer,
+    padded,
+    storage_layout,
     storage_report,
     unpack_bits,
     unpack_layer,
@@ -314,3 +319,262 @@ def test_storage_matches_buffer_sizes(layout, alphabet, bits):
     r = storage_report(layer, layout)
     buffer_bits = sum(a.nbytes * 8 for a in pack_layer(layer, layout).values())
     assert r["code_bits"] + r["mask_bits"] == buffer_bits
+
+
+# ---------------------------------------------------------------- *_rows: rows back to back, no per-row padding
+
+ROWS_DS = (1, 9, 27, 63, 64, 65, 200)
+ROWS_SHAPES = [(n, d) for n in NS for d in ROWS_DS]
+TWINS = {"sign_rows": "sign", "sign_mask_rows": "sign_mask", "planes_rows": "planes"}
+
+
+def whole_stream(rows_bits):
+    """All rows' bits appended LSB first with no gap; only the end padded to 64 with zero bits."""
+    ba = bitarray(endian="little")
+    for row in rows_bits:
+        ba.extend(bool(x) for x in row)
+    ba.extend([0] * (-len(ba) % 64))
+    return ba.tobytes()
+
+
+def ref_sign_rows(codes):
+    return whole_stream([[c < 0 for c in row] for row in codes.tolist()])
+
+
+def ref_mask_rows(codes):
+    return whole_stream([[c != 0 for c in row] for row in codes.tolist()])
+
+
+def ref_planes_rows(codes, b):
+    u = [[c + 2 ** (b - 1) for c in row] for row in codes.tolist()]
+    return b"".join(whole_stream([[(x >> p) & 1 for x in row] for row in u]) for p in range(b))
+
+
+def stream_words(N, d):
+    return -(-N * d // 64)
+
+
+@pytest.mark.parametrize("N,d", ROWS_SHAPES)
+def test_sign_rows_roundtrip(N, d):
+    layer = make_layer("binary", 1, N, d, np.random.default_rng(d * 100 + N))
+    bufs = roundtrip(layer, "sign_rows")
+    assert set(bufs) == {"sign"}
+    assert bufs["sign"].dtype == np.dtype("<u8") and bufs["sign"].shape == (stream_words(N, d),)
+
+
+@pytest.mark.parametrize("N,d", ROWS_SHAPES)
+@pytest.mark.parametrize("alphabet,bits", [("ternary", 2), ("binary", 1)])
+def test_sign_mask_rows_roundtrip(N, d, alphabet, bits):
+    rng = np.random.default_rng(d * 100 + N)
+    layer = make_layer(alphabet, bits, N, d, rng, sparsity=0.3 if alphabet == "binary" else 0.0)
+    bufs = roundtrip(layer, "sign_mask_rows")
+    assert {r: a.shape for r, a in bufs.items()} == {"sign": (stream_words(N, d),), "mask": (stream_words(N, d),)}
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_planes_rows_roundtrip(bits):
+    rng = np.random.default_rng(bits)
+    for N, d in ROWS_SHAPES:
+        layer = make_layer("int", bits, N, d, rng)
+        bufs = roundtrip(layer, "planes_rows")
+        assert bufs["planes"].dtype == np.dtype("<u8") and bufs["planes"].shape == (bits, stream_words(N, d))
+
+
+def test_binary_and_ternary_in_planes_rows():
+    rng = np.random.default_rng(5)
+    for alphabet, bits in (("ternary", 2), ("binary", 1)):
+        assert roundtrip(make_layer(alphabet, bits, 7, 9, rng), "planes_rows")["planes"].shape == (2, 1)
+
+
+def test_rows_stream_literal():
+    """Rows follow each other with no gap: row 1 of a d = 3 layer starts at bit 3 of word 0."""
+    layer = make_layer("binary", 1, 2, 3, np.random.default_rng(0))
+    layer.codes[:] = [[-1, 1, 1], [1, -1, -1]]  # bits 0, 4, 5
+    sign = pack_layer(layer, "sign_rows")["sign"]
+    assert sign.shape == (1,) and sign[0] == 0b110001
+    int3 = make_layer("int", 3, 2, 3, np.random.default_rng(0))
+    int3.codes[:] = [[-3, 0, 3], [1, -1, 2]]  # u = 1, 4, 7, 5, 3, 6 at bits 0..5
+    planes = pack_layer(int3, "planes_rows")["planes"]
+    u = [1, 4, 7, 5, 3, 6]
+    assert [int(w) for w in planes[:, 0]] == [sum(((x >> p) & 1) << i for i, x in enumerate(u)) for p in range(3)]
+
+
+ROWS_BYTE_SHAPES = [(1, 1), (7, 9), (32, 9), (5, 27), (3, 63), (2, 64), (7, 65), (3, 200), (1, 3136)]
+
+
+@pytest.mark.parametrize("N,d", ROWS_BYTE_SHAPES)
+def test_bytes_match_bitarray_sign_rows(N, d):
+    layer = make_layer("binary", 1, N, d, np.random.default_rng(d + N))
+    assert pack_layer(layer, "sign_rows")["sign"].tobytes() == ref_sign_rows(layer.codes)
+
+
+@pytest.mark.parametrize("N,d", ROWS_BYTE_SHAPES)
+@pytest.mark.parametrize("alphabet,bits,sparsity", [("ternary", 2, 0.0), ("binary", 1, 0.4)])
+def test_bytes_match_bitarray_sign_mask_rows(N, d, alphabet, bits, sparsity):
+    layer = make_layer(alphabet, bits, N, d, np.random.default_rng(d + N), sparsity=sparsity)
+    bufs = pack_layer(layer, "sign_mask_rows")
+    assert bufs["sign"].tobytes() == ref_sign_rows(layer.codes)
+    assert bufs["mask"].tobytes() == ref_mask_rows(layer.codes)
+
+
+@pytest.mark.parametrize("N,d", ROWS_BYTE_SHAPES)
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_bytes_match_bitarray_planes_rows(N, d, bits):
+    layer = make_layer("int", bits, N, d, np.random.default_rng(d + N + bits))
+    assert pack_layer(layer, "planes_rows")["planes"].tobytes() == ref_planes_rows(layer.codes, bits)
+
+
+@pytest.mark.parametrize("rows,twin", TWINS.items())
+def test_rows_bytes_equal_padded_twin_for_whole_words(rows, twin):
+    """For d a multiple of 64 there is no padding to drop: a row stream is the padded buffer."""
+    alphabet, bits = {"sign": ("binary", 1), "sign_mask": ("ternary", 2), "planes": ("int", 5)}[twin]
+    layer = make_layer(alphabet, bits, 3, 128, np.random.default_rng(1))
+    a, b = pack_layer(layer, rows), pack_layer(layer, twin)
+    assert {r: x.tobytes() for r, x in a.items()} == {r: x.tobytes() for r, x in b.items()}
+
+
+def set_bit(words, i):
+    """Copy of a row stream (..., S) with stream bit i set in every leading slice."""
+    out = words.copy()
+    out[..., i // 64] |= np.uint64(1) << np.uint64(i % 64)
+    return out
+
+
+@pytest.mark.parametrize("layout,alphabet,bits", [
+    ("sign_rows", "binary", 1), ("sign_mask_rows", "ternary", 2), ("planes_rows", "int", 4)])
+def test_rows_reject_nonzero_end_padding(layout, alphabet, bits):
+    N, d = 7, 9  # 63 fields: stream bit 63 is the one padding bit
+    layer = make_layer(alphabet, bits, N, d, np.random.default_rng(0))
+    info = layer_info(layer)
+    bufs = pack_layer(layer, layout)
+    for role in bufs:
+        dirty = dict(bufs)
+        dirty[role] = set_bit(bufs[role], N * d)
+        with pytest.raises(ValueError, match=f"{role}.*padding"):
+            unpack_layer(layout, dirty, info)
+        with pytest.raises(ValueError, match="padding"):
+            padded(layout, dirty, info)
+    if layout == "planes_rows":  # one plane dirty, the others clean
+        dirty = bufs["planes"].copy()
+        dirty[2] = set_bit(bufs["planes"][2], N * d)
+        with pytest.raises(ValueError, match="padding"):
+            unpack_layer(layout, {"planes": dirty}, info)
+
+
+def test_rows_reject_wrong_shapes_and_missing_buffers():
+    layer = make_layer("int", 4, 7, 9, np.random.default_rng(0))
+    info = layer_info(layer)
+    twin = pack_layer(layer, "planes")["planes"]  # (4, 7, 1): the padded shape
+    with pytest.raises(ValueError, match="expected"):
+        unpack_layer("planes_rows", {"planes": twin}, info)
+    flat = pack_layer(layer, "planes_rows")["planes"]
+    with pytest.raises(ValueError, match="expected"):
+        unpack_layer("planes_rows", {"planes": flat[:3]}, info)  # a plane short
+    with pytest.raises(ValueError, match="expected"):
+        unpack_layer("planes_rows", {"planes": flat.astype(np.int64)}, info)
+    tern = make_layer("ternary", 2, 7, 9, np.random.default_rng(0))
+    bufs = pack_layer(tern, "sign_mask_rows")
+    with pytest.raises(ValueError, match="missing buffer 'mask'"):
+        unpack_layer("sign_mask_rows", {"sign": bufs["sign"]}, layer_info(tern))
+    with pytest.raises(ValueError, match="expected"):
+        unpack_layer("sign_rows", {"sign": np.zeros(2, np.uint64)}, layer_info(tern))
+    assert buffer_specs("sign_mask_rows", layer_info(tern)) == {
+        "sign": (np.dtype("<u8"), (1,)), "mask": (np.dtype("<u8"), (1,))}
+    assert buffer_specs("planes_rows", {"weight_shape": [32, 1, 3, 3], "alphabet": "int", "bits": 4}) == {
+        "planes": (np.dtype("<u8"), (4, 5))}
+
+
+def test_planes_rows_rejects_u0_and_sign_mask_rows_rejects_stray_sign():
+    layer = make_layer("int", 4, 7, 9, np.random.default_rng(0))
+    planes = pack_layer(layer, "planes_rows")["planes"]
+    i = 5 * 9 + 4  # row 5, column 4
+    zero = planes.copy()
+    zero[:, i // 64] &= ~(np.uint64(1) << np.uint64(i % 64))  # u = 0 at that field
+    with pytest.raises(ValueError, match="u = 0"):
+        unpack_layer("planes_rows", {"planes": zero}, layer_info(layer))
+    tern = make_layer("ternary", 2, 7, 9, np.random.default_rng(0))
+    tern.codes[5, 4] = 0
+    bufs = pack_layer(tern, "sign_mask_rows")
+    with pytest.raises(ValueError, match="masked-out"):
+        unpack_layer("sign_mask_rows", {**bufs, "sign": set_bit(bufs["sign"], i)}, layer_info(tern))
+
+
+def test_rows_pack_rejects_codes_that_do_not_fit():
+    rng = np.random.default_rng(0)
+    tern = make_layer("ternary", 2, 4, 9, rng)
+    tern.codes[0, 0] = 0
+    with pytest.raises(ValueError, match="sign_rows"):
+        pack_layer(tern, "sign_rows")
+    int4 = make_layer("int", 4, 4, 9, rng)
+    int4.codes[0, 0] = -8
+    for layout in ("planes_rows", "sign_mask_rows"):
+        with pytest.raises(ValueError, match=layout):
+            pack_layer(int4, layout)
+
+
+@pytest.mark.parametrize("N,d", [(7, 9), (32, 9), (5, 27), (2, 64), (7, 65), (3, 200)])
+@pytest.mark.parametrize("rows,twin", TWINS.items())
+def test_padded_gives_the_twins_buffers(N, d, rows, twin):
+    alphabet, bits = {"sign": ("binary", 1), "sign_mask": ("ternary", 2), "planes": ("int", 6)}[twin]
+    layer = make_layer(alphabet, bits, N, d, np.random.default_rng(N * d))
+    name, bufs = padded(rows, pack_layer(layer, rows), layer_info(layer))
+    want = pack_layer(layer, twin)
+    assert name == twin and set(bufs) == set(want)
+    for role in want:
+        assert bufs[role].dtype == want[role].dtype and bufs[role].shape == want[role].shape
+        assert bufs[role].tobytes() == want[role].tobytes()
+    same = pack_layer(layer, twin)
+    name, bufs = padded(twin, same, layer_info(layer))
+    assert name == twin and all(bufs[r] is same[r] for r in same)
+
+
+def test_kernel_pack_takes_rows_layouts_as_their_twins():
+    layer = make_layer("int", 4, 32, 9, np.random.default_rng(0))
+    layout, bits, bufs = kernel_pack(layer, "planes_rows")
+    assert (layout, bits) == ("planes", 4) and bufs["planes"].shape == (4, 32, 1)
+
+
+def test_storage_layout_picks_rows_twin_only_when_rows_are_not_whole_words():
+    rng = np.random.default_rng(0)
+    for d, suffix in ((9, "_rows"), (27, "_rows"), (65, "_rows"), (64, ""), (128, "")):
+        assert storage_layout(make_layer("binary", 1, 4, d, rng)) == "sign" + suffix
+        assert storage_layout(make_layer("binary", 1, 4, d, rng, sparsity=0.5)) == "sign_mask" + suffix
+        assert storage_layout(make_layer("ternary", 2, 4, d, rng)) == "sign_mask" + suffix
+        assert storage_layout(make_layer("int", 4, 4, d, rng)) == "planes" + suffix
+        assert storage_layout(make_layer("int", 4, 4, d, rng, sparsity=0.5, lam=True)) == "sparse"
+    assert default_layout(make_layer("int", 4, 4, 9, rng)) == "planes"  # what the kernels read
+    assert {n: lay.padded for n, lay in LAYOUTS.items() if lay.padded} == TWINS
+    assert {n: lay.since for n, lay in LAYOUTS.items() if lay.since > 1} == dict.fromkeys(TWINS, 2)
+
+
+def test_storage_depthwise_4bit_rows_exact():
+    """A depthwise 3x3 layer, 32 channels, 4 bits: 288 fields in 5 words per plane."""
+    layer = make_layer("int", 4, 32, 9, np.random.default_rng(0))
+    r = storage_report(layer)
+    assert r["layout"] == "planes_rows"
+    assert (r["code_bits"], r["padding_bits"], r["scale_bits"]) == (4 * 320, 4 * 32, 32 * 16)
+    assert Fraction(r["total_bits"], r["weights"]) == Fraction(4 * 320 + 512, 288) == Fraction(56, 9)
+    old = storage_report(layer, "planes")  # one 64-bit word per row and plane
+    assert Fraction(old["total_bits"], old["weights"]) == Fraction(4 * 32 * 64 + 512, 288)
+
+
+def test_storage_rows_counts_end_padding_only():
+    rng = np.random.default_rng(0)
+    N, d = 7, 65  # 455 fields -> 8 words, 57 padding bits per stream
+    r = storage_report(make_layer("binary", 1, N, d, rng), "sign_rows")
+    assert (r["code_bits"], r["mask_bits"], r["padding_bits"]) == (512, 0, 57)
+    r = storage_report(make_layer("ternary", 2, N, d, rng), "sign_mask_rows")
+    assert (r["code_bits"], r["mask_bits"], r["padding_bits"]) == (512, 512, 2 * 57)
+    r = storage_report(make_layer("int", 3, N, d, rng), "planes_rows")
+    assert (r["code_bits"], r["padding_bits"]) == (3 * 512, 3 * 57)
+    r = storage_report(make_layer("int", 3, 2, 64, rng), "planes_rows")
+    assert r["padding_bits"] == 0
+
+
+@pytest.mark.parametrize("N,d", [(32, 9), (7, 65), (3, 200), (1, 1)])
+@pytest.mark.parametrize("layout,alphabet,bits", [
+    ("sign_rows", "binary", 1), ("sign_mask_rows", "ternary", 2), ("planes_rows", "int", 7)])
+def test_storage_rows_matches_buffer_sizes(N, d, layout, alphabet, bits):
+    layer = make_layer(alphabet, bits, N, d, np.random.default_rng(2))
+    r = storage_report(layer, layout)
+    assert r["code_bits"] + r["mask_bits"] == sum(a.nbytes * 8 for a in pack_layer(layer, layout).values())

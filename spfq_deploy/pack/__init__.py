@@ -6,9 +6,13 @@ from .bits import (
     pack_bits,
     pack_fields,
     pack_planes,
+    pack_planes_rows,
+    pack_rows,
     unpack_bits,
     unpack_fields,
     unpack_planes,
+    unpack_planes_rows,
+    unpack_rows,
     words_for,
 )
 from .container import FORMAT_VERSION, load, read_header, save
@@ -22,7 +26,9 @@ from .layouts import (
     get_layout,
     layer_info,
     pack_layer,
+    padded,
     register,
+    storage_layout,
     storage_report,
     table_fields,
     unpack_layer,
@@ -30,8 +36,9 @@ from .layouts import (
 
 __all__ = [
     "WORD", "WORD_BITS", "words_for", "pack_bits", "unpack_bits", "pack_planes", "unpack_planes",
-    "pack_fields", "unpack_fields",
-    "LAYOUTS", "Layout", "register", "get_layout", "default_layout", "field_bits", "layer_info",
-    "pack_layer", "unpack_layer", "storage_report", "buffer_specs", "table_fields", "check_sparse",
+    "pack_fields", "unpack_fields", "pack_rows", "unpack_rows", "pack_planes_rows", "unpack_planes_rows",
+    "LAYOUTS", "Layout", "register", "get_layout", "default_layout", "storage_layout", "field_bits",
+    "layer_info", "pack_layer", "unpack_layer", "padded", "storage_report", "buffer_specs", "table_fields",
+    "check_sparse",
     "FORMAT_VERSION", "save", "load", "read_header",
 ]

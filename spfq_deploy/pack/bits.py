@@ -9,6 +9,11 @@ Conventions (the spec, not an implementation detail):
   constant in the kernels, never by garbage. A row buffer has shape (N, W), W = ceil(d / 64).
 - A bit-plane buffer for b-bit fields has shape (b, N, W): plane p holds bit p of each field
   (bit-serial layout: a kernel does one popcount pass per plane and weights it by 2^p).
+- A row stream (the "*_rows" layouts) holds the N rows of d bits back to back: bit j of row r
+  is bit i = r*d + j of the stream, i.e. bit (i % 64) of word (i // 64), LSB first; only the
+  end of the whole stream is padded, with ZERO bits, to a whole word. A row-stream buffer has
+  shape (S,), S = ceil(N*d / 64), and a bit-plane row stream (b, S). For d a multiple of 64 its
+  bytes are those of the padded (N, W) buffer.
 - A field stream (used by the "offset" layout) stores field i in bits [i*b, (i+1)*b) of a
   little-endian bit stream, i.e. 8/b fields per byte, lowest field in the lowest bits.
 
@@ -59,6 +64,18 @@ def padding_is_zero(words: np.ndarray, d: int) -> bool:
     return not allbits[..., int(d):].any()
 
 
+def pack_rows(bits: np.ndarray) -> np.ndarray:
+    """Pack a boolean array (..., N, d) into row streams (..., ceil(N*d/64)): rows back to back."""
+    bits = np.asarray(bits, dtype=bool)
+    return pack_bits(bits.reshape(bits.shape[:-2] + (bits.shape[-2] * bits.shape[-1],)))
+
+
+def unpack_rows(words: np.ndarray, n: int, d: int) -> np.ndarray:
+    """Inverse of pack_rows: row streams (..., S) -> bool (..., n, d); end padding is dropped."""
+    flat = unpack_bits(words, int(n) * int(d))
+    return flat.reshape(flat.shape[:-1] + (int(n), int(d)))
+
+
 def pack_planes(values: np.ndarray, b: int) -> np.ndarray:
     """Unsigned fields (N, d), each < 2^b -> bit planes (b, N, W); plane p = bit p of each field."""
     v = np.asarray(values).astype(np.uint16)
@@ -70,6 +87,20 @@ def unpack_planes(planes: np.ndarray, d: int) -> np.ndarray:
     """Inverse of pack_planes: (b, N, W) -> uint16 fields (N, d)."""
     bits = unpack_bits(planes, d).astype(np.uint16)  # (b, N, d)
     shifts = np.arange(bits.shape[0], dtype=np.uint16).reshape((-1,) + (1,) * (bits.ndim - 1))
+    return (bits << shifts).sum(axis=0, dtype=np.uint16)
+
+
+def pack_planes_rows(values: np.ndarray, b: int) -> np.ndarray:
+    """Unsigned fields (N, d), each < 2^b -> bit-plane row streams (b, ceil(N*d/64))."""
+    v = np.asarray(values).astype(np.uint16)
+    shifts = np.arange(b, dtype=np.uint16).reshape((b,) + (1,) * v.ndim)
+    return pack_rows(((v[None] >> shifts) & 1).astype(bool))
+
+
+def unpack_planes_rows(planes: np.ndarray, n: int, d: int) -> np.ndarray:
+    """Inverse of pack_planes_rows: (b, S) -> uint16 fields (n, d)."""
+    bits = unpack_rows(planes, n, d).astype(np.uint16)  # (b, n, d)
+    shifts = np.arange(bits.shape[0], dtype=np.uint16).reshape((-1, 1, 1))
     return (bits << shifts).sum(axis=0, dtype=np.uint16)
 
 

@@ -2,8 +2,14 @@
 
 Why safetensors: a plain, mmap-able, 8-byte-aligned tensor store that every runtime can read
 without Python pickles. The spfq part lives in the string metadata:
-    {"format": "spfq", "format_version": "1", "spfq": json.dumps(table),
+    {"format": "spfq", "format_version": "1" or "2", "spfq": json.dumps(table),
      "spfq_sha256": sha256 of that JSON text (so a damaged conv stride or scale meta is caught too)}
+Format versions: 1 is the original format (padded layouts only); 2 adds the *_rows layouts
+(rows back to back, layouts.py). A file is written as the lowest version that holds its layouts
+(`Layout.since`), so a file with padded layouts only is still version 1, byte for byte what
+version-1 writers wrote, while one with a *_rows layout is version 2, which a version-1 reader
+refuses as "written by a newer spfq-deploy" instead of meeting a layout name it does not know.
+Readers take every version up to FORMAT_VERSION and refuse a layout newer than the file's version.
 table = {"layers": {name: {kind, weight_shape, alphabet, bits, layout, conv, meta,
                            tensors: {role: key}, storage_report}},
          "float_params": [names], "model_spec", "meta",
@@ -41,7 +47,7 @@ from ..errors import FormatError
 from . import layouts as L
 
 FORMAT = "spfq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this code reads and writes (see file_version)
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 MAX_DIM = 2 ** 31 - 1  # rows and columns (prod of the other dims) are int32 in the kernel ABI
 KINDS = {"linear": 2, "conv1d": 3, "conv2d": 4}  # kind -> dims of the PyTorch weight
@@ -110,6 +116,12 @@ def _canonical_text(table: dict) -> str:
     return json.dumps(out)
 
 
+def file_version(layouts) -> int:
+    """The format version a file with these layouts is written as: the newest `since` among them
+    (1 for padded layouts only, so such files stay readable by version-1 readers)."""
+    return max((L.get_layout(name).since for name in layouts), default=1)
+
+
 def _build(model: CompressedModel, layouts: dict[str, str] | None):
     """Tensors and metadata of a model; raises ValueError on anything that would not round-trip."""
     layouts = dict(layouts or {})
@@ -120,7 +132,7 @@ def _build(model: CompressedModel, layouts: dict[str, str] | None):
     table_layers = {}
     for name, layer in model.layers.items():
         layer.validate()
-        layout = layouts.get(name) or L.default_layout(layer)
+        layout = layouts.get(name) or L.storage_layout(layer)
         keys = {}
         for role, buf in L.pack_layer(layer, layout).items():
             keys[role] = f"layer/{name}/{role}"
@@ -149,11 +161,12 @@ def _build(model: CompressedModel, layouts: dict[str, str] | None):
              "model_spec": model.model_spec, "meta": model.meta,
              "sha256": {k: _digest(v) for k, v in tensors.items()}}
     text = _canonical_text(table)
+    version = file_version(e["layout"] for e in table_layers.values())
     try:
-        _check_table(json.loads(text), {k: (_st_name(k, v.dtype), v.shape) for k, v in tensors.items()})
+        _check_table(json.loads(text), {k: (_st_name(k, v.dtype), v.shape) for k, v in tensors.items()}, version)
     except ValueError as e:
         raise ValueError(f"model cannot be stored: {e}") from None  # load() would refuse it
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spfq": text,
+    metadata = {"format": FORMAT, "format_version": str(version), "spfq": text,
                 "spfq_sha256": hashlib.sha256(text.encode()).hexdigest()}
     return tensors, metadata, json.loads(text)
 
@@ -311,7 +324,7 @@ def _parse(path: Path, text: bytes, size: int) -> tuple[dict, dict, int]:
     except (ValueError, RecursionError) as e:
         raise _fail(path, f"malformed spfq table ({e})") from None
     try:
-        _check_table(table, entries)
+        _check_table(table, entries, version)
     except ValueError as e:
         raise _fail(path, f"malformed spfq table: {e}".replace("\n", " ")) from None
     return entries, table, version
@@ -319,7 +332,7 @@ def _parse(path: Path, text: bytes, size: int) -> tuple[dict, dict, int]:
 
 # ---------------------------------------------------------------- reading: the table schema
 
-def _check_table(table, entries: dict) -> None:
+def _check_table(table, entries: dict, version: int) -> None:
     """ValueError naming the field (and layer) of the first table entry a reader cannot use."""
     if not isinstance(table, dict):
         raise ValueError(f"the table is {_what(table)}, not an object")
@@ -349,7 +362,7 @@ def _check_table(table, entries: dict) -> None:
             isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p) for p in pairs):
         raise ValueError("meta folded_batchnorm must be a list of [layer, batchnorm] name pairs")
     for name, entry in layers.items():
-        _check_layer(name, entry, entries, digests)
+        _check_layer(name, entry, entries, digests, version)
 
 
 def _check_key(key, entries: dict, digests: dict) -> None:
@@ -359,7 +372,7 @@ def _check_key(key, entries: dict, digests: dict) -> None:
         raise ValueError(f"tensor {key} has no checksum in the table")
 
 
-def _check_layer(name: str, e, entries: dict, digests: dict) -> None:
+def _check_layer(name: str, e, entries: dict, digests: dict, version: int) -> None:
     def bad(problem: str) -> ValueError:
         return ValueError(f"layer {name}: {problem}")
 
@@ -386,6 +399,8 @@ def _check_layer(name: str, e, entries: dict, digests: dict) -> None:
     layout = e["layout"]
     if not isinstance(layout, str) or layout not in L.LAYOUTS:
         raise bad(f"layout {layout!r} is not one of {', '.join(L.LAYOUTS)}")
+    if L.get_layout(layout).since > version:
+        raise bad(f"layout {layout!r} needs format version {L.get_layout(layout).since}, the file says {version}")
     _check_conv(bad, kind, shape, e.get("conv"))
     meta = e.get("meta")
     if meta is not None and not isinstance(meta, dict):

@@ -20,6 +20,16 @@ Layouts (codes are the signed level indices k of a CompressedLayer, shape (N, d)
                also stores the per-row nonzero counts in the layer table ("row_nnz"): a zero
                padding field reads as the valid code +1, so without them a mask bit set too
                many would go unnoticed.
+- "sign_rows", "sign_mask_rows", "planes_rows": the same codes and bits as "sign", "sign_mask"
+               and "planes" (their padded twins), but with the rows back to back and no padding
+               per row: each role is one row stream (bits.py) of all N*d fields in row-major
+               order, bit i = r*d + j for row r, column j, in bit (i % 64) of word (i // 64),
+               zero-padded only at the end to a whole word. S = ceil(N*d / 64):
+               {"sign": (S,)}, {"sign": (S,), "mask": (S,)}, {"planes": (b,S)} (plane p = bit p
+               of u). For rows shorter than a word (depthwise 3x3 convs, d = 9) the padded twins
+               spend 64 bits per row and plane on 9 weights. The kernels read the padded twins:
+               `padded` turns these buffers into the twin's (the C side repacks anyway), and
+               files that use them are format version 2 (`Layout.since`).
 The field width b is layer.bits for the int alphabet and 2 for binary/ternary.
 """
 
@@ -52,7 +62,9 @@ class Layout:
 
     specs(info) gives each buffer's dtype and shape from the table alone (None: any length), so a
     reader can refuse a file before touching its data; table_keys / table_fields name and compute
-    the extra per-layer table entries the layout needs to check its buffers.
+    the extra per-layer table entries the layout needs to check its buffers. since is the file
+    format version a layout needs (old readers refuse newer versions, so they never meet a
+    layout name they do not know); padded names the twin a *_rows layout converts to.
     """
 
     name: str
@@ -64,6 +76,8 @@ class Layout:
     specs: Callable[[Any], dict] | None = None
     table_keys: tuple[str, ...] = ()
     table_fields: Callable[[CompressedLayer], dict] | None = None
+    since: int = 1  # the .spfq format version that introduced the layout (a file using it says >= this)
+    padded: str | None = None  # *_rows layouts: the padded twin the kernels read (see `padded`)
 
 
 # ---------------------------------------------------------------- layer metadata helpers
@@ -131,12 +145,20 @@ def _words(buffers, role, shape, d) -> np.ndarray:
 
 # ---------------------------------------------------------------- sign
 
-def _pack_sign(layer: CompressedLayer) -> Buffers:
+def _sign_bits(layer: CompressedLayer, layout: str) -> np.ndarray:
     codes = _codes(layer)
     if np.any((codes != 1) & (codes != -1)):
-        raise ValueError(f"{layer.name}: layout 'sign' needs codes in {{-1, +1}} "
+        raise ValueError(f"{layer.name}: layout {layout!r} needs codes in {{-1, +1}} "
                          "(zero codes need 'sign_mask')")
-    return {"sign": B.pack_bits(codes < 0)}
+    return codes < 0
+
+
+def _decode_sign(neg: np.ndarray) -> np.ndarray:
+    return np.where(neg, -1, 1).astype(np.int8)
+
+
+def _pack_sign(layer: CompressedLayer) -> Buffers:
+    return {"sign": B.pack_bits(_sign_bits(layer, "sign"))}
 
 
 def _specs_sign(info) -> dict:
@@ -146,16 +168,26 @@ def _specs_sign(info) -> dict:
 
 def _unpack_sign(buffers, info) -> np.ndarray:
     N, d = _dims(info)
-    neg = B.unpack_bits(_words(buffers, "sign", (N, B.words_for(d)), d), d)
-    return np.where(neg, -1, 1).astype(np.int8)
+    return _decode_sign(B.unpack_bits(_words(buffers, "sign", (N, B.words_for(d)), d), d))
 
 
 # ---------------------------------------------------------------- sign_mask
 
-def _pack_sign_mask(layer: CompressedLayer) -> Buffers:
+def _sign_mask_bits(layer: CompressedLayer, layout: str) -> tuple[np.ndarray, np.ndarray]:
     codes = _codes(layer)
-    _check_limit(layer, codes, 2, "sign_mask")
-    return {"sign": B.pack_bits(codes < 0), "mask": B.pack_bits(codes != 0)}
+    _check_limit(layer, codes, 2, layout)
+    return codes < 0, codes != 0
+
+
+def _decode_sign_mask(neg: np.ndarray, nz: np.ndarray) -> np.ndarray:
+    if np.any(neg & ~nz):
+        raise ValueError("sign bit set on a masked-out (zero) weight")
+    return (nz.astype(np.int8) * np.where(neg, -1, 1)).astype(np.int8)
+
+
+def _pack_sign_mask(layer: CompressedLayer) -> Buffers:
+    neg, nz = _sign_mask_bits(layer, "sign_mask")
+    return {"sign": B.pack_bits(neg), "mask": B.pack_bits(nz)}
 
 
 def _specs_sign_mask(info) -> dict:
@@ -168,18 +200,27 @@ def _unpack_sign_mask(buffers, info) -> np.ndarray:
     shape = (N, B.words_for(d))
     neg = B.unpack_bits(_words(buffers, "sign", shape, d), d)
     nz = B.unpack_bits(_words(buffers, "mask", shape, d), d)
-    if np.any(neg & ~nz):
-        raise ValueError("sign bit set on a masked-out (zero) weight")
-    return (nz.astype(np.int8) * np.where(neg, -1, 1)).astype(np.int8)
+    return _decode_sign_mask(neg, nz)
 
 
 # ---------------------------------------------------------------- planes
 
-def _pack_planes(layer: CompressedLayer) -> Buffers:
+def _plane_fields(layer: CompressedLayer, layout: str) -> tuple[np.ndarray, int]:
     b = field_bits(layer)
     codes = _codes(layer)
-    _check_limit(layer, codes, b, "planes")
-    return {"planes": B.pack_planes(codes + 2 ** (b - 1), b)}
+    _check_limit(layer, codes, b, layout)
+    return codes + 2 ** (b - 1), b
+
+
+def _decode_planes(u: np.ndarray, b: int) -> np.ndarray:
+    if np.any(u == 0):
+        raise ValueError("field u = 0 inside a row (not a valid offset code)")
+    return (u.astype(np.int16) - 2 ** (b - 1)).astype(np.int8)
+
+
+def _pack_planes(layer: CompressedLayer) -> Buffers:
+    u, b = _plane_fields(layer, "planes")
+    return {"planes": B.pack_planes(u, b)}
 
 
 def _specs_planes(info) -> dict:
@@ -190,10 +231,68 @@ def _specs_planes(info) -> dict:
 def _unpack_planes(buffers, info) -> np.ndarray:
     N, d = _dims(info)
     b = field_bits(info)
-    u = B.unpack_planes(_words(buffers, "planes", (b, N, B.words_for(d)), d), d)
-    if np.any(u == 0):
-        raise ValueError("field u = 0 inside a row (not a valid offset code)")
-    return (u.astype(np.int16) - 2 ** (b - 1)).astype(np.int8)
+    return _decode_planes(B.unpack_planes(_words(buffers, "planes", (b, N, B.words_for(d)), d), d), b)
+
+
+# ---------------------------------------------------------------- sign_rows, sign_mask_rows, planes_rows
+
+def _stream(info) -> tuple[int, int, int]:
+    """(N, d, S): rows, columns and the words of one row stream holding all N*d fields."""
+    N, d = _dims(info)
+    return N, d, B.words_for(N * d)
+
+
+def _stream_words(buffers, role, shape, N, d) -> np.ndarray:
+    a = _expect(buffers, role, shape, B.WORD)
+    if not B.padding_is_zero(a, N * d):
+        raise ValueError(f"buffer {role!r} has nonzero padding bits after the last row")
+    return a
+
+
+def _pack_sign_rows(layer: CompressedLayer) -> Buffers:
+    return {"sign": B.pack_rows(_sign_bits(layer, "sign_rows"))}
+
+
+def _specs_sign_rows(info) -> dict:
+    return {"sign": (B.WORD, (_stream(info)[2],))}
+
+
+def _unpack_sign_rows(buffers, info) -> np.ndarray:
+    N, d, S = _stream(info)
+    return _decode_sign(B.unpack_rows(_stream_words(buffers, "sign", (S,), N, d), N, d))
+
+
+def _pack_sign_mask_rows(layer: CompressedLayer) -> Buffers:
+    neg, nz = _sign_mask_bits(layer, "sign_mask_rows")
+    return {"sign": B.pack_rows(neg), "mask": B.pack_rows(nz)}
+
+
+def _specs_sign_mask_rows(info) -> dict:
+    S = _stream(info)[2]
+    return {"sign": (B.WORD, (S,)), "mask": (B.WORD, (S,))}
+
+
+def _unpack_sign_mask_rows(buffers, info) -> np.ndarray:
+    N, d, S = _stream(info)
+    neg = B.unpack_rows(_stream_words(buffers, "sign", (S,), N, d), N, d)
+    nz = B.unpack_rows(_stream_words(buffers, "mask", (S,), N, d), N, d)
+    return _decode_sign_mask(neg, nz)
+
+
+def _pack_planes_rows(layer: CompressedLayer) -> Buffers:
+    u, b = _plane_fields(layer, "planes_rows")
+    return {"planes": B.pack_planes_rows(u, b)}
+
+
+def _specs_planes_rows(info) -> dict:
+    return {"planes": (B.WORD, (field_bits(info), _stream(info)[2]))}
+
+
+def _unpack_planes_rows(buffers, info) -> np.ndarray:
+    N, d, S = _stream(info)
+    b = field_bits(info)
+    planes = _stream_words(buffers, "planes", (b, S), N, d)
+    return _decode_planes(B.unpack_planes_rows(planes, N, d), b)
 
 
 # ---------------------------------------------------------------- offset
@@ -363,6 +462,25 @@ def _bits_dense(layer):  # planes and offset: b bits per padded field
     return Bits(b * total, b * pad)
 
 
+def _bits_rows(layer, planes: int, mask: bool):  # *_rows: one end-padded stream per plane/role
+    fields = layer.rows * layer.cols
+    total = B.words_for(fields) * B.WORD_BITS
+    pad = total - fields
+    return Bits(planes * total, planes * pad, total if mask else 0, pad if mask else 0)
+
+
+def _bits_sign_rows(layer):
+    return _bits_rows(layer, 1, False)
+
+
+def _bits_sign_mask_rows(layer):
+    return _bits_rows(layer, 1, True)
+
+
+def _bits_planes_rows(layer):
+    return _bits_rows(layer, field_bits(layer), False)
+
+
 def _bits_sparse(layer):
     b = field_bits(layer)
     N, total, pad = _row_words(layer)
@@ -397,6 +515,16 @@ register(Layout("offset", ("codes",), _pack_offset, _unpack_offset, _bits_dense,
 register(Layout("sparse", ("mask", "kept"), _pack_sparse, _unpack_sparse, _bits_sparse,
                 "nonzero mask + bit-plane packed kept codes (pruned int layers)",
                 specs=_specs_sparse, table_keys=("row_nnz",), table_fields=_sparse_fields))
+register(Layout("sign_rows", ("sign",), _pack_sign_rows, _unpack_sign_rows, _bits_sign_rows,
+                "binary, 1 bit/weight, rows back to back (no per-row padding)",
+                specs=_specs_sign_rows, since=2, padded="sign"))
+register(Layout("sign_mask_rows", ("sign", "mask"), _pack_sign_mask_rows, _unpack_sign_mask_rows,
+                _bits_sign_mask_rows, "sign bit + nonzero mask, rows back to back (no per-row padding)",
+                specs=_specs_sign_mask_rows, since=2, padded="sign_mask"))
+register(Layout("planes_rows", ("planes",), _pack_planes_rows, _unpack_planes_rows, _bits_planes_rows,
+                "b-bit offset codes as bit planes, rows back to back (no per-row padding)",
+                specs=_specs_planes_rows, since=2, padded="planes"))
+ROWS_TWIN = {lay.padded: name for name, lay in LAYOUTS.items() if lay.padded}  # planes -> planes_rows
 
 
 def get_layout(name: str) -> Layout:
@@ -416,6 +544,32 @@ def default_layout(layer: CompressedLayer) -> str:
     if layer.alphabet == "int":
         return "sparse" if layer.lam is not None else "planes"
     raise ValueError(f"{layer.name}: unknown alphabet {layer.alphabet!r}")
+
+
+def storage_layout(layer: CompressedLayer) -> str:
+    """The layout `save` writes a layer in unless told otherwise: default_layout, or its *_rows
+    twin when the rows are not whole words (d % 64 != 0), where per-row padding would cost bits.
+    default_layout stays what the kernels read."""
+    name = default_layout(layer)
+    twin = ROWS_TWIN.get(name)
+    return twin if twin is not None and layer.cols % B.WORD_BITS else name
+
+
+def padded(layout: str, buffers: Mapping[str, np.ndarray], info: Any) -> tuple[str, Buffers]:
+    """(layout, buffers) as the kernels read them: a *_rows layout's buffers become its padded
+    twin's (rows padded to whole words with zero bits; dtype, shape and the zero end padding
+    are checked, code values are not: unpack_layer checks those); any other layout is returned
+    as it is. The one place a stored row stream turns into kernel words."""
+    lay = get_layout(layout)
+    if lay.padded is None:
+        return layout, {role: np.asarray(buffers[role]) for role in lay.roles if role in buffers}
+    shapes = buffer_specs(layout, info)
+    N, d, _ = _stream(info)
+    out = {}
+    for role in lay.roles:
+        stream = _stream_words(buffers, role, shapes[role][1], N, d)
+        out[role] = np.ascontiguousarray(B.pack_bits(B.unpack_rows(stream, N, d)))
+    return lay.padded, out
 
 
 def pack_layer(layer: CompressedLayer, layout: str | None = None) -> Buffers:
@@ -449,12 +603,13 @@ def unpack_layer(layout: str, buffers: Mapping[str, np.ndarray], info: Any) -> n
 # ---------------------------------------------------------------- storage accounting
 
 def storage_report(layer: CompressedLayer, layout: str | None = None) -> dict:
-    """Exact bit counts of a layer in a layout, for `inspect` and the bits/weight claims.
+    """Exact bit counts of a layer in a layout (storage_layout when None: what save writes),
+    for `inspect` and the bits/weight claims.
 
     scale (and lam when present) count as 16 bits per row: they are stored as float16.
     The bias is not part of bits/weight (an fp32 model has it too); it is reported in bytes.
     """
-    layout = layout or default_layout(layer)
+    layout = layout or storage_layout(layer)
     bits = get_layout(layout).storage(layer)
     N = layer.rows
     scale_bits = 16 * N * (2 if layer.lam is not None else 1)
