@@ -157,17 +157,17 @@ def rows_stream(rows_bits):
     return ba.tobytes()
 
 
-def ref_sign(codes):
-    return rows_stream([[c < 0 for c in row] for row in codes.tolist()])
+def ref_sign(codes, stream=rows_stream):
+    return stream([[c < 0 for c in row] for row in codes.tolist()])
 
 
-def ref_mask(codes):
-    return rows_stream([[c != 0 for c in row] for row in codes.tolist()])
+def ref_mask(codes, stream=rows_stream):
+    return stream([[c != 0 for c in row] for row in codes.tolist()])
 
 
-def ref_planes(codes, b):
+def ref_planes(codes, b, stream=rows_stream):
     u = [[c + 2 ** (b - 1) for c in row] for row in codes.tolist()]
-    return b"".join(rows_stream([[(x >> p) & 1 for x in row] for row in u]) for p in range(b))
+    return b"".join(stream([[(x >> p) & 1 for x in row] for row in u]) for p in range(b))
 
 
 def ref_offset(codes, b):
@@ -338,16 +338,15 @@ def whole_stream(rows_bits):
 
 
 def ref_sign_rows(codes):
-    return whole_stream([[c < 0 for c in row] for row in codes.tolist()])
+    return ref_sign(codes, whole_stream)
 
 
 def ref_mask_rows(codes):
-    return whole_stream([[c != 0 for c in row] for row in codes.tolist()])
+    return ref_mask(codes, whole_stream)
 
 
 def ref_planes_rows(codes, b):
-    u = [[c + 2 ** (b - 1) for c in row] for row in codes.tolist()]
-    return b"".join(whole_stream([[(x >> p) & 1 for x in row] for row in u]) for p in range(b))
+    return ref_planes(codes, b, whole_stream)
 
 
 def stream_words(N, d):
