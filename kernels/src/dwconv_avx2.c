@@ -120,6 +120,39 @@ TGT static inline void store(lanes_io io, int32_t nb, size_t pix, __m256 out, __
     for (int32_t l = 0; l < nb; l++) yp[l * io.yl] = o8[l];
 }
 
+/* The interior pixels [pix, pix + n) (n a multiple of 4) of a 3x3 f32 row, weights in registers
+ * with zero codes as 0 and no mask: x * 0 adds +-0, which leaves a sum that starts at +0 unchanged
+ * (a sum of finite terms is never -0), so only an infinite or NaN x on a zero code differs (NaN);
+ * a pixel whose output is NaN is recomputed by pix_f32's masked taps. d: pixel pix's offset
+ * from rxp[], step: the next pixel's, dx: the next column's. */
+TGT static void interior3x3_f32(const lanes_w *lw, const __m256 *w9, const int32_t *rtap, const float *const *rxp,
+                               size_t d, size_t step, size_t dx, int32_t n, lanes_io io, int32_t nb, size_t pix,
+                               __m256 clo, __m256 chi) {
+    for (int32_t i = 0; i < n; i += 4, d += 4 * step, pix += 4) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+#pragma GCC unroll 3
+        for (int kh = 0; kh < 3; kh++) {
+            const float *r = rxp[3 * kh] + d;
+#pragma GCC unroll 3
+            for (int kw = 0; kw < 3; kw++) {
+                const __m256 wv = w9[3 * kh + kw];
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++)
+                    acc[q] = _mm256_add_ps(acc[q], _mm256_mul_ps(_mm256_loadu_ps(r + q * step + kw * dx), wv));
+            }
+        }
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+            __m256 out = lw->one ? _mm256_add_ps(_mm256_mul_ps(lw->scale, acc[q]), lw->bias) : _mm256_add_ps(acc[q], lw->bias);
+            if (_mm256_movemask_ps(_mm256_cmp_ps(out, out, _CMP_UNORD_Q))) {
+                const size_t off = d + q * step;
+                pix_f32(lw, 1, 9, rtap, rxp, &off, &out);
+            }
+            store(io, nb, pix + q, out, clo, chi);
+        }
+    }
+}
+
 TGT void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, int32_t nb, lanes_io io, int32_t H,
                             int32_t W, int32_t oh0, int32_t oh1, int32_t OW) {
     enum { L = DW_LANES };
@@ -144,6 +177,11 @@ TGT void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, 
     if (hi > OW) hi = OW;
     const size_t step = (size_t)g->sw * io.ps, one_off[1] = {0};
     const __m256 clo = _mm256_set1_ps(p->lo), chi = _mm256_set1_ps(p->hi);
+    const int fast3 = !int8 && g->kh == 3 && g->kw == 3;
+    __m256 w9[9];
+    for (int32_t t = 0; fast3 && t < 9; t++)
+        w9[t] = _mm256_and_ps(_mm256_loadu_ps(lw.w + t * L),
+                              _mm256_cmp_ps(_mm256_loadu_ps(lw.live + t * L), _mm256_setzero_ps(), _CMP_NEQ_UQ));
     for (int32_t oh = oh0; oh < oh1; oh++) {
         const int32_t ih0 = oh * g->sh - g->pt;
         /* the taps of this row's interior columns, at column lo (shifted by off[] below) */
@@ -161,6 +199,13 @@ TGT void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, 
         while (ow < OW) {
             __m256 out[4];
             int P = 1;
+            if (fast3 && rnt == 9 && ow >= lo && hi - ow >= 4) { /* a whole 3x3 row interior */
+                const int32_t n = (hi - ow) & ~3;
+                interior3x3_f32(&lw, w9, rtap, rxp, (size_t)(ow - lo) * step, step, (size_t)g->dw * io.ps, n, io, nb,
+                                (size_t)oh * OW + ow, clo, chi);
+                ow += n;
+                continue;
+            }
             if (ow >= lo && ow < hi) { /* interior: every tap of the row valid */
                 const int32_t room = hi - ow, most = int8 ? 2 : 4;
                 P = room >= most ? most : (room >= 2 ? 2 : 1);
