@@ -426,8 +426,7 @@ static void nchw_block(const dw_task *t, int64_t bi, int32_t blk, float *scratch
     lanes_rows(p, t->int8, blk, nb, io, t->H, t->W, 0, t->OH, t->OW);
 }
 
-/* Units: NHWC (image, band, block): the blocks of a band of rows run back to back while its
- * input rows are in cache; NCHW narrow planes (image, block); NCHW wide planes
+/* Units: NHWC (image, block, band); NCHW narrow planes (image, block); NCHW wide planes
  * (image, output channel), one row at a time. Chunk `chunk` of nchunks runs a range of them. */
 static int64_t dw_units(const dw_task *t) {
     const spfq_dw *p = t->p;
@@ -450,7 +449,7 @@ static void dw_chunk(void *ctx, int32_t chunk, int32_t nchunks) {
     for (int64_t i = a; i < b; i++) {
         if (t->nhwc) {
             const int64_t per_b = (int64_t)p->nblk * t->bands;
-            nhwc_unit(t, i / per_b, (int32_t)(i % p->nblk), (int32_t)(i % per_b / p->nblk), tmp);
+            nhwc_unit(t, i / per_b, (int32_t)(i % per_b / t->bands), (int32_t)(i % t->bands), tmp);
             continue;
         }
         if (lanes) {
@@ -481,16 +480,8 @@ static int dw_run(const spfq_dw *p, int32_t int8, int32_t nhwc, int32_t b, int32
     if (!b) return SPFQ_OK;
     dw_task t = {p, int8 != 0, nhwc, b, h, w, (int32_t)OH, (int32_t)OW, 1, x, y, 0};
     int64_t chunks = nthreads <= 1 ? 1 : 4 * (int64_t)nthreads;
-    if (nhwc) {
-        /* bands of output rows whose input rows and outputs fit in DW_BAND_BYTES (every block of
-         * channels then reads them from cache, not memory), and enough of them for every thread */
-        const int64_t in_row = (int64_t)w * g->channels * 4, out_row = OW * p->n * 4;
-        int64_t rows = 1;
-        while (rows < OH && ((rows * g->sh + (int64_t)(g->kh - 1) * g->dh + 1) * in_row + (rows + 1) * out_row) <= DW_BAND_BYTES)
-            rows++;
-        int64_t bands = (OH + rows - 1) / rows;
-        const int64_t need = (chunks + (int64_t)b * p->nblk - 1) / ((int64_t)b * p->nblk);
-        if (bands < need) bands = need;
+    if (nhwc && chunks > (int64_t)b * p->nblk) { /* bands of rows so that every thread has work */
+        const int64_t bands = (chunks + (int64_t)b * p->nblk - 1) / ((int64_t)b * p->nblk);
         t.bands = (int32_t)(bands < OH ? bands : OH);
     }
     const int64_t units = dw_units(&t);

@@ -9,7 +9,6 @@
 
 #define DW_MAX_TAPS 1040 /* k * 127 * 127 < 2^24: exact integer sums in float */
 #define DW_LANES 8
-#define DW_BAND_BYTES (96 * 1024) /* NHWC: a band of rows in L2 for all channel blocks */
 #define DW_LANES_BELOW 64 /* NCHW: narrower planes run in lanes; measured on MobileNetV2 (AVX2): 16 -> 24.2 ms of depthwise, 64 -> 22.4, always -> 28.7 */
 
 struct spfq_dw {
