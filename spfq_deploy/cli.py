@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "or float (weight-only kernels, parity with the dequantised model)")
     e.add_argument("--flavours", default="custom,stock,qonnx",
                    help="comma-separated ONNX flavours to write (custom, stock, qonnx)")
+    e.add_argument("--tune-trials", metavar="N",
+                   help="TVM: MetaSchedule-tune the host library's float part with N measured trials on static "
+                        "copies at the --tune-shape sizes (default 0: untuned); the database is written to "
+                        "OUT_DIR/tvm_tuning/")
+    e.add_argument("--tune-db", metavar="DIR", help="TVM: start from an earlier export's OUT_DIR/tvm_tuning/ "
+                                                    "(read only; its records are reused, not tuned again)")
+    e.add_argument("--tune-shape", action="append", default=[], metavar="AXIS=SIZE,...",
+                   help="TVM: the dynamic axes' sizes of one tuned static copy (repeatable; default batch=1, other "
+                        "axes at the example inputs' sizes), e.g. batch=1,sequence=128")
     e.add_argument("--model", help="model factory path.py:function (default: the one recorded in the file)")
     e.add_argument("--force", action="store_true", help="replace the output directory if it is an earlier "
                                                         "spfq-deploy export or empty (anything else is refused)")
@@ -345,8 +354,22 @@ def cmd_export(args) -> int:
 
     flavours = tuple(f.strip() for f in args.flavours.split(",") if f.strip())
     formats = ("onnx", "tvm") if args.format == "all" else (args.format,)
+    tune = None
+    if args.tune_trials is not None or args.tune_db is not None or args.tune_shape:
+        from .export.tvm.tuning import TuneOptions, parse_shape
+
+        if "tvm" not in formats:
+            raise SpfqError("--tune-trials / --tune-db / --tune-shape tune the TVM library: use them with "
+                            "--format tvm or all")
+        trials = (args.tune_trials or "0").strip()
+        if not trials.isdigit():
+            raise SpfqError(f"--tune-trials {args.tune_trials}: give a whole number of trials >= 0")
+        tune = TuneOptions(trials=int(trials), db=Path(args.tune_db) if args.tune_db else None,
+                           shapes=[parse_shape(s) for s in args.tune_shape])
+        if args.tune_shape and not tune.enabled:
+            raise SpfqError("--tune-shape: give --tune-trials N (N > 0) or --tune-db DIR as well")
     export(args.file, args.output, formats=formats, target=args.target, target_file=args.target_file,
-           activations=args.activations, flavours=flavours, force=args.force, model_spec=args.model)
+           activations=args.activations, flavours=flavours, force=args.force, model_spec=args.model, tune=tune)
     return 0
 
 

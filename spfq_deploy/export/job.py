@@ -93,10 +93,11 @@ def resolve_target(name: str | None, target_file: str | os.PathLike | None) -> T
 def export(spfq_path: str | os.PathLike, out_dir: str | os.PathLike, formats: tuple[str, ...] = ("onnx",),
            target: str | None = None, target_file: str | os.PathLike | None = None, activations: str = "int8",
            flavours: tuple[str, ...] | None = None, force: bool = False, model_spec: str | None = None,
-           dynamic: bool = True, log=print) -> dict[str, dict]:
+           dynamic: bool = True, tune=None, log=print) -> dict[str, dict]:
     """Write the export of a .spfq file into out_dir; returns {manifest file name: manifest}.
 
-    formats: "onnx" and/or "tvm" (CPU artifacts); a GPU target adds the CUDA artifact."""
+    formats: "onnx" and/or "tvm" (CPU artifacts); a GPU target adds the CUDA artifact.
+    tune: tvm.tuning.TuneOptions (MetaSchedule tuning of the host TVM library), tvm only."""
     from . import cuda as cuda_backend
     from . import onnx as onnx_backend
     from . import tvm as tvm_backend
@@ -108,6 +109,8 @@ def export(spfq_path: str | os.PathLike, out_dir: str | os.PathLike, formats: tu
         raise SpfqError(f"unknown format {bad[0] if bad else '(none)'!r} (known: {', '.join(FORMATS)}, all)")
     if activations not in ("float", "int8"):
         raise SpfqError(f"activations must be 'float' or 'int8', got {activations!r}")
+    if tune is not None and tune.enabled and "tvm" not in formats:
+        raise SpfqError("--tune-trials / --tune-db / --tune-shape tune the TVM library: use them with --format tvm or all")
     spfq_path, out = Path(spfq_path), Path(out_dir)
     tgt = resolve_target(target, target_file)
     host = host_target()
@@ -120,7 +123,7 @@ def export(spfq_path: str | os.PathLike, out_dir: str | os.PathLike, formats: tu
     if "onnx" in formats:
         backends.append(onnx_backend.Backend(job, flavours or onnx_backend.FLAVOURS))
     if "tvm" in formats:
-        backends.append(tvm_backend.Backend(job, dynamic))
+        backends.append(tvm_backend.Backend(job, dynamic, tune))
     if gpu is not None:
         if activations == "float":
             log("note: the CUDA kernels quantise activations to int8 per row (there are no float-activation "

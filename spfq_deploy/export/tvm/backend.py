@@ -6,6 +6,8 @@ library per target, the packed layers calling the project's C kernels linked ins
                             packed weights are constants in it. The target's, and the host's.
     OUT/run_tvm.py          runs a library with only numpy + apache-tvm(-ffi) on the device
     OUT/manifest.tvm.json   versions, TVM target dicts, per-layer kernel layouts, sha256 of files
+    OUT/tvm_tuning/         with --tune-trials / --tune-db: the MetaSchedule database the host
+                            library was compiled with (tuning.py)
 (model.spfq and inputs.npz are the job's, shared by every backend.)
 
 Path: torch.export of the reference model with a marker op per compressed layer (graph.py) ->
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import compile as tvm_compile
-from . import graph, library
+from . import graph, library, tuning
 from .runtime import elf_machine, library_info, library_name
 
 RUNNER = Path(__file__).with_name("run_tvm.py")
@@ -34,8 +36,14 @@ class Backend:
 
     MANIFEST = "manifest.tvm.json"
 
-    def __init__(self, job, dynamic: bool = True):
+    def __init__(self, job, dynamic: bool = True, tune: tuning.TuneOptions | None = None):
         self.job, self.dynamic = job, dynamic
+        self.tune = tune if tune is not None and tune.enabled else None
+        if self.tune is not None:  # before the slow tracing
+            if self.tune.db is not None:
+                tuning.check_db(self.tune.db, probe_first=True)
+            else:
+                tuning.check_meta_schedule()
         for t in job.cpu_targets:
             t.require(t.cc, t.cxx)
             tvm_compile.tvm_target(t)  # a bad [tvm] table fails now, not after tracing
@@ -47,15 +55,34 @@ class Backend:
         self.job.log(f"tracing {src.spec} with torch.export and importing it into Relax ...")
         self.mod, self.layers, self.dynamic_axes = tvm_compile.build_module(
             src.model, src.cm, src.inputs, self.job.activations, self.dynamic, self.job.log)
+        self.shapes = None
+        if self.tune is not None:
+            self.mod, self.shapes = tuning.specialise(self.mod, src.inputs, self.tune.shapes, self.job.log)
 
     def write(self, stage: Path) -> tuple[dict, list[str]]:
         import tvm
         import tvm_ffi
 
         job, libs, own = self.job, {}, []
+        database, tuned = None, None
+        if self.tune is not None:
+            db_dir = stage / tuning.DB_DIR
+            job.log(f"tuning the float part for {job.host.name} with MetaSchedule ({self.tune.trials} trials"
+                    + (f", starting from {self.tune.db}" if self.tune.db is not None else "") + ") ...")
+            tuned = tuning.tune(self.mod, tvm_compile.tvm_target(job.host), db_dir, self.tune, log=job.log)
+            tuned["shapes"] = self.shapes
+            database = tuning.open_db(db_dir)
+            own += [f"{tuning.DB_DIR}/{f}" for f in tuning.DB_FILES]
+            job.log(f"  {tuned['tasks']} static tasks: {tuned['tasks_from_db']} from the database, "
+                    f"{tuned['tasks_tuned']} tuned ({tuned['trials_measured']} trials) in {tuned['tuning_seconds']} s")
+            untuned = [t.name for t in job.cpu_targets if t.name != job.host.name]
+            if untuned:
+                job.log(f"warning: only the host library ({job.host.name}) is tuned; {', '.join(untuned)} "
+                        "compiled untuned (MetaSchedule measures on this machine)")
         for t in job.cpu_targets:
             job.log(f"compiling for {t.name} (TVM {json.dumps(t.tvm)}, {t.cxx}) ...")
-            path = tvm_compile.compile_library(self.mod, t, stage / library_name(t.name))
+            db = database if t.name == job.host.name else None
+            path = tvm_compile.compile_library(self.mod, t, stage / library_name(t.name), database=db)
             own.append(path.name)
             libs[t.name] = {"file": path.name, "elf_machine": elf_machine(path), "tvm_target": dict(t.tvm),
                             "cxx": t.cxx, "cflags": list(t.cflags), "kernel_isa": t.kernel_isa}
@@ -77,4 +104,6 @@ class Backend:
             "packed_function": graph.PACKED_FUNC, "attrs": list(graph.ATTR_FIELDS),
             "libraries": libs, "layers": self.layers,
         })
+        if tuned is not None:
+            fields["tuning"] = {**tuned, "database": tuning.DB_DIR, "target": job.host.name}
         return fields, own

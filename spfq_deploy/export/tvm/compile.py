@@ -53,14 +53,18 @@ def tvm_target(tgt: Target):
         raise SpfqError(f"target {tgt.name}: TVM rejects its [tvm] table ({reason(exc)})") from None
 
 
-def compile_library(mod, tgt: Target, path: Path) -> Path:
-    """tvm.compile `mod` for `tgt` and link it with the kernel objects into `path`."""
+def compile_library(mod, tgt: Target, path: Path, database=None) -> Path:
+    """tvm.compile `mod` for `tgt` and link it with the kernel objects into `path`; with a
+    MetaSchedule `database`, the functions it has records for get their tuned schedules."""
     import tvm
+
+    from . import tuning
 
     objs = library.build(tgt)
     target = tvm_target(tgt)
+    pipeline = reproducible.relax_pipeline() if database is None else tuning.relax_pipeline(target, database)
     try:
-        ex = tvm.compile(mod, target=target, relax_pipeline=reproducible.relax_pipeline())
+        ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     except Exception as exc:
         _reraise_interrupt(exc)
         raise SpfqError(f"TVM could not compile the model for {tgt.name}: {reason(exc)}") from None
