@@ -881,6 +881,29 @@ RP2_TILE_FN(4, 1) RP2_TILE_FN(4, 2) RP2_TILE_FN(4, 3) RP2_TILE_FN(4, 4)
 typedef void (*rp2_tile_fn)(const spfq_job *, const uint8_t *, const int8_t *, size_t, const int32_t *,
                             int32_t, int32_t, int32_t, int32_t);
 
+/* Sum of each int8 row of x (M rows of K): sum(x) = sum(x ^ 0x80) - 128 K, the biased bytes
+ * summed 8 at a time by vpsadbw. Exact, so the callers' results do not change. */
+TGT static void row_sums_i8(const int8_t *x, int32_t M, int32_t K, int32_t *out)
+{
+    const __m256i bias = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
+    for (int32_t m = 0; m < M; m++) {
+        const int8_t *row = x + (size_t)m * (size_t)K;
+        __m256i acc = zero;
+        int32_t k = 0;
+        for (; k + 32 <= K; k += 32)
+            acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row + k)), bias), zero));
+        __m128i a = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        if (k + 16 <= K) {
+            a = _mm_add_epi64(a, _mm_sad_epu8(_mm_xor_si128(_mm_loadu_si128((const __m128i *)(row + k)),
+                                                            _mm256_castsi256_si128(bias)), _mm_setzero_si128()));
+            k += 16;
+        }
+        int32_t sum = (int32_t)(_mm_cvtsi128_si64(a) + _mm_extract_epi64(a, 1)) - 128 * k;
+        for (; k < K; k++) sum += row[k];
+        out[m] = sum;
+    }
+}
+
 /* acc_c only, from the RP codes (rp_cb 2 / 4); returns 0 when it cannot run (then the plane
  * path does the work). */
 TGT static int planes_rp2(const spfq_job *j, int32_t n0, int32_t n1)
@@ -897,15 +920,10 @@ TGT static int planes_rp2(const spfq_job *j, int32_t n0, int32_t n1)
         free(pad);
         return 0;
     }
-    for (int32_t m = 0; m < M; m++) {
-        const int8_t *row = j->xq + (size_t)m * (size_t)K;
-        int32_t sum = 0;
-        for (int32_t k = 0; k < K; k++) sum += row[k];
-        xs[m] = sum;
-        if (pad) {
-            memcpy(pad + (size_t)m * Kp, row, (size_t)K);
-            memset(pad + (size_t)m * Kp + K, 0, Kp - (size_t)K);
-        }
+    row_sums_i8(j->xq, M, K, xs);
+    for (int32_t m = 0; pad && m < M; m++) {
+        memcpy(pad + (size_t)m * Kp, j->xq + (size_t)m * (size_t)K, (size_t)K);
+        memset(pad + (size_t)m * Kp + K, 0, Kp - (size_t)K);
     }
     const int8_t *x = pad ? pad : j->xq;
     static const rp2_tile_fn fns[2][4] = {{rp2_tile_2_1, rp2_tile_2_2, rp2_tile_2_3, rp2_tile_2_4},
@@ -1012,12 +1030,7 @@ ENTRY void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1)
     int32_t xs[256];
     for (int32_t c0 = 0; c0 < j->m; c0 += 256) { /* activation sums of up to 256 rows at a time */
         const int32_t c1 = j->m - c0 < 256 ? j->m : c0 + 256;
-        for (int32_t m = c0; m < c1; m++) {
-            const int8_t *row = j->xq + (size_t)m * (size_t)K;
-            int32_t sum = 0;
-            for (int32_t k = 0; k < K; k++) sum += row[k];
-            xs[m - c0] = sum;
-        }
+        row_sums_i8(j->xq + (size_t)c0 * (size_t)K, c1 - c0, K, xs);
         for (int32_t m = c0; m < c1;) {
             const int32_t mr = c1 - m >= 4 ? 4 : c1 - m;
             fns[j->w->rp_cb == 4][mr - 1](j, xs - c0, m, n0, n1);
