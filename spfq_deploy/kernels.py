@@ -55,6 +55,7 @@ def lib() -> C.CDLL:
             "spfq_matmul_f32": ([p, i32, vp, vp, i32], C.c_int),
             "spfq_matmul_i8_raw": ([p, i32, vp, vp, vp, i32], C.c_int),
             "spfq_matmul_i8": ([p, i32, vp, vp, vp, i32], C.c_int),
+            "spfq_matmul_q8": ([p, i32, vp, vp, i32], C.c_int),
             "spfq_bgemm": ([p, i32, vp, vp, vp, vp, vp, i32], C.c_int),
             "spfq_quantize_i8": ([i32, i32, vp, vp, vp], C.c_int),
             "spfq_binarize": ([i32, i32, vp, vp, vp], C.c_int),
@@ -229,6 +230,13 @@ class PackedWeights:
         ps = _arr(xscale, np.float32, (xq.shape[0],), "xscale", 4)
         y = np.empty((xq.shape[0], self.n), np.float32)
         _ok(lib().spfq_matmul_i8(self._h, xq.shape[0], px, ps, y.ctypes.data, threads), "matmul_i8")
+        return y
+
+    def matmul_q8(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        """x (M, K) float32 quantised per row inside the call: quantize_i8 + matmul_i8 in one."""
+        px = self._x(x, np.float32, "x")
+        y = np.empty((x.shape[0], self.n), np.float32)
+        _ok(lib().spfq_matmul_q8(self._h, x.shape[0], px, y.ctypes.data, threads), "matmul_q8")
         return y
 
     def bgemm(self, xbits: np.ndarray, xscale: np.ndarray | None = None, threads: int = 1,

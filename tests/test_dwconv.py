@@ -27,6 +27,7 @@ GEOMS = {
     "conv1d": (6, 1, [5], [2], [2], [1], (1, 33)),
     "9 channels": (9, 1, [3, 3], [1, 1], [1, 1], [1, 1], (6, 7)),
     "16 channels s2": (16, 1, [3, 3], [2, 2], [1, 1], [1, 1], (15, 8)),
+    "32 channels wide": (32, 1, [3, 3], [1, 1], [1, 1], [1, 1], (5, 21)),  # AVX-512 16-lane blocks, 8-pixel runs
 }
 KINDS = {  # alphabet, bits, sparsity, lam, layout
     "sign": ("binary", 1, 0.0, False, "sign"),
@@ -128,6 +129,21 @@ def test_non_finite_inputs_follow_the_gemm_path():
     got = K.DepthwiseWeights(layer)(x, int8=True)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_array_equal(np.nan_to_num(got), np.nan_to_num(want))
+
+
+@pytest.mark.parametrize("kind", ["int4 sparse", "ternary", "int4"])
+def test_float_non_finite_inputs_on_zero_codes(kind):
+    """Weight-only float, channels last (the SIMD interiors use zero codes as weight 0 without a
+    mask): an inf or NaN input on a zero-code tap adds nothing, as in the C oracle."""
+    layer, x = _layer("32 channels wide", kind, seed=15), _input("32 channels wide", seed=16)
+    x[0, :, 2, 5], x[1, :, 3, 9], x[1, :, 0, 0] = np.inf, np.nan, -np.inf
+    K.set_isa("c")
+    try:
+        want = K.DepthwiseWeights(layer, KINDS[kind][4])(x)
+    finally:
+        K.set_isa("auto")
+    got = K.DepthwiseWeights(layer, KINDS[kind][4])(_last(x), False, 1, channels_last=True)
+    np.testing.assert_array_equal(got, _last(want))
 
 
 def test_bad_calls_are_errors():

@@ -11,7 +11,7 @@ from spfq_deploy import kernels as K
 from spfq_deploy.compressed import CompressedLayer
 
 RNG = np.random.default_rng(7)
-ISAS = [i for i in ("c", "avx2", "neon") if K.lib().spfq_set_isa(i.encode()) == 0]
+ISAS = [i for i in ("c", "avx2", "avx512", "neon") if K.lib().spfq_set_isa(i.encode()) == 0]
 K.set_isa("auto")
 
 
@@ -215,15 +215,20 @@ def test_fused_clamp_is_min_max_of_the_unclamped_output():
         w.set_clamp(1.0, 0.0)
 
 
-@pytest.mark.parametrize("alphabet,bits", [("ternary", 2), ("int", 2), ("int", 3), ("int", 4)])
+@pytest.mark.parametrize("alphabet,bits,pruned", [("ternary", 2, False), ("int", 2, False), ("int", 3, False),
+                                                  ("int", 4, False), ("binary", 1, False), ("int", 8, False),
+                                                  ("int", 4, True)])
 @pytest.mark.parametrize("m,n,k", [(4, 16, 16), (7, 17, 9), (600, 24, 27), (37, 144, 24), (9, 1, 1),
-                                   (300, 65, 100), (5, 40, 33)])
+                                   (300, 65, 100), (5, 40, 33), (1100, 20, 70)])
 @pytest.mark.parametrize("bias,clamp", [(True, None), (False, (0.0, 6.0))])
-def test_i8_epilogue_bit_identical_to_portable_c(alphabet, bits, m, n, k, bias, clamp):
-    """Tall int8 calls take a kernel with the epilogue fused where the ISA has one (AVX2: the
-    RP codes; partial 16-row groups, K tails shorter than a step, 600 rows = several blocks):
-    y must equal the C version's bit for bit, since both compute clamp(xs * (scale * acc) + b)."""
-    layer = make_layer(alphabet, bits, n, k, bias=bias, seed=m + n + k)
+def test_i8_epilogue_bit_identical_to_portable_c(alphabet, bits, pruned, m, n, k, bias, clamp):
+    """Tall int8 calls run in row blocks with the epilogue fused into the kernel where the ISA has
+    one (AVX2: RP codes of b <= 4 and ternary; AVX-512: every layout with RP codes; lam: the
+    kernel, then the epilogue; partial 16-row groups, K tails shorter than a step, 600 and 1100
+    rows = several blocks): y must equal the C version's bit for bit, since all compute
+    clamp(xs * (scale * acc) + b)."""
+    layer = make_layer(alphabet, bits, n, k, sparsity=0.5 if pruned else 0.0, pruned=pruned, bias=bias,
+                       seed=m + n + k)
     xq = RNG.integers(-127, 128, size=(m, k)).astype(np.int8)
     xs = (RNG.random(m) * 0.02).astype(np.float32)
     got = {}
@@ -239,3 +244,26 @@ def test_i8_epilogue_bit_identical_to_portable_c(alphabet, bits, m, n, k, bias, 
     for isa, ys in got.items():
         for y in ys:
             np.testing.assert_array_equal(y.view(np.uint32), got["c"][0].view(np.uint32), err_msg=isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("alphabet,bits", [("ternary", 2), ("int", 4), ("binary", 1)])
+@pytest.mark.parametrize("m,k", [(1, 70), (700, 27), (64, 1000)])
+def test_matmul_q8_is_quantize_then_matmul_i8(isa, alphabet, bits, m, k):
+    """spfq_matmul_q8 quantises the float rows itself (in blocks, on the call's threads): bit for
+    bit spfq_quantize_i8 followed by spfq_matmul_i8, NaN and all-zero rows included."""
+    layer = make_layer(alphabet, bits, 40, k, seed=m + k)
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    x[0, :] = 0.0
+    if m > 2:
+        x[2, 3] = np.nan
+    K.set_isa(isa)
+    try:
+        w = K.PackedWeights.from_layer(layer)
+        w.set_clamp(-1.0, 1.0)
+        xq, xs = K.quantize_i8(x)
+        want = w.matmul_i8(xq, xs)
+        for t in (1, 2, 3):
+            np.testing.assert_array_equal(w.matmul_q8(x, threads=t).view(np.uint32), want.view(np.uint32))
+    finally:
+        K.set_isa("auto")

@@ -72,7 +72,7 @@ class Job(C.Structure):
     _fields_ = [("w", C.POINTER(Prepared)), ("m", C.c_int32), ("x", C.c_void_p),
                 ("y", C.c_void_p), ("xq", C.c_void_p), ("acc_c", C.c_void_p),
                 ("acc_s", C.c_void_p), ("xbits", C.c_void_p), ("dot", C.c_void_p), ("m0", C.c_int32),
-                ("xscale", C.c_void_p)]
+                ("xscale", C.c_void_p), ("xstride", C.c_int32)]
 
 
 def _mirror_layout() -> list[int]:

@@ -75,6 +75,9 @@ int spfq_matmul_i8_raw(const spfq_prepared *w, int32_t m, const int8_t *xq, int3
                        int32_t *acc_s, int32_t nthreads);
 int spfq_matmul_i8(const spfq_prepared *w, int32_t m, const int8_t *xq, const float *xscale,
                    float *y, int32_t nthreads);
+/* spfq_quantize_i8 of x (M, K) then spfq_matmul_i8, in one call and bit-identical with them: rows
+ * are quantised in cache-sized blocks on the call's threads, right before the kernel reads them. */
+int spfq_matmul_q8(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads);
 
 /* XNOR/popcount, SIGN weights x binary activations xbits (M,W) (same bit convention, bit 1 =
  * negative): dot[m,n] = K - 2*popcount(x XOR w) exactly (padding bits are zero on both sides).

@@ -163,14 +163,7 @@ inline void gemm(spfq_prepared *p, bool int8, int64_t m, int64_t k, const float 
         check(spfq_matmul_f32(p, static_cast<int32_t>(m), rows, y, threads), "matmul_f32");
         return;
     }
-    // per thread, reused across calls (runs may be concurrent; fresh buffers fault in pages)
-    thread_local std::vector<int8_t> xq;
-    thread_local std::vector<float> xs;
-    if (xq.size() < static_cast<size_t>(m * k)) xq.resize(static_cast<size_t>(m * k));
-    if (xs.size() < static_cast<size_t>(m)) xs.resize(static_cast<size_t>(m));
-    check(spfq_quantize_i8(static_cast<int32_t>(m), static_cast<int32_t>(k), rows, xq.data(), xs.data()),
-          "quantize_i8");
-    check(spfq_matmul_i8(p, static_cast<int32_t>(m), xq.data(), xs.data(), y, threads), "matmul_i8");
+    check(spfq_matmul_q8(p, static_cast<int32_t>(m), rows, y, threads), "matmul_q8");
 }
 
 // y (B, n, OH, OW) = conv(x (B, C, H, Wd)) with k = C / groups * KH * KW inputs per output.

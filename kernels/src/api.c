@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -307,18 +308,21 @@ EPI_CLONES static void i8_finish(const spfq_job *j, int32_t n0, int32_t n1, void
     }
 }
 
-/* Per calling thread, a grow-only scratch buffer for the integer sums: a fresh malloc of a
- * conv-sized buffer is an mmap whose pages fault in (and are cleared) on every call, which cost
- * as much as the GEMM itself on MobileNetV2's 1x1 convs. Freed when the thread exits. */
+/* Per calling thread, grow-only scratch buffers (slots: the int8 rows of a block, their scales,
+ * the integer sums): a fresh malloc of a conv-sized buffer is an mmap whose pages fault in (and
+ * are cleared) on every call, which cost as much as the GEMM itself on MobileNetV2's 1x1 convs.
+ * Freed when the thread exits. */
+enum { SCRATCH_XQ, SCRATCH_XS, SCRATCH_ACC, SCRATCH_SLOTS };
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-typedef struct { void *p; size_t cap; } scratch_buf;
-static void scratch_free(void *b) {
-    free(((scratch_buf *)b)->p);
+typedef struct { void *p[SCRATCH_SLOTS]; size_t cap[SCRATCH_SLOTS]; } scratch_buf;
+static void scratch_free(void *v) {
+    scratch_buf *b = v;
+    for (int i = 0; i < SCRATCH_SLOTS; i++) free(b->p[i]);
     free(b);
 }
 static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
-static void *scratch(size_t bytes) {
+static void *scratch(int slot, size_t bytes) {
     pthread_once(&scratch_once, scratch_init);
     scratch_buf *b = pthread_getspecific(scratch_key);
     if (!b) {
@@ -328,51 +332,164 @@ static void *scratch(size_t bytes) {
             return NULL;
         }
     }
-    if (b->cap < bytes) {
-        free(b->p);
-        b->p = malloc(bytes);
-        b->cap = b->p ? bytes : 0;
+    if (b->cap[slot] < bytes) {
+        free(b->p[slot]);
+        b->p[slot] = malloc(bytes + 64);
+        b->cap[slot] = b->p[slot] ? bytes : 0;
     }
-    return b->p;
+    return b->p[slot];
 }
 
-/* Rows per block of a tall call (a conv's pixels): the sums of a block stay in cache for the
- * epilogue that reads them right after. */
-#define I8_ROW_BLOCK 256
+/* ------------------------------------------------------------------ tall int8 calls */
+
+/* A call with many activation rows (a conv's pixels) runs in units of `rows` rows x a part of the
+ * outputs, claimed dynamically by the call's threads: each unit quantises its rows (float input)
+ * into a cache-resident block, runs the kernel on them, and applies the epilogue while the sums
+ * are hot (fused into the kernel where the ISA has one). One pool hand-off per call, not one per
+ * row block, and quantisation runs on every thread. */
+typedef struct {
+    const spfq_prepared *w;
+    spfq_range_fn fused, fn;      /* fused kernel, else kernel + i8_finish */
+    int32_t m, rows, nparts, units, kp;
+    const float *x;               /* float rows, quantised per unit; or NULL: */
+    const int8_t *xq;             /* int8 rows (row stride xq_ld) and their scales */
+    const float *xscale;
+    size_t xq_ld;
+    float *y;
+    _Atomic int failed;
+} tall_task;
+
+/* Bytes per padded int8 row the kernel reads: whole RP steps for the fused kernels. */
+static int32_t tall_kp(const spfq_prepared *w, int fused) {
+    if (!fused) return w->d.k;
+    const int32_t kstep = 4 * (8 / w->rp_cb);
+    return w->rp_steps * kstep;
+}
+
+static void tall_unit(tall_task *t, int32_t u) {
+    const spfq_prepared *w = t->w;
+    const int32_t N = w->d.n, K = w->d.k, rb = u / t->nparts, part = u % t->nparts;
+    const int32_t r0 = rb * t->rows, r = t->m - r0 < t->rows ? t->m - r0 : t->rows;
+    const int32_t blocks = (N + 63) / 64;
+    const int32_t n0 = (int32_t)((int64_t)blocks * part / t->nparts) * 64;
+    const int32_t n1b = (int32_t)((int64_t)blocks * (part + 1) / t->nparts) * 64, n1 = n1b < N ? n1b : N;
+    if (n0 >= n1 || r <= 0) return;
+    const int8_t *xq;
+    const float *xs;
+    const size_t kp = (size_t)t->kp;
+    if (t->x || (t->xq_ld != kp)) { /* quantise, or copy to the padded stride */
+        int8_t *buf = scratch(SCRATCH_XQ, (size_t)r * kp);
+        float *sb = t->x ? scratch(SCRATCH_XS, (size_t)r * sizeof(float)) : NULL;
+        if (!buf || (t->x && !sb)) {
+            atomic_store(&t->failed, 1);
+            return;
+        }
+        if (t->x) {
+            spfq_quant_rows(r, K, t->x + (size_t)r0 * K, (size_t)K, buf, kp, sb);
+            xs = sb;
+        } else {
+            for (int32_t i = 0; i < r; i++) memcpy(buf + (size_t)i * kp, t->xq + (size_t)(r0 + i) * t->xq_ld, (size_t)K);
+            xs = t->xscale + r0;
+        }
+        if (kp > (size_t)K)
+            for (int32_t i = 0; i < r; i++) memset(buf + (size_t)i * kp + K, 0, kp - (size_t)K);
+        xq = buf;
+    } else {
+        xq = t->xq + (size_t)r0 * kp;
+        xs = t->xscale + r0;
+    }
+    float *y = t->y + (size_t)r0 * N;
+    if (t->fused) {
+        spfq_job job = {.w = w, .m = r, .xq = xq, .xscale = xs, .y = y, .xstride = (int32_t)kp};
+        t->fused(&job, n0, n1);
+        return;
+    }
+    const int L = w->d.layout, two = (L == SPFQ_PLANES || L == SPFQ_SPARSE);
+    const int need_s = !two || w->d.lam != NULL; /* int layouts without lam: acc_c only */
+    const size_t cells = (size_t)r * (size_t)N;
+    int32_t *acc = scratch(SCRATCH_ACC, cells * sizeof(int32_t) * (size_t)(two + need_s));
+    if (!acc) {
+        atomic_store(&t->failed, 1);
+        return;
+    }
+    spfq_job job = {.w = w, .m = r, .xq = xq, .acc_s = need_s ? acc : NULL,
+                    .acc_c = two ? acc + (need_s ? cells : 0) : NULL};
+    i8_epilogue e = {xs, y};
+    t->fn(&job, n0, n1);
+    i8_finish(&job, n0, n1, &e);
+}
+
+static void tall_chunk(void *ctx, int32_t c, int32_t n) {
+    tall_task *t = ctx;
+    const int32_t u0 = (int32_t)((int64_t)t->units * c / n), u1 = (int32_t)((int64_t)t->units * (c + 1) / n);
+    for (int32_t u = u0; u < u1; u++) tall_unit(t, u);
+}
+
+/* The fused kernel of the active ISA for these weights, or NULL. */
+static spfq_range_fn fused_kernel(const spfq_prepared *w) {
+#if defined(__x86_64__)
+    if (isa() == &table_avx512 && spfq_rp_i8_fused_avx512 && spfq_rp_i8_fused_ok_avx512(w)) return spfq_rp_i8_fused_avx512;
+    if (isa() == &table_avx2 && spfq_rp_i8_fused_avx2 && spfq_rp_i8_fused_ok_avx2(w)) return spfq_rp_i8_fused_avx2;
+#endif
+    (void)w;
+    return NULL;
+}
+
+/* x (float) or xq + xscale (int8) -> y through the row-block driver. */
+static int tall_run(const spfq_prepared *w, int32_t m, const float *x, const int8_t *xq, const float *xscale,
+                    float *y, int32_t nthreads) {
+    const int L = w->d.layout;
+    tall_task t = {.w = w, .m = m, .x = x, .xq = xq, .xscale = xscale, .y = y};
+    t.fused = fused_kernel(w);
+    t.fn = t.fused ? NULL : FIND(i8[L]);
+    if (!t.fused && !t.fn) return SPFQ_EUNSUPPORTED;
+    t.kp = tall_kp(w, t.fused != NULL);
+    t.xq_ld = (size_t)w->d.k;
+    /* rows per unit: their int8 block stays in L1 (16 KiB), 16..SPFQ_TALL_ROWS, a multiple of 4 */
+    int32_t rows = 16384 / (t.kp > 0 ? t.kp : 1);
+    rows = rows < 16 ? 16 : rows > SPFQ_TALL_ROWS ? SPFQ_TALL_ROWS : rows & ~3;
+    t.rows = rows;
+    const int32_t rblocks = (m + rows - 1) / rows, blocks = (w->d.n + 63) / 64;
+    if (nthreads > SPFQ_POOL_MAX) nthreads = SPFQ_POOL_MAX;
+    int32_t nparts = 1; /* few row blocks: split the outputs too, so that every thread has work */
+    if (nthreads > 1 && rblocks < 4 * nthreads) {
+        nparts = (4 * nthreads + rblocks - 1) / rblocks;
+        if (nparts > blocks) nparts = blocks;
+    }
+    t.nparts = nparts;
+    t.units = rblocks * nparts;
+    int8_t *own = NULL;
+    float *own_s = NULL;
+    if (x && nparts > 1) { /* quantise once, not once per part */
+        own = malloc((size_t)m * (size_t)w->d.k + 1);
+        own_s = malloc((size_t)m * sizeof(float) + 1);
+        if (!own || !own_s) {
+            free(own);
+            free(own_s);
+            return SPFQ_ENOMEM;
+        }
+        spfq_quant_rows(m, w->d.k, x, (size_t)w->d.k, own, (size_t)w->d.k, own_s);
+        t.x = NULL;
+        t.xq = own;
+        t.xscale = own_s;
+    }
+    spfq_pool_run(nthreads, t.units, tall_chunk, &t);
+    free(own);
+    free(own_s);
+    return atomic_load(&t.failed) ? SPFQ_ENOMEM : SPFQ_OK;
+}
 
 int spfq_matmul_i8(const spfq_prepared *w, int32_t m, const int8_t *xq, const float *xscale,
                    float *y, int32_t nthreads) {
     if (check(w, m) || !xq || !xscale || !y) return SPFQ_EINVAL;
-    int L = w->d.layout;
-    spfq_range_fn fn = FIND(i8[L]);
-    if (!fn) return SPFQ_EUNSUPPORTED;
-    if (!m) return SPFQ_OK;
-    const int32_t N = w->d.n, K = w->d.k, mb = m > 2 * I8_ROW_BLOCK ? I8_ROW_BLOCK : m;
-#if defined(__x86_64__)
-    /* tall calls on AVX2 with RP codes: the epilogue fused into the kernel (no int32 buffer) */
-    if (m >= 4 && isa() == &table_avx2 && spfq_rp_i8_fused_avx2 && spfq_rp_i8_fused_ok_avx2 &&
-        spfq_rp_i8_fused_ok_avx2(w)) {
-        for (int32_t m0 = 0; m0 < m; m0 += mb) {
-            spfq_job job = {.w = w, .m = m - m0 < mb ? m - m0 : mb, .xq = xq + (size_t)m0 * K,
-                            .xscale = xscale + m0, .y = y + (size_t)m0 * N};
-            parallel(spfq_rp_i8_fused_avx2, &job, nthreads, NULL, NULL);
-        }
-        return SPFQ_OK;
-    }
-#endif
-    const size_t cells = (size_t)mb * (size_t)N;
-    int two = (L == SPFQ_PLANES || L == SPFQ_SPARSE);
-    /* int layouts without lam need only acc_c (value = scale * c): skip the sign sums */
-    int need_s = !two || w->d.lam != NULL;
-    int32_t *acc = scratch(cells * sizeof(int32_t) * (size_t)(two + need_s) + 1);
-    if (!acc) return SPFQ_ENOMEM;
-    for (int32_t m0 = 0; m0 < m; m0 += mb) {
-        spfq_job job = {.w = w, .m = m - m0 < mb ? m - m0 : mb, .xq = xq + (size_t)m0 * K,
-                        .acc_s = need_s ? acc : NULL, .acc_c = two ? acc + (need_s ? cells : 0) : NULL};
-        i8_epilogue e = {xscale + m0, y + (size_t)m0 * N};
-        parallel(fn, &job, nthreads, i8_finish, &e);
-    }
-    return SPFQ_OK;
+    if (!FIND(i8[w->d.layout])) return SPFQ_EUNSUPPORTED;
+    return m ? tall_run(w, m, NULL, xq, xscale, y, nthreads) : SPFQ_OK;
+}
+
+int spfq_matmul_q8(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads) {
+    if (check(w, m) || !x || !y) return SPFQ_EINVAL;
+    if (!FIND(i8[w->d.layout])) return SPFQ_EUNSUPPORTED;
+    return m ? tall_run(w, m, x, NULL, NULL, y, nthreads) : SPFQ_OK;
 }
 
 typedef struct { const float *xscale; float *y; uint64_t *ybits; } b_epilogue;

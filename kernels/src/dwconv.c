@@ -44,6 +44,8 @@ void spfq_dw_free(spfq_dw *p) {
     free(p->lamx);
     free(p->bias);
     free(p->lane);
+    free(p->lane16);
+    free(p->dense16);
     free(p);
 }
 
@@ -71,6 +73,32 @@ static int lane_order(spfq_dw *p) {
             e[l] = p->scale[o];
             e[L + l] = p->lamx[o];
             e[2 * L + l] = p->bias[o];
+        }
+    }
+    return 0;
+}
+
+/* The f32 weights of each full block of 16 output channels in lane order (AVX-512, NHWC). */
+static int lane_order16(spfq_dw *p) {
+    if (p->n % 16) return 0;
+    const int32_t k = p->k, nb = p->n / 16;
+    const size_t per = (2 * (size_t)k + 2) * 16;
+    p->lane16 = aligned_alloc(64, (size_t)nb * per * sizeof(float)); /* per is a multiple of 16 floats */
+    p->dense16 = malloc((size_t)nb);
+    if (!p->lane16 || !p->dense16) return 1;
+    for (int32_t b = 0; b < nb; b++) {
+        float *w = p->lane16 + (size_t)b * per, *live = w + (size_t)k * 16, *e = live + (size_t)k * 16;
+        p->dense16[b] = 1;
+        for (int32_t l = 0; l < 16; l++) {
+            const int32_t o = b * 16 + l;
+            for (int32_t t = 0; t < k; t++) {
+                const size_t i = (size_t)o * k + t;
+                w[t * 16 + l] = p->wf[i];
+                live[t * 16 + l] = p->code[i] != 0 ? 1.0f : 0.0f;
+                if (!p->code[i]) p->dense16[b] = 0;
+            }
+            e[l] = p->scale[o];
+            e[16 + l] = p->bias[o];
         }
     }
     return 0;
@@ -142,7 +170,7 @@ int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw *
      * -> scale * acc_c + (lam - scale) * acc_s; without lam -> scale * acc_c */
     if (p->two && !d->lam) p->two = 2;
     spfq_free(pw);
-    if (lane_order(p)) {
+    if (lane_order(p) || lane_order16(p)) {
         spfq_dw_free(p);
         return SPFQ_ENOMEM;
     }
@@ -367,6 +395,7 @@ static void lanes_rows(const spfq_dw *p, int32_t int8, int32_t blk, int32_t nb, 
 typedef struct {
     const spfq_dw *p;
     int32_t int8, nhwc, B, H, W, OH, OW, bands;
+    int32_t rowmajor; /* NHWC, blocks read in place: units are (image, band), rows outer, blocks inner */
     const float *x;
     float *y;
     int failed;
@@ -411,6 +440,39 @@ static void nhwc_unit(const dw_task *t, int64_t bi, int32_t blk, int32_t band, f
     lanes_rows(p, t->int8, blk, nb, io, t->H, t->W, oh0, oh1, t->OW);
 }
 
+/* Output rows per step of a row-major unit: every block runs them before the next rows, so the
+ * input rows they read stay in cache across the blocks. */
+#define DW_ROWS_STEP 4
+
+/* One row-major NHWC unit: the rows of band `band` of image bi, every block, in place. The
+ * AVX-512 16-lane kernel takes weight-only float layers with 16 | n when it is the active ISA. */
+static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
+    enum { L = DW_LANES };
+    const spfq_dw *p = t->p;
+    const int32_t C = p->g.channels;
+    const int32_t oh0 = (int32_t)((int64_t)t->OH * band / t->bands), oh1 = (int32_t)((int64_t)t->OH * (band + 1) / t->bands);
+    const float *xb = t->x + (size_t)bi * t->H * t->W * C;
+    float *yb = t->y + (size_t)bi * t->OH * t->OW * p->n;
+    const float *zero = NULL;
+#if defined(__x86_64__)
+    if (!t->int8 && p->lane16 && spfq_dw_rows16_avx512 && !strcmp(spfq_isa(), "avx512"))
+        zero = calloc((size_t)C, sizeof(float));
+#endif
+    for (int32_t r0 = oh0; r0 < oh1; r0 += DW_ROWS_STEP) {
+        const int32_t r1 = oh1 - r0 < DW_ROWS_STEP ? oh1 : r0 + DW_ROWS_STEP;
+        if (zero) {
+            lanes_io io = {xb, 0, C, yb, (size_t)p->n, 1};
+            spfq_dw_rows16_avx512(p, io, t->H, t->W, r0, r1, t->OW, zero);
+            continue;
+        }
+        for (int32_t blk = 0; blk < p->nblk; blk++) {
+            lanes_io io = {xb + blk * L, 0, C, yb + blk * L, (size_t)p->n, 1};
+            lanes_rows(p, t->int8, blk, L, io, t->H, t->W, r0, r1, t->OW);
+        }
+    }
+    free((void *)zero);
+}
+
 /* One NCHW block of DW_LANES outputs of one image, narrow planes: interleave, then the lanes. */
 static void nchw_block(const dw_task *t, int64_t bi, int32_t blk, float *scratch) {
     enum { L = DW_LANES };
@@ -426,10 +488,11 @@ static void nchw_block(const dw_task *t, int64_t bi, int32_t blk, float *scratch
     lanes_rows(p, t->int8, blk, nb, io, t->H, t->W, 0, t->OH, t->OW);
 }
 
-/* Units: NHWC (image, block, band); NCHW narrow planes (image, block); NCHW wide planes
+/* Units: NHWC read in place (image, band), rows outer; NHWC gathered (image, block, band); NCHW narrow planes (image, block); NCHW wide planes
  * (image, output channel), one row at a time. Chunk `chunk` of nchunks runs a range of them. */
 static int64_t dw_units(const dw_task *t) {
     const spfq_dw *p = t->p;
+    if (t->rowmajor) return (int64_t)t->B * t->bands;
     if (t->nhwc) return (int64_t)t->B * p->nblk * t->bands;
     return (int64_t)t->B * (t->OW < DW_LANES_BELOW ? p->nblk : p->n);
 }
@@ -447,6 +510,10 @@ static void dw_chunk(void *ctx, int32_t chunk, int32_t nchunks) {
         return;
     }
     for (int64_t i = a; i < b; i++) {
+        if (t->rowmajor) {
+            nhwc_rows_unit(t, i / t->bands, (int32_t)(i % t->bands));
+            continue;
+        }
         if (t->nhwc) {
             const int64_t per_b = (int64_t)p->nblk * t->bands;
             nhwc_unit(t, i / per_b, (int32_t)(i % per_b / t->bands), (int32_t)(i % t->bands), tmp);
@@ -478,9 +545,13 @@ static int dw_run(const spfq_dw *p, int32_t int8, int32_t nhwc, int32_t b, int32
     const int64_t OW = ((int64_t)w + g->pl + g->pr - (int64_t)g->dw * (g->kw - 1) - 1) / g->sw + 1;
     if (OH < 1 || OW < 1 || OH > INT32_MAX || OW > INT32_MAX) return SPFQ_EINVAL;
     if (!b) return SPFQ_OK;
-    dw_task t = {p, int8 != 0, nhwc, b, h, w, (int32_t)OH, (int32_t)OW, 1, x, y, 0};
+    dw_task t = {p, int8 != 0, nhwc, b, h, w, (int32_t)OH, (int32_t)OW, 1, 0, x, y, 0};
+    t.rowmajor = nhwc && p->g.mult == 1 && p->n % DW_LANES == 0;
     int64_t chunks = nthreads <= 1 ? 1 : 4 * (int64_t)nthreads;
-    if (nhwc && chunks > (int64_t)b * p->nblk) { /* bands of rows so that every thread has work */
+    if (t.rowmajor && chunks > b) { /* bands of rows so that every thread has work */
+        const int64_t bands = (chunks + b - 1) / b;
+        t.bands = (int32_t)(bands < OH ? bands : OH);
+    } else if (nhwc && !t.rowmajor && chunks > (int64_t)b * p->nblk) {
         const int64_t bands = (chunks + (int64_t)b * p->nblk - 1) / ((int64_t)b * p->nblk);
         t.bands = (int32_t)(bands < OH ? bands : OH);
     }

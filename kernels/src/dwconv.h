@@ -22,6 +22,9 @@ struct spfq_dw {
     float *lane;                  /* per block, lane order: (nblk, 4, k, DW_LANES) wf, c, s, live
                                      then (nblk, 3, DW_LANES) scale, lamx, bias */
     float lo, hi;                 /* output clamp (spfq_dw_set_clamp; -inf, inf: none) */
+    float *lane16;                /* f32 only, per full 16-lane block: (k, 16) wf, (k, 16) live, then
+                                     (16) scale, (16) bias; NULL if n % 16 or no AVX-512 */
+    uint8_t *dense16;             /* per 16-lane block: no zero code */
 };
 
 /* Where a lanes kernel reads and writes: input pixel (ih, iw) of lane l at
@@ -38,5 +41,10 @@ typedef struct {
  * build without it). */
 void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, int32_t nb, lanes_io io, int32_t H,
                         int32_t W, int32_t oh0, int32_t oh1, int32_t OW) __attribute__((weak));
+
+/* Output rows [oh0, oh1), every 16-channel block, weight-only float, NHWC in place (AVX-512,
+ * dwconv_avx512.c; weak). zero: p->n zero floats (the padding's input). */
+void spfq_dw_rows16_avx512(const struct spfq_dw *p, lanes_io io, int32_t H, int32_t W, int32_t oh0, int32_t oh1,
+                           int32_t OW, const float *zero) __attribute__((weak));
 
 #endif /* SPFQ_DWCONV_H */

@@ -944,12 +944,11 @@ TGT static int planes_rp2(const spfq_job *j, int32_t n0, int32_t n1)
 
 /* ------------------------------------------------------------------ fused RP (tall M) */
 
-/* Tall calls (a conv's pixels x its output channels) with the epilogue fused: each 16-row group
- * x MR activation rows goes from int16/int32 sums in registers / L1 straight to
- * y = clamp(xscale * (scale * acc) + bias), the same expression (and rounding) as api.c's
- * i8_finish, so no int32 (M, N) buffer is written and read back. The activation rows are read in
- * place; the last, partial KSTEP step of a row (K not a multiple of KSTEP) comes from a
- * zero-padded copy on the stack, so no padded copy of x is made either. */
+/* Tall calls (a conv's pixels x its output channels, api.c's row-block driver) with the epilogue
+ * fused: each 16-row group x MR activation rows goes from int16/int32 sums in registers / L1
+ * straight to y = clamp(xscale * (scale * acc) + bias), the same expression (and rounding) as
+ * api.c's i8_finish, so no int32 (M, N) buffer is written and read back. The driver hands x zero
+ * padded to whole RP steps (row stride j->xstride). */
 /* tot is written before it is read (rp2_block's first flush stores unless add), which GCC 12
  * cannot see through the add flag */
 #pragma GCC diagnostic push
@@ -958,21 +957,16 @@ INL TGT void rp2_fused_rows(const spfq_job *j, const int32_t *xs, int32_t m, int
                             const int CB, const int MR)
 {
     const spfq_prepared *w = j->w;
-    const int KSTEP = 4 * (8 / CB);
-    const int32_t K = w->d.k, N = w->d.n, S = w->rp_steps, Sf = K / KSTEP, off = w->rp_off;
+    const int32_t N = w->d.n, S = w->rp_steps, off = w->rp_off;
     const float lo = w->clamped ? w->clamp_lo : -INFINITY, hi = w->clamped ? w->clamp_hi : INFINITY;
-    const int8_t *x = j->xq + (size_t)m * (size_t)K;
-    int8_t tail[4][16] __attribute__((aligned(32)));
-    if (Sf < S) {
-        memset(tail, 0, sizeof tail);
-        for (int a = 0; a < MR; a++) memcpy(tail[a], x + (size_t)a * K + (size_t)Sf * KSTEP, (size_t)(K - Sf * KSTEP));
-    }
+    const size_t xstride = (size_t)j->xstride;
+    const int8_t *x = j->xq + (size_t)m * xstride;
     int32_t tot[4][32] __attribute__((aligned(32)));
     for (int32_t r0 = n0; r0 < n1; r0 += 16) {
         const uint8_t *wt = w->rp + (size_t)(r0 / 64) * (size_t)S * 256;
         const int g = (r0 % 64) / 16;
-        if (Sf) rp2_block(wt, Sf, x, (size_t)K, g, CB, MR, 1, tot, 0);
-        if (Sf < S) rp2_block(wt + (size_t)Sf * 256, 1, &tail[0][0], 16, g, CB, MR, 1, tot, Sf > 0);
+        if (S) rp2_block(wt, S, x, xstride, g, CB, MR, 1, tot, 0);
+        else memset(tot, 0, sizeof tot);
         const int32_t rows = n1 - r0 < 16 ? n1 - r0 : 16;
         static const float zeros[16];
         float scp[16], bip[16]; /* a partial last group: the rows past N read zeros */
@@ -1026,16 +1020,12 @@ ENTRY void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1)
     typedef void (*fn)(const spfq_job *, const int32_t *, int32_t, int32_t, int32_t);
     static const fn fns[2][4] = {{rp2_fused_2_1, rp2_fused_2_2, rp2_fused_2_3, rp2_fused_2_4},
                                  {rp2_fused_4_1, rp2_fused_4_2, rp2_fused_4_3, rp2_fused_4_4}};
-    const int32_t K = j->w->d.k;
-    int32_t xs[256];
-    for (int32_t c0 = 0; c0 < j->m; c0 += 256) { /* activation sums of up to 256 rows at a time */
-        const int32_t c1 = j->m - c0 < 256 ? j->m : c0 + 256;
-        row_sums_i8(j->xq + (size_t)c0 * (size_t)K, c1 - c0, K, xs);
-        for (int32_t m = c0; m < c1;) {
-            const int32_t mr = c1 - m >= 4 ? 4 : c1 - m;
-            fns[j->w->rp_cb == 4][mr - 1](j, xs - c0, m, n0, n1);
-            m += mr;
-        }
+    int32_t xs[SPFQ_TALL_ROWS];
+    for (int32_t m = 0; m < j->m; m++) row_sums_i8(j->xq + (size_t)m * (size_t)j->xstride, 1, j->w->d.k, xs + m);
+    for (int32_t m = 0; m < j->m;) {
+        const int32_t mr = j->m - m >= 4 ? 4 : j->m - m;
+        fns[j->w->rp_cb == 4][mr - 1](j, xs, m, n0, n1);
+        m += mr;
     }
 }
 

@@ -65,6 +65,7 @@
 #if defined(__x86_64__)
 
 #include <immintrin.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -589,12 +590,12 @@ static const planes_kernel PLANES[9] = {0, 0, planes_b2, planes_b3, planes_b4, p
 static const sparse_kernel SPARSE[9] = {0, 0, sparse_b2, sparse_b3, sparse_b4, sparse_b5,
                                         sparse_b6, sparse_b7, sparse_b8};
 
-/* sum(xq) of each activation row */
-TGT static void row_sums(const int8_t *xq, int32_t M, int32_t K, int32_t *out)
+/* sum(xq) of each activation row (rows xstride bytes apart) */
+TGT static void row_sums_strided(const int8_t *xq, int32_t M, int32_t K, size_t xstride, int32_t *out)
 {
     const __m512i one = _mm512_set1_epi8(1);
     for (int32_t m = 0; m < M; m++) {
-        const int8_t *x = xq + (size_t)m * (size_t)K;
+        const int8_t *x = xq + (size_t)m * xstride;
         __m512i a = _mm512_setzero_si512();
         int32_t k = 0;
         for (; k + 64 <= K; k += 64) a = _mm512_dpbusd_epi32(a, one, _mm512_loadu_si512(x + k));
@@ -603,6 +604,11 @@ TGT static void row_sums(const int8_t *xq, int32_t M, int32_t K, int32_t *out)
                 a, one, _mm512_maskz_loadu_epi8((__mmask64)((1ull << (K - k)) - 1), x + k));
         out[m] = hsum(a);
     }
+}
+
+TGT static void row_sums(const int8_t *xq, int32_t M, int32_t K, int32_t *out)
+{
+    row_sums_strided(xq, M, K, (size_t)K, out);
 }
 
 /* Test hook: SPFQ_AVX512_NO_GFNI set (non-empty) forces the kmov (non-GFNI) decode paths. */
@@ -787,6 +793,86 @@ int spfq_rp_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc)
     const int ok = planes_rp(&k, n0, n1, xs);
     if (xs != stackbuf) free(xs);
     return ok;
+}
+
+/* ------------------------------------------------------------------ fused RP (tall M) */
+
+/* Tall calls (a conv's pixels x its output channels, api.c's row-block driver) with the epilogue
+ * fused: each 16-row group x MR activation rows goes from the int32 sums in registers straight to
+ * y = clamp(xscale * (scale * acc) + bias), the expression (and roundings) of api.c's i8_finish,
+ * so no int32 (M, N) buffer is written and read back. The driver hands x zero padded to whole
+ * RP steps (row stride j->xstride). */
+INL TGT void rp_fused_rows(const spfq_job *j, const int32_t *xs, int32_t m, int32_t n0, int32_t n1,
+                           const int CB, const int MR)
+{
+    const spfq_prepared *w = j->w;
+    const int G = RP_G(CB, MR);
+    const int32_t N = w->d.n, S = w->rp_steps, off = w->rp_off;
+    const size_t xstride = (size_t)j->xstride;
+    const int8_t *x = j->xq + (size_t)m * xstride;
+    const __m512 vlo = _mm512_set1_ps(w->clamped ? w->clamp_lo : -INFINITY);
+    const __m512 vhi = _mm512_set1_ps(w->clamped ? w->clamp_hi : INFINITY);
+    for (int32_t t = n0 / 64; t * 64 < n1; t++) {
+        const uint8_t *wt = w->rp + (size_t)t * (size_t)S * 256;
+        for (int g0 = 0; g0 < 4; g0 += G) {
+            const int32_t r0 = t * 64 + g0 * 16;
+            if (r0 >= n1 || r0 + G * 16 <= n0) continue;
+            __m512i tot[4][4];
+            rp_block(wt, S, x, xstride, g0, CB, MR, G, tot);
+            for (int g = 0; g < G; g++) {
+                const int32_t base = r0 + g * 16;
+                uint32_t keep = 0;
+                for (int l = 0; l < 16; l++) keep |= (uint32_t)(base + l >= n0 && base + l < n1) << l;
+                if (!keep) continue;
+                const __mmask16 k = (__mmask16)keep;
+                const __m512 sc = _mm512_maskz_loadu_ps(k, w->d.scale + base);
+                const __m512 bi = w->d.bias ? _mm512_maskz_loadu_ps(k, w->d.bias + base) : _mm512_setzero_ps();
+                for (int a = 0; a < MR; a++) {
+                    const __m512i tt = w->rp_mul == 2 ? _mm512_add_epi32(tot[a][g], tot[a][g]) : tot[a][g];
+                    const __m512i acc = _mm512_sub_epi32(tt, _mm512_set1_epi32(off * xs[m + a]));
+                    __m512 v = _mm512_mul_ps(sc, _mm512_cvtepi32_ps(acc));
+                    v = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(j->xscale[m + a]), v), bi);
+                    v = _mm512_min_ps(vhi, _mm512_max_ps(vlo, v)); /* spfq_clamp: NaN v stays */
+                    _mm512_mask_storeu_ps(j->y + (size_t)(m + a) * (size_t)N + base, k, v);
+                }
+            }
+        }
+    }
+}
+
+#define RP_FUSED_FN(CB, MR)                                                                          \
+    __attribute__((noinline)) TGT static void rp_fused_##CB##_##MR(const spfq_job *j, const int32_t *xs, \
+                                                                  int32_t m, int32_t n0, int32_t n1) \
+    {                                                                                                \
+        rp_fused_rows(j, xs, m, n0, n1, CB, MR);                                                     \
+    }
+RP_FUSED_FN(1, 1) RP_FUSED_FN(1, 2)
+RP_FUSED_FN(2, 1) RP_FUSED_FN(2, 2) RP_FUSED_FN(2, 3) RP_FUSED_FN(2, 4)
+RP_FUSED_FN(4, 1) RP_FUSED_FN(4, 2) RP_FUSED_FN(4, 3) RP_FUSED_FN(4, 4)
+RP_FUSED_FN(8, 1) RP_FUSED_FN(8, 2) RP_FUSED_FN(8, 3) RP_FUSED_FN(8, 4)
+
+int spfq_rp_i8_fused_ok_avx512(const spfq_prepared *w)
+{
+    return w->rp && !w->d.lam && cpu_ok();
+}
+
+void spfq_rp_i8_fused_avx512(const spfq_job *j, int32_t n0, int32_t n1)
+{
+    typedef void (*fn)(const spfq_job *, const int32_t *, int32_t, int32_t, int32_t);
+    static const fn fns[4][4] = {{rp_fused_1_1, rp_fused_1_2, NULL, NULL},
+                                 {rp_fused_2_1, rp_fused_2_2, rp_fused_2_3, rp_fused_2_4},
+                                 {rp_fused_4_1, rp_fused_4_2, rp_fused_4_3, rp_fused_4_4},
+                                 {rp_fused_8_1, rp_fused_8_2, rp_fused_8_3, rp_fused_8_4}};
+    const int CB = j->w->rp_cb;
+    const fn *f = fns[CB == 1 ? 0 : CB == 2 ? 1 : CB == 4 ? 2 : 3];
+    const int32_t mr_max = CB == 1 ? 2 : 4;
+    int32_t xs[SPFQ_TALL_ROWS];
+    row_sums_strided(j->xq, j->m, j->w->d.k, (size_t)j->xstride, xs);
+    for (int32_t m = 0; m < j->m;) {
+        const int32_t mr = j->m - m >= mr_max ? mr_max : j->m - m;
+        f[mr - 1](j, xs, m, n0, n1);
+        m += mr;
+    }
 }
 
 /* ------------------------------------------------------------------ range functions */

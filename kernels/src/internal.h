@@ -66,6 +66,7 @@ typedef struct {
     int32_t m0;            /* rows [m0, m0 + m) of the call (api.c splits M too): the epilogues'
                               own arrays are indexed from m0; the pointers above already are */
     const float *xscale;   /* fused i8 kernels (y written directly): (M) activation scales */
+    int32_t xstride;       /* fused i8 kernels: bytes between rows of xq (zero padded to whole RP steps) */
 } spfq_job;
 
 typedef void (*spfq_range_fn)(const spfq_job *job, int32_t n0, int32_t n1);
@@ -77,11 +78,20 @@ typedef void (*spfq_range_fn)(const spfq_job *job, int32_t n0, int32_t n1);
 int spfq_rp_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc) __attribute__((weak));
 int spfq_rp_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc) __attribute__((weak));
 
-/* AVX2, tall int8 calls: PLANES (b <= 4) and SIGN_MASK weights with RP codes and no lam, the
- * epilogue fused (y = clamp(xscale * (scale * acc) + bias) from j->xq, j->xscale into j->y);
- * api.c uses it when spfq_rp_i8_fused_ok_avx2(w) and the active ISA is AVX2. intb_avx2.c. */
+/* Tall int8 calls (api.c's row-block driver: at most SPFQ_TALL_ROWS rows per job) from RP codes
+ * without lam, the epilogue fused: y = clamp(xscale * (scale * acc) + bias) from j->xq (rows
+ * j->xstride bytes apart, zero padded to whole RP steps), j->xscale into j->y, the expression of
+ * api.c's i8_finish. AVX2 (intb_avx2.c): PLANES b <= 4 and SIGN_MASK; AVX-512 (intb_avx512.c):
+ * every layout with RP codes. api.c uses the active ISA's when its _ok(w) says so. */
+#define SPFQ_TALL_ROWS 256
 int spfq_rp_i8_fused_ok_avx2(const struct spfq_prepared *w) __attribute__((weak));
 void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1) __attribute__((weak));
+int spfq_rp_i8_fused_ok_avx512(const struct spfq_prepared *w) __attribute__((weak));
+void spfq_rp_i8_fused_avx512(const spfq_job *j, int32_t n0, int32_t n1) __attribute__((weak));
+
+/* quant.c: spfq_quantize_i8 on rows ldx floats apart, written ldq bytes apart (columns [k, ldq)
+ * untouched). */
+void spfq_quant_rows(int32_t m, int32_t k, const float *x, size_t ldx, int8_t *xq, size_t ldq, float *xscale);
 
 /* SIGN / SIGN_MASK kernels that computed acc_s only: acc_c (when asked for) is the same sums. */
 static inline void spfq_mirror_acc(const spfq_job *j, int32_t n0, int32_t n1)

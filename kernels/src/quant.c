@@ -37,7 +37,8 @@
 #include <arm_neon.h>
 #endif
 
-typedef void (*quant_rows_fn)(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale);
+typedef void (*quant_rows_fn)(int32_t m, int32_t k, const float *x, size_t ldx, int8_t *xq, size_t ldq,
+                              float *xscale);
 
 /* One value of a row with scale s > 0 (the oracle's rounding; also the x86 tail). */
 static inline int8_t quant_one(float v, float s) {
@@ -53,10 +54,11 @@ static inline int32_t abs_bits(const float *p) {
     return (int32_t)(u & 0x7fffffffu);
 }
 
-static void quant_rows_c(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale) {
+static void quant_rows_c(int32_t m, int32_t k, const float *x, size_t ldx, int8_t *xq, size_t ldq,
+                         float *xscale) {
     for (int32_t r = 0; r < m; r++) {
-        const float *row = x + (size_t)r * k;
-        int8_t *out = xq + (size_t)r * k;
+        const float *row = x + (size_t)r * ldx;
+        int8_t *out = xq + (size_t)r * ldq;
         float amax = 0.0f;
         for (int32_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(row[i]));
         const float s = amax / 127.0f;
@@ -100,11 +102,12 @@ SPFQ_AVX2 static inline __m256i quant8_recip(const float *x, __m256 r, __m256 *n
     return _mm256_cvttps_epi32(t); /* integral: exact */
 }
 
-SPFQ_AVX2 static void quant_rows_avx2(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale) {
+SPFQ_AVX2 static void quant_rows_avx2(int32_t m, int32_t k, const float *x, size_t ldx, int8_t *xq, size_t ldq,
+                            float *xscale) {
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int32_t r = 0; r < m; r++) {
-        const float *row = x + (size_t)r * k;
-        int8_t *out = xq + (size_t)r * k;
+        const float *row = x + (size_t)r * ldx;
+        int8_t *out = xq + (size_t)r * ldq;
         /* max |x| as the integer max of the |x| bit patterns (the same order for non-NaN
          * floats); a pattern above +inf means a NaN: the row goes to the oracle */
         __m256i m0 = _mm256_setzero_si256(), m1 = m0, m2 = m0, m3 = m0;
@@ -128,7 +131,7 @@ SPFQ_AVX2 static void quant_rows_avx2(int32_t m, int32_t k, const float *x, int8
         h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0xb1));
         int32_t amax_bits = _mm_cvtsi128_si32(h);
         for (; i < k; i++) amax_bits = amax_bits > abs_bits(row + i) ? amax_bits : abs_bits(row + i);
-        if (amax_bits > 0x7f800000) { quant_rows_c(1, k, row, out, xscale + r); continue; }
+        if (amax_bits > 0x7f800000) { quant_rows_c(1, k, row, 0, out, 0, xscale + r); continue; }
         float amax;
         memcpy(&amax, &amax_bits, 4);
 
@@ -194,12 +197,23 @@ SPFQ_AVX512 static inline __m512i quant16_avx512(__m512 v) {
     return _mm512_cvtps_epi32(_mm512_castsi512_ps(qs)); /* integral: exact */
 }
 
-SPFQ_AVX512 static void quant_rows_avx512(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale) {
+/* quant16_avx512 of x * r (r = 127 / amax, |x * r| < 128, no NaN), as quant8_recip: near |= lanes
+ * within 2^-13 of a half-integer (the caller then redoes the row with the division). */
+SPFQ_AVX512 static inline __m512i quant16_recip(__m512 x, __m512 r, __mmask16 *near) {
+    const __m512 v = _mm512_mul_ps(x, r);
+    const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 d = _mm512_abs_ps(_mm512_sub_ps(v, t)); /* exact */
+    *near |= _mm512_cmp_ps_mask(d, _mm512_set1_ps(0.5f - 0x1p-13f), _CMP_GT_OQ);
+    return _mm512_cvttps_epi32(t); /* integral: exact */
+}
+
+SPFQ_AVX512 static void quant_rows_avx512(int32_t m, int32_t k, const float *x, size_t ldx, int8_t *xq, size_t ldq,
+                              float *xscale) {
     const __mmask16 tail = (__mmask16)((1u << (k % 16)) - 1u);
     const int32_t kv = k - k % 16;
     for (int32_t r = 0; r < m; r++) {
-        const float *row = x + (size_t)r * k;
-        int8_t *out = xq + (size_t)r * k;
+        const float *row = x + (size_t)r * ldx;
+        int8_t *out = xq + (size_t)r * ldq;
         /* max |x| as the integer max of the |x| bit patterns (the same order for non-NaN
          * floats; masked-off tail lanes load as 0); a pattern above +inf means a NaN: the row
          * goes to the oracle */
@@ -216,7 +230,7 @@ SPFQ_AVX512 static void quant_rows_avx512(int32_t m, int32_t k, const float *x, 
         if (tail) m1 = _mm512_max_epi32(m1, _mm512_maskz_and_epi32(tail, abs, _mm512_maskz_loadu_epi32(tail, row + kv)));
         m0 = _mm512_max_epi32(_mm512_max_epi32(m0, m1), _mm512_max_epi32(m2, m3));
         const int32_t amax_bits = _mm512_reduce_max_epi32(m0);
-        if (amax_bits > 0x7f800000) { quant_rows_c(1, k, row, out, xscale + r); continue; }
+        if (amax_bits > 0x7f800000) { quant_rows_c(1, k, row, 0, out, 0, xscale + r); continue; }
         float amax;
         memcpy(&amax, &amax_bits, 4);
 
@@ -224,6 +238,15 @@ SPFQ_AVX512 static void quant_rows_avx512(int32_t m, int32_t k, const float *x, 
         xscale[r] = s;
         if (!(s > 0.0f)) { memset(out, 0, (size_t)k); continue; }
         const __m512 vs = _mm512_set1_ps(s);
+        if (amax >= 0x1p-100f && amax_bits < 0x7f800000) { /* finite: x * (127 / amax), as on AVX2 */
+            const __m512 vr = _mm512_set1_ps(127.0f / amax);
+            __mmask16 near = 0;
+            for (i = 0; i < kv; i += 16)
+                _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(quant16_recip(_mm512_loadu_ps(row + i), vr, &near)));
+            if (tail)
+                _mm512_mask_cvtepi32_storeu_epi8(out + kv, tail, quant16_recip(_mm512_maskz_loadu_ps(tail, row + kv), vr, &near));
+            if (!near) continue;
+        }
         for (i = 0; i + 32 <= kv; i += 32) {
             const __m512i q0 = quant16_avx512(_mm512_div_ps(_mm512_loadu_ps(row + i), vs));
             const __m512i q1 = quant16_avx512(_mm512_div_ps(_mm512_loadu_ps(row + i + 16), vs));
@@ -248,10 +271,11 @@ static inline int32x4_t quant4_neon(float32x4_t v) {
     return vmaxq_s32(vminq_s32(vcvtaq_s32_f32(v), vdupq_n_s32(127)), vdupq_n_s32(-127));
 }
 
-static void quant_rows_neon(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale) {
+static void quant_rows_neon(int32_t m, int32_t k, const float *x, size_t ldx, int8_t *xq, size_t ldq,
+                            float *xscale) {
     for (int32_t r = 0; r < m; r++) {
-        const float *row = x + (size_t)r * k;
-        int8_t *out = xq + (size_t)r * k;
+        const float *row = x + (size_t)r * ldx;
+        int8_t *out = xq + (size_t)r * ldq;
         /* max |x| as the integer max of the |x| bit patterns (the same order for non-NaN
          * floats); a pattern above +inf means a NaN: the row goes to the oracle */
         const uint32x4_t abs = vdupq_n_u32(0x7fffffffu);
@@ -266,7 +290,7 @@ static void quant_rows_neon(int32_t m, int32_t k, const float *x, int8_t *xq, fl
         for (; i + 4 <= k; i += 4) m0 = vmaxq_u32(m0, vandq_u32(abs, vreinterpretq_u32_f32(vld1q_f32(row + i))));
         uint32_t amax_bits = vmaxvq_u32(vmaxq_u32(vmaxq_u32(m0, m1), vmaxq_u32(m2, m3)));
         for (; i < k; i++) amax_bits = amax_bits > (uint32_t)abs_bits(row + i) ? amax_bits : (uint32_t)abs_bits(row + i);
-        if (amax_bits > 0x7f800000u) { quant_rows_c(1, k, row, out, xscale + r); continue; }
+        if (amax_bits > 0x7f800000u) { quant_rows_c(1, k, row, 0, out, 0, xscale + r); continue; }
         float amax;
         memcpy(&amax, &amax_bits, 4);
 
@@ -313,8 +337,12 @@ static quant_rows_fn quant_rows(void) {
 
 int spfq_quantize_i8(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale) {
     if (m < 0 || k <= 0 || !x || !xq || !xscale) return SPFQ_EINVAL;
-    if (m) quant_rows()(m, k, x, xq, xscale);
+    if (m) quant_rows()(m, k, x, (size_t)k, xq, (size_t)k, xscale);
     return SPFQ_OK;
+}
+
+void spfq_quant_rows(int32_t m, int32_t k, const float *x, size_t ldx, int8_t *xq, size_t ldq, float *xscale) {
+    if (m > 0) quant_rows()(m, k, x, ldx, xq, ldq, xscale);
 }
 
 int spfq_binarize(int32_t m, int32_t k, const float *x, uint64_t *xbits, float *xscale) {
