@@ -68,6 +68,10 @@ def lib() -> C.CDLL:
             "spfq_dwconv_nhwc": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
             "spfq_set_clamp": ([p, C.c_float, C.c_float], C.c_int),
             "spfq_dw_set_clamp": ([p, C.c_float, C.c_float], C.c_int),
+            "spfq_dc_prepare": ([C.POINTER(WeightsDesc), C.POINTER(DcGeom), C.POINTER(p)], C.c_int),
+            "spfq_dc_free": ([p], None),
+            "spfq_dc_set_clamp": ([p, C.c_float, C.c_float], C.c_int),
+            "spfq_dconv": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
         }
         for name, (args, res) in sig.items():
             fn = getattr(so, name)
@@ -259,6 +263,14 @@ class PackedWeights:
 
 
 
+DC_MAX_CHANNELS = 4  # SPFQ_DC_MAX_C of kernels/src/internal.h
+
+
+class DcGeom(C.Structure):
+    _fields_ = [(f, C.c_int32) for f in ("channels", "outputs", "kh", "kw", "sh", "sw", "dh", "dw",
+                                         "pt", "pl", "pb", "pr")]
+
+
 class DwGeom(C.Structure):
     _fields_ = [(f, C.c_int32) for f in ("channels", "mult", "kh", "kw", "sh", "sw", "dh", "dw",
                                          "pt", "pl", "pb", "pr")]
@@ -270,6 +282,21 @@ def is_depthwise(layer: CompressedLayer) -> bool:
     return bool(layer.conv) and layer.cols == int(np.prod(layer.conv["kernel_size"]))
 
 
+def is_few_channel(layer: CompressedLayer) -> bool:
+    """A conv of one group over at most DC_MAX_CHANNELS input channels (a first conv on an RGB or
+    grey image) with a kernel larger than 1x1: the layers the direct kernel spfq_dconv runs (no
+    im2col; takes precedence over the depthwise kernel for a 1-channel input)."""
+    if not layer.conv or int(layer.conv["groups"]) != 1:
+        return False
+    taps = int(np.prod(layer.conv["kernel_size"]))
+    return 1 < taps <= 64 and layer.cols % taps == 0 and layer.cols // taps <= DC_MAX_CHANNELS
+
+
+def is_direct(layer: CompressedLayer) -> bool:
+    """Layers the exported runtimes run through a direct conv kernel (depthwise or few-channel)."""
+    return is_few_channel(layer) or is_depthwise(layer)
+
+
 def layer_activation(layer: CompressedLayer, requested: str) -> str:
     """The activation mode a layer runs with when the export asks for `requested` ('int8' or
     'float'): depthwise layers stay weight-only float. Their int8 activations would be quantised
@@ -278,7 +305,7 @@ def layer_activation(layer: CompressedLayer, requested: str) -> str:
     1.9 ms) to save 9 multiply-adds per output, and float activations lose nothing. Every
     exporter and the validator's references follow this one rule (the manifests record it
     per layer)."""
-    return "float" if requested == "int8" and is_depthwise(layer) else requested
+    return "float" if requested == "int8" and is_direct(layer) else requested
 
 
 class DepthwiseWeights:
@@ -330,6 +357,56 @@ class DepthwiseWeights:
         y = np.empty((x.shape[0], *out, self.n) if channels_last else (x.shape[0], self.n, *out), np.float32)
         fn = lib().spfq_dwconv_nhwc if channels_last else lib().spfq_dwconv
         _ok(fn(self._h, int(int8), x.shape[0], H, W, px, y.ctypes.data, threads), "dwconv")
+        return y
+
+
+class FewChannelWeights:
+    """A few-channel conv layer's weights unpacked once for spfq_dconv (NCHW or channels last)."""
+
+    def __init__(self, layer: CompressedLayer, layout: str | None = None):
+        if not is_few_channel(layer):
+            raise KernelError(f"layer {layer.name!r} is not a one-group conv over at most {DC_MAX_CHANNELS} channels")
+        layout, bits, bufs = kernel_pack(layer, layout or L.default_layout(layer))
+        conv = layer.conv
+        ks, st, dl, pd = (list(conv[k]) for k in ("kernel_size", "stride", "dilation", "padding"))
+        if len(ks) == 1:  # 1-D: height 1
+            ks, st, dl, pd = [1] + ks, [1] + st, [1] + dl, [0] + pd
+        self.channels = layer.cols // (ks[0] * ks[1])
+        self.geom = DcGeom(self.channels, layer.rows, ks[0], ks[1], st[0], st[1], dl[0], dl[1], pd[0], pd[1], pd[0],
+                           pd[1])
+        self.n, self.one_d = layer.rows, len(conv["kernel_size"]) == 1
+        d, keep = _weights_desc(layout, layer.rows, layer.cols, bufs, layer.scale, layer.lam, layer.bias, bits)
+        handle = C.c_void_p()
+        _ok(lib().spfq_dc_prepare(C.byref(d), C.byref(self.geom), C.byref(handle)), "dc_prepare")
+        del keep
+        self._h = handle
+
+    def __del__(self):
+        h = getattr(self, "_h", None)
+        if h is not None and h.value and _lib is not None:
+            _lib.spfq_dc_free(h)
+            self._h = None
+
+    def set_clamp(self, lo: float = -np.inf, hi: float = np.inf) -> None:
+        _ok(lib().spfq_dc_set_clamp(self._h, lo, hi), "dc_set_clamp")
+
+    def __call__(self, x: np.ndarray, threads: int = 1, channels_last: bool = False) -> np.ndarray:
+        """x (B, C, H, W) (or (B, C, W) for 1-D) float32 -> y (B, N, OH, OW); channels_last:
+        x (B, H, W, C) -> y (B, OH, OW, N)."""
+        rank = 3 if self.one_d else 4
+        if not isinstance(x, np.ndarray) or x.ndim != rank or x.shape[-1 if channels_last else 1] != self.channels:
+            raise KernelError(f"x must be a {rank}-D float32 array with {self.channels} channels")
+        g = self.geom
+        spatial = x.shape[1:-1] if channels_last else x.shape[2:]
+        H, W = (1, spatial[0]) if self.one_d else spatial
+        oh = (H + g.pt + g.pb - g.dh * (g.kh - 1) - 1) // g.sh + 1
+        ow = (W + g.pl + g.pr - g.dw * (g.kw - 1) - 1) // g.sw + 1
+        if oh < 1 or ow < 1:
+            raise KernelError("the input is smaller than the kernel")
+        px = _arr(x, np.float32, x.shape, "x", 4)
+        out = (ow,) if self.one_d else (oh, ow)
+        y = np.empty((x.shape[0], *out, self.n) if channels_last else (x.shape[0], self.n, *out), np.float32)
+        _ok(lib().spfq_dconv(self._h, int(channels_last), x.shape[0], H, W, px, y.ctypes.data, threads), "dconv")
         return y
 
 

@@ -99,13 +99,14 @@ CONVS = {
     "conv1d": {"kernel_size": [5], "stride": [2], "padding": [2], "dilation": [1], "groups": 2},
     "conv2d-pointwise": {"kernel_size": [1, 1], "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1},
     "conv2d-1x1-s2": {"kernel_size": [1, 1], "stride": [2, 2], "padding": [0, 0], "dilation": [1, 1], "groups": 1},
+    "conv2d-rgb": {"kernel_size": [3, 3], "stride": [2, 2], "padding": [1, 1], "dilation": [1, 1], "groups": 1},
 }
-SHAPES = {"linear": (37, 203), "conv2d": (12, 3, 3, 3), "conv2d-grouped": (12, 3, 3, 3),
+SHAPES = {"linear": (37, 203), "conv2d": (12, 6, 3, 3), "conv2d-grouped": (12, 3, 3, 3),
           "conv2d-depthwise": (12, 1, 3, 3), "conv1d": (6, 4, 5), "conv2d-pointwise": (20, 70, 1, 1),
-          "conv2d-1x1-s2": (9, 13, 1, 1)}
-INPUTS = {"linear": (2, 5, 203), "conv2d": (2, 3, 9, 11), "conv2d-grouped": (2, 12, 7, 6),
+          "conv2d-1x1-s2": (9, 13, 1, 1), "conv2d-rgb": (12, 3, 3, 3)}
+INPUTS = {"linear": (2, 5, 203), "conv2d": (2, 6, 9, 11), "conv2d-grouped": (2, 12, 7, 6),
           "conv2d-depthwise": (2, 12, 7, 6), "conv1d": (3, 8, 17), "conv2d-pointwise": (2, 70, 5, 6),
-          "conv2d-1x1-s2": (1, 13, 7, 9)}
+          "conv2d-1x1-s2": (1, 13, 7, 9), "conv2d-rgb": (2, 3, 9, 11)}
 
 
 def _one_layer_model(layer: CompressedLayer, flavour: str, activation="int8", graph_pass=None) -> bytes:
@@ -148,7 +149,7 @@ def test_one_layer_every_flavour_matches_its_reference(tmp_path, case, geometry)
     layer = _layer(kind, shape=SHAPES[geometry], conv=CONVS[geometry], **CASES[case])
     x = torch.from_numpy(np.random.default_rng(5).standard_normal(INPUTS[geometry]).astype(np.float32))
     ref = _torch_float(layer, x).numpy()
-    # depthwise layers stay weight-only in int8 exports (kernels.layer_activation)
+    # depthwise and few-channel layers stay weight-only in int8 exports (kernels.layer_activation)
     ref8 = ref if layer_activation(layer, "int8") == "float" else Int8ActivationLayer(layer)(x).double().numpy()
     tol = 2e-5 * max(1.0, float(np.abs(ref).max()))
     lib = _host_lib()
@@ -157,7 +158,7 @@ def test_one_layer_every_flavour_matches_its_reference(tmp_path, case, geometry)
         model = _one_layer_model(layer, "custom", act)
         node = next(n for n in model.graph.node if n.domain == "ai.spfq")
         assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "activation")).decode() == \
-            ("float" if geometry == "conv2d-depthwise" else act)
+            ("float" if geometry in ("conv2d-depthwise", "conv2d-rgb") else act)
         path = _save(model, tmp_path, f"c_{act}.onnx")
         got = session(path, lib).run(None, {"x": x.numpy()})[0]
         assert got.shape == want.shape

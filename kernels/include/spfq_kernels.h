@@ -120,6 +120,24 @@ int spfq_dwconv(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w,
 int spfq_dwconv_nhwc(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w, const float *x, float *y,
                      int32_t nthreads);
 
+/* Direct convolution of an input with few channels (one group, channels <= 4, kh * kw <= 64: a
+ * network's first conv), weight-only float, output channels in vector lanes, each input value
+ * broadcast (dconv.c): no im2col. Weights: a desc with n = outputs, k = channels * kh * kw in
+ * (c, kh, kw) order, as PyTorch flattens the weight. Bit-identical with spfq_matmul_f32's C
+ * oracle on the im2col rows. nhwc: x (b, h, w, channels) -> y (b, oh, ow, outputs), else NCHW
+ * both. */
+typedef struct {
+    int32_t channels, outputs;         /* input channels C, output channels N */
+    int32_t kh, kw, sh, sw, dh, dw;    /* kernel, strides, dilations */
+    int32_t pt, pl, pb, pr;            /* zero padding: top, left, bottom, right */
+} spfq_dc_geom;
+typedef struct spfq_dc spfq_dc;
+int spfq_dc_prepare(const spfq_weights_desc *w, const spfq_dc_geom *g, spfq_dc **out);
+int spfq_dc_set_clamp(spfq_dc *p, float lo, float hi);
+void spfq_dc_free(spfq_dc *p);
+int spfq_dconv(const spfq_dc *p, int32_t nhwc, int32_t b, int32_t h, int32_t w, const float *x, float *y,
+               int32_t nthreads);
+
 /* Compression time (spfq_deploy/compress/path_following.py): the column loop of Gram-form
  * path following over columns [b0, b1) for every row r = (candidate, group, neuron) of
  * Q (cands, groups, rows, d): z = (A[g,i,t] - corr[r,t-b0]) * inv[g,t], q = T(z),

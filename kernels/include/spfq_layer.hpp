@@ -7,7 +7,9 @@
 //   conv:           im2col per group (rows (b, oh, ow), columns (c, kh, kw) as PyTorch flattens the
 //                   weight), the GEMM, and the (pixel, channel) -> (channel, pixel) scatter;
 //                   depthwise layers (one input channel per group: k = KH * KW) instead run
-//                   the direct kernel spfq_dwconv, bit-identical with that path's C oracle;
+//                   the direct kernel spfq_dwconv, few-channel convs (one group, <= 4 input
+//                   channels: a first conv) spfq_dconv, both bit-identical with that path's C
+//                   oracle (the few-channel one always weight-only float);
 //   conv_nhwc:      the same with channels last (x (B, H, W, C) -> y (B, OH, OW, N)), the layout
 //                   activations keep between compressed convs: a 1x1 stride-1 conv is the GEMM on
 //                   the input itself, other convs gather their im2col rows from NHWC, depthwise
@@ -114,30 +116,44 @@ struct ConvGeometry {
 // One input channel per group (depthwise, or a conv on a 1-channel input): the direct kernel.
 inline bool is_depthwise(int64_t k, const ConvGeometry &G) { return k == G.KH * G.KW; }
 
-// A prepared layer: one GEMM part per conv group, or the direct depthwise kernel.
+// One group over at most 4 input channels with a kernel larger than 1x1 (a first conv on an RGB
+// or grey image): the direct few-channel kernel spfq_dconv (spfq_deploy.kernels.is_few_channel).
+inline bool is_few_channel(int64_t k, int64_t groups, const ConvGeometry &G) {
+    const int64_t taps = G.KH * G.KW;
+    return groups == 1 && taps > 1 && taps <= 64 && k % taps == 0 && k / taps <= 4;
+}
+
+// A prepared layer: one GEMM part per conv group, or a direct kernel (depthwise, few-channel).
 struct Layer {
     std::vector<spfq_prepared *> parts;
     spfq_dw *dw = nullptr;
+    spfq_dc *dc = nullptr;
 };
 
 // The output clamp fused into every kernel of the layer (ReLU / ReLU6 / Clip after it).
 inline void set_clamp(Layer &l, float lo, float hi) {
     for (spfq_prepared *p : l.parts) check(spfq_set_clamp(p, lo, hi), "set_clamp");
     if (l.dw) check(spfq_dw_set_clamp(l.dw, lo, hi), "set_clamp");
+    if (l.dc) check(spfq_dc_set_clamp(l.dc, lo, hi), "set_clamp");
 }
 
 inline void free_layer(Layer &l) {
     free_parts(l.parts);
     spfq_dw_free(l.dw);
     l.dw = nullptr;
+    spfq_dc_free(l.dc);
+    l.dc = nullptr;
 }
 
 // The layer's kernels: G is null for a linear layer. Buffers the layout does not use are ignored.
+// A few-channel conv takes its direct kernel when it runs weight-only (int8 false), as
+// kernels.layer_activation exports it; asked for int8, it stays on the im2col GEMM path.
 inline Layer prepare_layer(int layout, int bits, int64_t n, int64_t k, int64_t kept_words, int64_t groups,
-                           const ConvGeometry *G, const uint64_t *sign, const uint64_t *mask, const uint64_t *planes,
-                           const float *scale, const float *lam, const float *bias) {
+                           const ConvGeometry *G, bool int8, const uint64_t *sign, const uint64_t *mask,
+                           const uint64_t *planes, const float *scale, const float *lam, const float *bias) {
     Layer l;
-    if (G && is_depthwise(k, *G)) {
+    const bool few = G && !int8 && is_few_channel(k, groups, *G);
+    if (G && (few || is_depthwise(k, *G))) {
         spfq_weights_desc d = make_desc(layout, bits, n, k, kept_words);
         d.sign = needs_sign(layout) ? sign : nullptr;
         d.mask = needs_mask(layout) ? mask : nullptr;
@@ -146,6 +162,12 @@ inline Layer prepare_layer(int layout, int bits, int64_t n, int64_t k, int64_t k
         d.lam = lam;
         d.bias = bias;
         auto i32 = [](int64_t v) { return static_cast<int32_t>(v); };
+        if (few) {
+            spfq_dc_geom g{i32(k / (G->KH * G->KW)), i32(n), i32(G->KH), i32(G->KW), i32(G->SH), i32(G->SW),
+                           i32(G->DH), i32(G->DW), i32(G->PT), i32(G->PL), i32(G->PB), i32(G->PR)};
+            check(spfq_dc_prepare(&d, &g, &l.dc), "prepare few-channel conv");
+            return l;
+        }
         spfq_dw_geom g{i32(groups), i32(n / groups), i32(G->KH), i32(G->KW), i32(G->SH), i32(G->SW),
                        i32(G->DH), i32(G->DW), i32(G->PT), i32(G->PL), i32(G->PB), i32(G->PR)};
         check(spfq_dw_prepare(&d, &g, &l.dw), "prepare depthwise");
@@ -169,6 +191,12 @@ inline void gemm(spfq_prepared *p, bool int8, int64_t m, int64_t k, const float 
 // y (B, n, OH, OW) = conv(x (B, C, H, Wd)) with k = C / groups * KH * KW inputs per output.
 inline void conv(const Layer &layer, bool int8, int64_t k, int64_t n, int64_t groups, const ConvGeometry &G,
                  const float *x, int64_t B, int64_t C, int64_t H, int64_t Wd, float *y, int threads) {
+    if (layer.dc) {  // weight-only float (kernels.layer_activation)
+        if (B > INT32_MAX || H > INT32_MAX || Wd > INT32_MAX) throw std::runtime_error("conv input too large");
+        check(spfq_dconv(layer.dc, 0, static_cast<int32_t>(B), static_cast<int32_t>(H), static_cast<int32_t>(Wd), x, y,
+                         threads), "dconv");
+        return;
+    }
     if (layer.dw) {
         if (B > INT32_MAX || H > INT32_MAX || Wd > INT32_MAX) throw std::runtime_error("conv input too large");
         check(spfq_dwconv(layer.dw, int8, static_cast<int32_t>(B), static_cast<int32_t>(H), static_cast<int32_t>(Wd),
@@ -219,6 +247,12 @@ inline void conv(const Layer &layer, bool int8, int64_t k, int64_t n, int64_t gr
 // y (B, OH, OW, n) = conv(x (B, H, Wd, C)): the same rows and GEMMs as conv, channels last.
 inline void conv_nhwc(const Layer &layer, bool int8, int64_t k, int64_t n, int64_t groups, const ConvGeometry &G,
                       const float *x, int64_t B, int64_t C, int64_t H, int64_t Wd, float *y, int threads) {
+    if (layer.dc) {
+        if (B > INT32_MAX || H > INT32_MAX || Wd > INT32_MAX) throw std::runtime_error("conv input too large");
+        check(spfq_dconv(layer.dc, 1, static_cast<int32_t>(B), static_cast<int32_t>(H), static_cast<int32_t>(Wd), x, y,
+                         threads), "dconv");
+        return;
+    }
     if (layer.dw) {
         if (B > INT32_MAX || H > INT32_MAX || Wd > INT32_MAX) throw std::runtime_error("conv input too large");
         check(spfq_dwconv_nhwc(layer.dw, int8, static_cast<int32_t>(B), static_cast<int32_t>(H),

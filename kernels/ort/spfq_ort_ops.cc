@@ -158,7 +158,7 @@ class PackedKernel {
         const float *lam = input<float>(ctx, kLam, {n_}, "lam");
         const float *bias = input<float>(ctx, kBias, {n_}, "bias");
         const void *key[] = {sign, mask, planes, scale, lam, bias};
-        if ((layer_.dw || !layer_.parts.empty()) && std::equal(key, key + 6, key_)) return;
+        if ((layer_.dw || layer_.dc || !layer_.parts.empty()) && std::equal(key, key + 6, key_)) return;
         if (!scale) throw Error("scale is required");
         using namespace spfq_layer;
         if ((needs_sign(layout_) && !present_[kSign]) || (needs_mask(layout_) && !present_[kMask]) ||
@@ -167,7 +167,7 @@ class PackedKernel {
         release();
         spfq_layer::ConvGeometry G{};
         if (conv_) G = geometry();
-        layer_ = spfq_layer::prepare_layer(layout_, bits_, n_, k_, kept_words_, groups_, conv_ ? &G : nullptr, sign,
+        layer_ = spfq_layer::prepare_layer(layout_, bits_, n_, k_, kept_words_, groups_, conv_ ? &G : nullptr, int8_, sign,
                                            mask, planes, scale, lam, bias);
         spfq_layer::set_clamp(layer_, clip_lo_, clip_hi_);
         std::copy(key, key + 6, key_);

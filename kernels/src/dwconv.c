@@ -453,16 +453,23 @@ static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
     const int32_t oh0 = (int32_t)((int64_t)t->OH * band / t->bands), oh1 = (int32_t)((int64_t)t->OH * (band + 1) / t->bands);
     const float *xb = t->x + (size_t)bi * t->H * t->W * C;
     float *yb = t->y + (size_t)bi * t->OH * t->OW * p->n;
-    const float *zero = NULL;
+    const float *zero = NULL, **taps = NULL;
 #if defined(__x86_64__)
-    if (!t->int8 && p->lane16 && spfq_dw_rows16_avx512 && !strcmp(spfq_isa(), "avx512"))
+    if (!t->int8 && p->lane16 && spfq_dw_rows16_avx512 && !strcmp(spfq_isa(), "avx512")) {
         zero = calloc((size_t)C, sizeof(float));
+        taps = malloc((size_t)t->OW * (size_t)p->k * sizeof *taps);
+        if (!zero || !taps) {
+            free((void *)zero);
+            free(taps);
+            zero = NULL;
+        }
+    }
 #endif
     for (int32_t r0 = oh0; r0 < oh1; r0 += DW_ROWS_STEP) {
         const int32_t r1 = oh1 - r0 < DW_ROWS_STEP ? oh1 : r0 + DW_ROWS_STEP;
         if (zero) {
             lanes_io io = {xb, 0, C, yb, (size_t)p->n, 1};
-            spfq_dw_rows16_avx512(p, io, t->H, t->W, r0, r1, t->OW, zero);
+            spfq_dw_rows16_avx512(p, io, t->H, t->W, r0, r1, t->OW, zero, taps);
             continue;
         }
         for (int32_t blk = 0; blk < p->nblk; blk++) {
@@ -471,6 +478,7 @@ static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
         }
     }
     free((void *)zero);
+    free(taps);
 }
 
 /* One NCHW block of DW_LANES outputs of one image, narrow planes: interleave, then the lanes. */

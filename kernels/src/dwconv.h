@@ -43,8 +43,9 @@ void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, int3
                         int32_t W, int32_t oh0, int32_t oh1, int32_t OW) __attribute__((weak));
 
 /* Output rows [oh0, oh1), every 16-channel block, weight-only float, NHWC in place (AVX-512,
- * dwconv_avx512.c; weak). zero: p->n zero floats (the padding's input). */
+ * dwconv_avx512.c; weak). zero: p->n zero floats (the padding's input); taps: room for OW * k
+ * pointers. */
 void spfq_dw_rows16_avx512(const struct spfq_dw *p, lanes_io io, int32_t H, int32_t W, int32_t oh0, int32_t oh1,
-                           int32_t OW, const float *zero) __attribute__((weak));
+                           int32_t OW, const float *zero, const float **taps) __attribute__((weak));
 
 #endif /* SPFQ_DWCONV_H */

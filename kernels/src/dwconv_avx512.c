@@ -25,7 +25,8 @@
  * the chains, not the taps, give the parallelism that hides the add latency). */
 __attribute__((always_inline)) TGT static inline void blocks(const struct spfq_dw *p, int32_t k, const int NB,
                                                             const int P, const float *const *const *in, int32_t b0,
-                                                            float *const *y, __m512 clo, __m512 chi) {
+                                                            float *const *y, __m512 clo, __m512 chi, const int KC) {
+    if (KC) k = KC; /* 3x3 and 5x5 compiled with a constant tap count: the tap loop unrolls */
     const size_t per = (2 * (size_t)k + 2) * 16;
     const float *w[4];
     __m512 acc[4][4];
@@ -62,7 +63,12 @@ __attribute__((always_inline)) TGT static inline void blocks(const struct spfq_d
     __attribute__((noinline)) TGT static void blocks_##NB##_##P(const struct spfq_dw *p, int32_t k,            \
                                                                const float *const *const *in, int32_t b0,   \
                                                                float *const *y, __m512 clo, __m512 chi) {   \
-        blocks(p, k, NB, P, in, b0, y, clo, chi);                                                           \
+        if (k == 9)                                                                                         \
+            blocks(p, k, NB, P, in, b0, y, clo, chi, 9);                                                    \
+        else if (k == 25)                                                                                   \
+            blocks(p, k, NB, P, in, b0, y, clo, chi, 25);                                                   \
+        else                                                                                                \
+            blocks(p, k, NB, P, in, b0, y, clo, chi, 0);                                                    \
     }
 BLOCKS_FN(1, 1) BLOCKS_FN(2, 1) BLOCKS_FN(3, 1) BLOCKS_FN(4, 1)
 BLOCKS_FN(1, 2) BLOCKS_FN(2, 2) BLOCKS_FN(3, 2) BLOCKS_FN(4, 2)
@@ -70,21 +76,6 @@ BLOCKS_FN(1, 4) BLOCKS_FN(2, 4)
 
 typedef void (*blocks_fn)(const struct spfq_dw *, int32_t, const float *const *const *, int32_t, float *const *,
                           __m512, __m512);
-
-/* Every channel of P pixels: groups of `most` blocks, then the rest. */
-TGT static void pixels(const struct spfq_dw *p, int32_t k, int P, const float *const *const *in, float *const *y,
-                       __m512 clo, __m512 chi) {
-    static const blocks_fn by_p1[5] = {NULL, blocks_1_1, blocks_2_1, blocks_3_1, blocks_4_1};
-    static const blocks_fn by_p2[5] = {NULL, blocks_1_2, blocks_2_2, blocks_3_2, blocks_4_2};
-    static const blocks_fn by_p4[3] = {NULL, blocks_1_4, blocks_2_4};
-    const blocks_fn *f = P == 4 ? by_p4 : P == 2 ? by_p2 : by_p1;
-    const int32_t nb = p->n / 16, most = P == 4 ? 2 : 4;
-    for (int32_t b0 = 0; b0 < nb;) {
-        const int32_t g = nb - b0 < most ? nb - b0 : most;
-        f[g](p, k, in, b0, y, clo, chi);
-        b0 += g;
-    }
-}
 
 /* The taps of output pixel (oh, ow): input pixel pointers (at channel 0), `zero` for padding. */
 static void taps(const struct spfq_dw *p, lanes_io io, int32_t H, int32_t W, int32_t oh, int32_t ow, const float *zero,
@@ -102,26 +93,47 @@ static void taps(const struct spfq_dw *p, lanes_io io, int32_t H, int32_t W, int
 }
 
 /* Output rows [oh0, oh1), every 16-channel block (p->n % 16 == 0), x NHWC read in place (pixel
- * stride io.ps = channels, io.xin at channel 0), y NHWC (io.ys = n). zero: n zero floats. Pixels
- * go 2 at a time (4 when the layer has fewer than 4 blocks), 8 accumulator chains either way. */
+ * stride io.ps = channels, io.xin at channel 0), y NHWC (io.ys = n). zero: n zero floats. Per
+ * output row: the taps of every pixel once, then for each group of 4 blocks (64 channels; 2 when
+ * the layer has fewer than 4) the whole row, 2 pixels at a time (4 with 2-block groups): 8
+ * accumulator chains, and the input rows' 64-channel slices stay in L1 for the row. */
 TGT void spfq_dw_rows16_avx512(const struct spfq_dw *p, lanes_io io, int32_t H, int32_t W, int32_t oh0, int32_t oh1,
-                               int32_t OW, const float *zero) {
-    const int32_t k = p->k;
-    const int P = p->n / 16 >= 4 ? 2 : 4;
+                               int32_t OW, const float *zero, const float **tp) {
+    static const blocks_fn by_p1[5] = {NULL, blocks_1_1, blocks_2_1, blocks_3_1, blocks_4_1};
+    static const blocks_fn by_p2[5] = {NULL, blocks_1_2, blocks_2_2, blocks_3_2, blocks_4_2};
+    static const blocks_fn by_p4[3] = {NULL, blocks_1_4, blocks_2_4};
+    const int32_t k = p->k, nb = p->n / 16;
+    const int P = nb >= 4 ? 2 : 4, most = P == 4 ? 2 : 4;
     const __m512 clo = _mm512_set1_ps(p->lo), chi = _mm512_set1_ps(p->hi);
-    const float *tp[4][DW_MAX_TAPS];
-    const float *const *in[4] = {tp[0], tp[1], tp[2], tp[3]};
     for (int32_t oh = oh0; oh < oh1; oh++) {
         float *yrow = io.y + (size_t)oh * OW * io.ys;
-        for (int32_t ow = 0; ow < OW;) {
-            const int q = OW - ow >= P ? P : OW - ow >= 2 ? 2 : 1;
-            float *y[4];
-            for (int i = 0; i < q; i++) {
-                taps(p, io, H, W, oh, ow + i, zero, tp[i]);
-                y[i] = yrow + (size_t)(ow + i) * io.ys;
+        /* interior columns read the previous column's taps moved by one stride */
+        const spfq_dw_geom *g = &p->g;
+        const int32_t ih0 = oh * g->sh - g->pt, ih1 = ih0 + (g->kh - 1) * g->dh;
+        for (int32_t ow = 0; ow < OW; ow++) {
+            const int32_t iw0 = ow * g->sw - g->pl, iw1 = iw0 + (g->kw - 1) * g->dw;
+            const float **cur = tp + (size_t)ow * k;
+            if (ow > 0 && ih0 >= 0 && ih1 < H && iw0 - g->sw >= 0 && iw1 < W) {
+                const size_t step = (size_t)g->sw * io.ps;
+                for (int32_t t = 0; t < k; t++) cur[t] = cur[t - k] + step;
+            } else {
+                taps(p, io, H, W, oh, ow, zero, cur);
             }
-            pixels(p, k, q, in, y, clo, chi);
-            ow += q;
+        }
+        for (int32_t b0 = 0; b0 < nb;) {
+            const int32_t g = nb - b0 < most ? nb - b0 : most;
+            for (int32_t ow = 0; ow < OW;) {
+                const int q = OW - ow >= P ? P : OW - ow >= 2 ? 2 : 1;
+                const float *const *in[4];
+                float *y[4];
+                for (int i = 0; i < q; i++) {
+                    in[i] = tp + (size_t)(ow + i) * k;
+                    y[i] = yrow + (size_t)(ow + i) * io.ys;
+                }
+                (q == 4 ? by_p4 : q == 2 ? by_p2 : by_p1)[g](p, k, in, b0, y, clo, chi);
+                ow += q;
+            }
+            b0 += g;
         }
     }
 }

@@ -14,6 +14,7 @@
 #include "spfq_kernels.h"
 
 #define SPFQ_WORDS(k) (((k) + 63) / 64)
+#define SPFQ_DC_MAX_C 4 /* input channels of the direct few-channel conv (dconv.c) */
 
 struct spfq_prepared {
     spfq_weights_desc d;  /* pointers point at the owned copies below */

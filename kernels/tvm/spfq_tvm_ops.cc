@@ -128,7 +128,7 @@ const Prepared &prepare(const int64_t *at, const DLTensor *sign_t, const DLTenso
 
     Prepared prep;
     const spfq_layer::ConvGeometry G = geometry(at);
-    prep.layer = spfq_layer::prepare_layer(layout, bits, n, k, kw, g, at[kConvDims] ? &G : nullptr,
+    prep.layer = spfq_layer::prepare_layer(layout, bits, n, k, kw, g, at[kConvDims] ? &G : nullptr, at[kInt8] != 0,
                                            need_sign ? sign : nullptr, need_mask ? mask : nullptr,
                                            need_planes ? planes : nullptr, scale, lam, bias);
     return g_cache.emplace(key, std::move(prep)).first->second;
@@ -159,8 +159,8 @@ void run_conv(const int64_t *at, const Prepared &prep, const DLTensor *xt, DLTen
     const int64_t OH = G.out_h(H), OW = G.out_w(Wd);
     if (OH < 1 || OW < 1) throw Error("conv input is smaller than the kernel");
     if (numel(yt) != B * n * OH * OW) throw Error("conv output has the wrong size");
-    if (B * OH * OW > 0)  // one GEMM per group, or one depthwise call
-        g_calls.fetch_add(prep.layer.dw ? 1 : groups, std::memory_order_relaxed);
+    if (B * OH * OW > 0)  // one GEMM per group, or one direct-kernel call
+        g_calls.fetch_add(prep.layer.dw || prep.layer.dc ? 1 : groups, std::memory_order_relaxed);
     spfq_layer::conv(prep.layer, at[kInt8] != 0, k, n, groups, G, data<float>(xt), B, C, H, Wd,
                      static_cast<float *>(yt->data) + yt->byte_offset / 4, threads);
 }
