@@ -68,7 +68,7 @@ def lib() -> C.CDLL:
             "spfq_dwconv_nhwc": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
             "spfq_set_clamp": ([p, C.c_float, C.c_float], C.c_int),
             "spfq_dw_set_clamp": ([p, C.c_float, C.c_float], C.c_int),
-            "spfq_dc_prepare": ([C.POINTER(WeightsDesc), C.POINTER(DcGeom), C.POINTER(p)], C.c_int),
+            "spfq_dc_prepare": ([C.POINTER(WeightsDesc), C.POINTER(ConvGeom), C.POINTER(p)], C.c_int),
             "spfq_dc_free": ([p], None),
             "spfq_dc_set_clamp": ([p, C.c_float, C.c_float], C.c_int),
             "spfq_dconv": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
@@ -266,7 +266,7 @@ class PackedWeights:
 DC_MAX_CHANNELS = 4  # SPFQ_DC_MAX_C of kernels/src/internal.h
 
 
-class DcGeom(C.Structure):
+class ConvGeom(C.Structure):
     _fields_ = [(f, C.c_int32) for f in ("channels", "outputs", "kh", "kw", "sh", "sw", "dh", "dw",
                                          "pt", "pl", "pb", "pr")]
 
@@ -372,7 +372,7 @@ class FewChannelWeights:
         if len(ks) == 1:  # 1-D: height 1
             ks, st, dl, pd = [1] + ks, [1] + st, [1] + dl, [0] + pd
         self.channels = layer.cols // (ks[0] * ks[1])
-        self.geom = DcGeom(self.channels, layer.rows, ks[0], ks[1], st[0], st[1], dl[0], dl[1], pd[0], pd[1], pd[0],
+        self.geom = ConvGeom(self.channels, layer.rows, ks[0], ks[1], st[0], st[1], dl[0], dl[1], pd[0], pd[1], pd[0],
                            pd[1])
         self.n, self.one_d = layer.rows, len(conv["kernel_size"]) == 1
         d, keep = _weights_desc(layout, layer.rows, layer.cols, bufs, layer.scale, layer.lam, layer.bias, bits)

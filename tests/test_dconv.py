@@ -14,7 +14,7 @@ from test_export_onnx import _layer as make_layer
 from spfq_deploy import kernels as K
 from spfq_deploy.kernel_layers import KernelLayer
 
-ISAS = [i for i in ("c", "avx2", "avx512", "neon") if K.lib().spfq_set_isa(i.encode()) == 0]
+ISAS = [i for i in ("c", "avx2", "avx512", "amx", "neon") if K.lib().spfq_set_isa(i.encode()) == 0]
 K.set_isa("auto")
 
 # name: (in channels, outputs, kernel, stride, padding, dilation, input (H, W)); 1-D when kernel has one entry

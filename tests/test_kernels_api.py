@@ -11,7 +11,7 @@ from spfq_deploy import kernels as K
 from spfq_deploy.compressed import CompressedLayer
 
 RNG = np.random.default_rng(7)
-ISAS = [i for i in ("c", "avx2", "avx512", "neon") if K.lib().spfq_set_isa(i.encode()) == 0]
+ISAS = [i for i in ("c", "avx2", "avx512", "amx", "neon") if K.lib().spfq_set_isa(i.encode()) == 0]
 K.set_isa("auto")
 
 

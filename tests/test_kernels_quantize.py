@@ -11,7 +11,7 @@ import pytest
 
 from spfq_deploy import kernels as K
 
-ISAS = [i for i in ("c", "avx2", "avx512", "neon") if K.lib().spfq_set_isa(i.encode()) == 0]
+ISAS = [i for i in ("c", "avx2", "avx512", "amx", "neon") if K.lib().spfq_set_isa(i.encode()) == 0]
 K.set_isa("auto")
 MS = (0, 1, 3, 64)
 KS = (1, 7, 8, 31, 32, 33, 384, 1536, 4097)

@@ -130,9 +130,9 @@ typedef struct {
     int32_t channels, outputs;         /* input channels C, output channels N */
     int32_t kh, kw, sh, sw, dh, dw;    /* kernel, strides, dilations */
     int32_t pt, pl, pb, pr;            /* zero padding: top, left, bottom, right */
-} spfq_dc_geom;
+} spfq_conv_geom;
 typedef struct spfq_dc spfq_dc;
-int spfq_dc_prepare(const spfq_weights_desc *w, const spfq_dc_geom *g, spfq_dc **out);
+int spfq_dc_prepare(const spfq_weights_desc *w, const spfq_conv_geom *g, spfq_dc **out);
 int spfq_dc_set_clamp(spfq_dc *p, float lo, float hi);
 void spfq_dc_free(spfq_dc *p);
 int spfq_dconv(const spfq_dc *p, int32_t nhwc, int32_t b, int32_t h, int32_t w, const float *x, float *y,
@@ -163,7 +163,8 @@ int spfq_path_following_block(const spfq_pf_desc *p, int32_t b0, int32_t b1, dou
 
 /* ISA selection: "auto" (default: best the CPU has), "c", "avx2", "avx512" (F/BW/VL/VNNI/
  * VPOPCNTDQ/BITALG + BMI2; the int-b kernels also check VBMI2 and use GFNI when present, else a
- * slower exact path; kernels it lacks fall back to avx2), "neon". Returns SPFQ_OK or
+ * slower exact path; kernels it lacks fall back to avx2), "amx" (avx512 plus AMX-INT8 tiles for
+ * int8 GEMMs of 16 rows or more; Linux must grant the tile state), "neon". Returns SPFQ_OK or
  * SPFQ_EUNSUPPORTED when the CPU / build lacks it. spfq_isa() names the active one. */
 int spfq_set_isa(const char *name);
 const char *spfq_isa(void);

@@ -163,7 +163,7 @@ inline Layer prepare_layer(int layout, int bits, int64_t n, int64_t k, int64_t k
         d.bias = bias;
         auto i32 = [](int64_t v) { return static_cast<int32_t>(v); };
         if (few) {
-            spfq_dc_geom g{i32(k / (G->KH * G->KW)), i32(n), i32(G->KH), i32(G->KW), i32(G->SH), i32(G->SW),
+            spfq_conv_geom g{i32(k / (G->KH * G->KW)), i32(n), i32(G->KH), i32(G->KW), i32(G->SH), i32(G->SW),
                            i32(G->DH), i32(G->DW), i32(G->PT), i32(G->PL), i32(G->PB), i32(G->PR)};
             check(spfq_dc_prepare(&d, &g, &l.dc), "prepare few-channel conv");
             return l;

@@ -43,6 +43,13 @@ typedef struct {
 static const isa_table table_c = SPFQ_TABLE(c);
 static const isa_table table_avx2 = SPFQ_TABLE(avx2);
 static const isa_table table_avx512 = SPFQ_TABLE(avx512);
+/* AVX-512 with AMX tiles: the AVX-512 kernels, and AMX for tall int8 GEMMs (intb_amx.c) */
+static const isa_table table_amx = {"amx",
+                                    {NULL, spfq_sign_f32_avx512, spfq_sign_mask_f32_avx512, spfq_planes_f32_avx512,
+                                     spfq_sparse_f32_avx512},
+                                    {NULL, spfq_sign_i8_avx512, spfq_sign_mask_i8_avx512, spfq_planes_i8_avx512,
+                                     spfq_sparse_i8_avx512},
+                                    spfq_bgemm_avx512};
 static const isa_table table_neon = SPFQ_TABLE(neon);
 static const isa_table *active = NULL;
 
@@ -56,6 +63,7 @@ static int cpu_has(const char *isa) {
                __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bitalg") &&
                __builtin_cpu_supports("bmi2");
     }
+    if (!strcmp(isa, "amx")) return cpu_has("avx512") && spfq_amx_available && spfq_amx_available();
     if (!strcmp(isa, "avx2")) {
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -71,12 +79,13 @@ static int cpu_has(const char *isa) {
 int spfq_set_isa(const char *name) {
     if (!name) return SPFQ_EINVAL;
     if (!strcmp(name, "auto")) {
-        active = cpu_has("avx512") ? &table_avx512 : cpu_has("avx2") ? &table_avx2
+        active = cpu_has("amx") ? &table_amx : cpu_has("avx512") ? &table_avx512 : cpu_has("avx2") ? &table_avx2
                : cpu_has("neon") ? &table_neon : &table_c;
         return SPFQ_OK;
     }
     const isa_table *t = !strcmp(name, "c") ? &table_c : !strcmp(name, "avx2") ? &table_avx2
-                       : !strcmp(name, "avx512") ? &table_avx512 : !strcmp(name, "neon") ? &table_neon : NULL;
+                       : !strcmp(name, "avx512") ? &table_avx512 : !strcmp(name, "amx") ? &table_amx
+                       : !strcmp(name, "neon") ? &table_neon : NULL;
     if (!t || !cpu_has(name)) return SPFQ_EUNSUPPORTED;
     active = t;
     return SPFQ_OK;
@@ -88,13 +97,14 @@ static const isa_table *isa(void) {
 }
 
 const char *spfq_isa(void) { return isa()->name; }
+int spfq_isa_avx512(void) { return isa() == &table_avx512 || isa() == &table_amx; }
 int32_t spfq_abi_version(void) { return SPFQ_ABI_VERSION; }
 
 static spfq_range_fn pick(spfq_range_fn simd, spfq_range_fn portable) { return simd ? simd : portable; }
 
 /* The kernel for one (operation, layout) on the active ISA: avx512 falls back to avx2, any
  * SIMD table to the portable C one. */
-#define FIND(field) (isa() == &table_avx512 && !table_avx512.field ? pick(table_avx2.field, table_c.field) \
+#define FIND(field) (spfq_isa_avx512() && !table_avx512.field ? pick(table_avx2.field, table_c.field) \
                                                                  : pick(isa()->field, table_c.field))
 
 /* ------------------------------------------------------------------ weights */
@@ -160,6 +170,7 @@ void spfq_free(spfq_prepared *p) {
     free(p->sign); free(p->mask); free(p->planes);
     free(p->scale); free(p->lam); free(p->bias);
     free(p->rp);
+    free(p->amx);
     free(p);
 }
 
@@ -359,9 +370,11 @@ typedef struct {
     _Atomic int failed;
 } tall_task;
 
-/* Bytes per padded int8 row the kernel reads: whole RP steps for the fused kernels. */
-static int32_t tall_kp(const spfq_prepared *w, int fused) {
+/* Bytes per padded int8 row the kernel reads: whole 64-byte tile rows for AMX, whole RP steps
+ * for the other fused kernels, K for the rest. */
+static int32_t tall_kp(const spfq_prepared *w, spfq_range_fn fused) {
     if (!fused) return w->d.k;
+    if (fused == spfq_rp_i8_fused_amx) return (w->d.k + 63) / 64 * 64;
     const int32_t kstep = 4 * (8 / w->rp_cb);
     return w->rp_steps * kstep;
 }
@@ -425,13 +438,16 @@ static void tall_chunk(void *ctx, int32_t c, int32_t n) {
     for (int32_t u = u0; u < u1; u++) tall_unit(t, u);
 }
 
-/* The fused kernel of the active ISA for these weights, or NULL. */
-static spfq_range_fn fused_kernel(const spfq_prepared *w) {
+/* The fused kernel of the active ISA for these weights and m rows, or NULL. */
+static spfq_range_fn fused_kernel(const spfq_prepared *w, int32_t m) {
 #if defined(__x86_64__)
-    if (isa() == &table_avx512 && spfq_rp_i8_fused_avx512 && spfq_rp_i8_fused_ok_avx512(w)) return spfq_rp_i8_fused_avx512;
+    if (isa() == &table_amx && m >= SPFQ_AMX_MIN_ROWS && spfq_rp_i8_fused_amx && spfq_rp_i8_fused_ok_amx(w))
+        return spfq_rp_i8_fused_amx;
+    if (spfq_isa_avx512() && spfq_rp_i8_fused_avx512 && spfq_rp_i8_fused_ok_avx512(w)) return spfq_rp_i8_fused_avx512;
     if (isa() == &table_avx2 && spfq_rp_i8_fused_avx2 && spfq_rp_i8_fused_ok_avx2(w)) return spfq_rp_i8_fused_avx2;
 #endif
     (void)w;
+    (void)m;
     return NULL;
 }
 
@@ -440,14 +456,15 @@ static int tall_run(const spfq_prepared *w, int32_t m, const float *x, const int
                     float *y, int32_t nthreads) {
     const int L = w->d.layout;
     tall_task t = {.w = w, .m = m, .x = x, .xq = xq, .xscale = xscale, .y = y};
-    t.fused = fused_kernel(w);
+    t.fused = fused_kernel(w, m);
     t.fn = t.fused ? NULL : FIND(i8[L]);
     if (!t.fused && !t.fn) return SPFQ_EUNSUPPORTED;
-    t.kp = tall_kp(w, t.fused != NULL);
+    t.kp = tall_kp(w, t.fused);
     t.xq_ld = (size_t)w->d.k;
     /* rows per unit: their int8 block stays in L1 (16 KiB), 16..SPFQ_TALL_ROWS, a multiple of 4 */
     int32_t rows = 16384 / (t.kp > 0 ? t.kp : 1);
     rows = rows < 16 ? 16 : rows > SPFQ_TALL_ROWS ? SPFQ_TALL_ROWS : rows & ~3;
+    if (t.fused == spfq_rp_i8_fused_amx && rows < 32) rows = 32; /* 2 A tiles of 16 rows per pass */
     t.rows = rows;
     const int32_t rblocks = (m + rows - 1) / rows, blocks = (w->d.n + 63) / 64;
     if (nthreads > SPFQ_POOL_MAX) nthreads = SPFQ_POOL_MAX;

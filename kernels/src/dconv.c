@@ -27,7 +27,7 @@
 #include "internal.h"
 
 struct spfq_dc {
-    spfq_dc_geom g;
+    spfq_conv_geom g;
     int32_t n, k, np, one_level; /* np: n rounded up to 16 lanes */
     float *w;                     /* (k, np) weights, 0 for zero codes and padding lanes */
     float *live;                  /* (k, np) 1 where the code is nonzero */
@@ -51,7 +51,7 @@ int spfq_dc_set_clamp(spfq_dc *p, float lo, float hi) {
     return SPFQ_OK;
 }
 
-int spfq_dc_prepare(const spfq_weights_desc *w, const spfq_dc_geom *g, spfq_dc **out) {
+int spfq_dc_prepare(const spfq_weights_desc *w, const spfq_conv_geom *g, spfq_dc **out) {
     if (!w || !g || !out) return SPFQ_EINVAL;
     *out = NULL;
     if (g->channels < 1 || g->channels > SPFQ_DC_MAX_C || g->kh < 1 || g->kw < 1 || g->sh < 1 || g->sw < 1 ||
@@ -217,7 +217,7 @@ DC_KERNEL(dc_avx512, __attribute__((target("avx512f"))), 16)
 static dc_fn dc_kernel(void) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
     const char *isa = spfq_isa();
-    if (!strcmp(isa, "avx512")) return dc_avx512;
+    if (spfq_isa_avx512()) return dc_avx512;
     if (!strcmp(isa, "avx2")) return dc_avx2;
 #endif
     return dc_base;
@@ -253,7 +253,7 @@ static int all_finite(const float *x, size_t n) {
  * the padding). NCHW output goes through a row of NHWC values. */
 static void dc_unit(dc_task *t, int64_t bi, int32_t band, float *row) {
     const spfq_dc *p = t->p;
-    const spfq_dc_geom *g = &p->g;
+    const spfq_conv_geom *g = &p->g;
     const int32_t C = g->channels, k = p->k, taps = g->kh * g->kw;
     const int32_t oh0 = (int32_t)((int64_t)t->OH * band / t->bands), oh1 = (int32_t)((int64_t)t->OH * (band + 1) / t->bands);
     const size_t HW = (size_t)t->H * t->W, OHW = (size_t)t->OH * t->OW;
@@ -344,7 +344,7 @@ static void dc_chunk(void *ctx, int32_t chunk, int32_t nchunks) {
 int spfq_dconv(const spfq_dc *p, int32_t nhwc, int32_t b, int32_t h, int32_t w, const float *x, float *y,
                int32_t nthreads) {
     if (!p || b < 0 || h < 1 || w < 1 || !x || !y) return SPFQ_EINVAL;
-    const spfq_dc_geom *g = &p->g;
+    const spfq_conv_geom *g = &p->g;
     if ((int64_t)g->kh * g->kw > 64) return SPFQ_EUNSUPPORTED;
     const int64_t OH = ((int64_t)h + g->pt + g->pb - (int64_t)g->dh * (g->kh - 1) - 1) / g->sh + 1;
     const int64_t OW = ((int64_t)w + g->pl + g->pr - (int64_t)g->dw * (g->kw - 1) - 1) / g->sw + 1;

@@ -455,7 +455,7 @@ static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
     float *yb = t->y + (size_t)bi * t->OH * t->OW * p->n;
     const float *zero = NULL, **taps = NULL;
 #if defined(__x86_64__)
-    if (!t->int8 && p->lane16 && spfq_dw_rows16_avx512 && !strcmp(spfq_isa(), "avx512")) {
+    if (!t->int8 && p->lane16 && spfq_dw_rows16_avx512 && spfq_isa_avx512()) {
         zero = calloc((size_t)C, sizeof(float));
         taps = malloc((size_t)t->OW * (size_t)p->k * sizeof *taps);
         if (!zero || !taps) {

@@ -36,6 +36,9 @@ struct spfq_prepared {
     int32_t rp_cb, rp_steps, rp_off, rp_mul;
     int32_t clamped;           /* spfq_set_clamp: y = min(max(y, lo), hi) in the epilogue */
     float clamp_lo, clamp_hi;
+    /* x86-64 with AMX: the signed codes in the tile layout of intb_amx.c, built by its first tall
+     * call (NULL until then) */
+    int8_t *_Atomic amx;
 };
 
 /* The fused output clamp (NaN stays NaN; the same expression everywhere it is applied). */
@@ -89,6 +92,16 @@ int spfq_rp_i8_fused_ok_avx2(const struct spfq_prepared *w) __attribute__((weak)
 void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1) __attribute__((weak));
 int spfq_rp_i8_fused_ok_avx512(const struct spfq_prepared *w) __attribute__((weak));
 void spfq_rp_i8_fused_avx512(const spfq_job *j, int32_t n0, int32_t n1) __attribute__((weak));
+
+/* AMX (intb_amx.c): tall calls (m >= SPFQ_AMX_MIN_ROWS) of weights without lam on int8 tiles,
+ * rows zero padded to 64-byte multiples; spfq_amx_available: the CPU has AMX-INT8 and the OS
+ * granted the tile state. */
+#define SPFQ_AMX_MIN_ROWS 16
+int spfq_amx_available(void) __attribute__((weak));
+int spfq_rp_i8_fused_ok_amx(const struct spfq_prepared *w) __attribute__((weak));
+void spfq_rp_i8_fused_amx(const spfq_job *j, int32_t n0, int32_t n1) __attribute__((weak));
+/* api.c: the active ISA is "avx512" or "amx" (AMX adds tiles to the AVX-512 kernels) */
+int spfq_isa_avx512(void);
 
 /* quant.c: spfq_quantize_i8 on rows ldx floats apart, written ldq bytes apart (columns [k, ldq)
  * untouched). */

@@ -325,7 +325,7 @@ static void quant_rows_neon(int32_t m, int32_t k, const float *x, size_t ldx, in
 static quant_rows_fn quant_rows(void) {
     const char *isa = spfq_isa();
 #if defined(__x86_64__)
-    if (!strcmp(isa, "avx512")) return quant_rows_avx512;
+    if (spfq_isa_avx512()) return quant_rows_avx512;
     if (!strcmp(isa, "avx2")) return quant_rows_avx2;
 #endif
 #if defined(__aarch64__)

@@ -507,6 +507,70 @@ static void check_dwconv(int layout, int bits, double sp, int with_lam, int C, i
     free_case(&c);
 }
 
+/* ------------------------------------------------------------------ few-channel conv */
+
+/* spfq_dconv (NCHW and channels last) against im2col + spfq_matmul_f32 of the C oracle:
+ * bit-identical under every ISA (one micro-kernel source per vector width). C = 3 channels,
+ * 3x3 stride 2 pad 1, n outputs (a partial vector at 20). */
+static void check_dconv(int layout, int bits, double sp, int with_lam, int n, const run_cfg *cfgs, int ncfg) {
+    const int C = 3, B = 2, KH = 3, KW = 3, k = C * KH * KW, H = 9, W = 13;
+    const int OH = (H + 2 - 3) / 2 + 1, OW = (W + 2 - 3) / 2 + 1, P = OH * OW;
+    wcase c;
+    make_case(&c, layout, bits, n, k, sp, with_lam, 1);
+    spfq_weights_desc d = {c.layout, c.n, c.k, c.bits, c.wk, c.sign, c.mask, c.planes, c.scale, level_lam(&c), c.bias};
+    spfq_conv_geom g = {C, n, KH, KW, 2, 2, 1, 1, 1, 1, 1, 1};
+    spfq_dc *dc = NULL;
+    spfq_prepared *p = NULL;
+    int rc = spfq_dc_prepare(&d, &g, &dc);
+    report(rc == SPFQ_OK && dc, "spfq_dc_prepare(%s b=%d) = %d", layout_name(layout), bits, rc);
+    rc = spfq_prepare(&d, &p);
+    if (!dc || rc) { spfq_dc_free(dc); spfq_free(p); free_case(&c); return; }
+    float *x = xmalloc((size_t)B * C * H * W * 4), *xl = xmalloc((size_t)B * C * H * W * 4);
+    float *rows = xmalloc((size_t)P * k * 4), *yg = xmalloc((size_t)P * n * 4);
+    float *want = xmalloc((size_t)B * n * P * 4), *got = xmalloc((size_t)B * n * P * 4);
+    for (int i = 0; i < B * C * H * W; i++) x[i] = nrand();
+    for (int b = 0; b < B; b++)
+        for (int ch = 0; ch < C; ch++)
+            for (int i = 0; i < H * W; i++) xl[((size_t)b * H * W + i) * C + ch] = x[((size_t)b * C + ch) * H * W + i];
+    spfq_set_isa("c");
+    for (int b = 0; b < B; b++) { /* im2col rows (oh, ow), columns (c, kh, kw), then the oracle GEMM */
+        for (int q = 0; q < P; q++)
+            for (int ch = 0; ch < C; ch++)
+                for (int kh = 0; kh < KH; kh++)
+                    for (int kw = 0; kw < KW; kw++) {
+                        const int ih = q / OW * 2 - 1 + kh, iw = q % OW * 2 - 1 + kw;
+                        rows[(size_t)q * k + (ch * KH + kh) * KW + kw] =
+                            (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(((size_t)b * C + ch) * H + ih) * W + iw] : 0.0f;
+                    }
+        spfq_matmul_f32(p, P, rows, yg, 1);
+        for (int o = 0; o < n; o++)
+            for (int q = 0; q < P; q++) want[((size_t)b * n + o) * P + q] = yg[(size_t)q * n + o];
+    }
+    for (int t = 0; t < ncfg; t++) {
+        spfq_set_isa(cfgs[t].isa);
+        for (int nhwc = 0; nhwc < 2; nhwc++) {
+            rc = spfq_dconv(dc, nhwc, B, H, W, nhwc ? xl : x, got, cfgs[t].threads);
+            size_t bad = 0;
+            for (int b = 0; b < B && !bad; b++)
+                for (int o = 0; o < n && !bad; o++)
+                    for (int q = 0; q < P; q++) {
+                        const float *gv = nhwc ? &got[((size_t)b * P + q) * n + o] : &got[((size_t)b * n + o) * P + q];
+                        if (memcmp(gv, &want[((size_t)b * n + o) * P + q], 4)) {
+                            bad = 1 + ((size_t)b * n + o) * P + q;
+                            break;
+                        }
+                    }
+            report(rc == SPFQ_OK && !bad, "[dconv %s b=%d sp=%.2f lam=%d n=%d] %s t=%d %s rc=%d at %zu", layout_name(layout),
+                   bits, sp, with_lam, n, cfgs[t].isa, cfgs[t].threads, nhwc ? "nhwc" : "nchw", rc, bad);
+        }
+    }
+    spfq_set_isa("auto");
+    free(x); free(xl); free(rows); free(yg); free(want); free(got);
+    spfq_dc_free(dc);
+    spfq_free(p);
+    free_case(&c);
+}
+
 /* ------------------------------------------------------------------ activation quantisers */
 
 static void check_quantisers(int m, int k) {
@@ -776,7 +840,7 @@ int main(void) {
     }
     char isas[64] = "";
     const char *want = getenv("SPFQ_TEST_ISAS");
-    static const char *all[] = {"c", "avx2", "avx512", "neon"};
+    static const char *all[] = {"c", "avx2", "avx512", "amx", "neon"};
     for (int i = 0; i < (int)(sizeof all / sizeof all[0]); i++) {
         if (want && *want) {
             char list[128];
@@ -846,6 +910,7 @@ int main(void) {
     for (int v = 0; v < nv; v++) {
         check_dwconv(vs[v].layout, vs[v].bits, vs[v].sp, v % 2, 5, 2, cfgs, ncfg);
         check_dwconv(vs[v].layout, vs[v].bits, vs[v].sp, v % 2, 16, 1, cfgs, ncfg);
+        check_dconv(vs[v].layout, vs[v].bits, vs[v].sp, v % 2, v % 3 ? 20 : 32, cfgs, ncfg);
     }
 
     char thl[64] = "";
