@@ -72,6 +72,7 @@ def lib() -> C.CDLL:
             "spfq_dc_free": ([p], None),
             "spfq_dc_set_clamp": ([p, C.c_float, C.c_float], C.c_int),
             "spfq_dconv": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
+            "spfq_conv_nhwc": ([p, C.POINTER(ConvGeom), i32, i32, i32, i32, vp, vp, i32], C.c_int),
         }
         for name, (args, res) in sig.items():
             fn = getattr(so, name)
@@ -241,6 +242,21 @@ class PackedWeights:
         px = self._x(x, np.float32, "x")
         y = np.empty((x.shape[0], self.n), np.float32)
         _ok(lib().spfq_matmul_q8(self._h, x.shape[0], px, y.ctypes.data, threads), "matmul_q8")
+        return y
+
+    def conv_nhwc(self, x: np.ndarray, geom: "ConvGeom", int8: bool, threads: int = 1) -> np.ndarray:
+        """A one-group conv of channels-last x (B, H, W, C) -> (B, OH, OW, N) through this GEMM,
+        im2col rows made per block inside the library (spfq_conv_nhwc)."""
+        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[3] != geom.channels:
+            raise KernelError(f"x must be a 4-D float32 (B, H, W, {geom.channels}) array")
+        B, H, W, _ = x.shape
+        oh = (H + geom.pt + geom.pb - geom.dh * (geom.kh - 1) - 1) // geom.sh + 1
+        ow = (W + geom.pl + geom.pr - geom.dw * (geom.kw - 1) - 1) // geom.sw + 1
+        if oh < 1 or ow < 1:
+            raise KernelError("the input is smaller than the kernel")
+        px = _arr(x, np.float32, x.shape, "x", 4)
+        y = np.empty((B, oh, ow, self.n), np.float32)
+        _ok(lib().spfq_conv_nhwc(self._h, C.byref(geom), int(int8), B, H, W, px, y.ctypes.data, threads), "conv_nhwc")
         return y
 
     def bgemm(self, xbits: np.ndarray, xscale: np.ndarray | None = None, threads: int = 1,

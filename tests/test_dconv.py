@@ -127,3 +127,33 @@ def test_which_layers_are_few_channel():
         K.FewChannelWeights(wide)
     with pytest.raises(K.KernelError, match="3 channels"):
         K.FewChannelWeights(_layer("rgb 3x3 s2", "int4"))(np.zeros((1, 4, 9, 9), np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", ["int4", "ternary", "sign", "int3 lam"])
+@pytest.mark.parametrize("shape", [(8, 24, 3, 1, 1, 1), (6, 20, 3, 2, 1, 2), (32, 40, 5, 1, 2, 1)])
+def test_conv_nhwc_is_im2col_then_the_gemm(isa, kind, shape):
+    """spfq_conv_nhwc (a general one-group conv, channels last: im2col rows made per block inside
+    the library) is bit for bit im2col + the GEMM: int8 rows quantised per patch, and weight-only
+    float as the C oracle sums (under the C ISA, where the float GEMM is the oracle)."""
+    c, n, ks, st, pd, dl = shape
+    alphabet, bits, sparsity, lam, layout = KINDS[kind]
+    conv = {"stride": [st, st], "padding": [pd, pd], "dilation": [dl, dl], "groups": 1, "kernel_size": [ks, ks]}
+    layer = make_layer("conv2d", alphabet, bits, sparsity, 7, shape=(n, c, ks, ks), conv=conv, lam=lam)
+    x = np.random.default_rng(8).standard_normal((3, c, 13, 11)).astype(np.float32)
+    x[0, :, :4] = 0.0  # all-zero patches: xscale 0
+    geom = K.ConvGeom(c, n, ks, ks, st, st, dl, dl, pd, pd, pd, pd)
+    K.set_isa(isa)
+    try:
+        want8 = KernelLayer(layer, layout)(x, "i8").numpy()
+        w = K.PackedWeights.from_layer(layer, layout)
+        w.set_clamp(-0.5, 2.0)
+        got8 = w.conv_nhwc(_last(x), geom, True, threads=3)
+        np.testing.assert_array_equal(got8, _last(np.clip(want8, -0.5, 2.0)))
+        if isa == "c":
+            wantf = KernelLayer(layer, layout)(x, "f32").numpy()
+            np.testing.assert_array_equal(w.conv_nhwc(_last(x), geom, False, threads=2), _last(np.clip(wantf, -0.5, 2.0)))
+        w.set_clamp()  # a clamp changed after the first call reaches the reordered weights too
+        np.testing.assert_array_equal(w.conv_nhwc(_last(x), geom, True), _last(want8))
+    finally:
+        K.set_isa("auto")

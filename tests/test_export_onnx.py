@@ -274,7 +274,7 @@ def test_export_files_checker_and_manifest(mnist_exports):
         assert {o.domain: o.version for o in model.opset_import}[""] == cap.GRAPH_OPSET
         assert not any(n.domain == cap.CAPTURE_DOMAIN for n in model.graph.node)
     custom = onnx.load(out / "model.spfq.onnx")
-    assert {n.op_type for n in custom.graph.node if n.domain == "ai.spfq"} == {"PackedConv", "PackedMatMul"}
+    assert {n.op_type for n in custom.graph.node if n.domain == "ai.spfq"} == {"PackedConv", "PackedMatMul", "MaxPool"}
     packed = {i.name: i for i in custom.graph.initializer if i.name.endswith(".sign")}
     assert packed and all(i.data_type == TensorProto.UINT64 for i in packed.values())
     import hashlib

@@ -100,3 +100,30 @@ def test_non_elementwise_consumers_keep_their_nchw_input(tmp_path):
     assert [(a.name, a.f) for a in conv.attribute if a.name.startswith("clip")] == [("clip_min", 0.0)]
     x = np.random.default_rng(1).standard_normal((2, 3, 5, 5)).astype(np.float32)
     np.testing.assert_array_equal(_run(last, tmp_path, "l.onnx", x)["y"], _run(plain, tmp_path, "p.onnx", x)["y"])
+
+
+@pytest.mark.parametrize("pool", [dict(kernel_shape=[2, 2], strides=[2, 2]),
+                                  dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+                                  dict(kernel_shape=[2, 3], strides=[1, 2], pads=[0, 1, 1, 0], dilations=[2, 1]),
+                                  dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)])
+def test_maxpool_between_convs_runs_channels_last(tmp_path, pool):
+    """conv -> ReLU -> MaxPool -> conv (the MNIST CNN): the pool becomes ai.spfq.MaxPool on the
+    NHWC tensor (no transposes around it), values bit-identical with the NCHW graph; a ceil-mode
+    pool (not supported channels last) keeps its transposes."""
+    layers = {"A": _conv("A", 5, 3, 3, seed=5), "B": _conv("B", 4, 5, 3, seed=6)}
+    nodes = [_marker("A", "x", "a"), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], **pool), _marker("B", "p", "y")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 11, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, "h", "w"])])
+    cm = CompressedModel(layers=layers, float_params={})
+    build, domains = onnx_custom.builder("int8"), {onnx_custom.DOMAIN: 1}
+    plain, _ = onnx_graph.rewrite(helper.make_model(g), cm, build, domains)
+    last, _ = onnx_graph.rewrite(helper.make_model(g), cm, build, domains, onnx_custom.graph_pass)
+    ops = [(n.domain, n.op_type) for n in last.graph.node]
+    if pool.get("ceil_mode"):
+        assert ("", "MaxPool") in ops and ops.count(("", "Transpose")) == 4
+    else:
+        assert ("ai.spfq", "MaxPool") in ops and ops.count(("", "Transpose")) == 2
+    x = np.random.default_rng(2).standard_normal((2, 3, 11, 12)).astype(np.float32)
+    np.testing.assert_array_equal(_run(last, tmp_path, "l.onnx", x)["y"], _run(plain, tmp_path, "p.onnx", x)["y"])
+    onnx.checker.check_model(last)

@@ -138,6 +138,21 @@ void spfq_dc_free(spfq_dc *p);
 int spfq_dconv(const spfq_dc *p, int32_t nhwc, int32_t b, int32_t h, int32_t w, const float *x, float *y,
                int32_t nthreads);
 
+/* A convolution of one group on channels-last input through the GEMM: x (b, h, w, g.channels)
+ * -> y (b, oh, ow, g.outputs), weights as for im2col rows (k = channels * kh * kw in (c, kh, kw)
+ * order). The im2col rows are made per block of rows, in cache, right before the kernel reads
+ * them (never the whole image's). int8: rows quantised per row (= per patch) as spfq_quantize_i8,
+ * else weight-only float; bit-identical with im2col + spfq_matmul_q8 / spfq_matmul_f32. */
+int spfq_conv_nhwc(const spfq_prepared *w, const spfq_conv_geom *g, int32_t int8, int32_t b, int32_t h, int32_t wd,
+                   const float *x, float *y, int32_t nthreads);
+
+/* Max pooling, channels last: x (b, h, w, g.channels) -> y (b, oh, ow, g.channels), y = the
+ * maximum over each window (kh x kw taps, strides, dilations; windows start at -pt / -pl and
+ * are clipped to the image, so a caller's ceil-mode oh / ow work too); padding and NaN inputs
+ * never win (v > m from -inf). g.outputs is ignored. */
+int spfq_maxpool_nhwc(const spfq_conv_geom *g, int32_t b, int32_t h, int32_t w, int32_t oh, int32_t ow, const float *x,
+                      float *y, int32_t nthreads);
+
 /* Compression time (spfq_deploy/compress/path_following.py): the column loop of Gram-form
  * path following over columns [b0, b1) for every row r = (candidate, group, neuron) of
  * Q (cands, groups, rows, d): z = (A[g,i,t] - corr[r,t-b0]) * inv[g,t], q = T(z),
@@ -164,7 +179,9 @@ int spfq_path_following_block(const spfq_pf_desc *p, int32_t b0, int32_t b1, dou
 /* ISA selection: "auto" (default: best the CPU has), "c", "avx2", "avx512" (F/BW/VL/VNNI/
  * VPOPCNTDQ/BITALG + BMI2; the int-b kernels also check VBMI2 and use GFNI when present, else a
  * slower exact path; kernels it lacks fall back to avx2), "amx" (avx512 plus AMX-INT8 tiles for
- * int8 GEMMs of 16 rows or more; Linux must grant the tile state), "neon". Returns SPFQ_OK or
+ * int8 GEMMs of 16 rows or more; Linux must grant the tile state), "neon". "auto" honours the
+ * environment variable SPFQ_ISA when it names one this CPU has (how a benchmark pins an ISA in
+ * a runtime that links the kernels, e.g. the ORT custom-op library). Returns SPFQ_OK or
  * SPFQ_EUNSUPPORTED when the CPU / build lacks it. spfq_isa() names the active one. */
 int spfq_set_isa(const char *name);
 const char *spfq_isa(void);

@@ -12,7 +12,8 @@
 //                   oracle (the few-channel one always weight-only float);
 //   conv_nhwc:      the same with channels last (x (B, H, W, C) -> y (B, OH, OW, N)), the layout
 //                   activations keep between compressed convs: a 1x1 stride-1 conv is the GEMM on
-//                   the input itself, other convs gather their im2col rows from NHWC, depthwise
+//                   the input itself, other one-group convs run spfq_conv_nhwc (im2col rows made
+//                   per block in cache), grouped ones gather their im2col rows from NHWC, depthwise
 //                   layers run spfq_dwconv_nhwc; outputs are bit-identical with conv's, transposed;
 //   Layer:          what a wrapper holds per layer (prepare_layer / free_layer).
 // Errors are thrown as std::runtime_error with a one-line message.
@@ -265,6 +266,14 @@ inline void conv_nhwc(const Layer &layer, bool int8, int64_t k, int64_t n, int64
                            G.PB == 0 && G.PR == 0;
     if (pointwise && groups == 1) {  // the input pixels are the GEMM rows
         gemm(layer.parts[0], int8, m, k, x, y, threads);
+        return;
+    }
+    if (groups == 1) {  // im2col rows made per block inside the kernel library
+        if (B > INT32_MAX || H > INT32_MAX || Wd > INT32_MAX) throw std::runtime_error("conv input too large");
+        auto i32 = [](int64_t v) { return static_cast<int32_t>(v); };
+        const spfq_conv_geom g{i32(C), i32(n), i32(G.KH), i32(G.KW), i32(G.SH), i32(G.SW),
+                               i32(G.DH), i32(G.DW), i32(G.PT), i32(G.PL), i32(G.PB), i32(G.PR)};
+        check(spfq_conv_nhwc(layer.parts[0], &g, int8, i32(B), i32(H), i32(Wd), x, y, threads), "conv_nhwc");
         return;
     }
     thread_local std::vector<float> cols, yg;  // per thread, reused across calls

@@ -1,7 +1,8 @@
 // spfq_ort_ops.cc — the ONNX Runtime custom-op library of spfq-deploy (domain "ai.spfq", v1).
 //
 // Two operators run the packed .spfq weights through the same C kernels as the Python binding
-// (kernels/include/spfq_kernels.h, linked statically into this library):
+// (kernels/include/spfq_kernels.h, linked statically into this library), and a third, MaxPool,
+// pools channels-last activations between them (see PoolKernel):
 //
 //   PackedMatMul(X[..., K], sign?, mask?, planes?, scale[N], lam?, bias?) -> Y[..., N]
 //   PackedConv  (X[B, C, (H,) W], same weight inputs)                    -> Y[B, N, (OH,) OW]
@@ -248,8 +249,76 @@ struct PackedOp : Ort::CustomOpBase<PackedOp<Conv>, PackedKernel, true> {
     ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+// MaxPool(X[B, H, W, C]) -> Y[B, OH, OW, C]: ONNX MaxPool (2-D, ceil_mode 0) with channels last,
+// what export/onnx/layout.py puts between compressed convs instead of Transpose, MaxPool,
+// Transpose. Attributes as ONNX's: kernel_shape, strides, pads, dilations.
+class PoolKernel {
+  public:
+    explicit PoolKernel(const OrtKernelInfo *info) {
+        Ort::ConstKernelInfo ki(info);
+        k_ = ki.GetAttributes<int64_t>("kernel_shape");
+        if (k_.size() != 2) throw Error("MaxPool supports 2-D pooling");
+        s_ = ints_or(ki, "strides", {1, 1});
+        d_ = ints_or(ki, "dilations", {1, 1});
+        p_ = ints_or(ki, "pads", {0, 0, 0, 0});
+        if (s_.size() != 2 || d_.size() != 2 || p_.size() != 4) throw Error("strides / dilations / pads do not match kernel_shape");
+        threads_ = default_threads();
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext *context) {
+        try {
+            Ort::KernelContext ctx(context);
+            Ort::ConstValue xv = ctx.GetInput(0);
+            std::vector<int64_t> s = xv.GetTensorTypeAndShapeInfo().GetShape();
+            if (s.size() != 4) throw Error("input has shape " + shape_str(s) + ", expected (B, H, W, C)");
+            const int64_t OH = (s[1] + p_[0] + p_[2] - d_[0] * (k_[0] - 1) - 1) / s_[0] + 1;
+            const int64_t OW = (s[2] + p_[1] + p_[3] - d_[1] * (k_[1] - 1) - 1) / s_[1] + 1;
+            if (OH < 1 || OW < 1) throw Error("input " + shape_str(s) + " is smaller than the window");
+            for (int64_t v : {s[0], s[1], s[2], s[3], OH, OW})
+                if (v > INT32_MAX) throw Error("input too large");
+            auto i32 = [](int64_t v) { return static_cast<int32_t>(v); };
+            const spfq_conv_geom g{i32(s[3]), i32(s[3]), i32(k_[0]), i32(k_[1]), i32(s_[0]), i32(s_[1]),
+                                   i32(d_[0]), i32(d_[1]), i32(p_[0]), i32(p_[1]), i32(p_[2]), i32(p_[3])};
+            float *y = ctx.GetOutput(0, {s[0], OH, OW, s[3]}).GetTensorMutableData<float>();
+            spfq_layer::check(spfq_maxpool_nhwc(&g, i32(s[0]), i32(s[1]), i32(s[2]), i32(OH), i32(OW),
+                                                xv.GetTensorData<float>(), y, threads_), "maxpool_nhwc");
+            return nullptr;
+        } catch (const std::exception &e) {
+            return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, (std::string("ai.spfq.MaxPool: ") + e.what()).c_str());
+        }
+    }
+
+  private:
+    static std::vector<int64_t> ints_or(Ort::ConstKernelInfo &ki, const char *name, std::vector<int64_t> dflt) {
+        try {
+            return ki.GetAttributes<int64_t>(name);
+        } catch (const Ort::Exception &) {
+            return dflt;
+        }
+    }
+    std::vector<int64_t> k_, s_, d_, p_;
+    int threads_ = 1;
+};
+
+struct PoolOp : Ort::CustomOpBase<PoolOp, PoolKernel, true> {
+    OrtStatusPtr CreateKernelV2(const OrtApi &api, const OrtKernelInfo *info, void **kernel) const {
+        try {
+            *kernel = new PoolKernel(info);
+            return nullptr;
+        } catch (const std::exception &e) {
+            return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string("ai.spfq.MaxPool: ") + e.what()).c_str());
+        }
+    }
+    const char *GetName() const { return "MaxPool"; }
+    size_t GetInputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 PackedOp<false> g_matmul;
 PackedOp<true> g_conv;
+PoolOp g_pool;
 std::mutex g_domains_mu;
 std::vector<Ort::CustomOpDomain> g_domains;  // must outlive every session that uses them
 
@@ -275,6 +344,7 @@ SPFQ_EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options
         Ort::CustomOpDomain domain(kDomain);
         domain.Add(&g_matmul);
         domain.Add(&g_conv);
+        domain.Add(&g_pool);
         Ort::UnownedSessionOptions(options).Add(domain);
         std::lock_guard<std::mutex> lock(g_domains_mu);
         g_domains.push_back(std::move(domain));

@@ -78,7 +78,9 @@ static int cpu_has(const char *isa) {
 
 int spfq_set_isa(const char *name) {
     if (!name) return SPFQ_EINVAL;
-    if (!strcmp(name, "auto")) {
+    if (!strcmp(name, "auto")) { /* SPFQ_ISA pins one the CPU has (benchmarks' A/B runs) */
+        const char *env = getenv("SPFQ_ISA");
+        if (env && *env && strcmp(env, "auto") && spfq_set_isa(env) == SPFQ_OK) return SPFQ_OK;
         active = cpu_has("amx") ? &table_amx : cpu_has("avx512") ? &table_avx512 : cpu_has("avx2") ? &table_avx2
                : cpu_has("neon") ? &table_neon : &table_c;
         return SPFQ_OK;
@@ -171,6 +173,7 @@ void spfq_free(spfq_prepared *p) {
     free(p->scale); free(p->lam); free(p->bias);
     free(p->rp);
     free(p->amx);
+    spfq_free(p->hwc);
     free(p);
 }
 
@@ -248,6 +251,7 @@ int spfq_set_clamp(spfq_prepared *w, float lo, float hi) {
     w->clamp_lo = lo;
     w->clamp_hi = hi;
     w->clamped = !(lo == -INFINITY && hi == INFINITY);
+    if (w->hwc) spfq_set_clamp(w->hwc, lo, hi); /* the reordered copy of spfq_conv_nhwc */
     return SPFQ_OK;
 }
 
@@ -323,7 +327,7 @@ EPI_CLONES static void i8_finish(const spfq_job *j, int32_t n0, int32_t n1, void
  * the integer sums): a fresh malloc of a conv-sized buffer is an mmap whose pages fault in (and
  * are cleared) on every call, which cost as much as the GEMM itself on MobileNetV2's 1x1 convs.
  * Freed when the thread exits. */
-enum { SCRATCH_XQ, SCRATCH_XS, SCRATCH_ACC, SCRATCH_SLOTS };
+enum { SCRATCH_XQ, SCRATCH_XS, SCRATCH_ACC, SCRATCH_ROWS, SCRATCH_SLOTS };
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 typedef struct { void *p[SCRATCH_SLOTS]; size_t cap[SCRATCH_SLOTS]; } scratch_buf;
@@ -358,11 +362,55 @@ static void *scratch(int slot, size_t bytes) {
  * into a cache-resident block, runs the kernel on them, and applies the epilogue while the sums
  * are hot (fused into the kernel where the ISA has one). One pool hand-off per call, not one per
  * row block, and quantisation runs on every thread. */
+/* A convolution's GEMM rows made per block (spfq_conv_nhwc): row (b, oh, ow), columns
+ * (c, kh, kw) as PyTorch flattens the weight, zeros in the padding. */
+typedef struct {
+    spfq_conv_geom g;
+    int32_t H, W, OH, OW, hwc; /* hwc: columns (tap, c) instead (the reordered weights of conv_hwc) */
+    const float *x;            /* (B, H, W, channels) */
+} conv_src;
+
+static void conv_rows(const conv_src *s, int32_t r0, int32_t r, float *dst) {
+    const spfq_conv_geom *g = &s->g;
+    const int32_t C = g->channels, taps = g->kh * g->kw, K = C * taps;
+    for (int32_t i = 0; i < r; i++, dst += K) {
+        const int64_t row = (int64_t)r0 + i, pix = row % ((int64_t)s->OH * s->OW), b = row / ((int64_t)s->OH * s->OW);
+        const int32_t oh = (int32_t)(pix / s->OW), ow = (int32_t)(pix % s->OW);
+        if (s->hwc) { /* columns (tap, c): one channel vector per tap */
+            for (int32_t kh = 0; kh < g->kh; kh++) {
+                const int32_t ih = oh * g->sh - g->pt + kh * g->dh;
+                for (int32_t kw = 0; kw < g->kw; kw++) {
+                    const int32_t iw = ow * g->sw - g->pl + kw * g->dw;
+                    float *d = dst + (size_t)(kh * g->kw + kw) * C;
+                    if (ih < 0 || ih >= s->H || iw < 0 || iw >= s->W)
+                        memset(d, 0, (size_t)C * sizeof(float));
+                    else
+                        memcpy(d, s->x + (((size_t)b * s->H + ih) * s->W + iw) * C, (size_t)C * sizeof(float));
+                }
+            }
+            continue;
+        }
+        for (int32_t kh = 0; kh < g->kh; kh++) {
+            const int32_t ih = oh * g->sh - g->pt + kh * g->dh;
+            for (int32_t kw = 0; kw < g->kw; kw++) {
+                const int32_t iw = ow * g->sw - g->pl + kw * g->dw, t = kh * g->kw + kw;
+                if (ih < 0 || ih >= s->H || iw < 0 || iw >= s->W) {
+                    for (int32_t c = 0; c < C; c++) dst[c * taps + t] = 0.0f;
+                    continue;
+                }
+                const float *px = s->x + (((size_t)b * s->H + ih) * s->W + iw) * C;
+                for (int32_t c = 0; c < C; c++) dst[c * taps + t] = px[c];
+            }
+        }
+    }
+}
+
 typedef struct {
     const spfq_prepared *w;
-    spfq_range_fn fused, fn;      /* fused kernel, else kernel + i8_finish */
-    int32_t m, rows, nparts, units, kp;
-    const float *x;               /* float rows, quantised per unit; or NULL: */
+    spfq_range_fn fused, fn;      /* fused kernel, else kernel + i8_finish (f32: the f32 kernel) */
+    int32_t m, rows, nparts, units, kp, f32;
+    const conv_src *conv;         /* float rows made per unit from a conv input; or */
+    const float *x;               /* float rows (quantised per unit unless f32); or NULL: */
     const int8_t *xq;             /* int8 rows (row stride xq_ld) and their scales */
     const float *xscale;
     size_t xq_ld;
@@ -387,18 +435,35 @@ static void tall_unit(tall_task *t, int32_t u) {
     const int32_t n0 = (int32_t)((int64_t)blocks * part / t->nparts) * 64;
     const int32_t n1b = (int32_t)((int64_t)blocks * (part + 1) / t->nparts) * 64, n1 = n1b < N ? n1b : N;
     if (n0 >= n1 || r <= 0) return;
-    const int8_t *xq;
-    const float *xs;
-    const size_t kp = (size_t)t->kp;
-    if (t->x || (t->xq_ld != kp)) { /* quantise, or copy to the padded stride */
-        int8_t *buf = scratch(SCRATCH_XQ, (size_t)r * kp);
-        float *sb = t->x ? scratch(SCRATCH_XS, (size_t)r * sizeof(float)) : NULL;
-        if (!buf || (t->x && !sb)) {
+    const float *rows = t->x ? t->x + (size_t)r0 * K : NULL;
+    if (t->conv) {
+        float *buf = scratch(SCRATCH_ROWS, (size_t)r * (size_t)K * sizeof(float));
+        if (!buf) {
             atomic_store(&t->failed, 1);
             return;
         }
-        if (t->x) {
-            spfq_quant_rows(r, K, t->x + (size_t)r0 * K, (size_t)K, buf, kp, sb);
+        conv_rows(t->conv, r0, r, buf);
+        rows = buf;
+    }
+    float *y = t->y + (size_t)r0 * N;
+    if (t->f32) {
+        spfq_job job = {.w = w, .m = r, .x = rows, .y = y};
+        t->fn(&job, n0, n1);
+        if (w->clamped) f32_finish(&job, n0, n1, NULL);
+        return;
+    }
+    const int8_t *xq;
+    const float *xs;
+    const size_t kp = (size_t)t->kp;
+    if (rows || (t->xq_ld != kp)) { /* quantise, or copy to the padded stride */
+        int8_t *buf = scratch(SCRATCH_XQ, (size_t)r * kp);
+        float *sb = rows ? scratch(SCRATCH_XS, (size_t)r * sizeof(float)) : NULL;
+        if (!buf || (rows && !sb)) {
+            atomic_store(&t->failed, 1);
+            return;
+        }
+        if (rows) {
+            spfq_quant_rows(r, K, rows, (size_t)K, buf, kp, sb);
             xs = sb;
         } else {
             for (int32_t i = 0; i < r; i++) memcpy(buf + (size_t)i * kp, t->xq + (size_t)(r0 + i) * t->xq_ld, (size_t)K);
@@ -411,7 +476,6 @@ static void tall_unit(tall_task *t, int32_t u) {
         xq = t->xq + (size_t)r0 * kp;
         xs = t->xscale + r0;
     }
-    float *y = t->y + (size_t)r0 * N;
     if (t->fused) {
         spfq_job job = {.w = w, .m = r, .xq = xq, .xscale = xs, .y = y, .xstride = (int32_t)kp};
         t->fused(&job, n0, n1);
@@ -451,13 +515,14 @@ static spfq_range_fn fused_kernel(const spfq_prepared *w, int32_t m) {
     return NULL;
 }
 
-/* x (float) or xq + xscale (int8) -> y through the row-block driver. */
+/* x (float) or xq + xscale (int8) or a conv's input -> y through the row-block driver; f32:
+ * weight-only (x or conv). */
 static int tall_run(const spfq_prepared *w, int32_t m, const float *x, const int8_t *xq, const float *xscale,
-                    float *y, int32_t nthreads) {
+                    const conv_src *conv, int f32, float *y, int32_t nthreads) {
     const int L = w->d.layout;
-    tall_task t = {.w = w, .m = m, .x = x, .xq = xq, .xscale = xscale, .y = y};
-    t.fused = fused_kernel(w, m);
-    t.fn = t.fused ? NULL : FIND(i8[L]);
+    tall_task t = {.w = w, .m = m, .x = x, .xq = xq, .xscale = xscale, .conv = conv, .f32 = f32, .y = y};
+    t.fused = f32 ? NULL : fused_kernel(w, m);
+    t.fn = t.fused ? NULL : f32 ? FIND(f32[L]) : FIND(i8[L]);
     if (!t.fused && !t.fn) return SPFQ_EUNSUPPORTED;
     t.kp = tall_kp(w, t.fused);
     t.xq_ld = (size_t)w->d.k;
@@ -477,7 +542,7 @@ static int tall_run(const spfq_prepared *w, int32_t m, const float *x, const int
     t.units = rblocks * nparts;
     int8_t *own = NULL;
     float *own_s = NULL;
-    if (x && nparts > 1) { /* quantise once, not once per part */
+    if (x && !f32 && nparts > 1) { /* quantise once, not once per part */
         own = malloc((size_t)m * (size_t)w->d.k + 1);
         own_s = malloc((size_t)m * sizeof(float) + 1);
         if (!own || !own_s) {
@@ -500,13 +565,104 @@ int spfq_matmul_i8(const spfq_prepared *w, int32_t m, const int8_t *xq, const fl
                    float *y, int32_t nthreads) {
     if (check(w, m) || !xq || !xscale || !y) return SPFQ_EINVAL;
     if (!FIND(i8[w->d.layout])) return SPFQ_EUNSUPPORTED;
-    return m ? tall_run(w, m, NULL, xq, xscale, y, nthreads) : SPFQ_OK;
+    return m ? tall_run(w, m, NULL, xq, xscale, NULL, 0, y, nthreads) : SPFQ_OK;
 }
 
 int spfq_matmul_q8(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads) {
     if (check(w, m) || !x || !y) return SPFQ_EINVAL;
     if (!FIND(i8[w->d.layout])) return SPFQ_EUNSUPPORTED;
-    return m ? tall_run(w, m, x, NULL, NULL, y, nthreads) : SPFQ_OK;
+    return m ? tall_run(w, m, x, NULL, NULL, NULL, 0, y, nthreads) : SPFQ_OK;
+}
+
+/* Codes of one row (K int8 values) into the packed words of layout SIGN / SIGN_MASK / PLANES
+ * (the .spfq conventions of spfq_kernels.h; rows of W words, planes `ps` words apart). */
+static void encode_row(int layout, int bits, const int8_t *c, int32_t K, int32_t W, uint64_t *sign, uint64_t *mask,
+                       uint64_t *planes, size_t ps) {
+    for (int32_t i = 0; i < W; i++) {
+        if (sign) sign[i] = 0;
+        if (mask) mask[i] = 0;
+        for (int p = 0; planes && p < bits; p++) planes[(size_t)p * ps + i] = 0;
+    }
+    for (int32_t k = 0; k < K; k++) {
+        const uint64_t bit = 1ull << (k % 64);
+        const int32_t i = k / 64;
+        if (layout == SPFQ_PLANES) {
+            const unsigned u = (unsigned)(c[k] + (1 << (bits - 1)));
+            for (int p = 0; p < bits; p++)
+                if ((u >> p) & 1u) planes[(size_t)p * ps + i] |= bit;
+            continue;
+        }
+        if (c[k] < 0) sign[i] |= bit;
+        if (mask && c[k] != 0) mask[i] |= bit;
+    }
+}
+
+/* w with its columns (c, tap) reordered to (tap, c) for C input channels (cached in w->hwc), or
+ * NULL (SPARSE weights, no memory: the caller keeps the (c, tap) rows). */
+static pthread_mutex_t hwc_mu = PTHREAD_MUTEX_INITIALIZER;
+static const spfq_prepared *conv_hwc(const spfq_prepared *cw, int32_t C) {
+    spfq_prepared *w = (spfq_prepared *)cw; /* a cache, not part of the weights' value */
+    spfq_prepared *have = atomic_load_explicit(&w->hwc, memory_order_acquire);
+    if (have) return w->hwc_c == C ? have : NULL;
+    const int L = w->d.layout;
+    if (L == SPFQ_SPARSE) return NULL;
+    pthread_mutex_lock(&hwc_mu);
+    if (!w->hwc) {
+        const int32_t N = w->d.n, K = w->d.k, W = w->words, taps = K / C;
+        const int bits = L == SPFQ_PLANES ? w->d.bits : 0;
+        int8_t *c = malloc((size_t)K), *p = malloc((size_t)K);
+        uint64_t *sign = L != SPFQ_PLANES ? calloc((size_t)N * W, 8) : NULL;
+        uint64_t *mask = L == SPFQ_SIGN_MASK ? calloc((size_t)N * W, 8) : NULL;
+        uint64_t *planes = L == SPFQ_PLANES ? calloc((size_t)bits * N * W, 8) : NULL;
+        spfq_prepared *out = NULL;
+        if (c && p && (L == SPFQ_PLANES ? planes != NULL : sign != NULL) && (L != SPFQ_SIGN_MASK || mask)) {
+            for (int32_t n = 0; n < N; n++) {
+                if (L == SPFQ_PLANES)
+                    spfq_int_row_codes(w, n, c);
+                else
+                    spfq_sign_row_codes(w, n, c);
+                for (int32_t ch = 0; ch < C; ch++)
+                    for (int32_t t = 0; t < taps; t++) p[t * C + ch] = c[ch * taps + t];
+                encode_row(L, bits, p, K, W, sign ? sign + (size_t)n * W : NULL, mask ? mask + (size_t)n * W : NULL,
+                           planes ? planes + (size_t)n * W : NULL, (size_t)N * W);
+            }
+            spfq_weights_desc d = w->d;
+            d.sign = sign;
+            d.mask = mask;
+            d.planes = planes;
+            if (spfq_prepare(&d, &out) == SPFQ_OK) {
+                spfq_set_clamp(out, w->clamp_lo, w->clamp_hi);
+                w->hwc_c = C;
+                atomic_store_explicit(&w->hwc, out, memory_order_release);
+            }
+        }
+        free(c);
+        free(p);
+        free(sign);
+        free(mask);
+        free(planes);
+    }
+    pthread_mutex_unlock(&hwc_mu);
+    return w->hwc_c == C ? w->hwc : NULL;
+}
+
+int spfq_conv_nhwc(const spfq_prepared *w, const spfq_conv_geom *g, int32_t int8, int32_t b, int32_t h, int32_t wd,
+                   const float *x, float *y, int32_t nthreads) {
+    if (check(w, b) || !g || !x || !y || h < 1 || wd < 1) return SPFQ_EINVAL;
+    if (g->channels < 1 || g->kh < 1 || g->kw < 1 || g->sh < 1 || g->sw < 1 || g->dh < 1 || g->dw < 1 || g->pt < 0 ||
+        g->pl < 0 || g->pb < 0 || g->pr < 0 || g->outputs != w->d.n || (int64_t)g->channels * g->kh * g->kw != w->d.k)
+        return SPFQ_EINVAL;
+    const int64_t OH = ((int64_t)h + g->pt + g->pb - (int64_t)g->dh * (g->kh - 1) - 1) / g->sh + 1;
+    const int64_t OW = ((int64_t)wd + g->pl + g->pr - (int64_t)g->dw * (g->kw - 1) - 1) / g->sw + 1;
+    if (OH < 1 || OW < 1 || (int64_t)b * OH * OW > INT32_MAX) return SPFQ_EINVAL;
+    if (!FIND(i8[w->d.layout]) || !FIND(f32[w->d.layout])) return SPFQ_EUNSUPPORTED;
+    const int32_t m = (int32_t)((int64_t)b * OH * OW);
+    if (!m) return SPFQ_OK;
+    /* int8: exact integer sums in any column order, so the rows are gathered a channel vector
+     * per tap against weights reordered to match; weight-only float keeps the oracle's order */
+    const spfq_prepared *hw = int8 && g->kh * g->kw > 1 ? conv_hwc(w, g->channels) : NULL;
+    const conv_src src = {*g, h, wd, (int32_t)OH, (int32_t)OW, hw != NULL, x};
+    return tall_run(hw ? hw : w, m, NULL, NULL, NULL, &src, !int8, y, nthreads);
 }
 
 typedef struct { const float *xscale; float *y; uint64_t *ybits; } b_epilogue;

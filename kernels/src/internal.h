@@ -39,6 +39,11 @@ struct spfq_prepared {
     /* x86-64 with AMX: the signed codes in the tile layout of intb_amx.c, built by its first tall
      * call (NULL until then) */
     int8_t *_Atomic amx;
+    /* spfq_conv_nhwc (int8): the same weights with columns (c, tap) reordered to (tap, c), so
+     * the conv's GEMM rows are whole channel vectors per tap (api.c; built by its first call
+     * with hwc_c input channels; NULL until then) */
+    struct spfq_prepared *_Atomic hwc;
+    int32_t hwc_c;
 };
 
 /* The fused output clamp (NaN stays NaN; the same expression everywhere it is applied). */

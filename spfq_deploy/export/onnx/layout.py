@@ -8,11 +8,12 @@ lie, depthwise convs keep channels in vector lanes), but ONNX Conv semantics are
    for the NCHW values (new NHWC tensors are named ``<tensor>:nhwc``);
 2. moves each to-NCHW Transpose forward through layout-agnostic elementwise nodes (ReLU,
    Clip, HardSwish, SiLU's Sigmoid + Mul, the residual Add, PRelu with its slope permuted),
-   when every other input is a constant or carries the same Transpose;
+   when every other input is a constant or carries the same Transpose, and through 2-D
+   MaxPool, which becomes the custom domain's channels-last MaxPool;
 3. cancels Transpose pairs that compose to the identity, and drops nodes nothing reads.
 
-What is left are transposes at the model's edges and around ops that need NCHW (pooling,
-Flatten, a float conv). Values are unchanged: only where the data lies moves.
+What is left are transposes at the model's edges and around ops that need NCHW (average
+pooling, Flatten, a float conv). Values are unchanged: only where the data lies moves.
 """
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ def channels_last(model: onnx.ModelProto, conv_op: str, domain: str) -> int:
                     del nodes[i]
                     changed = True
                     break
+            if _nhwc_pool(n, perm_of, domain) and n.input[0] not in protected:
+                y = n.output[0]
+                y_last = fresh(y)
+                attrs = [a for a in n.attribute if a.name in POOL_ATTRS]
+                pool = helper.make_node("MaxPool", [producer[n.input[0]].input[0]], [y_last], name=n.name, domain=domain)
+                pool.attribute.extend(attrs)
+                nodes[i:i + 1] = [pool, transpose(y_last, y, TO_FIRST[4])]
+                changed = True
+                break
             if n.domain or n.op_type not in UNARY | BINARY or len(n.output) != 1:
                 continue
             data = [t for t in n.input if t and t not in consts]
@@ -134,6 +144,19 @@ def channels_last(model: onnx.ModelProto, conv_op: str, domain: str) -> int:
     del g.initializer[:]
     g.initializer.extend(keep_inits)
     return sum(n.op_type == "Transpose" for n in nodes)
+
+
+POOL_ATTRS = ("kernel_shape", "strides", "pads", "dilations")
+
+
+def _nhwc_pool(n: onnx.NodeProto, perm_of, domain: str) -> bool:
+    """A 2-D ONNX MaxPool (floor mode, explicit pads, no indices) reading a to-NCHW Transpose:
+    it becomes the custom domain's channels-last MaxPool (kernels/ort/spfq_ort_ops.cc)."""
+    if n.op_type != "MaxPool" or n.domain or len(n.output) != 1 or perm_of(n.input[0]) != TO_FIRST[4]:
+        return False
+    a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+    auto = a.get("auto_pad", b"NOTSET")
+    return len(a.get("kernel_shape", [])) == 2 and not a.get("ceil_mode", 0) and auto in (b"NOTSET", "NOTSET")
 
 
 def _permuted_const(g, consts, name: str, perm: list[int], broadcast: bool, fresh) -> str | None:
