@@ -25,6 +25,12 @@ class KernelError(ValueError):
     """A bad argument to a kernel (dtype, shape, alignment) or a status the library returned."""
 
 
+class Act(C.Structure):
+    """spfq_act: float rows, or int8 rows with one scale per row, in and out of a call."""
+    _fields_ = [("x", C.c_void_p), ("xq", C.c_void_p), ("xscale", C.c_void_p), ("y", C.c_void_p),
+                ("yq", C.c_void_p), ("yscale", C.c_void_p)]
+
+
 class WeightsDesc(C.Structure):
     _fields_ = [("layout", C.c_int32), ("n", C.c_int32), ("k", C.c_int32), ("bits", C.c_int32),
                 ("kept_words", C.c_int32), ("sign", C.c_void_p), ("mask", C.c_void_p),
@@ -56,6 +62,8 @@ def lib() -> C.CDLL:
             "spfq_matmul_i8_raw": ([p, i32, vp, vp, vp, i32], C.c_int),
             "spfq_matmul_i8": ([p, i32, vp, vp, vp, i32], C.c_int),
             "spfq_matmul_q8": ([p, i32, vp, vp, i32], C.c_int),
+            "spfq_matmul_act": ([p, i32, C.POINTER(Act), i32], C.c_int),
+            "spfq_dwconv_nhwc_act": ([p, i32, i32, i32, C.POINTER(Act), i32], C.c_int),
             "spfq_bgemm": ([p, i32, vp, vp, vp, vp, vp, i32], C.c_int),
             "spfq_quantize_i8": ([i32, i32, vp, vp, vp], C.c_int),
             "spfq_binarize": ([i32, i32, vp, vp, vp], C.c_int),
@@ -178,6 +186,28 @@ def _weights_desc(layout: str, n: int, k: int, buffers: dict, scale, lam, bias, 
     return d, keep
 
 
+def _act_in(a: "Act", x, check) -> tuple[int, list]:
+    """Set a's input side from float x (M, K) or (xq, xscale); (rows, arrays to keep alive)."""
+    if isinstance(x, tuple):
+        xq, xs = x
+        a.xq = check(xq, np.int8, "xq")
+        a.xscale = _arr(xs, np.float32, (xq.shape[0],), "xscale", 4)
+        return xq.shape[0], [xq, xs]
+    a.x = check(x, np.float32, "x")
+    return x.shape[0], [x]
+
+
+def _act_out(a: "Act", m: int, n: int, q8: bool):
+    """Allocate and set a's output side: y (m, n), or (yq, yscale)."""
+    if not q8:
+        y = np.empty((m, n), np.float32)
+        a.y = y.ctypes.data
+        return y
+    yq, ys = np.empty((m, n), np.int8), np.empty(m, np.float32)
+    a.yq, a.yscale = yq.ctypes.data, ys.ctypes.data
+    return yq, ys
+
+
 class PackedWeights:
     """A layer's packed weights handed to the kernels once (they keep their own copy)."""
 
@@ -242,6 +272,15 @@ class PackedWeights:
         px = self._x(x, np.float32, "x")
         y = np.empty((x.shape[0], self.n), np.float32)
         _ok(lib().spfq_matmul_q8(self._h, x.shape[0], px, y.ctypes.data, threads), "matmul_q8")
+        return y
+
+    def matmul_act(self, x: np.ndarray | tuple, q8_out: bool = False, threads: int = 1):
+        """x: float32 (M, K), or (xq int8 (M, K), xscale float32 (M,)); returns y float32 (M, N),
+        or (yq int8 (M, N), yscale (M,)) quantised per row in the epilogue (spfq_matmul_act)."""
+        a = Act()
+        keep = _act_in(a, x, self._x)
+        y = _act_out(a, keep[0], self.n, q8_out)
+        _ok(lib().spfq_matmul_act(self._h, keep[0], C.byref(a), threads), "matmul_act")
         return y
 
     def conv_nhwc(self, x: np.ndarray, geom: "ConvGeom", int8: bool, threads: int = 1) -> np.ndarray:
@@ -424,6 +463,30 @@ class FewChannelWeights:
         y = np.empty((x.shape[0], *out, self.n) if channels_last else (x.shape[0], self.n, *out), np.float32)
         _ok(lib().spfq_dconv(self._h, int(channels_last), x.shape[0], H, W, px, y.ctypes.data, threads), "dconv")
         return y
+
+
+def dwconv_pixel_int8(dw: "DepthwiseWeights", x, shape, q8_out: bool = False, threads: int = 1):
+    """A depthwise layer with int8-per-pixel activations (spfq_dwconv_nhwc_act), channels last:
+    x float32 (B, H, W, C), or (xq int8 (B, H, W, C), xscale float32 (B, H, W)); shape = (B, H, W).
+    Returns y float32 (B, OH, OW, N) or (yq int8 (B, OH, OW, N), yscale (B, OH, OW))."""
+    B, H, W = shape
+    C_ = dw.channels
+    g = dw.geom
+    oh = (H + g.pt + g.pb - g.dh * (g.kh - 1) - 1) // g.sh + 1
+    ow = (W + g.pl + g.pr - g.dw * (g.kw - 1) - 1) // g.sw + 1
+    if oh < 1 or ow < 1:
+        raise KernelError("the input is smaller than the kernel")
+    a = Act()
+    if isinstance(x, tuple):
+        a.xq = _arr(x[0], np.int8, (B, H, W, C_), "xq", 1)
+        a.xscale = _arr(x[1], np.float32, (B, H, W), "xscale", 4)
+    else:
+        a.x = _arr(x, np.float32, (B, H, W, C_), "x", 4)
+    y = _act_out(a, B * oh * ow, dw.n, q8_out)
+    _ok(lib().spfq_dwconv_nhwc_act(dw._h, B, H, W, C.byref(a), threads), "dwconv_nhwc_act")
+    if q8_out:
+        return y[0].reshape(B, oh, ow, dw.n), y[1].reshape(B, oh, ow)
+    return y.reshape(B, oh, ow, dw.n)
 
 
 def quantize_i8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

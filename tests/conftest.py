@@ -1,7 +1,13 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
 import torch
+
+# the kernels run calls below 2^20 multiply-adds on one thread (kernels/src/pool.c); the tests'
+# small shapes must still exercise the split over threads they ask for
+os.environ.setdefault("SPFQ_PARALLEL_MIN_WORK", "0")
 
 
 @pytest.fixture()

@@ -75,6 +75,24 @@ int spfq_matmul_i8_raw(const spfq_prepared *w, int32_t m, const int8_t *xq, int3
                        int32_t *acc_s, int32_t nthreads);
 int spfq_matmul_i8(const spfq_prepared *w, int32_t m, const int8_t *xq, const float *xscale,
                    float *y, int32_t nthreads);
+/* The activations of a call: float rows (x in, y out), or rows quantised to int8 per row with
+ * their scales (xq + xscale in, yq + yscale out) exactly as spfq_quantize_i8 makes them from the
+ * float rows. Exactly one of each side is set. */
+typedef struct {
+    const float *x;
+    const int8_t *xq;
+    const float *xscale;
+    float *y;
+    int8_t *yq;
+    float *yscale;
+} spfq_act;
+
+/* spfq_matmul_q8 (float x) or spfq_matmul_i8 (xq, xscale), the output either float or quantised
+ * per row: bit for bit spfq_quantize_i8 of the float result, i.e. the next layer's own input
+ * quantisation, done in this call's epilogue while the rows are in cache (graph edges between
+ * compressed layers then carry int8 + one scale per row instead of floats). */
+int spfq_matmul_act(const spfq_prepared *w, int32_t m, const spfq_act *a, int32_t nthreads);
+
 /* spfq_quantize_i8 of x (M, K) then spfq_matmul_i8, in one call and bit-identical with them: rows
  * are quantised in cache-sized blocks on the call's threads, right before the kernel reads them. */
 int spfq_matmul_q8(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads);
@@ -152,6 +170,15 @@ int spfq_conv_nhwc(const spfq_prepared *w, const spfq_conv_geom *g, int32_t int8
  * never win (v > m from -inf). g.outputs is ignored. */
 int spfq_maxpool_nhwc(const spfq_conv_geom *g, int32_t b, int32_t h, int32_t w, int32_t oh, int32_t ow, const float *x,
                       float *y, int32_t nthreads);
+
+/* Depthwise, channels last, with the input in int8 per pixel: the pixel rows (channels) quantised
+ * as spfq_quantize_i8 (a->x) or given so (a->xq, a->xscale: one scale per pixel) are dequantised
+ * as xscale * (float)q and run through the weight-only float kernel (bit-identical with
+ * spfq_dwconv_nhwc, int8 0, on those values); the output is float (a->y) or quantised per pixel
+ * (a->yq, a->yscale, as spfq_quantize_i8 of the float output). This is how int8 exports run
+ * depthwise layers ("int8-pixel"): a per-patch quantisation would quantise every input once per
+ * tap, a per-pixel one is what the 1x1 conv before it can write and the one after it reads. */
+int spfq_dwconv_nhwc_act(const spfq_dw *p, int32_t b, int32_t h, int32_t w, const spfq_act *a, int32_t nthreads);
 
 /* Compression time (spfq_deploy/compress/path_following.py): the column loop of Gram-form
  * path following over columns [b0, b1) for every row r = (candidate, group, neuron) of

@@ -227,6 +227,7 @@ static void run_slice(void *arg, int32_t t, int32_t nt) {
 static int parallel(spfq_range_fn fn, const spfq_job *job, int32_t nthreads,
                     void (*after)(const spfq_job *, int32_t, int32_t, void *), void *ctx) {
     const int32_t blocks = (job->w->d.n + 63) / 64;
+    nthreads = spfq_threads_for((int64_t)job->m * job->w->d.k * job->w->d.n, nthreads);
     if (nthreads > SPFQ_POOL_MAX) nthreads = SPFQ_POOL_MAX;
     /* fewer 64-row blocks than 4 per thread (a conv's pixels x a few output channels): the
      * activation rows are split too, into parts of at least 64 rows */
@@ -327,7 +328,7 @@ EPI_CLONES static void i8_finish(const spfq_job *j, int32_t n0, int32_t n1, void
  * the integer sums): a fresh malloc of a conv-sized buffer is an mmap whose pages fault in (and
  * are cleared) on every call, which cost as much as the GEMM itself on MobileNetV2's 1x1 convs.
  * Freed when the thread exits. */
-enum { SCRATCH_XQ, SCRATCH_XS, SCRATCH_ACC, SCRATCH_ROWS, SCRATCH_SLOTS };
+enum { SCRATCH_XQ, SCRATCH_XS, SCRATCH_ACC, SCRATCH_ROWS, SCRATCH_Y, SCRATCH_SLOTS };
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 typedef struct { void *p[SCRATCH_SLOTS]; size_t cap[SCRATCH_SLOTS]; } scratch_buf;
@@ -414,7 +415,9 @@ typedef struct {
     const int8_t *xq;             /* int8 rows (row stride xq_ld) and their scales */
     const float *xscale;
     size_t xq_ld;
-    float *y;
+    float *y;                     /* float outputs; or NULL: */
+    int8_t *yq;                   /* outputs quantised per row (whole rows: nparts == 1) */
+    float *yscale;
     _Atomic int failed;
 } tall_task;
 
@@ -426,6 +429,8 @@ static int32_t tall_kp(const spfq_prepared *w, spfq_range_fn fused) {
     const int32_t kstep = 4 * (8 / w->rp_cb);
     return w->rp_steps * kstep;
 }
+
+static void tall_unfused(tall_task *t, int32_t r, const int8_t *xq, const float *xs, float *y, int32_t n0, int32_t n1);
 
 static void tall_unit(tall_task *t, int32_t u) {
     const spfq_prepared *w = t->w;
@@ -445,11 +450,16 @@ static void tall_unit(tall_task *t, int32_t u) {
         conv_rows(t->conv, r0, r, buf);
         rows = buf;
     }
-    float *y = t->y + (size_t)r0 * N;
+    float *y = t->y ? t->y + (size_t)r0 * N : scratch(SCRATCH_Y, (size_t)r * (size_t)N * sizeof(float));
+    if (!y) {
+        atomic_store(&t->failed, 1);
+        return;
+    }
     if (t->f32) {
         spfq_job job = {.w = w, .m = r, .x = rows, .y = y};
         t->fn(&job, n0, n1);
         if (w->clamped) f32_finish(&job, n0, n1, NULL);
+        if (t->yq) spfq_quant_rows(r, N, y, (size_t)N, t->yq + (size_t)r0 * N, (size_t)N, t->yscale + r0);
         return;
     }
     const int8_t *xq;
@@ -479,8 +489,18 @@ static void tall_unit(tall_task *t, int32_t u) {
     if (t->fused) {
         spfq_job job = {.w = w, .m = r, .xq = xq, .xscale = xs, .y = y, .xstride = (int32_t)kp};
         t->fused(&job, n0, n1);
-        return;
+    } else {
+        tall_unfused(t, r, xq, xs, y, n0, n1);
+        if (atomic_load(&t->failed)) return;
     }
+    if (t->yq) /* the next layer's quantisation of these rows, while they are in cache */
+        spfq_quant_rows(r, N, y, (size_t)N, t->yq + (size_t)r0 * N, (size_t)N, t->yscale + r0);
+}
+
+/* The unfused integer kernel then i8_finish, on the sums of a unit's rows. */
+static void tall_unfused(tall_task *t, int32_t r, const int8_t *xq, const float *xs, float *y, int32_t n0, int32_t n1) {
+    const spfq_prepared *w = t->w;
+    const int32_t N = w->d.n;
     const int L = w->d.layout, two = (L == SPFQ_PLANES || L == SPFQ_SPARSE);
     const int need_s = !two || w->d.lam != NULL; /* int layouts without lam: acc_c only */
     const size_t cells = (size_t)r * (size_t)N;
@@ -518,9 +538,10 @@ static spfq_range_fn fused_kernel(const spfq_prepared *w, int32_t m) {
 /* x (float) or xq + xscale (int8) or a conv's input -> y through the row-block driver; f32:
  * weight-only (x or conv). */
 static int tall_run(const spfq_prepared *w, int32_t m, const float *x, const int8_t *xq, const float *xscale,
-                    const conv_src *conv, int f32, float *y, int32_t nthreads) {
+                    const conv_src *conv, int f32, float *y, int8_t *yq, float *yscale, int32_t nthreads) {
     const int L = w->d.layout;
-    tall_task t = {.w = w, .m = m, .x = x, .xq = xq, .xscale = xscale, .conv = conv, .f32 = f32, .y = y};
+    tall_task t = {.w = w, .m = m, .x = x, .xq = xq, .xscale = xscale, .conv = conv, .f32 = f32, .y = y,
+                   .yq = yq, .yscale = yscale};
     t.fused = f32 ? NULL : fused_kernel(w, m);
     t.fn = t.fused ? NULL : f32 ? FIND(f32[L]) : FIND(i8[L]);
     if (!t.fused && !t.fn) return SPFQ_EUNSUPPORTED;
@@ -533,8 +554,9 @@ static int tall_run(const spfq_prepared *w, int32_t m, const float *x, const int
     t.rows = rows;
     const int32_t rblocks = (m + rows - 1) / rows, blocks = (w->d.n + 63) / 64;
     if (nthreads > SPFQ_POOL_MAX) nthreads = SPFQ_POOL_MAX;
+    nthreads = spfq_threads_for((int64_t)m * w->d.k * w->d.n, nthreads);
     int32_t nparts = 1; /* few row blocks: split the outputs too, so that every thread has work */
-    if (nthreads > 1 && rblocks < 4 * nthreads) {
+    if (nthreads > 1 && rblocks < 4 * nthreads && !yq) { /* (quantised outputs need whole rows) */
         nparts = (4 * nthreads + rblocks - 1) / rblocks;
         if (nparts > blocks) nparts = blocks;
     }
@@ -565,13 +587,25 @@ int spfq_matmul_i8(const spfq_prepared *w, int32_t m, const int8_t *xq, const fl
                    float *y, int32_t nthreads) {
     if (check(w, m) || !xq || !xscale || !y) return SPFQ_EINVAL;
     if (!FIND(i8[w->d.layout])) return SPFQ_EUNSUPPORTED;
-    return m ? tall_run(w, m, NULL, xq, xscale, NULL, 0, y, nthreads) : SPFQ_OK;
+    return m ? tall_run(w, m, NULL, xq, xscale, NULL, 0, y, NULL, NULL, nthreads) : SPFQ_OK;
 }
 
 int spfq_matmul_q8(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads) {
     if (check(w, m) || !x || !y) return SPFQ_EINVAL;
     if (!FIND(i8[w->d.layout])) return SPFQ_EUNSUPPORTED;
-    return m ? tall_run(w, m, x, NULL, NULL, NULL, 0, y, nthreads) : SPFQ_OK;
+    return m ? tall_run(w, m, x, NULL, NULL, NULL, 0, y, NULL, NULL, nthreads) : SPFQ_OK;
+}
+
+/* One of x / (xq, xscale) and one of y / (yq, yscale), or NULL. */
+static int act_ok(const spfq_act *a) {
+    return a && (!a->x != !(a->xq && a->xscale)) && !(a->x && (a->xq || a->xscale)) &&
+           (!a->y != !(a->yq && a->yscale)) && !(a->y && (a->yq || a->yscale));
+}
+
+int spfq_matmul_act(const spfq_prepared *w, int32_t m, const spfq_act *a, int32_t nthreads) {
+    if (check(w, m) || !act_ok(a)) return SPFQ_EINVAL;
+    if (!FIND(i8[w->d.layout])) return SPFQ_EUNSUPPORTED;
+    return m ? tall_run(w, m, a->x, a->xq, a->xscale, NULL, 0, a->y, a->yq, a->yscale, nthreads) : SPFQ_OK;
 }
 
 /* Codes of one row (K int8 values) into the packed words of layout SIGN / SIGN_MASK / PLANES
@@ -662,7 +696,7 @@ int spfq_conv_nhwc(const spfq_prepared *w, const spfq_conv_geom *g, int32_t int8
      * per tap against weights reordered to match; weight-only float keeps the oracle's order */
     const spfq_prepared *hw = int8 && g->kh * g->kw > 1 ? conv_hwc(w, g->channels) : NULL;
     const conv_src src = {*g, h, wd, (int32_t)OH, (int32_t)OW, hw != NULL, x};
-    return tall_run(hw ? hw : w, m, NULL, NULL, NULL, &src, !int8, y, nthreads);
+    return tall_run(hw ? hw : w, m, NULL, NULL, NULL, &src, !int8, y, NULL, NULL, nthreads);
 }
 
 typedef struct { const float *xscale; float *y; uint64_t *ybits; } b_epilogue;

@@ -351,6 +351,7 @@ int spfq_dconv(const spfq_dc *p, int32_t nhwc, int32_t b, int32_t h, int32_t w, 
     if (OH < 1 || OW < 1 || OH > INT32_MAX || OW > INT32_MAX) return SPFQ_EINVAL;
     if (!b) return SPFQ_OK;
     dc_task t = {p, nhwc != 0, b, h, w, (int32_t)OH, (int32_t)OW, 1, x, y, dc_kernel(), 0};
+    nthreads = spfq_threads_for((int64_t)b * OH * OW * p->n * p->k, nthreads);
     int64_t chunks = nthreads <= 1 ? 1 : 4 * (int64_t)nthreads;
     if (chunks > b) { /* bands of rows so that every thread has work */
         const int64_t bands = (chunks + b - 1) / b;

@@ -371,7 +371,7 @@ DW_CLONES static void lanes_rows_c(const spfq_dw *p, int32_t int8, int32_t blk, 
                     out[l] = xs[l] * (scale[l] * a0[l]) + bias[l];
             }
             for (int32_t l = 0; l < L; l++) out[l] = spfq_clamp(out[l], p->lo, p->hi);
-            float *yp = io.y + ((size_t)oh * OW + ow) * io.ys;
+            float *yp = io.y + ((size_t)(oh - io.oh_lo) * OW + ow) * io.ys;
             if (io.yl == 1 && nb == L)
                 for (int32_t l = 0; l < L; l++) yp[l] = out[l];
             else
@@ -399,6 +399,14 @@ typedef struct {
     const float *x;
     float *y;
     int failed;
+    /* int8 per pixel (spfq_dwconv_nhwc_act; row-major units only): the input quantised per pixel
+     * (x) or given so (xq, xs), dequantised per step of rows; the output quantised per pixel
+     * (yq, ys) instead of y */
+    int32_t pixel;
+    const int8_t *xq;
+    const float *xs;
+    int8_t *yq;
+    float *ys;
 } dw_task;
 
 /* Input rows [lo, hi) that output rows [oh0, oh1) read (clipped to the image). */
@@ -419,7 +427,7 @@ static void nhwc_unit(const dw_task *t, int64_t bi, int32_t blk, int32_t band, f
     const int32_t oh0 = (int32_t)((int64_t)t->OH * band / t->bands), oh1 = (int32_t)((int64_t)t->OH * (band + 1) / t->bands);
     if (oh0 >= oh1) return;
     const float *xb = t->x + (size_t)bi * t->H * t->W * C;
-    lanes_io io = {xb + o0, 0, C, t->y + (size_t)bi * t->OH * t->OW * p->n + o0, (size_t)p->n, 1};
+    lanes_io io = {xb + o0, 0, C, t->y + (size_t)bi * t->OH * t->OW * p->n + o0, (size_t)p->n, 1, 0};
     if (p->g.mult != 1 || nb < L) {
         int32_t lo, hi;
         in_rows(&p->g, t->H, oh0, oh1, &lo, &hi);
@@ -443,16 +451,50 @@ static void nhwc_unit(const dw_task *t, int64_t bi, int32_t blk, int32_t band, f
 /* Output rows per step of a row-major unit: every block runs them before the next rows, so the
  * input rows they read stay in cache across the blocks. */
 #define DW_ROWS_STEP 4
+/* int8-per-pixel input: a step's input rows are dequantised into scratch (with the halo the
+ * next step reads again), so more rows per step */
+#define DW_PIXEL_ROWS_STEP 8
 
 /* One row-major NHWC unit: the rows of band `band` of image bi, every block, in place. The
  * AVX-512 16-lane kernel takes weight-only float layers with 16 | n when it is the active ISA. */
+/* Input rows [lo, hi) of image bi as the pixel-int8 kernels read them: s * (float)q per pixel,
+ * from the given codes or from quantising the float pixels (spfq_quantize_i8 per pixel). */
+static void pixel_rows(const dw_task *t, int64_t bi, int32_t lo, int32_t hi, float *out, int8_t *qtmp, float *stmp) {
+    const int32_t C = t->p->g.channels;
+    const size_t first = ((size_t)bi * t->H + lo) * t->W, npix = (size_t)(hi - lo) * t->W;
+    const int8_t *q = t->xq ? t->xq + first * C : qtmp;
+    const float *sc = t->xq ? t->xs + first : stmp;
+    if (!t->xq) spfq_quant_rows((int32_t)npix, C, t->x + first * C, (size_t)C, qtmp, (size_t)C, stmp);
+    for (size_t i = 0; i < npix; i++)
+        for (int32_t c = 0; c < C; c++) out[i * C + c] = sc[i] * (float)q[i * C + c];
+}
+
 static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
     enum { L = DW_LANES };
     const spfq_dw *p = t->p;
     const int32_t C = p->g.channels;
     const int32_t oh0 = (int32_t)((int64_t)t->OH * band / t->bands), oh1 = (int32_t)((int64_t)t->OH * (band + 1) / t->bands);
-    const float *xb = t->x + (size_t)bi * t->H * t->W * C;
-    float *yb = t->y + (size_t)bi * t->OH * t->OW * p->n;
+    const float *xb = t->x ? t->x + (size_t)bi * t->H * t->W * C : NULL;
+    float *yb = t->y ? t->y + (size_t)bi * t->OH * t->OW * p->n : NULL;
+    const int32_t step = t->pixel ? DW_PIXEL_ROWS_STEP : DW_ROWS_STEP;
+    float *xin = NULL, *ytmp = NULL, *stmp = NULL;
+    int8_t *qtmp = NULL;
+    if (t->pixel) { /* scratch: one step's input rows (dequantised) and output rows */
+        const size_t in_rows_max = (size_t)(step - 1) * p->g.sh + (size_t)(p->g.kh - 1) * p->g.dh + 1;
+        const size_t npix = in_rows_max * t->W;
+        xin = malloc(npix * C * sizeof(float));
+        qtmp = t->xq ? NULL : malloc(npix * C);
+        stmp = t->xq ? NULL : malloc(npix * sizeof(float));
+        ytmp = t->yq ? malloc((size_t)step * t->OW * p->n * sizeof(float)) : NULL;
+        if (!xin || (!t->xq && (!qtmp || !stmp)) || (t->yq && !ytmp)) {
+            free(xin);
+            free(qtmp);
+            free(stmp);
+            free(ytmp);
+            __atomic_store_n((int *)&t->failed, 1, __ATOMIC_RELAXED);
+            return;
+        }
+    }
     const float *zero = NULL, **taps = NULL;
 #if defined(__x86_64__)
     if (!t->int8 && p->lane16 && spfq_dw_rows16_avx512 && spfq_isa_avx512()) {
@@ -465,20 +507,42 @@ static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
         }
     }
 #endif
-    for (int32_t r0 = oh0; r0 < oh1; r0 += DW_ROWS_STEP) {
-        const int32_t r1 = oh1 - r0 < DW_ROWS_STEP ? oh1 : r0 + DW_ROWS_STEP;
-        if (zero) {
-            lanes_io io = {xb, 0, C, yb, (size_t)p->n, 1};
-            spfq_dw_rows16_avx512(p, io, t->H, t->W, r0, r1, t->OW, zero, taps);
-            continue;
+    for (int32_t r0 = oh0; r0 < oh1; r0 += step) {
+        const int32_t r1 = oh1 - r0 < step ? oh1 : r0 + step;
+        const float *x = xb;
+        float *y = yb;
+        int32_t lo = 0, ylo = 0;
+        if (t->pixel) {
+            int32_t hi;
+            in_rows(&p->g, t->H, r0, r1, &lo, &hi);
+            pixel_rows(t, bi, lo, hi, xin, qtmp, stmp);
+            x = xin;
+            if (ytmp) {
+                y = ytmp;
+                ylo = r0;
+            }
         }
-        for (int32_t blk = 0; blk < p->nblk; blk++) {
-            lanes_io io = {xb + blk * L, 0, C, yb + blk * L, (size_t)p->n, 1};
-            lanes_rows(p, t->int8, blk, L, io, t->H, t->W, r0, r1, t->OW);
+        if (zero) {
+            lanes_io io = {x, lo, C, y, (size_t)p->n, 1, ylo};
+            spfq_dw_rows16_avx512(p, io, t->H, t->W, r0, r1, t->OW, zero, taps);
+        } else {
+            for (int32_t blk = 0; blk < p->nblk; blk++) {
+                lanes_io io = {x + blk * L, lo, C, y + blk * L, (size_t)p->n, 1, ylo};
+                lanes_rows(p, t->pixel ? 0 : t->int8, blk, L, io, t->H, t->W, r0, r1, t->OW);
+            }
+        }
+        if (ytmp) { /* the next layer's quantisation of these pixels */
+            const size_t first = ((size_t)bi * t->OH + r0) * t->OW;
+            spfq_quant_rows((r1 - r0) * t->OW, p->n, ytmp, (size_t)p->n, t->yq + first * p->n, (size_t)p->n,
+                            t->ys + first);
         }
     }
     free((void *)zero);
     free(taps);
+    free(xin);
+    free(qtmp);
+    free(stmp);
+    free(ytmp);
 }
 
 /* One NCHW block of DW_LANES outputs of one image, narrow planes: interleave, then the lanes. */
@@ -492,7 +556,7 @@ static void nchw_block(const dw_task *t, int64_t bi, int32_t blk, float *scratch
         for (int32_t i = 0; i < HW; i++) scratch[(size_t)i * L + l] = l < nb ? plane[i] : 0.0f;
     }
     const size_t P = (size_t)t->OH * t->OW;
-    lanes_io io = {scratch, 0, L, t->y + ((size_t)bi * p->n + o0) * P, 1, P};
+    lanes_io io = {scratch, 0, L, t->y + ((size_t)bi * p->n + o0) * P, 1, P, 0};
     lanes_rows(p, t->int8, blk, nb, io, t->H, t->W, 0, t->OH, t->OW);
 }
 
@@ -545,16 +609,25 @@ static void dw_chunk(void *ctx, int32_t chunk, int32_t nchunks) {
     free(tmp);
 }
 
+/* The call's geometry checks and thread split; pix (or NULL): the pixel-int8 fields. */
 static int dw_run(const spfq_dw *p, int32_t int8, int32_t nhwc, int32_t b, int32_t h, int32_t w, const float *x,
-                  float *y, int32_t nthreads) {
-    if (!p || b < 0 || h < 1 || w < 1 || !x || !y) return SPFQ_EINVAL;
+                  float *y, const dw_task *pix, int32_t nthreads) {
+    if (!p || b < 0 || h < 1 || w < 1 || (!x && !pix) || (!y && !pix)) return SPFQ_EINVAL;
     const spfq_dw_geom *g = &p->g;
     const int64_t OH = ((int64_t)h + g->pt + g->pb - (int64_t)g->dh * (g->kh - 1) - 1) / g->sh + 1;
     const int64_t OW = ((int64_t)w + g->pl + g->pr - (int64_t)g->dw * (g->kw - 1) - 1) / g->sw + 1;
     if (OH < 1 || OW < 1 || OH > INT32_MAX || OW > INT32_MAX) return SPFQ_EINVAL;
     if (!b) return SPFQ_OK;
-    dw_task t = {p, int8 != 0, nhwc, b, h, w, (int32_t)OH, (int32_t)OW, 1, 0, x, y, 0};
+    dw_task t = {p, int8 != 0, nhwc, b, h, w, (int32_t)OH, (int32_t)OW, 1, 0, x, y, 0, 0, NULL, NULL, NULL, NULL};
+    if (pix) {
+        t.pixel = 1;
+        t.xq = pix->xq;
+        t.xs = pix->xs;
+        t.yq = pix->yq;
+        t.ys = pix->ys;
+    }
     t.rowmajor = nhwc && p->g.mult == 1 && p->n % DW_LANES == 0;
+    nthreads = spfq_threads_for((int64_t)b * OH * OW * p->n * p->k, nthreads);
     int64_t chunks = nthreads <= 1 ? 1 : 4 * (int64_t)nthreads;
     if (t.rowmajor && chunks > b) { /* bands of rows so that every thread has work */
         const int64_t bands = (chunks + b - 1) / b;
@@ -571,10 +644,44 @@ static int dw_run(const spfq_dw *p, int32_t int8, int32_t nhwc, int32_t b, int32
 
 int spfq_dwconv(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w, const float *x, float *y,
                 int32_t nthreads) {
-    return dw_run(p, int8, 0, b, h, w, x, y, nthreads);
+    return dw_run(p, int8, 0, b, h, w, x, y, NULL, nthreads);
 }
 
 int spfq_dwconv_nhwc(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w, const float *x, float *y,
                      int32_t nthreads) {
-    return dw_run(p, int8, 1, b, h, w, x, y, nthreads);
+    return dw_run(p, int8, 1, b, h, w, x, y, NULL, nthreads);
+}
+
+int spfq_dwconv_nhwc_act(const spfq_dw *p, int32_t b, int32_t h, int32_t w, const spfq_act *a, int32_t nthreads) {
+    if (!p || !a || b < 0 || h < 1 || w < 1 || (!a->x == !(a->xq && a->xscale)) || (a->x && (a->xq || a->xscale)) ||
+        (!a->y == !(a->yq && a->yscale)) || (a->y && (a->yq || a->yscale)))
+        return SPFQ_EINVAL;
+    const dw_task pix = {.xq = a->xq, .xs = a->xscale, .yq = a->yq, .ys = a->yscale};
+    if (p->g.mult == 1 && p->n % DW_LANES == 0) /* row-major units: per step of rows, in cache */
+        return dw_run(p, 0, 1, b, h, w, a->x, a->y, &pix, nthreads);
+    /* gathered blocks: the whole input dequantised first, the whole output quantised after */
+    const spfq_dw_geom *g = &p->g;
+    const size_t npix = (size_t)b * h * w, C = (size_t)g->channels;
+    const int64_t OH = ((int64_t)h + g->pt + g->pb - (int64_t)g->dh * (g->kh - 1) - 1) / g->sh + 1;
+    const int64_t OW = ((int64_t)w + g->pl + g->pr - (int64_t)g->dw * (g->kw - 1) - 1) / g->sw + 1;
+    if (OH < 1 || OW < 1) return SPFQ_EINVAL;
+    const size_t nout = (size_t)b * (size_t)OH * (size_t)OW;
+    float *xin = malloc(npix * C * sizeof(float) + 1), *sc = a->x ? malloc(npix * sizeof(float) + 1) : NULL;
+    int8_t *q = a->x ? malloc(npix * C + 1) : NULL;
+    float *y = a->y ? a->y : malloc(nout * (size_t)p->n * sizeof(float) + 1);
+    int rc = SPFQ_ENOMEM;
+    if (xin && y && (!a->x || (sc && q))) {
+        if (a->x) spfq_quant_rows((int32_t)npix, (int32_t)C, a->x, C, q, C, sc);
+        const int8_t *qq = a->x ? q : a->xq;
+        const float *ss = a->x ? sc : a->xscale;
+        for (size_t i = 0; i < npix; i++)
+            for (size_t c = 0; c < C; c++) xin[i * C + c] = ss[i] * (float)qq[i * C + c];
+        rc = dw_run(p, 0, 1, b, h, w, xin, y, NULL, nthreads);
+        if (rc == SPFQ_OK && a->yq) spfq_quant_rows((int32_t)nout, p->n, y, (size_t)p->n, a->yq, (size_t)p->n, a->yscale);
+    }
+    free(xin);
+    free(sc);
+    free(q);
+    if (y != a->y) free(y);
+    return rc;
 }

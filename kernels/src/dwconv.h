@@ -29,12 +29,13 @@ struct spfq_dw {
 
 /* Where a lanes kernel reads and writes: input pixel (ih, iw) of lane l at
  * xin[((ih - ih_lo) * W + iw) * ps + l]; output (oh, ow) of lane l < nb at
- * y[(oh * OW + ow) * ys + l * yl]. */
+ * y[((oh - oh_lo) * OW + ow) * ys + l * yl]. */
 typedef struct {
     const float *xin;
     int32_t ih_lo, ps;
     float *y;
     size_t ys, yl;
+    int32_t oh_lo; /* y holds output rows from oh_lo on (0: the whole image) */
 } lanes_io;
 
 /* Output rows [oh0, oh1) of block blk (nb live lanes), AVX2 (dwconv_avx2.c; weak: NULL in a

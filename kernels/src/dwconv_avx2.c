@@ -202,7 +202,7 @@ TGT void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, 
             if (fast3 && rnt == 9 && ow >= lo && hi - ow >= 4) { /* a whole 3x3 row interior */
                 const int32_t n = (hi - ow) & ~3;
                 interior3x3_f32(&lw, w9, rtap, rxp, (size_t)(ow - lo) * step, step, (size_t)g->dw * io.ps, n, io, nb,
-                                (size_t)oh * OW + ow, clo, chi);
+                                (size_t)(oh - io.oh_lo) * OW + ow, clo, chi);
                 ow += n;
                 continue;
             }
@@ -238,7 +238,7 @@ TGT void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, 
                 if (int8) pix_i8(&lw, 1, 0, nt, tap, xp, one_off, out);
                 else pix_f32(&lw, 1, nt, tap, xp, one_off, out);
             }
-            for (int i = 0; i < P; i++) store(io, nb, (size_t)oh * OW + ow + i, out[i], clo, chi);
+            for (int i = 0; i < P; i++) store(io, nb, (size_t)(oh - io.oh_lo) * OW + ow + i, out[i], clo, chi);
             ow += P;
         }
     }

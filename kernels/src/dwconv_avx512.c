@@ -106,7 +106,7 @@ TGT void spfq_dw_rows16_avx512(const struct spfq_dw *p, lanes_io io, int32_t H, 
     const int P = nb >= 4 ? 2 : 4, most = P == 4 ? 2 : 4;
     const __m512 clo = _mm512_set1_ps(p->lo), chi = _mm512_set1_ps(p->hi);
     for (int32_t oh = oh0; oh < oh1; oh++) {
-        float *yrow = io.y + (size_t)oh * OW * io.ys;
+        float *yrow = io.y + (size_t)(oh - io.oh_lo) * OW * io.ys;
         /* interior columns read the previous column's taps moved by one stride */
         const spfq_dw_geom *g = &p->g;
         const int32_t ih0 = oh * g->sh - g->pt, ih1 = ih0 + (g->kh - 1) * g->dh;

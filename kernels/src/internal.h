@@ -161,6 +161,11 @@ SPFQ_DECLARE_ISA(neon)
  * (<= SPFQ_POOL_MAX threads), or n = 1 (one call on the caller) when nthreads <= 1 or the pool
  * is busy with another host thread's task. spfq_pool_workers: workers started (-1 if busy). */
 #define SPFQ_POOL_MAX 64
+/* nthreads, or 1 for a call with less work (multiply-adds, or taps x outputs of a direct conv /
+ * pooling) than SPFQ_PARALLEL_MIN_WORK (default 2^20; the environment variable overrides it,
+ * e.g. 0 in the tests of thread splitting): waking the pool costs more than such a call saves
+ * (MNIST at batch 1: 0.08 ms on 1 thread, 0.10-0.11 ms on 2 before this rule). pool.c. */
+int32_t spfq_threads_for(int64_t work, int32_t nthreads);
 typedef void (*spfq_pool_fn)(void *ctx, int32_t c, int32_t n);
 int32_t spfq_pool_run(int32_t nthreads, int32_t nchunks, spfq_pool_fn fn, void *ctx);
 int32_t spfq_pool_workers(void);

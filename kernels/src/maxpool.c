@@ -64,6 +64,7 @@ int spfq_maxpool_nhwc(const spfq_conv_geom *g, int32_t b, int32_t h, int32_t w, 
     if (!b) return SPFQ_OK;
     pool_task t = {g, b, h, w, oh, ow, x, y};
     const int64_t rows = (int64_t)b * oh;
+    nthreads = spfq_threads_for(rows * ow * g->channels * g->kh * g->kw, nthreads);
     int64_t chunks = nthreads <= 1 ? 1 : 4 * (int64_t)nthreads;
     if (chunks > rows) chunks = rows;
     spfq_pool_run(nthreads, (int32_t)chunks, pool_chunk, &t);

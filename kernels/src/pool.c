@@ -266,3 +266,17 @@ __attribute__((destructor)) static void pool_teardown(void) {
     }
     pthread_mutex_unlock(&task_lock);
 }
+
+static long min_work = -1;
+static pthread_once_t min_work_once = PTHREAD_ONCE_INIT;
+static void min_work_init(void) {
+    const char *e = getenv("SPFQ_PARALLEL_MIN_WORK");
+    char *end = NULL;
+    const long v = e && *e ? strtol(e, &end, 10) : -1;
+    min_work = (e && *e && end && !*end && v >= 0) ? v : (1L << 20);
+}
+
+int32_t spfq_threads_for(int64_t work, int32_t nthreads) {
+    pthread_once(&min_work_once, min_work_init);
+    return work < min_work ? 1 : nthreads;
+}

@@ -238,14 +238,25 @@ SPFQ_AVX512 static void quant_rows_avx512(int32_t m, int32_t k, const float *x, 
         xscale[r] = s;
         if (!(s > 0.0f)) { memset(out, 0, (size_t)k); continue; }
         const __m512 vs = _mm512_set1_ps(s);
-        if (amax >= 0x1p-100f && amax_bits < 0x7f800000) { /* finite: x * (127 / amax), as on AVX2 */
+        if (amax >= 0x1p-100f && amax_bits < 0x7f800000) { /* finite: x * (127 / amax), as on AVX2; a
+                                                                vector with a lane near a half-integer
+                                                                is redone with the division */
             const __m512 vr = _mm512_set1_ps(127.0f / amax);
-            __mmask16 near = 0;
-            for (i = 0; i < kv; i += 16)
-                _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(quant16_recip(_mm512_loadu_ps(row + i), vr, &near)));
-            if (tail)
-                _mm512_mask_cvtepi32_storeu_epi8(out + kv, tail, quant16_recip(_mm512_maskz_loadu_ps(tail, row + kv), vr, &near));
-            if (!near) continue;
+            for (i = 0; i < kv; i += 16) {
+                __mmask16 near = 0;
+                const __m512 x = _mm512_loadu_ps(row + i);
+                __m512i q = quant16_recip(x, vr, &near);
+                if (near) q = quant16_avx512(_mm512_div_ps(x, vs));
+                _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(q));
+            }
+            if (tail) {
+                __mmask16 near = 0;
+                const __m512 x = _mm512_maskz_loadu_ps(tail, row + kv);
+                __m512i q = quant16_recip(x, vr, &near);
+                if (near) q = quant16_avx512(_mm512_div_ps(x, vs));
+                _mm512_mask_cvtepi32_storeu_epi8(out + kv, tail, q);
+            }
+            continue;
         }
         for (i = 0; i + 32 <= kv; i += 32) {
             const __m512i q0 = quant16_avx512(_mm512_div_ps(_mm512_loadu_ps(row + i), vs));
