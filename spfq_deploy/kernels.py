@@ -63,7 +63,7 @@ def lib() -> C.CDLL:
             "spfq_matmul_i8": ([p, i32, vp, vp, vp, i32], C.c_int),
             "spfq_matmul_q8": ([p, i32, vp, vp, i32], C.c_int),
             "spfq_matmul_act": ([p, i32, C.POINTER(Act), i32], C.c_int),
-            "spfq_dwconv_nhwc_act": ([p, i32, i32, i32, C.POINTER(Act), i32], C.c_int),
+            "spfq_dwconv_nhwc_act": ([p, i32, i32, i32, i32, C.POINTER(Act), i32], C.c_int),
             "spfq_bgemm": ([p, i32, vp, vp, vp, vp, vp, i32], C.c_int),
             "spfq_quantize_i8": ([i32, i32, vp, vp, vp], C.c_int),
             "spfq_binarize": ([i32, i32, vp, vp, vp], C.c_int),
@@ -354,12 +354,15 @@ def is_direct(layer: CompressedLayer) -> bool:
 
 def layer_activation(layer: CompressedLayer, requested: str) -> str:
     """The activation mode a layer runs with when the export asks for `requested` ('int8' or
-    'float'): depthwise layers stay weight-only float. Their int8 activations would be quantised
-    per im2col row, i.e. every input value once per tap with a different scale: measured on
-    MobileNetV2 shapes (AVX2, 1 thread) that costs 2.5-3x the float kernel (56x56x144: 6.2 vs
-    1.9 ms) to save 9 multiply-adds per output, and float activations lose nothing. Every
-    exporter and the validator's references follow this one rule (the manifests record it
-    per layer)."""
+    'float'): direct-kernel layers stay weight-only float. A few-channel conv (a first conv)
+    would quantise patches of C * KH * KW values (27), costing more than their multiply-adds; a
+    depthwise conv's im2col rows are patches too, so per-row int8 would quantise every input once
+    per tap (2.5-3x the float kernel's time on MobileNetV2). Measured on MobileNetV2 (AMX host,
+    1 thread): quantising depthwise inputs per pixel instead, so that the 1x1 conv before could
+    hand them over as int8, cost more in quantisation (the 6x-wide expansion tensors) than the
+    smaller tensors saved (7.0 vs 5.4 ms); the int8 edges that pay are depthwise -> 1x1
+    (export/onnx/q8.py). Every exporter and the validator's references follow this one rule (the
+    manifests record it per layer)."""
     return "float" if requested == "int8" and is_direct(layer) else requested
 
 
@@ -465,10 +468,11 @@ class FewChannelWeights:
         return y
 
 
-def dwconv_pixel_int8(dw: "DepthwiseWeights", x, shape, q8_out: bool = False, threads: int = 1):
-    """A depthwise layer with int8-per-pixel activations (spfq_dwconv_nhwc_act), channels last:
-    x float32 (B, H, W, C), or (xq int8 (B, H, W, C), xscale float32 (B, H, W)); shape = (B, H, W).
-    Returns y float32 (B, OH, OW, N) or (yq int8 (B, OH, OW, N), yscale (B, OH, OW))."""
+def dwconv_act(dw: "DepthwiseWeights", x, shape, int8_pixel: bool = True, q8_out: bool = False, threads: int = 1):
+    """A depthwise layer channels last through spfq_dwconv_nhwc_act: int8_pixel (the input
+    quantised per pixel, then dequantised) or weight-only float; x float32 (B, H, W, C), or (xq
+    int8 (B, H, W, C), xscale float32 (B, H, W)) with int8_pixel; shape = (B, H, W). Returns y
+    float32 (B, OH, OW, N) or (yq int8 (B, OH, OW, N), yscale (B, OH, OW))."""
     B, H, W = shape
     C_ = dw.channels
     g = dw.geom
@@ -483,7 +487,7 @@ def dwconv_pixel_int8(dw: "DepthwiseWeights", x, shape, q8_out: bool = False, th
     else:
         a.x = _arr(x, np.float32, (B, H, W, C_), "x", 4)
     y = _act_out(a, B * oh * ow, dw.n, q8_out)
-    _ok(lib().spfq_dwconv_nhwc_act(dw._h, B, H, W, C.byref(a), threads), "dwconv_nhwc_act")
+    _ok(lib().spfq_dwconv_nhwc_act(dw._h, int(int8_pixel), B, H, W, C.byref(a), threads), "dwconv_nhwc_act")
     if q8_out:
         return y[0].reshape(B, oh, ow, dw.n), y[1].reshape(B, oh, ow)
     return y.reshape(B, oh, ow, dw.n)

@@ -70,11 +70,18 @@ def test_depthwise_int8_per_pixel_is_dequantised_input_then_the_float_kernel(isa
     B, H, W, _ = xl.shape
     for t in (1, 3):
         for inp in (xl, (q, s)):
-            got = K.dwconv_pixel_int8(dw, inp, (B, H, W), threads=t)
+            got = K.dwconv_act(dw, inp, (B, H, W), threads=t)
             np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=f"{geom} t={t}")
-            gq, gs = K.dwconv_pixel_int8(dw, inp, (B, H, W), q8_out=True, threads=t)
+            gq, gs = K.dwconv_act(dw, inp, (B, H, W), q8_out=True, threads=t)
             np.testing.assert_array_equal(gq.reshape(-1, gq.shape[-1]), wantq[0])
             np.testing.assert_array_equal(_bits(gs.reshape(-1)), _bits(wantq[1]))
+        # weight-only float input, int8 output (a depthwise layer feeding a 1x1 int8 conv)
+        wf = dw(xl, False, 1, channels_last=True)
+        wfq = K.quantize_i8(np.ascontiguousarray(wf.reshape(-1, wf.shape[-1])))
+        np.testing.assert_array_equal(_bits(K.dwconv_act(dw, xl, (B, H, W), int8_pixel=False, threads=t)), _bits(wf))
+        gq, gs = K.dwconv_act(dw, xl, (B, H, W), int8_pixel=False, q8_out=True, threads=t)
+        np.testing.assert_array_equal(gq.reshape(-1, gq.shape[-1]), wfq[0])
+        np.testing.assert_array_equal(_bits(gs.reshape(-1)), _bits(wfq[1]))
     assert GEOMS[geom][0] * GEOMS[geom][1] == layer.rows
 
 

@@ -127,3 +127,84 @@ def test_maxpool_between_convs_runs_channels_last(tmp_path, pool):
     x = np.random.default_rng(2).standard_normal((2, 3, 11, 12)).astype(np.float32)
     np.testing.assert_array_equal(_run(last, tmp_path, "l.onnx", x)["y"], _run(plain, tmp_path, "p.onnx", x)["y"])
     onnx.checker.check_model(last)
+
+
+def _chain_model():
+    """x -> A (1x1) -> Clip -> B (depthwise 3x3) -> Clip -> C (1x1) -> D (1x1) -> y: an
+    inverted-residual block without the residual, then another 1x1 (MobileNetV2's block 2)."""
+    layers = {"A": _conv("A", 24, 8, 1, seed=7), "B": _conv("B", 24, 24, 3, groups=24, seed=8),
+              "C": _conv("C", 16, 24, 1, seed=9), "D": _conv("D", 20, 16, 1, seed=10)}
+    inits = [numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi")]
+    nodes = [_marker("A", "x", "a"), helper.make_node("Clip", ["a", "lo", "hi"], ["a6"]),
+             _marker("B", "a6", "b"), helper.make_node("Clip", ["b", "lo", "hi"], ["b6"]),
+             _marker("C", "b6", "c"), _marker("D", "c", "y")]
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 9, 7])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 20, 9, 7])], initializer=inits)
+    cm = CompressedModel(layers=layers, float_params={})
+    return helper.make_model(g), cm
+
+
+def test_int8_edges_keep_values_bit_identical(tmp_path):
+    """q8.py: the depthwise -> 1x1 and 1x1 -> 1x1 edges carry int8 + per-pixel scales (the
+    producer quantises as its consumer would), the 1x1 -> depthwise edge stays float; outputs
+    are bit-identical with float edges, and the per-layer checks of validate hold on the int8
+    tensors (dequantised, within half a quantisation step of the integer reference)."""
+    from spfq_deploy.export.onnx.custom import graph_pass
+    from spfq_deploy.export.onnx.fuse import fuse_activations
+    from spfq_deploy.export.onnx.layout import channels_last
+    from spfq_deploy.reference import Int8ActivationLayer
+    from spfq_deploy.validate import layers as layer_checks
+    from spfq_deploy.validate.tolerances import TOLERANCES
+
+    proto, cm = _chain_model()
+    build, domains = onnx_custom.builder("int8"), {onnx_custom.DOMAIN: 1}
+
+    def float_edges(m):
+        fuse_activations(m, ("PackedConv", "PackedMatMul"), onnx_custom.DOMAIN)
+        channels_last(m, "PackedConv", onnx_custom.DOMAIN)
+
+    plain, _ = onnx_graph.rewrite(proto, cm, build, domains, float_edges)
+    q8, _ = onnx_graph.rewrite(proto, cm, build, domains, graph_pass)
+    prod = {n.name or n.output[-1]: n for n in q8.graph.node if n.op_type == "PackedConv"}
+    q8_out = [n for n in prod.values() if any(a.name == "q8_output" and a.i for a in n.attribute)]
+    assert len(q8_out) == 2  # B -> C and C -> D; A -> B (a depthwise consumer) stays float
+    onnx.checker.check_model(q8)
+    x = np.random.default_rng(3).standard_normal((2, 8, 9, 7)).astype(np.float32) * 2
+    np.testing.assert_array_equal(_run(q8, tmp_path, "q8.onnx", x)["y"], _run(plain, tmp_path, "f.onnx", x)["y"])
+
+    tensors = layer_checks.layer_tensors(q8, list(cm.layers))
+    assert set(tensors) == set(cm.layers)
+    probe = layer_checks.with_layer_outputs(q8, tensors)
+    sess = session(_save(probe, tmp_path, "probe.onnx"), _host_lib())
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+    values, steps = layer_checks.dequantize_q8(q8, values)
+    assert len(steps) == 2
+    values, steps = layer_checks.channels_first(q8, values), layer_checks.channels_first(q8, steps)
+    clamps = layer_checks.fused_clamps(q8, tensors)
+
+    def ref(n):
+        inner = Int8ActivationLayer(cm.layers[n]) if n != "B" else _float_conv(cm.layers[n])
+        return layer_checks.Clamped(inner, *clamps[n]) if n in clamps else inner
+
+    tol = TOLERANCES["int8"]
+    rows, first = layer_checks.check(values, tensors, {"x": x}, ref, {}, tol, tol, steps)
+    assert first is None and all(r["local_ok"] for r in rows), rows
+    assert tensors["B"][1] == tensors["C"][0]  # one int8 tensor: B's output is C's input
+    # a wrong int8 code is caught: one code of B's output off by 2 steps
+    bad = dict(values)
+    bq = tensors["B"][1]
+    bad[bq] = values[bq].copy()
+    bad[bq][0, 0, 0, 0] += 2 * steps[bq][0, 0, 0, 0]
+    rows, first = layer_checks.check(bad, tensors, {"x": x}, ref, {}, tol, tol, steps)
+    assert first == "B"
+
+
+def _float_conv(layer):
+    import torch
+
+    c = layer.conv
+    conv = torch.nn.Conv2d(layer.weight_shape[1] * c["groups"], layer.rows, c["kernel_size"], c["stride"],
+                           c["padding"], c["dilation"], c["groups"])
+    conv.weight.data = torch.from_numpy(layer.dequantize())
+    conv.bias.data = torch.from_numpy(np.asarray(layer.bias, np.float32))
+    return conv

@@ -171,14 +171,15 @@ int spfq_conv_nhwc(const spfq_prepared *w, const spfq_conv_geom *g, int32_t int8
 int spfq_maxpool_nhwc(const spfq_conv_geom *g, int32_t b, int32_t h, int32_t w, int32_t oh, int32_t ow, const float *x,
                       float *y, int32_t nthreads);
 
-/* Depthwise, channels last, with the input in int8 per pixel: the pixel rows (channels) quantised
- * as spfq_quantize_i8 (a->x) or given so (a->xq, a->xscale: one scale per pixel) are dequantised
- * as xscale * (float)q and run through the weight-only float kernel (bit-identical with
- * spfq_dwconv_nhwc, int8 0, on those values); the output is float (a->y) or quantised per pixel
- * (a->yq, a->yscale, as spfq_quantize_i8 of the float output). This is how int8 exports run
- * depthwise layers ("int8-pixel"): a per-patch quantisation would quantise every input once per
- * tap, a per-pixel one is what the 1x1 conv before it can write and the one after it reads. */
-int spfq_dwconv_nhwc_act(const spfq_dw *p, int32_t b, int32_t h, int32_t w, const spfq_act *a, int32_t nthreads);
+/* Depthwise, channels last, through the weight-only float kernel (bit-identical with
+ * spfq_dwconv_nhwc, int8 0), the output float (a->y) or quantised per pixel (a->yq, a->yscale:
+ * spfq_quantize_i8 of the float output, the quantisation a 1x1 int8 conv after it does). Input:
+ * int8_pixel 0: float a->x as it is; 1 ("int8-pixel"): the pixel rows (channels) quantised as
+ * spfq_quantize_i8 (a->x) or given so (a->xq, a->xscale: one scale per pixel), dequantised as
+ * xscale * (float)q. A per-patch quantisation would quantise every input once per tap; a
+ * per-pixel one is what a 1x1 conv before it can write in its epilogue. */
+int spfq_dwconv_nhwc_act(const spfq_dw *p, int32_t int8_pixel, int32_t b, int32_t h, int32_t w, const spfq_act *a,
+                         int32_t nthreads);
 
 /* Compression time (spfq_deploy/compress/path_following.py): the column loop of Gram-form
  * path following over columns [b0, b1) for every row r = (candidate, group, neuron) of

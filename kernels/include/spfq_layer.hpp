@@ -306,6 +306,33 @@ inline void conv_nhwc(const Layer &layer, bool int8, int64_t k, int64_t n, int64
     }
 }
 
+inline bool is_pointwise(const ConvGeometry &G) {
+    return G.KH == 1 && G.KW == 1 && G.SH == 1 && G.SW == 1 && G.PT == 0 && G.PL == 0 && G.PB == 0 && G.PR == 0;
+}
+
+// Channels-last conv whose input or output may be int8 with one scale per pixel (spfq_act: the
+// next layer's per-row quantisation done in this layer's epilogue, export/onnx/q8.py; graph edges
+// between compressed layers then carry int8). int8 in: 1x1 int8 convs (spfq_matmul_act); int8
+// out: those and depthwise convs (spfq_dwconv_nhwc_act, weight-only float); any layer with float
+// in and out.
+inline void conv_nhwc_act(const Layer &layer, bool int8, int64_t k, int64_t n, int64_t groups, const ConvGeometry &G,
+                          const spfq_act &a, int64_t B, int64_t C, int64_t H, int64_t Wd, int threads) {
+    if (B > INT32_MAX || H > INT32_MAX || Wd > INT32_MAX) throw std::runtime_error("conv input too large");
+    if (layer.dw && a.x && a.yq) {
+        check(spfq_dwconv_nhwc_act(layer.dw, 0, static_cast<int32_t>(B), static_cast<int32_t>(H),
+                                   static_cast<int32_t>(Wd), &a, threads), "dwconv_nhwc_act");
+        return;
+    }
+    const int64_t m = B * G.out_h(H) * G.out_w(Wd);
+    if (int8 && !layer.dw && !layer.dc && groups == 1 && is_pointwise(G)) {
+        if (m > INT32_MAX) throw std::runtime_error("too many rows");
+        check(spfq_matmul_act(layer.parts[0], static_cast<int32_t>(m), &a, threads), "matmul_act");
+        return;
+    }
+    if (!a.x || !a.y) throw std::runtime_error("int8 tensors in or out need a 1x1 int8 conv (or int8 out of a depthwise one)");
+    conv_nhwc(layer, int8, k, n, groups, G, a.x, B, C, H, Wd, a.y, threads);
+}
+
 }  // namespace spfq_layer
 
 #endif  // SPFQ_LAYER_HPP

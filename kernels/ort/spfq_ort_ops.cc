@@ -5,7 +5,7 @@
 // pools channels-last activations between them (see PoolKernel):
 //
 //   PackedMatMul(X[..., K], sign?, mask?, planes?, scale[N], lam?, bias?) -> Y[..., N]
-//   PackedConv  (X[B, C, (H,) W], same weight inputs)                    -> Y[B, N, (OH,) OW]
+//   PackedConv  (X[B, C, (H,) W], same weight inputs, Xq?, Xs?)           -> Y? | Yq?, Ys?
 //
 // sign/mask are uint64 (N, W) and planes uint64 (bits, N, W or Wk) in the kernel ABI layouts
 // (W = ceil(K / 64) little-endian words per row). Attributes: layout (1 sign, 2 sign_mask,
@@ -18,6 +18,10 @@
 // conv / conv_nhwc: direct depthwise kernels, 1x1 convs as a GEMM on NHWC pixels, others
 // through im2col rows, as spfq_deploy/kernel_layers.py does. Both ops take clip_min / clip_max
 // (floats, default -inf / inf): a ReLU / ReLU6 / Clip fused into the kernels' epilogue.
+// Channels-last PackedConv may exchange int8 tensors with its neighbours (export/onnx/q8.py):
+// X absent and Xq (int8, NHWC) + Xs (float, one scale per pixel) given (1x1 int8 layers);
+// q8_output = 1: outputs Yq + Ys instead of Y, quantised per pixel as the next (1x1 int8) layer
+// would (1x1 int8 and depthwise layers; spfq_layer.hpp conv_nhwc_act).
 //
 // Built against the oldest ONNX Runtime C API it supports (the headers it is compiled with, e.g.
 // Debian's libonnxruntime-dev 1.21 = API 21); newer runtimes keep serving that API version.
@@ -48,7 +52,10 @@
 namespace {
 
 const char *const kDomain = "ai.spfq";
-enum Input { kX = 0, kSign, kMask, kPlanes, kScale, kLam, kBias, kInputs };
+// X (float) or Xq (int8) + Xs (float, one scale per row / pixel): exactly one form is given.
+enum Input { kX = 0, kSign, kMask, kPlanes, kScale, kLam, kBias, kXq, kXs, kInputs };
+// Y (float), or Yq (int8) + Ys (float) when the node's q8_output attribute is 1.
+enum Output { kY = 0, kYq, kYs, kOutputs };
 
 struct Error : std::runtime_error {
     using std::runtime_error::runtime_error;
@@ -77,6 +84,7 @@ class PackedKernel {
         std::string act = ki.GetAttribute<std::string>("activation");
         if (act != "float" && act != "int8") throw Error("activation must be 'float' or 'int8', got '" + act + "'");
         int8_ = act == "int8";
+        q8_out_ = attr_or(ki, "q8_output", 0) != 0;
         threads_ = static_cast<int>(attr_or(ki, "threads", 0));
         clip_lo_ = fattr_or(ki, "clip_min", -INFINITY);
         clip_hi_ = fattr_or(ki, "clip_max", INFINITY);
@@ -168,14 +176,15 @@ class PackedKernel {
         release();
         spfq_layer::ConvGeometry G{};
         if (conv_) G = geometry();
-        layer_ = spfq_layer::prepare_layer(layout_, bits_, n_, k_, kept_words_, groups_, conv_ ? &G : nullptr, int8_, sign,
-                                           mask, planes, scale, lam, bias);
+        layer_ = spfq_layer::prepare_layer(layout_, bits_, n_, k_, kept_words_, groups_, conv_ ? &G : nullptr, int8_,
+                                           sign, mask, planes, scale, lam, bias);
         spfq_layer::set_clamp(layer_, clip_lo_, clip_hi_);
         std::copy(key, key + 6, key_);
     }
 
     void run_linear(Ort::KernelContext &ctx) {
         Ort::ConstValue xv = ctx.GetInput(kX);
+        if (static_cast<const OrtValue *>(xv) == nullptr) throw Error("X is required");
         std::vector<int64_t> shape = xv.GetTensorTypeAndShapeInfo().GetShape();
         if (shape.empty() || shape.back() != k_)
             throw Error("input has shape " + shape_str(shape) + ", the last axis must be " + std::to_string(k_));
@@ -183,6 +192,7 @@ class PackedKernel {
         for (size_t i = 0; i + 1 < shape.size(); i++) m *= shape[i];
         shape.back() = n_;
         float *y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+        if (q8_out_) throw Error("PackedMatMul takes float activations in and out");
         spfq_layer::gemm(layer_.parts[0], int8_, m, k_, xv.GetTensorData<float>(), y, threads_);
     }
 
@@ -195,6 +205,9 @@ class PackedKernel {
     }
     void run_conv(Ort::KernelContext &ctx) {
         Ort::ConstValue xv = ctx.GetInput(kX);
+        const bool q8_in = static_cast<const OrtValue *>(xv) == nullptr;
+        if (q8_in) xv = ctx.GetInput(kXq);
+        if (static_cast<const OrtValue *>(xv) == nullptr) throw Error("neither X nor Xq is given");
         std::vector<int64_t> s = xv.GetTensorTypeAndShapeInfo().GetShape();
         const size_t d = kshape_.size();
         if (s.size() != d + 2) throw Error("input has shape " + shape_str(s) + ", expected rank " + std::to_string(d + 2));
@@ -209,14 +222,33 @@ class PackedKernel {
         if (OH < 1 || OW < 1) throw Error("input " + shape_str(s) + " is smaller than the kernel");
         std::vector<int64_t> oshape = d == 2 ? std::vector<int64_t>{B, n_, OH, OW} : std::vector<int64_t>{B, n_, OW};
         if (cl) oshape = d == 2 ? std::vector<int64_t>{B, OH, OW, n_} : std::vector<int64_t>{B, OW, n_};
-        float *y = ctx.GetOutput(0, oshape).GetTensorMutableData<float>();
-        (cl ? spfq_layer::conv_nhwc : spfq_layer::conv)(layer_, int8_, k_, n_, groups_, G, xv.GetTensorData<float>(),
-                                                         B, C, H, Wd, y, threads_);
+        if (!cl) {  // NCHW: float in and out
+            if (q8_in || q8_out_) throw Error("int8 tensors in or out need channels_last=1");
+            float *y = ctx.GetOutput(kY, oshape).GetTensorMutableData<float>();
+            spfq_layer::conv(layer_, int8_, k_, n_, groups_, G, xv.GetTensorData<float>(), B, C, H, Wd, y, threads_);
+            return;
+        }
+        spfq_act a{};
+        if (q8_in) {
+            a.xq = xv.GetTensorData<int8_t>();
+            a.xscale = input<float>(ctx, kXs, std::vector<int64_t>(s.begin(), s.end() - 1), "Xs");
+            if (!a.xscale) throw Error("Xq is given without Xs");
+        } else {
+            a.x = xv.GetTensorData<float>();
+        }
+        if (q8_out_) {
+            a.yq = ctx.GetOutput(kYq, oshape).GetTensorMutableData<int8_t>();
+            a.yscale = ctx.GetOutput(kYs, std::vector<int64_t>(oshape.begin(), oshape.end() - 1))
+                           .GetTensorMutableData<float>();
+        } else {
+            a.y = ctx.GetOutput(kY, oshape).GetTensorMutableData<float>();
+        }
+        spfq_layer::conv_nhwc_act(layer_, int8_, k_, n_, groups_, G, a, B, C, H, Wd, threads_);
     }
 
     bool conv_;
     int layout_ = 0, bits_ = 0, threads_ = 1;
-    bool int8_ = false, channels_last_ = false;
+    bool int8_ = false, channels_last_ = false, q8_out_ = false;
     float clip_lo_ = -INFINITY, clip_hi_ = INFINITY;
     int64_t k_ = 0, n_ = 0, kept_words_ = 0, groups_ = 1;
     std::vector<int64_t> kshape_, strides_, pads_, dil_;
@@ -240,13 +272,17 @@ struct PackedOp : Ort::CustomOpBase<PackedOp<Conv>, PackedKernel, true> {
     const char *GetName() const { return Conv ? "PackedConv" : "PackedMatMul"; }
     size_t GetInputTypeCount() const { return kInputs; }
     ONNXTensorElementDataType GetInputType(size_t i) const {
-        return (i >= kSign && i <= kPlanes) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+        return (i >= kSign && i <= kPlanes) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64
+             : i == kXq ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     }
     OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-        return (i == kX || i == kScale) ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+        return i == kScale ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
     }
-    size_t GetOutputTypeCount() const { return 1; }
-    ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+    size_t GetOutputTypeCount() const { return kOutputs; }
+    ONNXTensorElementDataType GetOutputType(size_t i) const {
+        return i == kYq ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+    OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const { return INPUT_OUTPUT_OPTIONAL; }
 };
 
 // MaxPool(X[B, H, W, C]) -> Y[B, OH, OW, C]: ONNX MaxPool (2-D, ceil_mode 0) with channels last,

@@ -26,6 +26,7 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -459,7 +460,8 @@ static void nhwc_unit(const dw_task *t, int64_t bi, int32_t blk, int32_t band, f
  * AVX-512 16-lane kernel takes weight-only float layers with 16 | n when it is the active ISA. */
 /* Input rows [lo, hi) of image bi as the pixel-int8 kernels read them: s * (float)q per pixel,
  * from the given codes or from quantising the float pixels (spfq_quantize_i8 per pixel). */
-static void pixel_rows(const dw_task *t, int64_t bi, int32_t lo, int32_t hi, float *out, int8_t *qtmp, float *stmp) {
+DW_CLONES static void pixel_rows(const dw_task *t, int64_t bi, int32_t lo, int32_t hi, float *out, int8_t *qtmp,
+                                 float *stmp) {
     const int32_t C = t->p->g.channels;
     const size_t first = ((size_t)bi * t->H + lo) * t->W, npix = (size_t)(hi - lo) * t->W;
     const int8_t *q = t->xq ? t->xq + first * C : qtmp;
@@ -467,6 +469,38 @@ static void pixel_rows(const dw_task *t, int64_t bi, int32_t lo, int32_t hi, flo
     if (!t->xq) spfq_quant_rows((int32_t)npix, C, t->x + first * C, (size_t)C, qtmp, (size_t)C, stmp);
     for (size_t i = 0; i < npix; i++)
         for (int32_t c = 0; c < C; c++) out[i * C + c] = sc[i] * (float)q[i * C + c];
+}
+
+/* Per-thread grow-only scratch of the row-major units (slots: dequantised input rows, their
+ * codes and scales, output rows to quantise, the zero row, the tap pointers): a fresh malloc of
+ * these sizes is an mmap whose pages fault in on every call. Freed when the thread exits. */
+enum { DW_XIN, DW_QTMP, DW_STMP, DW_YTMP, DW_ZERO, DW_TAPS, DW_SLOTS };
+static pthread_key_t dw_key;
+static pthread_once_t dw_once = PTHREAD_ONCE_INIT;
+typedef struct { void *p[DW_SLOTS]; size_t cap[DW_SLOTS]; } dw_scratch;
+static void dw_scratch_free(void *v) {
+    dw_scratch *b = v;
+    for (int i = 0; i < DW_SLOTS; i++) free(b->p[i]);
+    free(b);
+}
+static void dw_key_init(void) { pthread_key_create(&dw_key, dw_scratch_free); }
+static void *dw_buf(int slot, size_t bytes, int zeroed) {
+    pthread_once(&dw_once, dw_key_init);
+    dw_scratch *b = pthread_getspecific(dw_key);
+    if (!b) {
+        if (!(b = calloc(1, sizeof *b))) return NULL;
+        if (pthread_setspecific(dw_key, b)) {
+            free(b);
+            return NULL;
+        }
+    }
+    if (b->cap[slot] < bytes) {
+        free(b->p[slot]);
+        b->p[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        b->cap[slot] = b->p[slot] ? bytes : 0;
+        if (b->p[slot] && zeroed) memset(b->p[slot], 0, bytes);
+    }
+    return b->p[slot];
 }
 
 static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
@@ -479,32 +513,24 @@ static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
     const int32_t step = t->pixel ? DW_PIXEL_ROWS_STEP : DW_ROWS_STEP;
     float *xin = NULL, *ytmp = NULL, *stmp = NULL;
     int8_t *qtmp = NULL;
-    if (t->pixel) { /* scratch: one step's input rows (dequantised) and output rows */
+    if (t->pixel) { /* one step's input rows, dequantised */
         const size_t in_rows_max = (size_t)(step - 1) * p->g.sh + (size_t)(p->g.kh - 1) * p->g.dh + 1;
         const size_t npix = in_rows_max * t->W;
-        xin = malloc(npix * C * sizeof(float));
-        qtmp = t->xq ? NULL : malloc(npix * C);
-        stmp = t->xq ? NULL : malloc(npix * sizeof(float));
-        ytmp = t->yq ? malloc((size_t)step * t->OW * p->n * sizeof(float)) : NULL;
-        if (!xin || (!t->xq && (!qtmp || !stmp)) || (t->yq && !ytmp)) {
-            free(xin);
-            free(qtmp);
-            free(stmp);
-            free(ytmp);
-            __atomic_store_n((int *)&t->failed, 1, __ATOMIC_RELAXED);
-            return;
-        }
+        xin = dw_buf(DW_XIN, npix * C * sizeof(float), 0);
+        qtmp = t->xq ? NULL : dw_buf(DW_QTMP, npix * C, 0);
+        stmp = t->xq ? NULL : dw_buf(DW_STMP, npix * sizeof(float), 0);
+    }
+    if (t->yq) ytmp = dw_buf(DW_YTMP, (size_t)step * t->OW * p->n * sizeof(float), 0); /* one step's output rows */
+    if ((t->pixel && (!xin || (!t->xq && (!qtmp || !stmp)))) || (t->yq && !ytmp)) {
+        __atomic_store_n((int *)&t->failed, 1, __ATOMIC_RELAXED);
+        return;
     }
     const float *zero = NULL, **taps = NULL;
 #if defined(__x86_64__)
     if (!t->int8 && p->lane16 && spfq_dw_rows16_avx512 && spfq_isa_avx512()) {
-        zero = calloc((size_t)C, sizeof(float));
-        taps = malloc((size_t)t->OW * (size_t)p->k * sizeof *taps);
-        if (!zero || !taps) {
-            free((void *)zero);
-            free(taps);
-            zero = NULL;
-        }
+        zero = dw_buf(DW_ZERO, (size_t)C * sizeof(float), 1);
+        taps = dw_buf(DW_TAPS, (size_t)t->OW * (size_t)p->k * sizeof *taps, 0);
+        if (!zero || !taps) zero = NULL;
     }
 #endif
     for (int32_t r0 = oh0; r0 < oh1; r0 += step) {
@@ -517,10 +543,10 @@ static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
             in_rows(&p->g, t->H, r0, r1, &lo, &hi);
             pixel_rows(t, bi, lo, hi, xin, qtmp, stmp);
             x = xin;
-            if (ytmp) {
-                y = ytmp;
-                ylo = r0;
-            }
+        }
+        if (ytmp) {
+            y = ytmp;
+            ylo = r0;
         }
         if (zero) {
             lanes_io io = {x, lo, C, y, (size_t)p->n, 1, ylo};
@@ -528,7 +554,7 @@ static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
         } else {
             for (int32_t blk = 0; blk < p->nblk; blk++) {
                 lanes_io io = {x + blk * L, lo, C, y + blk * L, (size_t)p->n, 1, ylo};
-                lanes_rows(p, t->pixel ? 0 : t->int8, blk, L, io, t->H, t->W, r0, r1, t->OW);
+                lanes_rows(p, t->int8, blk, L, io, t->H, t->W, r0, r1, t->OW);
             }
         }
         if (ytmp) { /* the next layer's quantisation of these pixels */
@@ -537,12 +563,6 @@ static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
                             t->ys + first);
         }
     }
-    free((void *)zero);
-    free(taps);
-    free(xin);
-    free(qtmp);
-    free(stmp);
-    free(ytmp);
 }
 
 /* One NCHW block of DW_LANES outputs of one image, narrow planes: interleave, then the lanes. */
@@ -620,7 +640,7 @@ static int dw_run(const spfq_dw *p, int32_t int8, int32_t nhwc, int32_t b, int32
     if (!b) return SPFQ_OK;
     dw_task t = {p, int8 != 0, nhwc, b, h, w, (int32_t)OH, (int32_t)OW, 1, 0, x, y, 0, 0, NULL, NULL, NULL, NULL};
     if (pix) {
-        t.pixel = 1;
+        t.pixel = pix->pixel;
         t.xq = pix->xq;
         t.xs = pix->xs;
         t.yq = pix->yq;
@@ -652,11 +672,12 @@ int spfq_dwconv_nhwc(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32
     return dw_run(p, int8, 1, b, h, w, x, y, NULL, nthreads);
 }
 
-int spfq_dwconv_nhwc_act(const spfq_dw *p, int32_t b, int32_t h, int32_t w, const spfq_act *a, int32_t nthreads) {
+int spfq_dwconv_nhwc_act(const spfq_dw *p, int32_t int8_pixel, int32_t b, int32_t h, int32_t w, const spfq_act *a,
+                         int32_t nthreads) {
     if (!p || !a || b < 0 || h < 1 || w < 1 || (!a->x == !(a->xq && a->xscale)) || (a->x && (a->xq || a->xscale)) ||
-        (!a->y == !(a->yq && a->yscale)) || (a->y && (a->yq || a->yscale)))
+        (!a->y == !(a->yq && a->yscale)) || (a->y && (a->yq || a->yscale)) || (!int8_pixel && !a->x))
         return SPFQ_EINVAL;
-    const dw_task pix = {.xq = a->xq, .xs = a->xscale, .yq = a->yq, .ys = a->yscale};
+    const dw_task pix = {.pixel = int8_pixel != 0, .xq = a->xq, .xs = a->xscale, .yq = a->yq, .ys = a->yscale};
     if (p->g.mult == 1 && p->n % DW_LANES == 0) /* row-major units: per step of rows, in cache */
         return dw_run(p, 0, 1, b, h, w, a->x, a->y, &pix, nthreads);
     /* gathered blocks: the whole input dequantised first, the whole output quantised after */
@@ -671,11 +692,15 @@ int spfq_dwconv_nhwc_act(const spfq_dw *p, int32_t b, int32_t h, int32_t w, cons
     float *y = a->y ? a->y : malloc(nout * (size_t)p->n * sizeof(float) + 1);
     int rc = SPFQ_ENOMEM;
     if (xin && y && (!a->x || (sc && q))) {
-        if (a->x) spfq_quant_rows((int32_t)npix, (int32_t)C, a->x, C, q, C, sc);
-        const int8_t *qq = a->x ? q : a->xq;
-        const float *ss = a->x ? sc : a->xscale;
-        for (size_t i = 0; i < npix; i++)
-            for (size_t c = 0; c < C; c++) xin[i * C + c] = ss[i] * (float)qq[i * C + c];
+        if (!int8_pixel) {
+            memcpy(xin, a->x, npix * C * sizeof(float));
+        } else {
+            if (a->x) spfq_quant_rows((int32_t)npix, (int32_t)C, a->x, C, q, C, sc);
+            const int8_t *qq = a->x ? q : a->xq;
+            const float *ss = a->x ? sc : a->xscale;
+            for (size_t i = 0; i < npix; i++)
+                for (size_t c = 0; c < C; c++) xin[i * C + c] = ss[i] * (float)qq[i * C + c];
+        }
         rc = dw_run(p, 0, 1, b, h, w, xin, y, NULL, nthreads);
         if (rc == SPFQ_OK && a->yq) spfq_quant_rows((int32_t)nout, p->n, y, (size_t)p->n, a->yq, (size_t)p->n, a->yscale);
     }

@@ -407,7 +407,8 @@ def _layers(out, art, feeds, refs, files):
         else:
             sess = ort_runners.session(path, library, accuracy_level=art.accuracy_level)
             values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-    values = layer_checks.channels_first(model, values)
+    values, steps = layer_checks.dequantize_q8(model, values)
+    values, steps = layer_checks.channels_first(model, values), layer_checks.channels_first(model, steps)
     _, hooked = refs.outputs(art.reference, art.float_layers)
     clamps = layer_checks.fused_clamps(model, tensors)
     hooked = {n: (np.clip(v, *clamps[n]) if n in clamps else v) for n, v in hooked.items()}
@@ -417,4 +418,4 @@ def _layers(out, art, feeds, refs, files):
         return layer_checks.Clamped(layer, *clamps[n]) if n in clamps else layer
 
     return layer_checks.check(values, tensors, feeds, ref_layer, hooked,
-                              TOLERANCES[art.kind], TOLERANCES[art.kind])
+                              TOLERANCES[art.kind], TOLERANCES[art.kind], steps)

@@ -20,11 +20,43 @@ breaks the row's end-to-end tolerance.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
 
 from . import metrics
+
+
+def _out(node: onnx.NodeProto) -> str:
+    """A node's output tensor: the first one present (an int8 PackedConv output leaves slot 0 empty)."""
+    return next((t for t in node.output if t), "")
+
+
+def q8_scales(model: onnx.ModelProto) -> dict[str, str]:
+    """{int8 tensor: its per-pixel scale tensor} of the int8 edges (export/onnx/q8.py)."""
+    from ..export.onnx.q8 import X_Q, X_SCALE, Y_Q, Y_SCALE
+
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "PackedConv":
+            if len(n.output) > Y_SCALE and n.output[Y_Q]:
+                out[n.output[Y_Q]] = n.output[Y_SCALE]
+            if len(n.input) > X_SCALE and n.input[X_Q]:
+                out[n.input[X_Q]] = n.input[X_SCALE]
+    return out
+
+
+def dequantize_q8(model: onnx.ModelProto, values: dict) -> tuple[dict, dict]:
+    """(values with every int8 edge tensor dequantised as float32 scale * q, {tensor: its
+    quantisation step per element}): the form the per-layer checks compare."""
+    values, steps = dict(values), {}
+    for q, s in q8_scales(model).items():
+        if q in values and s in values:
+            scale = values[s][..., None].astype(np.float32)
+            values[q] = scale * values[q].astype(np.float32)
+            steps[q] = np.broadcast_to(scale, values[q].shape)
+    return values, steps
 
 
 def layer_tensors(model: onnx.ModelProto, layer_names) -> dict[str, tuple[str, str]]:
@@ -45,7 +77,7 @@ def layer_tensors(model: onnx.ModelProto, layer_names) -> dict[str, tuple[str, s
             for t in node.input:
                 if t and owner(t) is None and t not in inits:
                     inputs.setdefault(layer, t)
-            out = node.output[0]
+            out = _out(node)
             if owner(out) != layer:  # the first tensor not named after the layer: its output
                 if layer in inputs:
                     found[layer] = (inputs[layer], out)
@@ -57,11 +89,14 @@ def with_layer_outputs(model: onnx.ModelProto, tensors: dict[str, tuple[str, str
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    scales = q8_scales(model)
     for x, y in tensors.values():
         for t in (x, y):
-            if t not in have:
-                m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-                have.add(t)
+            for name, kind in ((t, TensorProto.INT8 if t in scales else TensorProto.FLOAT),
+                               (scales.get(t), TensorProto.FLOAT)):
+                if name and name not in have:
+                    m.graph.output.append(helper.make_tensor_value_info(name, kind, None))
+                    have.add(name)
     return m
 
 
@@ -69,11 +104,12 @@ def channels_first(model: onnx.ModelProto, values: dict) -> dict:
     """values with the NHWC tensors of channels-last PackedConv nodes (export/onnx/layout.py)
     transposed back to NCHW, the layout the reference layers compute in."""
     from ..export.onnx.layout import TO_FIRST
+    from ..export.onnx.q8 import X_Q
 
     nhwc = {}
     for node in model.graph.node:
         if node.op_type == "PackedConv" and any(a.name == "channels_last" and a.i for a in node.attribute):
-            for t in (node.input[0], node.output[0]):
+            for t in (node.input[0] or (node.input[X_Q] if len(node.input) > X_Q else ""), _out(node)):
                 nhwc[t] = True
     out = dict(values)
     for t in nhwc:
@@ -85,7 +121,7 @@ def channels_first(model: onnx.ModelProto, values: dict) -> dict:
 def fused_clamps(model: onnx.ModelProto, tensors: dict[str, tuple[str, str]]) -> dict[str, tuple[float, float]]:
     """{layer: (lo, hi)} for layers whose node has a fused clamp (export/onnx/fuse.py): their
     output tensor is after the ReLU / Clip, so the reference is clamped the same way."""
-    by_output = {n.output[0]: n for n in model.graph.node if n.output}
+    by_output = {_out(n): n for n in model.graph.node if n.output}
     out = {}
     for name, (_, y) in tensors.items():
         node = by_output.get(y)
@@ -122,15 +158,22 @@ def hooked_outputs(model: torch.nn.Module, args, layer_names) -> tuple[list, dic
     return y, captured
 
 
-def check(values: dict, tensors: dict, feeds: dict, ref_layer, hooked: dict, tol, row_tol) -> tuple[list, str | None]:
+def check(values: dict, tensors: dict, feeds: dict, ref_layer, hooked: dict, tol, row_tol,
+          steps: dict | None = None) -> tuple[list, str | None]:
     """Per-layer rows and the first diverging layer. values: tensor name -> array from the
-    artifact; ref_layer(name) -> the reference module of that layer."""
+    artifact; ref_layer(name) -> the reference module of that layer; steps: the quantisation step
+    per element of int8 edge outputs (dequantize_q8): such an output is right when it lies
+    within half a step of the reference (the quantiser's rounding), plus the usual tolerance."""
     rows, first_local, first_acc = [], None, None
+    steps = steps or {}
     for name, (x_name, y_name) in tensors.items():
         x = feeds[x_name] if x_name in feeds else values[x_name]
         y = values[y_name]
         with torch.no_grad():
             want = ref_layer(name)(torch.from_numpy(x)).float().numpy()
+        if y_name in steps:  # move y toward want by up to half a step: what is left is the error
+            half = steps[y_name] * np.float32(0.5 * (1 + 2 ** -20))
+            y = np.where(np.abs(y - want) <= half, want, y - np.sign(y - want) * half).astype(np.float32)
         local = metrics.compare(y, want)
         row = {"layer": name, "local_max_rel_err": local["max_rel_err"],
                "local_ok": local["max_rel_err"] <= tol.layer_rel_err}

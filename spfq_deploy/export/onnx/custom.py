@@ -14,13 +14,14 @@ from ...kernels import LAYOUT_IDS, kernel_pack, layer_activation, preferred_layo
 from .fuse import fuse_activations
 from .graph import Builder, Replacement, conv_attrs
 from .layout import channels_last
+from .q8 import int8_edges
 
 DOMAIN = "ai.spfq"
 DOMAIN_VERSION = 1
 
 
 def builder(activation: str) -> Builder:
-    """activation: 'float' (weight-only kernels) or 'int8' (per-row int8 activations; depthwise
+    """activation: 'float' (weight-only kernels) or 'int8' (per-row int8 activations; direct-kernel
     layers weight-only, kernels.layer_activation)."""
 
     def build(layer: CompressedLayer, x: str, y: str) -> Replacement:
@@ -53,6 +54,8 @@ def builder(activation: str) -> Builder:
 
 def graph_pass(model) -> None:
     """ReLU / Clip after a packed layer fused into it (fuse.py), then activations stay NHWC
-    between the PackedConv nodes (layout.py)."""
+    between the PackedConv nodes (layout.py), then int8 between those whose rows are pixels
+    (q8.py)."""
     fuse_activations(model, ("PackedConv", "PackedMatMul"), DOMAIN)
     channels_last(model, "PackedConv", DOMAIN)
+    int8_edges(model, DOMAIN)
