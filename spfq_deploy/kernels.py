@@ -118,6 +118,11 @@ def isa() -> str:
     return lib().spfq_isa().decode()
 
 
+# The int8 activation quantiser the kernels implement (kernels/src/quant.c: x * (127 / amax)
+# rounded to nearest even); export manifests record it, validate picks the matching reference
+# (spfq_deploy.reference.quantize_rows_i8; manifests without the record used rule 1).
+INT8_QUANTIZER = 2
+
 # Int-code layers run on the dense bit-plane kernel (which also handles lam) unless at least this
 # fraction of the weights is zero: the sparse kernel is slower than the dense one below that
 # (benchmarks/results/kernels.json: 4-bit 50% sparse is several times slower than dense planes).

@@ -77,16 +77,27 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def quantize_rows_i8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels' activation quantiser in torch (kernels/include/spfq_kernels.h): per row
-    xscale = max|x| / 127 (float32), xq = round-half-away(x / xscale) in [-127, 127]."""
+def quantize_rows_i8(rows: torch.Tensor, rule: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantiser in torch (kernels/src/quant.c), per row; returns
+    (q as float64, xscale float32). Rule 2 (spfq-deploy >= 0.x exports record "int8_quantizer": 2):
+    amax = max|x| (NaN ignored); below 2^-100 xscale = 0 and q = 0; else xscale = amax / 127,
+    r = 127 / amax (float32) and q = float32(x * r) rounded to nearest even, in [-127, 127]
+    (NaN -> 0). Rule 1 (earlier exports, no record): xscale = amax / 127, q = float32(x / xscale)
+    rounded half away from zero, in [-127, 127]."""
     rows = rows.float()
-    xs = rows.abs().amax(dim=-1) / 127.0
-    safe = torch.where(xs > 0, xs, torch.ones_like(xs))
-    v = (rows / safe[..., None]).double()  # float32 quotient as C computes it; rounding exact in float64
-    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
-    q = torch.where(xs[..., None] > 0, q.clamp(-127, 127), torch.zeros_like(q))
-    return q, xs
+    if rule == 1:
+        xs = rows.abs().amax(dim=-1) / 127.0
+        safe = torch.where(xs > 0, xs, torch.ones_like(xs))
+        v = (rows / safe[..., None]).double()  # float32 quotient as C computes it; rounding exact in float64
+        q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+        return torch.where(xs[..., None] > 0, q.clamp(-127, 127), torch.zeros_like(q)), xs
+    amax = torch.nan_to_num(rows.abs(), nan=0.0, posinf=float("inf")).amax(dim=-1)
+    ok = amax >= 2.0 ** -100
+    xs = torch.where(ok, amax / 127.0, torch.zeros_like(amax))
+    r = torch.where(ok, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    t = rows * r[..., None]  # float32 product, as the kernels
+    q = torch.nan_to_num(torch.round(t).clamp(-127, 127), nan=0.0)
+    return q.double(), xs
 
 
 class Int8ActivationLayer(nn.Module):
@@ -94,9 +105,9 @@ class Int8ActivationLayer(nn.Module):
     them: activations quantised per row, exact integer sums (float64 holds them exactly), then
     y = xscale * (scale * acc_c + (lam - scale) * acc_s) + bias."""
 
-    def __init__(self, layer: CompressedLayer):
+    def __init__(self, layer: CompressedLayer, rule: int = 2):
         super().__init__()
-        self.kind, self.conv = layer.kind, layer.conv
+        self.kind, self.conv, self.rule = layer.kind, layer.conv, rule
         self.groups = int(layer.conv["groups"]) if layer.conv else 1
         codes = torch.from_numpy(layer.codes.astype(np.float64))
         self.register_buffer("codes", codes)
@@ -113,20 +124,20 @@ class Int8ActivationLayer(nn.Module):
         n = self.codes.shape[0] // self.groups
         outs = []
         for g in range(self.groups):
-            q, xs = quantize_rows_i8(rows[g])
+            q, xs = quantize_rows_i8(rows[g], self.rule)
             c, sg = self.codes[g * n:(g + 1) * n], self.signs[g * n:(g + 1) * n]
             acc = q @ c.T * self.scale[g * n:(g + 1) * n] + (q @ sg.T) * self.extra[g * n:(g + 1) * n]
             outs.append(xs.double()[:, None] * acc + self.bias[g * n:(g + 1) * n])
         return rows_to_output(torch.cat(outs, dim=1).float(), x, self.kind, self.conv)
 
 
-def int8_activation_reference(model: nn.Module, cm: CompressedModel, float_layers=()) -> nn.Module:
+def int8_activation_reference(model: nn.Module, cm: CompressedModel, float_layers=(), rule: int = 2) -> nn.Module:
     """A copy of the reference `model` whose compressed layers quantise their inputs to int8 per
     row as the integer kernels do: the reference for artifacts built with int8 activations.
     float_layers: layers such an artifact runs weight-only (kernels.layer_activation), left as
-    the dequantised modules."""
+    the dequantised modules; rule: the artifact's quantiser (its manifest's int8_quantizer)."""
     model = copy.deepcopy(model)
     for name, layer in cm.layers.items():
         if name not in float_layers:
-            replace_module(model, name, Int8ActivationLayer(layer))
+            replace_module(model, name, Int8ActivationLayer(layer, rule))
     return model.eval()

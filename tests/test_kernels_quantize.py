@@ -1,8 +1,9 @@
 """spfq_quantize_i8 (kernels/src/quant.c) through the ctypes binding, bit-exact against an
 independent numpy reference of the header's formula, for every ISA this CPU has:
-xscale = float32(max|x|) / 127 (float32), xq = round-half-away(x / xscale) (float32 division),
-clamped to [-127, 127], 0 where xscale == 0. Rows with a NaN or an infinity (outside the
-reference's formula) must match the portable C version bit for bit."""
+amax = max|x|; below 2^-100 xscale = 0 and xq = 0; else xscale = amax / 127, r = 127 / amax
+(float32 divisions) and xq = float32(x * r) rounded to nearest, ties to even, clamped to
+[-127, 127]. Rows with a NaN or an infinity (outside the reference's formula) must match the
+portable C version bit for bit."""
 
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ def isa(request):
 
 
 def reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    s = (np.abs(x).max(axis=1, initial=F32(0)).astype(F32) / F32(127)).astype(F32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = (x / np.where(s > 0, s, F32(1))[:, None]).astype(F32)
-    r = np.sign(v.astype(np.float64)) * np.floor(np.abs(v.astype(np.float64)) + 0.5)
-    q = np.clip(r, -127, 127)
-    q[s == 0] = 0
+    amax = np.abs(x).max(axis=1, initial=F32(0)).astype(F32)
+    ok = amax >= F32(2.0 ** -100)
+    with np.errstate(divide="ignore", over="ignore"):  # 127 / amax of the rows where ok is False
+        s = np.where(ok, amax / F32(127), F32(0)).astype(F32)
+        r = np.where(ok, F32(127) / amax, F32(0)).astype(F32)
+    t = (x * r[:, None]).astype(F32)
+    q = np.clip(np.rint(t), -127, 127)  # rint: to nearest, ties to even
     return q.astype(np.int8), s
 
 
@@ -46,15 +48,15 @@ def check(x: np.ndarray) -> None:
 
 
 def ties_row(rng, k: int) -> np.ndarray:
-    """Values that are exactly (j + 0.5) xscale after the division (and their float
-    neighbours): xscale with a short mantissa, so every product below is exact."""
+    """Values whose product x * r is exactly j + 0.5 (and their float neighbours): r = 127 /
+    amax a power of two, so every product below is exact."""
     e = int(rng.integers(-30, 30))
-    s = F32(np.ldexp(float(rng.integers(1 << 10, 1 << 11)), e - 10))  # 11-bit mantissa
-    amax = F32(127) * s  # exact, and amax / 127 == s
-    assert amax / F32(127) == s
+    r = F32(np.ldexp(1.0, e))
+    amax = F32(127) / r  # exact, and 127 / amax == r
+    assert F32(127) / amax == r
     j = rng.integers(-127, 127, k).astype(np.float64) + 0.5
-    x = (j * float(s)).astype(F32)
-    assert np.array_equal(x.astype(np.float64) / float(s), j)
+    x = (j / float(r)).astype(F32)
+    assert np.array_equal(x.astype(np.float64) * float(r), j)
     pick = rng.random(k)
     x = np.where(pick < 0.15, np.nextafter(x, F32(np.inf)), x)
     x = np.where(pick > 0.85, np.nextafter(x, F32(-np.inf)), x)
@@ -79,8 +81,7 @@ def rows(kind: str, m: int, k: int, seed: int) -> np.ndarray:
         if m > 2:
             x[2] = 0.0
         return x
-    if kind == "near":  # quotients within an ulp or two of half-integers, for arbitrary scales:
-        # where a reciprocal product (the SIMD fast path) could round the other way
+    if kind == "near":  # products within an ulp or two of half-integers, for arbitrary scales
         s = np.exp(rng.uniform(-20, 20, (m, 1)))
         x = ((rng.integers(-127, 127, (m, k)) + 0.5) * s).astype(F32)
         if k:
@@ -106,13 +107,24 @@ def test_quantize_i8_matches_reference(isa, kind, m, k):
     check(rows(kind, m, k, seed=100 * KS.index(k) + 10 * MS.index(m) + KINDS.index(kind)))
 
 
-def test_ties_round_half_away(isa):
-    """Exact halves: 0.5 -> 1, 1.5 -> 2, 2.5 -> 3, -0.5 -> -1; just below a half rounds down."""
+def test_ties_round_to_even(isa):
+    """Exact halves of x * r (r = 1 here): 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, -0.5 -> 0; just below a
+    half rounds down."""
     x = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 0.0, -0.0,
                    np.nextafter(F32(0.5), F32(0)), np.nextafter(F32(-2.5), F32(0)), 0.49999997]], F32)
     xq, s = K.quantize_i8(x)
     assert s[0] == F32(1)
-    assert xq.tolist() == [[127, 1, 2, 3, -1, -2, -3, 127, -127, 0, 0, 0, -2, 0]]
+    assert xq.tolist() == [[127, 0, 2, 2, 0, -2, -2, 126, -126, 0, 0, 0, -2, 0]]
+    check(x)
+
+
+def test_tiny_rows_quantise_to_zero(isa):
+    """A row whose max |x| is below 2^-100 (127 / amax could overflow) has xscale 0 and codes 0;
+    at 2^-100 it is quantised."""
+    x = np.array([[2.0 ** -101, -2.0 ** -102, 0.0], [2.0 ** -100, -(2.0 ** -101), 0.0]], F32)
+    xq, s = K.quantize_i8(x)
+    assert s[0] == 0 and xq[0].tolist() == [0, 0, 0]
+    assert s[1] > 0 and xq[1].tolist() == [127, -64, 0]
     check(x)
 
 

@@ -1,7 +1,8 @@
 /* quant.cu — per-row symmetric int8 activation quantiser, bit-exact with the CPU oracle
- * (kernels/src/quant.c quant_rows_c): xscale = max|x| / 127.0f (IEEE division: this file must
- * not be built with --use_fast_math / -prec-div=false), xq = roundf(x / xscale) (half away from
- * zero) clamped to [-127, 127], 0 for a NaN quotient or xscale == 0. fmaxf ignores quiet NaNs
+ * (kernels/src/quant.c quant_rows_c, rule 2): amax = max|x|; below 2^-100 xscale = 0 and
+ * xq = 0; else xscale = amax / 127, r = 127 / amax (IEEE divisions: this file must not be built
+ * with --use_fast_math / -prec-div=false) and xq = x * r (a rounded multiply, never contracted)
+ * rounded to nearest even (rintf), clamped to [-127, 127], 0 for NaN. fmaxf ignores quiet NaNs
  * like glibc's (signalling NaNs are not distinguished on the GPU).
  *
  * Thread mapping: one 256-thread block per activation row (blockIdx.x, grid-strided); the
@@ -14,14 +15,14 @@
 /* max|x| accumulation step (fmaxf ignores a quiet NaN operand, as glibc's) */
 SPFQ_HD float quant_absmax(float acc, float x) { return fmaxf(acc, fabsf(x)); }
 
-/* the row's scale from its max |x| */
-SPFQ_HD float quant_scale(float amax) { return spfq_div(amax, 127.0f); }
+/* the row's scale and multiplier from its max |x| (0 and 0 below 2^-100) */
+SPFQ_HD float quant_scale(float amax) { return amax >= 0x1p-100f ? spfq_div(amax, 127.0f) : 0.0f; }
+SPFQ_HD float quant_recip(float amax) { return amax >= 0x1p-100f ? spfq_div(127.0f, amax) : 0.0f; }
 
-/* one activation: round half away from zero, clamp to +-127, 0 for a NaN quotient / zero scale */
-SPFQ_HD int8_t quant_value(float x, float s)
+/* one activation: x * r to nearest even, clamp to +-127, 0 for NaN */
+SPFQ_HD int8_t quant_value(float x, float r)
 {
-    if (!(s > 0.0f)) return 0;
-    const float v = roundf(spfq_div(x, s));
+    const float v = rintf(spfq_mul(x, r));
     return (v != v) ? (int8_t)0 : (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : (int)v);
 }
 
@@ -30,7 +31,7 @@ __global__ void __launch_bounds__(QTHREADS)
 spfq_quantize_i8_kernel(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale)
 {
     __shared__ float wmax[QTHREADS / SPFQ_WARP];
-    __shared__ float row_scale;
+    __shared__ float row_recip;
     for (int32_t r = (int32_t)blockIdx.x; r < m; r += (int32_t)gridDim.x) {
         const float *row = x + (size_t)r * (size_t)k;
         int8_t *out = xq + (size_t)r * (size_t)k;
@@ -43,14 +44,13 @@ spfq_quantize_i8_kernel(int32_t m, int32_t k, const float *x, int8_t *xq, float 
         if (threadIdx.x == 0) {
             float a = 0.0f;
             for (int w = 0; w < QTHREADS / SPFQ_WARP; w++) a = fmaxf(a, wmax[w]);
-            const float s = quant_scale(a);
-            row_scale = s;
-            xscale[r] = s;
+            row_recip = quant_recip(a);
+            xscale[r] = quant_scale(a);
         }
         __syncthreads();
-        const float s = row_scale;
-        for (int32_t i = threadIdx.x; i < k; i += QTHREADS) out[i] = quant_value(row[i], s);
-        __syncthreads(); /* wmax / row_scale are reused by the next row */
+        const float rc = row_recip;
+        for (int32_t i = threadIdx.x; i < k; i += QTHREADS) out[i] = quant_value(row[i], rc);
+        __syncthreads(); /* wmax / row_recip are reused by the next row */
     }
 }
 #endif
@@ -68,8 +68,9 @@ extern "C" int spfq_cuda_quantize_i8(int32_t m, int32_t k, const float *x, int8_
         const float *row = x + (size_t)r * (size_t)k;
         float amax = 0.0f;
         for (int32_t i = 0; i < k; i++) amax = quant_absmax(amax, row[i]);
-        const float s = xscale[r] = quant_scale(amax);
-        for (int32_t i = 0; i < k; i++) xq[(size_t)r * (size_t)k + i] = quant_value(row[i], s);
+        xscale[r] = quant_scale(amax);
+        const float rc = quant_recip(amax);
+        for (int32_t i = 0; i < k; i++) xq[(size_t)r * (size_t)k + i] = quant_value(row[i], rc);
     }
     return SPFQ_OK;
 #else

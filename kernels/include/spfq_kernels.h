@@ -106,8 +106,10 @@ int spfq_bgemm(const spfq_prepared *w, int32_t m, const uint64_t *xbits, const f
                int32_t *dot, float *y, uint64_t *ybits, int32_t nthreads);
 
 /* Activation quantisers used in front of the kernels (also exact references for tests):
- * i8: xscale = max|x_row| / 127 (0 for an all-zero row), xq = round-half-away(x / xscale)
- * clamped to [-127, 127] (0 where xscale == 0). binarize: bit = (x < 0), xscale = mean|x_row|. */
+ * i8 (rule 2): amax = max|x_row|; below 2^-100 xscale = 0 and xq = 0; else xscale = amax / 127,
+ * r = 127 / amax (float32 divisions), xq = float32(x * r) rounded to nearest, ties to even,
+ * clamped to [-127, 127], 0 for NaN (the default floating-point environment is assumed).
+ * binarize: bit = (x < 0), xscale = mean|x_row|. */
 int spfq_quantize_i8(int32_t m, int32_t k, const float *x, int8_t *xq, float *xscale);
 int spfq_binarize(int32_t m, int32_t k, const float *x, uint64_t *xbits, float *xscale);
 

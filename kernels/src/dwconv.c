@@ -12,8 +12,8 @@
  *        level * acc + bias (SIGN / SIGN_MASK: weight +-1) or acc + bias (PLANES / SPARSE:
  *        weight value(c) as intb.c computes it). ISO C build: no fused multiply-add.
  *   i8:  per output pixel (= im2col row) amax = max |x| over the patch (padding adds 0),
- *        xs = amax / 127, q = round-half-away(x / xs) clamped to +-127 (0 for NaN or xs = 0),
- *        exactly as quant.c; acc_c = sum q c, acc_s = sum q sign(c) are integers below 2^24
+ *        xs = amax / 127, q = x * (127 / amax) rounded to nearest even, clamped to +-127 (0 for
+ *        NaN; xs = q = 0 below amax 2^-100), exactly as quant.c; acc_c = sum q c, acc_s = sum q sign(c) are integers below 2^24
  *        (k * 127 * 127, k <= 1040: checked), so float lanes hold them exactly; then the
  *        epilogue of api.c's i8_finish, the same float expression.
  * The row functions are built for AVX-512, AVX2 and the baseline (target_clones on x86-64
@@ -189,18 +189,18 @@ static inline cols col_range(int32_t off, int32_t sw, int32_t W, int32_t OW) {
     return r;
 }
 
-/* quant.c's rounding of one quotient v = x / xs: half away from zero, clamped to +-127, 0 for
- * NaN or xs <= 0. |v| is capped at 128 first (NaN -> 128, masked below); the truncation is
- * the 2^23 trick corrected down (exact below 2^23; an int conversion would not vectorise
- * under GCC's trapping-math rules), then trunc + compare as quant.c's SIMD paths do. */
-static inline float quant_q(float v, float xs) {
-    float a = fabsf(v);
-    a = a < 128.0f ? a : 128.0f;
-    const float r = (a + 8388608.0f) - 8388608.0f; /* a rounded to an integer (a < 2^23) */
-    const float tr = r - (float)(r > a);            /* = trunc(a) for a >= 0 */
-    float q = tr + (float)((a - tr) >= 0.5f);
-    q = q < 127.0f ? q : 127.0f;
-    return copysignf(q, v) * (float)((v == v) & (xs > 0.0f)); /* arithmetic, no branch: vectorises */
+/* quant.c's rule 2 for one patch: xscale = amax / 127 and r = 127 / amax (0 and 0 below
+ * 2^-100), written so that it vectorises */
+static inline float patch_xs(float amax) { return amax >= 0x1p-100f ? amax / 127.0f : 0.0f; }
+static inline float patch_r(float amax) { return amax >= 0x1p-100f ? 127.0f / amax : 0.0f; }
+
+/* quant.c's rounding of one product t = x * r: to nearest, ties to even (the 2^23 trick: exact
+ * for |t| < 2^22; an int conversion would not vectorise under GCC's trapping-math rules),
+ * clamped to +-127, 0 for NaN (an infinite x in an infinite patch: r = 0). */
+static inline float quant_q(float t) {
+    const float n = (t + 12582912.0f) - 12582912.0f; /* 0x1.8p23 */
+    const float q = n < 127.0f ? (n > -127.0f ? n : -127.0f) : 127.0f;
+    return t == t ? q : 0.0f;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -240,7 +240,7 @@ DW_CLONES static void row_f32(const spfq_dw *p, int32_t o, const float *plane, i
         for (int32_t ow = 0; ow < OW; ow++) y[ow] = spfq_clamp(y[ow] + bias, lo, hi);
 }
 
-/* One output row, int8 activations quantised per patch; tmp holds 3 * OW floats. */
+/* One output row, int8 activations quantised per patch; tmp holds 4 * OW floats. */
 DW_CLONES static void row_i8(const spfq_dw *p, int32_t o, const float *plane, int32_t H, int32_t W, int32_t oh,
                              int32_t OW, float *restrict y, float *restrict tmp) {
     const spfq_dw_geom *g = &p->g;
@@ -248,6 +248,7 @@ DW_CLONES static void row_i8(const spfq_dw *p, int32_t o, const float *plane, in
     const int8_t *code = p->code + (size_t)o * k;
     const float *cf = p->c + (size_t)o * k, *sf = p->s + (size_t)o * k;
     float *restrict xs = tmp, *restrict ac = tmp + OW, *restrict as = tmp + 2 * (size_t)OW;
+    float *restrict rc = tmp + 3 * (size_t)OW;
     for (int32_t ow = 0; ow < OW; ow++) {
         xs[ow] = 0.0f;
         ac[ow] = 0.0f;
@@ -267,7 +268,10 @@ DW_CLONES static void row_i8(const spfq_dw *p, int32_t o, const float *plane, in
             }
         }
     }
-    for (int32_t ow = 0; ow < OW; ow++) xs[ow] = xs[ow] / 127.0f;
+    for (int32_t ow = 0; ow < OW; ow++) {
+        rc[ow] = patch_r(xs[ow]);
+        xs[ow] = patch_xs(xs[ow]);
+    }
     for (int32_t kh = 0; kh < g->kh; kh++) {
         const int32_t ih = oh * g->sh - g->pt + kh * g->dh;
         if (ih < 0 || ih >= H) continue;
@@ -280,13 +284,13 @@ DW_CLONES static void row_i8(const spfq_dw *p, int32_t o, const float *plane, in
             const float c = cf[t], s = sf[t], *xp = xr + off;
             if (sw == 1)
                 for (int32_t ow = r.lo; ow < r.hi; ow++) {
-                    const float q = quant_q(xp[ow] / xs[ow], xs[ow]);
+                    const float q = quant_q(xp[ow] * rc[ow]);
                     ac[ow] += q * c;
                     as[ow] += q * s;
                 }
             else
                 for (int32_t ow = r.lo; ow < r.hi; ow++) {
-                    const float q = quant_q(xp[ow * sw] / xs[ow], xs[ow]);
+                    const float q = quant_q(xp[ow * sw] * rc[ow]);
                     ac[ow] += q * c;
                     as[ow] += q * s;
                 }
@@ -320,8 +324,8 @@ DW_CLONES static void lanes_rows_c(const spfq_dw *p, int32_t int8, int32_t blk, 
     const float *scale = e, *lamx = e + L, *bias = e + 2 * L;
     for (int32_t oh = oh0; oh < oh1; oh++)
         for (int32_t ow = 0; ow < OW; ow++) {
-            float a0[L], a1[L], xs[L];
-            for (int32_t l = 0; l < L; l++) a0[l] = a1[l] = xs[l] = 0.0f;
+            float a0[L], a1[L], xs[L], rc[L];
+            for (int32_t l = 0; l < L; l++) a0[l] = a1[l] = xs[l] = rc[l] = 0.0f;
             const int32_t ih0 = oh * g->sh - g->pt, iw0 = ow * g->sw - g->pl;
             if (int8)
                 for (int32_t kh = 0; kh < g->kh; kh++) {
@@ -338,7 +342,10 @@ DW_CLONES static void lanes_rows_c(const spfq_dw *p, int32_t int8, int32_t blk, 
                     }
                 }
             if (int8)
-                for (int32_t l = 0; l < L; l++) xs[l] = xs[l] / 127.0f;
+                for (int32_t l = 0; l < L; l++) {
+                    rc[l] = patch_r(xs[l]);
+                    xs[l] = patch_xs(xs[l]);
+                }
             for (int32_t kh = 0; kh < g->kh; kh++) {
                 const int32_t ih = ih0 + kh * g->dh;
                 if (ih < 0 || ih >= H) continue;
@@ -349,7 +356,7 @@ DW_CLONES static void lanes_rows_c(const spfq_dw *p, int32_t int8, int32_t blk, 
                     const float *wt = w + t * L, *ct = cw + t * L, *st = sw8 + t * L, *lt = live + t * L;
                     if (int8)
                         for (int32_t l = 0; l < L; l++) {
-                            const float q = quant_q(xv[l] / xs[l], xs[l]);
+                            const float q = quant_q(xv[l] * rc[l]);
                             a0[l] += q * ct[l];
                             a1[l] += q * st[l];
                         }
@@ -594,7 +601,7 @@ static void dw_chunk(void *ctx, int32_t chunk, int32_t nchunks) {
     const spfq_dw *p = t->p;
     const int64_t units = dw_units(t), a = units * chunk / nchunks, b = units * (chunk + 1) / nchunks;
     const int lanes = t->nhwc || t->OW < DW_LANES_BELOW;
-    size_t scratch = lanes ? (size_t)t->H * t->W * DW_LANES : (t->int8 ? 3 * (size_t)t->OW : 0);
+    size_t scratch = lanes ? (size_t)t->H * t->W * DW_LANES : (t->int8 ? 4 * (size_t)t->OW : 0);
     if (t->nhwc && p->g.mult == 1 && p->n % DW_LANES == 0) scratch = 0;
     float *tmp = scratch ? malloc(scratch * sizeof(float)) : NULL;
     if (scratch && !tmp) {

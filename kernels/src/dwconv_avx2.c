@@ -6,14 +6,9 @@
  * Bit-identical with the portable kernel (and so with the im2col GEMM oracle):
  *   f32: taps in column order, each adding x * w or +0 (zero code), no fused multiply-add
  *        (target avx2 without fma: GCC does not contract);
- *   i8:  q = quant.c's rounding of x / xs. The quotient is taken as x * r, r = 127 / amax (one
- *        division per pixel instead of one per tap): |x / xs| <= 128, and x * r is within 2^-15
- *        of the correctly rounded quotient (three roundings of relative 2^-24 each), so both round
- *        to the same integer unless the quotient lies within 2^-15 of a half-integer (the only
- *        places where round-half-away changes value). A vector with a lane within 2^-13 of one
- *        is recomputed with the true division; so is every pixel whose xs is subnormal (there
- *        1 / xs may overflow). The integer sums are then exact, the epilogue the same float
- *        expression as the portable kernel.
+ *   i8:  quant.c's rule: per patch r = 127 / amax, q = x * r rounded to nearest even (one
+ *        multiply and one rounding per tap, the same IEEE operations as the portable kernel's);
+ *        the integer sums are exact, the epilogue the same float expression.
  */
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -56,47 +51,33 @@ __attribute__((always_inline)) TGT static inline void pix_f32(const lanes_w *lw,
         out[i] = lw->one ? _mm256_add_ps(_mm256_mul_ps(lw->scale, acc[i]), lw->bias) : _mm256_add_ps(acc[i], lw->bias);
 }
 
-/* The int8 pixels; exact: true division for every quotient (the fallback). */
-__attribute__((always_inline)) TGT static inline void pix_i8(const lanes_w *lw, int P, int exact, int32_t nt,
-                                                            const int32_t *tap, const float *const *xp,
-                                                            const size_t *off, __m256 *out) {
+/* The int8 pixels: per patch xs = amax / 127, r = 127 / amax (0, 0 below 2^-100), q = x * r
+ * rounded to nearest even (0 for NaN: an infinite x in an infinite patch), as quant.c. */
+__attribute__((always_inline)) TGT static inline void pix_i8(const lanes_w *lw, int P, int32_t nt, const int32_t *tap,
+                                                            const float *const *xp, const size_t *off, __m256 *out) {
     enum { L = DW_LANES };
-    const __m256 sgnbit = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-    __m256 xs[2], r[2], pos[2], a0[2], a1[2], near[2];
+    __m256 xs[2], r[2], a0[2], a1[2];
     for (int i = 0; i < P; i++) {
         __m256 amax = _mm256_setzero_ps();
         for (int32_t j = 0; j < nt; j++) amax = _mm256_max_ps(absf(_mm256_loadu_ps(xp[j] + off[i])), amax);
-        xs[i] = _mm256_div_ps(amax, _mm256_set1_ps(127.0f));
-        r[i] = _mm256_div_ps(_mm256_set1_ps(127.0f), amax); /* within 2^-23 of 1 / xs */
-        pos[i] = _mm256_cmp_ps(xs[i], _mm256_setzero_ps(), _CMP_GT_OQ);
-        a0[i] = a1[i] = near[i] = _mm256_setzero_ps();
+        const __m256 ok = _mm256_cmp_ps(amax, _mm256_set1_ps(0x1p-100f), _CMP_GE_OQ);
+        xs[i] = _mm256_and_ps(_mm256_div_ps(amax, _mm256_set1_ps(127.0f)), ok);
+        r[i] = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(127.0f), amax), ok);
+        a0[i] = a1[i] = _mm256_setzero_ps();
     }
     for (int32_t j = 0; j < nt; j++) {
         const int32_t t = tap[j];
         const __m256 c = _mm256_loadu_ps(lw->cw + t * L), sg = _mm256_loadu_ps(lw->sw8 + t * L);
         for (int i = 0; i < P; i++) {
-            const __m256 x = _mm256_loadu_ps(xp[j] + off[i]);
-            const __m256 v = exact ? _mm256_div_ps(x, xs[i]) : _mm256_mul_ps(x, r[i]);
-            const __m256 a = exact ? _mm256_min_ps(absf(v), _mm256_set1_ps(128.0f)) : absf(v); /* NaN -> 128 */
-            const __m256 tr = _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-            const __m256 f = _mm256_sub_ps(a, tr);
-            if (!exact) /* within 2^-13 of a half-integer: redo the pixel exactly */
-                near[i] = _mm256_or_ps(near[i], _mm256_cmp_ps(absf(_mm256_sub_ps(f, half)),
-                                                              _mm256_set1_ps(0x1p-13f), _CMP_LT_OQ));
-            const __m256 up = _mm256_and_ps(_mm256_cmp_ps(f, half, _CMP_GE_OQ), one);
-            const __m256 qa = _mm256_min_ps(_mm256_add_ps(tr, up), _mm256_set1_ps(127.0f));
-            const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(v, v, _CMP_ORD_Q), pos[i]); /* 0 for NaN, xs = 0 */
-            const __m256 q = _mm256_and_ps(_mm256_or_ps(qa, _mm256_and_ps(v, sgnbit)), ok);
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xp[j] + off[i]), r[i]);
+            __m256 q = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q = _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+            q = _mm256_and_ps(q, _mm256_cmp_ps(v, v, _CMP_ORD_Q)); /* NaN -> 0 */
             if (lw->two) a0[i] = _mm256_add_ps(a0[i], _mm256_mul_ps(q, c));
             if (lw->two != 2) a1[i] = _mm256_add_ps(a1[i], _mm256_mul_ps(q, sg));
         }
     }
     for (int i = 0; i < P; i++) {
-        if (!exact && _mm256_movemask_ps(_mm256_or_ps(near[i], _mm256_and_ps(
-                pos[i], _mm256_cmp_ps(xs[i], _mm256_set1_ps(0x1p-120f), _CMP_LT_OQ))))) {
-            pix_i8(lw, 1, 1, nt, tap, xp, off + i, out + i); /* rare: a quotient near a rounding edge */
-            continue;
-        }
         if (lw->one)
             out[i] = _mm256_add_ps(_mm256_mul_ps(xs[i], _mm256_mul_ps(lw->scale, a1[i])), lw->bias);
         else if (lw->two == 1)
@@ -212,8 +193,8 @@ TGT void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, 
                 const size_t d = (size_t)(ow - lo) * step;
                 const size_t off[4] = {d, d + step, d + 2 * step, d + 3 * step};
                 if (int8) {
-                    if (P == 2) pix_i8(&lw, 2, 0, rnt, rtap, rxp, off, out);
-                    else pix_i8(&lw, 1, 0, rnt, rtap, rxp, off, out);
+                    if (P == 2) pix_i8(&lw, 2, rnt, rtap, rxp, off, out);
+                    else pix_i8(&lw, 1, rnt, rtap, rxp, off, out);
                 } else if (P == 4) {
                     pix_f32(&lw, 4, rnt, rtap, rxp, off, out);
                 } else if (P == 2) {
@@ -235,7 +216,7 @@ TGT void spfq_dw_lanes_avx2(const struct spfq_dw *p, int32_t int8, int32_t blk, 
                         xp[nt++] = row + (size_t)iw * io.ps;
                     }
                 }
-                if (int8) pix_i8(&lw, 1, 0, nt, tap, xp, one_off, out);
+                if (int8) pix_i8(&lw, 1, nt, tap, xp, one_off, out);
                 else pix_f32(&lw, 1, nt, tap, xp, one_off, out);
             }
             for (int i = 0; i < P; i++) store(io, nb, (size_t)(oh - io.oh_lo) * OW + ow + i, out[i], clo, chi);

@@ -587,10 +587,11 @@ static void check_quantisers(int m, int k) {
         const float *row = x + (size_t)r * k;
         float amax = 0.0f;
         for (int j = 0; j < k; j++) amax = fmaxf(amax, fabsf(row[j]));
-        const float s = amax / 127.0f;
+        const int big = amax >= 0x1p-100f; /* rule 2 (quant.c): x * (127 / amax), to nearest even */
+        const float s = big ? amax / 127.0f : 0.0f, rc = big ? 127.0f / amax : 0.0f;
         ok = xs[r] == s;
         for (int j = 0; j < k && ok; j++) {
-            float q = s > 0.0f ? roundf(row[j] / s) : 0.0f;
+            float q = rintf(row[j] * rc);
             int want = q > 127.0f ? 127 : q < -127.0f ? -127 : (int)q;
             ok = xq[(size_t)r * k + j] == want;
         }
@@ -643,7 +644,7 @@ static void check_quantise_isa(const char *isa) {
             for (int j = 0; j < k; j++) {
                 switch (r) {
                 case 0: row[j] = nrand() * ldexpf(1.0f, (int)(rnd() % 80) - 40); break;       /* random */
-                case 1: case 2: {                                                             /* halves */
+                case 1: case 2: {                                       /* halves of x * r (r = 1 / e) */
                     float v = ((float)(int)(rnd() % 254) - 127.0f + 0.5f) * e;
                     uint64_t u = rnd() % 8;
                     row[j] = u == 0 ? nextafterf(v, INFINITY) : u == 1 ? nextafterf(v, -INFINITY) : v;

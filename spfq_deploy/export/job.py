@@ -25,6 +25,7 @@ import torch
 from .. import __version__
 from ..atomic import staged_directory
 from ..errors import SpfqError
+from ..kernels import INT8_QUANTIZER
 from ..pack import container
 from ..targets import Target, get_target, host_target, load_target_file
 from . import folder
@@ -62,6 +63,7 @@ class ExportJob:
                        "sha256": file_table(stage, ["model.spfq"])["model.spfq"]["sha256"],
                        "format_version": container.read_header(stage / "model.spfq")["format_version"]},
             "target": self.target.name, "host": self.host.name, "activations": self.activations,
+            "int8_quantizer": INT8_QUANTIZER,
             "inputs": {"file": "inputs.npz", "names": inputs.input_names, "outputs": inputs.output_names},
         }
 

@@ -101,7 +101,7 @@ def _one_line(exc: BaseException) -> str:
 class _References:
     """The reference outputs (and per-layer outputs) for the float / int8 references, computed once."""
 
-    def __init__(self, out: Path, spec: str | None, feeds: dict, layer_names: list[str]):
+    def __init__(self, out: Path, spec: str | None, feeds: dict, layer_names: list[str], rule: int = 2):
         from ..pack import container
         from ..reference import load_reference
 
@@ -109,6 +109,7 @@ class _References:
         self.model = load_reference(out / "model.spfq", spec)
         self.args = [torch.from_numpy(v) for v in feeds.values()]
         self.layer_names = layer_names
+        self.rule = rule  # the artifacts' int8 quantiser (reference.quantize_rows_i8)
         self._cache, self._int8 = {}, {}
         self._int8_layers = {}
 
@@ -119,7 +120,7 @@ class _References:
         if float_layers not in self._int8:
             from ..reference import int8_activation_reference
 
-            self._int8[float_layers] = int8_activation_reference(self.model, self.cm, float_layers)
+            self._int8[float_layers] = int8_activation_reference(self.model, self.cm, float_layers, self.rule)
         return self._int8[float_layers]
 
     def outputs(self, kind: str, float_layers: frozenset = frozenset()) -> tuple[list, dict]:
@@ -135,7 +136,7 @@ class _References:
         from ..reference import Int8ActivationLayer
 
         if name not in self._int8_layers:
-            self._int8_layers[name] = Int8ActivationLayer(self.cm.layers[name])
+            self._int8_layers[name] = Int8ActivationLayer(self.cm.layers[name], self.rule)
         return self._int8_layers[name]
 
 
@@ -174,7 +175,7 @@ def validate(out_dir: str | Path, targets: list[str] | None = None, data: str | 
     layer_names = list((first.get("layers") or {}).keys())
     spec = (first.get("source") or {}).get("model_spec")
     try:
-        refs = _References(out, spec, feeds, layer_names)
+        refs = _References(out, spec, feeds, layer_names, int(first.get("int8_quantizer", 1)))
     except SpfqError:
         raise
     except Exception as exc:
