@@ -6,11 +6,15 @@
 //   R.call_dps_packed("spfq_packed_layer",
 //                     (x, attrs, sign, mask, planes, scale, lam, bias), out_sinfo=y)
 //
-// x float32 (..., K) for linear, (B, C, H, W) / (B, C, W) for conv; attrs int64 (kAttrs,) below;
+// x float32 (..., K) for linear, channels last (B, H, W, C) / (B, W, C) for conv (y likewise:
+// the graph keeps activations channels last between convs); attrs int64 (kAttrs,) below;
 // sign / mask uint64 (N, W), planes uint64 (bits, N, W or Wk) in the kernel ABI layouts
 // (kernels/include/spfq_kernels.h); scale / lam / bias float32 (N,). A buffer the layout does
 // not use (or lam / bias when absent) is a 1-element placeholder, flagged in attrs.
-// Conv goes through im2col per group into the GEMM, as spfq_deploy/kernel_layers.py does.
+// Conv runs spfq_layer::conv_nhwc (1x1 convs: the GEMM on the pixels; depthwise / few-channel:
+// direct kernels; KxK: spfq_conv_nhwc). clip_lo / clip_hi (float32 bit patterns) are an output
+// clamp the graph fused in (a ReLU / ReLU6 / Clip after the layer), applied in the kernels'
+// epilogue; (-inf, inf) when none.
 //
 // Weights are prepared (spfq_prepare: a copy / repack per conv group) on the first call and
 // cached per (attrs, weight buffer) address: Relax constants do not move while the VM lives.
@@ -43,9 +47,9 @@ namespace {
 // attrs layout (int64); kVersion first so a mismatched library refuses instead of misreading
 enum Attr {
     kVersion = 0, kLayout, kBits, kK, kN, kKeptWords, kInt8, kHasLam, kHasBias,
-    kConvDims, kGroups, kKH, kKW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kAttrs
+    kConvDims, kGroups, kKH, kKW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kClipLo, kClipHi, kAttrs
 };
-const int64_t kAttrVersion = 1;
+const int64_t kAttrVersion = 2;
 enum Arg { aX = 0, aAttrs, aSign, aMask, aPlanes, aScale, aLam, aBias, aY, kArgs };
 
 struct Error : std::runtime_error {
@@ -93,6 +97,13 @@ struct Prepared {
     spfq_layer::Layer layer;
 };
 
+float float_attr(int64_t bits) {
+    const uint32_t u = static_cast<uint32_t>(bits);
+    float v;
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+}
+
 spfq_layer::ConvGeometry geometry(const int64_t *at) {
     return {at[kKH], at[kKW], at[kSH], at[kSW], at[kDH], at[kDW], at[kPT], at[kPL], at[kPB], at[kPR]};
 }
@@ -131,6 +142,12 @@ const Prepared &prepare(const int64_t *at, const DLTensor *sign_t, const DLTenso
     prep.layer = spfq_layer::prepare_layer(layout, bits, n, k, kw, g, at[kConvDims] ? &G : nullptr, at[kInt8] != 0,
                                            need_sign ? sign : nullptr, need_mask ? mask : nullptr,
                                            need_planes ? planes : nullptr, scale, lam, bias);
+    try {
+        spfq_layer::set_clamp(prep.layer, float_attr(at[kClipLo]), float_attr(at[kClipHi]));
+    } catch (...) {
+        spfq_layer::free_layer(prep.layer);
+        throw;
+    }
     return g_cache.emplace(key, std::move(prep)).first->second;
 }
 
@@ -152,7 +169,8 @@ void run_linear(const int64_t *at, const Prepared &prep, const DLTensor *x, DLTe
 void run_conv(const int64_t *at, const Prepared &prep, const DLTensor *xt, DLTensor *yt, int threads) {
     const int64_t dims = at[kConvDims], k = at[kK], n = at[kN], groups = at[kGroups];
     if (xt->ndim != dims + 2) throw Error("conv input has the wrong rank");
-    const int64_t B = xt->shape[0], C = xt->shape[1], H = dims == 2 ? xt->shape[2] : 1, Wd = xt->shape[dims + 1];
+    // channels last: (B, H, W, C) or (B, W, C)
+    const int64_t B = xt->shape[0], C = xt->shape[dims + 1], H = dims == 2 ? xt->shape[1] : 1, Wd = xt->shape[dims];
     const spfq_layer::ConvGeometry G = geometry(at);
     const int64_t cg = k / (G.KH * G.KW);
     if (C != cg * groups) throw Error("conv input has the wrong number of channels");
@@ -161,8 +179,8 @@ void run_conv(const int64_t *at, const Prepared &prep, const DLTensor *xt, DLTen
     if (numel(yt) != B * n * OH * OW) throw Error("conv output has the wrong size");
     if (B * OH * OW > 0)  // one GEMM per group, or one direct-kernel call
         g_calls.fetch_add(prep.layer.dw || prep.layer.dc ? 1 : groups, std::memory_order_relaxed);
-    spfq_layer::conv(prep.layer, at[kInt8] != 0, k, n, groups, G, data<float>(xt), B, C, H, Wd,
-                     static_cast<float *>(yt->data) + yt->byte_offset / 4, threads);
+    spfq_layer::conv_nhwc(prep.layer, at[kInt8] != 0, k, n, groups, G, data<float>(xt), B, C, H, Wd,
+                          static_cast<float *>(yt->data) + yt->byte_offset / 4, threads);
 }
 
 void packed_layer(const TVMFFIAny *args, int32_t num_args) {

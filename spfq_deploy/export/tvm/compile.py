@@ -2,9 +2,13 @@
 export_library with the target's C++ compiler (a cross compiler for arm64) and the kernel
 objects (library.py) as addons.
 
-Same module, same bytes: tvm.compile runs Relax's default pipeline followed by
-reproducible.canonical_shape_funcs (the order of TVM's shape-function stores otherwise follows
-object addresses), and the final link records a content-derived build id (library.py).
+The module is Relax imported from torch.export (graph.py) with convs kept channels last
+(layout.py) and ReLU / Clip folded into the packed calls (fuse.py); tvm.compile runs Relax's CPU
+pipeline with the export's schedules for the float part (schedule.py).
+
+Same module, same bytes: the schedules are deterministic, reproducible.canonical_shape_funcs
+runs last (the order of TVM's shape-function stores otherwise follows object addresses), and
+the final link records a content-derived build id (library.py).
 
 TVM errors often carry an empty or multi-line message, and a Ctrl-C inside TVM's C++ code can
 come back as an exception with no text: reason() always gives one line, and an interrupt stays
@@ -19,7 +23,7 @@ from ...compressed import CompressedModel
 from ...errors import SpfqError, interrupted
 from ...targets import Target, host_target
 from ..source import ExportInputs
-from . import graph, library, reproducible
+from . import fuse, graph, layout, library, reproducible, schedule
 
 
 def reason(exc: BaseException) -> str:
@@ -62,7 +66,10 @@ def compile_library(mod, tgt: Target, path: Path, database=None) -> Path:
 
     objs = library.build(tgt)
     target = tvm_target(tgt)
-    pipeline = reproducible.relax_pipeline() if database is None else tuning.relax_pipeline(target, database)
+    if database is None:
+        pipeline = tvm.transform.Sequential([schedule.relax_pipeline(target), reproducible.canonical_shape_funcs()])
+    else:
+        pipeline = tuning.relax_pipeline(target, database)
     try:
         ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     except Exception as exc:
@@ -87,6 +94,7 @@ def build_module(model, cm, inputs: ExportInputs, activations: str, dynamic: boo
         log(f"warning: {exc}; exporting with the example inputs' fixed shapes instead")
         ep, names = graph.export_program(model, cm, inputs, dynamic=False)
     mod, infos = graph.to_relax(ep, cm, names, activations)
+    mod = fuse.fuse_clamps(layout.channels_last(mod))
     return mod, infos, graph.dynamic_inputs(ep, inputs.input_names)
 
 

@@ -9,7 +9,9 @@ ops, and our custom_convert_map turns each marker into
     R.call_dps_packed("spfq_packed_layer", (x, attrs, sign, mask, planes, scale, lam, bias))
 
 with the kernel-ABI packed buffers (the same bytes as the ONNX custom-op flavour) as Relax
-constants. No float weight of a compressed layer enters the module.
+constants. No float weight of a compressed layer enters the module. A conv call takes and
+gives channels-last tensors (the layout the kernels run fastest on), wrapped in permute_dims
+from and back to PyTorch's channels-first; layout.py then cancels those pairs between convs.
 """
 
 from __future__ import annotations
@@ -31,10 +33,32 @@ from ...reference import replace_module
 from ..source import ExportInputs
 
 PACKED_FUNC = "spfq_packed_layer"  # kernels/tvm/spfq_tvm_ops.cc exports __tvm_ffi_spfq_packed_layer
-ATTR_VERSION = 1
+ATTR_VERSION = 2  # 2: conv tensors channels last; clip_lo / clip_hi (an output clamp fused in)
 # the attrs vector of kernels/tvm/spfq_tvm_ops.cc (enum Attr), in order
 ATTR_FIELDS = ("version", "layout", "bits", "k", "n", "kept_words", "int8", "has_lam", "has_bias", "conv_dims",
-               "groups", "kh", "kw", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw")
+               "groups", "kh", "kw", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw", "clip_lo", "clip_hi")
+TO_LAST = {3: [0, 2, 1], 4: [0, 2, 3, 1]}  # rank -> permute_dims axes channels-first -> channels-last
+TO_FIRST = {3: [0, 2, 1], 4: [0, 3, 1, 2]}
+
+
+def is_packed_call(e) -> bool:
+    """Whether a Relax expression is a call of the packed function."""
+    from tvm import ir, relax
+
+    return (isinstance(e, relax.Call) and isinstance(e.op, ir.Op) and e.op.name == "relax.call_dps_packed"
+            and isinstance(e.args[0], relax.ExternFunc) and e.args[0].global_symbol == PACKED_FUNC)
+
+
+def float_bits(v: float) -> int:
+    """A float32 as the int64 attrs carry it (its IEEE bit pattern): clip_lo / clip_hi."""
+    return int(np.array(v, np.float32).view(np.uint32))
+
+
+def with_clip(attrs: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """A copy of a layer's attrs with the output clamp [lo, hi] (fuse.py)."""
+    out = attrs.copy()
+    out[ATTR_FIELDS.index("clip_lo")], out[ATTR_FIELDS.index("clip_hi")] = float_bits(lo), float_bits(hi)
+    return out
 
 
 # ------------------------------------------------------------------ the marker op
@@ -106,7 +130,8 @@ def pack_for_kernel(layer: CompressedLayer, activation: str) -> PackedLayer:
     a = dict.fromkeys(ATTR_FIELDS, 0)
     a.update(version=ATTR_VERSION, layout=LAYOUT_IDS[layout], bits=bits, k=layer.cols, n=layer.rows,
              kept_words=int(bufs["kept"].shape[2]) if layout == "sparse" else 0, int8=int(activation == "int8"),
-             has_lam=int(use_lam), has_bias=int(layer.bias is not None))
+             has_lam=int(use_lam), has_bias=int(layer.bias is not None),
+             clip_lo=float_bits(-np.inf), clip_hi=float_bits(np.inf))
     if layer.kind != "linear":
         c = layer.conv
         two = layer.kind == "conv2d"
@@ -227,11 +252,16 @@ def to_relax(ep, cm: CompressedModel, names: list[str], activation: str):
         p = packed[index]
         shape = list(x.ty.shape.values)
         out_shape = _relax_out_shape(shape, geom, tir)
+        bb, rank = importer.block_builder, len(shape)
+        conv = len(geom) > 1
+        if conv:  # the kernel's channels-last tensors
+            x = bb.emit(relax.op.permute_dims(x, TO_LAST[rank]))
+            out_shape = [out_shape[i] for i in TO_LAST[rank]]
         # explicit dtypes: relax.const would narrow int64 to int32
         args = [x, relax.const(p.attrs, "int64")] + [relax.const(p.buffers[k], str(p.buffers[k].dtype)) for k in
                                                       ("sign", "mask", "planes", "scale", "lam", "bias")]
-        call = relax.call_dps_packed(PACKED_FUNC, args, relax.TensorType(out_shape, "float32"))
-        return importer.block_builder.emit(call)
+        y = bb.emit(relax.call_dps_packed(PACKED_FUNC, args, relax.TensorType(out_shape, "float32")))
+        return bb.emit(relax.op.permute_dims(y, TO_FIRST[rank])) if conv else y
 
     try:
         with warnings.catch_warnings():

@@ -111,12 +111,3 @@ def canonical_shape_funcs():
         return mod
 
     return _pass
-
-
-def relax_pipeline():
-    """Relax's default pipeline (what tvm.compile runs for a CPU target), then the canonical
-    shape functions."""
-    import tvm
-    from tvm import relax
-
-    return tvm.transform.Sequential([relax.get_pipeline("default"), canonical_shape_funcs()])

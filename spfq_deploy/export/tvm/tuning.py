@@ -1,10 +1,10 @@
 """MetaSchedule tuning of the TVM export's float part (issue 15): `export --tune-trials N
 [--tune-db DIR] [--tune-shape AXIS=SIZE,...]`.
 
-TVM 0.27's CPU pipeline applies no schedule: every TVM-generated function (attention matmuls,
-softmax, GELU, pooling, elementwise, float convs) is plain loops. MetaSchedule finds schedules by
-measuring candidates, which needs concrete shapes, and the exported program has symbolic axes
-(batch, sequence). So tuning works on static specialisations:
+Untuned, the float part gets the export's fixed schedules (schedule.py: attention matmuls,
+row reductions, elementwise; pooling and float convs stay plain loops). MetaSchedule finds
+schedules by measuring candidates, which needs concrete shapes, and the exported program has
+symbolic axes (batch, sequence). So tuning works on static specialisations:
 
     main(x: (n, ...))                 the library's entry, a dispatcher:
         if n == 1 [and s == 128 ...]:  main_static_0(x as (1, ...))   tuned, static shapes
@@ -15,7 +15,8 @@ measuring candidates, which needs concrete shapes, and the exported program has 
 
 Only the static functions' fused TIR is tuned (the dynamic copy stays exactly what an untuned
 export compiles); MetaScheduleApplyDatabase then swaps in the best schedule of each workload the
-database holds. The packed layers are calls into the C kernels in either branch.
+database holds, and the fixed schedules take the rest. The packed layers are calls into the C
+kernels in either branch.
 
 The database (MetaSchedule's JSON database: database_workload.json + database_tuning_record.json)
 is written into the export folder (OUT/tvm_tuning/). --tune-db DIR copies an earlier one in
@@ -213,22 +214,16 @@ def with_cores(target):
     return tvm.target.Target(d)
 
 
-def fuse_passes(target):
-    """What Relax's CPU pipeline runs before lowering (dispatch, legalize, fuse): the functions
-    MetaSchedule tunes and its database is keyed on."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-
-
 def relax_pipeline(target, database):
-    """Relax's CPU pipeline with MetaScheduleApplyDatabase between fusion and lowering, then the
-    canonical shape functions (reproducible.py)."""
+    """The export's CPU pipeline (schedule.py) with MetaScheduleApplyDatabase before the rules
+    (functions the database has no record for get the rules' schedules), then the canonical
+    shape functions (reproducible.py)."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from .reproducible import canonical_shape_funcs
+    from .schedule import apply_rules, fuse_passes
 
     target = with_cores(target)
 
@@ -237,7 +232,8 @@ def relax_pipeline(target, database):
         with target, database:
             mod = tvm.transform.Sequential(fuse_passes(target))(mod)
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-            mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+            mod = tvm.transform.Sequential([apply_rules()] + cpu.dataflow_lower_passes(target)
+                                           + cpu.finalize_passes(target))(mod)
         return mod
 
     return tvm.transform.Sequential([_pipeline, canonical_shape_funcs()])
@@ -269,6 +265,8 @@ def tune(mod, target, db_dir: Path, opts: TuneOptions, log=print, progress: bool
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
+
+    from .schedule import fuse_passes
 
     t0 = time.perf_counter()
     target = with_cores(target)
