@@ -247,7 +247,13 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--skip-models", action="store_true", help="kernel rows only")
+    ap.add_argument("--isa", help="pin the kernels' ISA (SPFQ_ISA: avx2, avx512, amx, c) in every runtime")
     args = ap.parse_args(argv)
+    if args.isa:  # before the library is loaded here; the timing processes inherit it
+        os.environ["SPFQ_ISA"] = args.isa
+        if K.lib().spfq_set_isa(args.isa.encode()):
+            raise SystemExit(f"conv_latency: this CPU has no {args.isa!r} kernels")
+        K.set_isa("auto")
     torch.set_num_threads(1)
     t0, load0 = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="spfq-conv-") as tmp:
