@@ -371,104 +371,93 @@ def layer_activation(layer: CompressedLayer, requested: str) -> str:
     return "float" if requested == "int8" and is_direct(layer) else requested
 
 
-class DepthwiseWeights:
-    """A depthwise conv layer's weights unpacked once for spfq_dwconv (x NCHW -> y NCHW) and
-    spfq_dwconv_nhwc (channels_last: x NHWC -> y NHWC)."""
+class _DirectConv:
+    """A direct-kernel conv layer's weights handed to the library once: the geometry, the
+    prepare / free / clamp entry points of its kernel, and the input checks and output shape
+    every call shares (NCHW, or channels last)."""
 
-    def __init__(self, layer: CompressedLayer, layout: str | None = None):
-        if not is_depthwise(layer):
-            raise KernelError(f"layer {layer.name!r} is not depthwise (one input channel per group)")
+    _prepare = _free = _clamp = ""  # library entry points, set by each kernel's class
+
+    def __init__(self, layer: CompressedLayer, layout: str | None, geom_type, first: int, second: int):
         layout, bits, bufs = kernel_pack(layer, layout or L.default_layout(layer))
         conv = layer.conv
         ks, st, dl, pd = (list(conv[k]) for k in ("kernel_size", "stride", "dilation", "padding"))
         if len(ks) == 1:  # 1-D: height 1
             ks, st, dl, pd = [1] + ks, [1] + st, [1] + dl, [0] + pd
-        g = int(conv["groups"])
-        self.geom = DwGeom(g, layer.rows // g, ks[0], ks[1], st[0], st[1], dl[0], dl[1], pd[0], pd[1], pd[0], pd[1])
-        self.n, self.channels, self.one_d = layer.rows, g, len(conv["kernel_size"]) == 1
+        self.geom = geom_type(first, second, ks[0], ks[1], st[0], st[1], dl[0], dl[1], pd[0], pd[1], pd[0], pd[1])
+        self.n, self.one_d = layer.rows, len(conv["kernel_size"]) == 1
         d, keep = _weights_desc(layout, layer.rows, layer.cols, bufs, layer.scale, layer.lam, layer.bias, bits)
         handle = C.c_void_p()
-        _ok(lib().spfq_dw_prepare(C.byref(d), C.byref(self.geom), C.byref(handle)), "dw_prepare")
+        _ok(getattr(lib(), self._prepare)(C.byref(d), C.byref(self.geom), C.byref(handle)), self._prepare)
         del keep
         self._h = handle
 
     def __del__(self):
         h = getattr(self, "_h", None)
         if h is not None and h.value and _lib is not None:
-            _lib.spfq_dw_free(h)
+            getattr(_lib, self._free)(h)
             self._h = None
 
     def set_clamp(self, lo: float = -np.inf, hi: float = np.inf) -> None:
-        _ok(lib().spfq_dw_set_clamp(self._h, lo, hi), "dw_set_clamp")
+        _ok(getattr(lib(), self._clamp)(self._h, lo, hi), self._clamp)
+
+    def _shapes(self, x: np.ndarray, channels_last: bool) -> tuple[int, int, int, tuple]:
+        """(H, W, input address, output shape) of a call, after checking x."""
+        rank = 3 if self.one_d else 4
+        if not isinstance(x, np.ndarray) or x.ndim != rank or x.shape[-1 if channels_last else 1] != self.channels:
+            raise KernelError(f"x must be a {rank}-D float32 array with {self.channels} channels")
+        g = self.geom
+        spatial = x.shape[1:-1] if channels_last else x.shape[2:]
+        H, W = (1, spatial[0]) if self.one_d else spatial
+        oh = (H + g.pt + g.pb - g.dh * (g.kh - 1) - 1) // g.sh + 1
+        ow = (W + g.pl + g.pr - g.dw * (g.kw - 1) - 1) // g.sw + 1
+        if oh < 1 or ow < 1:
+            raise KernelError("the input is smaller than the kernel")
+        out = (ow,) if self.one_d else (oh, ow)
+        shape = (x.shape[0], *out, self.n) if channels_last else (x.shape[0], self.n, *out)
+        return H, W, _arr(x, np.float32, x.shape, "x", 4), shape
+
+
+class DepthwiseWeights(_DirectConv):
+    """A depthwise conv layer's weights unpacked once for spfq_dwconv (x NCHW -> y NCHW) and
+    spfq_dwconv_nhwc (channels_last: x NHWC -> y NHWC)."""
+
+    _prepare, _free, _clamp = "spfq_dw_prepare", "spfq_dw_free", "spfq_dw_set_clamp"
+
+    def __init__(self, layer: CompressedLayer, layout: str | None = None):
+        if not is_depthwise(layer):
+            raise KernelError(f"layer {layer.name!r} is not depthwise (one input channel per group)")
+        g = int(layer.conv["groups"])
+        self.channels = g
+        super().__init__(layer, layout, DwGeom, g, layer.rows // g)
 
     def __call__(self, x: np.ndarray, int8: bool = False, threads: int = 1,
                  channels_last: bool = False) -> np.ndarray:
         """x (B, C, H, W) (or (B, C, W) for 1-D) float32 -> y (B, N, OH, OW); channels_last:
         x (B, H, W, C) -> y (B, OH, OW, N)."""
-        rank = 3 if self.one_d else 4
-        if not isinstance(x, np.ndarray) or x.ndim != rank or x.shape[-1 if channels_last else 1] != self.channels:
-            raise KernelError(f"x must be a {rank}-D float32 array with {self.channels} channels")
-        g = self.geom
-        spatial = x.shape[1:-1] if channels_last else x.shape[2:]
-        H, W = (1, spatial[0]) if self.one_d else spatial
-        oh = (H + g.pt + g.pb - g.dh * (g.kh - 1) - 1) // g.sh + 1
-        ow = (W + g.pl + g.pr - g.dw * (g.kw - 1) - 1) // g.sw + 1
-        if oh < 1 or ow < 1:
-            raise KernelError("the input is smaller than the kernel")
-        px = _arr(x, np.float32, x.shape, "x", 4)
-        out = (ow,) if self.one_d else (oh, ow)
-        y = np.empty((x.shape[0], *out, self.n) if channels_last else (x.shape[0], self.n, *out), np.float32)
+        H, W, px, shape = self._shapes(x, channels_last)
+        y = np.empty(shape, np.float32)
         fn = lib().spfq_dwconv_nhwc if channels_last else lib().spfq_dwconv
         _ok(fn(self._h, int(int8), x.shape[0], H, W, px, y.ctypes.data, threads), "dwconv")
         return y
 
 
-class FewChannelWeights:
+class FewChannelWeights(_DirectConv):
     """A few-channel conv layer's weights unpacked once for spfq_dconv (NCHW or channels last)."""
+
+    _prepare, _free, _clamp = "spfq_dc_prepare", "spfq_dc_free", "spfq_dc_set_clamp"
 
     def __init__(self, layer: CompressedLayer, layout: str | None = None):
         if not is_few_channel(layer):
             raise KernelError(f"layer {layer.name!r} is not a one-group conv over at most {DC_MAX_CHANNELS} channels")
-        layout, bits, bufs = kernel_pack(layer, layout or L.default_layout(layer))
-        conv = layer.conv
-        ks, st, dl, pd = (list(conv[k]) for k in ("kernel_size", "stride", "dilation", "padding"))
-        if len(ks) == 1:  # 1-D: height 1
-            ks, st, dl, pd = [1] + ks, [1] + st, [1] + dl, [0] + pd
-        self.channels = layer.cols // (ks[0] * ks[1])
-        self.geom = ConvGeom(self.channels, layer.rows, ks[0], ks[1], st[0], st[1], dl[0], dl[1], pd[0], pd[1], pd[0],
-                           pd[1])
-        self.n, self.one_d = layer.rows, len(conv["kernel_size"]) == 1
-        d, keep = _weights_desc(layout, layer.rows, layer.cols, bufs, layer.scale, layer.lam, layer.bias, bits)
-        handle = C.c_void_p()
-        _ok(lib().spfq_dc_prepare(C.byref(d), C.byref(self.geom), C.byref(handle)), "dc_prepare")
-        del keep
-        self._h = handle
-
-    def __del__(self):
-        h = getattr(self, "_h", None)
-        if h is not None and h.value and _lib is not None:
-            _lib.spfq_dc_free(h)
-            self._h = None
-
-    def set_clamp(self, lo: float = -np.inf, hi: float = np.inf) -> None:
-        _ok(lib().spfq_dc_set_clamp(self._h, lo, hi), "dc_set_clamp")
+        self.channels = layer.cols // int(np.prod(layer.conv["kernel_size"]))
+        super().__init__(layer, layout, ConvGeom, self.channels, layer.rows)
 
     def __call__(self, x: np.ndarray, threads: int = 1, channels_last: bool = False) -> np.ndarray:
         """x (B, C, H, W) (or (B, C, W) for 1-D) float32 -> y (B, N, OH, OW); channels_last:
         x (B, H, W, C) -> y (B, OH, OW, N)."""
-        rank = 3 if self.one_d else 4
-        if not isinstance(x, np.ndarray) or x.ndim != rank or x.shape[-1 if channels_last else 1] != self.channels:
-            raise KernelError(f"x must be a {rank}-D float32 array with {self.channels} channels")
-        g = self.geom
-        spatial = x.shape[1:-1] if channels_last else x.shape[2:]
-        H, W = (1, spatial[0]) if self.one_d else spatial
-        oh = (H + g.pt + g.pb - g.dh * (g.kh - 1) - 1) // g.sh + 1
-        ow = (W + g.pl + g.pr - g.dw * (g.kw - 1) - 1) // g.sw + 1
-        if oh < 1 or ow < 1:
-            raise KernelError("the input is smaller than the kernel")
-        px = _arr(x, np.float32, x.shape, "x", 4)
-        out = (ow,) if self.one_d else (oh, ow)
-        y = np.empty((x.shape[0], *out, self.n) if channels_last else (x.shape[0], self.n, *out), np.float32)
+        H, W, px, shape = self._shapes(x, channels_last)
+        y = np.empty(shape, np.float32)
         _ok(lib().spfq_dconv(self._h, int(channels_last), x.shape[0], H, W, px, y.ctypes.data, threads), "dconv")
         return y
 

@@ -324,38 +324,6 @@ EPI_CLONES static void i8_finish(const spfq_job *j, int32_t n0, int32_t n1, void
     }
 }
 
-/* Per calling thread, grow-only scratch buffers (slots: the int8 rows of a block, their scales,
- * the integer sums): a fresh malloc of a conv-sized buffer is an mmap whose pages fault in (and
- * are cleared) on every call, which cost as much as the GEMM itself on MobileNetV2's 1x1 convs.
- * Freed when the thread exits. */
-enum { SCRATCH_XQ, SCRATCH_XS, SCRATCH_ACC, SCRATCH_ROWS, SCRATCH_Y, SCRATCH_SLOTS };
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-typedef struct { void *p[SCRATCH_SLOTS]; size_t cap[SCRATCH_SLOTS]; } scratch_buf;
-static void scratch_free(void *v) {
-    scratch_buf *b = v;
-    for (int i = 0; i < SCRATCH_SLOTS; i++) free(b->p[i]);
-    free(b);
-}
-static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
-static void *scratch(int slot, size_t bytes) {
-    pthread_once(&scratch_once, scratch_init);
-    scratch_buf *b = pthread_getspecific(scratch_key);
-    if (!b) {
-        if (!(b = calloc(1, sizeof *b))) return NULL;
-        if (pthread_setspecific(scratch_key, b)) {
-            free(b);
-            return NULL;
-        }
-    }
-    if (b->cap[slot] < bytes) {
-        free(b->p[slot]);
-        b->p[slot] = malloc(bytes + 64);
-        b->cap[slot] = b->p[slot] ? bytes : 0;
-    }
-    return b->p[slot];
-}
-
 /* ------------------------------------------------------------------ tall int8 calls */
 
 /* A call with many activation rows (a conv's pixels) runs in units of `rows` rows x a part of the
@@ -442,7 +410,7 @@ static void tall_unit(tall_task *t, int32_t u) {
     if (n0 >= n1 || r <= 0) return;
     const float *rows = t->x ? t->x + (size_t)r0 * K : NULL;
     if (t->conv) {
-        float *buf = scratch(SCRATCH_ROWS, (size_t)r * (size_t)K * sizeof(float));
+        float *buf = spfq_scratch(SPFQ_SCR_ROWS, (size_t)r * (size_t)K * sizeof(float), 0);
         if (!buf) {
             atomic_store(&t->failed, 1);
             return;
@@ -450,7 +418,7 @@ static void tall_unit(tall_task *t, int32_t u) {
         conv_rows(t->conv, r0, r, buf);
         rows = buf;
     }
-    float *y = t->y ? t->y + (size_t)r0 * N : scratch(SCRATCH_Y, (size_t)r * (size_t)N * sizeof(float));
+    float *y = t->y ? t->y + (size_t)r0 * N : spfq_scratch(SPFQ_SCR_Y, (size_t)r * (size_t)N * sizeof(float), 0);
     if (!y) {
         atomic_store(&t->failed, 1);
         return;
@@ -466,8 +434,8 @@ static void tall_unit(tall_task *t, int32_t u) {
     const float *xs;
     const size_t kp = (size_t)t->kp;
     if (rows || (t->xq_ld != kp)) { /* quantise, or copy to the padded stride */
-        int8_t *buf = scratch(SCRATCH_XQ, (size_t)r * kp);
-        float *sb = rows ? scratch(SCRATCH_XS, (size_t)r * sizeof(float)) : NULL;
+        int8_t *buf = spfq_scratch(SPFQ_SCR_XQ, (size_t)r * kp, 0);
+        float *sb = rows ? spfq_scratch(SPFQ_SCR_XS, (size_t)r * sizeof(float), 0) : NULL;
         if (!buf || (rows && !sb)) {
             atomic_store(&t->failed, 1);
             return;
@@ -504,7 +472,7 @@ static void tall_unfused(tall_task *t, int32_t r, const int8_t *xq, const float 
     const int L = w->d.layout, two = (L == SPFQ_PLANES || L == SPFQ_SPARSE);
     const int need_s = !two || w->d.lam != NULL; /* int layouts without lam: acc_c only */
     const size_t cells = (size_t)r * (size_t)N;
-    int32_t *acc = scratch(SCRATCH_ACC, cells * sizeof(int32_t) * (size_t)(two + need_s));
+    int32_t *acc = spfq_scratch(SPFQ_SCR_ACC, cells * sizeof(int32_t) * (size_t)(two + need_s), 0);
     if (!acc) {
         atomic_store(&t->failed, 1);
         return;

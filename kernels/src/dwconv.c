@@ -26,7 +26,6 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -478,38 +477,6 @@ DW_CLONES static void pixel_rows(const dw_task *t, int64_t bi, int32_t lo, int32
         for (int32_t c = 0; c < C; c++) out[i * C + c] = sc[i] * (float)q[i * C + c];
 }
 
-/* Per-thread grow-only scratch of the row-major units (slots: dequantised input rows, their
- * codes and scales, output rows to quantise, the zero row, the tap pointers): a fresh malloc of
- * these sizes is an mmap whose pages fault in on every call. Freed when the thread exits. */
-enum { DW_XIN, DW_QTMP, DW_STMP, DW_YTMP, DW_ZERO, DW_TAPS, DW_SLOTS };
-static pthread_key_t dw_key;
-static pthread_once_t dw_once = PTHREAD_ONCE_INIT;
-typedef struct { void *p[DW_SLOTS]; size_t cap[DW_SLOTS]; } dw_scratch;
-static void dw_scratch_free(void *v) {
-    dw_scratch *b = v;
-    for (int i = 0; i < DW_SLOTS; i++) free(b->p[i]);
-    free(b);
-}
-static void dw_key_init(void) { pthread_key_create(&dw_key, dw_scratch_free); }
-static void *dw_buf(int slot, size_t bytes, int zeroed) {
-    pthread_once(&dw_once, dw_key_init);
-    dw_scratch *b = pthread_getspecific(dw_key);
-    if (!b) {
-        if (!(b = calloc(1, sizeof *b))) return NULL;
-        if (pthread_setspecific(dw_key, b)) {
-            free(b);
-            return NULL;
-        }
-    }
-    if (b->cap[slot] < bytes) {
-        free(b->p[slot]);
-        b->p[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        b->cap[slot] = b->p[slot] ? bytes : 0;
-        if (b->p[slot] && zeroed) memset(b->p[slot], 0, bytes);
-    }
-    return b->p[slot];
-}
-
 static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
     enum { L = DW_LANES };
     const spfq_dw *p = t->p;
@@ -523,11 +490,11 @@ static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
     if (t->pixel) { /* one step's input rows, dequantised */
         const size_t in_rows_max = (size_t)(step - 1) * p->g.sh + (size_t)(p->g.kh - 1) * p->g.dh + 1;
         const size_t npix = in_rows_max * t->W;
-        xin = dw_buf(DW_XIN, npix * C * sizeof(float), 0);
-        qtmp = t->xq ? NULL : dw_buf(DW_QTMP, npix * C, 0);
-        stmp = t->xq ? NULL : dw_buf(DW_STMP, npix * sizeof(float), 0);
+        xin = spfq_scratch(SPFQ_SCR_DW_XIN, npix * C * sizeof(float), 0);
+        qtmp = t->xq ? NULL : spfq_scratch(SPFQ_SCR_DW_QTMP, npix * C, 0);
+        stmp = t->xq ? NULL : spfq_scratch(SPFQ_SCR_DW_STMP, npix * sizeof(float), 0);
     }
-    if (t->yq) ytmp = dw_buf(DW_YTMP, (size_t)step * t->OW * p->n * sizeof(float), 0); /* one step's output rows */
+    if (t->yq) ytmp = spfq_scratch(SPFQ_SCR_DW_YTMP, (size_t)step * t->OW * p->n * sizeof(float), 0); /* one step's output rows */
     if ((t->pixel && (!xin || (!t->xq && (!qtmp || !stmp)))) || (t->yq && !ytmp)) {
         __atomic_store_n((int *)&t->failed, 1, __ATOMIC_RELAXED);
         return;
@@ -535,8 +502,8 @@ static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
     const float *zero = NULL, **taps = NULL;
 #if defined(__x86_64__)
     if (!t->int8 && p->lane16 && spfq_dw_rows16_avx512 && spfq_isa_avx512()) {
-        zero = dw_buf(DW_ZERO, (size_t)C * sizeof(float), 1);
-        taps = dw_buf(DW_TAPS, (size_t)t->OW * (size_t)p->k * sizeof *taps, 0);
+        zero = spfq_scratch(SPFQ_SCR_DW_ZERO, (size_t)C * sizeof(float), 1);
+        taps = spfq_scratch(SPFQ_SCR_DW_TAPS, (size_t)t->OW * (size_t)p->k * sizeof *taps, 0);
         if (!zero || !taps) zero = NULL;
     }
 #endif

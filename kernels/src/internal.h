@@ -161,6 +161,17 @@ SPFQ_DECLARE_ISA(neon)
  * (<= SPFQ_POOL_MAX threads), or n = 1 (one call on the caller) when nthreads <= 1 or the pool
  * is busy with another host thread's task. spfq_pool_workers: workers started (-1 if busy). */
 #define SPFQ_POOL_MAX 64
+/* Per-thread grow-only scratch buffers (pool.c), one per slot, 64-byte aligned: a fresh malloc
+ * of a conv-sized buffer is an mmap whose pages fault in (and are cleared) on every call, which
+ * cost as much as the GEMM itself on MobileNetV2's 1x1 convs. Freed when the thread exits.
+ * zeroed: the buffer is zero when (re)allocated (for a slot no caller writes). NULL: no memory. */
+enum spfq_scratch_slot {
+    SPFQ_SCR_XQ, SPFQ_SCR_XS, SPFQ_SCR_ACC, SPFQ_SCR_ROWS, SPFQ_SCR_Y,          /* api.c row units */
+    SPFQ_SCR_DW_XIN, SPFQ_SCR_DW_QTMP, SPFQ_SCR_DW_STMP, SPFQ_SCR_DW_YTMP,       /* dwconv.c */
+    SPFQ_SCR_DW_ZERO, SPFQ_SCR_DW_TAPS, SPFQ_SCR_SLOTS
+};
+void *spfq_scratch(int slot, size_t bytes, int zeroed);
+
 /* nthreads, or 1 for a call with less work (multiply-adds, or taps x outputs of a direct conv /
  * pooling) than SPFQ_PARALLEL_MIN_WORK (default 2^20; the environment variable overrides it,
  * e.g. 0 in the tests of thread splitting): waking the pool costs more than such a call saves

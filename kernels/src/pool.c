@@ -40,6 +40,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "internal.h"
@@ -279,4 +280,34 @@ static void min_work_init(void) {
 int32_t spfq_threads_for(int64_t work, int32_t nthreads) {
     pthread_once(&min_work_once, min_work_init);
     return work < min_work ? 1 : nthreads;
+}
+
+typedef struct { void *p[SPFQ_SCR_SLOTS]; size_t cap[SPFQ_SCR_SLOTS]; } scratch_set;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static void scratch_free(void *v) {
+    scratch_set *b = v;
+    for (int i = 0; i < SPFQ_SCR_SLOTS; i++) free(b->p[i]);
+    free(b);
+}
+static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+void *spfq_scratch(int slot, size_t bytes, int zeroed) {
+    pthread_once(&scratch_once, scratch_init);
+    scratch_set *b = pthread_getspecific(scratch_key);
+    if (!b) {
+        if (!(b = calloc(1, sizeof *b))) return NULL;
+        if (pthread_setspecific(scratch_key, b)) {
+            free(b);
+            return NULL;
+        }
+    }
+    if (b->cap[slot] < bytes || !b->p[slot]) {
+        free(b->p[slot]);
+        const size_t size = (bytes + 64) / 64 * 64;
+        b->p[slot] = aligned_alloc(64, size);
+        b->cap[slot] = b->p[slot] ? bytes : 0;
+        if (b->p[slot] && zeroed) memset(b->p[slot], 0, size);
+    }
+    return b->p[slot];
 }

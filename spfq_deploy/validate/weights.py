@@ -42,6 +42,7 @@ from onnx import TensorProto, numpy_helper
 
 CUSTOM_DOMAIN = "ai.spfq"
 CUSTOM_OPS = ("PackedMatMul", "PackedConv")
+WEIGHTLESS_OPS = ("MaxPool",)  # ai.spfq ops that carry no weights (the channels-last pooling)
 QONNX_DOMAIN = "qonnx.custom_op.general"
 SIGN, SIGN_MASK, PLANES, SPARSE = 1, 2, 3, 4
 LAYOUT_NAMES = {SIGN: "sign", SIGN_MASK: "sign_mask", PLANES: "planes", SPARSE: "sparse"}
@@ -260,7 +261,7 @@ def _check_custom(model, inits, cm) -> tuple[dict, list]:
     """({layer: [nodes]}, [(None, why)] for ai.spfq nodes of no layer) of the custom-op flavour."""
     found, extra = {}, []
     for node in model.graph.node:
-        if node.domain != CUSTOM_DOMAIN:
+        if node.domain != CUSTOM_DOMAIN or node.op_type in WEIGHTLESS_OPS:
             continue
         if node.op_type not in CUSTOM_OPS:
             extra.append((None, f"node {node.name or '?'}: unknown {CUSTOM_DOMAIN} op {node.op_type}"))
