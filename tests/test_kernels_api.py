@@ -267,3 +267,30 @@ def test_matmul_q8_is_quantize_then_matmul_i8(isa, alphabet, bits, m, k):
             np.testing.assert_array_equal(w.matmul_q8(x, threads=t).view(np.uint32), want.view(np.uint32))
     finally:
         K.set_isa("auto")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("alphabet,bits,pruned", [("int", 4, False), ("ternary", 2, False), ("binary", 1, False),
+                                                  ("int", 3, True), ("binary", 1, True)])
+def test_tall_f32_lane_tables_match_the_oracle(isa, alphabet, bits, pruned):
+    """Weight-only calls of 16+ rows run on float tables in output-lane order (dconv.c's
+    micro-kernel): bit for bit the C oracle's column-order sums (computed here a row at a time,
+    below the threshold), zero codes skipped even against inf / NaN inputs, clamp applied."""
+    layer = make_layer(alphabet, bits, 37, 70, sparsity=0.5 if pruned else 0.3, pruned=pruned, seed=5)
+    x = RNG.standard_normal((40, 70)).astype(np.float32)
+    x[3, 5], x[7, 0], x[11, 69] = np.inf, np.nan, -np.inf
+    K.set_isa("c")
+    try:
+        w = K.PackedWeights.from_layer(layer)
+        w.set_clamp(-2.0, 3.0)
+        want = np.concatenate([w.matmul_f32(x[i:i + 1]) for i in range(len(x))])
+    finally:
+        K.set_isa("auto")
+    K.set_isa(isa)
+    try:
+        w = K.PackedWeights.from_layer(layer)
+        w.set_clamp(-2.0, 3.0)
+        for t in (1, 3):
+            np.testing.assert_array_equal(w.matmul_f32(x, threads=t).view(np.uint32), want.view(np.uint32))
+    finally:
+        K.set_isa("auto")

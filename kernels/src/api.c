@@ -174,6 +174,7 @@ void spfq_free(spfq_prepared *p) {
     free(p->rp);
     free(p->amx);
     spfq_free(p->hwc);
+    spfq_dc_free(p->f32_lanes);
     free(p);
 }
 
@@ -253,6 +254,7 @@ int spfq_set_clamp(spfq_prepared *w, float lo, float hi) {
     w->clamp_hi = hi;
     w->clamped = !(lo == -INFINITY && hi == INFINITY);
     if (w->hwc) spfq_set_clamp(w->hwc, lo, hi); /* the reordered copy of spfq_conv_nhwc */
+    if (w->f32_lanes) spfq_dc_set_clamp(w->f32_lanes, lo, hi);
     return SPFQ_OK;
 }
 
@@ -274,14 +276,6 @@ EPI_CLONES static void f32_finish(const spfq_job *j, int32_t n0, int32_t n1, voi
     }
 }
 
-int spfq_matmul_f32(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads) {
-    if (check(w, m) || !x || !y) return SPFQ_EINVAL;
-    int L = w->d.layout;
-    spfq_range_fn fn = FIND(f32[L]);
-    if (!fn) return SPFQ_EUNSUPPORTED;
-    spfq_job job = {.w = w, .m = m, .x = x, .y = y};
-    return m ? parallel(fn, &job, nthreads, w->clamped ? f32_finish : NULL, NULL) : SPFQ_OK;
-}
 
 int spfq_matmul_i8_raw(const spfq_prepared *w, int32_t m, const int8_t *xq, int32_t *acc_c,
                        int32_t *acc_s, int32_t nthreads) {
@@ -333,7 +327,7 @@ EPI_CLONES static void i8_finish(const spfq_job *j, int32_t n0, int32_t n1, void
  * row block, and quantisation runs on every thread. */
 /* A convolution's GEMM rows made per block (spfq_conv_nhwc): row (b, oh, ow), columns
  * (c, kh, kw) as PyTorch flattens the weight, zeros in the padding. */
-typedef struct {
+typedef struct conv_src_s {
     spfq_conv_geom g;
     int32_t H, W, OH, OW, hwc; /* hwc: columns (tap, c) instead (the reordered weights of conv_hwc) */
     const float *x;            /* (B, H, W, channels) */
@@ -374,8 +368,29 @@ static void conv_rows(const conv_src *s, int32_t r0, int32_t r, float *dst) {
     }
 }
 
+/* Tall weight-only calls with at least this many rows and at most SPFQ_F32_LANES_MAX weights
+ * run on float weight tables in output-lane order (dconv.c's micro-kernel; 4 bytes per weight,
+ * hence the cap): the packed f32 kernels are GEMV kernels (MobileNetV2's 12544 x 16 -> 96 conv:
+ * 51 ms on them). */
+#ifndef SPFQ_F32_LANES_MIN_ROWS
+#define SPFQ_F32_LANES_MIN_ROWS 16
+#endif
+#define SPFQ_F32_LANES_MAX ((int64_t)1 << 22)
+
+static pthread_mutex_t lanes_mu = PTHREAD_MUTEX_INITIALIZER;
+static const struct spfq_dc *f32_lanes(const spfq_prepared *cw) {
+    spfq_prepared *w = (spfq_prepared *)cw; /* a cache, not part of the weights' value */
+    struct spfq_dc *have = atomic_load_explicit(&w->f32_lanes, memory_order_acquire);
+    if (have) return have;
+    pthread_mutex_lock(&lanes_mu);
+    if (!w->f32_lanes) atomic_store_explicit(&w->f32_lanes, spfq_dc_gemm(w), memory_order_release);
+    pthread_mutex_unlock(&lanes_mu);
+    return w->f32_lanes;
+}
+
 typedef struct {
     const spfq_prepared *w;
+    const struct spfq_dc *lanes;  /* f32 on the lane tables (whole rows: nparts == 1) */
     spfq_range_fn fused, fn;      /* fused kernel, else kernel + i8_finish (f32: the f32 kernel) */
     int32_t m, rows, nparts, units, kp, f32;
     const conv_src *conv;         /* float rows made per unit from a conv input; or */
@@ -425,8 +440,13 @@ static void tall_unit(tall_task *t, int32_t u) {
     }
     if (t->f32) {
         spfq_job job = {.w = w, .m = r, .x = rows, .y = y};
-        t->fn(&job, n0, n1);
-        if (w->clamped) f32_finish(&job, n0, n1, NULL);
+        if (!t->lanes) {
+            t->fn(&job, n0, n1);
+            if (w->clamped) f32_finish(&job, n0, n1, NULL);
+        } else if (spfq_dc_gemm_rows(t->lanes, r, rows, y)) { /* clamped inside */
+            atomic_store(&t->failed, 1);
+            return;
+        }
         if (t->yq) spfq_quant_rows(r, N, y, (size_t)N, t->yq + (size_t)r0 * N, (size_t)N, t->yscale + r0);
         return;
     }
@@ -506,11 +526,12 @@ static spfq_range_fn fused_kernel(const spfq_prepared *w, int32_t m) {
 /* x (float) or xq + xscale (int8) or a conv's input -> y through the row-block driver; f32:
  * weight-only (x or conv). */
 static int tall_run(const spfq_prepared *w, int32_t m, const float *x, const int8_t *xq, const float *xscale,
-                    const conv_src *conv, int f32, float *y, int8_t *yq, float *yscale, int32_t nthreads) {
+                    const struct conv_src_s *conv, int f32, float *y, int8_t *yq, float *yscale, int32_t nthreads) {
     const int L = w->d.layout;
     tall_task t = {.w = w, .m = m, .x = x, .xq = xq, .xscale = xscale, .conv = conv, .f32 = f32, .y = y,
                    .yq = yq, .yscale = yscale};
     t.fused = f32 ? NULL : fused_kernel(w, m);
+    if (f32 && m >= SPFQ_F32_LANES_MIN_ROWS && (int64_t)w->d.k * w->d.n <= SPFQ_F32_LANES_MAX) t.lanes = f32_lanes(w);
     t.fn = t.fused ? NULL : f32 ? FIND(f32[L]) : FIND(i8[L]);
     if (!t.fused && !t.fn) return SPFQ_EUNSUPPORTED;
     t.kp = tall_kp(w, t.fused);
@@ -524,7 +545,7 @@ static int tall_run(const spfq_prepared *w, int32_t m, const float *x, const int
     if (nthreads > SPFQ_POOL_MAX) nthreads = SPFQ_POOL_MAX;
     nthreads = spfq_threads_for((int64_t)m * w->d.k * w->d.n, nthreads);
     int32_t nparts = 1; /* few row blocks: split the outputs too, so that every thread has work */
-    if (nthreads > 1 && rblocks < 4 * nthreads && !yq) { /* (quantised outputs need whole rows) */
+    if (nthreads > 1 && rblocks < 4 * nthreads && !yq && !t.lanes) { /* (these two need whole rows) */
         nparts = (4 * nthreads + rblocks - 1) / rblocks;
         if (nparts > blocks) nparts = blocks;
     }
@@ -562,6 +583,17 @@ int spfq_matmul_q8(const spfq_prepared *w, int32_t m, const float *x, float *y, 
     if (check(w, m) || !x || !y) return SPFQ_EINVAL;
     if (!FIND(i8[w->d.layout])) return SPFQ_EUNSUPPORTED;
     return m ? tall_run(w, m, x, NULL, NULL, NULL, 0, y, NULL, NULL, nthreads) : SPFQ_OK;
+}
+
+int spfq_matmul_f32(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads) {
+    if (check(w, m) || !x || !y) return SPFQ_EINVAL;
+    int L = w->d.layout;
+    spfq_range_fn fn = FIND(f32[L]);
+    if (!fn) return SPFQ_EUNSUPPORTED;
+    if (m >= SPFQ_F32_LANES_MIN_ROWS && (int64_t)w->d.k * w->d.n <= SPFQ_F32_LANES_MAX)
+        return tall_run(w, m, x, NULL, NULL, NULL, 1, y, NULL, NULL, nthreads);
+    spfq_job job = {.w = w, .m = m, .x = x, .y = y};
+    return m ? parallel(fn, &job, nthreads, w->clamped ? f32_finish : NULL, NULL) : SPFQ_OK;
 }
 
 /* One of x / (xq, xscale) and one of y / (yq, yscale), or NULL. */

@@ -51,31 +51,22 @@ int spfq_dc_set_clamp(spfq_dc *p, float lo, float hi) {
     return SPFQ_OK;
 }
 
-int spfq_dc_prepare(const spfq_weights_desc *w, const spfq_conv_geom *g, spfq_dc **out) {
-    if (!w || !g || !out) return SPFQ_EINVAL;
-    *out = NULL;
-    if (g->channels < 1 || g->channels > SPFQ_DC_MAX_C || g->kh < 1 || g->kw < 1 || g->sh < 1 || g->sw < 1 ||
-        g->dh < 1 || g->dw < 1 || g->pt < 0 || g->pl < 0 || g->pb < 0 || g->pr < 0)
-        return SPFQ_EINVAL;
-    if ((int64_t)g->channels * g->kh * g->kw != w->k || g->outputs != w->n) return SPFQ_EINVAL;
-    spfq_prepared *pw = NULL;
-    int rc = spfq_prepare(w, &pw);
-    if (rc) return rc;
+/* The lane-order tables of prepared weights (any K; the geometry is the caller's). */
+static spfq_dc *dc_from(const spfq_prepared *pw, const spfq_conv_geom *g) {
     spfq_dc *p = calloc(1, sizeof *p);
-    int8_t *codes = malloc((size_t)w->k);
+    int8_t *codes = malloc((size_t)pw->d.k);
     if (!p || !codes) {
         free(p);
         free(codes);
-        spfq_free(pw);
-        return SPFQ_ENOMEM;
+        return NULL;
     }
     p->g = *g;
-    p->n = w->n;
-    p->k = w->k;
-    p->np = (w->n + 15) / 16 * 16;
-    p->lo = -INFINITY;
-    p->hi = INFINITY;
-    p->one_level = w->layout == SPFQ_SIGN || w->layout == SPFQ_SIGN_MASK;
+    p->n = pw->d.n;
+    p->k = pw->d.k;
+    p->np = (p->n + 15) / 16 * 16;
+    p->lo = pw->clamped ? pw->clamp_lo : -INFINITY;
+    p->hi = pw->clamped ? pw->clamp_hi : INFINITY;
+    p->one_level = pw->d.layout == SPFQ_SIGN || pw->d.layout == SPFQ_SIGN_MASK;
     const size_t cells = (size_t)p->k * (size_t)p->np;
     p->w = aligned_alloc(64, cells * sizeof(float));
     p->live = aligned_alloc(64, cells * sizeof(float));
@@ -83,9 +74,8 @@ int spfq_dc_prepare(const spfq_weights_desc *w, const spfq_conv_geom *g, spfq_dc
     p->bias = aligned_alloc(64, (size_t)p->np * sizeof(float));
     if (!p->w || !p->live || !p->scale || !p->bias) {
         free(codes);
-        spfq_free(pw);
         spfq_dc_free(p);
-        return SPFQ_ENOMEM;
+        return NULL;
     }
     memset(p->w, 0, cells * sizeof(float));
     memset(p->live, 0, cells * sizeof(float));
@@ -106,7 +96,22 @@ int spfq_dc_prepare(const spfq_weights_desc *w, const spfq_conv_geom *g, spfq_dc
         p->bias[o] = d->bias ? d->bias[o] : 0.0f;
     }
     free(codes);
+    return p;
+}
+
+int spfq_dc_prepare(const spfq_weights_desc *w, const spfq_conv_geom *g, spfq_dc **out) {
+    if (!w || !g || !out) return SPFQ_EINVAL;
+    *out = NULL;
+    if (g->channels < 1 || g->channels > SPFQ_DC_MAX_C || g->kh < 1 || g->kw < 1 || g->sh < 1 || g->sw < 1 ||
+        g->dh < 1 || g->dw < 1 || g->pt < 0 || g->pl < 0 || g->pb < 0 || g->pr < 0)
+        return SPFQ_EINVAL;
+    if ((int64_t)g->channels * g->kh * g->kw != w->k || g->outputs != w->n) return SPFQ_EINVAL;
+    spfq_prepared *pw = NULL;
+    int rc = spfq_prepare(w, &pw);
+    if (rc) return rc;
+    spfq_dc *p = dc_from(pw, g);
     spfq_free(pw);
+    if (!p) return SPFQ_ENOMEM;
     *out = p;
     return SPFQ_OK;
 }
@@ -177,15 +182,16 @@ static void pixel_exact(const spfq_dc *p, const float *base, const int64_t *tofs
         }                                                                                                    \
     }                                                                                                        \
     /* every output channel of P pixels (a non-finite input: the exact path) */                              \
-    __attribute__((noinline)) TGT static void NAME(const spfq_dc *p, const dc_in *in, int P, float *const *y) { \
+    __attribute__((noinline)) TGT static void NAME(const spfq_dc *p, const dc_in *in, int P, float *const *y,      \
+                                                  int32_t c0, int32_t c1) {                                    \
         if (!in->finite) {                                                                                   \
             for (int i = 0; i < P; i++) pixel_exact(p, in->base[i], in->tofs, y[i]);                        \
             return;                                                                                          \
         }                                                                                                    \
-        const int32_t nv = (p->n + (V) - 1) / (V);                                                           \
+        const int32_t nv = ((c1 < p->n ? c1 : p->n) + (V) - 1) / (V); /* output channels [c0, c1) */          \
         const int most = P == 4 ? 2 : 4;                                                                     \
         const dc_in *x = in;                                                                                 \
-        for (int32_t j0 = 0; j0 < nv;) {                                                                     \
+        for (int32_t j0 = c0 / (V); j0 < nv;) {                                                              \
             const int nb = nv - j0 < most ? (int)(nv - j0) : most;                                           \
             if (P == 4) {                                                                                    \
                 if (nb == 2) NAME##_one(p, x, 4, 2, j0, y);                                                  \
@@ -205,7 +211,7 @@ static void pixel_exact(const spfq_dc *p, const float *base, const int64_t *tofs
         }                                                                                                    \
     }
 
-typedef void (*dc_fn)(const spfq_dc *, const dc_in *, int, float *const *);
+typedef void (*dc_fn)(const spfq_dc *, const dc_in *, int, float *const *, int32_t, int32_t);
 
 DC_KERNEL(dc_base, , 4)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -318,7 +324,7 @@ static void dc_unit(dc_task *t, int64_t bi, int32_t band, float *row) {
                 for (int i = 0; i < q; i++)
                     for (int32_t tt = 0; tt < k; tt++)
                         if (!isfinite(in.base[i][in.tofs[tt]])) in.finite = 0;
-            t->fn(p, &in, q, y);
+            t->fn(p, &in, q, y, 0, p->n);
             ow += q;
         }
         if (!t->nhwc) /* (ow, n) -> (n, ow) */
@@ -361,4 +367,40 @@ int spfq_dconv(const spfq_dc *p, int32_t nhwc, int32_t b, int32_t h, int32_t w, 
     if (chunks > units) chunks = units;
     spfq_pool_run(nthreads, (int32_t)chunks, dc_chunk, &t);
     return t.failed ? SPFQ_ENOMEM : SPFQ_OK;
+}
+
+/* ------------------------------------------------------------------ weight-only GEMM rows */
+
+/* api.c's tall weight-only calls: the same micro-kernel with a row of x as the patch (its K
+ * values in column order, the oracle's order; zero codes weight 0 as above, a row holding a
+ * non-finite value by the exact path). Built once per weights (spfq_prepared.f32_lanes). */
+spfq_dc *spfq_dc_gemm(const spfq_prepared *w) {
+    const spfq_conv_geom g = {w->d.k, w->d.n, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0};
+    return dc_from(w, &g);
+}
+
+/* y (m, n) = rows x (m, k) through p, P rows per micro-kernel call; SPFQ_ENOMEM without the
+ * per-thread offset table. */
+int spfq_dc_gemm_rows(const spfq_dc *p, int32_t m, const float *x, float *y) {
+    const dc_fn fn = dc_kernel();
+    const int P = dc_pixels(p);
+    int64_t *ident = spfq_scratch(SPFQ_SCR_DC_TOFS, (size_t)p->k * sizeof(int64_t), 0);
+    if (!ident) return SPFQ_ENOMEM;
+    for (int32_t t = 0; t < p->k; t++) ident[t] = t;
+    /* outputs in chunks whose weight table (K x chunk floats) stays in L2 while every row runs */
+    int32_t chunk = (int32_t)((256 * 1024) / ((size_t)p->k * sizeof(float))) / 64 * 64;
+    chunk = chunk < 64 ? 64 : chunk;
+    for (int32_t c0 = 0; c0 < p->n; c0 += chunk)
+        for (int32_t r = 0; r < m;) {
+            const int q = m - r >= P ? P : m - r >= 2 ? 2 : 1;
+            dc_in in = {{NULL, NULL, NULL, NULL}, ident, all_finite(x + (size_t)r * p->k, (size_t)q * p->k)};
+            float *yy[4];
+            for (int i = 0; i < q; i++) {
+                in.base[i] = x + (size_t)(r + i) * p->k;
+                yy[i] = y + (size_t)(r + i) * p->n;
+            }
+            fn(p, &in, q, yy, c0, c0 + chunk);
+            r += q;
+        }
+    return SPFQ_OK;
 }

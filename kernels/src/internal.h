@@ -44,7 +44,15 @@ struct spfq_prepared {
      * with hwc_c input channels; NULL until then) */
     struct spfq_prepared *_Atomic hwc;
     int32_t hwc_c;
+    /* tall weight-only calls: the codes as float values in output-lane order (dconv.c's tables,
+     * spfq_dc_gemm; built by the first such call, NULL until then) */
+    struct spfq_dc *_Atomic f32_lanes;
 };
+
+/* dconv.c: weight-only float GEMM rows through the few-channel conv's micro-kernel (outputs in
+ * vector lanes, each x value broadcast), bit-identical with the f32 oracle. */
+struct spfq_dc *spfq_dc_gemm(const struct spfq_prepared *w);
+int spfq_dc_gemm_rows(const struct spfq_dc *p, int32_t m, const float *x, float *y);
 
 /* The fused output clamp (NaN stays NaN; the same expression everywhere it is applied). */
 static inline float spfq_clamp(float v, float lo, float hi) {
@@ -168,7 +176,7 @@ SPFQ_DECLARE_ISA(neon)
 enum spfq_scratch_slot {
     SPFQ_SCR_XQ, SPFQ_SCR_XS, SPFQ_SCR_ACC, SPFQ_SCR_ROWS, SPFQ_SCR_Y,          /* api.c row units */
     SPFQ_SCR_DW_XIN, SPFQ_SCR_DW_QTMP, SPFQ_SCR_DW_STMP, SPFQ_SCR_DW_YTMP,       /* dwconv.c */
-    SPFQ_SCR_DW_ZERO, SPFQ_SCR_DW_TAPS, SPFQ_SCR_SLOTS
+    SPFQ_SCR_DW_ZERO, SPFQ_SCR_DW_TAPS, SPFQ_SCR_DC_TOFS, SPFQ_SCR_SLOTS
 };
 void *spfq_scratch(int slot, size_t bytes, int zeroed);
 
