@@ -1,17 +1,23 @@
-"""Quality benchmark: fp32 vs round-to-nearest vs GPFQ vs SPFQ, side by side on the same
-calibration data, for the MNIST CNN (accuracy on the 5000 digits) and MiniLM (Lee Pearson,
+"""Quality benchmark: fp32 vs round-to-nearest vs GPFQ vs SPFQ (and GPTQ), side by side on the
+same calibration data, for the MNIST CNN (accuracy on the 5000 digits) and MiniLM (Lee Pearson,
 WordSim Spearman, polarity accuracy), at binary, ternary, 2, 3, 4 bits and 4-bit + 50% sparse.
 
     python benchmarks/quality.py --out benchmarks/results/quality.json [--models mnist,minilm]
+        [--methods rtn,gpfq,spfq,gptq,gptq-mse,gptq-act]
 
-Writes JSON (per run: task metrics, per-layer relative output errors, compression seconds)
-and prints a Markdown table for the README. Nothing here is a test: it reports what it measures.
+A method is a --method name, optionally with variants: -mse / -search (--scale), -act
+(--act-order). Writes JSON (per run: task metrics, per-layer relative output errors, the mean
+weight error ||W - Q|| / ||W||, compression seconds; goals: each method against round to
+nearest) and prints a Markdown table for the README. Nothing here is a test: it reports what
+it measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
 import sys
 import time
@@ -23,12 +29,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spfq_deploy.atomic import write_text  # noqa: E402
 from spfq_deploy.compress import compress_model  # noqa: E402
+from spfq_deploy.compress.folding import find_pairs, fold  # noqa: E402
 
 SETTINGS = {  # name -> (bits, sparsity)
     "binary": (1, 0.0), "ternary": ("ternary", 0.0), "2-bit": (2, 0.0), "3-bit": (3, 0.0),
     "4-bit": (4, 0.0), "4-bit+50%": (4, 0.5),
 }
 METHODS = ("rtn", "gpfq", "spfq")
+VARIANTS = {"mse": {"scale": "mse"}, "search": {"scale": "search"}, "act": {"act_order": True}}
+
+
+def options(label: str) -> dict:
+    """compress_model options of a method label such as gptq-act-mse."""
+    method, *variants = label.split("-")
+    opts = {"method": method}
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r} in {label!r} (known: {', '.join(VARIANTS)})")
+        opts.update(VARIANTS[v])
+    return opts
+
+
+@torch.no_grad()
+def weight_error(model, res) -> float:
+    """Mean over the compressed layers of ||W - Q|| / ||W|| (W after BatchNorm folding, as compressed)."""
+    folded = copy.deepcopy(model).eval()
+    fold(folded, find_pairs(folded))
+    w, q = dict(folded.named_modules()), dict(res.reference.named_modules())
+    errs = [float((w[n].weight - q[n].weight).norm() / w[n].weight.norm()) for n in res.model.layers]
+    return sum(errs) / len(errs)
 
 
 def workload(name: str):
@@ -56,19 +85,21 @@ def run(models, settings, methods, seed):
             bits, sparsity = SETTINGS[setting]
             for method in methods:
                 t0 = time.perf_counter()
-                res = compress_model(model, calib, bits=bits, sparsity=sparsity, method=method,
-                                     seed=seed, progress=False)
+                res = compress_model(model, calib, bits=bits, sparsity=sparsity, seed=seed, progress=False,
+                                     **options(method))
                 secs = time.perf_counter() - t0
                 metrics = mod.evaluate(res.reference)
                 errs = [r.rel_error for r in res.report]
-                row = {"model": model_name, "setting": setting, "method": method, "metrics": metrics,
-                       "compress_seconds": secs, "layer_rel_error": {r.name: r.rel_error for r in res.report},
+                row = {"model": model_name, "setting": setting, "method": method, "options": options(method),
+                       "metrics": metrics, "compress_seconds": secs,
+                       "layer_rel_error": {r.name: r.rel_error for r in res.report},
                        "mean_rel_error": sum(errs) / len(errs), "last_rel_error": errs[-1],
+                       "mean_weight_rel_error": weight_error(model, res),
                        "sparsity": sum(r.sparsity for r in res.report) / len(errs),
                        "chosen_C": {r.name: r.C for r in res.report}}
                 results.append(row)
-                print(f"[{model_name}] {setting:10s} {method:5s} {metrics} mean err {row['mean_rel_error']:.4f} "
-                      f"({secs:.1f} s)", flush=True)
+                print(f"[{model_name}] {setting:10s} {method:12s} {metrics} mean err {row['mean_rel_error']:.4f} "
+                      f"weight err {row['mean_weight_rel_error']:.4f} ({secs:.1f} s)", flush=True)
     return results
 
 
@@ -91,18 +122,38 @@ def beats_rtn(results):
     return out
 
 
+def goals(results):
+    """Each method against round to nearest at every model and setting (SPFQ.md: error
+    correction must beat plain rounding at every bit width, measured side by side): its mean
+    layer output error below RTN's, and every task metric at least RTN's."""
+    out = []
+    by = {(r["model"], r["setting"], r["method"]): r for r in results}
+    for (model, setting, method), r in by.items():
+        rtn = by.get((model, setting, "rtn"))
+        if method in ("rtn", "fp32") or not rtn:
+            continue
+        out.append({"goal": f"{model} {setting} {method}: mean layer output error below rtn's", "model": model,
+                    "setting": setting, "method": method, "measured": r["mean_rel_error"],
+                    "target": rtn["mean_rel_error"], "met": r["mean_rel_error"] < rtn["mean_rel_error"]})
+        out.append({"goal": f"{model} {setting} {method}: every task metric at least rtn's", "model": model,
+                    "setting": setting, "method": method, "measured": r["metrics"], "target": rtn["metrics"],
+                    "met": all(r["metrics"][k] >= v for k, v in rtn["metrics"].items())})
+    return out
+
+
 def markdown(results):
     lines = []
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         keys = list(rows[0]["metrics"])
         lines.append(f"\n**{model}**\n")
-        lines.append("| setting | method | " + " | ".join(keys) + " | mean layer rel. error | last layer rel. error | compress s |")
-        lines.append("|" + "---|" * (len(keys) + 5))
+        lines.append("| setting | method | " + " | ".join(keys) +
+                     " | mean layer rel. error | last layer rel. error | mean weight rel. error | compress s |")
+        lines.append("|" + "---|" * (len(keys) + 6))
         for r in rows:
             m = " | ".join(f"{r['metrics'][k]:.4f}" for k in keys)
-            err = f"{r['mean_rel_error']:.4f} | {r['last_rel_error']:.4f} | {r['compress_seconds']:.1f}" \
-                if "mean_rel_error" in r else "- | - | -"
+            err = f"{r['mean_rel_error']:.4f} | {r['last_rel_error']:.4f} | {r['mean_weight_rel_error']:.4f} | " \
+                f"{r['compress_seconds']:.1f}" if "mean_rel_error" in r else "- | - | - | -"
             lines.append(f"| {r['setting']} | {r['method']} | {m} | {err} |")
     return "\n".join(lines)
 
@@ -116,11 +167,17 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results/quality.json")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    results = run(args.models.split(","), args.settings.split(","), args.methods.split(","), args.seed)
+    methods = args.methods.split(",")
+    for m in methods:
+        options(m)  # a typo fails now, not after an hour of runs
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    results = run(args.models.split(","), args.settings.split(","), methods, args.seed)
     doc = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "python": platform.python_version()},
+                       "torch": torch.__version__, "python": platform.python_version(),
+                       "load_avg_before": list(load0), "load_avg_after": list(os.getloadavg())},
            "calibration": "256 samples (MNIST: class-balanced digits; MiniLM: lee_background sentences)",
-           "results": results, "vs_rtn": beats_rtn(results)}
+           "results": results, "vs_rtn": beats_rtn(results), "goals": goals(results),
+           "wall_s": time.perf_counter() - t0}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps(doc, indent=1))
     print(markdown(results))
@@ -128,6 +185,11 @@ def main(argv=None):
     for k, v in doc["vs_rtn"].items():
         print(f"  {k}: {v['layers_better_than_rtn']}/{v['layers']} layers better, mean "
               f"{v['mean_rel_error']:.4f} vs {v['rtn_mean_rel_error']:.4f}")
+    print(f"\ngoals: {sum(g['met'] for g in doc['goals'])}/{len(doc['goals'])} met")
+    for g in doc["goals"]:
+        if not g["met"]:
+            print(f"  missed: {g['goal']}")
+    print(f"load average before {load0}, after {doc['machine']['load_avg_after']}")
 
 
 if __name__ == "__main__":

@@ -73,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="calibration data: .npy, .npz or file.py:function "
                                    "(default: the model file's calibration())")
     c.add_argument("--bits", type=_bits, default=4, help="1 (binary), ternary, or 2..8 (default 4)")
-    c.add_argument("--method", choices=["gpfq", "spfq", "rtn"], default="gpfq",
+    c.add_argument("--method", choices=["gpfq", "spfq", "gptq", "rtn"], default="gpfq",
                    help="gpfq: deterministic path following (default, best measured quality); "
-                        "spfq: stochastic path following; rtn: round to nearest")
+                        "spfq: stochastic path following; gptq: GPTQ/OPTQ; rtn: round to nearest")
+    c.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing diag of X~'X~")
+    c.add_argument("--damp", help="gptq: damping fraction F in (0, 1): H = X~'X~ + F mean(diag) I (default 0.01)")
+    c.add_argument("--scale", default="search",
+                   help="search (default): one C per layer minimising the calibration output error; "
+                        "mse: a C per row minimising ||w - rtn(w)||^2 (GPTQ's choice)")
     c.add_argument("--sparsity", type=_fraction, default=0.0, help="target fraction of zero weights")
     c.add_argument("--order", type=int, default=1, help="order-r data alignment (default 1)")
     c.add_argument("--c-grid", type=_grid, help="comma-separated scale parameters C to search")
@@ -240,6 +245,7 @@ def cmd_compress(args) -> int:
     from .tables import compression_summary
 
     cfg = CompressConfig(bits=args.bits, method=args.method, sparsity=args.sparsity, order=args.order,
+                         scale=args.scale, damp=args.damp, act_order=args.act_order,
                          c_grid=args.c_grid, per_layer_delta=args.per_layer_delta,
                          range_quantile=args.range_quantile, bias_correction=args.bias_correction,
                          fold_batchnorm=not args.no_fold_bn, include=tuple(args.include or ["*"]),

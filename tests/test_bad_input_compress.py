@@ -299,6 +299,23 @@ def test_c_grid_non_finite(model_file, tmp_path, capsys, grid):
                          match="--c-grid", argparse_error=True)
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--method", "gptq", "--damp", "abc"], "damp must be a number in (0, 1), got 'abc'"),
+    (["--method", "gptq", "--damp", "0"], "damp must be"),
+    (["--method", "gptq", "--damp", "1"], "damp must be"),
+    (["--method", "gptq", "--damp", "nan"], "damp must be"),
+    (["--method", "gpfq", "--act-order"], "apply to method gptq only, not gpfq"),
+    (["--method", "rtn", "--damp", "0.1"], "apply to method gptq only, not rtn"),
+    (["--damp", "0.1"], "apply to method gptq only, not gpfq"),
+    (["--method", "gptq", "--scale", "minmax"], "scale must be one of search, mse"),
+    (["--method", "gptq", "--scale", "mse", "--c-grid", "0.5,1"], "takes no c_grid"),
+])
+def test_gptq_and_scale_options(model_file, tmp_path, capsys, monkeypatch, args, match):
+    no_compression(monkeypatch)
+    out = tmp_path / "x.spfq"
+    expect_clean_failure(capsys, out, "compress", model_file, *args, "-o", out, "-q", match=match)
+
+
 def test_exclude_matching_nothing(model_file, tmp_path, capsys):
     """A typo in --exclude would silently compress the layer meant to stay float."""
     out = tmp_path / "x.spfq"

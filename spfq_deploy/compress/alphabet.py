@@ -61,8 +61,8 @@ def make_alphabet(alphabet: str, bits: int, W: torch.Tensor, C, *, lam_factor=No
     """delta_i = C * R_i / K with R_i = max|w_i| (or a quantile); lam from the s-quantile when pruning.
 
     W is (..., n, d). C and lam_factor may be tensors with leading candidate axes so a whole
-    grid of alphabets is built in one pass; lam_factor may also hold one factor per row.
-    grid of alphabets is built (and later searched) in one vectorised pass.
+    grid of alphabets is built (and later searched) in one vectorised pass; either may also
+    hold one value per row (a tensor of 2+ dims broadcasting against (..., n)).
     """
     K = levels_for(alphabet, bits)
     A = W.abs()
@@ -74,7 +74,7 @@ def make_alphabet(alphabet: str, bits: int, W: torch.Tensor, C, *, lam_factor=No
     if per_layer_delta:
         R = R.mean().expand_as(R)  # over all groups and rows
     C = torch.as_tensor(C, dtype=W.dtype)
-    delta = fp16_round(_lead(C, R) * R / K)
+    delta = fp16_round((_lead(C, R) if C.dim() <= 1 else C) * R / K)
     pruned = sparsity > 0.0
     if pruned:
         k = max(1, min(A.shape[-1], int(round(sparsity * A.shape[-1]))))

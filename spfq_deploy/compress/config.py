@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import SpfqError
 
-METHODS = ("spfq", "gpfq", "rtn")
+METHODS = ("spfq", "gpfq", "gptq", "rtn")
+SCALES = ("search", "mse")
+DEFAULT_DAMP = 0.01  # GPTQ's percdamp
 MAX_BLOCK = 4096  # SPFQ_PF_MAX_BLOCK of kernels/src/path_following.c
 
 
@@ -14,12 +16,17 @@ MAX_BLOCK = 4096  # SPFQ_PF_MAX_BLOCK of kernels/src/path_following.c
 class CompressConfig:
     """Options of SPFQ.md. bits: 1 (binary), "ternary", or 2..8; method: gpfq (deterministic
     path following; the default because it measured best on both real workloads), spfq
-    (stochastic path following) or rtn (round to nearest baseline)."""
+    (stochastic path following), gptq (GPTQ/OPTQ, gptq.py) or rtn (round to nearest baseline).
+    scale: how delta_i = C_i R_i / K is chosen: search (one C per layer minimising the
+    calibration output error) or mse (a C per row minimising ||w - rtn(w)||^2, GPTQ's choice)."""
 
     bits: int | str = 4
     method: str = "gpfq"
     sparsity: float = 0.0
     order: int = 1  # order-r data alignment (1 = the fused recurrence)
+    scale: str = "search"
+    damp: float | None = None  # gptq: H + damp * mean(diag H) * I (None: DEFAULT_DAMP)
+    act_order: bool = False  # gptq: columns by decreasing diag H
     c_grid: tuple[float, ...] | None = None  # None: a default grid for the alphabet
     per_layer_delta: bool = False  # one delta per layer (the reference code's choice)
     range_quantile: float | None = None  # R_i = quantile of |w_i| instead of max
@@ -44,6 +51,11 @@ class CompressConfig:
             raise SpfqError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.order < 1:
             raise SpfqError(f"order must be >= 1, got {self.order}")
+        self._check_gptq()
+        if self.scale not in SCALES:
+            raise SpfqError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
+        if self.scale == "mse" and (self.per_layer_delta or self.c_grid):
+            raise SpfqError("scale mse picks a scale per row: it takes no c_grid and no per_layer_delta")
         if self.range_quantile is not None and not 0.0 < self.range_quantile <= 1.0:
             raise SpfqError(f"range quantile must be in (0, 1], got {self.range_quantile}")
         if self.c_grid is not None:
@@ -59,6 +71,22 @@ class CompressConfig:
         if not 0.0 <= self.sparsity_tolerance < 1.0:
             raise SpfqError(f"sparsity tolerance must be in [0, 1), got {self.sparsity_tolerance}")
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+
+    def _check_gptq(self) -> None:
+        """damp and act_order belong to gptq; damp (also a string, from the command line) is a
+        fraction in (0, 1), as GPTQ's reference code and AutoGPTQ require."""
+        if self.method != "gptq":
+            if self.act_order or self.damp is not None:
+                raise SpfqError(f"damp and act_order apply to method gptq only, not {self.method}")
+            return
+        damp = DEFAULT_DAMP if self.damp is None else self.damp
+        try:
+            damp = float(damp)
+        except (TypeError, ValueError):
+            raise SpfqError(f"damp must be a number in (0, 1), got {self.damp!r}") from None
+        if not 0.0 < damp < 1.0:  # also refuses nan
+            raise SpfqError(f"damp must be a number in (0, 1), got {self.damp!r}")
+        self.damp, self.act_order = damp, bool(self.act_order)
 
     @property
     def alphabet(self) -> str:

@@ -324,7 +324,7 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
                    progress: bool = True, model_spec: str | None = None, source: str | None = None,
                    engine: str = "auto", memory_budget: int = DEFAULT_BUDGET, checkpoint=None, resume: bool = False,
                    comm: Comm | None = None, **options) -> CompressionResult:
-    """Compress every selected Linear/Conv layer of `model` (left untouched) with SPFQ/GPFQ/RTN.
+    """Compress every selected Linear/Conv layer of `model` (left untouched) with SPFQ/GPFQ/GPTQ/RTN.
 
     engine: "sequential" (sequential.py: each model runs once, cost linear in depth), "replay"
     (each layer re-runs both models up to it) or "auto" (sequential when torch.fx can trace the

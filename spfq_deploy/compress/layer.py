@@ -1,9 +1,10 @@
 """Compress one layer from its Gram matrices: scale search (C), sparsity search (lam), rounding.
 
 The scale parameter C is searched per layer by minimising ||X w - Xt q|| over the calibration
-rows (SPFQ.md); the pruning threshold lam_i = f * quantile_s(|w_i|) gets its factor f by a
-bracketing search until the realised sparsity is within tolerance of the target. Every
-candidate of a grid is evaluated in one batched pass (a leading candidate axis).
+rows (SPFQ.md), or (scale "mse") per row by minimising ||w - rtn(w)||^2 as GPTQ does; the
+pruning threshold lam_i = f * quantile_s(|w_i|) gets its factor f by a bracketing search until
+the realised sparsity is within tolerance of the target. Every candidate of a grid is evaluated
+in one batched pass (a leading candidate axis).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native
+from . import gptq, native
 from .alphabet import Alphabet, make_alphabet, quantize
 from .config import CompressConfig
 from .distributed import Comm
 from .path_following import align, squared_output_error
 
 RTN_LAM_FACTOR = 2.0
+MSE_STEP = 0.01  # shrink factors 1, 0.99, ... of GPTQ's scale search (its grid=100)
+MSE_LOWEST = 0.2  # GPTQ's maxshrink 0.8; K = 1 goes down to 0.05 (SPFQ.md: binary scales sit far below max|w|)
 PARTS = 2  # row parts per candidate: the units of work that ranks share (distributed.py)
 
 
@@ -37,7 +40,7 @@ class Grams:
 class LayerResult:
     codes: torch.Tensor  # int8 (g, n, d)
     alphabet: Alphabet  # single candidate, delta/lam (g, n)
-    C: float | None  # None for pruned binary/ternary (the level is lam)
+    C: float | None  # None for pruned binary/ternary (the level is lam); scale mse: the rows' mean
     lam_factor: float | None
     rel_error: float  # ||X W^T - Xt Q^T|| / ||X W^T||
     sparsity: float
@@ -54,12 +57,16 @@ class _Evaluator:
         self._next = 0  # candidate ids handed out
         self._codes: dict[tuple[int, int], torch.Tensor] = {}  # (id, part) -> codes, kept parts run here
         self.align_error = None
-        self.pf_W, self.pf_G = W, grams.G
+        self.pf_W, self.pf_G, self.pf_H = W, grams.G, grams.H  # path following runs on these
         if cfg.method != "rtn" and cfg.order > 1:
             Wt = align(W, grams.G, grams.H, cfg.order, cfg.block)
             err, ref = squared_output_error(W, Wt, grams.F, grams.G, grams.H)
             self.align_error = math.sqrt(float(err.sum()) / max(float(ref.sum()), 1e-300))
             self.pf_W, self.pf_G = Wt, grams.H  # phase 2 quantises w~ against Xt alone
+        self.gptq = None
+        if cfg.method == "gptq":  # GPTQ quantises (aligned) w against Xt: path following on K
+            self.gptq = gptq.plan(self.pf_W, grams.H, cfg.damp, cfg.act_order)
+            self.pf_W, self.pf_G, self.pf_H = self.gptq.W, self.gptq.S, self.gptq.S
         self._terms: dict[int, tuple] = {}  # part -> (GW, wFw, A) of its rows, made where the part runs
         self.wFw = None  # (g, n) w'Fw of every row, known after the first run()
         gen = torch.Generator().manual_seed(seed)
@@ -123,7 +130,7 @@ class _Evaluator:
         return self.comm.merge(full)
 
     def rows_f(self, f) -> torch.Tensor:
-        """A lam factor (None, scalar or per-row tensor) as one factor per row (g, n)."""
+        """A lam factor or a C (None, scalar or per-row tensor) as one value per row (g, n)."""
         return torch.as_tensor(1.0 if f is None else f, dtype=self.W.dtype).expand(self.W.shape[:-1])
 
     def _cuts(self, p):
@@ -147,7 +154,7 @@ class _Evaluator:
         """One candidate on row part p: codes (1, g', n', d), squared error and zeros per row
         (1, g', n')."""
         cut, same = self._cuts(p)
-        a = self.alphabet(torch.tensor([C], dtype=self.W.dtype), self.rows_f(f)[None])
+        a = self.alphabet(self.rows_f(C)[None], self.rows_f(f)[None])
         a = Alphabet(a.alphabet, a.bits, cut(a.delta[0])[None], cut(a.lam[0])[None], a.pruned)
         W = cut(self.W)
         G, H, F = same(self.g.G), same(self.g.H), same(self.g.F)
@@ -158,8 +165,11 @@ class _Evaluator:
         else:
             # native.path_following: gram_path_following with T = quantize, the column loop in C
             U = None if self.U is None else cut(self.U)
-            codes, Q, qHq = native.path_following(cut(self.pf_W), same(self.pf_G), H, a, U, self.cfg.block,
-                                                  (1,) + W.shape, A=self._part_terms(p)[2])
+            codes, Q, qHq = native.path_following(cut(self.pf_W), same(self.pf_G), same(self.pf_H), a, U,
+                                                  self.cfg.block, (1,) + W.shape, A=self._part_terms(p)[2])
+            if self.gptq is not None:  # back to the layer's column order; its q'Hq was K's
+                perm = same(self.gptq.perm)
+                codes, Q, qHq = gptq.restore(codes, perm), gptq.restore(Q, perm), None
         GW, wFw, _ = self._part_terms(p)
         err, _ = squared_output_error(W, Q, F, G, H, GW, wFw, qHq)
         return codes, err, (codes == 0).sum(-1)
@@ -257,7 +267,6 @@ def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: i
     """W (g, n, d) float64 -> codes and scales for one layer, with the searched C and lam."""
     ev = _Evaluator(W, grams, cfg, seed, comm)
     K = ev.alphabet(1.0, None).K
-    grid = cfg.default_grid(K)
     f = None
     if cfg.sparsity > 0 and K == 1:
         # a pruned K = 1 alphabet is {0, +-lam}: lam alone sets the level, there is no C to search
@@ -266,11 +275,34 @@ def compress_weights(W: torch.Tensor, grams: Grams, cfg: CompressConfig, seed: i
         # rounding to nearest zeroes |w| < lam/2, so f = 2 gives exactly s zeros before path
         # following moves them; search C there, then the factor near it
         f = RTN_LAM_FACTOR
-    C, run = _search_c(ev, grid, f)
+    if cfg.scale == "mse":
+        C, run = _mse_scale(ev), None
+    else:
+        C, run = _search_c(ev, cfg.default_grid(K), f)
     if cfg.sparsity > 0:
         f = _search_lam(ev, C, cfg.sparsity, cfg.sparsity_tolerance, lo=f / 1.6, hi=f * 1.6)
         run = None
     return _finish(ev, W, C, f, run)
+
+
+def _mse_scale(ev: _Evaluator) -> torch.Tensor:
+    """Per-row C (g, n) minimising ||w - rtn(w)||^2 on the unpruned alphabet: GPTQ's
+    Quantizer.find_params(mse=True), with the squared error (its code: |.|^2.4) and the float16
+    scales stored. Shrink factors go down from 1 by MSE_STEP; ties keep the larger one."""
+    cfg, W = ev.cfg, ev.W
+    best = torch.ones(W.shape[:-1], dtype=W.dtype)
+    best_err = torch.full(W.shape[:-1], math.inf, dtype=W.dtype)
+    lowest = 0.05 if ev.alphabet(1.0, None).K == 1 else MSE_LOWEST
+    steps = round((1.0 - lowest) / MSE_STEP)
+    for i in range(steps + 1):
+        c = 1.0 - i * MSE_STEP
+        a = make_alphabet(cfg.alphabet, cfg.nbits, W, c, range_quantile=cfg.range_quantile)
+        col = Alphabet(a.alphabet, a.bits, a.delta[..., None], a.lam[..., None], a.pruned)
+        err = ((W - col.values(quantize(W, col, stochastic=False))) ** 2).sum(-1)
+        better = err < best_err
+        best = torch.where(better, c, best)
+        best_err = torch.where(better, err, best_err)
+    return best
 
 
 def _finish(ev: _Evaluator, W, C, f, run=None) -> LayerResult:
@@ -283,9 +315,10 @@ def _finish(ev: _Evaluator, W, C, f, run=None) -> LayerResult:
     codes = ev.codes(cid)
     ref_total = float(ev.wFw.sum())
     rel = math.sqrt(float(err[0]) / ref_total) if ref_total > 0 else 0.0
-    alph = ev.alphabet(torch.tensor([c], dtype=W.dtype), ev.rows_f(f)[None])
+    alph = ev.alphabet(ev.rows_f(c)[None], ev.rows_f(f)[None])
     Q = alph.values(codes)[0]  # what the path following continued with, bit for bit
     alph = Alphabet(alph.alphabet, alph.bits, alph.delta[0], alph.lam[0], alph.pruned)
     f_report = None if f is None else float(torch.as_tensor(f, dtype=torch.float64).mean())
+    C_report = None if C is None else float(torch.as_tensor(C, dtype=torch.float64).mean())
     zeros = int((codes == 0).sum())
-    return LayerResult(codes[0], alph, C, f_report, rel, zeros / W.numel(), ev.align_error, Q)
+    return LayerResult(codes[0], alph, C_report, f_report, rel, zeros / W.numel(), ev.align_error, Q)
