@@ -79,6 +79,9 @@ def lib() -> C.CDLL:
             "spfq_dc_prepare": ([C.POINTER(WeightsDesc), C.POINTER(ConvGeom), C.POINTER(p)], C.c_int),
             "spfq_dc_free": ([p], None),
             "spfq_dc_set_clamp": ([p, C.c_float, C.c_float], C.c_int),
+            "spfq_set_activation": ([p, i32, vp], C.c_int),
+            "spfq_dw_set_activation": ([p, i32, vp], C.c_int),
+            "spfq_dc_set_activation": ([p, i32, vp], C.c_int),
             "spfq_dconv": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
             "spfq_conv_nhwc": ([p, C.POINTER(ConvGeom), i32, i32, i32, i32, vp, vp, i32], C.c_int),
         }
@@ -247,6 +250,11 @@ class PackedWeights:
         """Fuse y = min(max(y, lo), hi) into the epilogue (ReLU: lo = 0; ReLU6: 0, 6)."""
         _ok(lib().spfq_set_clamp(self._h, lo, hi), "set_clamp")
 
+    def set_activation(self, kind: str | None, slope=None) -> None:
+        """Fuse an activation after the clamp: 'hardswish', 'silu', 'prelu' (slope: one per
+        output), None: off."""
+        _set_activation("spfq_set_activation", self._h, self.n, kind, slope)
+
     def matmul_f32(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """Weight-only: x (M, K) float32 -> (M, N)."""
         px = self._x(x, np.float32, "x")
@@ -401,6 +409,10 @@ class _DirectConv:
     def set_clamp(self, lo: float = -np.inf, hi: float = np.inf) -> None:
         _ok(getattr(lib(), self._clamp)(self._h, lo, hi), self._clamp)
 
+    def set_activation(self, kind: str | None, slope=None) -> None:
+        """As PackedWeights.set_activation."""
+        _set_activation(self._clamp.replace("clamp", "activation"), self._h, self.n, kind, slope)
+
     def _shapes(self, x: np.ndarray, channels_last: bool) -> tuple[int, int, int, tuple]:
         """(H, W, input address, output shape) of a call, after checking x."""
         rank = 3 if self.one_d else 4
@@ -507,3 +519,17 @@ def binarize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     s = np.empty(x.shape[0], np.float32)
     _ok(lib().spfq_binarize(x.shape[0], x.shape[1], x.ctypes.data, bits.ctypes.data, s.ctypes.data), "binarize")
     return bits, s
+
+
+ACTIVATIONS = {None: 0, "hardswish": 1, "silu": 2, "prelu": 3}  # enum spfq_activation
+
+
+def _set_activation(entry: str, handle, n: int, kind: str | None, slope) -> None:
+    """One of the set_activation entry points; the PReLU slope checked and kept alive by copy."""
+    if kind not in ACTIVATIONS:
+        raise KernelError(f"unknown activation {kind!r}: one of hardswish, silu, prelu")
+    ptr = None
+    if kind == "prelu":
+        s = np.ascontiguousarray(np.broadcast_to(np.asarray(slope, np.float32).reshape(-1), (n,)))
+        ptr = s.ctypes.data  # the library copies it before returning
+    _ok(getattr(lib(), entry)(handle, ACTIVATIONS[kind], ptr), entry)

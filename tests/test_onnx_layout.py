@@ -31,16 +31,18 @@ def _marker(name, x, y):
 
 
 def _model(extra_output=None):
-    """x -> A (1x1) -> Clip -> B (depthwise 3x3) -> PRelu -> C (1x1) -> Add(., clip) ->
-    HardSwish -> GlobalAveragePool -> y: an inverted-residual block."""
+    """x -> A (1x1) -> Clip -> B (depthwise 3x3) -> PRelu -> C (1x1) -> Add(., clip) -> PRelu ->
+    HardSwish -> GlobalAveragePool -> y: an inverted-residual block (the first PRelu is fused
+    into B, fuse.py; the second one, after the Add, stays)."""
     layers = {"A": _conv("A", 12, 6, 1, seed=1), "B": _conv("B", 12, 12, 3, groups=12, seed=2),
               "C": _conv("C", 12, 12, 1, seed=3)}
     inits = [numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi"),
-             numpy_helper.from_array(np.linspace(0.05, 0.6, 12, dtype=np.float32).reshape(12, 1, 1), "slope")]
+             numpy_helper.from_array(np.linspace(0.05, 0.6, 12, dtype=np.float32).reshape(12, 1, 1), "slope"),
+             numpy_helper.from_array(np.linspace(-0.3, 0.3, 12, dtype=np.float32).reshape(12, 1, 1), "slope2")]
     nodes = [_marker("A", "x", "a"), helper.make_node("Clip", ["a", "lo", "hi"], ["a6"]),
              _marker("B", "a6", "b"), helper.make_node("PRelu", ["b", "slope"], ["bp"]),
-             _marker("C", "bp", "c"), helper.make_node("Add", ["c", "a6"], ["r"]),
-             helper.make_node("HardSwish", ["r"], ["h"]), helper.make_node("GlobalAveragePool", ["h"], ["y"])]
+             _marker("C", "bp", "c"), helper.make_node("Add", ["c", "a6"], ["r0"]),
+             helper.make_node("PRelu", ["r0", "slope2"], ["r"]), helper.make_node("HardSwish", ["r"], ["h"]), helper.make_node("GlobalAveragePool", ["h"], ["y"])]
     outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 1, 1])]
     if extra_output:
         outs.append(helper.make_tensor_value_info(extra_output, TensorProto.FLOAT, [1, 12, 9, 7]))
@@ -73,6 +75,9 @@ def test_block_keeps_values_and_only_edge_transposes(tmp_path, extra):
     assert {(a.name, a.f) for a in convs[0].attribute if a.name.startswith("clip")} == {("clip_min", 0.0),
                                                                                        ("clip_max", 6.0)}
     assert len(convs) == 3 and all(any(a.name == "channels_last" and a.i == 1 for a in n.attribute) for n in convs)
+    fused = {a.name: helper.get_attribute_value(a) for a in convs[1].attribute}  # B's PRelu
+    assert fused["fused_activation"] == b"prelu"
+    np.testing.assert_array_equal(np.float32(fused["prelu_slope"]), np.linspace(0.05, 0.6, 12, dtype=np.float32))
     if extra is None:  # into NHWC at the input, back before the pooling: nothing in between
         assert ops.count("Transpose") == 2
         assert ops[0] == "Transpose" and ops[-2:] == ["Transpose", "GlobalAveragePool"]
@@ -180,11 +185,11 @@ def test_int8_edges_keep_values_bit_identical(tmp_path):
     values, steps = layer_checks.dequantize_q8(q8, values)
     assert len(steps) == 2
     values, steps = layer_checks.channels_first(q8, values), layer_checks.channels_first(q8, steps)
-    clamps = layer_checks.fused_clamps(q8, tensors)
+    epilogues = layer_checks.fused_epilogues(q8, tensors)
 
     def ref(n):
         inner = Int8ActivationLayer(cm.layers[n]) if n != "B" else _float_conv(cm.layers[n])
-        return layer_checks.Clamped(inner, *clamps[n]) if n in clamps else inner
+        return layer_checks.Fused(inner, epilogues[n]) if n in epilogues else inner
 
     tol = TOLERANCES["int8"]
     rows, first = layer_checks.check(values, tensors, {"x": x}, ref, {}, tol, tol, steps)

@@ -64,6 +64,14 @@ void spfq_free(spfq_prepared *p);
  * lo > hi or a NaN bound is SPFQ_EINVAL; (-inf, inf) turns it off. */
 int spfq_set_clamp(spfq_prepared *w, float lo, float hi);
 
+/* An activation after the clamp, applied to each block of outputs while it is in cache (act.c):
+ * hardswish v * min(max(v + 3, 0), 6) / 6, SiLU v / (1 + exp(-v)), PReLU v > 0 ? v : slope[n] v
+ * (slope: N floats, copied; NULL for the others). SPFQ_ACT_NONE turns it off. Float results
+ * (parity with the framework's op to float rounding). For spfq_prepared weights (every GEMM and
+ * spfq_conv_nhwc), spfq_dw (depthwise) and spfq_dc (few-channel conv). */
+enum spfq_activation { SPFQ_ACT_NONE = 0, SPFQ_ACT_HARDSWISH = 1, SPFQ_ACT_SILU = 2, SPFQ_ACT_PRELU = 3 };
+int spfq_set_activation(spfq_prepared *w, int32_t kind, const float *slope);
+
 /* Weight-only: y (M,N) = x (M,K) @ value(W)^T + bias, float accumulation (matches the
  * dequantised PyTorch model up to summation order). */
 int spfq_matmul_f32(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads);
@@ -130,6 +138,7 @@ typedef struct {
 typedef struct spfq_dw spfq_dw;
 int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw **out);
 int spfq_dw_set_clamp(spfq_dw *p, float lo, float hi);
+int spfq_dw_set_activation(spfq_dw *p, int32_t kind, const float *slope); /* as spfq_set_activation */
 void spfq_dw_free(spfq_dw *p);
 /* x (b, channels, h, w) -> y (b, channels * mult, oh, ow); int8: activations quantised per
  * patch as above (0: weight-only float). */
@@ -154,6 +163,7 @@ typedef struct {
 typedef struct spfq_dc spfq_dc;
 int spfq_dc_prepare(const spfq_weights_desc *w, const spfq_conv_geom *g, spfq_dc **out);
 int spfq_dc_set_clamp(spfq_dc *p, float lo, float hi);
+int spfq_dc_set_activation(spfq_dc *p, int32_t kind, const float *slope); /* as spfq_set_activation */
 void spfq_dc_free(spfq_dc *p);
 int spfq_dconv(const spfq_dc *p, int32_t nhwc, int32_t b, int32_t h, int32_t w, const float *x, float *y,
                int32_t nthreads);

@@ -138,6 +138,17 @@ inline void set_clamp(Layer &l, float lo, float hi) {
     if (l.dc) check(spfq_dc_set_clamp(l.dc, lo, hi), "set_clamp");
 }
 
+// The activation fused after the clamp (HardSwish / SiLU / PReLU after the layer): slope holds one
+// PReLU slope per output channel (n of them; a conv group's part takes its slice), else null.
+inline void set_activation(Layer &l, int32_t kind, const float *slope, int64_t n) {
+    const size_t parts = l.parts.size();
+    for (size_t g = 0; g < parts; g++)
+        check(spfq_set_activation(l.parts[g], kind, slope ? slope + static_cast<int64_t>(g) * (n / static_cast<int64_t>(parts)) : nullptr),
+              "set_activation");
+    if (l.dw) check(spfq_dw_set_activation(l.dw, kind, slope), "set_activation");
+    if (l.dc) check(spfq_dc_set_activation(l.dc, kind, slope), "set_activation");
+}
+
 inline void free_layer(Layer &l) {
     free_parts(l.parts);
     spfq_dw_free(l.dw);

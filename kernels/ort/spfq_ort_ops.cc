@@ -17,7 +17,9 @@
 // layout the export keeps between consecutive compressed convs). Conv runs spfq_layer.hpp's
 // conv / conv_nhwc: direct depthwise kernels, 1x1 convs as a GEMM on NHWC pixels, others
 // through im2col rows, as spfq_deploy/kernel_layers.py does. Both ops take clip_min / clip_max
-// (floats, default -inf / inf): a ReLU / ReLU6 / Clip fused into the kernels' epilogue.
+// (floats, default -inf / inf): a ReLU / ReLU6 / Clip fused into the kernels' epilogue, and
+// fused_activation ("hardswish", "silu" or "prelu" with prelu_slope: out_features floats), applied
+// after the clamp to each block of outputs while it is in cache (kernels/src/act.c).
 // Channels-last PackedConv may exchange int8 tensors with its neighbours (export/onnx/q8.py):
 // X absent and Xq (int8, NHWC) + Xs (float, one scale per pixel) given (1x1 int8 layers);
 // q8_output = 1: outputs Yq + Ys instead of Y, quantised per pixel as the next (1x1 int8) layer
@@ -89,6 +91,16 @@ class PackedKernel {
         clip_lo_ = fattr_or(ki, "clip_min", -INFINITY);
         clip_hi_ = fattr_or(ki, "clip_max", INFINITY);
         if (!(clip_lo_ <= clip_hi_)) throw Error("clip_min must not exceed clip_max");
+        const std::string fused = sattr_or(ki, "fused_activation", "");
+        if (fused == "hardswish") act_ = SPFQ_ACT_HARDSWISH;
+        else if (fused == "silu") act_ = SPFQ_ACT_SILU;
+        else if (fused == "prelu") act_ = SPFQ_ACT_PRELU;
+        else if (!fused.empty()) throw Error("fused_activation must be hardswish, silu or prelu, got '" + fused + "'");
+        if (act_ == SPFQ_ACT_PRELU) {
+            act_slope_ = ki.GetAttributes<float>("prelu_slope");
+            if (static_cast<int64_t>(act_slope_.size()) != n_)
+                throw Error("prelu_slope must hold out_features values");
+        }
         if (threads_ <= 0) threads_ = default_threads();
         if (layout_ < SPFQ_SIGN || layout_ > SPFQ_SPARSE) throw Error("unknown layout " + std::to_string(layout_));
         if (k_ < 1 || n_ < 1) throw Error("in_features and out_features must be positive");
@@ -129,6 +141,14 @@ class PackedKernel {
     static int64_t attr_or(Ort::ConstKernelInfo &ki, const char *name, int64_t dflt) {
         try {
             return ki.GetAttribute<int64_t>(name);
+        } catch (const Ort::Exception &) {
+            return dflt;
+        }
+    }
+
+    static std::string sattr_or(Ort::ConstKernelInfo &ki, const char *name, const char *dflt) {
+        try {
+            return ki.GetAttribute<std::string>(name);
         } catch (const Ort::Exception &) {
             return dflt;
         }
@@ -179,6 +199,7 @@ class PackedKernel {
         layer_ = spfq_layer::prepare_layer(layout_, bits_, n_, k_, kept_words_, groups_, conv_ ? &G : nullptr, int8_,
                                            sign, mask, planes, scale, lam, bias);
         spfq_layer::set_clamp(layer_, clip_lo_, clip_hi_);
+        spfq_layer::set_activation(layer_, act_, act_slope_.empty() ? nullptr : act_slope_.data(), n_);
         std::copy(key, key + 6, key_);
     }
 
@@ -250,6 +271,8 @@ class PackedKernel {
     int layout_ = 0, bits_ = 0, threads_ = 1;
     bool int8_ = false, channels_last_ = false, q8_out_ = false;
     float clip_lo_ = -INFINITY, clip_hi_ = INFINITY;
+    int32_t act_ = SPFQ_ACT_NONE;     // fused_activation (after the clamp)
+    std::vector<float> act_slope_;    // prelu_slope: one per output channel
     int64_t k_ = 0, n_ = 0, kept_words_ = 0, groups_ = 1;
     std::vector<int64_t> kshape_, strides_, pads_, dil_;
     std::mutex mu_;

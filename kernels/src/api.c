@@ -173,6 +173,7 @@ void spfq_free(spfq_prepared *p) {
     free(p->scale); free(p->lam); free(p->bias);
     free(p->rp);
     free(p->amx);
+    free(p->act_slope);
     spfq_free(p->hwc);
     spfq_dc_free(p->f32_lanes);
     free(p);
@@ -258,22 +259,39 @@ int spfq_set_clamp(spfq_prepared *w, float lo, float hi) {
     return SPFQ_OK;
 }
 
+int spfq_set_activation(spfq_prepared *w, int32_t kind, const float *slope) {
+    if (!w) return SPFQ_EINVAL;
+    int rc;
+    float *copy = spfq_act_slope(kind, slope, w->d.n, &rc);
+    if (rc) return rc;
+    if (w->hwc && (rc = spfq_set_activation(w->hwc, kind, slope))) { /* the reordered copy */
+        free(copy);
+        return rc;
+    }
+    free(w->act_slope);
+    w->act_slope = copy;
+    w->act = kind; /* (the lane tables of f32_lanes: tall_unit applies it after them) */
+    return SPFQ_OK;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define EPI_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define EPI_CLONES
 #endif
 
-/* The clamp on the rows [n0, n1) this thread made (weight-only kernels write y themselves). */
+/* The clamp and activation on the rows [n0, n1) this thread made (weight-only kernels write y
+ * themselves). */
 EPI_CLONES static void f32_finish(const spfq_job *j, int32_t n0, int32_t n1, void *ctx) {
     (void)ctx;
     const struct spfq_prepared *w = j->w;
     const int32_t N = w->d.n;
     const float lo = w->clamp_lo, hi = w->clamp_hi;
-    for (int32_t m = 0; m < j->m; m++) {
+    for (int32_t m = 0; w->clamped && m < j->m; m++) {
         float *y = j->y + (size_t)m * N;
         for (int32_t n = n0; n < n1; n++) y[n] = spfq_clamp(y[n], lo, hi);
     }
+    if (w->act) spfq_apply_act(w->act, w->act_slope, j->m, n0, n1, j->y, (size_t)N);
 }
 
 
@@ -442,10 +460,12 @@ static void tall_unit(tall_task *t, int32_t u) {
         spfq_job job = {.w = w, .m = r, .x = rows, .y = y};
         if (!t->lanes) {
             t->fn(&job, n0, n1);
-            if (w->clamped) f32_finish(&job, n0, n1, NULL);
+            if (w->clamped || w->act) f32_finish(&job, n0, n1, NULL);
         } else if (spfq_dc_gemm_rows(t->lanes, r, rows, y)) { /* clamped inside */
             atomic_store(&t->failed, 1);
             return;
+        } else if (w->act) {
+            spfq_apply_act(w->act, w->act_slope, r, n0, n1, y, (size_t)N);
         }
         if (t->yq) spfq_quant_rows(r, N, y, (size_t)N, t->yq + (size_t)r0 * N, (size_t)N, t->yscale + r0);
         return;
@@ -481,6 +501,7 @@ static void tall_unit(tall_task *t, int32_t u) {
         tall_unfused(t, r, xq, xs, y, n0, n1);
         if (atomic_load(&t->failed)) return;
     }
+    if (w->act) spfq_apply_act(w->act, w->act_slope, r, n0, n1, y, (size_t)N); /* while in cache */
     if (t->yq) /* the next layer's quantisation of these rows, while they are in cache */
         spfq_quant_rows(r, N, y, (size_t)N, t->yq + (size_t)r0 * N, (size_t)N, t->yscale + r0);
 }
@@ -593,7 +614,7 @@ int spfq_matmul_f32(const spfq_prepared *w, int32_t m, const float *x, float *y,
     if (m >= SPFQ_F32_LANES_MIN_ROWS && (int64_t)w->d.k * w->d.n <= SPFQ_F32_LANES_MAX)
         return tall_run(w, m, x, NULL, NULL, NULL, 1, y, NULL, NULL, nthreads);
     spfq_job job = {.w = w, .m = m, .x = x, .y = y};
-    return m ? parallel(fn, &job, nthreads, w->clamped ? f32_finish : NULL, NULL) : SPFQ_OK;
+    return m ? parallel(fn, &job, nthreads, (w->clamped || w->act) ? f32_finish : NULL, NULL) : SPFQ_OK;
 }
 
 /* One of x / (xq, xscale) and one of y / (yq, yscale), or NULL. */
@@ -664,8 +685,13 @@ static const spfq_prepared *conv_hwc(const spfq_prepared *cw, int32_t C) {
             d.sign = sign;
             d.mask = mask;
             d.planes = planes;
-            if (spfq_prepare(&d, &out) == SPFQ_OK) {
-                spfq_set_clamp(out, w->clamp_lo, w->clamp_hi);
+            if (spfq_prepare(&d, &out) == SPFQ_OK &&
+                ((w->clamped && spfq_set_clamp(out, w->clamp_lo, w->clamp_hi)) ||
+                 spfq_set_activation(out, w->act, w->act_slope))) {
+                spfq_free(out);
+                out = NULL;
+            }
+            if (out) {
                 w->hwc_c = C;
                 atomic_store_explicit(&w->hwc, out, memory_order_release);
             }

@@ -33,6 +33,8 @@ struct spfq_dc {
     float *live;                  /* (k, np) 1 where the code is nonzero */
     float *scale, *bias;          /* (np): level (one-level layouts) and bias, 0 past n */
     float lo, hi;
+    int32_t act;                  /* spfq_dc_set_activation (spfq_dconv only; api.c applies its own */
+    float *act_slope;             /* after spfq_dc_gemm_rows) */
 };
 
 void spfq_dc_free(spfq_dc *p) {
@@ -41,6 +43,7 @@ void spfq_dc_free(spfq_dc *p) {
     free(p->live);
     free(p->scale);
     free(p->bias);
+    free(p->act_slope);
     free(p);
 }
 
@@ -48,6 +51,17 @@ int spfq_dc_set_clamp(spfq_dc *p, float lo, float hi) {
     if (!p || lo != lo || hi != hi || lo > hi) return SPFQ_EINVAL;
     p->lo = lo;
     p->hi = hi;
+    return SPFQ_OK;
+}
+
+int spfq_dc_set_activation(spfq_dc *p, int32_t kind, const float *slope) {
+    if (!p) return SPFQ_EINVAL;
+    int rc;
+    float *copy = spfq_act_slope(kind, slope, p->n, &rc);
+    if (rc) return rc;
+    free(p->act_slope);
+    p->act_slope = copy;
+    p->act = kind;
     return SPFQ_OK;
 }
 
@@ -366,7 +380,9 @@ int spfq_dconv(const spfq_dc *p, int32_t nhwc, int32_t b, int32_t h, int32_t w, 
     const int64_t units = (int64_t)b * t.bands;
     if (chunks > units) chunks = units;
     spfq_pool_run(nthreads, (int32_t)chunks, dc_chunk, &t);
-    return t.failed ? SPFQ_ENOMEM : SPFQ_OK;
+    if (t.failed) return SPFQ_ENOMEM;
+    if (p->act) spfq_act_output(p->act, p->act_slope, nhwc, b, p->n, (size_t)OH * (size_t)OW, y);
+    return SPFQ_OK;
 }
 
 /* ------------------------------------------------------------------ weight-only GEMM rows */

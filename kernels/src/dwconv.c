@@ -46,6 +46,7 @@ void spfq_dw_free(spfq_dw *p) {
     free(p->lane);
     free(p->lane16);
     free(p->dense16);
+    free(p->act_slope);
     free(p);
 }
 
@@ -108,6 +109,17 @@ int spfq_dw_set_clamp(spfq_dw *p, float lo, float hi) {
     if (!p || lo != lo || hi != hi || lo > hi) return SPFQ_EINVAL;
     p->lo = lo;
     p->hi = hi;
+    return SPFQ_OK;
+}
+
+int spfq_dw_set_activation(spfq_dw *p, int32_t kind, const float *slope) {
+    if (!p) return SPFQ_EINVAL;
+    int rc;
+    float *copy = spfq_act_slope(kind, slope, p->n, &rc);
+    if (rc) return rc;
+    free(p->act_slope);
+    p->act_slope = copy;
+    p->act = kind;
     return SPFQ_OK;
 }
 
@@ -531,6 +543,9 @@ static void nhwc_rows_unit(const dw_task *t, int64_t bi, int32_t band) {
                 lanes_rows(p, t->int8, blk, L, io, t->H, t->W, r0, r1, t->OW);
             }
         }
+        if (p->act) /* this step's output rows, while they are in cache */
+            spfq_apply_act(p->act, p->act_slope, (r1 - r0) * t->OW, 0, p->n,
+                           ytmp ? ytmp : yb + (size_t)r0 * t->OW * p->n, (size_t)p->n);
         if (ytmp) { /* the next layer's quantisation of these pixels */
             const size_t first = ((size_t)bi * t->OH + r0) * t->OW;
             spfq_quant_rows((r1 - r0) * t->OW, p->n, ytmp, (size_t)p->n, t->yq + first * p->n, (size_t)p->n,
@@ -633,7 +648,10 @@ static int dw_run(const spfq_dw *p, int32_t int8, int32_t nhwc, int32_t b, int32
     const int64_t units = dw_units(&t);
     if (chunks > units) chunks = units;
     spfq_pool_run(nthreads, (int32_t)chunks, dw_chunk, &t);
-    return t.failed ? SPFQ_ENOMEM : SPFQ_OK;
+    if (t.failed) return SPFQ_ENOMEM;
+    if (p->act && !t.rowmajor) /* (row-major units applied it per step) */
+        spfq_act_output(p->act, p->act_slope, nhwc, b, p->n, (size_t)OH * (size_t)OW, y);
+    return SPFQ_OK;
 }
 
 int spfq_dwconv(const spfq_dw *p, int32_t int8, int32_t b, int32_t h, int32_t w, const float *x, float *y,

@@ -22,6 +22,8 @@ struct spfq_dw {
     float *lane;                  /* per block, lane order: (nblk, 4, k, DW_LANES) wf, c, s, live
                                      then (nblk, 3, DW_LANES) scale, lamx, bias */
     float lo, hi;                 /* output clamp (spfq_dw_set_clamp; -inf, inf: none) */
+    int32_t act;                  /* spfq_dw_set_activation after the clamp; PReLU: act_slope (n) */
+    float *act_slope;
     float *lane16;                /* f32 only, per full 16-lane block: (k, 16) wf, (k, 16) live, then
                                      (16) scale, (16) bias; NULL if n % 16 or no AVX-512 */
     uint8_t *dense16;             /* per 16-lane block: no zero code */

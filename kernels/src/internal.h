@@ -36,6 +36,8 @@ struct spfq_prepared {
     int32_t rp_cb, rp_steps, rp_off, rp_mul;
     int32_t clamped;           /* spfq_set_clamp: y = min(max(y, lo), hi) in the epilogue */
     float clamp_lo, clamp_hi;
+    int32_t act;               /* spfq_set_activation: enum spfq_activation after the clamp */
+    float *act_slope;          /* PReLU: (N) owned */
     /* x86-64 with AMX: the signed codes in the tile layout of intb_amx.c, built by its first tall
      * call (NULL until then) */
     int8_t *_Atomic amx;
@@ -53,6 +55,18 @@ struct spfq_prepared {
  * vector lanes, each x value broadcast), bit-identical with the f32 oracle. */
 struct spfq_dc *spfq_dc_gemm(const struct spfq_prepared *w);
 int spfq_dc_gemm_rows(const struct spfq_dc *p, int32_t m, const float *x, float *y);
+
+/* act.c: the activation of spfq_set_activation on rows [0, rows) x outputs [n0, n1) of y (row
+ * stride ldy; slope indexed by output), and on channel-major planes (NCHW outputs). */
+void spfq_apply_act(int32_t kind, const float *slope, int32_t rows, int32_t n0, int32_t n1, float *y, size_t ldy);
+void spfq_apply_act_planes(int32_t kind, const float *slope, int32_t batches, int32_t n, size_t p, float *y);
+/* The whole output of a direct conv (NHWC or NCHW), after its kernels ran: the depthwise
+ * layouts whose units are not rows of pixels, and spfq_dconv. */
+void spfq_act_output(int32_t kind, const float *slope, int32_t nhwc, int32_t batches, int32_t n, size_t pixels,
+                     float *y);
+/* A validated, owned copy of an activation's slope (NULL: none needed / bad kind / no memory:
+ * *rc says). */
+float *spfq_act_slope(int32_t kind, const float *slope, int32_t n, int *rc);
 
 /* The fused output clamp (NaN stays NaN; the same expression everywhere it is applied). */
 static inline float spfq_clamp(float v, float lo, float hi) {

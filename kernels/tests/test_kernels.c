@@ -812,6 +812,91 @@ static const int NS[] = {1, 3, 64, 65};
 static const int MS[] = {1, 2, 3, 16}; /* 3: a partial tile of the 4-row NEON / AVX2 kernels */
 #define LEN(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
+/* ------------------------------------------------------------------ fused activations */
+
+/* The activation of spfq_set_activation on a host value (double SiLU: the kernels' exp is a
+ * polynomial, a few ulp off). */
+static double host_act(int kind, double v, double slope) {
+    if (kind == SPFQ_ACT_HARDSWISH) return (float)((float)v * fminf(fmaxf((float)v + 3.0f, 0.0f), 6.0f) / 6.0f);
+    if (kind == SPFQ_ACT_SILU) return v < -88.0 ? 0.0 : v / (1.0 + exp(-v));
+    return v > 0 ? v : (float)((float)slope * (float)v);
+}
+
+/* Every kernel path with an activation fused = its unfused output through host_act: GEMMs of
+ * 1 / 5 / 40 rows (matmul_q8, f32: GEMV, small, tall fused / lane tables), depthwise NHWC
+ * (row-major units) and the few-channel conv, after a clamp. */
+static void check_act(const run_cfg *cfgs, int ncfg) {
+    const int N = 48, K = 75, MS_[] = {1, 5, 40}, M = 40;
+    wcase c;
+    make_case(&c, SPFQ_PLANES, 4, N, K, 0.0, 0, 1);
+    spfq_weights_desc d = {c.layout, c.n, c.k, c.bits, c.wk, c.sign, c.mask, c.planes, c.scale, NULL, c.bias};
+    spfq_prepared *p = NULL;
+    spfq_dw *dw = NULL;
+    spfq_dc *dc = NULL;
+    wcase cd;
+    make_case(&cd, SPFQ_PLANES, 4, 16, 27, 0.0, 0, 1); /* 16 outputs over 3 x 3x3 taps */
+    spfq_weights_desc dd = {cd.layout, cd.n, cd.k, cd.bits, cd.wk, cd.sign, cd.mask, cd.planes, cd.scale, NULL, cd.bias};
+    wcase cw;
+    make_case(&cw, SPFQ_PLANES, 4, 16, 9, 0.0, 0, 1);
+    spfq_weights_desc dwd = {cw.layout, cw.n, cw.k, cw.bits, cw.wk, cw.sign, cw.mask, cw.planes, cw.scale, NULL, cw.bias};
+    const spfq_dw_geom dg = {16, 1, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1};
+    const spfq_conv_geom cg = {3, 16, 3, 3, 2, 2, 1, 1, 1, 1, 1, 1};
+    int rc = spfq_prepare(&d, &p) | spfq_dw_prepare(&dwd, &dg, &dw) | spfq_dc_prepare(&dd, &cg, &dc);
+    report(rc == SPFQ_OK, "check_act: prepare = %d", rc);
+    float slope[48], *x = xmalloc((size_t)M * K * 4), *y0 = xmalloc((size_t)M * N * 4), *y1 = xmalloc((size_t)M * N * 4);
+    const int H = 7, W = 9, P = H * W, Pd = 4 * 5;
+    float *xi = xmalloc((size_t)P * 16 * 4), *o0 = xmalloc((size_t)P * 16 * 4), *o1 = xmalloc((size_t)P * 16 * 4);
+    for (int i = 0; i < N; i++) slope[i] = (float)(urand() - 0.5);
+    for (int i = 0; i < M * K; i++) x[i] = 3.0f * nrand();
+    for (int i = 0; i < P * 16; i++) xi[i] = 3.0f * nrand();
+    for (int t = 0; t < ncfg && rc == SPFQ_OK; t++) {
+        spfq_set_isa(cfgs[t].isa);
+        for (int kind = SPFQ_ACT_HARDSWISH; kind <= SPFQ_ACT_PRELU; kind++) {
+            const float *s = kind == SPFQ_ACT_PRELU ? slope : NULL;
+            double worst = 0;
+            int ok = 1;
+            for (int mi = 0; mi < 3; mi++)
+                for (int f32 = 0; f32 < 2; f32++) {
+                    const int m = MS_[mi];
+                    spfq_set_activation(p, SPFQ_ACT_NONE, NULL);
+                    spfq_set_clamp(p, -5.0f, 5.0f);
+                    ok &= (f32 ? spfq_matmul_f32(p, m, x, y0, cfgs[t].threads) : spfq_matmul_q8(p, m, x, y0, cfgs[t].threads)) == 0;
+                    ok &= spfq_set_activation(p, kind, s) == SPFQ_OK;
+                    ok &= (f32 ? spfq_matmul_f32(p, m, x, y1, cfgs[t].threads) : spfq_matmul_q8(p, m, x, y1, cfgs[t].threads)) == 0;
+                    for (int i = 0; i < m * N; i++) {
+                        const double want = host_act(kind, y0[i], slope[i % N]), e = fabs(y1[i] - want);
+                        if (!(e <= 1e-6 * fabs(want) + 1e-7)) ok = 0;
+                        worst = e > worst ? e : worst;
+                    }
+                }
+            spfq_dw_set_activation(dw, SPFQ_ACT_NONE, NULL);
+            ok &= spfq_dwconv_nhwc(dw, 1, 1, H, W, xi, o0, cfgs[t].threads) == 0;
+            spfq_dw_set_activation(dw, kind, s);
+            ok &= spfq_dwconv_nhwc(dw, 1, 1, H, W, xi, o1, cfgs[t].threads) == 0;
+            for (int i = 0; i < P * 16; i++)
+                if (!(fabs(o1[i] - host_act(kind, o0[i], slope[i % 16])) <= 1e-6 * fabs(o0[i]) + 1e-7)) ok = 0;
+            spfq_dc_set_activation(dc, SPFQ_ACT_NONE, NULL);
+            ok &= spfq_dconv(dc, 0, 1, H, W, xi, o0, cfgs[t].threads) == 0; /* NCHW: channel = i / Pd */
+            spfq_dc_set_activation(dc, kind, s);
+            ok &= spfq_dconv(dc, 0, 1, H, W, xi, o1, cfgs[t].threads) == 0;
+            for (int i = 0; i < Pd * 16; i++)
+                if (!(fabs(o1[i] - host_act(kind, o0[i], slope[i / Pd])) <= 1e-6 * fabs(o0[i]) + 1e-7)) ok = 0;
+            report(ok, "[act %d] %s t=%d: fused activation differs from the unfused output through it (worst %.3g)", kind,
+                   cfgs[t].isa, cfgs[t].threads, worst);
+        }
+    }
+    report(spfq_set_activation(p, 7, NULL) == SPFQ_EINVAL && spfq_set_activation(p, SPFQ_ACT_PRELU, NULL) == SPFQ_EINVAL,
+           "spfq_set_activation accepts a bad kind / a PReLU without slopes");
+    spfq_set_isa("auto");
+    spfq_free(p);
+    spfq_dw_free(dw);
+    spfq_dc_free(dc);
+    free_case(&c);
+    free_case(&cd);
+    free_case(&cw);
+    free(x); free(y0); free(y1); free(xi); free(o0); free(o1);
+}
+
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -914,6 +999,8 @@ int main(void) {
         check_dwconv(vs[v].layout, vs[v].bits, vs[v].sp, v % 2, 16, 1, cfgs, ncfg);
         check_dconv(vs[v].layout, vs[v].bits, vs[v].sp, v % 2, v % 3 ? 20 : 32, cfgs, ncfg);
     }
+
+    check_act(cfgs, ncfg);
 
     char thl[64] = "";
     for (int t = 0; t < nth; t++) snprintf(thl + strlen(thl), sizeof thl - strlen(thl), "%s%d", t ? "," : "", ths[t]);

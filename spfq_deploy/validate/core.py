@@ -411,12 +411,12 @@ def _layers(out, art, feeds, refs, files):
     values, steps = layer_checks.dequantize_q8(model, values)
     values, steps = layer_checks.channels_first(model, values), layer_checks.channels_first(model, steps)
     _, hooked = refs.outputs(art.reference, art.float_layers)
-    clamps = layer_checks.fused_clamps(model, tensors)
-    hooked = {n: (np.clip(v, *clamps[n]) if n in clamps else v) for n, v in hooked.items()}
+    epilogues = layer_checks.fused_epilogues(model, tensors)
+    hooked = {n: (epilogues[n].numpy(v) if n in epilogues else v) for n, v in hooked.items()}
 
     def ref_layer(n):
         layer = refs.layer(art.reference, n, art.float_layers)
-        return layer_checks.Clamped(layer, *clamps[n]) if n in clamps else layer
+        return layer_checks.Fused(layer, epilogues[n]) if n in epilogues else layer
 
     return layer_checks.check(values, tensors, feeds, ref_layer, hooked,
                               TOLERANCES[art.kind], TOLERANCES[art.kind], steps)

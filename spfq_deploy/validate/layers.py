@@ -118,28 +118,55 @@ def channels_first(model: onnx.ModelProto, values: dict) -> dict:
     return out
 
 
-def fused_clamps(model: onnx.ModelProto, tensors: dict[str, tuple[str, str]]) -> dict[str, tuple[float, float]]:
-    """{layer: (lo, hi)} for layers whose node has a fused clamp (export/onnx/fuse.py): their
-    output tensor is after the ReLU / Clip, so the reference is clamped the same way."""
+class Epilogue:
+    """The clamp and activation a layer's node has fused in (export/onnx/fuse.py): its output
+    tensor is after them, so the reference gets the same ops (torch's, on the channel axis)."""
+
+    def __init__(self, lo: float, hi: float, act: str = "", slope=None, axis: int = -1):
+        self.lo, self.hi, self.act, self.axis = lo, hi, act, axis
+        self.slope = None if slope is None else torch.tensor(np.asarray(slope, np.float32))
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        y = torch.clamp(y, self.lo, self.hi)
+        if self.act == "hardswish":
+            return torch.nn.functional.hardswish(y)
+        if self.act == "silu":
+            return torch.nn.functional.silu(y)
+        if self.act == "prelu":
+            shape = [1] * y.ndim
+            shape[self.axis] = -1
+            return torch.where(y > 0, y, self.slope.reshape(shape).to(y.dtype) * y)
+        return y
+
+    def numpy(self, y: np.ndarray) -> np.ndarray:
+        return self(torch.from_numpy(np.ascontiguousarray(y))).numpy()
+
+
+def fused_epilogues(model: onnx.ModelProto, tensors: dict[str, tuple[str, str]]) -> dict[str, Epilogue]:
+    """{layer: Epilogue} for layers whose node has a fused clamp or activation."""
     by_output = {_out(n): n for n in model.graph.node if n.output}
     out = {}
     for name, (_, y) in tensors.items():
         node = by_output.get(y)
-        attrs = {a.name: a.f for a in node.attribute if a.name in ("clip_min", "clip_max")} if node else {}
-        if attrs:
-            out[name] = (attrs.get("clip_min", -float("inf")), attrs.get("clip_max", float("inf")))
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node else {}
+        act = attrs.get("fused_activation", b"")
+        act = act.decode() if isinstance(act, bytes) else act
+        if "clip_min" in attrs or "clip_max" in attrs or act:
+            axis = 1 if node.op_type == "PackedConv" else -1  # the reference's (NCHW) channel axis
+            out[name] = Epilogue(attrs.get("clip_min", -float("inf")), attrs.get("clip_max", float("inf")), act,
+                                 attrs.get("prelu_slope"), axis)
     return out
 
 
-class Clamped(torch.nn.Module):
-    """A reference layer followed by the clamp its artifact fused in."""
+class Fused(torch.nn.Module):
+    """A reference layer followed by the epilogue its artifact fused in."""
 
-    def __init__(self, inner, lo: float, hi: float):
+    def __init__(self, inner, epilogue: Epilogue):
         super().__init__()
-        self.inner, self.lo, self.hi = inner, lo, hi
+        self.inner, self.epilogue = inner, epilogue
 
     def forward(self, x):
-        return torch.clamp(self.inner(x), self.lo, self.hi)
+        return self.epilogue(self.inner(x))
 
 
 def hooked_outputs(model: torch.nn.Module, args, layer_names) -> tuple[list, dict]:
