@@ -6,7 +6,9 @@ WordSim Spearman, polarity accuracy), at binary, ternary, 2, 3, 4 bits and 4-bit
         [--methods rtn,gpfq,spfq,gptq,gptq-mse,gptq-act]
 
 A method is a --method name, optionally with variants: -mse / -search (--scale), -act
-(--act-order). Writes JSON (per run: task metrics, per-layer relative output errors, the mean
+(--act-order), -ridgeF (--ridge F). Models: mnist, minilm, mobilenetv2 (top-1 agreement and
+top-5 overlap with fp32 on 200 held-out photo crops). The JSON is rewritten after every run, so
+a long benchmark that is stopped keeps what it measured. Writes JSON (per run: task metrics, per-layer relative output errors, the mean
 weight error ||W - Q|| / ||W||, compression seconds; goals: each method against round to
 nearest) and prints a Markdown table for the README. Nothing here is a test: it reports what
 it measures.
@@ -44,6 +46,12 @@ def options(label: str) -> dict:
     method, *variants = label.split("-")
     opts = {"method": method}
     for v in variants:
+        if v.startswith("ridge"):
+            try:
+                opts["ridge"] = float(v[len("ridge"):])
+            except ValueError:
+                raise SystemExit(f"bad ridge variant {v!r} in {label!r} (e.g. gpfq-ridge0.3)") from None
+            continue
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r} in {label!r} (known: {', '.join(VARIANTS)})")
         opts.update(VARIANTS[v])
@@ -65,17 +73,22 @@ def workload(name: str):
         import examples.mnist_cnn as mod
     elif name == "minilm":
         import examples.minilm as mod
+    elif name == "mobilenetv2":
+        import examples.mobilenetv2 as mod
     else:
-        raise SystemExit(f"unknown model {name!r} (mnist, minilm)")
+        raise SystemExit(f"unknown model {name!r} (mnist, minilm, mobilenetv2)")
     return mod
 
 
-def run(models, settings, methods, seed):
-    results = []
+def run(models, settings, methods, seed, save=lambda results, spreads: None):
+    """Every (model, setting, method); save(results so far, calibration spreads) after each."""
+    from spfq_deploy.compress.calibration import as_batches, spread
+    results, spreads = [], {}
     for model_name in models:
         mod = workload(model_name)
         model = mod.build()
         calib = mod.calibration(256)
+        spreads[model_name] = spread(as_batches(calib))
         t0 = time.perf_counter()
         base = mod.evaluate(model)
         results.append({"model": model_name, "setting": "fp32", "method": "fp32", "metrics": base,
@@ -98,9 +111,10 @@ def run(models, settings, methods, seed):
                        "sparsity": sum(r.sparsity for r in res.report) / len(errs),
                        "chosen_C": {r.name: r.C for r in res.report}}
                 results.append(row)
+                save(results, spreads)
                 print(f"[{model_name}] {setting:10s} {method:12s} {metrics} mean err {row['mean_rel_error']:.4f} "
                       f"weight err {row['mean_weight_rel_error']:.4f} ({secs:.1f} s)", flush=True)
-    return results
+    return results, spreads
 
 
 def beats_rtn(results):
@@ -171,15 +185,22 @@ def main(argv=None):
     for m in methods:
         options(m)  # a typo fails now, not after an hour of runs
     t0, load0 = time.perf_counter(), os.getloadavg()
-    results = run(args.models.split(","), args.settings.split(","), methods, args.seed)
-    doc = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "python": platform.python_version(),
-                       "load_avg_before": list(load0), "load_avg_after": list(os.getloadavg())},
-           "calibration": "256 samples (MNIST: class-balanced digits; MiniLM: lee_background sentences)",
-           "results": results, "vs_rtn": beats_rtn(results), "goals": goals(results),
-           "wall_s": time.perf_counter() - t0}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out, json.dumps(doc, indent=1))
+
+    def save(results, spreads):
+        doc = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "python": platform.python_version(),
+                           "load_avg_before": list(load0), "load_avg_after": list(os.getloadavg())},
+               "calibration": "each model file's calibration(256): MNIST 256 class-balanced digits; MiniLM 256 "
+                              "sentences + 256 words + 128 phrases + 16 documents; MobileNetV2 256 crops",
+               "calibration_spread": spreads,
+               "results": results, "vs_rtn": beats_rtn(results), "goals": goals(results),
+               "wall_s": time.perf_counter() - t0}
+        write_text(args.out, json.dumps(doc, indent=1))
+        return doc
+
+    results, spreads = run(args.models.split(","), args.settings.split(","), methods, args.seed, save)
+    doc = save(results, spreads)
     print(markdown(results))
     print("\nlayer output error vs round-to-nearest:")
     for k, v in doc["vs_rtn"].items():

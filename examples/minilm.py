@@ -352,20 +352,94 @@ def calibration_sentences(n: int = 256) -> list[str]:
     return picked
 
 
-def calibration(n: int = 256, max_batch: int = 64) -> list[torch.Tensor]:
-    """Calibration data: ``n`` real sentences as int64 input_ids batches without padding.
+_WORD = re.compile(r"[A-Za-z][a-z]+")
+PHRASE_SKIP = 1024  # calibration_phrases cuts from sentences 1024.. of calibration_sentences
 
-    Sentences (see calibration_sentences) are tokenized ([CLS] ... [SEP], truncated at 256) and
-    grouped by token length, so every batch is a (b, T) tensor whose rows are all real tokens
-    (b <= max_batch); feed each with ``model(batch)`` (the attention mask defaults to all
-    ones). Batches are ordered by length; the rows of all batches total ``n`` sentences.
+
+def _wordsim_words() -> set[str]:
+    words = set()
+    for line in _read_lines("wordsim353.tsv"):
+        if not line.startswith("#"):
+            a, b, _ = line.split("\t")
+            words.update((a.lower(), b.lower()))
+    return words
+
+
+def calibration_words(n: int = 256) -> list[str]:
+    """``n`` distinct words (lower case, 3+ letters) from lee_background.cor, none of them a
+    WordSim-353 word (the words are the evaluation's inputs; the vocabulary is not held out
+    beyond that), in order of first use, taken round-robin across the documents like the
+    sentences. Deterministic."""
+    if n <= 0:
+        return []
+    banned = _wordsim_words()
+    docs = [[w.lower() for w in _WORD.findall(doc)] for doc in _read_lines("lee_background.cor")]
+    picked, seen, depth = [], set(banned), 0
+    while len(picked) < n and any(depth < len(d) for d in docs):
+        for d in docs:
+            if depth < len(d) and len(d[depth]) >= 3 and d[depth] not in seen:
+                seen.add(d[depth])
+                picked.append(d[depth])
+                if len(picked) == n:
+                    break
+        depth += 1
+    if len(picked) < n:
+        raise CalibrationError(f"lee_background.cor has only {len(picked)} usable words, {n} were asked for")
+    return picked
+
+
+def calibration_phrases(n: int = 128) -> list[str]:
+    """``n`` short phrases (2-4 words) cut from the sentences after the first PHRASE_SKIP
+    (word k of sentence i, length 2 + i % 3), as a search query or a title looks: sentences
+    256.. stay free for held-out checks."""
+    if n <= 0:
+        return []
+    sents = calibration_sentences(PHRASE_SKIP + n)[PHRASE_SKIP:]
+    out = []
+    for i, s in enumerate(sents):
+        words = s.split()
+        k = (i * 7) % max(1, len(words) - 4)
+        out.append(" ".join(words[k:k + 2 + i % 3]))
+    return out
+
+
+def calibration_documents(n: int = 16) -> list[str]:
+    """``n`` whole lee_background.cor documents (every 300 // n-th; the tokenizer truncates at
+    256 tokens), for the long inputs a document-similarity user embeds."""
+    if n <= 0:
+        return []
+    docs = _read_lines("lee_background.cor")
+    step = max(1, len(docs) // n)
+    return docs[::step][:n]
+
+
+def calibration(n: int = 256, max_batch: int = 64, *, words: int | None = None,
+                phrases: int | None = None, documents: int | None = None) -> list[torch.Tensor]:
+    """Calibration data covering the input shapes the encoder is used on (README "Calibration
+    coverage"): ``n`` real sentences, ``words`` single words (default n), ``phrases`` 2-4 word
+    phrases (default n // 2) and ``documents`` whole documents (default n // 16), all from
+    lee_background.cor (disjoint from every evaluation input), as int64 input_ids batches
+    without padding.
+
+    Texts are tokenized ([CLS] ... [SEP], truncated at 256) and grouped by token length, so
+    every batch is a (b, T) tensor whose rows are all real tokens (b <= max_batch); feed each
+    with ``model(batch)`` (the attention mask defaults to all ones). Batches are ordered by
+    length. Sentences alone (words=phrases=documents=0) fit the error correction to 14-51-token
+    inputs and cost WordSim (3-token inputs) dearly at <= 3 bits; see README.
     """
     if n < 1:
         raise CalibrationError(f"n must be >= 1, got {n}")
     if max_batch < 1:
         raise CalibrationError(f"max_batch must be >= 1, got {max_batch}")
+    words = n if words is None else words
+    phrases = n // 2 if phrases is None else phrases
+    documents = n // 16 if documents is None else documents
+    if min(words, phrases, documents) < 0:
+        raise CalibrationError(f"words, phrases and documents must be >= 0, got {words}, {phrases}, {documents}")
+    texts = calibration_sentences(n) + calibration_words(words) + \
+        calibration_phrases(phrases) + calibration_documents(documents)
     by_length: dict[int, list[list[int]]] = {}
-    for ids in _token_ids(calibration_sentences(n)):
+    for ids in _token_ids(texts):
         by_length.setdefault(len(ids), []).append(ids)
     batches = []
     for length in sorted(by_length):

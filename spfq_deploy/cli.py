@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "spfq: stochastic path following; gptq: GPTQ/OPTQ; rtn: round to nearest")
     c.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing diag of X~'X~")
     c.add_argument("--damp", help="gptq: damping fraction F in (0, 1): H = X~'X~ + F mean(diag) I (default 0.01)")
+    c.add_argument("--ridge", help="gpfq/spfq: add F mean(diag H) ||w - q||^2 to the objective (F in [0, 100], "
+                                   "default 0): Q stays nearer W where the calibration says little")
     c.add_argument("--scale", default="search",
                    help="search (default): one C per layer minimising the calibration output error; "
                         "mse: a C per row minimising ||w - rtn(w)||^2 (GPTQ's choice)")
@@ -239,13 +241,14 @@ def cmd_compress(args) -> int:
     import warnings
 
     from .compress import CompressConfig, compress_model, distributed
+    from .compress.calibration import spread_line as calib_spread_line
     from .compress.checkpoint import side_file
     from .modelspec import DEFAULT_FACTORY, calibration_label, load_calibration, load_model, split_spec
     from .pack import LAYOUTS, container
     from .tables import compression_summary
 
     cfg = CompressConfig(bits=args.bits, method=args.method, sparsity=args.sparsity, order=args.order,
-                         scale=args.scale, damp=args.damp, act_order=args.act_order,
+                         scale=args.scale, damp=args.damp, act_order=args.act_order, ridge=args.ridge,
                          c_grid=args.c_grid, per_layer_delta=args.per_layer_delta,
                          range_quantile=args.range_quantile, bias_correction=args.bias_correction,
                          fold_batchnorm=not args.no_fold_bn, include=tuple(args.include or ["*"]),
@@ -325,6 +328,7 @@ def cmd_compress(args) -> int:
     for w in {(str(w.message), w.category, w.filename): w for w in caught}.values():
         _one_line_warning(w.message, w.category, w.filename, w.lineno)
     print(compression_summary(result.report))
+    print(f"\ncalibration: {calib_spread_line(result.model.meta['calibration_spread'])}")
     eng = result.engine
     if eng.get("engine") == "sequential":
         spilled = f", {eng['spilled_bytes'] / 2 ** 20:,.0f} MiB spilled to disk" if eng["spilled_bytes"] else ""

@@ -61,6 +61,10 @@ def inspect_table(header: dict) -> str:
              f"file: {header['file_bytes']:,} bytes on disk, {(fp32 + others) / header['file_bytes']:.2f}x smaller "
              f"than the fp32 model ({fp32 + others:,} bytes; {len(header.get('float_params', []))} float "
              f"tensors kept as they were; format version {header['format_version']})"]
+    spread = header.get("meta", {}).get("calibration_spread")
+    if spread:  # files written before the spread was recorded have only the sample count
+        from .compress.calibration import spread_line
+        lines.append(f"calibration: {spread_line(spread)}")
     return "\n".join(lines)
 
 

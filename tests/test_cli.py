@@ -59,6 +59,8 @@ def test_compress_inspect_reference_round_trip(model_file, tmp_path, capsys):
                               "-o", out, "-q", "--report-json", tmp_path / "r.json")
     assert code == 0 and out.is_file()
     assert "rel err" in stdout and "bits/weight" in stdout
+    # the calibration's spread, printed and recorded (96 samples in 64-sample batches)
+    assert "calibration: 96 samples in 2 batches; input 0 (1, 6, 6) every sample" in stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert [r["name"] for r in report] == ["0", "3", "6", "8"]
     assert all(abs(r["sparsity"] - 0.5) <= 0.01 for r in report)
@@ -66,6 +68,7 @@ def test_compress_inspect_reference_round_trip(model_file, tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "inspect", out)
     assert code == 0
     assert "bits/weight" in stdout and "x fp32" in stdout and "bytes on disk" in stdout
+    assert "calibration: 96 samples in 2 batches" in stdout
 
     # the file alone rebuilds exactly the model that compress evaluated
     model, module = load_model(str(model_file))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from examples import common, minilm, mnist_cnn, mobilenetv2
-from spfq_deploy.errors import SpfqError
+from spfq_deploy.errors import CalibrationError, SpfqError
 
 # fp32 scores measured with examples.minilm.evaluate(examples.minilm.build()) on torch 2.13 CPU.
 # lee_pearson and wordsim_spearman match WORKLOADS.md (~0.656, ~0.729). polarity_accuracy is
@@ -221,19 +221,37 @@ def test_minilm_tokenizer_truncates_at_256_without_padding():
 
 
 def test_minilm_calibration_batches_have_no_padding():
-    batches = minilm.calibration(256)
-    assert sum(b.shape[0] for b in batches) == 256
+    sentences_only = minilm.calibration(256, words=0, phrases=0, documents=0)
+    assert sum(b.shape[0] for b in sentences_only) == 256
+    tokens = sum(b.numel() for b in sentences_only)
+    assert 5000 <= tokens <= 12000, tokens
+    batches = minilm.calibration(256)  # + 256 words, 128 phrases, 16 documents
+    assert sum(b.shape[0] for b in batches) == 256 + 256 + 128 + 16
     for b in batches:
         assert b.dtype == torch.int64 and b.ndim == 2 and 1 <= b.shape[0] <= 64
         assert (b != 0).all()                      # no [PAD] anywhere
         assert (b[:, 0] == 101).all() and (b[:, -1] == 102).all()  # every row ends at T
-    tokens = sum(b.numel() for b in batches)
-    assert 5000 <= tokens <= 12000, tokens
     small = minilm.calibration(20, max_batch=2)
-    assert sum(b.shape[0] for b in small) == 20 and max(b.shape[0] for b in small) <= 2
-    # deterministic and the sentences are distinct
+    assert sum(b.shape[0] for b in small) == 20 + 20 + 10 + 1 and max(b.shape[0] for b in small) <= 2
+    # deterministic and the texts are distinct
     assert all(torch.equal(x, y) for x, y in zip(batches, minilm.calibration(256)))
     assert len(set(minilm.calibration_sentences(256))) == 256
+    with pytest.raises(CalibrationError):
+        minilm.calibration(8, words=-1)
+
+
+def test_minilm_calibration_covers_the_deployment_shapes_and_holds_out_the_tasks():
+    """Single words (WordSim's 3-token inputs), short phrases, sentences and whole documents
+    (up to the 256-token truncation); no WordSim word, no lee.cor document."""
+    lengths = sorted(int(b.shape[1]) for b in minilm.calibration(256) for _ in range(b.shape[0]))
+    assert lengths[0] == 3 and lengths[-1] == 256
+    assert sum(t <= 4 for t in lengths) >= 200      # the words (a few split into 2 word pieces)
+    assert sum(5 <= t <= 8 for t in lengths) >= 64  # phrases
+    words = minilm.calibration_words(256)
+    assert len(set(words)) == 256 and not set(words) & minilm._wordsim_words()
+    assert all(len(p.split()) in (2, 3, 4) for p in minilm.calibration_phrases(128))
+    docs = minilm.calibration_documents(16)
+    assert len(set(docs)) == 16 and not set(docs) & set(minilm._read_lines("lee.cor"))
 
 
 def test_minilm_calibration_feeds_the_model(minilm_model):

@@ -115,6 +115,54 @@ def call(model: nn.Module, batch):
     return model(batch)
 
 
+def _tensors(batch) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(batch, dict):
+        return [(str(k), v) for k, v in batch.items() if isinstance(v, torch.Tensor)]
+    items = batch if isinstance(batch, tuple) else (batch,)
+    return [(f"input {i}", v) for i, v in enumerate(items) if isinstance(v, torch.Tensor)]
+
+
+def spread(batches: list) -> dict:
+    """How far the calibration's per-sample shapes spread (README: calibrate on the input shapes
+    used at inference): per input, the per-sample shape when it never changes, else each axis's
+    min / median / max over the samples and the number of distinct shapes."""
+    per_input: dict[str, list[tuple[tuple[int, ...], int]]] = {}
+    for b in batches:
+        for name, v in _tensors(b):
+            if v.dim() >= 1:
+                per_input.setdefault(name, []).append((tuple(v.shape[1:]), int(v.shape[0])))
+    out = {"samples": count_samples(batches), "batches": len(batches), "inputs": {}}
+    for name, shapes in per_input.items():
+        distinct = sorted({s for s, _ in shapes})
+        entry = {"distinct_shapes": len(distinct)}
+        if len(distinct) == 1:
+            entry["shape"] = list(distinct[0])
+        elif len({len(s) for s in distinct}) == 1:
+            axes = []
+            for a in range(len(distinct[0])):
+                vals = np.repeat([s[a] for s, _ in shapes], [n for _, n in shapes])
+                axes.append([int(vals.min()), int(np.median(vals)), int(vals.max())])
+            entry["axes_min_median_max"] = axes
+        out["inputs"][name] = entry
+    return out
+
+
+def spread_line(info: dict) -> str:
+    """One line for the compress summary, e.g. `656 samples in 40 batches; input 0 per sample:
+    (3..18..256) over 33 shapes`."""
+    parts = []
+    for name, e in info["inputs"].items():
+        if "shape" in e:
+            parts.append(f"{name} {tuple(e['shape'])} every sample")
+        elif "axes_min_median_max" in e:
+            dims = ", ".join(str(lo) if lo == hi else f"{lo}..{med}..{hi}"
+                             for lo, med, hi in e["axes_min_median_max"])
+            parts.append(f"{name} per sample ({dims}) (min..median..max over {e['distinct_shapes']} shapes)")
+        else:
+            parts.append(f"{name} {e['distinct_shapes']} shapes of different ranks")
+    return f"{info['samples']} samples in {info['batches']} batches; " + "; ".join(parts)
+
+
 def describe(batch) -> str:
     if isinstance(batch, dict):
         return ", ".join(f"{k}={tuple(v.shape)}" for k, v in batch.items())

@@ -9,6 +9,8 @@ from ..errors import SpfqError
 METHODS = ("spfq", "gpfq", "gptq", "rtn")
 SCALES = ("search", "mse")
 DEFAULT_DAMP = 0.01  # GPTQ's percdamp
+DEFAULT_RIDGE = 0.0  # gpfq / spfq: no ridge unless asked (README "Calibration coverage")
+MAX_RIDGE = 100.0
 MAX_BLOCK = 4096  # SPFQ_PF_MAX_BLOCK of kernels/src/path_following.c
 
 
@@ -27,6 +29,7 @@ class CompressConfig:
     scale: str = "search"
     damp: float | None = None  # gptq: H + damp * mean(diag H) * I (None: DEFAULT_DAMP)
     act_order: bool = False  # gptq: columns by decreasing diag H
+    ridge: float | None = None  # gpfq / spfq: + ridge * mean(diag H) * ||w - q||^2 (None: DEFAULT_RIDGE)
     c_grid: tuple[float, ...] | None = None  # None: a default grid for the alphabet
     per_layer_delta: bool = False  # one delta per layer (the reference code's choice)
     range_quantile: float | None = None  # R_i = quantile of |w_i| instead of max
@@ -52,6 +55,7 @@ class CompressConfig:
         if self.order < 1:
             raise SpfqError(f"order must be >= 1, got {self.order}")
         self._check_gptq()
+        self._check_ridge()
         if self.scale not in SCALES:
             raise SpfqError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if self.scale == "mse" and (self.per_layer_delta or self.c_grid):
@@ -87,6 +91,24 @@ class CompressConfig:
         if not 0.0 < damp < 1.0:  # also refuses nan
             raise SpfqError(f"damp must be a number in (0, 1), got {self.damp!r}")
         self.damp, self.act_order = damp, bool(self.act_order)
+
+    def _check_ridge(self) -> None:
+        """ridge: path following's objective gains ridge * mean(diag H) * ||w - q||^2 (the same
+        multiple of I added to F, G and H), pulling Q toward W where the calibration rows say
+        little: a prior for inputs the calibration does not show. gpfq / spfq only (gptq has damp)."""
+        if self.method not in ("gpfq", "spfq"):
+            if self.ridge is not None:
+                raise SpfqError(f"ridge applies to methods gpfq and spfq, not {self.method} "
+                                f"(gptq: --damp)")
+            return
+        ridge = DEFAULT_RIDGE if self.ridge is None else self.ridge
+        try:
+            ridge = float(ridge)
+        except (TypeError, ValueError):
+            raise SpfqError(f"ridge must be a number in [0, {MAX_RIDGE:g}], got {self.ridge!r}") from None
+        if not 0.0 <= ridge <= MAX_RIDGE:  # also refuses nan
+            raise SpfqError(f"ridge must be a number in [0, {MAX_RIDGE:g}], got {self.ridge!r}")
+        self.ridge = ridge
 
     @property
     def alphabet(self) -> str:

@@ -444,6 +444,7 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
     float_params = {k: v.detach().cpu().numpy().copy() for k, v in qmodel.state_dict().items()
                     if k not in compressed_keys}
     meta = {"config": cfg.to_dict(), "calibration_samples": calib.count_samples(batches),
+            "calibration_spread": calib.spread(batches),
             "folded_batchnorm": [list(p) for p in pairs], "torch": torch.__version__,
             "layer_order": [n for g in groups for n in g]}
     cm = CompressedModel(layers, float_params, model_spec, meta)

@@ -63,6 +63,19 @@ class _Evaluator:
             err, ref = squared_output_error(W, Wt, grams.F, grams.G, grams.H)
             self.align_error = math.sqrt(float(err.sum()) / max(float(ref.sum()), 1e-300))
             self.pf_W, self.pf_G = Wt, grams.H  # phase 2 quantises w~ against Xt alone
+        # ridge (gpfq / spfq): ||X w - Xt q||^2 + rho ||w - q||^2 with rho = ridge * mean(diag H)
+        # per group, i.e. calibration rows plus sqrt(rho) I appended to X and Xt: the same
+        # rho I added to F, G and H, so path following and the C search both see it; the reported
+        # errors stay the undamped ones (the rho ||w - q||^2 part is taken back out)
+        self.rho = None
+        if cfg.ridge and cfg.method in ("gpfq", "spfq"):
+            d = W.shape[-1]
+            self.rho = cfg.ridge * grams.H.diagonal(dim1=-2, dim2=-1).mean(-1)  # (g,)
+            eye = torch.eye(d, dtype=grams.H.dtype) * self.rho[:, None, None]
+            grams = Grams(grams.G + eye, grams.H + eye, grams.F + eye, grams.m)
+            self.g = grams
+            self.pf_G, self.pf_H = (grams.H if cfg.order > 1 else grams.G), grams.H
+        self.pure: dict[int, float] = {}  # candidate id -> undamped squared error (with a ridge)
         self.gptq = None
         if cfg.method == "gptq":  # GPTQ quantises (aligned) w against Xt: path following on K
             self.gptq = gptq.plan(self.pf_W, grams.H, cfg.damp, cfg.act_order)
@@ -101,10 +114,12 @@ class _Evaluator:
         first = self._next
         self._next += len(Cs)
         c = len(Cs)
-        out = torch.zeros((2 * c + 1,) + self.W.shape[:2], dtype=torch.float64)  # err, zeros, w'Fw
+        # err, zeros, w'Fw, then (ridge) the rho ||w - q||^2 and rho ||w||^2 parts to take back out
+        slots = 2 * c + 1 + (c + 1 if self.rho is not None else 0)
+        out = torch.zeros((slots,) + self.W.shape[:2], dtype=torch.float64)
         for u in self.comm.span(len(units)):
             i, p = units[u]
-            codes, err, zeros = self._run(Cs[i], fs[i], p)
+            codes, err, zeros, pen = self._run(Cs[i], fs[i], p)
             if keep:
                 self._codes[(first + i, p)] = codes
             put = _placer(parts[p])
@@ -112,10 +127,18 @@ class _Evaluator:
             put(out[c + i], zeros[0])
             if i == 0:
                 put(out[2 * c], self._terms[p][1])
+            if pen is not None:
+                put(out[2 * c + 1 + i], pen[0])
+                if i == 0:
+                    cut, _ = self._cuts(p)
+                    put(out[3 * c + 1], self._rows_rho(cut) * (cut(self.W) ** 2).sum(-1))
         self.comm.merge(out)
         if self.wFw is None:
-            self.wFw = out[2 * c].clone()
+            self.wFw = out[2 * c].clone() - (out[3 * c + 1] if self.rho is not None else 0)
         errs = torch.stack([out[i].flatten().sum() for i in range(c)])
+        if self.rho is not None:
+            for i in range(c):
+                self.pure[first + i] = float(errs[i] - out[2 * c + 1 + i].flatten().sum())
         return list(range(first, first + c)), errs, out[c:2 * c].long()
 
     def codes(self, cid: int) -> torch.Tensor:
@@ -150,9 +173,13 @@ class _Evaluator:
             self._terms[p] = (W @ same(self.g.G).transpose(-1, -2), ((W @ same(self.g.F)) * W).sum(-1), A)
         return self._terms[p]
 
+    def _rows_rho(self, cut):
+        """rho per row (g', n') of a part (ridge only)."""
+        return cut(self.rho[:, None].expand(self.W.shape[:2]))
+
     def _run(self, C, f, p):
         """One candidate on row part p: codes (1, g', n', d), squared error and zeros per row
-        (1, g', n')."""
+        (1, g', n'), and with a ridge its rho ||w - q||^2 per row (else None)."""
         cut, same = self._cuts(p)
         a = self.alphabet(self.rows_f(C)[None], self.rows_f(f)[None])
         a = Alphabet(a.alphabet, a.bits, cut(a.delta[0])[None], cut(a.lam[0])[None], a.pruned)
@@ -172,7 +199,8 @@ class _Evaluator:
                 codes, Q, qHq = gptq.restore(codes, perm), gptq.restore(Q, perm), None
         GW, wFw, _ = self._part_terms(p)
         err, _ = squared_output_error(W, Q, F, G, H, GW, wFw, qHq)
-        return codes, err, (codes == 0).sum(-1)
+        pen = None if self.rho is None else self._rows_rho(cut) * ((W - Q) ** 2).sum(-1)
+        return codes, err, (codes == 0).sum(-1), pen
 
 
 def _placer(part):
@@ -312,6 +340,8 @@ def _finish(ev: _Evaluator, W, C, f, run=None) -> LayerResult:
         ids, err, _ = ev.run([c], [f], keep=True)
         run = (ids[0], err)
     cid, err = run
+    if cid in ev.pure:  # ridge: report the calibration error alone
+        err = err.new_tensor([ev.pure[cid]])
     codes = ev.codes(cid)
     ref_total = float(ev.wFw.sum())
     rel = math.sqrt(float(err[0]) / ref_total) if ref_total > 0 else 0.0
