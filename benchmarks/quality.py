@@ -6,7 +6,7 @@ WordSim Spearman, polarity accuracy), at binary, ternary, 2, 3, 4 bits and 4-bit
         [--methods rtn,gpfq,spfq,gptq,gptq-mse,gptq-act]
 
 A method is a --method name, optionally with variants: -mse / -search (--scale), -act
-(--act-order), -ridgeF (--ridge F). Models: mnist, minilm, mobilenetv2 (top-1 agreement and
+(--act-order), -ridgeF (--ridge F), -var / -ls (--rescale), -bc (--bias-correction). Models: mnist, minilm, mobilenetv2 (top-1 agreement and
 top-5 overlap with fp32 on 200 held-out photo crops). The JSON is rewritten after every run, so
 a long benchmark that is stopped keeps what it measured. Writes JSON (per run: task metrics, per-layer relative output errors, the mean
 weight error ||W - Q|| / ||W||, compression seconds; goals: each method against round to
@@ -38,7 +38,8 @@ SETTINGS = {  # name -> (bits, sparsity)
     "4-bit": (4, 0.0), "4-bit+50%": (4, 0.5),
 }
 METHODS = ("rtn", "gpfq", "spfq")
-VARIANTS = {"mse": {"scale": "mse"}, "search": {"scale": "search"}, "act": {"act_order": True}}
+VARIANTS = {"mse": {"scale": "mse"}, "search": {"scale": "search"}, "act": {"act_order": True},
+            "var": {"rescale": "var"}, "ls": {"rescale": "ls"}, "bc": {"bias_correction": True}}
 
 
 def options(label: str) -> dict:

@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--per-layer-delta", action="store_true", help="one delta per layer instead of per channel")
     c.add_argument("--range-quantile", type=float, help="R_i = this quantile of |w_i| instead of max")
     c.add_argument("--bias-correction", action="store_true", help="b' = b + mean(XW^T - XtQ^T)")
+    c.add_argument("--rescale", choices=["var", "ls"],
+                   help="per output channel, rescale the compressed weights so the output's variance matches the "
+                        "float layer's (var: BatchNorm statistics re-estimated) or by the least-squares gain (ls); "
+                        "the mean is matched by a bias shift")
     c.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the layer before it")
     c.add_argument("--include", action="append", help="layer name pattern to compress (repeatable; default all)")
     c.add_argument("--exclude", action="append", default=[], help="layer name pattern to keep float (repeatable)")
@@ -250,7 +254,7 @@ def cmd_compress(args) -> int:
     cfg = CompressConfig(bits=args.bits, method=args.method, sparsity=args.sparsity, order=args.order,
                          scale=args.scale, damp=args.damp, act_order=args.act_order, ridge=args.ridge,
                          c_grid=args.c_grid, per_layer_delta=args.per_layer_delta,
-                         range_quantile=args.range_quantile, bias_correction=args.bias_correction,
+                         range_quantile=args.range_quantile, bias_correction=args.bias_correction, rescale=args.rescale,
                          fold_batchnorm=not args.no_fold_bn, include=tuple(args.include or ["*"]),
                          exclude=tuple(args.exclude), seed=args.seed, batch_size=args.batch_size)
     model_path = split_spec(args.model, DEFAULT_FACTORY)[0]

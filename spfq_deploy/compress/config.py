@@ -8,6 +8,7 @@ from ..errors import SpfqError
 
 METHODS = ("spfq", "gpfq", "gptq", "rtn")
 SCALES = ("search", "mse")
+RESCALES = (None, "var", "ls")  # engine.py _rescale
 DEFAULT_DAMP = 0.01  # GPTQ's percdamp
 DEFAULT_RIDGE = 0.0  # gpfq / spfq: no ridge unless asked (README "Calibration coverage")
 MAX_RIDGE = 100.0
@@ -34,6 +35,7 @@ class CompressConfig:
     per_layer_delta: bool = False  # one delta per layer (the reference code's choice)
     range_quantile: float | None = None  # R_i = quantile of |w_i| instead of max
     bias_correction: bool = False
+    rescale: str | None = None  # None, "var" or "ls": per-channel output statistics after compression
     fold_batchnorm: bool = True
     include: tuple[str, ...] = ("*",)  # fnmatch patterns over module names
     exclude: tuple[str, ...] = ()
@@ -56,6 +58,8 @@ class CompressConfig:
             raise SpfqError(f"order must be >= 1, got {self.order}")
         self._check_gptq()
         self._check_ridge()
+        if self.rescale not in RESCALES:
+            raise SpfqError(f"rescale must be one of {', '.join(r for r in RESCALES if r)}, got {self.rescale!r}")
         if self.scale not in SCALES:
             raise SpfqError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if self.scale == "mse" and (self.per_layer_delta or self.c_grid):

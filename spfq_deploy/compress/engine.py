@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
+import math
 import time
 import warnings
 import zlib
@@ -27,6 +29,7 @@ from ..errors import CalibrationError, SpfqError, UnsupportedLayerError
 from . import calibration as calib
 from . import distributed, sequential
 from .activations import DEFAULT_BUDGET, ActivationStore
+from .alphabet import Alphabet, fp16_round
 from .capture import (
     GramAccumulator,
     NonFiniteRows,
@@ -42,6 +45,7 @@ from .config import CompressConfig
 from .distributed import Comm
 from .folding import find_pairs, fold
 from .layer import compress_weights
+from .path_following import squared_output_error
 
 
 class _Stop(Exception):
@@ -258,7 +262,7 @@ def _group_grams(comm: Comm, cfg: CompressConfig, batches, name: str, source, fi
     """A group's Gram accumulator, filled by fill(acc) with this rank's batches and closed (its
     last GEMM's non-finite rows name their batch); a failure on any rank stops every rank
     with that rank's one-line error (Comm.check)."""
-    acc, failed = GramAccumulator(comm, sums=cfg.bias_correction), None
+    acc, failed = GramAccumulator(comm, sums=cfg.bias_correction or cfg.rescale is not None), None
     try:
         fill(acc)
         with _rows_errors(batches, None, name, source):
@@ -487,6 +491,39 @@ def _apply(module: nn.Module, layer: CompressedLayer) -> None:
             module.bias.copy_(torch.from_numpy(layer.bias))
 
 
+RESCALE_RANGE = (0.5, 2.0)  # a per-channel factor outside this says the statistics are unreliable
+
+
+def _rescale(res, W, grams, acc, how: str):
+    """Per output channel, multiply the channel's scales by s so the compressed layer's output
+    statistics on the calibration rows match the float layer's (a BatchNorm after it
+    re-estimated and folded; the mean is then matched by the bias shift). "var": s = std(X w) /
+    std(Xt q), the variance matched; "ls": s = cov(X w, Xt q) / var(Xt q), the least-squares
+    gain (never raises the centred output error). From the Grams and column sums alone; s is
+    clamped to RESCALE_RANGE and 1 where a channel's output is constant."""
+    m = acc.m
+    mx, mxt = acc.sum_x / m, acc.sum_xt / m  # (g, d)
+    Q = res.Q
+    mean_w = (W * mx[:, None, :]).sum(-1)  # (g, n)
+    mean_q = (Q * mxt[:, None, :]).sum(-1)
+    var_w = ((W @ grams.F) * W).sum(-1) / m - mean_w ** 2
+    var_q = ((Q @ grams.H) * Q).sum(-1) / m - mean_q ** 2
+    if how == "var":
+        s = (var_w.clamp_min(0) / var_q.clamp_min(1e-300)).sqrt()
+    else:
+        cov = ((Q @ grams.G) * W).sum(-1) / m - mean_q * mean_w
+        s = cov / var_q.clamp_min(1e-300)
+    ok = var_q > 1e-12 * var_w.abs().clamp_min(1e-300)
+    s = torch.where(ok, s.clamp(*RESCALE_RANGE), torch.ones_like(s))
+    a = res.alphabet
+    # the scales are float16 in the file: the corrected Q is what those scales give
+    alph = Alphabet(a.alphabet, a.bits, fp16_round(a.delta * s), fp16_round(a.lam * s), a.pruned)
+    Qn = alph.values(res.codes)
+    err, ref = squared_output_error(W, Qn, grams.F, grams.G, grams.H)
+    rel = math.sqrt(float(err.sum()) / float(ref.sum())) if float(ref.sum()) > 0 else 0.0
+    return dataclasses.replace(res, alphabet=alph, Q=Qn, rel_error=rel)
+
+
 @torch.no_grad()
 def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig, comm=None):
     g = groups_of(module)
@@ -494,13 +531,15 @@ def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig
     N = Wf.shape[0]
     W = Wf.reshape(g, N // g, -1)
     res = compress_weights(W, grams, cfg, _layer_seed(cfg.seed, name), comm)
+    if cfg.rescale:
+        res = _rescale(res, W, grams, acc, cfg.rescale)
     a = res.alphabet
     K = a.K
     _check_scales(name, a, W)
     scale = (a.lam if K == 1 else a.delta).reshape(N).float().numpy()
     lam = a.lam.reshape(N).float().numpy() if (a.pruned and K > 1) else None
     bias = module.bias.detach().double() if module.bias is not None else None
-    if cfg.bias_correction:
+    if cfg.bias_correction or cfg.rescale:
         mx, mxt = acc.sum_x / acc.m, acc.sum_xt / acc.m  # (g, d)
         shift = (W @ mx[..., None] - res.Q @ mxt[..., None]).reshape(N)
         bias = shift if bias is None else bias + shift
