@@ -146,6 +146,9 @@ def kernel_pack(layer: CompressedLayer, layout: str) -> tuple[str, int, dict]:
         layout = L.LAYOUTS[layout].padded
     if layout not in LAYOUT_IDS:
         raise KernelError(f"kernels take layouts {', '.join(LAYOUT_IDS)}, not {layout!r}")
+    if layer.group_size:  # the ABI has one scale (and lam) per output row
+        raise KernelError(f"{layer.name}: group-wise scales (group size {layer.group_size}) are not implemented "
+                          "in the kernels yet (they take one scale per output row)")
     bits = L.field_bits(layer) if layout in ("planes", "sparse") else (1 if layout == "sign" else 2)
     return layout, bits, L.pack_layer(layer, layout)
 

@@ -212,6 +212,8 @@ typedef struct {
     int8_t *codes;               /* (cands, groups, rows, d) out; NULL for IDENTITY */
     double *Q;                   /* (cands, groups, rows, d) out: the values q */
     double *qhq;                 /* (cands, groups, rows) or NULL: q'Hq added (caller zeroes it) */
+    int32_t per_column;          /* 1: lam, delta are (cands, groups, rows, d), column t rounds with
+                                    lam[r,t], delta[r,t] (group-wise scales spread over the columns) */
 } spfq_pf_desc;
 #define SPFQ_PF_MAX_BLOCK 4096   /* b1 - b0 at most */
 int spfq_path_following_block(const spfq_pf_desc *p, int32_t b0, int32_t b1, double *corr, int32_t nthreads);

@@ -92,6 +92,23 @@ def resolve_target(name: str | None, target_file: str | os.PathLike | None) -> T
     return get_target(name) if name is not None else host_target()
 
 
+RUNTIMES = {"onnx": "ONNX exports (ai.spfq custom ops, MatMulNBits, QONNX)", "tvm": "TVM export"}
+
+
+def _refuse_groups(header: dict, formats: tuple[str, ...], gpu) -> None:
+    """SpfqError for a file with group-wise scales (--group-size): no runtime of this version
+    computes them yet (kernels, custom ops, MatMulNBits, QONNX, TVM and CUDA all take one scale
+    per output row), and exporting the per-row view would give wrong outputs."""
+    grouped = [(n, e["group_size"]) for n, e in header["layers"].items() if e.get("group_size")]
+    if not grouped:
+        return
+    name, size = grouped[0]
+    runtime = RUNTIMES[formats[0]] + (" and the CUDA kernels" if gpu is not None else "")
+    raise SpfqError(f"{runtime}: layer '{name}' has group-wise scales (--group-size {size}), which this version's "
+                    "kernels and exports do not implement yet (one scale per output row); compress without "
+                    "--group-size to export")
+
+
 def export(spfq_path: str | os.PathLike, out_dir: str | os.PathLike, formats: tuple[str, ...] = ("onnx",),
            target: str | None = None, target_file: str | os.PathLike | None = None, activations: str = "int8",
            flavours: tuple[str, ...] | None = None, force: bool = False, model_spec: str | None = None,
@@ -118,7 +135,7 @@ def export(spfq_path: str | os.PathLike, out_dir: str | os.PathLike, formats: tu
     host = host_target()
     gpu = tgt if tgt.cuda else None
     folder.check_output(out, force)
-    container.read_header(spfq_path)  # a bad .spfq fails before any compiler runs
+    _refuse_groups(container.read_header(spfq_path), formats, gpu)  # a bad .spfq fails before any compiler runs
     job = ExportJob(source=None, target=host if gpu else tgt, host=host, gpu=gpu, activations=activations, log=log)
     # backends check their tools and build what they link (cached) before the slow tracing
     backends = []
