@@ -7,8 +7,9 @@ scales beat per-row scales on a layer's output error for every alphabet and meth
 dequantised weights are codes times the group's scale; the .spfq container (format version 3)
 round-trips grouped layers exactly and refuses inconsistent tables; files without groups keep
 their version; the command line takes 32 / 64 / 128 and refuses anything else with one line;
-grouped files are refused by the exports and the kernels (not implemented there yet) with one
-line and no output.
+the stock (DequantizeLinear blocks = groups, MatMulNBits in ORT) and QONNX exports validate
+exactly; the runtimes without groups (custom ops, TVM, CUDA) refuse such a file with one line
+and no output, and PackedWeights refuses a grouped layer.
 """
 
 from __future__ import annotations
@@ -409,13 +410,113 @@ def test_cli_group_size_with_per_layer_delta_is_one_line(model_file, tmp_path, c
     assert code == 2 and len(lines) == 1 and "per_layer_delta" in lines[0] and not out.exists(), err
 
 
-@pytest.mark.parametrize("fmt,runtime", [("onnx", "ONNX exports"), ("tvm", "TVM export")])
-def test_export_of_grouped_layers_is_refused(tmp_path, capsys, grouped_model, fmt, runtime):
+@pytest.mark.parametrize("argv,runtime,layer", [
+    (["--format", "onnx"], "ONNX custom-op flavour (ai.spfq.PackedConv)", "conv.tern"),
+    (["--format", "onnx", "--flavours", "custom"], "ONNX custom-op flavour (ai.spfq.PackedConv)", "conv.tern"),
+    (["--format", "tvm"], "TVM export (packed conv layers)", "conv.tern"),
+    (["--format", "all", "--flavours", "stock,qonnx"], "TVM export (packed conv layers)", "conv.tern"),
+    (["--format", "onnx", "--flavours", "stock", "--target", "cuda"], "CUDA kernels", "fc.bin"),
+])
+def test_export_to_a_runtime_without_groups_is_refused(tmp_path, capsys, grouped_model, argv, runtime, layer):
     src = tmp_path / "g.spfq"
     save(src, grouped_model)
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "export", src, "-o", out, "--format", fmt)
+    code, _, err = run_cli(capsys, "export", src, "-o", out, *argv)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith(f"spfq-deploy: error: {runtime}") and "fc.bin" in lines[0] and "group" in lines[0]
+    assert lines[0].startswith(f"spfq-deploy: error: {runtime}") and f"'{layer}'" in lines[0] and "group" in lines[0]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["g.spfq"]
+
+
+LINEAR_SRC = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(200, 96), nn.ReLU(), nn.Linear(96, 64), nn.Hardswish(), nn.Linear(64, 10)).eval()
+
+    def calibration():
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(128, 200, generator=g) * torch.linspace(0.1, 2.0, 200)
+''')
+
+
+@pytest.mark.parametrize("bits,extra", [("1", []), ("ternary", []), ("4", ["--sparsity", "0.3"])])
+def test_linear_model_exports_format_all_and_validates(tmp_path, capsys, bits, extra):
+    """Linear layers with --group-size 64 (K = 200: a short last group; K = 64; the fused ReLU and
+    HardSwish after the sum), `export --format all`: the custom ops (int8 and float activations:
+    PackedMatMul with group_size, spfq_grouped_*), stock, QONNX and the TVM library (packed
+    layers with group_size) all validate, every ONNX layer exact against model.spfq."""
+    model = tmp_path / "lin.py"
+    model.write_text(LINEAR_SRC)
+    spfq = tmp_path / "g.spfq"
+    assert run_cli(capsys, "compress", model, "--bits", bits, "--group-size", "64", *extra, "-o", spfq, "-q")[0] == 0
+    for act in ("int8", "float"):
+        out = tmp_path / f"out_{act}"
+        flavours = "custom,stock,qonnx" if act == "int8" else "custom"
+        fmt = "all" if act == "int8" else "onnx"
+        code, _, err = run_cli(capsys, "export", spfq, "-o", out, "--target", "x86_64", "--activations", act,
+                               "--flavours", flavours, "--format", fmt)
+        assert code == 0, err
+        report = tmp_path / f"v_{act}.json"
+        code, stdout, _ = run_cli(capsys, "validate", out, "--json", report)
+        assert code == 0, stdout
+        rows = [r for r in json.loads(report.read_text())["rows"] if r.get("file") and r["kind"] != "info"]
+        want = [f"model.{f}.onnx" for f in flavours.replace("custom", "spfq").split(",")]
+        assert sorted(r["file"] for r in rows) == sorted(want + (["model.x86_64.so"] if fmt == "all" else []))
+        for r in rows:
+            assert r["status"] == "ok", r
+            assert r["file"].endswith(".so") or r["weights"]["exact"] == 3, r
+            assert all(x["local_ok"] for x in r.get("layers", [])), r.get("layers")
+        import onnx
+        g = onnx.load(str(out / "model.spfq.onnx")).graph
+        sizes = [a.i for n in g.node for a in n.attribute if a.name == "group_size"]
+        assert sizes == [64, 64, 64]
+
+
+CNN_SRC = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(8 * 36, 40), nn.ReLU(), nn.Linear(40, 10)).eval()
+
+    def calibration():
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(96, 3, 6, 6, generator=g)
+''')
+
+
+@pytest.mark.parametrize("bits", ["1", "ternary", "4"])
+def test_stock_and_qonnx_exports_validate_exactly(tmp_path, capsys, bits):
+    """A CNN compressed with --group-size 64 (conv K = 27 and 72, linear K = 288 and 40: one
+    short group, a short last group, a single short group) exported to the stock and QONNX
+    flavours: `spfq-deploy validate` passes, every layer's weights exact against model.spfq; the
+    stock Linear layer fuses to MatMulNBits with block_size 64 (and K = 40 < 64) in onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+
+    model = tmp_path / "cnn.py"
+    model.write_text(CNN_SRC)
+    spfq, out = tmp_path / "g.spfq", tmp_path / "out"
+    assert run_cli(capsys, "compress", model, "--bits", bits, "--group-size", "64", "-o", spfq, "-q")[0] == 0
+    code, _, err = run_cli(capsys, "export", spfq, "-o", out, "--flavours", "stock,qonnx", "--target", "x86_64")
+    assert code == 0, err
+    report = tmp_path / "v.json"
+    code, stdout, _ = run_cli(capsys, "validate", out, "--json", report)
+    assert code == 0, stdout
+    rows = {r["file"]: r for r in json.loads(report.read_text())["rows"] if r.get("file") and r["kind"] != "info"}
+    for f in ("model.stock.onnx", "model.qonnx.onnx"):
+        assert rows[f]["status"] == "ok", rows[f]
+        assert rows[f]["weights"]["status"] == "ok" and rows[f]["weights"]["exact"] == 4
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    ort.InferenceSession(str(out / "model.stock.onnx"), so, providers=["CPUExecutionProvider"])
+    nbits = [{a.name: a.i for a in n.attribute} for n in onnx.load(so.optimized_model_filepath).graph.node
+             if n.op_type == "MatMulNBits"]
+    # (the first Linear, after Flatten on rank-2 rows, is taken by ORT's Gemm fusion first, as without groups)
+    assert [(a["K"], a["block_size"]) for a in nbits] == [(40, 64)], nbits

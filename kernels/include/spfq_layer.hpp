@@ -129,6 +129,7 @@ struct Layer {
     std::vector<spfq_prepared *> parts;
     spfq_dw *dw = nullptr;
     spfq_dc *dc = nullptr;
+    spfq_grouped *grouped = nullptr;  // a linear layer with group-wise scales (spfq_grouped_*)
 };
 
 // The output clamp fused into every kernel of the layer (ReLU / ReLU6 / Clip after it).
@@ -136,6 +137,7 @@ inline void set_clamp(Layer &l, float lo, float hi) {
     for (spfq_prepared *p : l.parts) check(spfq_set_clamp(p, lo, hi), "set_clamp");
     if (l.dw) check(spfq_dw_set_clamp(l.dw, lo, hi), "set_clamp");
     if (l.dc) check(spfq_dc_set_clamp(l.dc, lo, hi), "set_clamp");
+    if (l.grouped) check(spfq_grouped_set_clamp(l.grouped, lo, hi), "set_clamp");
 }
 
 // The activation fused after the clamp (HardSwish / SiLU / PReLU after the layer): slope holds one
@@ -147,6 +149,7 @@ inline void set_activation(Layer &l, int32_t kind, const float *slope, int64_t n
               "set_activation");
     if (l.dw) check(spfq_dw_set_activation(l.dw, kind, slope), "set_activation");
     if (l.dc) check(spfq_dc_set_activation(l.dc, kind, slope), "set_activation");
+    if (l.grouped) check(spfq_grouped_set_activation(l.grouped, kind, slope), "set_activation");
 }
 
 inline void free_layer(Layer &l) {
@@ -155,6 +158,32 @@ inline void free_layer(Layer &l) {
     l.dw = nullptr;
     spfq_dc_free(l.dc);
     l.dc = nullptr;
+    spfq_grouped_free(l.grouped);
+    l.grouped = nullptr;
+}
+
+// A linear layer with group-wise scales: scale and lam hold (n, ceil(k / group)) floats.
+inline Layer prepare_grouped_layer(int layout, int bits, int64_t n, int64_t k, int64_t kept_words, int64_t group,
+                                   const uint64_t *sign, const uint64_t *mask, const uint64_t *planes,
+                                   const float *scale, const float *lam, const float *bias) {
+    spfq_weights_desc d = make_desc(layout, bits, n, k, kept_words);
+    d.sign = needs_sign(layout) ? sign : nullptr;
+    d.mask = needs_mask(layout) ? mask : nullptr;
+    d.planes = needs_planes(layout) ? planes : nullptr;
+    d.scale = scale;
+    d.lam = lam;
+    d.bias = bias;
+    Layer l;
+    check(spfq_grouped_prepare(&d, static_cast<int32_t>(group), &l.grouped), "grouped_prepare");
+    return l;
+}
+
+// y (m, n) = rows (m, k) through a layer with group-wise scales.
+inline void gemm_grouped(spfq_grouped *p, bool int8, int64_t m, const float *rows, float *y, int threads) {
+    if (m == 0) return;
+    if (m > INT32_MAX) throw std::runtime_error("too many rows");
+    if (int8) check(spfq_grouped_matmul_q8(p, static_cast<int32_t>(m), rows, y, threads), "grouped_matmul_q8");
+    else check(spfq_grouped_matmul_f32(p, static_cast<int32_t>(m), rows, y, threads), "grouped_matmul_f32");
 }
 
 // The layer's kernels: G is null for a linear layer. Buffers the layout does not use are ignored.
