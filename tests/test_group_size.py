@@ -7,9 +7,10 @@ scales beat per-row scales on a layer's output error for every alphabet and meth
 dequantised weights are codes times the group's scale; the .spfq container (format version 3)
 round-trips grouped layers exactly and refuses inconsistent tables; files without groups keep
 their version; the command line takes 32 / 64 / 128 and refuses anything else with one line;
-the stock (DequantizeLinear blocks = groups, MatMulNBits in ORT) and QONNX exports validate
-exactly; the runtimes without groups (custom ops, TVM, CUDA) refuse such a file with one line
-and no output, and PackedWeights refuses a grouped layer.
+`export --format all` (custom ops, stock: DequantizeLinear blocks = groups, MatMulNBits in ORT;
+QONNX; TVM) of a linear model and of a CNN (few-channel, depthwise, pointwise, grouped, 3x3
+convs) validates exactly at 1-bit, ternary and 4-bit; the CUDA kernels (per-row scales only)
+refuse such a file with one line and no output, and PackedWeights refuses a grouped layer.
 """
 
 from __future__ import annotations
@@ -410,21 +411,16 @@ def test_cli_group_size_with_per_layer_delta_is_one_line(model_file, tmp_path, c
     assert code == 2 and len(lines) == 1 and "per_layer_delta" in lines[0] and not out.exists(), err
 
 
-@pytest.mark.parametrize("argv,runtime,layer", [
-    (["--format", "onnx"], "ONNX custom-op flavour (ai.spfq.PackedConv)", "conv.tern"),
-    (["--format", "onnx", "--flavours", "custom"], "ONNX custom-op flavour (ai.spfq.PackedConv)", "conv.tern"),
-    (["--format", "tvm"], "TVM export (packed conv layers)", "conv.tern"),
-    (["--format", "all", "--flavours", "stock,qonnx"], "TVM export (packed conv layers)", "conv.tern"),
-    (["--format", "onnx", "--flavours", "stock", "--target", "cuda"], "CUDA kernels", "fc.bin"),
-])
-def test_export_to_a_runtime_without_groups_is_refused(tmp_path, capsys, grouped_model, argv, runtime, layer):
+def test_export_to_cuda_is_refused(tmp_path, capsys, grouped_model):
+    """The CUDA kernels take one scale per row: a grouped file for --target cuda is one line, exit
+    2, no output folder (the CPU exports take group-wise scales)."""
     src = tmp_path / "g.spfq"
     save(src, grouped_model)
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "export", src, "-o", out, *argv)
+    code, _, err = run_cli(capsys, "export", src, "-o", out, "--flavours", "stock", "--target", "cuda")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith(f"spfq-deploy: error: {runtime}") and f"'{layer}'" in lines[0] and "group" in lines[0]
+    assert lines[0].startswith("spfq-deploy: error: CUDA kernels") and "'fc.bin'" in lines[0] and "group" in lines[0]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["g.spfq"]
 
 
@@ -481,8 +477,10 @@ CNN_SRC = textwrap.dedent('''
 
     def build():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                             nn.Flatten(), nn.Linear(8 * 36, 40), nn.ReLU(), nn.Linear(40, 10)).eval()
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                             nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=2),
+                             nn.Hardswish(), nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(24 * 36, 40), nn.ReLU(), nn.Linear(40, 10)).eval()
 
     def calibration():
         g = torch.Generator().manual_seed(1)
@@ -491,11 +489,15 @@ CNN_SRC = textwrap.dedent('''
 
 
 @pytest.mark.parametrize("bits", ["1", "ternary", "4"])
-def test_stock_and_qonnx_exports_validate_exactly(tmp_path, capsys, bits):
-    """A CNN compressed with --group-size 64 (conv K = 27 and 72, linear K = 288 and 40: one
-    short group, a short last group, a single short group) exported to the stock and QONNX
-    flavours: `spfq-deploy validate` passes, every layer's weights exact against model.spfq; the
-    stock Linear layer fuses to MatMulNBits with block_size 64 (and K = 40 < 64) in onnxruntime."""
+def test_cnn_exports_format_all_and_validates(tmp_path, capsys, bits):
+    """A CNN compressed with --group-size 64: a few-channel first conv (K = 27, one short group),
+    a depthwise conv (K = 9), a pointwise one (K = 8), a grouped one (2 conv groups, K = 72: a
+    short last group), a 3x3 one (K = 144), Linear K = 864 and 40, fused ReLU / HardSwish.
+    `export --format all` (custom ops int8: grouped convs through im2col GEMMs with float edges;
+    stock; QONNX; TVM) then `spfq-deploy validate`: every artifact passes (the custom ops and TVM
+    against the integer reference, layer by layer where validate checks layers), every ONNX
+    layer's weights exact against model.spfq;
+    the stock Linear layer fuses to MatMulNBits with block_size 64 in onnxruntime."""
     import onnx
     import onnxruntime as ort
 
@@ -503,15 +505,21 @@ def test_stock_and_qonnx_exports_validate_exactly(tmp_path, capsys, bits):
     model.write_text(CNN_SRC)
     spfq, out = tmp_path / "g.spfq", tmp_path / "out"
     assert run_cli(capsys, "compress", model, "--bits", bits, "--group-size", "64", "-o", spfq, "-q")[0] == 0
-    code, _, err = run_cli(capsys, "export", spfq, "-o", out, "--flavours", "stock,qonnx", "--target", "x86_64")
+    code, _, err = run_cli(capsys, "export", spfq, "-o", out, "--format", "all", "--target", "x86_64")
     assert code == 0, err
     report = tmp_path / "v.json"
     code, stdout, _ = run_cli(capsys, "validate", out, "--json", report)
     assert code == 0, stdout
     rows = {r["file"]: r for r in json.loads(report.read_text())["rows"] if r.get("file") and r["kind"] != "info"}
-    for f in ("model.stock.onnx", "model.qonnx.onnx"):
-        assert rows[f]["status"] == "ok", rows[f]
-        assert rows[f]["weights"]["status"] == "ok" and rows[f]["weights"]["exact"] == 4
+    assert sorted(rows) == ["model.qonnx.onnx", "model.spfq.onnx", "model.stock.onnx", "model.x86_64.so"]
+    for f, r in rows.items():
+        assert r["status"] == "ok", r
+        if f.endswith(".onnx"):
+            assert r["weights"]["status"] == "ok" and r["weights"]["exact"] == 7
+        assert all(x["local_ok"] for x in r.get("layers", [])), r.get("layers")
+    sizes = [a.i for n in onnx.load(str(out / "model.spfq.onnx")).graph.node for a in n.attribute
+             if a.name == "group_size"]
+    assert sizes == [64] * 7
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
@@ -520,3 +528,22 @@ def test_stock_and_qonnx_exports_validate_exactly(tmp_path, capsys, bits):
              if n.op_type == "MatMulNBits"]
     # (the first Linear, after Flatten on rank-2 rows, is taken by ORT's Gemm fusion first, as without groups)
     assert [(a["K"], a["block_size"]) for a in nbits] == [(40, 64)], nbits
+
+
+def test_cnn_float_activations_custom_and_tvm_validate(tmp_path, capsys):
+    """--activations float: the custom ops and TVM run the weight-only grouped kernels; both
+    validate against the dequantised model."""
+    model = tmp_path / "cnn.py"
+    model.write_text(CNN_SRC)
+    spfq, out = tmp_path / "g.spfq", tmp_path / "out"
+    assert run_cli(capsys, "compress", model, "--bits", "4", "--group-size", "32", "--method", "gptq",
+                   "--act-order", "-o", spfq, "-q")[0] == 0
+    code, _, err = run_cli(capsys, "export", spfq, "-o", out, "--format", "all", "--flavours", "custom",
+                           "--activations", "float", "--target", "x86_64")
+    assert code == 0, err
+    report = tmp_path / "v.json"
+    code, stdout, _ = run_cli(capsys, "validate", out, "--json", report)
+    assert code == 0, stdout
+    rows = {r["file"]: r for r in json.loads(report.read_text())["rows"] if r.get("file")}
+    assert sorted(rows) == ["model.spfq.onnx", "model.x86_64.so"]
+    assert all(r["status"] == "ok" and r["kind"] == "float" for r in rows.values()), rows

@@ -20,9 +20,9 @@
 // (floats, default -inf / inf): a ReLU / ReLU6 / Clip fused into the kernels' epilogue, and
 // fused_activation ("hardswish", "silu" or "prelu" with prelu_slope: out_features floats), applied
 // after the clamp to each block of outputs while it is in cache (kernels/src/act.c).
-// PackedMatMul takes group_size (default 0): > 0, scale and lam are (N, ceil(K / group_size)),
-// one per (output row, group of group_size columns of K), run by spfq_grouped_* (the float order
-// of spfq_kernels.h); PackedConv refuses it.
+// Both take group_size (default 0): > 0, scale and lam are (N, ceil(K / group_size)), one per
+// (output row, group of group_size columns of K), run by spfq_grouped_* (the float order of
+// spfq_kernels.h; convs through im2col rows, float edges only).
 // Channels-last PackedConv may exchange int8 tensors with its neighbours (export/onnx/q8.py):
 // X absent and Xq (int8, NHWC) + Xs (float, one scale per pixel) given (1x1 int8 layers);
 // q8_output = 1: outputs Yq + Ys instead of Y, quantised per pixel as the next (1x1 int8) layer
@@ -88,7 +88,6 @@ class PackedKernel {
         kept_words_ = attr_or(ki, "kept_words", 0);
         group_size_ = attr_or(ki, "group_size", 0);
         if (group_size_ < 0) throw Error("group_size must be >= 0");
-        if (group_size_ && conv_) throw Error("group_size (group-wise scales) is implemented for PackedMatMul only");
         std::string act = ki.GetAttribute<std::string>("activation");
         if (act != "float" && act != "int8") throw Error("activation must be 'float' or 'int8', got '" + act + "'");
         int8_ = act == "int8";
@@ -195,7 +194,8 @@ class PackedKernel {
         const float *lam = input<float>(ctx, kLam, sshape, "lam");
         const float *bias = input<float>(ctx, kBias, {n_}, "bias");
         const void *key[] = {sign, mask, planes, scale, lam, bias};
-        if ((layer_.dw || layer_.dc || layer_.grouped || !layer_.parts.empty()) && std::equal(key, key + 6, key_)) return;
+        if ((layer_.dw || layer_.dc || !layer_.gparts.empty() || !layer_.parts.empty()) && std::equal(key, key + 6, key_))
+            return;
         if (!scale) throw Error("scale is required");
         using namespace spfq_layer;
         if ((needs_sign(layout_) && !present_[kSign]) || (needs_mask(layout_) && !present_[kMask]) ||
@@ -205,8 +205,8 @@ class PackedKernel {
         spfq_layer::ConvGeometry G{};
         if (conv_) G = geometry();
         if (group_size_)
-            layer_ = spfq_layer::prepare_grouped_layer(layout_, bits_, n_, k_, kept_words_, group_size_, sign, mask,
-                                                       planes, scale, lam, bias);
+            layer_ = spfq_layer::prepare_grouped_layer(layout_, bits_, n_, k_, kept_words_, group_size_,
+                                                       conv_ ? groups_ : 1, sign, mask, planes, scale, lam, bias);
         else
             layer_ = spfq_layer::prepare_layer(layout_, bits_, n_, k_, kept_words_, groups_, conv_ ? &G : nullptr,
                                                int8_, sign, mask, planes, scale, lam, bias);
@@ -226,10 +226,7 @@ class PackedKernel {
         shape.back() = n_;
         float *y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
         if (q8_out_) throw Error("PackedMatMul takes float activations in and out");
-        if (layer_.grouped)
-            spfq_layer::gemm_grouped(layer_.grouped, int8_, m, xv.GetTensorData<float>(), y, threads_);
-        else
-            spfq_layer::gemm(layer_.parts[0], int8_, m, k_, xv.GetTensorData<float>(), y, threads_);
+        spfq_layer::gemm_part(layer_, 0, int8_, m, k_, xv.GetTensorData<float>(), y, threads_);
     }
 
     // The conv attributes as a 2-D geometry (1-D: height 1).

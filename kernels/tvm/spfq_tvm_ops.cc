@@ -49,7 +49,7 @@ enum Attr {
     kVersion = 0, kLayout, kBits, kK, kN, kKeptWords, kInt8, kHasLam, kHasBias,
     kConvDims, kGroups, kKH, kKW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kClipLo, kClipHi, kGroupSize, kAttrs
 };
-const int64_t kAttrVersion = 3;  // 3: group_size (group-wise scales of a linear layer: scale / lam (N, ceil(K/G)))
+const int64_t kAttrVersion = 3;  // 3: group_size (group-wise scales: scale / lam (N, ceil(K/G)))
 enum Arg { aX = 0, aAttrs, aSign, aMask, aPlanes, aScale, aLam, aBias, aY, kArgs };
 
 struct Error : std::runtime_error {
@@ -135,7 +135,7 @@ const Prepared &prepare(const int64_t *at, const DLTensor *sign_t, const DLTenso
     // pw == 0 (an all-zero sparse layer): a 1-element placeholder stands for the empty buffer
     if (need_planes && numel(planes_t) != (pw ? bits * n * pw : 1)) throw Error("planes has the wrong size");
     const int64_t group = at[kGroupSize];
-    if (group < 0 || (group && at[kConvDims])) throw Error("group_size is for linear layers only");
+    if (group < 0) throw Error("group_size must be >= 0");
     const int64_t per = group ? n * ((k + group - 1) / group) : n;  // scale / lam values
     if (numel(scale_t) != per || (lam && numel(lam_t) != per) || (bias && numel(bias_t) != n))
         throw Error("scale / lam / bias have the wrong number of elements");
@@ -143,7 +143,7 @@ const Prepared &prepare(const int64_t *at, const DLTensor *sign_t, const DLTenso
     Prepared prep;
     const spfq_layer::ConvGeometry G = geometry(at);
     if (group)
-        prep.layer = spfq_layer::prepare_grouped_layer(layout, bits, n, k, kw, group, need_sign ? sign : nullptr,
+        prep.layer = spfq_layer::prepare_grouped_layer(layout, bits, n, k, kw, group, g, need_sign ? sign : nullptr,
                                                        need_mask ? mask : nullptr, need_planes ? planes : nullptr,
                                                        scale, lam, bias);
     else
@@ -171,9 +171,9 @@ void run_linear(const int64_t *at, const Prepared &prep, const DLTensor *x, DLTe
     const int64_t m = numel(x) / k;
     if (numel(y) != m * n) throw Error("output has the wrong size");
     float *out = static_cast<float *>(y->data) + y->byte_offset / 4;
-    if (prep.layer.grouped) {
+    if (!prep.layer.gparts.empty()) {
         if (m > 0) g_calls.fetch_add(1, std::memory_order_relaxed);
-        spfq_layer::gemm_grouped(prep.layer.grouped, at[kInt8] != 0, m, data<float>(x), out, threads);
+        spfq_layer::gemm_part(prep.layer, 0, at[kInt8] != 0, m, k, data<float>(x), out, threads);
         return;
     }
     gemm(prep.layer.parts[0], at[kInt8] != 0, m, k, data<float>(x), out, threads);

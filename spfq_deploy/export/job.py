@@ -92,30 +92,17 @@ def resolve_target(name: str | None, target_file: str | os.PathLike | None) -> T
     return get_target(name) if name is not None else host_target()
 
 
-def _refuse_groups(header: dict, formats: tuple[str, ...], flavours, gpu) -> None:
-    """SpfqError for a file with group-wise scales (--group-size) bound for a runtime that does not
-    compute them yet, where the per-row view would give wrong outputs: conv layers in the ai.spfq
-    PackedConv op and in TVM's packed layers (their linear layers take them), the CUDA kernels.
-    The stock and QONNX flavours take them."""
-    from .onnx import FLAVOURS
-
+def _refuse_groups(header: dict, gpu) -> None:
+    """SpfqError for a file with group-wise scales (--group-size) bound for the CUDA kernels, which
+    do not compute them yet (the per-row view would give wrong outputs). The CPU exports (custom
+    ops, stock, QONNX, TVM) take them."""
     grouped = [(n, e["group_size"], e["kind"]) for n, e in header["layers"].items() if e.get("group_size")]
     if not grouped:
         return
-    convs = [g for g in grouped if g[2] != "linear"]
-    hint = ""
-    if "onnx" in formats and "custom" in (flavours or FLAVOURS) and convs:
-        (name, size, _), runtime = convs[0], "ONNX custom-op flavour (ai.spfq.PackedConv)"
-        hint = "; export --flavours stock,qonnx"
-    elif "tvm" in formats and convs:
-        (name, size, _), runtime = convs[0], "TVM export (packed conv layers)"
-        hint = "; export --format onnx --flavours stock,qonnx"
-    elif gpu is not None:
-        (name, size, _), runtime = grouped[0], "CUDA kernels (--target cuda)"
-    else:
-        return
-    raise SpfqError(f"{runtime}: layer '{name}' has group-wise scales (--group-size {size}), which it does not "
-                    f"implement yet (one scale per output row){hint}")
+    if gpu is not None:
+        name, size, _ = grouped[0]
+        raise SpfqError(f"CUDA kernels (--target cuda): layer '{name}' has group-wise scales (--group-size {size}), "
+                        "which they do not implement yet (one scale per output row); export without --target cuda")
 
 
 def export(spfq_path: str | os.PathLike, out_dir: str | os.PathLike, formats: tuple[str, ...] = ("onnx",),
@@ -144,7 +131,7 @@ def export(spfq_path: str | os.PathLike, out_dir: str | os.PathLike, formats: tu
     host = host_target()
     gpu = tgt if tgt.cuda else None
     folder.check_output(out, force)
-    _refuse_groups(container.read_header(spfq_path), formats, flavours, gpu)  # a bad .spfq fails before any compiler runs
+    _refuse_groups(container.read_header(spfq_path), gpu)  # a bad .spfq fails before any compiler runs
     job = ExportJob(source=None, target=host if gpu else tgt, host=host, gpu=gpu, activations=activations, log=log)
     # backends check their tools and build what they link (cached) before the slow tracing
     backends = []

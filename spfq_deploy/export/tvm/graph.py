@@ -114,8 +114,8 @@ class PackedLayer:
 
 def pack_for_kernel(layer: CompressedLayer, activation: str) -> PackedLayer:
     """The kernel-ABI buffers and attributes of one layer (layout choice as the ONNX custom ops);
-    a linear layer with group-wise scales: group_size and scale / lam (N, ceil(K / G))."""
-    layout, bits, bufs = kernel_pack(layer, preferred_layout(layer), groups_ok=layer.kind == "linear")
+    a layer with group-wise scales: group_size and scale / lam (N, ceil(K / G))."""
+    layout, bits, bufs = kernel_pack(layer, preferred_layout(layer), groups_ok=True)
     empty_u64, empty_f32 = np.zeros(1, np.uint64), np.zeros(1, np.float32)
     planes_key = "kept" if layout == "sparse" else "planes"
     use_lam = layer.lam is not None and layout in ("planes", "sparse")
