@@ -547,3 +547,19 @@ def test_cnn_float_activations_custom_and_tvm_validate(tmp_path, capsys):
     rows = {r["file"]: r for r in json.loads(report.read_text())["rows"] if r.get("file")}
     assert sorted(rows) == ["model.spfq.onnx", "model.x86_64.so"]
     assert all(r["status"] == "ok" and r["kind"] == "float" for r in rows.values()), rows
+
+
+def test_cnn_arm64_tvm_library_validates_under_qemu(tmp_path, capsys):
+    """The TVM library cross-compiled for arm64 (NEON kernels, group-wise scales in every conv
+    and Linear) validates under qemu-aarch64 against the integer reference."""
+    model = tmp_path / "cnn.py"
+    model.write_text(CNN_SRC)
+    spfq, out = tmp_path / "g.spfq", tmp_path / "out"
+    assert run_cli(capsys, "compress", model, "--bits", "4", "--group-size", "64", "-o", spfq, "-q")[0] == 0
+    code, _, err = run_cli(capsys, "export", spfq, "-o", out, "--format", "tvm", "--target", "arm64")
+    assert code == 0, err
+    report = tmp_path / "v.json"
+    code, stdout, _ = run_cli(capsys, "validate", out, "--target", "arm64", "--json", report)
+    assert code == 0, stdout
+    rows = [r for r in json.loads(report.read_text())["rows"] if r.get("file")]
+    assert [(r["file"], r["target"], r["status"]) for r in rows] == [("model.arm64.so", "arm64", "ok")], rows
