@@ -411,17 +411,39 @@ def test_cli_group_size_with_per_layer_delta_is_one_line(model_file, tmp_path, c
     assert code == 2 and len(lines) == 1 and "per_layer_delta" in lines[0] and not out.exists(), err
 
 
-def test_export_to_cuda_is_refused(tmp_path, capsys, grouped_model):
-    """The CUDA kernels take one scale per row: a grouped file for --target cuda is one line, exit
-    2, no output folder (the CPU exports take group-wise scales)."""
-    src = tmp_path / "g.spfq"
-    save(src, grouped_model)
-    out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "export", src, "-o", out, "--flavours", "stock", "--target", "cuda")
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith("spfq-deploy: error: CUDA kernels") and "'fc.bin'" in lines[0] and "group" in lines[0]
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["g.spfq"]
+@pytest.fixture(scope="module")
+def cuda_emulation():
+    """The CUDA kernel library's host-emulation build (no GPU here): the kernels' code run on the
+    CPU with host memory as the device's."""
+    from spfq_deploy.cuda_runtime import CudaLibrary
+    from spfq_deploy.export.cuda import library as cuda_library
+    from spfq_deploy.targets import get_target
+
+    return CudaLibrary(cuda_library.build(get_target("cuda"), emulate=True))
+
+
+@pytest.mark.parametrize("alphabet,bits,sparsity,lam", [("binary", 1, 0.0, False), ("binary", 1, 0.4, False),
+                                                        ("ternary", 2, 0.0, False), ("int", 4, 0.0, False),
+                                                        ("int", 3, 0.95, True), ("int", 8, 0.5, True)])
+def test_cuda_grouped_layers_equal_the_cpu_grouped_kernels(cuda_emulation, alphabet, bits, sparsity, lam):
+    """cuda_runtime.CudaGroupedWeights (one per-row GPU kernel call per scale group on the rows
+    quantised once over K, float sums in group order, then bias) bit for bit the CPU
+    spfq_grouped_matmul_q8, on the CUDA library's host-emulation build (sparse groups included);
+    a grouped conv through CudaLayer agrees with the int8 reference."""
+    from spfq_deploy.cuda_runtime import CudaGroupedWeights, CudaLayer
+
+    rng = np.random.default_rng(bits)
+    layer = grouped_layer("fc", alphabet, bits, (19, 200), 64, rng, sparsity=sparsity, lam=lam)
+    x = (rng.standard_normal((5, 200)) * np.linspace(0.1, 3, 200)).astype(np.float32)
+    want = kernels.GroupedWeights.from_layer(layer).matmul_q8(x)
+    np.testing.assert_array_equal(CudaGroupedWeights(cuda_emulation, layer).forward_f32(x), want)
+    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 2, "kernel_size": [3, 3]}
+    cl = grouped_layer("conv", alphabet, bits, (6, 8, 3, 3), 32, rng, sparsity=sparsity, lam=lam, kind="conv2d",
+                       conv=conv)
+    xi = torch.randn(2, 16, 5, 5, generator=torch.Generator().manual_seed(bits))
+    with torch.no_grad():
+        got, ref = CudaLayer(cuda_emulation, cl)(xi), Int8ActivationLayer(cl)(xi)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 LINEAR_SRC = textwrap.dedent('''
@@ -563,3 +585,22 @@ def test_cnn_arm64_tvm_library_validates_under_qemu(tmp_path, capsys):
     assert code == 0, stdout
     rows = [r for r in json.loads(report.read_text())["rows"] if r.get("file")]
     assert [(r["file"], r["target"], r["status"]) for r in rows] == [("model.arm64.so", "arm64", "ok")], rows
+
+
+def test_cuda_export_records_the_group_size(tmp_path, capsys):
+    """export --target cuda of a grouped CNN: the CUDA library and manifest.cuda.json (each layer's
+    group_size, which cuda_runtime runs per scale group); validate passes its CPU rows and skips
+    the cuda line only for the missing GPU."""
+    model = tmp_path / "cnn.py"
+    model.write_text(CNN_SRC)
+    spfq, out = tmp_path / "g.spfq", tmp_path / "out"
+    assert run_cli(capsys, "compress", model, "--bits", "ternary", "--group-size", "32", "-o", spfq, "-q")[0] == 0
+    code, _, err = run_cli(capsys, "export", spfq, "-o", out, "--target", "cuda", "--flavours", "stock")
+    assert code == 0, err
+    layers = json.loads((out / "manifest.cuda.json").read_text())["layers"]
+    assert len(layers) == 7 and all(e["group_size"] == 32 for e in layers.values()), layers
+    report = tmp_path / "v.json"
+    code, stdout, _ = run_cli(capsys, "validate", out, "--json", report)
+    assert code == 0, stdout
+    rows = json.loads(report.read_text())["rows"]
+    assert all(r["status"] in ("ok", "info") for r in rows if r["target"] != "cuda"), rows

@@ -92,19 +92,6 @@ def resolve_target(name: str | None, target_file: str | os.PathLike | None) -> T
     return get_target(name) if name is not None else host_target()
 
 
-def _refuse_groups(header: dict, gpu) -> None:
-    """SpfqError for a file with group-wise scales (--group-size) bound for the CUDA kernels, which
-    do not compute them yet (the per-row view would give wrong outputs). The CPU exports (custom
-    ops, stock, QONNX, TVM) take them."""
-    grouped = [(n, e["group_size"], e["kind"]) for n, e in header["layers"].items() if e.get("group_size")]
-    if not grouped:
-        return
-    if gpu is not None:
-        name, size, _ = grouped[0]
-        raise SpfqError(f"CUDA kernels (--target cuda): layer '{name}' has group-wise scales (--group-size {size}), "
-                        "which they do not implement yet (one scale per output row); export without --target cuda")
-
-
 def export(spfq_path: str | os.PathLike, out_dir: str | os.PathLike, formats: tuple[str, ...] = ("onnx",),
            target: str | None = None, target_file: str | os.PathLike | None = None, activations: str = "int8",
            flavours: tuple[str, ...] | None = None, force: bool = False, model_spec: str | None = None,
@@ -131,7 +118,7 @@ def export(spfq_path: str | os.PathLike, out_dir: str | os.PathLike, formats: tu
     host = host_target()
     gpu = tgt if tgt.cuda else None
     folder.check_output(out, force)
-    _refuse_groups(container.read_header(spfq_path), gpu)  # a bad .spfq fails before any compiler runs
+    container.read_header(spfq_path)  # a bad .spfq fails before any compiler runs
     job = ExportJob(source=None, target=host if gpu else tgt, host=host, gpu=gpu, activations=activations, log=log)
     # backends check their tools and build what they link (cached) before the slow tracing
     backends = []
