@@ -150,3 +150,24 @@ def test_bad_arguments_are_refused():
     with pytest.raises(kernels.KernelError, match="scale"):
         kernels.GroupedWeights("planes", 8, 64, 32, kernels.kernel_pack(bad, "planes", groups_ok=True)[2], bad.scale,
                                bits=4)
+
+
+def test_kernel_layer_runs_grouped_convs():
+    """kernel_layers.KernelLayer takes a conv with group-wise scales (2 conv groups, K = 72 > G):
+    i8 equals the int8 reference, f32 the dequantised conv, up to float rounding."""
+    import torch
+
+    from spfq_deploy.kernel_layers import KernelLayer
+    from spfq_deploy.reference import Int8ActivationLayer
+
+    rng = np.random.default_rng(9)
+    layer = make_layer("int", 4, 6, 72, 32, rng)
+    layer.kind, layer.weight_shape = "conv2d", (6, 8, 3, 3)
+    layer.conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 2, "kernel_size": [3, 3]}
+    x = torch.randn(2, 16, 5, 5, generator=torch.Generator().manual_seed(0))
+    kl = KernelLayer(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(kl(x, "i8"), Int8ActivationLayer(layer)(x), rtol=1e-5, atol=1e-5)
+        ref = torch.nn.functional.conv2d(x, torch.from_numpy(layer.dequantize()), torch.from_numpy(layer.bias),
+                                         padding=1, groups=2)
+    torch.testing.assert_close(kl(x, "f32"), ref, rtol=1e-4, atol=1e-4)
