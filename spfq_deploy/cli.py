@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--order", type=int, default=1, help="order-r data alignment (default 1)")
     c.add_argument("--c-grid", type=_grid, help="comma-separated scale parameters C to search")
     c.add_argument("--per-layer-delta", action="store_true", help="one delta per layer instead of per channel")
+    c.add_argument("--group-size", metavar="{32,64,128}",
+                   help="one float16 scale per (output row, group of this many consecutive input columns) instead "
+                        "of one per row (default: per row); the file is then format version 3")
     c.add_argument("--range-quantile", type=float, help="R_i = this quantile of |w_i| instead of max")
     c.add_argument("--bias-correction", action="store_true", help="b' = b + mean(XW^T - XtQ^T)")
     c.add_argument("--rescale", choices=["var", "ls"],
@@ -233,6 +236,18 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _group_size(text: str | None) -> int:
+    """--group-size: 32, 64 or 128 input columns per scale (absent: 0, one scale per row)."""
+    from .compress.config import GROUP_SIZES
+
+    if text is None:
+        return 0
+    if text.strip() not in tuple(str(g) for g in GROUP_SIZES):
+        raise SpfqError(f"--group-size {text}: must be one of {', '.join(map(str, GROUP_SIZES))} "
+                        "(input columns per float16 scale)")
+    return int(text)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     """A warning of compress as `spfq-deploy: warning: ...` (one line, no source echo)."""
     text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
@@ -251,9 +266,10 @@ def cmd_compress(args) -> int:
     from .pack import LAYOUTS, container
     from .tables import compression_summary
 
+    group_size = _group_size(args.group_size)
     cfg = CompressConfig(bits=args.bits, method=args.method, sparsity=args.sparsity, order=args.order,
                          scale=args.scale, damp=args.damp, act_order=args.act_order, ridge=args.ridge,
-                         c_grid=args.c_grid, per_layer_delta=args.per_layer_delta,
+                         c_grid=args.c_grid, per_layer_delta=args.per_layer_delta, group_size=group_size,
                          range_quantile=args.range_quantile, bias_correction=args.bias_correction, rescale=args.rescale,
                          fold_batchnorm=not args.no_fold_bn, include=tuple(args.include or ["*"]),
                          exclude=tuple(args.exclude), seed=args.seed, batch_size=args.batch_size)

@@ -7,6 +7,9 @@ A compressed weight row i holds signed level indices k in [-K, K] and is worth
     otherwise     -> sign(k) * (lam[i] + (|k| - 1) * scale[i])  (pruned: {0} U +-{lam, lam+delta, ...})
 Scales are float16 values (stored as float32 arrays holding float16-representable numbers) so that
 every runtime that reads the packed file computes with exactly the numbers the compressor used.
+Group-wise scales (group_size G > 0): scale (and lam) hold one value per (row i, group g of G
+consecutive columns), shape (N, ceil(d / G)), the last group shorter when G does not divide d;
+column j of row i is worth the formula above with scale[i, j // G] (and lam[i, j // G]).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class CompressedLayer:
     bias: np.ndarray | None = None  # float32 (N,)
     conv: dict | None = None  # stride, padding, dilation, groups (lists/ints) for conv kinds
     meta: dict = field(default_factory=dict)  # method, C, lambda factor, seed, order, errors...
+    group_size: int = 0  # > 0: scale, lam are (N, ngroups), one per group of this many columns
 
     @property
     def K(self) -> int:
@@ -58,19 +62,32 @@ class CompressedLayer:
         return int(np.prod(self.weight_shape[1:]))
 
     @property
+    def ngroups(self) -> int:
+        """Scales per row: 1, or ceil(cols / group_size) with group-wise scales."""
+        return -(-self.cols // self.group_size) if self.group_size else 1
+
+    def column_scales(self, a: np.ndarray) -> np.ndarray:
+        """Per-row (N,) or per-group (N, ngroups) values as (N, 1) or (N, cols): what broadcasts
+        against the codes (N, cols)."""
+        a = np.asarray(a, dtype=np.float32)
+        if not self.group_size:
+            return a[:, None]
+        return np.repeat(a, self.group_size, axis=1)[:, :self.cols]
+
+    @property
     def sparsity(self) -> float:
         return float(np.mean(self.codes == 0)) if self.codes.size else 0.0
 
     def dequantize(self) -> np.ndarray:
         """Float32 weight in the original PyTorch shape; the reference for all parity checks."""
         k = self.codes.astype(np.float32)
-        s = self.scale.astype(np.float32)[:, None]
+        s = self.column_scales(self.scale)
         if self.K == 1:
             w = np.sign(k) * s
         elif self.lam is None:
             w = k * s
         else:
-            lam = self.lam.astype(np.float32)[:, None]
+            lam = self.column_scales(self.lam)
             w = np.sign(k) * (lam + (np.abs(k) - 1.0) * s)
         return w.reshape(self.weight_shape).astype(np.float32)
 
@@ -88,8 +105,13 @@ class CompressedLayer:
             raise ValueError(f"{self.name}: unpruned binary layer with zero codes")
         if self.lam is not None and K == 1:
             raise ValueError(f"{self.name}: lam is only for multi-level alphabets (K > 1); K = 1 uses scale")
-        if self.scale.shape != (self.rows,):
-            raise ValueError(f"{self.name}: scale must have shape ({self.rows},)")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ValueError(f"{self.name}: group_size must be an integer >= 0, got {self.group_size!r}")
+        want = (self.rows, self.ngroups) if self.group_size else (self.rows,)
+        if self.scale.shape != want:
+            raise ValueError(f"{self.name}: scale must have shape {want}")
+        if self.lam is not None and self.lam.shape != want:
+            raise ValueError(f"{self.name}: lam must have shape {want}")
 
 
 @dataclass

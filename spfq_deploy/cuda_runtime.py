@@ -196,6 +196,49 @@ class CudaPackedWeights:
         return lib.get(dy, (m, self.n), np.float32)
 
 
+def group_slice(layer: CompressedLayer, j: int) -> CompressedLayer:
+    """Scale group j of a layer with group-wise scales (its columns, that group's scale / lam as
+    the per-row ones, no bias) as a per-row-scale layer of its own."""
+    G = layer.group_size
+    c0, c1 = j * G, min((j + 1) * G, layer.cols)
+    col = (lambda a: None if a is None else np.ascontiguousarray(a[:, j]))
+    return CompressedLayer(f"{layer.name}[{c0}:{c1}]", "linear", (layer.rows, c1 - c0), layer.alphabet, layer.bits,
+                           np.ascontiguousarray(layer.codes[:, c0:c1]), col(layer.scale), lam=col(layer.lam),
+                           meta=layer.meta)
+
+
+class CudaGroupedWeights:
+    """A layer with group-wise scales (--group-size) on the GPU, in the float order of
+    spfq_kernels.h (spfq_grouped_*): the rows quantised once over all K on the device, then per
+    scale group the per-row-scale kernel on that group's columns (no bias), the float outputs
+    summed in ascending group order, then the bias: bit for bit the CPU grouped kernels."""
+
+    def __init__(self, lib: CudaLibrary, layer: CompressedLayer):
+        self.lib, self.n, self.k, self.group = lib, layer.rows, layer.cols, layer.group_size
+        self.parts = [CudaPackedWeights(lib, group_slice(layer, j)) for j in range(layer.ngroups)]
+        self.bias = None if layer.bias is None else np.asarray(layer.bias, np.float32)
+        self.device_bytes = sum(p.device_bytes for p in self.parts)
+
+    def forward_f32(self, x: np.ndarray) -> np.ndarray:
+        if not isinstance(x, np.ndarray) or x.ndim != 2 or x.shape[1] != self.k:
+            raise CudaError(f"x must be (M, {self.k}), got {getattr(x, 'shape', type(x).__name__)}")
+        x = np.ascontiguousarray(x, np.float32)
+        m, lib = x.shape[0], self.lib
+        if m == 0:
+            return np.zeros((0, self.n), np.float32)
+        dx, dxq, dxs = lib.put(x), lib.empty((m, self.k), np.int8), lib.empty((m,), np.float32)
+        lib.ok(lib.so.spfq_cuda_quantize_i8(m, self.k, dx.ptr, dxq.ptr, dxs.ptr, None), "quantize_i8")
+        xq = lib.get(dxq, (m, self.k), np.int8)
+        s = None
+        for j, part in enumerate(self.parts):
+            dq, dy = lib.put(np.ascontiguousarray(xq[:, j * self.group:j * self.group + part.k])), \
+                lib.empty((m, self.n), np.float32)
+            part.matmul_i8_device(m, dq.ptr, dxs.ptr, dy.ptr)
+            t = lib.get(dy, (m, self.n), np.float32)
+            s = t if s is None else s + t
+        return s + (self.bias if self.bias is not None else np.float32(0.0))
+
+
 class CudaLayer(nn.Module):
     """A compressed Linear / Conv layer whose GEMMs run on the GPU (convs: host im2col per group,
     as the CPU path). Keeps its last input and output when `record` is set (validate's per-layer
@@ -206,7 +249,8 @@ class CudaLayer(nn.Module):
         self.layer = layer
         self.groups = int(layer.conv["groups"]) if layer.conv else 1
         n = layer.rows // self.groups
-        self.parts = [CudaPackedWeights(lib, rows_slice(layer, g * n, (g + 1) * n)) for g in range(self.groups)]
+        kind = CudaGroupedWeights if layer.group_size else CudaPackedWeights
+        self.parts = [kind(lib, rows_slice(layer, g * n, (g + 1) * n)) for g in range(self.groups)]
         self.record, self.last = False, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from .compress.capture import patch_rows, rows_to_output
 from .compressed import CompressedLayer, rows_slice
-from .kernels import KernelError, PackedWeights, quantize_i8
+from .kernels import GroupedWeights, KernelError, PackedWeights, quantize_i8
 
 
 class KernelLayer:
@@ -23,8 +23,8 @@ class KernelLayer:
         self.layer = layer
         self.groups = int(layer.conv["groups"]) if layer.conv else 1
         n = layer.rows // self.groups
-        self.parts = [PackedWeights.from_layer(rows_slice(layer, g * n, (g + 1) * n), layout)
-                      for g in range(self.groups)]
+        kind = GroupedWeights if layer.group_size else PackedWeights  # group-wise scales: spfq_grouped_*
+        self.parts = [kind.from_layer(rows_slice(layer, g * n, (g + 1) * n), layout) for g in range(self.groups)]
 
     def __call__(self, x, mode: str = "f32", threads: int = 1) -> torch.Tensor:
         if mode not in ("f32", "i8"):

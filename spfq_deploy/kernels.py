@@ -84,6 +84,13 @@ def lib() -> C.CDLL:
             "spfq_dc_set_activation": ([p, i32, vp], C.c_int),
             "spfq_dconv": ([p, i32, i32, i32, i32, vp, vp, i32], C.c_int),
             "spfq_conv_nhwc": ([p, C.POINTER(ConvGeom), i32, i32, i32, i32, vp, vp, i32], C.c_int),
+            "spfq_grouped_prepare": ([C.POINTER(WeightsDesc), i32, C.POINTER(p)], C.c_int),
+            "spfq_grouped_free": ([p], None),
+            "spfq_grouped_set_clamp": ([p, C.c_float, C.c_float], C.c_int),
+            "spfq_grouped_set_activation": ([p, i32, vp], C.c_int),
+            "spfq_grouped_matmul_f32": ([p, i32, vp, vp, i32], C.c_int),
+            "spfq_grouped_matmul_i8": ([p, i32, vp, vp, vp, i32], C.c_int),
+            "spfq_grouped_matmul_q8": ([p, i32, vp, vp, i32], C.c_int),
         }
         for name, (args, res) in sig.items():
             fn = getattr(so, name)
@@ -139,13 +146,17 @@ def preferred_layout(layer: CompressedLayer) -> str:
     return "sparse" if layer.lam is not None and layer.sparsity >= SPARSE_MIN else "planes"
 
 
-def kernel_pack(layer: CompressedLayer, layout: str) -> tuple[str, int, dict]:
+def kernel_pack(layer: CompressedLayer, layout: str, groups_ok: bool = False) -> tuple[str, int, dict]:
     """(layout, field bits, packed buffers) of a layer as the kernel ABI takes them; a *_rows
-    layout (a file's, rows back to back) gives its padded twin, the words the kernels walk."""
+    layout (a file's, rows back to back) gives its padded twin, the words the kernels walk.
+    A layer with group-wise scales is refused unless groups_ok (GroupedWeights takes them)."""
     if layout in L.LAYOUTS and L.LAYOUTS[layout].padded:
         layout = L.LAYOUTS[layout].padded
     if layout not in LAYOUT_IDS:
         raise KernelError(f"kernels take layouts {', '.join(LAYOUT_IDS)}, not {layout!r}")
+    if layer.group_size and not groups_ok:  # spfq_prepared has one scale (and lam) per output row
+        raise KernelError(f"{layer.name}: group-wise scales (group size {layer.group_size}) are not implemented "
+                          "in these kernels (one scale per output row): use kernels.GroupedWeights")
     bits = L.field_bits(layer) if layout in ("planes", "sparse") else (1 if layout == "sign" else 2)
     return layout, bits, L.pack_layer(layer, layout)
 
@@ -159,9 +170,9 @@ def check_sparse_buffers(mask: np.ndarray, kept: np.ndarray, k: int) -> None:
         raise KernelError(f"sparse weights: {e}") from None
 
 
-def _weights_desc(layout: str, n: int, k: int, buffers: dict, scale, lam, bias, bits: int):
+def _weights_desc(layout: str, n: int, k: int, buffers: dict, scale, lam, bias, bits: int, ngroups: int = 0):
     """The WeightsDesc of packed buffers, and the arrays it points into (keep them alive until
-    the library has copied them)."""
+    the library has copied them). ngroups > 0: scale and lam are (n, ngroups) group-wise scales."""
     if layout not in LAYOUT_IDS:
         raise KernelError(f"kernels take layouts {', '.join(LAYOUT_IDS)}, not {layout!r}")
     W = (k + 63) // 64
@@ -172,7 +183,7 @@ def _weights_desc(layout: str, n: int, k: int, buffers: dict, scale, lam, bias, 
             return None
         v = np.ascontiguousarray(v, dtype=np.float32)
         keep.append(v)
-        return _arr(v, np.float32, (n,), name, 4)
+        return _arr(v, np.float32, (n, ngroups) if ngroups and name != "bias" else (n,), name, 4)
 
     d = WeightsDesc(layout=LAYOUT_IDS[layout], n=n, k=k, bits=bits, kept_words=0)
     if layout in ("sign", "sign_mask"):
@@ -192,6 +203,64 @@ def _weights_desc(layout: str, n: int, k: int, buffers: dict, scale, lam, bias, 
     if d.scale is None:
         raise KernelError("scale is required")
     return d, keep
+
+
+class GroupedWeights:
+    """A layer with group-wise scales (--group-size) handed to the kernels (spfq_grouped_*: each
+    group's columns run the per-row-scale kernels, float outputs summed in group order; the exact
+    order is in spfq_kernels.h)."""
+
+    def __init__(self, layout: str, n: int, k: int, group: int, buffers: dict, scale, lam=None, bias=None,
+                 bits: int = 1):
+        self.layout, self.n, self.k, self.group, self.bits = layout, n, k, group, bits
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise KernelError(f"group must be a positive integer, got {group!r}")
+        d, keep = _weights_desc(layout, n, k, buffers, scale, lam, bias, bits, ngroups=-(-k // group))
+        handle = C.c_void_p()
+        _ok(lib().spfq_grouped_prepare(C.byref(d), group, C.byref(handle)), "grouped_prepare")
+        del keep
+        self._h = handle
+
+    @classmethod
+    def from_layer(cls, layer: CompressedLayer, layout: str | None = None) -> "GroupedWeights":
+        if not layer.group_size:
+            raise KernelError(f"{layer.name}: no group-wise scales (use PackedWeights)")
+        layout, bits, bufs = kernel_pack(layer, layout or L.default_layout(layer), groups_ok=True)
+        return cls(layout, layer.rows, layer.cols, layer.group_size, bufs, layer.scale, layer.lam, layer.bias, bits)
+
+    def __del__(self):
+        h = getattr(self, "_h", None)
+        if h is not None and h.value and _lib is not None:
+            _lib.spfq_grouped_free(h)
+            self._h = None
+
+    def _x(self, x, dtype, name):
+        return PackedWeights._x(self, x, dtype, name)
+
+    def set_clamp(self, lo: float = -np.inf, hi: float = np.inf) -> None:
+        _ok(lib().spfq_grouped_set_clamp(self._h, lo, hi), "grouped_set_clamp")
+
+    def set_activation(self, kind: str | None, slope=None) -> None:
+        _set_activation("spfq_grouped_set_activation", self._h, self.n, kind, slope)
+
+    def matmul_f32(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        px = self._x(x, np.float32, "x")
+        y = np.empty((x.shape[0], self.n), np.float32)
+        _ok(lib().spfq_grouped_matmul_f32(self._h, x.shape[0], px, y.ctypes.data, threads), "grouped_matmul_f32")
+        return y
+
+    def matmul_i8(self, xq: np.ndarray, xscale: np.ndarray, threads: int = 1) -> np.ndarray:
+        px = self._x(xq, np.int8, "xq")
+        ps = _arr(xscale, np.float32, (xq.shape[0],), "xscale", 4)
+        y = np.empty((xq.shape[0], self.n), np.float32)
+        _ok(lib().spfq_grouped_matmul_i8(self._h, xq.shape[0], px, ps, y.ctypes.data, threads), "grouped_matmul_i8")
+        return y
+
+    def matmul_q8(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        px = self._x(x, np.float32, "x")
+        y = np.empty((x.shape[0], self.n), np.float32)
+        _ok(lib().spfq_grouped_matmul_q8(self._h, x.shape[0], px, y.ctypes.data, threads), "grouped_matmul_q8")
+        return y
 
 
 def _act_in(a: "Act", x, check) -> tuple[int, list]:

@@ -103,17 +103,22 @@ def quantize_rows_i8(rows: torch.Tensor, rule: int = 2) -> tuple[torch.Tensor, t
 class Int8ActivationLayer(nn.Module):
     """A compressed layer as the int8-activation kernels compute it, written independently of
     them: activations quantised per row, exact integer sums (float64 holds them exactly), then
-    y = xscale * (scale * acc_c + (lam - scale) * acc_s) + bias."""
+    y = xscale * (scale * acc_c + (lam - scale) * acc_s) + bias; with group-wise scales the
+    sums are per group of columns and y = xscale * sum_g (scale_g * acc_c,g + (lam_g - scale_g)
+    * acc_s,g) + bias, groups in ascending order."""
 
     def __init__(self, layer: CompressedLayer, rule: int = 2):
         super().__init__()
         self.kind, self.conv, self.rule = layer.kind, layer.conv, rule
+        self.bounds = [(c0, min(c0 + layer.group_size, layer.cols)) for c0 in range(0, layer.cols, layer.group_size)] \
+            if layer.group_size else [(0, layer.cols)]
         self.groups = int(layer.conv["groups"]) if layer.conv else 1
         codes = torch.from_numpy(layer.codes.astype(np.float64))
         self.register_buffer("codes", codes)
         self.register_buffer("signs", torch.sign(codes))
-        scale = torch.from_numpy(layer.scale.astype(np.float64))
-        lam = scale if layer.lam is None or layer.K == 1 else torch.from_numpy(layer.lam.astype(np.float64))
+        scale = torch.from_numpy(layer.scale.astype(np.float64).reshape(layer.rows, -1))  # (N, groups)
+        lam = scale if layer.lam is None or layer.K == 1 else \
+            torch.from_numpy(layer.lam.astype(np.float64).reshape(layer.rows, -1))
         self.register_buffer("scale", scale)
         self.register_buffer("extra", lam - scale)
         bias = np.zeros(layer.rows) if layer.bias is None else layer.bias
@@ -126,7 +131,12 @@ class Int8ActivationLayer(nn.Module):
         for g in range(self.groups):
             q, xs = quantize_rows_i8(rows[g], self.rule)
             c, sg = self.codes[g * n:(g + 1) * n], self.signs[g * n:(g + 1) * n]
-            acc = q @ c.T * self.scale[g * n:(g + 1) * n] + (q @ sg.T) * self.extra[g * n:(g + 1) * n]
+            sc, ex = self.scale[g * n:(g + 1) * n], self.extra[g * n:(g + 1) * n]
+            acc = None
+            for j, (c0, c1) in enumerate(self.bounds):
+                qj = q[:, c0:c1]
+                term = qj @ c[:, c0:c1].T * sc[:, j] + (qj @ sg[:, c0:c1].T) * ex[:, j]
+                acc = term if acc is None else acc + term
             outs.append(xs.double()[:, None] * acc + self.bias[g * n:(g + 1) * n])
         return rows_to_output(torch.cat(outs, dim=1).float(), x, self.kind, self.conv)
 

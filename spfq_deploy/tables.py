@@ -38,7 +38,8 @@ def compression_summary(report) -> str:
 
 
 def inspect_table(header: dict) -> str:
-    """Per-layer and total bits/weight (actual: codes, masks, scales, padding), bytes, ratio vs fp32."""
+    """Per-layer and total bits/weight (actual: codes, masks, scales, padding), bytes, ratio vs fp32;
+    `scales`: one float16 scale per row, or per group of G input columns (gG)."""
     rows, tot_bits, tot_w = [], 0, 0
     for name, e in header["layers"].items():
         sr = e["storage_report"]
@@ -47,10 +48,11 @@ def inspect_table(header: dict) -> str:
         sparsity = e.get("meta", {}).get("sparsity")
         rows.append([name, e["kind"], "x".join(map(str, e["weight_shape"])),
                      "ternary" if e["alphabet"] == "ternary" else f"{e['bits']}", e["layout"],
+                     f"g{e['group_size']}" if e.get("group_size") else "row",
                      None if sparsity is None else round(100 * sparsity, 1),
                      round(sr["bits_per_weight"], 4), (sr["total_bits"] + 7) // 8, round(32 / sr["bits_per_weight"], 2)])
-    body = render(["layer", "kind", "shape", "bits", "layout", "sparsity %", "bits/weight", "bytes", "x fp32"],
-                  rows, "llllrrrrr")
+    body = render(["layer", "kind", "shape", "bits", "layout", "scales", "sparsity %", "bits/weight", "bytes",
+                   "x fp32"], rows, "lllllrrrrr")
     packed = (tot_bits + 7) // 8
     fp32 = 4 * tot_w
     others = sum(4 * _numel(t["shape"]) for k, t in header.get("tensors", {}).items()

@@ -37,6 +37,8 @@ CASES = {
     "zoo-replay": ["tests/zoo_model.py", "--bits", "3", "--engine", "replay"],
     "zoo-gptq-act-order-sparse": ["tests/zoo_model.py", "--bits", "4", "--method", "gptq", "--act-order",
                                   "--sparsity", "0.3"],
+    # group-wise scales (per-column scales in the C loop, rows split over the ranks)
+    "zoo-groups-gpfq-sparse": ["tests/zoo_model.py", "--bits", "4", "--group-size", "32", "--sparsity", "0.3"],
 }
 
 

@@ -28,14 +28,17 @@ def outputs(model, res, X):
         return model(X).double(), res.reference(X).double()
 
 
+@pytest.mark.parametrize("group_size", [0, 32])
 @pytest.mark.parametrize("bits", [1, "ternary", 3])
-def test_var_matches_each_channels_mean_and_variance(bits):
+def test_var_matches_each_channels_mean_and_variance(bits, group_size):
     model, X = setup()
-    res = compress_model(model, X, bits=bits, method="gpfq", rescale="var", progress=False, batch_size=128)
+    res = compress_model(model, X, bits=bits, method="gpfq", rescale="var", progress=False, batch_size=128,
+                         group_size=group_size)
     y, yq = outputs(model, res, X)
     torch.testing.assert_close(yq.std(0), y.std(0), rtol=2e-3, atol=0)  # float16 scales
     torch.testing.assert_close(yq.mean(0), y.mean(0), rtol=0, atol=2e-3 * float(y.std(0).max()))
-    plain = compress_model(model, X, bits=bits, method="gpfq", progress=False, batch_size=128)
+    plain = compress_model(model, X, bits=bits, method="gpfq", progress=False, batch_size=128,
+                           group_size=group_size)
     _, yp = outputs(model, plain, X)
     assert float((yp.std(0) / y.std(0) - 1).abs().max()) > 0.01  # there was something to correct
 

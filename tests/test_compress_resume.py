@@ -28,10 +28,10 @@ def _save(path, res) -> bytes:
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("which", ["sequential", "replay"])
-def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, which):
+@pytest.mark.parametrize("which,group", [("sequential", 0), ("replay", 0), ("sequential", 32)])
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, which, group):
     model, calib = residual_stack(4), _calib()
-    opts = dict(bits=3, method="spfq", seed=4, engine=which, progress=False)
+    opts = dict(bits=3, method="spfq", seed=4, engine=which, progress=False, group_size=group)
     clean = _save(tmp_path / "clean.spfq", compress_model(model, calib, **opts))
     side = tmp_path / "side"
     real, calls = engine._compress_one, []

@@ -114,7 +114,7 @@ def test_header_table(saved, model, monkeypatch):
     monkeypatch.setattr(container.L, "unpack_layer", boom)
     monkeypatch.setattr(container.st_numpy, "load", boom)
     h = read_header(saved)
-    assert h["format_version"] == FORMAT_VERSION == 2
+    assert h["format_version"] == 2 and FORMAT_VERSION == 3  # no groups: still version 2
     assert {n: e["layout"] for n, e in h["layers"].items()} == EXPECTED_LAYOUT
     e = h["layers"]["fc.sparse"]
     assert e["weight_shape"] == [7, 130] and e["alphabet"] == "int" and e["bits"] == 5
@@ -223,8 +223,8 @@ def rewrite(path, edit_meta=None, drop=None, reseal=True):
 
 
 def test_newer_version(saved):
-    rewrite(saved, lambda m: m.update(format_version="3"))
-    msg = expect_error(saved, "newer", "format version 3", "up to 2")
+    rewrite(saved, lambda m: m.update(format_version=str(FORMAT_VERSION + 1)))
+    msg = expect_error(saved, "newer", f"format version {FORMAT_VERSION + 1}", f"up to {FORMAT_VERSION}")
     with pytest.raises(FormatError, match="newer"):
         read_header(saved)
     assert "checksum" not in msg

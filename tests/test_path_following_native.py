@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from spfq_deploy.compress import compress_model, native
-from spfq_deploy.compress.alphabet import make_alphabet, quantize
+from spfq_deploy.compress.alphabet import Alphabet, make_alphabet, quantize
 from spfq_deploy.compress.config import CompressConfig
 from spfq_deploy.compress.path_following import align, gram_path_following, quantizing_step
 from spfq_deploy.errors import SpfqError
@@ -36,10 +36,19 @@ def _layer(g, n, d, m=300, seed=0):
     return W, Xt.mT @ X, Xt.mT @ Xt, torch.rand(W.shape, generator=gen, dtype=torch.float64)
 
 
-def reference(W, G, H, alph, U, block, shape, A=None):
+def reference(W, G, H, alph, U, block, shape, A=None, per_column=False):
     """The Python loop the kernel replaces: (codes, Q, q'Hq by matmul); it makes its own A
-    (the caller's prepared one is ignored)."""
+    (the caller's prepared one is ignored). per_column: alph's lam / delta are one per column
+    (group-wise scales), column t rounds on its own."""
     codes = torch.zeros(shape, dtype=torch.int8)
+    if per_column:
+        def step(z, t):
+            a_t = Alphabet(alph.alphabet, alph.bits, alph.delta[..., t], alph.lam[..., t], alph.pruned)
+            c = quantize(z, a_t, U is not None, None if U is None else U[..., t])
+            codes[..., t] = c
+            return a_t.values(c)
+        Q = gram_path_following(W, G, H, step, block, shape)
+        return codes, Q, ((Q @ H) * Q).sum(-1)
     quant = (lambda z, t: quantize(z, alph, True, U[..., t])) if U is not None else (lambda z, t: quantize(z, alph, False))
     Q = gram_path_following(W, G, H, quantizing_step(quant, alph.values, codes), block, shape)
     return codes, Q, ((Q @ H) * Q).sum(-1)
@@ -97,16 +106,17 @@ def test_block_above_the_kernel_limit_is_refused():
 
 
 def test_model_codes_equal_through_the_reference_loop(monkeypatch):
-    """The MNIST CNN, 4-bit and 1-bit: the kernel (with its summed q'Hq choosing C) against the
+    """The MNIST CNN, 4-bit and 1-bit, and 4-bit with groups of 32 columns: the kernel (with its summed q'Hq choosing C) against the
     Python loop with the matmul error: the same codes (>= 99.9% allowed, all equal here)."""
     import examples.mnist_cnn as mnist
 
     model, calib = mnist.build(), mnist.calibration(128)
-    for bits in (4, 1):
-        fast = compress_model(model, calib, bits=bits, method="gpfq", progress=False).model.layers
+    for bits, group in ((4, 0), (1, 0), (4, 32)):
+        fast = compress_model(model, calib, bits=bits, method="gpfq", group_size=group, progress=False).model.layers
         with monkeypatch.context() as m:
             m.setattr(native, "path_following", reference)
-            slow = compress_model(model, calib, bits=bits, method="gpfq", progress=False).model.layers
+            slow = compress_model(model, calib, bits=bits, method="gpfq", group_size=group,
+                                  progress=False).model.layers
         equal = sum(int((fast[k].codes == slow[k].codes).sum()) for k in fast)
         total = sum(fast[k].codes.size for k in fast)
         assert equal / total >= 0.999, f"{bits}-bit: {equal / total:.5f} of the codes equal"

@@ -193,6 +193,34 @@ int spfq_maxpool_nhwc(const spfq_conv_geom *g, int32_t b, int32_t h, int32_t w, 
 int spfq_dwconv_nhwc_act(const spfq_dw *p, int32_t int8_pixel, int32_t b, int32_t h, int32_t w, const spfq_act *a,
                          int32_t nthreads);
 
+/* Group-wise scales (.spfq format version 3, `compress --group-size G`; grouped.c): the desc's
+ * scale and lam hold (N, ngroups) floats, row-major, ngroups = ceil(K / G); group g covers the
+ * columns [g G, min((g + 1) G, K)) (the last group may be shorter), and the weight value of
+ * column k in row n is value(c) above with scale[n, k / G] and lam[n, k / G]. ONE exact float
+ * evaluation order, the same on every ISA (the int8 and the float path alike):
+ *     t_g[m,n] = the per-row result above on group g's columns alone, with its scale[n,g] and
+ *                lam[n,g] as the per-row scale and lam, no bias and no clamp:
+ *                int8: t_g = xscale[m] * (scale[n,g] * (float)acc_c,g + (lam[n,g] - scale[n,g])
+ *                      * (float)acc_s,g) + 0.0f (the two-sum / one-sum forms of the layout, exact
+ *                      int32 sums acc_*,g over the group's columns), xscale[m] the row's one scale
+ *                      over all K columns (spfq_quantize_i8 of the whole row);
+ *                float: t_g = the f32 C oracle's result on the group's columns of x (spfq_matmul_f32
+ *                      under ISA "c"; every ISA computes exactly it here, through the output-lane
+ *                      tables, unlike per-row spfq_matmul_f32 calls of < 16 rows).
+ *     s = t_0; s = s + t_g for g = 1 .. ngroups - 1 (float32, ascending groups)
+ *     y[m,n] = s + (bias ? bias[n] : 0.0f), then the clamp, then the activation (as spfq_prepared).
+ * SPARSE weights run as PLANES groups (the same values). x, xq: (M, K) rows as for the per-row
+ * calls. spfq_grouped_matmul_q8 = spfq_quantize_i8 of the rows, then spfq_grouped_matmul_i8. */
+typedef struct spfq_grouped spfq_grouped;
+int spfq_grouped_prepare(const spfq_weights_desc *w, int32_t group, spfq_grouped **out);
+void spfq_grouped_free(spfq_grouped *p);
+int spfq_grouped_set_clamp(spfq_grouped *p, float lo, float hi);
+int spfq_grouped_set_activation(spfq_grouped *p, int32_t kind, const float *slope);
+int spfq_grouped_matmul_f32(const spfq_grouped *p, int32_t m, const float *x, float *y, int32_t nthreads);
+int spfq_grouped_matmul_i8(const spfq_grouped *p, int32_t m, const int8_t *xq, const float *xscale, float *y,
+                           int32_t nthreads);
+int spfq_grouped_matmul_q8(const spfq_grouped *p, int32_t m, const float *x, float *y, int32_t nthreads);
+
 /* Compression time (spfq_deploy/compress/path_following.py): the column loop of Gram-form
  * path following over columns [b0, b1) for every row r = (candidate, group, neuron) of
  * Q (cands, groups, rows, d): z = (A[g,i,t] - corr[r,t-b0]) * inv[g,t], q = T(z),
@@ -212,6 +240,8 @@ typedef struct {
     int8_t *codes;               /* (cands, groups, rows, d) out; NULL for IDENTITY */
     double *Q;                   /* (cands, groups, rows, d) out: the values q */
     double *qhq;                 /* (cands, groups, rows) or NULL: q'Hq added (caller zeroes it) */
+    int32_t per_column;          /* 1: lam, delta are (cands, groups, rows, d), column t rounds with
+                                    lam[r,t], delta[r,t] (group-wise scales spread over the columns) */
 } spfq_pf_desc;
 #define SPFQ_PF_MAX_BLOCK 4096   /* b1 - b0 at most */
 int spfq_path_following_block(const spfq_pf_desc *p, int32_t b0, int32_t b1, double *corr, int32_t nthreads);

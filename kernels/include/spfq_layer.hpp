@@ -129,6 +129,7 @@ struct Layer {
     std::vector<spfq_prepared *> parts;
     spfq_dw *dw = nullptr;
     spfq_dc *dc = nullptr;
+    std::vector<spfq_grouped *> gparts;  // group-wise scales (spfq_grouped_*): one per conv group, instead of parts
 };
 
 // The output clamp fused into every kernel of the layer (ReLU / ReLU6 / Clip after it).
@@ -136,6 +137,7 @@ inline void set_clamp(Layer &l, float lo, float hi) {
     for (spfq_prepared *p : l.parts) check(spfq_set_clamp(p, lo, hi), "set_clamp");
     if (l.dw) check(spfq_dw_set_clamp(l.dw, lo, hi), "set_clamp");
     if (l.dc) check(spfq_dc_set_clamp(l.dc, lo, hi), "set_clamp");
+    for (spfq_grouped *p : l.gparts) check(spfq_grouped_set_clamp(p, lo, hi), "set_clamp");
 }
 
 // The activation fused after the clamp (HardSwish / SiLU / PReLU after the layer): slope holds one
@@ -147,6 +149,10 @@ inline void set_activation(Layer &l, int32_t kind, const float *slope, int64_t n
               "set_activation");
     if (l.dw) check(spfq_dw_set_activation(l.dw, kind, slope), "set_activation");
     if (l.dc) check(spfq_dc_set_activation(l.dc, kind, slope), "set_activation");
+    const size_t gp = l.gparts.size();
+    for (size_t g = 0; g < gp; g++)
+        check(spfq_grouped_set_activation(l.gparts[g], kind, slope ? slope + static_cast<int64_t>(g) * (n / static_cast<int64_t>(gp)) : nullptr),
+              "set_activation");
 }
 
 inline void free_layer(Layer &l) {
@@ -155,6 +161,52 @@ inline void free_layer(Layer &l) {
     l.dw = nullptr;
     spfq_dc_free(l.dc);
     l.dc = nullptr;
+    for (spfq_grouped *p : l.gparts) spfq_grouped_free(p);
+    l.gparts.clear();
+}
+
+// A layer with group-wise scales (scale and lam hold (n, ceil(k / group)) floats): one
+// spfq_grouped per conv group (groups = 1 for a linear layer), rows sliced as prepare_groups
+// does; convs then always run the im2col GEMM path (no direct kernels: they take per-row scales).
+inline Layer prepare_grouped_layer(int layout, int bits, int64_t n, int64_t k, int64_t kept_words, int64_t group,
+                                   int64_t groups, const uint64_t *sign, const uint64_t *mask, const uint64_t *planes,
+                                   const float *scale, const float *lam, const float *bias) {
+    const int64_t W = (k + 63) / 64, ng = n / groups, ns = (k + group - 1) / group;
+    const int64_t pw = layout == SPFQ_SPARSE ? kept_words : W;
+    Layer l;
+    std::vector<uint64_t> slab;
+    try {
+        for (int64_t j = 0; j < groups; j++) {
+            const int64_t r0 = j * ng;
+            spfq_weights_desc d = make_desc(layout, bits, ng, k, kept_words);
+            d.sign = needs_sign(layout) && sign ? sign + r0 * W : nullptr;
+            d.mask = needs_mask(layout) && mask ? mask + r0 * W : nullptr;
+            if (needs_planes(layout) && planes) {
+                slab.resize(static_cast<size_t>(bits * ng * pw));
+                for (int64_t b = 0; b < bits; b++)
+                    std::memcpy(&slab[b * ng * pw], planes + (b * n + r0) * pw, sizeof(uint64_t) * ng * pw);
+                d.planes = slab.data();
+            }
+            d.scale = scale + r0 * ns;
+            d.lam = lam ? lam + r0 * ns : nullptr;
+            d.bias = bias ? bias + r0 : nullptr;
+            spfq_grouped *p = nullptr;
+            check(spfq_grouped_prepare(&d, static_cast<int32_t>(group), &p), "grouped_prepare");
+            l.gparts.push_back(p);
+        }
+    } catch (...) {
+        free_layer(l);
+        throw;
+    }
+    return l;
+}
+
+// y (m, n) = rows (m, k) through a layer with group-wise scales.
+inline void gemm_grouped(spfq_grouped *p, bool int8, int64_t m, const float *rows, float *y, int threads) {
+    if (m == 0) return;
+    if (m > INT32_MAX) throw std::runtime_error("too many rows");
+    if (int8) check(spfq_grouped_matmul_q8(p, static_cast<int32_t>(m), rows, y, threads), "grouped_matmul_q8");
+    else check(spfq_grouped_matmul_f32(p, static_cast<int32_t>(m), rows, y, threads), "grouped_matmul_f32");
 }
 
 // The layer's kernels: G is null for a linear layer. Buffers the layout does not use are ignored.
@@ -198,6 +250,13 @@ inline void gemm(spfq_prepared *p, bool int8, int64_t m, int64_t k, const float 
         return;
     }
     check(spfq_matmul_q8(p, static_cast<int32_t>(m), rows, y, threads), "matmul_q8");
+}
+
+// Part g (a conv group) of a layer, per-row or group-wise scales.
+inline void gemm_part(const Layer &layer, size_t g, bool int8, int64_t m, int64_t k, const float *rows, float *y,
+                      int threads) {
+    if (!layer.gparts.empty()) gemm_grouped(layer.gparts[g], int8, m, rows, y, threads);
+    else gemm(layer.parts[g], int8, m, k, rows, y, threads);
 }
 
 // y (B, n, OH, OW) = conv(x (B, C, H, Wd)) with k = C / groups * KH * KW inputs per output.
@@ -246,7 +305,7 @@ inline void conv(const Layer &layer, bool int8, int64_t k, int64_t n, int64_t gr
                         }
                     }
                 }
-        gemm(parts[static_cast<size_t>(g)], int8, m, k, cols.data(), yg.data(), threads);
+        gemm_part(layer, static_cast<size_t>(g), int8, m, k, cols.data(), yg.data(), threads);
         for (int64_t b = 0; b < B; b++)  // (pixel, channel) -> (channel, pixel): read rows in order
             for (int64_t p = 0; p < P; p++) {
                 const float *src = &yg[static_cast<size_t>((b * P + p) * ng)];
@@ -276,10 +335,10 @@ inline void conv_nhwc(const Layer &layer, bool int8, int64_t k, int64_t n, int64
     const bool pointwise = G.KH == 1 && G.KW == 1 && G.SH == 1 && G.SW == 1 && G.PT == 0 && G.PL == 0 &&
                            G.PB == 0 && G.PR == 0;
     if (pointwise && groups == 1) {  // the input pixels are the GEMM rows
-        gemm(layer.parts[0], int8, m, k, x, y, threads);
+        gemm_part(layer, 0, int8, m, k, x, y, threads);
         return;
     }
-    if (groups == 1) {  // im2col rows made per block inside the kernel library
+    if (groups == 1 && layer.gparts.empty()) {  // im2col rows made per block inside the kernel library
         if (B > INT32_MAX || H > INT32_MAX || Wd > INT32_MAX) throw std::runtime_error("conv input too large");
         auto i32 = [](int64_t v) { return static_cast<int32_t>(v); };
         const spfq_conv_geom g{i32(C), i32(n), i32(G.KH), i32(G.KW), i32(G.SH), i32(G.SW),
@@ -309,10 +368,10 @@ inline void conv_nhwc(const Layer &layer, bool int8, int64_t k, int64_t n, int64
                         }
                     }
         if (groups == 1) {
-            gemm(layer.parts[0], int8, m, k, cols.data(), y, threads);
+            gemm_part(layer, 0, int8, m, k, cols.data(), y, threads);
             return;
         }
-        gemm(layer.parts[static_cast<size_t>(g)], int8, m, k, cols.data(), yg.data(), threads);
+        gemm_part(layer, static_cast<size_t>(g), int8, m, k, cols.data(), yg.data(), threads);
         for (int64_t r = 0; r < m; r++) std::memcpy(y + r * n + g * ng, &yg[static_cast<size_t>(r * ng)], sizeof(float) * ng);
     }
 }
@@ -335,7 +394,7 @@ inline void conv_nhwc_act(const Layer &layer, bool int8, int64_t k, int64_t n, i
         return;
     }
     const int64_t m = B * G.out_h(H) * G.out_w(Wd);
-    if (int8 && !layer.dw && !layer.dc && groups == 1 && is_pointwise(G)) {
+    if (int8 && !layer.dw && !layer.dc && layer.gparts.empty() && groups == 1 && is_pointwise(G)) {
         if (m > INT32_MAX) throw std::runtime_error("too many rows");
         check(spfq_matmul_act(layer.parts[0], static_cast<int32_t>(m), &a, threads), "matmul_act");
         return;

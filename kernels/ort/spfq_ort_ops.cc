@@ -20,6 +20,9 @@
 // (floats, default -inf / inf): a ReLU / ReLU6 / Clip fused into the kernels' epilogue, and
 // fused_activation ("hardswish", "silu" or "prelu" with prelu_slope: out_features floats), applied
 // after the clamp to each block of outputs while it is in cache (kernels/src/act.c).
+// Both take group_size (default 0): > 0, scale and lam are (N, ceil(K / group_size)), one per
+// (output row, group of group_size columns of K), run by spfq_grouped_* (the float order of
+// spfq_kernels.h; convs through im2col rows, float edges only).
 // Channels-last PackedConv may exchange int8 tensors with its neighbours (export/onnx/q8.py):
 // X absent and Xq (int8, NHWC) + Xs (float, one scale per pixel) given (1x1 int8 layers);
 // q8_output = 1: outputs Yq + Ys instead of Y, quantised per pixel as the next (1x1 int8) layer
@@ -83,6 +86,8 @@ class PackedKernel {
         k_ = ki.GetAttribute<int64_t>("in_features");
         n_ = ki.GetAttribute<int64_t>("out_features");
         kept_words_ = attr_or(ki, "kept_words", 0);
+        group_size_ = attr_or(ki, "group_size", 0);
+        if (group_size_ < 0) throw Error("group_size must be >= 0");
         std::string act = ki.GetAttribute<std::string>("activation");
         if (act != "float" && act != "int8") throw Error("activation must be 'float' or 'int8', got '" + act + "'");
         int8_ = act == "int8";
@@ -183,11 +188,14 @@ class PackedKernel {
         const uint64_t *mask = input<uint64_t>(ctx, kMask, {n_, W}, "mask");
         const int64_t pw = layout_ == SPFQ_SPARSE ? kept_words_ : W;
         const uint64_t *planes = input<uint64_t>(ctx, kPlanes, {bits_, n_, pw}, "planes");
-        const float *scale = input<float>(ctx, kScale, {n_}, "scale");
-        const float *lam = input<float>(ctx, kLam, {n_}, "lam");
+        const std::vector<int64_t> sshape = group_size_ ? std::vector<int64_t>{n_, (k_ + group_size_ - 1) / group_size_}
+                                                        : std::vector<int64_t>{n_};
+        const float *scale = input<float>(ctx, kScale, sshape, "scale");
+        const float *lam = input<float>(ctx, kLam, sshape, "lam");
         const float *bias = input<float>(ctx, kBias, {n_}, "bias");
         const void *key[] = {sign, mask, planes, scale, lam, bias};
-        if ((layer_.dw || layer_.dc || !layer_.parts.empty()) && std::equal(key, key + 6, key_)) return;
+        if ((layer_.dw || layer_.dc || !layer_.gparts.empty() || !layer_.parts.empty()) && std::equal(key, key + 6, key_))
+            return;
         if (!scale) throw Error("scale is required");
         using namespace spfq_layer;
         if ((needs_sign(layout_) && !present_[kSign]) || (needs_mask(layout_) && !present_[kMask]) ||
@@ -196,8 +204,12 @@ class PackedKernel {
         release();
         spfq_layer::ConvGeometry G{};
         if (conv_) G = geometry();
-        layer_ = spfq_layer::prepare_layer(layout_, bits_, n_, k_, kept_words_, groups_, conv_ ? &G : nullptr, int8_,
-                                           sign, mask, planes, scale, lam, bias);
+        if (group_size_)
+            layer_ = spfq_layer::prepare_grouped_layer(layout_, bits_, n_, k_, kept_words_, group_size_,
+                                                       conv_ ? groups_ : 1, sign, mask, planes, scale, lam, bias);
+        else
+            layer_ = spfq_layer::prepare_layer(layout_, bits_, n_, k_, kept_words_, groups_, conv_ ? &G : nullptr,
+                                               int8_, sign, mask, planes, scale, lam, bias);
         spfq_layer::set_clamp(layer_, clip_lo_, clip_hi_);
         spfq_layer::set_activation(layer_, act_, act_slope_.empty() ? nullptr : act_slope_.data(), n_);
         std::copy(key, key + 6, key_);
@@ -214,7 +226,7 @@ class PackedKernel {
         shape.back() = n_;
         float *y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
         if (q8_out_) throw Error("PackedMatMul takes float activations in and out");
-        spfq_layer::gemm(layer_.parts[0], int8_, m, k_, xv.GetTensorData<float>(), y, threads_);
+        spfq_layer::gemm_part(layer_, 0, int8_, m, k_, xv.GetTensorData<float>(), y, threads_);
     }
 
     // The conv attributes as a 2-D geometry (1-D: height 1).
@@ -273,7 +285,7 @@ class PackedKernel {
     float clip_lo_ = -INFINITY, clip_hi_ = INFINITY;
     int32_t act_ = SPFQ_ACT_NONE;     // fused_activation (after the clamp)
     std::vector<float> act_slope_;    // prelu_slope: one per output channel
-    int64_t k_ = 0, n_ = 0, kept_words_ = 0, groups_ = 1;
+    int64_t k_ = 0, n_ = 0, kept_words_ = 0, groups_ = 1, group_size_ = 0;
     std::vector<int64_t> kshape_, strides_, pads_, dil_;
     std::mutex mu_;
     const void *key_[6] = {};

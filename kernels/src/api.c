@@ -552,8 +552,9 @@ static int tall_run(const spfq_prepared *w, int32_t m, const float *x, const int
     tall_task t = {.w = w, .m = m, .x = x, .xq = xq, .xscale = xscale, .conv = conv, .f32 = f32, .y = y,
                    .yq = yq, .yscale = yscale};
     t.fused = f32 ? NULL : fused_kernel(w, m);
-    if (f32 && m >= SPFQ_F32_LANES_MIN_ROWS && (int64_t)w->d.k * w->d.n <= SPFQ_F32_LANES_MAX) t.lanes = f32_lanes(w);
-    t.fn = t.fused ? NULL : f32 ? FIND(f32[L]) : FIND(i8[L]);
+    if (f32 && (m >= SPFQ_F32_LANES_MIN_ROWS || f32 == 2) && (int64_t)w->d.k * w->d.n <= SPFQ_F32_LANES_MAX)
+        t.lanes = f32_lanes(w);
+    t.fn = t.fused ? NULL : f32 == 2 ? table_c.f32[L] : f32 ? FIND(f32[L]) : FIND(i8[L]);
     if (!t.fused && !t.fn) return SPFQ_EUNSUPPORTED;
     t.kp = tall_kp(w, t.fused);
     t.xq_ld = (size_t)w->d.k;
@@ -615,6 +616,14 @@ int spfq_matmul_f32(const spfq_prepared *w, int32_t m, const float *x, float *y,
         return tall_run(w, m, x, NULL, NULL, NULL, 1, y, NULL, NULL, nthreads);
     spfq_job job = {.w = w, .m = m, .x = x, .y = y};
     return m ? parallel(fn, &job, nthreads, (w->clamped || w->act) ? f32_finish : NULL, NULL) : SPFQ_OK;
+}
+
+/* spfq_matmul_f32 in the f32 C oracle's order on every ISA, whatever the number of rows (grouped.c):
+ * the output-lane tables when they fit (bit-identical with the oracle), else the portable kernel. */
+int spfq_matmul_f32_oracle(const spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads) {
+    if (check(w, m) || !x || !y) return SPFQ_EINVAL;
+    if (!table_c.f32[w->d.layout]) return SPFQ_EUNSUPPORTED;
+    return m ? tall_run(w, m, x, NULL, NULL, NULL, 2, y, NULL, NULL, nthreads) : SPFQ_OK;
 }
 
 /* One of x / (xq, xscale) and one of y / (yq, yscale), or NULL. */

@@ -56,6 +56,10 @@ struct spfq_prepared {
 struct spfq_dc *spfq_dc_gemm(const struct spfq_prepared *w);
 int spfq_dc_gemm_rows(const struct spfq_dc *p, int32_t m, const float *x, float *y);
 
+/* api.c: spfq_matmul_f32 in the C oracle's order on every ISA and for any row count (the
+ * output-lane tables when they fit, else the portable kernel); grouped.c's float path. */
+int spfq_matmul_f32_oracle(const struct spfq_prepared *w, int32_t m, const float *x, float *y, int32_t nthreads);
+
 /* act.c: the activation of spfq_set_activation on rows [0, rows) x outputs [n0, n1) of y (row
  * stride ldy; slope indexed by output), and on channel-major planes (NCHW outputs). */
 void spfq_apply_act(int32_t kind, const float *slope, int32_t rows, int32_t n0, int32_t n1, float *y, size_t ldy);

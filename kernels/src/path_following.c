@@ -12,7 +12,8 @@
  * double operations in the same order, no fused multiply-add (the library is built in ISO C
  * mode, where GCC does not contract a*b+c), no reciprocal tricks. T is alphabet.quantize:
  * SPFQ_PF_IDENTITY (q = z, no codes; order-r alignment), SPFQ_PF_NEAREST, SPFQ_PF_STOCHASTIC
- * (uniforms U), on the alphabet {0 if has_zero} U +-{lam + j * delta : j < levels}.
+ * (uniforms U), on the alphabet {0 if has_zero} U +-{lam + j * delta : j < levels}, lam and
+ * delta per row, or per (row, column) when per_column (group-wise scales, --group-size).
  * Rows are independent, so the result does not depend on the thread count. Optionally the
  * kernel also sums q'Hq per row (qhq), from the corrections it already has, so the caller's
  * output error needs no (Q @ H) matmul.
@@ -84,13 +85,16 @@ static void pf_tile(const spfq_pf_desc *p, const pf_task *t, int64_t r, int32_t 
     const double *H = p->H + gi * d * d, *inv = p->inv + gi * d;
     const double *A[PF_TILE], *U[PF_TILE];
     double lam[PF_TILE], delta[PF_TILE], *corr[PF_TILE], *Q[PF_TILE], *qhq[PF_TILE], sink[PF_TILE];
+    const double *lam_c[PF_TILE], *delta_c[PF_TILE]; /* per_column: the row's (d) lam and delta */
     int8_t *codes[PF_TILE];
     for (int32_t k = 0; k < PF_TILE; k++) {
         int64_t rr = r + (k < nt ? k : 0), wrow = rr % (G * per_group);  /* (g, n) row of A and U */
         A[k] = p->A + wrow * d;
         U[k] = p->U ? p->U + wrow * d : NULL;
-        lam[k] = p->lam ? p->lam[rr] : 0.0;
-        delta[k] = p->delta ? p->delta[rr] : 0.0;
+        lam_c[k] = p->per_column && p->lam ? p->lam + rr * d : NULL;
+        delta_c[k] = p->per_column && p->delta ? p->delta + rr * d : NULL;
+        lam[k] = p->lam && !p->per_column ? p->lam[rr] : 0.0;
+        delta[k] = p->delta && !p->per_column ? p->delta[rr] : 0.0;
         corr[k] = k < nt ? t->corr + rr * bs : scratch;
         Q[k] = p->Q + rr * d;
         codes[k] = p->codes ? p->codes + rr * d : NULL;
@@ -110,6 +114,10 @@ static void pf_tile(const spfq_pf_desc *p, const pf_task *t, int64_t r, int32_t 
             if (p->mode == SPFQ_PF_IDENTITY) {
                 q[k] = z;
             } else {
+                if (lam_c[k]) {
+                    lam[k] = lam_c[k][c];
+                    delta[k] = delta_c[k][c];
+                }
                 int8_t code = pf_code(p, z, lam[k], delta[k], U[k] ? U[k][c] : 0.0);
                 codes[k][c] = code;
                 q[k] = pf_value(code, lam[k], delta[k]);
@@ -145,6 +153,7 @@ static void pf_rows(void *ctx, int32_t chunk, int32_t nchunks) {
 int spfq_path_following_block(const spfq_pf_desc *p, int32_t b0, int32_t b1, double *corr, int32_t nthreads) {
     if (!p || !corr || !p->A || !p->H || !p->inv || !p->Q) return SPFQ_EINVAL;
     if (p->cands < 1 || p->groups < 1 || p->rows < 1 || p->d < 1) return SPFQ_EINVAL;
+    if (p->per_column != 0 && p->per_column != 1) return SPFQ_EINVAL;
     if (b0 < 0 || b1 <= b0 || b1 > p->d || b1 - b0 > SPFQ_PF_MAX_BLOCK) return SPFQ_EINVAL;
     if (p->mode != SPFQ_PF_IDENTITY) {
         if (p->mode != SPFQ_PF_NEAREST && p->mode != SPFQ_PF_STOCHASTIC) return SPFQ_EINVAL;

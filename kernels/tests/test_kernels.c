@@ -897,6 +897,128 @@ static void check_act(const run_cfg *cfgs, int ncfg) {
     free(x); free(y0); free(y1); free(xi); free(o0); free(o1);
 }
 
+/* Group-wise scales (spfq_grouped_*): the int8 path equals the order written in spfq_kernels.h,
+ * evaluated here from exact integer sums in float (ISO C: no contraction); the float path equals
+ * the per-row f32 oracle (ISA c) on each group's columns summed in group order; both bit for bit
+ * on every ISA and thread count, with bias and clamp after the sum. */
+static void check_grouped(int layout, int bits, double sp, int with_lam, int n, int k, int G, int m, const run_cfg *cfgs,
+                          int ncfg) {
+    wcase c;
+    make_case(&c, layout, bits, n, k, sp, with_lam, 1);
+    const int ng = (k + G - 1) / G, two = multi_level(layout);
+    float *gs = xmalloc((size_t)n * ng * 4), *gl = xmalloc((size_t)n * ng * 4);
+    for (int i = 0; i < n * ng; i++) {
+        gs[i] = (float)(0.01 + 0.1 * urand());
+        gl[i] = gs[i] * (float)(1.3 + 0.6 * urand());
+    }
+    const float *lam = with_lam && two ? gl : NULL;
+    spfq_weights_desc d = {layout, n, k, layout == SPFQ_SIGN ? 1 : layout == SPFQ_SIGN_MASK ? 2 : bits, c.wk,
+                           c.sign, c.mask, c.planes, gs, with_lam ? gl : NULL, c.bias};
+    spfq_grouped *gw = NULL;
+    int rc = spfq_grouped_prepare(&d, G, &gw);
+    snprintf(ctx, sizeof ctx, "grouped %s b=%d sp=%.2f lam=%d N=%d K=%d G=%d M=%d", layout_name(layout), bits, sp, with_lam,
+             n, k, G, m);
+    report(rc == SPFQ_OK && gw, "%s: prepare = %d", ctx, rc);
+    float *x = xmalloc((size_t)m * k * 4), *xs = xmalloc((size_t)m * 4), *want = xmalloc((size_t)m * n * 4);
+    float *y = xmalloc((size_t)m * n * 4), *xg = xmalloc((size_t)m * G * 4), *t = xmalloc((size_t)m * n * 4);
+    int8_t *xq = xmalloc((size_t)m * k);
+    for (int i = 0; i < m * k; i++) x[i] = nrand() * (float)(1 + i % 7);
+    spfq_quantize_i8(m, k, x, xq, xs);
+    /* int8: t_g = xs * (s * acc_c + (lam - s) * acc_s) + 0.0f (forms of the layout), summed in order */
+    for (int i = 0; i < m; i++)
+        for (int r = 0; r < n; r++) {
+            float s = 0.0f;
+            for (int g = 0; g < ng; g++) {
+                int64_t ac = 0, as = 0;
+                for (int j = g * G; j < k && j < (g + 1) * G; j++) {
+                    const int cv = c.codes[(size_t)r * k + j], q = xq[(size_t)i * k + j];
+                    ac += (int64_t)q * cv;
+                    as += (int64_t)q * (cv > 0) - (int64_t)q * (cv < 0);
+                }
+                const float sc = gs[(size_t)r * ng + g], fc = (float)ac, fs = (float)as;
+                float inner;
+                if (!two) inner = sc * fs;
+                else if (lam) inner = sc * fc + (lam[(size_t)r * ng + g] - sc) * fs;
+                else inner = sc * fc;
+                const float tg = xs[i] * inner + 0.0f;
+                s = g ? s + tg : tg;
+            }
+            want[(size_t)i * n + r] = s + c.bias[r];
+        }
+    for (int q = 0; q < ncfg && gw; q++) {
+        spfq_set_isa(cfgs[q].isa);
+        for (int i = 0; i < m * n; i++) y[i] = NAN;
+        rc = spfq_grouped_matmul_i8(gw, m, xq, xs, y, cfgs[q].threads);
+        report(rc == SPFQ_OK && !memcmp(y, want, (size_t)m * n * 4), "%s %s t=%d: grouped_matmul_i8 rc=%d", ctx, cfgs[q].isa,
+               cfgs[q].threads, rc);
+        rc = spfq_grouped_matmul_q8(gw, m, x, y, cfgs[q].threads);
+        report(rc == SPFQ_OK && !memcmp(y, want, (size_t)m * n * 4), "%s %s t=%d: grouped_matmul_q8 rc=%d", ctx, cfgs[q].isa,
+               cfgs[q].threads, rc);
+    }
+    /* float: the per-row oracle (ISA c) on each group's columns, in group order, then bias */
+    spfq_set_isa("c");
+    for (int g = 0; g < ng && gw; g++) {
+        const int c0 = g * G, kg = k - c0 < G ? k - c0 : G;
+        wcase part;
+        make_case(&part, layout == SPFQ_SPARSE ? SPFQ_PLANES : layout, bits, n, kg, 0.0, 0, 0);
+        /* overwrite the random part with group g's codes, re-encoded */
+        for (int r = 0; r < n; r++) memcpy(part.codes + (size_t)r * kg, c.codes + (size_t)r * k + c0, (size_t)kg);
+        const int W = part.w, L = part.layout;
+        if (part.sign) memset(part.sign, 0, (size_t)n * W * 8);
+        if (part.mask) memset(part.mask, 0, (size_t)n * W * 8);
+        if (part.planes) memset(part.planes, 0, (size_t)bits * n * W * 8);
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < kg; j++) {
+                const int v = part.codes[(size_t)r * kg + j];
+                if (L == SPFQ_PLANES) {
+                    const int u = v + (1 << (bits - 1));
+                    for (int p = 0; p < bits; p++)
+                        if ((u >> p) & 1) set_bit(part.planes + ((size_t)p * n + r) * W, j);
+                } else {
+                    if (v < 0) set_bit(part.sign + (size_t)r * W, j);
+                    if (part.mask && v) set_bit(part.mask + (size_t)r * W, j);
+                }
+            }
+        for (int r = 0; r < n; r++) {
+            part.scale[r] = gs[(size_t)r * ng + g];
+            if (lam) {
+                if (!part.lam) part.lam = xmalloc((size_t)n * 4);
+                part.lam[r] = lam[(size_t)r * ng + g];
+            }
+        }
+        spfq_prepared *pp = prepare(&part);
+        for (int i = 0; i < m; i++) memcpy(xg + (size_t)i * kg, x + (size_t)i * k + c0, (size_t)kg * 4);
+        rc = pp ? spfq_matmul_f32(pp, m, xg, g ? t : want, 1) : SPFQ_EINVAL;
+        report(rc == SPFQ_OK, "%s: per-row f32 of group %d = %d", ctx, g, rc);
+        if (g)
+            for (int i = 0; i < m * n; i++) want[i] = want[i] + t[i];
+        spfq_free(pp);
+        free_case(&part);
+    }
+    for (int i = 0; i < m; i++)
+        for (int r = 0; r < n; r++) want[(size_t)i * n + r] = want[(size_t)i * n + r] + c.bias[r];
+    for (int q = 0; q < ncfg && gw; q++) {
+        spfq_set_isa(cfgs[q].isa);
+        for (int i = 0; i < m * n; i++) y[i] = NAN;
+        rc = spfq_grouped_matmul_f32(gw, m, x, y, cfgs[q].threads);
+        report(rc == SPFQ_OK && !memcmp(y, want, (size_t)m * n * 4), "%s %s t=%d: grouped_matmul_f32 rc=%d", ctx, cfgs[q].isa,
+               cfgs[q].threads, rc);
+    }
+    /* clamp after the sum */
+    if (gw) {
+        spfq_set_isa(cfgs[ncfg - 1].isa);
+        rc = spfq_grouped_set_clamp(gw, 0.0f, 0.5f);
+        int ok = rc == SPFQ_OK && spfq_grouped_matmul_f32(gw, m, x, y, 1) == SPFQ_OK;
+        for (int i = 0; ok && i < m * n; i++) ok = y[i] == (want[i] < 0.0f ? 0.0f : want[i] > 0.5f ? 0.5f : want[i]);
+        report(ok, "%s: clamp after the sum", ctx);
+        report(spfq_grouped_set_clamp(gw, 1.0f, 0.0f) == SPFQ_EINVAL, "%s: clamp lo > hi refused", ctx);
+    }
+    spfq_set_isa("auto");
+    spfq_grouped_free(gw);
+    free(gs); free(gl); free(x); free(xs); free(want); free(y); free(xg); free(t); free(xq);
+    free_case(&c);
+}
+
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -1001,6 +1123,20 @@ int main(void) {
     }
 
     check_act(cfgs, ncfg);
+
+    /* group-wise scales: every layout family, K a multiple of G or not, of 64 or not; GEMV and tall */
+    {
+        spfq_weights_desc bad = {SPFQ_PLANES, 4, 64, 4, 0, NULL, NULL, NULL, NULL, NULL, NULL};
+        spfq_grouped *none = NULL;
+        report(spfq_grouped_prepare(&bad, 32, &none) == SPFQ_EINVAL && !none, "grouped_prepare without buffers refused");
+        static const int GK[][2] = {{64, 200}, {32, 96}, {128, 100}, {64, 130}};
+        for (int v = 0; v < nv; v++)
+            for (int i = 0; i < LEN(GK); i++) {
+                if ((v + i) % 3) continue; /* a rotating third of the pairs keeps qemu runs short */
+                check_grouped(vs[v].layout, vs[v].bits, vs[v].sp, (v + i) % 2, 1 + 4 * i, GK[i][1], GK[i][0],
+                              (v + i) % 4 == 0 ? 17 : 1 + i, cfgs, ncfg);
+            }
+    }
 
     char thl[64] = "";
     for (int t = 0; t < nth; t++) snprintf(thl + strlen(thl), sizeof thl - strlen(thl), "%s%d", t ? "," : "", ths[t]);

@@ -47,9 +47,9 @@ namespace {
 // attrs layout (int64); kVersion first so a mismatched library refuses instead of misreading
 enum Attr {
     kVersion = 0, kLayout, kBits, kK, kN, kKeptWords, kInt8, kHasLam, kHasBias,
-    kConvDims, kGroups, kKH, kKW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kClipLo, kClipHi, kAttrs
+    kConvDims, kGroups, kKH, kKW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kClipLo, kClipHi, kGroupSize, kAttrs
 };
-const int64_t kAttrVersion = 2;
+const int64_t kAttrVersion = 3;  // 3: group_size (group-wise scales: scale / lam (N, ceil(K/G)))
 enum Arg { aX = 0, aAttrs, aSign, aMask, aPlanes, aScale, aLam, aBias, aY, kArgs };
 
 struct Error : std::runtime_error {
@@ -134,14 +134,22 @@ const Prepared &prepare(const int64_t *at, const DLTensor *sign_t, const DLTenso
     if (need_mask && numel(mask_t) != n * W) throw Error("mask has the wrong size");
     // pw == 0 (an all-zero sparse layer): a 1-element placeholder stands for the empty buffer
     if (need_planes && numel(planes_t) != (pw ? bits * n * pw : 1)) throw Error("planes has the wrong size");
-    if (numel(scale_t) != n || (lam && numel(lam_t) != n) || (bias && numel(bias_t) != n))
-        throw Error("scale / lam / bias must have out_features elements");
+    const int64_t group = at[kGroupSize];
+    if (group < 0) throw Error("group_size must be >= 0");
+    const int64_t per = group ? n * ((k + group - 1) / group) : n;  // scale / lam values
+    if (numel(scale_t) != per || (lam && numel(lam_t) != per) || (bias && numel(bias_t) != n))
+        throw Error("scale / lam / bias have the wrong number of elements");
 
     Prepared prep;
     const spfq_layer::ConvGeometry G = geometry(at);
-    prep.layer = spfq_layer::prepare_layer(layout, bits, n, k, kw, g, at[kConvDims] ? &G : nullptr, at[kInt8] != 0,
-                                           need_sign ? sign : nullptr, need_mask ? mask : nullptr,
-                                           need_planes ? planes : nullptr, scale, lam, bias);
+    if (group)
+        prep.layer = spfq_layer::prepare_grouped_layer(layout, bits, n, k, kw, group, g, need_sign ? sign : nullptr,
+                                                       need_mask ? mask : nullptr, need_planes ? planes : nullptr,
+                                                       scale, lam, bias);
+    else
+        prep.layer = spfq_layer::prepare_layer(layout, bits, n, k, kw, g, at[kConvDims] ? &G : nullptr, at[kInt8] != 0,
+                                               need_sign ? sign : nullptr, need_mask ? mask : nullptr,
+                                               need_planes ? planes : nullptr, scale, lam, bias);
     try {
         spfq_layer::set_clamp(prep.layer, float_attr(at[kClipLo]), float_attr(at[kClipHi]));
     } catch (...) {
@@ -162,8 +170,13 @@ void run_linear(const int64_t *at, const Prepared &prep, const DLTensor *x, DLTe
     if (x->ndim < 1 || x->shape[x->ndim - 1] != k) throw Error("input's last axis must be in_features");
     const int64_t m = numel(x) / k;
     if (numel(y) != m * n) throw Error("output has the wrong size");
-    gemm(prep.layer.parts[0], at[kInt8] != 0, m, k, data<float>(x), static_cast<float *>(y->data) + y->byte_offset / 4,
-         threads);
+    float *out = static_cast<float *>(y->data) + y->byte_offset / 4;
+    if (!prep.layer.gparts.empty()) {
+        if (m > 0) g_calls.fetch_add(1, std::memory_order_relaxed);
+        spfq_layer::gemm_part(prep.layer, 0, at[kInt8] != 0, m, k, data<float>(x), out, threads);
+        return;
+    }
+    gemm(prep.layer.parts[0], at[kInt8] != 0, m, k, data<float>(x), out, threads);
 }
 
 void run_conv(const int64_t *at, const Prepared &prep, const DLTensor *xt, DLTensor *yt, int threads) {

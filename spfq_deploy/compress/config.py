@@ -13,6 +13,7 @@ DEFAULT_DAMP = 0.01  # GPTQ's percdamp
 DEFAULT_RIDGE = 0.0  # gpfq / spfq: no ridge unless asked (README "Calibration coverage")
 MAX_RIDGE = 100.0
 MAX_BLOCK = 4096  # SPFQ_PF_MAX_BLOCK of kernels/src/path_following.c
+GROUP_SIZES = (32, 64, 128)  # --group-size: input columns per float16 scale (0: one scale per row)
 
 
 @dataclass
@@ -21,7 +22,9 @@ class CompressConfig:
     path following; the default because it measured best on both real workloads), spfq
     (stochastic path following), gptq (GPTQ/OPTQ, gptq.py) or rtn (round to nearest baseline).
     scale: how delta_i = C_i R_i / K is chosen: search (one C per layer minimising the
-    calibration output error) or mse (a C per row minimising ||w - rtn(w)||^2, GPTQ's choice)."""
+    calibration output error) or mse (a C per row minimising ||w - rtn(w)||^2, GPTQ's choice).
+    group_size: 0 (one scale per output row) or 32 / 64 / 128: one scale per (row, group of that
+    many consecutive input columns), R and C (mse: per group) taken per group."""
 
     bits: int | str = 4
     method: str = "gpfq"
@@ -43,6 +46,7 @@ class CompressConfig:
     block: int = 128  # lazy-update block of the Gram form
     batch_size: int = 64  # split size when calibration data is one tensor
     sparsity_tolerance: float = 0.005
+    group_size: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -76,6 +80,10 @@ class CompressConfig:
                 raise SpfqError(f"{name} must be a positive integer, got {v!r}")
         if self.block > MAX_BLOCK:
             raise SpfqError(f"block must be at most {MAX_BLOCK} (the path-following kernel's), got {self.block}")
+        if isinstance(self.group_size, bool) or self.group_size not in (0,) + GROUP_SIZES:
+            raise SpfqError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
+        if self.group_size and self.per_layer_delta:
+            raise SpfqError("group size and per_layer_delta contradict: one delta per layer has no groups")
         if not 0.0 <= self.sparsity_tolerance < 1.0:
             raise SpfqError(f"sparsity tolerance must be in [0, 1), got {self.sparsity_tolerance}")
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
@@ -135,4 +143,9 @@ class CompressConfig:
         return tuple(lo * (hi / lo) ** (i / (n - 1)) for i in range(n))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options as recorded in the file; group_size only when set, so files without
+        groups keep the bytes of earlier versions."""
+        d = asdict(self)
+        if not d["group_size"]:
+            del d["group_size"]
+        return d

@@ -29,7 +29,7 @@ from ..errors import CalibrationError, SpfqError, UnsupportedLayerError
 from . import calibration as calib
 from . import distributed, sequential
 from .activations import DEFAULT_BUDGET, ActivationStore
-from .alphabet import Alphabet, fp16_round
+from .alphabet import Alphabet, fp16_round, group_bounds, group_sum
 from .capture import (
     GramAccumulator,
     NonFiniteRows,
@@ -466,6 +466,10 @@ def _check_scales(name, a, W) -> None:
     small get a scale of 0 and become zeros, an error when they carry a real part of the layer
     (a near-dead neuron's row may vanish). Errors name the layer."""
     R = W.abs().amax(dim=-1)  # (g, n)
+    energy = (W * W).sum(-1)
+    if a.group:  # group-wise scales: the ranges and energies of the groups (g, n, ngroups)
+        R = torch.stack([W[..., c0:c1].abs().amax(dim=-1) for c0, c1 in group_bounds(W.shape[-1], a.group)], -1)
+        energy = group_sum(W * W, a.group)
     if not (bool(torch.isfinite(a.delta).all()) and bool(torch.isfinite(a.lam).all())):
         raise SpfqError(f"layer '{name}': weights up to {float(R.max()):.3g} need scales beyond float16 "
                         f"(max {FP16_MAX:g}), the .spfq scale type; rescale the layer or exclude it")
@@ -473,7 +477,6 @@ def _check_scales(name, a, W) -> None:
         return
     zeroed = (a.delta == 0) & (R > 0)
     if bool(zeroed.any()):
-        energy = (W * W).sum(-1)
         if float(energy[zeroed].sum()) > UNDERFLOW_SHARE * float(energy.sum()):
             raise SpfqError(f"layer '{name}': weights this small (max |w| {float(R[zeroed].max()):.3g} in a row) "
                             f"get a float16 scale of 0 (the .spfq scale type) and would become zeros; rescale "
@@ -517,7 +520,8 @@ def _rescale(res, W, grams, acc, how: str):
     s = torch.where(ok, s.clamp(*RESCALE_RANGE), torch.ones_like(s))
     a = res.alphabet
     # the scales are float16 in the file: the corrected Q is what those scales give
-    alph = Alphabet(a.alphabet, a.bits, fp16_round(a.delta * s), fp16_round(a.lam * s), a.pruned)
+    f = s[..., None] if a.group else s  # group-wise scales (g, n, ngroups): one factor per row
+    alph = Alphabet(a.alphabet, a.bits, fp16_round(a.delta * f), fp16_round(a.lam * f), a.pruned, a.group)
     Qn = alph.values(res.codes)
     err, ref = squared_output_error(W, Qn, grams.F, grams.G, grams.H)
     rel = math.sqrt(float(err.sum()) / float(ref.sum())) if float(ref.sum()) > 0 else 0.0
@@ -536,8 +540,9 @@ def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig
     a = res.alphabet
     K = a.K
     _check_scales(name, a, W)
-    scale = (a.lam if K == 1 else a.delta).reshape(N).float().numpy()
-    lam = a.lam.reshape(N).float().numpy() if (a.pruned and K > 1) else None
+    per_row = (N, -1) if cfg.group_size else (N,)  # group-wise: (N, ngroups)
+    scale = (a.lam if K == 1 else a.delta).reshape(per_row).float().numpy()
+    lam = a.lam.reshape(per_row).float().numpy() if (a.pruned and K > 1) else None
     bias = module.bias.detach().double() if module.bias is not None else None
     if cfg.bias_correction or cfg.rescale:
         mx, mxt = acc.sum_x / acc.m, acc.sum_xt / acc.m  # (g, d)
@@ -549,7 +554,7 @@ def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig
         scale=scale, lam=lam, bias=None if bias is None else bias.float().numpy(), conv=conv_params(module),
         meta={"method": cfg.method, "C": res.C, "lam_factor": res.lam_factor, "rel_error": res.rel_error,
               "align_error": res.align_error, "sparsity_target": cfg.sparsity, "rows": grams.m,
-              "order": cfg.order})
+              "order": cfg.order}, group_size=cfg.group_size)
     layer.meta["sparsity"] = layer.sparsity
     layer.validate()
     _apply(module, layer)

@@ -31,6 +31,12 @@ class Plan:
     perm: torch.Tensor
 
 
+def permute(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """t (..., g, n, d) in the layer's column order, its columns put in the order perm (g, d):
+    per-column values (group-wise scales spread over the columns) that follow the weights."""
+    return t.gather(-1, perm[:, None, :].expand(t.shape)).contiguous()
+
+
 def restore(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """t (..., g, n, d), its columns in the order perm (g, d), back in the layer's order."""
     inv = torch.argsort(perm, dim=-1)

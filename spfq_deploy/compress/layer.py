@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import gptq, native
-from .alphabet import Alphabet, make_alphabet, quantize
+from .alphabet import Alphabet, group_sum, make_alphabet, quantize
 from .config import CompressConfig
 from .distributed import Comm
 from .path_following import align, squared_output_error
@@ -89,7 +89,18 @@ class _Evaluator:
         cfg = self.cfg
         return make_alphabet(cfg.alphabet, cfg.nbits, self.W, C, lam_factor=f,
                              sparsity=cfg.sparsity, per_layer_delta=cfg.per_layer_delta,
-                             range_quantile=cfg.range_quantile)
+                             range_quantile=cfg.range_quantile, group=cfg.group_size)
+
+    def rows_C(self, C) -> torch.Tensor:
+        """A C (scalar, per row (g, n) or, with groups, per (row, group) (g, n, ngroups)) as the
+        alphabet's per-row (no groups) or per-(row, group) tensor."""
+        if not self.cfg.group_size:
+            return self.rows_f(C)
+        ng = -(-self.W.shape[-1] // self.cfg.group_size)
+        t = torch.as_tensor(1.0 if C is None else C, dtype=self.W.dtype)
+        if t.dim() == len(self.W.shape) - 1:  # per row
+            t = t[..., None]
+        return t.expand(self.W.shape[:-1] + (ng,))
 
     def parts(self) -> list[tuple[int, slice]]:
         """The row parts every candidate is split into (PARTS of them, along the neurons, or
@@ -181,19 +192,25 @@ class _Evaluator:
         """One candidate on row part p: codes (1, g', n', d), squared error and zeros per row
         (1, g', n'), and with a ridge its rho ||w - q||^2 per row (else None)."""
         cut, same = self._cuts(p)
-        a = self.alphabet(self.rows_f(C)[None], self.rows_f(f)[None])
-        a = Alphabet(a.alphabet, a.bits, cut(a.delta[0])[None], cut(a.lam[0])[None], a.pruned)
+        a = self.alphabet(self.rows_C(C)[None], self.rows_f(f)[None])
+        a = Alphabet(a.alphabet, a.bits, cut(a.delta[0])[None], cut(a.lam[0])[None], a.pruned, a.group)
         W = cut(self.W)
         G, H, F = same(self.g.G), same(self.g.H), same(self.g.F)
         if self.cfg.method == "rtn":
-            col = Alphabet(a.alphabet, a.bits, a.delta[..., None], a.lam[..., None], a.pruned)
+            col = a.columns(W.shape[-1])
             codes = quantize(W.expand((1,) + W.shape), col, stochastic=False)
             Q, qHq = col.values(codes), None
         else:
             # native.path_following: gram_path_following with T = quantize, the column loop in C
             U = None if self.U is None else cut(self.U)
+            if a.group:  # column t rounds with its group's scale: per-column lam / delta (1, g', n', d)
+                a = a.columns(W.shape[-1])
+                if self.gptq is not None:  # in GPTQ's column order, as pf_W
+                    a = Alphabet(a.alphabet, a.bits, gptq.permute(a.delta, same(self.gptq.perm)),
+                                 gptq.permute(a.lam, same(self.gptq.perm)), a.pruned)
             codes, Q, qHq = native.path_following(cut(self.pf_W), same(self.pf_G), same(self.pf_H), a, U,
-                                                  self.cfg.block, (1,) + W.shape, A=self._part_terms(p)[2])
+                                                  self.cfg.block, (1,) + W.shape, A=self._part_terms(p)[2],
+                                                  per_column=bool(self.cfg.group_size))
             if self.gptq is not None:  # back to the layer's column order; its q'Hq was K's
                 perm = same(self.gptq.perm)
                 codes, Q, qHq = gptq.restore(codes, perm), gptq.restore(Q, perm), None
@@ -318,15 +335,17 @@ def _mse_scale(ev: _Evaluator) -> torch.Tensor:
     Quantizer.find_params(mse=True), with the squared error (its code: |.|^2.4) and the float16
     scales stored. Shrink factors go down from 1 by MSE_STEP; ties keep the larger one."""
     cfg, W = ev.cfg, ev.W
-    best = torch.ones(W.shape[:-1], dtype=W.dtype)
-    best_err = torch.full(W.shape[:-1], math.inf, dtype=W.dtype)
+    shape = ev.rows_C(1.0).shape  # (g, n), or (g, n, ngroups): with groups a C per group
+    best = torch.ones(shape, dtype=W.dtype)
+    best_err = torch.full(shape, math.inf, dtype=W.dtype)
     lowest = 0.05 if ev.alphabet(1.0, None).K == 1 else MSE_LOWEST
     steps = round((1.0 - lowest) / MSE_STEP)
     for i in range(steps + 1):
         c = 1.0 - i * MSE_STEP
-        a = make_alphabet(cfg.alphabet, cfg.nbits, W, c, range_quantile=cfg.range_quantile)
-        col = Alphabet(a.alphabet, a.bits, a.delta[..., None], a.lam[..., None], a.pruned)
-        err = ((W - col.values(quantize(W, col, stochastic=False))) ** 2).sum(-1)
+        a = make_alphabet(cfg.alphabet, cfg.nbits, W, c, range_quantile=cfg.range_quantile, group=cfg.group_size)
+        col = a.columns(W.shape[-1])
+        sq = (W - col.values(quantize(W, col, stochastic=False))) ** 2
+        err = group_sum(sq, cfg.group_size) if cfg.group_size else sq.sum(-1)
         better = err < best_err
         best = torch.where(better, c, best)
         best_err = torch.where(better, err, best_err)
@@ -345,9 +364,9 @@ def _finish(ev: _Evaluator, W, C, f, run=None) -> LayerResult:
     codes = ev.codes(cid)
     ref_total = float(ev.wFw.sum())
     rel = math.sqrt(float(err[0]) / ref_total) if ref_total > 0 else 0.0
-    alph = ev.alphabet(ev.rows_f(c)[None], ev.rows_f(f)[None])
+    alph = ev.alphabet(ev.rows_C(c)[None], ev.rows_f(f)[None])
     Q = alph.values(codes)[0]  # what the path following continued with, bit for bit
-    alph = Alphabet(alph.alphabet, alph.bits, alph.delta[0], alph.lam[0], alph.pruned)
+    alph = Alphabet(alph.alphabet, alph.bits, alph.delta[0], alph.lam[0], alph.pruned, alph.group)
     f_report = None if f is None else float(torch.as_tensor(f, dtype=torch.float64).mean())
     C_report = None if C is None else float(torch.as_tensor(C, dtype=torch.float64).mean())
     zeros = int((codes == 0).sum())

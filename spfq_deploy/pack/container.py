@@ -9,6 +9,10 @@ Format versions: 1 is the original format (padded layouts only); 2 adds the *_ro
 (`Layout.since`), so a file with padded layouts only is still version 1, byte for byte what
 version-1 writers wrote, while one with a *_rows layout is version 2, which a version-1 reader
 refuses as "written by a newer spfq-deploy" instead of meeting a layout name it does not know.
+Version 3 adds group-wise scales: a layer entry with "group_size": G (a positive integer; only
+present when the layer has groups) stores scale (and lam) as float16 (N, ceil(d / G)), one per
+(row, group of G consecutive input columns). Only files with such a layer are version 3; files
+without groups keep their version and bytes.
 Readers take every version up to FORMAT_VERSION and refuse a layout newer than the file's version.
 table = {"layers": {name: {kind, weight_shape, alphabet, bits, layout, conv, meta,
                            tensors: {role: key}, storage_report}},
@@ -47,7 +51,7 @@ from ..errors import FormatError
 from . import layouts as L
 
 FORMAT = "spfq"
-FORMAT_VERSION = 2  # the newest version this code reads and writes (see file_version)
+FORMAT_VERSION = 3  # the newest version this code reads and writes (see file_version)
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 MAX_DIM = 2 ** 31 - 1  # rows and columns (prod of the other dims) are int32 in the kernel ABI
 KINDS = {"linear": 2, "conv1d": 3, "conv2d": 4}  # kind -> dims of the PyTorch weight
@@ -57,6 +61,8 @@ ST_NUMPY = {"BOOL": np.dtype(bool), "U8": np.dtype("u1"), "I8": np.dtype("i1"), 
 ST_NAME = {v: k for k, v in ST_NUMPY.items()}
 ST_BYTES = {k: v.itemsize for k, v in ST_NUMPY.items()}
 ROW_ROLES = {"scale": np.float16, "lam": np.float16, "bias": np.float32}  # per-row vectors (N,)
+GROUP_ROLES = ("scale", "lam")  # (N, ngroups) in a layer with group_size
+GROUPS_SINCE = 3  # the format version that added group_size
 REPORT_INTS = ("code_bits", "mask_bits", "scale_bits", "padding_bits", "total_bits", "weights",
                "bias_bytes")
 
@@ -83,10 +89,10 @@ def _json_default(o: Any):
     raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
 
 
-def _as_float16(name: str, what: str, a: np.ndarray, rows: int) -> np.ndarray:
+def _as_float16(name: str, what: str, a: np.ndarray, shape: tuple) -> np.ndarray:
     a = np.asarray(a)
-    if a.shape != (rows,):
-        raise ValueError(f"{name}: {what} must have shape ({rows},), got {a.shape}")
+    if a.shape != shape:
+        raise ValueError(f"{name}: {what} must have shape {shape}, got {a.shape}")
     h = a.astype(np.float16)
     if not np.array_equal(h.astype(a.dtype), a, equal_nan=True):
         raise ValueError(f"{name}: {what} values are not float16-representable")
@@ -137,11 +143,12 @@ def _build(model: CompressedModel, layouts: dict[str, str] | None):
         for role, buf in L.pack_layer(layer, layout).items():
             keys[role] = f"layer/{name}/{role}"
             tensors[keys[role]] = buf
+        per = (layer.rows, layer.ngroups) if layer.group_size else (layer.rows,)
         keys["scale"] = f"layer/{name}/scale"
-        tensors[keys["scale"]] = _as_float16(name, "scale", layer.scale, layer.rows)
+        tensors[keys["scale"]] = _as_float16(name, "scale", layer.scale, per)
         if layer.lam is not None:
             keys["lam"] = f"layer/{name}/lam"
-            tensors[keys["lam"]] = _as_float16(name, "lam", layer.lam, layer.rows)
+            tensors[keys["lam"]] = _as_float16(name, "lam", layer.lam, per)
         if layer.bias is not None:
             bias = np.asarray(layer.bias)
             if bias.shape != (layer.rows,):
@@ -154,6 +161,8 @@ def _build(model: CompressedModel, layouts: dict[str, str] | None):
             "conv": layer.conv, "meta": layer.meta, "tensors": keys,
             "storage_report": L.storage_report(layer, layout), **L.table_fields(layer, layout),
         }
+        if layer.group_size:
+            table_layers[name]["group_size"] = int(layer.group_size)
     for name, value in model.float_params.items():
         tensors[f"float/{name}"] = np.asarray(value)
     tensors = {k: _le(v) for k, v in tensors.items()}
@@ -162,6 +171,8 @@ def _build(model: CompressedModel, layouts: dict[str, str] | None):
              "sha256": {k: _digest(v) for k, v in tensors.items()}}
     text = _canonical_text(table)
     version = file_version(e["layout"] for e in table_layers.values())
+    if any("group_size" in e for e in table_layers.values()):
+        version = max(version, GROUPS_SINCE)
     try:
         _check_table(json.loads(text), {k: (_st_name(k, v.dtype), v.shape) for k, v in tensors.items()}, version)
     except ValueError as e:
@@ -411,7 +422,7 @@ def _check_layer(name: str, e, entries: dict, digests: dict, version: int) -> No
             raise bad(f"meta {key} {v!r} is not a fraction in [0, 1]")
     lay = L.get_layout(layout)
     extra = sorted(set(e) - {"kind", "weight_shape", "alphabet", "bits", "layout", "conv", "meta", "tensors",
-                             "storage_report"} - set(lay.table_keys))
+                             "storage_report", "group_size"} - set(lay.table_keys))
     if extra:
         raise bad(f"{extra[0]} does not belong to a {layout} layer")
     keys = e["tensors"]
@@ -438,7 +449,15 @@ def _check_layer(name: str, e, entries: dict, digests: dict, version: int) -> No
         specs = L.buffer_specs(layout, info)
     except ValueError as err:
         raise bad(str(err)) from None
-    specs.update({role: (np.dtype(dtype), (N,)) for role, dtype in ROW_ROLES.items() if role in keys})
+    per_row = {role: (N,) for role in ROW_ROLES}
+    if "group_size" in e:
+        group = e["group_size"]
+        if version < GROUPS_SINCE:
+            raise bad(f"group_size needs format version {GROUPS_SINCE}, the file says {version}")
+        if not _is_int(group) or group < 1:
+            raise bad(f"group_size {group!r} is not a positive integer")
+        per_row.update({role: (N, -(-d // group)) for role in GROUP_ROLES})
+    specs.update({role: (np.dtype(dtype), per_row[role]) for role, dtype in ROW_ROLES.items() if role in keys})
     for role, (dtype, want) in specs.items():
         have_dtype, have = entries[keys[role]]
         if have_dtype != ST_NAME[np.dtype(dtype)] or len(have) != len(want) or any(
@@ -561,7 +580,7 @@ def _layer(path: Path, name: str, entry: dict, tensor) -> CompressedLayer:
             scale=tensor(keys["scale"]).astype(np.float32),
             lam=tensor(keys["lam"]).astype(np.float32) if "lam" in keys else None,
             bias=tensor(keys["bias"]).astype(np.float32) if "bias" in keys else None,
-            conv=_conv(entry), meta=dict(entry.get("meta") or {}))
+            conv=_conv(entry), meta=dict(entry.get("meta") or {}), group_size=int(entry.get("group_size", 0)))
         layer.validate()
     except ValueError as e:
         raise _fail(path, f"layer {name}: {str(e).removeprefix(f'{name}: ')}".replace("\n", " ")) from None

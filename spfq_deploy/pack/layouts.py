@@ -606,13 +606,14 @@ def storage_report(layer: CompressedLayer, layout: str | None = None) -> dict:
     """Exact bit counts of a layer in a layout (storage_layout when None: what save writes),
     for `inspect` and the bits/weight claims.
 
-    scale (and lam when present) count as 16 bits per row: they are stored as float16.
+    scale (and lam when present) count as 16 bits per row, or per (row, group) with group-wise
+    scales: they are stored as float16.
     The bias is not part of bits/weight (an fp32 model has it too); it is reported in bytes.
     """
     layout = layout or storage_layout(layer)
     bits = get_layout(layout).storage(layer)
     N = layer.rows
-    scale_bits = 16 * N * (2 if layer.lam is not None else 1)
+    scale_bits = 16 * N * layer.ngroups * (2 if layer.lam is not None else 1)
     total = bits.code + bits.mask + scale_bits
     weights = N * layer.cols
     return {

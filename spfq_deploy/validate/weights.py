@@ -231,9 +231,11 @@ def decode_custom(node, inits: dict) -> tuple[np.ndarray, dict]:
         raise Mismatch("scale input missing")
     scale = _tensor(inits, inp[4], "scale")
     lam = _tensor(inits, inp[5], "lam") if inp[5] else None
+    group = int(a.get("group_size", 0))
+    want = (n, -(-k // group)) if group > 0 else (n,)
     for what, v in (("scale", scale), ("lam", lam)):
-        if v is not None and (v.dtype != np.float32 or v.shape != (n,)):
-            raise Mismatch(f"{what} is {v.dtype} {v.shape}, the op takes float32 ({n},)")
+        if v is not None and (v.dtype != np.float32 or v.shape != want):
+            raise Mismatch(f"{what} is {v.dtype} {v.shape}, the op takes float32 {want}")
     return codes, {"layout": layout, "bits": b, "scale": scale, "lam": lam, "bias": inp[6] or None}
 
 
@@ -246,6 +248,8 @@ def _check_custom_layer(node, inits, layer) -> None:
         raise Mismatch(f"kernel_shape {list(a.get('kernel_shape', []))}, model.spfq has {list(layer.weight_shape[2:])}")
     if (node.op_type == "PackedConv") != (layer.kind != "linear"):
         raise Mismatch(f"{node.op_type} for a {layer.kind} layer")
+    if int(a.get("group_size", 0)) != layer.group_size:
+        raise Mismatch(f"group_size {int(a.get('group_size', 0))}, model.spfq has {layer.group_size}")
     codes, d = decode_custom(node, inits)
     _codes_equal(codes, layer.codes, f"{LAYOUT_NAMES[d['layout']]} words")
     _floats_equal(d["scale"], _f32(layer.scale), "scale")
@@ -318,27 +322,31 @@ def _dequant_parts(node, inits, what) -> tuple[np.ndarray, np.ndarray]:
 def _to_rows(a: np.ndarray, layer, what) -> np.ndarray:
     """A weight-shaped term in the layer's (N, d) order: Linear (K, N) transposed, conv as is."""
     want = (layer.cols, layer.rows) if layer.kind == "linear" else tuple(layer.weight_shape)
+    if layer.kind != "linear" and layer.group_size and tuple(a.shape) == (layer.rows, layer.cols):
+        return a  # a grouped conv's weight is dequantized as (N, K), blocks along K, then reshaped
     if tuple(a.shape) != want:
         raise Mismatch(f"{what} has shape {list(a.shape)}, model.spfq needs {list(want)}")
     return a.T if layer.kind == "linear" else a.reshape(layer.rows, -1)
 
 
 def _terms(layer) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(suffix, codes (N, d), row scale (N,)) the two-term formats must hold for a layer."""
-    terms = [("", layer.codes, _f32(layer.scale))]
+    """(suffix, codes (N, d), scale (N, 1) per row or (N, d) per column of group-wise scales)
+    the two-term formats must hold for a layer."""
+    terms = [("", layer.codes, layer.column_scales(_f32(layer.scale)))]
     if layer.K > 1 and layer.lam is not None:
-        terms.append((".lam", np.sign(layer.codes), _f32(layer.lam) - _f32(layer.scale)))
+        terms.append((".lam", np.sign(layer.codes), layer.column_scales(_f32(layer.lam) - _f32(layer.scale))))
     return terms
 
 
 def _check_term(codes_got, scale_got, codes_want, scale_want, what, zero_rows_by_value=False) -> None:
-    if zero_rows_by_value:  # a zero-scale row is worth 0 whatever its codes: compare values there
+    scale_want = np.broadcast_to(scale_want, scale_got.shape)  # (N, 1) or (N, d) -> (N, d)
+    if zero_rows_by_value:  # a zero scale is worth 0 whatever its codes: compare values there
         live = scale_want != 0
-        _floats_equal(np.where(live[:, None], 0, codes_got * scale_got), np.zeros_like(scale_got), f"{what} value")
-        codes_got = np.where(live[:, None], codes_got, codes_want)
-        scale_got = np.where(live[:, None], scale_got, scale_want[:, None])
+        _floats_equal(np.where(live, 0, codes_got * scale_got), np.zeros_like(scale_got), f"{what} value")
+        codes_got = np.where(live, codes_got, codes_want)
+        scale_got = np.where(live, scale_got, scale_want)
     _codes_equal(codes_got, codes_want, f"{what} codes")
-    _floats_equal(scale_got, np.broadcast_to(scale_want[:, None], scale_got.shape), f"{what} scale")
+    _floats_equal(scale_got, scale_want, f"{what} scale")
 
 
 def _check_stock_layer(p, layer, nodes, inits) -> None:

@@ -29,10 +29,12 @@ def _layers(cm) -> dict:
     """Per compressed layer: the kernel layout the GPU runs it with."""
     out = {}
     for name, layer in cm.layers.items():
-        layout, bits, _ = kernel_pack(layer, preferred_layout(layer))
+        layout, bits, _ = kernel_pack(layer, preferred_layout(layer), groups_ok=True)
         out[name] = {"kind": layer.kind, "shape": list(layer.weight_shape), "layout": layout, "field_bits": bits,
                      "groups": int(layer.conv["groups"]) if layer.conv else 1,
                      "entry_point": "spfq_cuda_matmul_sparse_i8" if layout == "sparse" else "spfq_cuda_matmul_i8"}
+        if layer.group_size:  # one call per scale group, outputs summed in group order (cuda_runtime.py)
+            out[name]["group_size"] = layer.group_size
     return out
 
 

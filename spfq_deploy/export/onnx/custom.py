@@ -3,6 +3,9 @@
 Each compressed layer becomes one ai.spfq.PackedMatMul / PackedConv node whose weight inputs
 are the kernel-ABI packed buffers (kernels/include/spfq_kernels.h), so the file holds the
 weights at ~b bits each and the project's custom-op library runs them with the C kernels.
+A layer with group-wise scales (--group-size G) gets the attribute group_size = G and scale /
+lam inputs (N, ceil(K / G)) (spfq_grouped_* in the library; its convs run im2col GEMMs and keep
+float edges, q8.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def builder(activation: str) -> Builder:
     def build(layer: CompressedLayer, x: str, y: str) -> Replacement:
         rep = Replacement()
         act = layer_activation(layer, activation)
-        layout, bits, bufs = kernel_pack(layer, preferred_layout(layer))
+        layout, bits, bufs = kernel_pack(layer, preferred_layout(layer), groups_ok=True)
         p = layer.name
         inputs = [x]
         for role, key in (("sign", "sign"), ("mask", "mask"), ("planes", "kept" if layout == "sparse" else "planes")):
@@ -40,6 +43,8 @@ def builder(activation: str) -> Builder:
             inputs.pop()
         attrs = dict(layout=LAYOUT_IDS[layout], bits=bits, in_features=layer.cols, out_features=layer.rows,
                      kept_words=int(bufs["kept"].shape[2]) if layout == "sparse" else 0, activation=act)
+        if layer.group_size:
+            attrs["group_size"] = layer.group_size
         op = "PackedMatMul"
         if layer.kind != "linear":
             op = "PackedConv"

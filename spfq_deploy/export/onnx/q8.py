@@ -33,7 +33,7 @@ def _kind(n: onnx.NodeProto) -> tuple[str | None, str]:
     group: its GEMM rows are pixels), 'depthwise', or None."""
     a = _attrs(n)
     act = a.get("activation", b"").decode()
-    if not a.get("channels_last"):
+    if not a.get("channels_last") or a.get("group_size"):  # group-wise scales: float edges only
         return None, act
     taps = 1
     for v in a.get("kernel_shape", []):

@@ -5,6 +5,8 @@ Quant(x, scale, zeropt=0, bitwidth=b, signed, narrow) returns clamp(round(x / sc
 so the weight it sees is the dequantized one and its integer grid is explicit: b-bit narrow
 range for int codes (levels -K..K), 2-bit narrow for ternary, BipolarQuant for binary. A pruned
 layer's weight is the sum of two such terms (scale * c + (lam - scale) * sign(c)).
+Group-wise scales (--group-size): the scale input holds one value per weight element (the
+group's scale repeated over its columns), which Quant broadcasts as any scale.
 """
 
 from __future__ import annotations
@@ -21,9 +23,16 @@ DOMAIN_VERSION = 1
 def _quant(rep: Replacement, name: str, layer: CompressedLayer, codes: np.ndarray, scale: np.ndarray,
            bits: int) -> str:
     """A Quant'd weight term in the layout the layer's float op wants: (K, N) for MatMul,
-    (N, C/g, *k) for Conv; scale broadcast along the output channel."""
+    (N, C/g, *k) for Conv; scale broadcast along the output channel (group-wise: one per element)."""
     scale = scale.astype(np.float32)
     safe = np.where(scale == 0, np.float32(1), scale)  # a zero-scale row has all-zero codes
+    if layer.group_size:
+        safe = layer.column_scales(safe)  # (N, K)
+        w = codes.astype(np.float32) * layer.column_scales(scale)
+        x = rep.const(f"{name}.float", w.T if layer.kind == "linear" else w.reshape(layer.weight_shape))
+        sc = rep.const(f"{name}.scale", np.ascontiguousarray(safe.T) if layer.kind == "linear"
+                       else safe.reshape(layer.weight_shape))
+        return _node(rep, name, x, sc, bits)
     w = codes.astype(np.float32) * scale[:, None]
     if layer.kind == "linear":
         w, s = w.T, safe[None, :]
@@ -31,6 +40,10 @@ def _quant(rep: Replacement, name: str, layer: CompressedLayer, codes: np.ndarra
         w, s = w.reshape(layer.weight_shape), safe.reshape((-1,) + (1,) * (len(layer.weight_shape) - 1))
     x = rep.const(f"{name}.float", w)
     sc = rep.const(f"{name}.scale", s)
+    return _node(rep, name, x, sc, bits)
+
+
+def _node(rep: Replacement, name: str, x: str, sc: str, bits: int) -> str:
     if bits == 1:
         rep.node("BipolarQuant", [x, sc], [f"{name}.w"], domain=DOMAIN)
     else:

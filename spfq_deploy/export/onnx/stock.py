@@ -6,6 +6,10 @@ DequantizeLinear + MatMul into com.microsoft.MatMulNBits; its compute precision 
 option session.qdq_matmulnbits_accuracy_level, 0 = float, 4 = int8), per-channel for convs.
 A pruned layer's alphabet {0} U +-{lam, lam + delta, ...} is not a uniform grid, so its weight
 is split exactly as value = scale * c + (lam - scale) * sign(c): two quantized terms.
+Group-wise scales (--group-size G): the scales are the DequantizeLinear blocks themselves,
+block_size = G along K (ONNX takes a shorter last block), so a Linear layer is again the
+pattern ORT fuses into MatMulNBits (block_size G); a conv's weight is dequantized as (N, K) with
+blocks along K, then reshaped to (N, C/g, *k).
 """
 
 from __future__ import annotations
@@ -36,13 +40,17 @@ def _block(k: int) -> int | None:
     return None
 
 
-def _dequantized_linear(rep: Replacement, name: str, codes: np.ndarray, scale: np.ndarray) -> str:
-    """DequantizeLinear of codes (N, K) as a (K, N) weight, scale per output column."""
+def _dequantized_linear(rep: Replacement, name: str, codes: np.ndarray, scale: np.ndarray, group: int = 0) -> str:
+    """DequantizeLinear of codes (N, K) as a (K, N) weight, scale per output column (or, with
+    groups, per output column and block of `group` rows of K: scale (N, ceil(K / group)))."""
     wt, bits = _int_tensor(f"{name}.q", codes.T)
     rep.initializers.append(wt)
     k = codes.shape[1]
-    bs = _block(k)
-    if bs:  # blocked along K: the pattern onnxruntime fuses into MatMulNBits
+    bs = group or _block(k)
+    if group:
+        s = rep.const(f"{name}.s", np.ascontiguousarray(scale.astype(np.float32).T))
+        rep.node("DequantizeLinear", [wt.name, s], [f"{name}.w"], axis=0, block_size=group)
+    elif bs:  # blocked along K: the pattern onnxruntime fuses into MatMulNBits
         s = rep.const(f"{name}.s", np.tile(scale.astype(np.float32), (k // bs, 1)))
         rep.node("DequantizeLinear", [wt.name, s], [f"{name}.w"], axis=0, block_size=bs)
     else:
@@ -55,6 +63,16 @@ def _dequantized_linear(rep: Replacement, name: str, codes: np.ndarray, scale: n
 
 def _dequantized_conv(rep: Replacement, name: str, layer: CompressedLayer, codes: np.ndarray,
                       scale: np.ndarray) -> str:
+    if layer.group_size:  # blocks along the flattened K, then the conv weight's shape
+        wt, bits = _int_tensor(f"{name}.q", codes)
+        rep.initializers.append(wt)
+        s = rep.const(f"{name}.s", scale.astype(np.float32))
+        rep.node("DequantizeLinear", [wt.name, s], [f"{name}.w2"], axis=1, block_size=layer.group_size)
+        shape = rep.const(f"{name}.shape", np.asarray(layer.weight_shape, np.int64))
+        rep.node("Reshape", [f"{name}.w2", shape], [f"{name}.w"])
+        rep.info.setdefault("weight_bits", bits)
+        rep.info.setdefault("block_size", layer.group_size)
+        return f"{name}.w"
     wt, bits = _int_tensor(f"{name}.q", codes.reshape(layer.weight_shape))
     rep.initializers.append(wt)
     s = rep.const(f"{name}.s", scale.astype(np.float32))
@@ -75,7 +93,7 @@ def builder() -> Builder:
         if layer.kind == "linear":
             outs = []
             for i, (name, codes, scale) in enumerate(terms):
-                w = _dequantized_linear(rep, name, codes, scale)
+                w = _dequantized_linear(rep, name, codes, scale, layer.group_size)
                 outs.append(f"{p}.mm{i}")
                 rep.node("MatMul", [x, w], [outs[-1]])
             if len(outs) == 2:

@@ -33,10 +33,10 @@ from ...reference import replace_module
 from ..source import ExportInputs
 
 PACKED_FUNC = "spfq_packed_layer"  # kernels/tvm/spfq_tvm_ops.cc exports __tvm_ffi_spfq_packed_layer
-ATTR_VERSION = 2  # 2: conv tensors channels last; clip_lo / clip_hi (an output clamp fused in)
+ATTR_VERSION = 3  # 2: conv tensors channels last; clip_lo / clip_hi (an output clamp fused in); 3: group_size
 # the attrs vector of kernels/tvm/spfq_tvm_ops.cc (enum Attr), in order
 ATTR_FIELDS = ("version", "layout", "bits", "k", "n", "kept_words", "int8", "has_lam", "has_bias", "conv_dims",
-               "groups", "kh", "kw", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw", "clip_lo", "clip_hi")
+               "groups", "kh", "kw", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw", "clip_lo", "clip_hi", "group_size")
 TO_LAST = {3: [0, 2, 1], 4: [0, 2, 3, 1]}  # rank -> permute_dims axes channels-first -> channels-last
 TO_FIRST = {3: [0, 2, 1], 4: [0, 3, 1, 2]}
 
@@ -113,8 +113,9 @@ class PackedLayer:
 
 
 def pack_for_kernel(layer: CompressedLayer, activation: str) -> PackedLayer:
-    """The kernel-ABI buffers and attributes of one layer (layout choice as the ONNX custom ops)."""
-    layout, bits, bufs = kernel_pack(layer, preferred_layout(layer))
+    """The kernel-ABI buffers and attributes of one layer (layout choice as the ONNX custom ops);
+    a layer with group-wise scales: group_size and scale / lam (N, ceil(K / G))."""
+    layout, bits, bufs = kernel_pack(layer, preferred_layout(layer), groups_ok=True)
     empty_u64, empty_f32 = np.zeros(1, np.uint64), np.zeros(1, np.float32)
     planes_key = "kept" if layout == "sparse" else "planes"
     use_lam = layer.lam is not None and layout in ("planes", "sparse")
@@ -131,7 +132,7 @@ def pack_for_kernel(layer: CompressedLayer, activation: str) -> PackedLayer:
     a.update(version=ATTR_VERSION, layout=LAYOUT_IDS[layout], bits=bits, k=layer.cols, n=layer.rows,
              kept_words=int(bufs["kept"].shape[2]) if layout == "sparse" else 0, int8=int(activation == "int8"),
              has_lam=int(use_lam), has_bias=int(layer.bias is not None),
-             clip_lo=float_bits(-np.inf), clip_hi=float_bits(np.inf))
+             clip_lo=float_bits(-np.inf), clip_hi=float_bits(np.inf), group_size=layer.group_size)
     if layer.kind != "linear":
         c = layer.conv
         two = layer.kind == "conv2d"
