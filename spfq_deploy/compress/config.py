@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import SpfqError
 
@@ -10,6 +10,18 @@ METHODS = ("spfq", "gpfq", "gptq", "rtn")
 SCALES = ("search", "mse")
 DEFAULT_DAMP = 0.01  # GPTQ's percdamp
 MAX_BLOCK = 4096  # SPFQ_PF_MAX_BLOCK of kernels/src/path_following.c
+
+
+WIDTHS = ("ternary", 1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def _width(bits, where: str = ""):
+    """A width as CompressConfig holds it: 1..8 as int (also from a string of digits) or "ternary"."""
+    if isinstance(bits, str) and bits.isdigit():
+        bits = int(bits)
+    if isinstance(bits, bool) or bits not in WIDTHS:
+        raise SpfqError(f"{where}bits must be 1, ternary or 2..8, got {bits!r}")
+    return bits
 
 
 @dataclass
@@ -38,13 +50,12 @@ class CompressConfig:
     block: int = 128  # lazy-update block of the Gram form
     batch_size: int = 64  # split size when calibration data is one tensor
     sparsity_tolerance: float = 0.005
+    layer_bits: dict = field(default_factory=dict)  # layer name -> width overriding bits (--bits-budget)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.bits, str) and self.bits.isdigit():
-            self.bits = int(self.bits)
-        if self.bits not in ("ternary", 1, 2, 3, 4, 5, 6, 7, 8):
-            raise SpfqError(f"bits must be 1, ternary or 2..8, got {self.bits!r}")
+        self.bits = _width(self.bits)
+        self.layer_bits = {str(n): _width(b, f"layer '{n}': ") for n, b in dict(self.layer_bits).items()}
         if self.method not in METHODS:
             raise SpfqError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 0.0 <= self.sparsity < 1.0:
@@ -87,6 +98,12 @@ class CompressConfig:
         if not 0.0 < damp < 1.0:  # also refuses nan
             raise SpfqError(f"damp must be a number in (0, 1), got {self.damp!r}")
         self.damp, self.act_order = damp, bool(self.act_order)
+
+    def for_layer(self, name: str) -> CompressConfig:
+        """This config with the layer's own width (layer_bits) in place of bits."""
+        if name not in self.layer_bits:
+            return self
+        return replace(self, bits=self.layer_bits[name], layer_bits={})
 
     @property
     def alphabet(self) -> str:
