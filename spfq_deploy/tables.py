@@ -94,13 +94,20 @@ def budget_summary(info: dict, order: list[str] | None = None, seconds: dict | N
         counts[widths[n]] = counts.get(widths[n], 0) + 1
     lines.append("  widths: " + ", ".join(f"{w if w == 'ternary' else w + '-bit'} x{c}"
                                           for w, c in sorted(counts.items(), key=lambda wc: _order(wc[0]))))
-    if names:
-        ends = [f"first layer {names[0]}: {widths[names[0]]}"]
-        if len(names) > 1:
-            ends.append(f"last layer {names[-1]}: {widths[names[-1]]}")
-        lines.append("  " + "; ".join(ends) + f" (file average {got:.2f})")
+    ends = [("first", names[0])] + ([("last", names[-1])] if len(names) > 1 else []) if names else []
+    for which, n in ends:
+        point = info.get("curves", {}).get(n, {}).get(widths[n])
+        if point is None or n not in info.get("layer_weights", {}):
+            lines.append(f"  {which} layer {n}: {widths[n]}")
+            continue
+        bpw = point["total_bits"] / info["layer_weights"][n]
+        side = "above" if bpw > got else "below" if bpw < got else "at"
+        lines.append(f"  {which} layer {n}: {widths[n]} ({bpw:.2f} bits/weight, {side} the file's {got:.2f}; "
+                     f"rel err {point['rel_error']:.4f} on float inputs)")
     if seconds:
-        lines.append(f"  curves: {len(info['candidates'])} widths per layer measured in {seconds['measure']:.1f} s; "
+        measured = "given (measured earlier)" if seconds.get("measure") is None else \
+            f"measured in {seconds['measure']:.1f} s"
+        lines.append(f"  curves: {len(info['candidates'])} widths per layer {measured}; "
                      f"final pass {seconds['compress']:.1f} s")
     return "\n".join(lines)
 

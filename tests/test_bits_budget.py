@@ -195,6 +195,21 @@ def test_allocation_on_measured_curves_is_the_brute_force_optimum(measured, B):
         assert a.bits_per_weight >= B - budget.CLOSE
 
 
+def test_curves_measured_once_serve_several_budgets(measured, tmp_path):
+    """compress_with_budget(curves=...) gives the very file of a run that measures itself."""
+    model, x, curves = measured
+    cfg = CompressConfig(method="rtn")
+    for B in (2.5, 3.0):
+        own = budget.compress_with_budget(model, x, cfg, B, progress=False)
+        reused = budget.compress_with_budget(model, x, cfg, B, curves=curves, progress=False)
+        assert own.model.meta["bits_budget"]["widths"] == budget.allocate(curves, B).widths
+        container.save(tmp_path / "own.spfq", own.model)
+        container.save(tmp_path / "reused.spfq", reused.model)
+        assert (tmp_path / "own.spfq").read_bytes() == (tmp_path / "reused.spfq").read_bytes()
+    with pytest.raises(SpfqError, match="other layers or candidates"):
+        budget.compress_with_budget(model, x, cfg, 3.0, (1, 4), curves=curves, progress=False)
+
+
 # ------------------------------------------------------------------ the CLI and the file
 
 def test_file_keeps_the_budget_within_002_and_records_the_allocation(budget_run):
@@ -228,7 +243,11 @@ def test_summary_and_inspect_show_the_allocation(budget_run, capsys):
     got = info["achieved_bits_per_weight"]
     line = f"bits budget 2.5: achieved {got:.4f} bits/weight incl. scales and padding"
     assert line in stdout
-    assert f"first layer 0: {info['widths']['0']}; last layer 14: {info['widths']['14']}" in stdout
+    for which, n in (("first", "0"), ("last", "14")):
+        w = info["widths"][n]
+        bpw = info["curves"][n][w]["total_bits"] / info["layer_weights"][n]
+        side = "above" if bpw > got else "below"
+        assert f"{which} layer {n}: {w} ({bpw:.2f} bits/weight, {side} the file's {got:.2f}; rel err " in stdout
     assert "widths: " in stdout and "curves: 6 widths per layer measured in" in stdout
     assert f"layers at {got:.4f} bits/weight incl. scales and padding" in stdout  # the file line agrees
     for r in report:  # the bits column of the per-layer table is the allocation

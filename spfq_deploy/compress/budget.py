@@ -200,8 +200,10 @@ def measure(model, calibration, cfg: CompressConfig, candidates, **engine_option
 
 
 def compress_with_budget(model, calibration, cfg: CompressConfig, budget: float, candidates=CANDIDATES,
-                         *, checkpoint=None, resume: bool = False, **engine_options):
-    """Measure, allocate, compress: a CompressionResult whose model's meta holds "bits_budget"."""
+                         *, curves: dict | None = None, checkpoint=None, resume: bool = False, **engine_options):
+    """Measure, allocate, compress: a CompressionResult whose model's meta holds "bits_budget".
+    curves: measure()'s curves of this very model, calibration and cfg for these candidates
+    (several budgets from one measurement); None: measured here."""
     from .engine import compress_model, select_layers
 
     if cfg.sparsity > 0:
@@ -210,7 +212,12 @@ def compress_with_budget(model, calibration, cfg: CompressConfig, budget: float,
     mods = dict(model.named_modules())
     names = select_layers(model, cfg.include, cfg.exclude)
     check_budget(budget, candidates, {n: (_kind(mods[n]), tuple(mods[n].weight.shape)) for n in names})
-    curves, measure_s = measure(model, calibration, cfg, candidates, **engine_options)
+    if curves is None:
+        curves, measure_s = measure(model, calibration, cfg, candidates, **engine_options)
+    else:
+        measure_s = None
+        if list(curves) != names or any(list(c) != [label(w) for w in candidates] for c in curves.values()):
+            raise SpfqError("curves given for other layers or candidates than this compression's")
     alloc = allocate(curves, budget)
     t0 = time.perf_counter()
     res = compress_model(model, calibration, replace(cfg, layer_bits=dict(alloc.widths)),
@@ -224,7 +231,8 @@ def compress_with_budget(model, calibration, cfg: CompressConfig, budget: float,
         "rule": f"least sum of rel_err^2 (float-input curves) with storage bits <= budget and within {CLOSE} "
                 f"bits/weight of it where the layer sizes allow (DP over storage bits)",
         "curves": {n: {w: {"rel_error": e, "total_bits": b} for w, (e, b, _) in c.items()}
-                   for n, c in curves.items()}}
+                   for n, c in curves.items()},
+        "layer_weights": {n: next(iter(c.values()))[2] for n, c in curves.items()}}
     res.engine["budget_seconds"] = {"measure": measure_s, "compress": compress_s}  # not in the file: same bytes
     return res
 
