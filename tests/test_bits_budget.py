@@ -155,6 +155,21 @@ def test_rounded_cells_keep_the_budget_and_lose_at_most_the_stated_bits():
             assert a.objective <= bound + 1e-12
 
 
+def test_a_budget_at_the_cheapest_assignment_survives_rounded_cells():
+    """At exactly the cheapest widths' bits, rounding every cost up would leave no assignment:
+    the cheapest one is still returned (it fits exactly)."""
+    curves = _random_curves(3, layers=4)
+    weights = sum(next(iter(c.values()))[2] for c in curves.values())
+    lowest = sum(min(p[1] for p in c.values()) for c in curves.values())
+    B = (lowest + 0.5) / weights  # the budget holds exactly the cheapest bits
+    assert int(Fraction(repr(B)) * weights) == lowest
+    a = budget.allocate(curves, B, max_cells=7)
+    assert a.total_bits == lowest and a.cell_bits > 1
+    assert a.widths == {n: "1" for n in curves}
+    with pytest.raises(SpfqError, match="no assignment"):
+        budget.allocate(curves, B * 0.99, max_cells=7)
+
+
 @pytest.fixture(scope="module")
 def measured():
     """Curves measured by the engine on a 4-layer model (every candidate, rtn)."""

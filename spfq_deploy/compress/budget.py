@@ -169,7 +169,12 @@ def allocate(curves: dict, budget: float, close: float | None = CLOSE, max_cells
             np.maximum(new_reach, r, out=new_reach)
         best, reach = new, new_reach
     if not np.isfinite(best).any():
-        raise SpfqError(f"--bits-budget {budget:g}: no assignment of the candidates fits")
+        cheapest = {n: min(curves[n], key=lambda w: (curves[n][w][1], curves[n][w][0])) for n in names}
+        total = sum(curves[n][cheapest[n]][1] for n in names)
+        if total > cap_bits:
+            raise SpfqError(f"--bits-budget {budget:g}: no assignment of the candidates fits")
+        # only the rounded-up cell costs overflow: the cheapest widths fit exactly (and alone)
+        return Allocation(cheapest, total, weights, objective(curves, cheapest), cap_bits, total, u)
     closest = int(reach.max())
     lo = 0
     if close is not None:  # the band of totals the file may have, in cells
