@@ -198,6 +198,21 @@ def test_measured_curves_hold_every_width_with_packed_bits(measured):
     assert res.report[0].rel_error == curves["0"]["3"][0]
 
 
+def test_upstream_curves_are_measured_on_the_compressed_outputs(measured):
+    """measure(upstream=widths): each layer's points are those a compress with these widths for
+    the layers before it reports (the same X~), the first layer's are the float-input ones."""
+    model, x, curves = measured
+    cfg = CompressConfig(method="rtn")
+    up = {"0": 3, "2": 4, "4": 1}
+    curves_up, _ = budget.measure(model, x, cfg, (1, 4), upstream=up, progress=False)
+    assert curves_up["0"] == {w: curves["0"][w] for w in ("1", "4")}
+    res = compress_model(model, x, CompressConfig(method="rtn", layer_bits=dict(up, **{"6": 1})), progress=False)
+    got = {r.name: r.rel_error for r in res.report}
+    assert curves_up["2"]["4"][0] == got["2"] and curves_up["4"]["1"][0] == got["4"]
+    assert curves_up["6"]["1"][0] == got["6"]
+    assert curves_up["4"]["1"][0] > curves["4"]["1"][0]  # the upstream error shows
+
+
 @pytest.mark.parametrize("B", [2.0, 2.5, 3.0, 4.5, 6.0])
 def test_allocation_on_measured_curves_is_the_brute_force_optimum(measured, B):
     _, _, curves = measured

@@ -194,13 +194,16 @@ def allocate(curves: dict, budget: float, close: float | None = CLOSE, max_cells
     return Allocation(widths, total, weights, objective(curves, widths), cap_bits, closest, u)
 
 
-def measure(model, calibration, cfg: CompressConfig, candidates, **engine_options) -> tuple[dict, float]:
-    """(curves, seconds) of the engine's measure mode (see the module docstring)."""
+def measure(model, calibration, cfg: CompressConfig, candidates, upstream: dict | None = None,
+            **engine_options) -> tuple[dict, float]:
+    """(curves, seconds) of the engine's measure mode (see the module docstring). upstream:
+    layer -> width: measure every layer on the outputs of the layers before it compressed at
+    these widths instead of float ones (an experiment: README "Bit budgets")."""
     from .engine import compress_model
 
     t0 = time.perf_counter()
-    res = compress_model(model, calibration, replace(cfg, layer_bits={}), measure=tuple(candidates),
-                         **engine_options)
+    res = compress_model(model, calibration, replace(cfg, layer_bits=dict(upstream or {})),
+                         measure=tuple(candidates), **engine_options)
     return res.curves, time.perf_counter() - t0
 
 

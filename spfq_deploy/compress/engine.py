@@ -342,7 +342,8 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
     measure: a tuple of widths (budget.py): every layer is compressed at each of them on its
     float inputs (X~ = X: nothing is applied, the compressed model stays float) and the
     result's `curves` hold each layer's relative output error and packed storage bits per
-    width; the result's model holds no layers."""
+    width; the result's model holds no layers. With cfg.layer_bits, a layer named there is
+    applied at that width once measured, so the layers after it are measured on its output."""
     if engine not in ENGINES:
         raise SpfqError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
@@ -401,12 +402,18 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
             bar.set_postfix_str(f"{name}: path following")
             t0 = time.perf_counter()
             if measure:
-                curves[name] = {}
+                curves[name], keep = {}, None
                 for width in measure:
                     layer, rep = _compress_one(name, mods[name], grams, acc, replace(cfg, bits=width, layer_bits={}),
                                                comm, apply=False)
                     sr = storage_report(layer)
                     curves[name][rep.bits] = (rep.rel_error, sr["total_bits"], sr["weights"])
+                    if name in cfg.layer_bits and cfg.layer_bits[name] == width:
+                        keep = layer
+                if name in cfg.layer_bits:  # later layers are measured on this one compressed
+                    if keep is None:
+                        keep, _ = _compress_one(name, mods[name], grams, acc, cfg.for_layer(name), comm, apply=False)
+                    _apply(mods[name], keep)
                 bar.update(1)
                 continue
             layer, rep = _compress_one(name, mods[name], grams, acc, cfg.for_layer(name), comm)
