@@ -103,7 +103,7 @@ def budget_summary(info: dict, order: list[str] | None = None, seconds: dict | N
         bpw = point["total_bits"] / info["layer_weights"][n]
         side = "above" if bpw > got else "below" if bpw < got else "at"
         lines.append(f"  {which} layer {n}: {widths[n]} ({bpw:.2f} bits/weight, {side} the file's {got:.2f}; "
-                     f"rel err {point['rel_error']:.4f} on float inputs)")
+                     f"measured rel err {point['rel_error']:.4f})")
     if seconds:
         measured = "given (measured earlier)" if seconds.get("measure") is None else \
             f"measured in {seconds['measure']:.1f} s"

@@ -277,7 +277,7 @@ def test_summary_and_inspect_show_the_allocation(budget_run, capsys):
         w = info["widths"][n]
         bpw = info["curves"][n][w]["total_bits"] / info["layer_weights"][n]
         side = "above" if bpw > got else "below"
-        assert f"{which} layer {n}: {w} ({bpw:.2f} bits/weight, {side} the file's {got:.2f}; rel err " in stdout
+        assert f"{which} layer {n}: {w} ({bpw:.2f} bits/weight, {side} the file's {got:.2f}; measured rel err " in stdout
     assert "widths: " in stdout and "curves: 6 widths per layer measured in" in stdout
     assert f"layers at {got:.4f} bits/weight incl. scales and padding" in stdout  # the file line agrees
     for r in report:  # the bits column of the per-layer table is the allocation
