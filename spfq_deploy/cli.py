@@ -72,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="model factory: path/to/file.py[:function] (default function: build)")
     c.add_argument("--calib", help="calibration data: .npy, .npz or file.py:function "
                                    "(default: the model file's calibration())")
-    c.add_argument("--bits", type=_bits, default=4, help="1 (binary), ternary, or 2..8 (default 4)")
+    c.add_argument("--bits", type=_bits, default=None, help="1 (binary), ternary, or 2..8 (default 4)")
+    c.add_argument("--bits-budget", metavar="B",
+                   help="average bits/weight of the file (scales and padding included, as inspect counts them): "
+                        "each layer's width is chosen from --bits-candidates by measured error curves so that "
+                        "the average is <= B with the least output error (README: Bit budgets)")
+    c.add_argument("--bits-candidates", metavar="W,W,...",
+                   help="widths --bits-budget chooses from (default 1,ternary,2,3,4,8)")
     c.add_argument("--method", choices=["gpfq", "spfq", "gptq", "rtn"], default="gpfq",
                    help="gpfq: deterministic path following (default, best measured quality); "
                         "spfq: stochastic path following; gptq: GPTQ/OPTQ; rtn: round to nearest")
@@ -255,6 +261,26 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"spfq-deploy: warning: {text if ours else f'{category.__name__}: {text}'}", file=sys.stderr)
 
 
+def _budget_options(args):
+    """(budget, candidates) of --bits-budget / --bits-candidates, checked before the model is
+    built: (None, None) without a budget."""
+    from .compress.budget import parse_budget, parse_candidates
+
+    if args.bits_budget is None:
+        if args.bits_candidates is not None:
+            raise SpfqError("--bits-candidates chooses widths for --bits-budget: give --bits-budget B as well")
+        return None, None
+    if args.bits is not None:
+        raise SpfqError("--bits-budget chooses each layer's width: give it or --bits, not both")
+    if args.layout:
+        raise SpfqError("--bits-budget counts the storage of each layer's own layout: --layout cannot be "
+                        "given with it")
+    if args.sparsity > 0:
+        raise SpfqError("--bits-budget with --sparsity is not supported: pruned layers' storage depends on "
+                        "their codes")
+    return parse_budget(args.bits_budget), parse_candidates(args.bits_candidates)
+
+
 def cmd_compress(args) -> int:
     import os
     import warnings
@@ -264,13 +290,15 @@ def cmd_compress(args) -> int:
     from .compress.checkpoint import side_file
     from .modelspec import DEFAULT_FACTORY, calibration_label, load_calibration, load_model, split_spec
     from .pack import LAYOUTS, container
-    from .tables import compression_summary
+    from .tables import budget_summary, compression_summary
 
     group_size = _group_size(args.group_size)
-    cfg = CompressConfig(bits=args.bits, method=args.method, sparsity=args.sparsity, order=args.order,
-                         scale=args.scale, damp=args.damp, act_order=args.act_order, ridge=args.ridge,
-                         c_grid=args.c_grid, per_layer_delta=args.per_layer_delta, group_size=group_size,
-                         range_quantile=args.range_quantile, bias_correction=args.bias_correction, rescale=args.rescale,
+    budget, candidates = _budget_options(args)
+    cfg = CompressConfig(bits=4 if args.bits is None else args.bits, method=args.method, sparsity=args.sparsity,
+                         order=args.order, scale=args.scale, damp=args.damp, act_order=args.act_order,
+                         ridge=args.ridge, c_grid=args.c_grid, per_layer_delta=args.per_layer_delta,
+                         group_size=group_size, range_quantile=args.range_quantile,
+                         bias_correction=args.bias_correction, rescale=args.rescale,
                          fold_batchnorm=not args.no_fold_bn, include=tuple(args.include or ["*"]),
                          exclude=tuple(args.exclude), seed=args.seed, batch_size=args.batch_size)
     model_path = split_spec(args.model, DEFAULT_FACTORY)[0]
@@ -302,10 +330,15 @@ def cmd_compress(args) -> int:
         if args.resume and not side.exists() and comm.root:
             print(f"spfq-deploy: note: --resume: no {side} yet, starting from the first layer", file=sys.stderr)
         try:
-            result = compress_model(model, data, cfg, progress=not args.quiet, model_spec=args.model,
-                                    source=calibration_label(args.calib, args.model), engine=args.engine,
-                                    memory_budget=args.memory_budget, checkpoint=side, resume=args.resume,
-                                    comm=comm)
+            options = dict(progress=not args.quiet, model_spec=args.model,
+                           source=calibration_label(args.calib, args.model), engine=args.engine,
+                           memory_budget=args.memory_budget, comm=comm)
+            if budget is None:
+                result = compress_model(model, data, cfg, checkpoint=side, resume=args.resume, **options)
+            else:
+                from .compress.budget import compress_with_budget
+                result = compress_with_budget(model, data, cfg, budget, candidates, checkpoint=side,
+                                              resume=args.resume, **options)
         except SpfqError:  # bad input: nothing to resume from
             if not args.resume and comm.root:
                 side.unlink(missing_ok=True)
@@ -349,6 +382,9 @@ def cmd_compress(args) -> int:
         _one_line_warning(w.message, w.category, w.filename, w.lineno)
     print(compression_summary(result.report))
     print(f"\ncalibration: {calib_spread_line(result.model.meta['calibration_spread'])}")
+    if "bits_budget" in result.model.meta:
+        print("\n" + budget_summary(result.model.meta["bits_budget"], result.model.meta.get("layer_order"),
+                                    result.engine.get("budget_seconds")))
     eng = result.engine
     if eng.get("engine") == "sequential":
         spilled = f", {eng['spilled_bytes'] / 2 ** 20:,.0f} MiB spilled to disk" if eng["spilled_bytes"] else ""

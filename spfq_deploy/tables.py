@@ -67,6 +67,9 @@ def inspect_table(header: dict) -> str:
     if spread:  # files written before the spread was recorded have only the sample count
         from .compress.calibration import spread_line
         lines.append(f"calibration: {spread_line(spread)}")
+    info = header.get("meta", {}).get("bits_budget")
+    if info:
+        lines += ["", budget_summary(info, header.get("meta", {}).get("layer_order") or list(header["layers"]))]
     return "\n".join(lines)
 
 
@@ -75,3 +78,45 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+CLOSE = 0.02  # the --bits-budget goal: the file's bits/weight within this of the budget
+
+
+def budget_summary(info: dict, order: list[str] | None = None, seconds: dict | None = None) -> str:
+    """The --bits-budget block of the compress summary and of `inspect` (meta["bits_budget"]):
+    budget, achieved bits/weight, why a gap over CLOSE remains, widths used, first/last layer."""
+    b, got = info["budget"], info["achieved_bits_per_weight"]
+    close = info.get("closest_bits_per_weight", got)
+    lines = [f"bits budget {b:g}: achieved {got:.4f} bits/weight incl. scales and padding ({b - got:.4f} below; "
+             f"candidates {','.join(info['candidates'])}; least sum of squared relative output errors)"]
+    if b - got > CLOSE:
+        lines.append(f"  more than {CLOSE} below the budget: the layer sizes allow no closer fit (the most any "
+                     f"assignment of these candidates reaches within it is {close:.4f} bits/weight)")
+    widths = info["widths"]
+    names = [n for n in (order or list(widths)) if n in widths]
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[widths[n]] = counts.get(widths[n], 0) + 1
+    lines.append("  widths: " + ", ".join(f"{w if w == 'ternary' else w + '-bit'} x{c}"
+                                          for w, c in sorted(counts.items(), key=lambda wc: _order(wc[0]))))
+    ends = [("first", names[0])] + ([("last", names[-1])] if len(names) > 1 else []) if names else []
+    for which, n in ends:
+        point = info.get("curves", {}).get(n, {}).get(widths[n])
+        if point is None or n not in info.get("layer_weights", {}):
+            lines.append(f"  {which} layer {n}: {widths[n]}")
+            continue
+        bpw = point["total_bits"] / info["layer_weights"][n]
+        side = "above" if bpw > got else "below" if bpw < got else "at"
+        lines.append(f"  {which} layer {n}: {widths[n]} ({bpw:.2f} bits/weight, {side} the file's {got:.2f}; "
+                     f"measured rel err {point['rel_error']:.4f})")
+    if seconds:
+        measured = "given (measured earlier)" if seconds.get("measure") is None else \
+            f"measured in {seconds['measure']:.1f} s"
+        lines.append(f"  curves: {len(info['candidates'])} widths per layer {measured}; "
+                     f"final pass {seconds['compress']:.1f} s")
+    return "\n".join(lines)
+
+
+def _order(width: str) -> float:
+    return 1.58 if width == "ternary" else float(width)

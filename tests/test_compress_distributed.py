@@ -35,6 +35,8 @@ CASES = {
                                   "--sparsity", "0.5"],
     # 32 samples: one leaf, so rank 1 runs no batch; grouped and depthwise convs split by groups
     "zoo-replay": ["tests/zoo_model.py", "--bits", "3", "--engine", "replay"],
+    # --bits-budget: the measurement pass and the final pass both split over the ranks
+    "zoo-bits-budget": ["tests/zoo_model.py", "--bits-budget", "3", "--bits-candidates", "1,ternary,4,8"],
     "zoo-gptq-act-order-sparse": ["tests/zoo_model.py", "--bits", "4", "--method", "gptq", "--act-order",
                                   "--sparsity", "0.3"],
     # group-wise scales (per-column scales in the C loop, rows split over the ranks)

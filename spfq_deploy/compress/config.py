@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import SpfqError
 
@@ -14,6 +14,18 @@ DEFAULT_RIDGE = 0.0  # gpfq / spfq: no ridge unless asked (README "Calibration c
 MAX_RIDGE = 100.0
 MAX_BLOCK = 4096  # SPFQ_PF_MAX_BLOCK of kernels/src/path_following.c
 GROUP_SIZES = (32, 64, 128)  # --group-size: input columns per float16 scale (0: one scale per row)
+
+
+WIDTHS = ("ternary", 1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def _width(bits, where: str = ""):
+    """A width as CompressConfig holds it: 1..8 as int (also from a string of digits) or "ternary"."""
+    if isinstance(bits, str) and bits.isdigit():
+        bits = int(bits)
+    if isinstance(bits, bool) or bits not in WIDTHS:
+        raise SpfqError(f"{where}bits must be 1, ternary or 2..8, got {bits!r}")
+    return bits
 
 
 @dataclass
@@ -47,13 +59,12 @@ class CompressConfig:
     batch_size: int = 64  # split size when calibration data is one tensor
     sparsity_tolerance: float = 0.005
     group_size: int = 0
+    layer_bits: dict = field(default_factory=dict)  # layer name -> width overriding bits (--bits-budget)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.bits, str) and self.bits.isdigit():
-            self.bits = int(self.bits)
-        if self.bits not in ("ternary", 1, 2, 3, 4, 5, 6, 7, 8):
-            raise SpfqError(f"bits must be 1, ternary or 2..8, got {self.bits!r}")
+        self.bits = _width(self.bits)
+        self.layer_bits = {str(n): _width(b, f"layer '{n}': ") for n, b in dict(self.layer_bits).items()}
         if self.method not in METHODS:
             raise SpfqError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 0.0 <= self.sparsity < 1.0:
@@ -121,6 +132,12 @@ class CompressConfig:
         if not 0.0 <= ridge <= MAX_RIDGE:  # also refuses nan
             raise SpfqError(f"ridge must be a number in [0, {MAX_RIDGE:g}], got {self.ridge!r}")
         self.ridge = ridge
+
+    def for_layer(self, name: str) -> CompressConfig:
+        """This config with the layer's own width (layer_bits) in place of bits."""
+        if name not in self.layer_bits:
+            return self
+        return replace(self, bits=self.layer_bits[name], layer_bits={})
 
     @property
     def alphabet(self) -> str:

@@ -17,7 +17,7 @@ import math
 import time
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..compressed import CompressedLayer, CompressedModel
 from ..errors import CalibrationError, SpfqError, UnsupportedLayerError
+from ..pack.layouts import storage_report
 from . import calibration as calib
 from . import distributed, sequential
 from .activations import DEFAULT_BUDGET, ActivationStore
@@ -89,6 +90,7 @@ class CompressionResult:
     report: list[LayerReport]
     reference: nn.Module  # the compressed model in PyTorch (dequantised weights)
     engine: dict = field(default_factory=dict)  # which engine ran (and why not the sequential one), memory
+    curves: dict = field(default_factory=dict)  # measure mode: layer -> {width: (rel_error, total_bits, weights)}
 
 
 def select_layers(model: nn.Module, include, exclude) -> list[str]:
@@ -327,7 +329,7 @@ def _layer_seed(seed: int, name: str) -> int:
 def compress_model(model: nn.Module, calibration, config: CompressConfig | None = None, *,
                    progress: bool = True, model_spec: str | None = None, source: str | None = None,
                    engine: str = "auto", memory_budget: int = DEFAULT_BUDGET, checkpoint=None, resume: bool = False,
-                   comm: Comm | None = None, **options) -> CompressionResult:
+                   comm: Comm | None = None, measure: tuple | None = None, **options) -> CompressionResult:
     """Compress every selected Linear/Conv layer of `model` (left untouched) with SPFQ/GPFQ/GPTQ/RTN.
 
     engine: "sequential" (sequential.py: each model runs once, cost linear in depth), "replay"
@@ -339,7 +341,13 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
     `source` names the calibration data (a file or function) in error messages. comm: the
     torch.distributed ranks sharing the work (distributed.py; default: this process alone):
     each runs the models on its leaves of batches and its share of every layer's candidates,
-    and every rank returns the same result (byte-identical to one process)."""
+    and every rank returns the same result (byte-identical to one process).
+
+    measure: a tuple of widths (budget.py): every layer is compressed at each of them on its
+    float inputs (X~ = X: nothing is applied, the compressed model stays float) and the
+    result's `curves` hold each layer's relative output error and packed storage bits per
+    width; the result's model holds no layers. With cfg.layer_bits, a layer named there is
+    applied at that width once measured, so the layers after it are measured on its output."""
     if engine not in ENGINES:
         raise SpfqError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
@@ -367,11 +375,17 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
     layers: dict[str, CompressedLayer] = {}
     report: list[LayerReport] = []
     total = sum(len(g) for g in groups)
-    bar = tqdm(total=total, desc=f"compress ({cfg.method}, {cfg.bits}-bit)", unit="layer",
+    what = f"measure ({cfg.method}, {len(measure)} widths)" if measure else \
+        f"compress ({cfg.method}, {'mixed' if cfg.layer_bits else cfg.bits}-bit)"
+    bar = tqdm(total=total, desc=what, unit="layer",
                disable=not progress or not comm.root, leave=False)
 
+    unknown = sorted(set(cfg.layer_bits) - set(names))
+    if unknown:
+        raise SpfqError(f"layer_bits names layers that are not compressed: {', '.join(unknown)}")
+    curves: dict[str, dict] = {}
     ckpt = None
-    if checkpoint is not None and comm.root:
+    if checkpoint is not None and comm.root and not measure:
         ckpt = Checkpoint(checkpoint, run_key(model, batches, cfg.to_dict()), resume)
 
     def restore(group) -> bool:
@@ -391,7 +405,22 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
         for name in group:
             bar.set_postfix_str(f"{name}: path following")
             t0 = time.perf_counter()
-            layer, rep = _compress_one(name, mods[name], grams, acc, cfg, comm)
+            if measure:
+                curves[name], keep = {}, None
+                for width in measure:
+                    layer, rep = _compress_one(name, mods[name], grams, acc, replace(cfg, bits=width, layer_bits={}),
+                                               comm, apply=False)
+                    sr = storage_report(layer)
+                    curves[name][rep.bits] = (rep.rel_error, sr["total_bits"], sr["weights"])
+                    if name in cfg.layer_bits and cfg.layer_bits[name] == width:
+                        keep = layer
+                if name in cfg.layer_bits:  # later layers are measured on this one compressed
+                    if keep is None:
+                        keep, _ = _compress_one(name, mods[name], grams, acc, cfg.for_layer(name), comm, apply=False)
+                    _apply(mods[name], keep)
+                bar.update(1)
+                continue
+            layer, rep = _compress_one(name, mods[name], grams, acc, cfg.for_layer(name), comm)
             rep.seconds = time.perf_counter() - t0
             layers[name] = layer
             report.append(rep)
@@ -452,7 +481,7 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
             "folded_batchnorm": [list(p) for p in pairs], "torch": torch.__version__,
             "layer_order": [n for g in groups for n in g]}
     cm = CompressedModel(layers, float_params, model_spec, meta)
-    return CompressionResult(cm, report, qmodel, stats)
+    return CompressionResult(cm, report, qmodel, stats, curves)
 
 
 FP16_MAX = 65504.0
@@ -529,7 +558,7 @@ def _rescale(res, W, grams, acc, how: str):
 
 
 @torch.no_grad()
-def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig, comm=None):
+def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig, comm=None, apply: bool = True):
     g = groups_of(module)
     Wf = module.weight.detach().double()
     N = Wf.shape[0]
@@ -557,7 +586,8 @@ def _compress_one(name, module, grams, acc: GramAccumulator, cfg: CompressConfig
               "order": cfg.order}, group_size=cfg.group_size)
     layer.meta["sparsity"] = layer.sparsity
     layer.validate()
-    _apply(module, layer)
+    if apply:
+        _apply(module, layer)
     bits = "ternary" if cfg.alphabet == "ternary" else str(cfg.nbits)
     rep = LayerReport(name, layer.kind, layer.weight_shape, bits, layer.sparsity, res.C, res.lam_factor,
                       res.rel_error, res.align_error, grams.m, 0.0)
