@@ -6,7 +6,7 @@ WordSim Spearman, polarity accuracy), at binary, ternary, 2, 3, 4 bits and 4-bit
         [--methods rtn,gpfq,spfq,gptq,gptq-mse,gptq-act]
 
 A method is a --method name, optionally with variants: -mse / -search (--scale), -act
-(--act-order), -ridgeF (--ridge F), -var / -ls (--rescale), -bc (--bias-correction). Models: mnist, minilm, mobilenetv2 (top-1 agreement and
+(--act-order), -ridgeF (--ridge F), -var / -ls (--rescale), -bc (--bias-correction), -g32 / -g64 / -g128 (--group-size). Models: mnist, minilm, mobilenetv2 (top-1 agreement and
 top-5 overlap with fp32 on 200 held-out photo crops). The JSON is rewritten after every run, so
 a long benchmark that is stopped keeps what it measured. Writes JSON (per run: task metrics, per-layer relative output errors, the mean
 weight error ||W - Q|| / ||W||, compression seconds; goals: each method against round to
@@ -47,6 +47,9 @@ def options(label: str) -> dict:
     method, *variants = label.split("-")
     opts = {"method": method}
     for v in variants:
+        if v in ("g32", "g64", "g128"):
+            opts["group_size"] = int(v[1:])
+            continue
         if v.startswith("ridge"):
             try:
                 opts["ridge"] = float(v[len("ridge"):])
