@@ -335,20 +335,26 @@ def calibration_sentences(n: int = 256) -> list[str]:
     for doc in _read_lines("lee_background.cor"):
         sents = [s.strip() for s in _SENTENCE_END.split(doc)]
         docs.append([s for s in sents if len(s.split()) >= MIN_SENTENCE_WORDS])
+    return _round_robin(docs, n, "sentences")
+
+
+def _round_robin(docs: list[list[str]], n: int, what: str, skip: frozenset = frozenset(),
+                 keep=lambda item: True) -> list[str]:
+    """The first n distinct items taken round-robin across the documents (1st item of every
+    document, then the 2nd, ...) that keep() accepts, none of them in skip."""
     picked: list[str] = []
-    seen: set[str] = set()
+    seen = set(skip)
     depth = 0
     while len(picked) < n and any(depth < len(d) for d in docs):
         for d in docs:
-            if depth < len(d) and d[depth] not in seen:
+            if depth < len(d) and d[depth] not in seen and keep(d[depth]):
                 seen.add(d[depth])
                 picked.append(d[depth])
                 if len(picked) == n:
                     break
         depth += 1
     if len(picked) < n:
-        raise CalibrationError(f"lee_background.cor has only {len(picked)} usable sentences, "
-                         f"{n} were asked for")
+        raise CalibrationError(f"lee_background.cor has only {len(picked)} usable {what}, {n} were asked for")
     return picked
 
 
@@ -356,13 +362,18 @@ _WORD = re.compile(r"[A-Za-z][a-z]+")
 PHRASE_SKIP = 1024  # calibration_phrases cuts from sentences 1024.. of calibration_sentences
 
 
-def _wordsim_words() -> set[str]:
-    words = set()
+def _wordsim_pairs() -> list[tuple[str, str, float]]:
+    """(word, word, human score) of wordsim353.tsv."""
+    pairs = []
     for line in _read_lines("wordsim353.tsv"):
         if not line.startswith("#"):
-            a, b, _ = line.split("\t")
-            words.update((a.lower(), b.lower()))
-    return words
+            a, b, score = line.split("\t")
+            pairs.append((a, b, float(score)))
+    return pairs
+
+
+def _wordsim_words() -> set[str]:
+    return {w.lower() for a, b, _ in _wordsim_pairs() for w in (a, b)}
 
 
 def calibration_words(n: int = 256) -> list[str]:
@@ -372,20 +383,8 @@ def calibration_words(n: int = 256) -> list[str]:
     sentences. Deterministic."""
     if n <= 0:
         return []
-    banned = _wordsim_words()
     docs = [[w.lower() for w in _WORD.findall(doc)] for doc in _read_lines("lee_background.cor")]
-    picked, seen, depth = [], set(banned), 0
-    while len(picked) < n and any(depth < len(d) for d in docs):
-        for d in docs:
-            if depth < len(d) and len(d[depth]) >= 3 and d[depth] not in seen:
-                seen.add(d[depth])
-                picked.append(d[depth])
-                if len(picked) == n:
-                    break
-        depth += 1
-    if len(picked) < n:
-        raise CalibrationError(f"lee_background.cor has only {len(picked)} usable words, {n} were asked for")
-    return picked
+    return _round_robin(docs, n, "words", frozenset(_wordsim_words()), keep=lambda w: len(w) >= 3)
 
 
 def calibration_phrases(n: int = 128) -> list[str]:
@@ -477,12 +476,7 @@ def lee_pearson(model: nn.Module) -> float:
 def wordsim_spearman(model: nn.Module) -> float:
     """Spearman rho: embedding cosine of the two words vs. the human score (wordsim353.tsv)."""
     stats = require("scipy.stats", "scipy")
-    pairs = []
-    for line in _read_lines("wordsim353.tsv"):
-        if line.startswith("#"):
-            continue
-        a, b, score = line.split("\t")
-        pairs.append((a, b, float(score)))
+    pairs = _wordsim_pairs()
     words = sorted({w for a, b, _ in pairs for w in (a, b)})
     emb = encode(model, words)
     index = {w: i for i, w in enumerate(words)}

@@ -205,7 +205,64 @@ def _weights_desc(layout: str, n: int, k: int, buffers: dict, scale, lam, bias, 
     return d, keep
 
 
-class GroupedWeights:
+class _Rows:
+    """The calls a prepared weight set of either kind takes (C functions `_C` + name: spfq_ for
+    PackedWeights, spfq_grouped_ for GroupedWeights); subclasses set _h, n, k."""
+
+    _C = ""
+
+    def _fn(self, name):
+        return getattr(lib(), self._C + name), self._C[len("spfq_"):] + name
+
+    def __del__(self):
+        h = getattr(self, "_h", None)
+        if h is not None and h.value and _lib is not None:
+            getattr(_lib, self._C + "free")(h)
+            self._h = None
+
+    def _x(self, x, dtype, name):
+        if not isinstance(x, np.ndarray) or x.ndim != 2:
+            raise KernelError(f"{name} must be a 2-D numpy array (M, K)")
+        if x.shape[1] != self.k:
+            raise KernelError(f"{name} has K = {x.shape[1]}, the weights have K = {self.k}")
+        return _arr(x, dtype, x.shape, name, np.dtype(dtype).itemsize)
+
+    def set_clamp(self, lo: float = -np.inf, hi: float = np.inf) -> None:
+        """Fuse y = min(max(y, lo), hi) into the epilogue (ReLU: lo = 0; ReLU6: 0, 6)."""
+        fn, what = self._fn("set_clamp")
+        _ok(fn(self._h, lo, hi), what)
+
+    def set_activation(self, kind: str | None, slope=None) -> None:
+        """Fuse an activation after the clamp: 'hardswish', 'silu', 'prelu' (slope: one per
+        output), None: off."""
+        _set_activation(self._C + "set_activation", self._h, self.n, kind, slope)
+
+    def matmul_f32(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        """Weight-only: x (M, K) float32 -> (M, N)."""
+        px = self._x(x, np.float32, "x")
+        y = np.empty((x.shape[0], self.n), np.float32)
+        fn, what = self._fn("matmul_f32")
+        _ok(fn(self._h, x.shape[0], px, y.ctypes.data, threads), what)
+        return y
+
+    def matmul_i8(self, xq: np.ndarray, xscale: np.ndarray, threads: int = 1) -> np.ndarray:
+        px = self._x(xq, np.int8, "xq")
+        ps = _arr(xscale, np.float32, (xq.shape[0],), "xscale", 4)
+        y = np.empty((xq.shape[0], self.n), np.float32)
+        fn, what = self._fn("matmul_i8")
+        _ok(fn(self._h, xq.shape[0], px, ps, y.ctypes.data, threads), what)
+        return y
+
+    def matmul_q8(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        """x (M, K) float32 quantised per row inside the call: quantize_i8 + matmul_i8 in one."""
+        px = self._x(x, np.float32, "x")
+        y = np.empty((x.shape[0], self.n), np.float32)
+        fn, what = self._fn("matmul_q8")
+        _ok(fn(self._h, x.shape[0], px, y.ctypes.data, threads), what)
+        return y
+
+
+class GroupedWeights(_Rows):
     """A layer with group-wise scales (--group-size) handed to the kernels (spfq_grouped_*: each
     group's columns run the per-row-scale kernels, float outputs summed in group order; the exact
     order is in spfq_kernels.h)."""
@@ -228,39 +285,7 @@ class GroupedWeights:
         layout, bits, bufs = kernel_pack(layer, layout or L.default_layout(layer), groups_ok=True)
         return cls(layout, layer.rows, layer.cols, layer.group_size, bufs, layer.scale, layer.lam, layer.bias, bits)
 
-    def __del__(self):
-        h = getattr(self, "_h", None)
-        if h is not None and h.value and _lib is not None:
-            _lib.spfq_grouped_free(h)
-            self._h = None
-
-    def _x(self, x, dtype, name):
-        return PackedWeights._x(self, x, dtype, name)
-
-    def set_clamp(self, lo: float = -np.inf, hi: float = np.inf) -> None:
-        _ok(lib().spfq_grouped_set_clamp(self._h, lo, hi), "grouped_set_clamp")
-
-    def set_activation(self, kind: str | None, slope=None) -> None:
-        _set_activation("spfq_grouped_set_activation", self._h, self.n, kind, slope)
-
-    def matmul_f32(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
-        px = self._x(x, np.float32, "x")
-        y = np.empty((x.shape[0], self.n), np.float32)
-        _ok(lib().spfq_grouped_matmul_f32(self._h, x.shape[0], px, y.ctypes.data, threads), "grouped_matmul_f32")
-        return y
-
-    def matmul_i8(self, xq: np.ndarray, xscale: np.ndarray, threads: int = 1) -> np.ndarray:
-        px = self._x(xq, np.int8, "xq")
-        ps = _arr(xscale, np.float32, (xq.shape[0],), "xscale", 4)
-        y = np.empty((xq.shape[0], self.n), np.float32)
-        _ok(lib().spfq_grouped_matmul_i8(self._h, xq.shape[0], px, ps, y.ctypes.data, threads), "grouped_matmul_i8")
-        return y
-
-    def matmul_q8(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
-        px = self._x(x, np.float32, "x")
-        y = np.empty((x.shape[0], self.n), np.float32)
-        _ok(lib().spfq_grouped_matmul_q8(self._h, x.shape[0], px, y.ctypes.data, threads), "grouped_matmul_q8")
-        return y
+    _C = "spfq_grouped_"
 
 
 def _act_in(a: "Act", x, check) -> tuple[int, list]:
@@ -285,7 +310,7 @@ def _act_out(a: "Act", m: int, n: int, q8: bool):
     return yq, ys
 
 
-class PackedWeights:
+class PackedWeights(_Rows):
     """A layer's packed weights handed to the kernels once (they keep their own copy)."""
 
     def __init__(self, layout: str, n: int, k: int, buffers: dict, scale, lam=None, bias=None, bits: int = 1):
@@ -302,34 +327,7 @@ class PackedWeights:
         layout, bits, bufs = kernel_pack(layer, layout or L.default_layout(layer))
         return cls(layout, layer.rows, layer.cols, bufs, layer.scale, layer.lam, layer.bias, bits)
 
-    def __del__(self):
-        h = getattr(self, "_h", None)
-        if h is not None and h.value and _lib is not None:
-            _lib.spfq_free(h)
-            self._h = None
-
-    def _x(self, x, dtype, name):
-        if not isinstance(x, np.ndarray) or x.ndim != 2:
-            raise KernelError(f"{name} must be a 2-D numpy array (M, K)")
-        if x.shape[1] != self.k:
-            raise KernelError(f"{name} has K = {x.shape[1]}, the weights have K = {self.k}")
-        return _arr(x, dtype, x.shape, name, np.dtype(dtype).itemsize)
-
-    def set_clamp(self, lo: float = -np.inf, hi: float = np.inf) -> None:
-        """Fuse y = min(max(y, lo), hi) into the epilogue (ReLU: lo = 0; ReLU6: 0, 6)."""
-        _ok(lib().spfq_set_clamp(self._h, lo, hi), "set_clamp")
-
-    def set_activation(self, kind: str | None, slope=None) -> None:
-        """Fuse an activation after the clamp: 'hardswish', 'silu', 'prelu' (slope: one per
-        output), None: off."""
-        _set_activation("spfq_set_activation", self._h, self.n, kind, slope)
-
-    def matmul_f32(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
-        """Weight-only: x (M, K) float32 -> (M, N)."""
-        px = self._x(x, np.float32, "x")
-        y = np.empty((x.shape[0], self.n), np.float32)
-        _ok(lib().spfq_matmul_f32(self._h, x.shape[0], px, y.ctypes.data, threads), "matmul_f32")
-        return y
+    _C = "spfq_"
 
     def matmul_i8_raw(self, xq: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Exact int32 (acc_c, acc_s) of int8 activations (M, K)."""
@@ -341,20 +339,6 @@ class PackedWeights:
         if self.layout in ("sign", "sign_mask"):
             acc_c[...] = acc_s  # c == sign(c) for binary / ternary codes
         return acc_c, acc_s
-
-    def matmul_i8(self, xq: np.ndarray, xscale: np.ndarray, threads: int = 1) -> np.ndarray:
-        px = self._x(xq, np.int8, "xq")
-        ps = _arr(xscale, np.float32, (xq.shape[0],), "xscale", 4)
-        y = np.empty((xq.shape[0], self.n), np.float32)
-        _ok(lib().spfq_matmul_i8(self._h, xq.shape[0], px, ps, y.ctypes.data, threads), "matmul_i8")
-        return y
-
-    def matmul_q8(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
-        """x (M, K) float32 quantised per row inside the call: quantize_i8 + matmul_i8 in one."""
-        px = self._x(x, np.float32, "x")
-        y = np.empty((x.shape[0], self.n), np.float32)
-        _ok(lib().spfq_matmul_q8(self._h, x.shape[0], px, y.ctypes.data, threads), "matmul_q8")
-        return y
 
     def matmul_act(self, x: np.ndarray | tuple, q8_out: bool = False, threads: int = 1):
         """x: float32 (M, K), or (xq int8 (M, K), xscale float32 (M,)); returns y float32 (M, N),

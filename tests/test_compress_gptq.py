@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gptq_reference import published_gptq
 
 from spfq_deploy.cli import main
 from spfq_deploy.compress import compress_model, gptq
@@ -61,31 +62,8 @@ def level_table(alph, g):
 
 
 def reference_gptq(W, H, table, damp=0.01, act_order=False):
-    """GPTQ's fasterquant for one group, unblocked, in float64: W (n, d), H (d, d); each row
-    rounded to the nearest value of its row of table. Codes (n, d) in the layer's order."""
-    W, H = W.numpy().copy(), H.numpy().copy()
-    vals, codes_of = table
-    n, d = W.shape
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(d)
-    W, H = W[:, perm], H[perm][:, perm]
-    H[np.diag_indices(d)] += damp * np.mean(np.diag(H))
-    Linv = np.linalg.inv(np.linalg.cholesky(H))
-    U = np.linalg.cholesky(Linv.T @ Linv).T  # upper Cholesky factor of H^-1 = U^T U
-    codes = np.zeros((n, d), dtype=np.int8)
-    rows = np.arange(n)
-    for i in range(d):
-        w = W[:, i].copy()
-        pick = np.abs(w[:, None] - vals).argmin(1)
-        q = vals[rows, pick]
-        codes[:, i] = codes_of[rows, pick]
-        err = (w - q) / U[i, i]
-        W[:, i:] -= err[:, None] * U[None, i, i:]
-    out = np.zeros_like(codes)
-    out[:, perm] = codes
-    return torch.from_numpy(out)
+    """GPTQ's fasterquant (tests/gptq_reference.py) with each row's level table."""
+    return torch.from_numpy(published_gptq(W, H, *table, damp=damp, act_order=act_order))
 
 
 def reference_codes(W, gr, alph, **kw):

@@ -21,6 +21,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from gptq_reference import published_gptq
 
 from spfq_deploy import kernels
 from spfq_deploy.cli import main
@@ -145,34 +146,6 @@ def test_mse_scale_is_chosen_per_group(bits):
                 return ((w - q) ** 2).sum()
             best = min(shrinks, key=lambda c: (err(c), -c))  # ties keep the larger factor
             assert float(res.alphabet.delta[0, i, j]) == float(np.float16(best * R / K))
-
-
-def published_gptq(W, H, vals, codes_of, damp=0.01, act_order=False):
-    """GPTQ's fasterquant for one group, unblocked, float64 (as tests/test_compress_gptq.py
-    writes it), each weight rounded to the nearest level of its own column's table: vals,
-    codes_of (n, d, L) in the layer's column order, so act-order must carry each column's
-    group scale along. Codes (n, d) in the layer's order."""
-    W, H = W.numpy().copy(), H.numpy().copy()
-    n, d = W.shape
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(d)
-    W, H = W[:, perm], H[perm][:, perm]
-    H[np.diag_indices(d)] += damp * np.mean(np.diag(H))
-    Linv = np.linalg.inv(np.linalg.cholesky(H))
-    U = np.linalg.cholesky(Linv.T @ Linv).T
-    codes = np.zeros((n, d), dtype=np.int8)
-    rows = np.arange(n)
-    for i in range(d):
-        w = W[:, i].copy()
-        v, c = vals[:, perm[i]], codes_of[:, perm[i]]
-        pick = np.abs(w[:, None] - v).argmin(1)
-        codes[:, i] = c[rows, pick]
-        W[:, i:] -= ((w - v[rows, pick]) / U[i, i])[:, None] * U[None, i, i:]
-    out = np.zeros_like(codes)
-    out[:, perm] = codes
-    return out
 
 
 @pytest.mark.parametrize("bits,sparsity", [(3, 0.0), (4, 0.3), ("ternary", 0.0)])

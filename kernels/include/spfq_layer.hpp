@@ -68,38 +68,51 @@ inline spfq_weights_desc make_desc(int layout, int bits, int64_t n, int64_t k, i
     return d;
 }
 
+// The weights desc of each conv group j (rows [j n/groups, (j+1) n/groups)) handed to fn(d);
+// scale and lam hold scale_cols floats per row (1, or ceil(k / group) for group-wise scales).
+// Bit planes of several groups are copied into one slab, valid during fn.
+template <class Fn>
+inline void each_group_desc(int layout, int bits, int64_t n, int64_t k, int64_t kept_words, int64_t groups,
+                            int64_t scale_cols, const uint64_t *sign, const uint64_t *mask, const uint64_t *planes,
+                            const float *scale, const float *lam, const float *bias, Fn &&fn) {
+    const int64_t W = (k + 63) / 64, ng = n / groups;
+    const int64_t pw = layout == SPFQ_SPARSE ? kept_words : W;
+    std::vector<uint64_t> slab;
+    for (int64_t j = 0; j < groups; j++) {
+        const int64_t r0 = j * ng;
+        spfq_weights_desc d = make_desc(layout, bits, ng, k, kept_words);
+        d.sign = needs_sign(layout) && sign ? sign + r0 * W : nullptr;
+        d.mask = needs_mask(layout) && mask ? mask + r0 * W : nullptr;
+        if (needs_planes(layout) && planes) {
+            if (groups == 1) {
+                d.planes = planes;
+            } else {
+                slab.resize(static_cast<size_t>(bits * ng * pw));
+                for (int64_t b = 0; b < bits; b++)
+                    std::memcpy(&slab[b * ng * pw], planes + (b * n + r0) * pw, sizeof(uint64_t) * ng * pw);
+                d.planes = slab.data();
+            }
+        }
+        d.scale = scale + r0 * scale_cols;
+        d.lam = lam ? lam + r0 * scale_cols : nullptr;
+        d.bias = bias ? bias + r0 : nullptr;
+        fn(d);
+    }
+}
+
 // One prepared part per group; buffers the layout does not use are ignored.
 inline std::vector<spfq_prepared *> prepare_groups(int layout, int bits, int64_t n, int64_t k, int64_t kept_words,
                                                    int64_t groups, const uint64_t *sign, const uint64_t *mask,
                                                    const uint64_t *planes, const float *scale, const float *lam,
                                                    const float *bias) {
-    const int64_t W = (k + 63) / 64, ng = n / groups;
-    const int64_t pw = layout == SPFQ_SPARSE ? kept_words : W;
     std::vector<spfq_prepared *> parts;
-    std::vector<uint64_t> slab;
     try {
-        for (int64_t j = 0; j < groups; j++) {
-            const int64_t r0 = j * ng;
-            spfq_weights_desc d = make_desc(layout, bits, ng, k, kept_words);
-            d.sign = needs_sign(layout) && sign ? sign + r0 * W : nullptr;
-            d.mask = needs_mask(layout) && mask ? mask + r0 * W : nullptr;
-            if (needs_planes(layout) && planes) {
-                if (groups == 1) {
-                    d.planes = planes;
-                } else {
-                    slab.resize(static_cast<size_t>(bits * ng * pw));
-                    for (int64_t b = 0; b < bits; b++)
-                        std::memcpy(&slab[b * ng * pw], planes + (b * n + r0) * pw, sizeof(uint64_t) * ng * pw);
-                    d.planes = slab.data();
-                }
-            }
-            d.scale = scale + r0;
-            d.lam = lam ? lam + r0 : nullptr;
-            d.bias = bias ? bias + r0 : nullptr;
-            spfq_prepared *p = nullptr;
-            check(spfq_prepare(&d, &p), "prepare");
-            parts.push_back(p);
-        }
+        each_group_desc(layout, bits, n, k, kept_words, groups, 1, sign, mask, planes, scale, lam, bias,
+                        [&](const spfq_weights_desc &d) {
+                            spfq_prepared *p = nullptr;
+                            check(spfq_prepare(&d, &p), "prepare");
+                            parts.push_back(p);
+                        });
     } catch (...) {
         free_parts(parts);
         throw;
@@ -171,29 +184,14 @@ inline void free_layer(Layer &l) {
 inline Layer prepare_grouped_layer(int layout, int bits, int64_t n, int64_t k, int64_t kept_words, int64_t group,
                                    int64_t groups, const uint64_t *sign, const uint64_t *mask, const uint64_t *planes,
                                    const float *scale, const float *lam, const float *bias) {
-    const int64_t W = (k + 63) / 64, ng = n / groups, ns = (k + group - 1) / group;
-    const int64_t pw = layout == SPFQ_SPARSE ? kept_words : W;
     Layer l;
-    std::vector<uint64_t> slab;
     try {
-        for (int64_t j = 0; j < groups; j++) {
-            const int64_t r0 = j * ng;
-            spfq_weights_desc d = make_desc(layout, bits, ng, k, kept_words);
-            d.sign = needs_sign(layout) && sign ? sign + r0 * W : nullptr;
-            d.mask = needs_mask(layout) && mask ? mask + r0 * W : nullptr;
-            if (needs_planes(layout) && planes) {
-                slab.resize(static_cast<size_t>(bits * ng * pw));
-                for (int64_t b = 0; b < bits; b++)
-                    std::memcpy(&slab[b * ng * pw], planes + (b * n + r0) * pw, sizeof(uint64_t) * ng * pw);
-                d.planes = slab.data();
-            }
-            d.scale = scale + r0 * ns;
-            d.lam = lam ? lam + r0 * ns : nullptr;
-            d.bias = bias ? bias + r0 : nullptr;
-            spfq_grouped *p = nullptr;
-            check(spfq_grouped_prepare(&d, static_cast<int32_t>(group), &p), "grouped_prepare");
-            l.gparts.push_back(p);
-        }
+        each_group_desc(layout, bits, n, k, kept_words, groups, (k + group - 1) / group, sign, mask, planes, scale, lam,
+                        bias, [&](const spfq_weights_desc &d) {
+                            spfq_grouped *p = nullptr;
+                            check(spfq_grouped_prepare(&d, static_cast<int32_t>(group), &p), "grouped_prepare");
+                            l.gparts.push_back(p);
+                        });
     } catch (...) {
         free_layer(l);
         throw;

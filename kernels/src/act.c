@@ -111,3 +111,13 @@ float *spfq_act_slope(int32_t kind, const float *slope, int32_t n, int *rc) {
     memcpy(copy, slope, (size_t)n * sizeof(float));
     return copy;
 }
+
+int spfq_act_set(int32_t *act, float **act_slope, int32_t kind, const float *slope, int32_t n) {
+    int rc;
+    float *copy = spfq_act_slope(kind, slope, n, &rc);
+    if (rc) return rc;
+    free(*act_slope);
+    *act_slope = copy;
+    *act = kind;
+    return SPFQ_OK;
+}

@@ -640,8 +640,8 @@ int spfq_matmul_act(const spfq_prepared *w, int32_t m, const spfq_act *a, int32_
 
 /* Codes of one row (K int8 values) into the packed words of layout SIGN / SIGN_MASK / PLANES
  * (the .spfq conventions of spfq_kernels.h; rows of W words, planes `ps` words apart). */
-static void encode_row(int layout, int bits, const int8_t *c, int32_t K, int32_t W, uint64_t *sign, uint64_t *mask,
-                       uint64_t *planes, size_t ps) {
+void spfq_encode_row(int layout, int bits, const int8_t *c, int32_t K, int32_t W, uint64_t *sign, uint64_t *mask,
+                     uint64_t *planes, size_t ps) {
     for (int32_t i = 0; i < W; i++) {
         if (sign) sign[i] = 0;
         if (mask) mask[i] = 0;
@@ -687,7 +687,7 @@ static const spfq_prepared *conv_hwc(const spfq_prepared *cw, int32_t C) {
                     spfq_sign_row_codes(w, n, c);
                 for (int32_t ch = 0; ch < C; ch++)
                     for (int32_t t = 0; t < taps; t++) p[t * C + ch] = c[ch * taps + t];
-                encode_row(L, bits, p, K, W, sign ? sign + (size_t)n * W : NULL, mask ? mask + (size_t)n * W : NULL,
+                spfq_encode_row(L, bits, p, K, W, sign ? sign + (size_t)n * W : NULL, mask ? mask + (size_t)n * W : NULL,
                            planes ? planes + (size_t)n * W : NULL, (size_t)N * W);
             }
             spfq_weights_desc d = w->d;

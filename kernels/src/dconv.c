@@ -55,14 +55,7 @@ int spfq_dc_set_clamp(spfq_dc *p, float lo, float hi) {
 }
 
 int spfq_dc_set_activation(spfq_dc *p, int32_t kind, const float *slope) {
-    if (!p) return SPFQ_EINVAL;
-    int rc;
-    float *copy = spfq_act_slope(kind, slope, p->n, &rc);
-    if (rc) return rc;
-    free(p->act_slope);
-    p->act_slope = copy;
-    p->act = kind;
-    return SPFQ_OK;
+    return p ? spfq_act_set(&p->act, &p->act_slope, kind, slope, p->n) : SPFQ_EINVAL;
 }
 
 /* The lane-order tables of prepared weights (any K; the geometry is the caller's). */

@@ -113,14 +113,7 @@ int spfq_dw_set_clamp(spfq_dw *p, float lo, float hi) {
 }
 
 int spfq_dw_set_activation(spfq_dw *p, int32_t kind, const float *slope) {
-    if (!p) return SPFQ_EINVAL;
-    int rc;
-    float *copy = spfq_act_slope(kind, slope, p->n, &rc);
-    if (rc) return rc;
-    free(p->act_slope);
-    p->act_slope = copy;
-    p->act = kind;
-    return SPFQ_OK;
+    return p ? spfq_act_set(&p->act, &p->act_slope, kind, slope, p->n) : SPFQ_EINVAL;
 }
 
 int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw **out) {

@@ -28,22 +28,6 @@ struct spfq_grouped {
     float *act_slope;
 };
 
-static void encode(int layout, int bits, const int8_t *c, int32_t K, uint64_t *sign, uint64_t *mask, uint64_t *planes,
-                   size_t ps) {
-    for (int32_t k = 0; k < K; k++) {
-        const uint64_t bit = 1ull << (k % 64);
-        const int32_t i = k / 64;
-        if (layout == SPFQ_PLANES) {
-            const unsigned u = (unsigned)(c[k] + (1 << (bits - 1)));
-            for (int p = 0; p < bits; p++)
-                if ((u >> p) & 1u) planes[(size_t)p * ps + i] |= bit;
-            continue;
-        }
-        if (c[k] < 0) sign[i] |= bit;
-        if (mask && c[k] != 0) mask[i] |= bit;
-    }
-}
-
 void spfq_grouped_free(spfq_grouped *p) {
     if (!p) return;
     for (int32_t g = 0; p->sub && g < p->ngroups; g++) spfq_free(p->sub[g]);
@@ -66,7 +50,7 @@ static int cut_group(const spfq_weights_desc *w, const int8_t *codes, int32_t g,
     if ((L == SPFQ_PLANES ? planes != NULL : sign != NULL) && (L != SPFQ_SIGN_MASK || mask) && scale &&
         (!w->lam || lam)) {
         for (int32_t n = 0; n < N; n++) {
-            encode(L, bits, codes + (size_t)n * w->k + c0, Kg, sign ? sign + (size_t)n * W : NULL,
+            spfq_encode_row(L, bits, codes + (size_t)n * w->k + c0, Kg, W, sign ? sign + (size_t)n * W : NULL,
                    mask ? mask + (size_t)n * W : NULL, planes ? planes + (size_t)n * W : NULL, (size_t)N * W);
             scale[n] = w->scale[(size_t)n * ng + g];
             if (lam) lam[n] = w->lam[(size_t)n * ng + g];
@@ -134,14 +118,7 @@ int spfq_grouped_set_clamp(spfq_grouped *p, float lo, float hi) {
 }
 
 int spfq_grouped_set_activation(spfq_grouped *p, int32_t kind, const float *slope) {
-    if (!p) return SPFQ_EINVAL;
-    int rc = SPFQ_OK;
-    float *own = spfq_act_slope(kind, slope, p->n, &rc);
-    if (rc) return rc;
-    free(p->act_slope);
-    p->act_slope = own;
-    p->act = kind;
-    return SPFQ_OK;
+    return p ? spfq_act_set(&p->act, &p->act_slope, kind, slope, p->n) : SPFQ_EINVAL;
 }
 
 /* y (m, N) = sum over groups of the kernel `run` on each group's columns of the rows (src, m x K

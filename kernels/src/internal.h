@@ -71,6 +71,13 @@ void spfq_act_output(int32_t kind, const float *slope, int32_t nhwc, int32_t bat
 /* A validated, owned copy of an activation's slope (NULL: none needed / bad kind / no memory:
  * *rc says). */
 float *spfq_act_slope(int32_t kind, const float *slope, int32_t n, int *rc);
+/* Codes of one row (K int8 values) into its W packed words of layout SIGN / SIGN_MASK / PLANES
+ * (api.c; planes `ps` words apart): the .spfq conventions of spfq_kernels.h. */
+void spfq_encode_row(int layout, int bits, const int8_t *c, int32_t K, int32_t W, uint64_t *sign, uint64_t *mask,
+                     uint64_t *planes, size_t ps);
+/* Validate and install an activation on a prepared object's (act, act_slope) pair: the old
+ * slopes are freed only once the new ones are in hand (nothing changes on an error). */
+int spfq_act_set(int32_t *act, float **act_slope, int32_t kind, const float *slope, int32_t n);
 
 /* The fused output clamp (NaN stays NaN; the same expression everywhere it is applied). */
 static inline float spfq_clamp(float v, float lo, float hi) {
