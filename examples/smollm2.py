@@ -55,8 +55,9 @@ from examples.common import package_dir, package_file, require
 from spfq_deploy.errors import CalibrationError, SpfqError
 
 __all__ = [
-    "SmolLM2", "build", "gguf_path", "tokenizer", "encode_text", "calibration", "calibration_text",
+    "SmolLM2", "build", "cut", "gguf_path", "tokenizer", "encode_text", "calibration", "calibration_text",
     "held_out_text", "held_out_chunks", "export_inputs", "evaluate", "perplexity", "reference_config",
+    "generation_config",
     "HELD_OUT_PLAYS", "CONTEXT", "BOS",
 ]
 
@@ -231,10 +232,15 @@ _NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"
           "ffn_down": "mlp.down_proj"}
 
 
-def build() -> SmolLM2:
-    """SmolLM2 with every GGUF tensor dequantised to float32; lm_head a copy of the embedding. eval()."""
+def build(layers: int | None = None) -> SmolLM2:
+    """SmolLM2 with every GGUF tensor dequantised to float32; lm_head a copy of the embedding. eval().
+    ``layers``: keep only the first that many decoder layers (then the final norm and lm_head)."""
     gguf = require("gguf")
-    cfg = reference_config()
+    cfg = dict(reference_config())
+    if layers is not None:
+        if not 1 <= layers <= cfg["layers"]:
+            raise SpfqError(f"layers must be between 1 and {cfg['layers']}, got {layers}")
+        cfg["layers"] = layers
     model = SmolLM2(cfg)
     params = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
@@ -245,6 +251,8 @@ def build() -> SmolLM2:
         elif t.name == "output_norm.weight":
             name = "norm.weight"
         elif parts[0] == "blk" and len(parts) == 4 and parts[2] in _NAMES:
+            if int(parts[1]) >= cfg["layers"]:
+                continue
             name = f"layers.{parts[1]}.{_NAMES[parts[2]]}.weight"
         else:
             raise SpfqError(f"{gguf_path()}: unexpected tensor {t.name}")
@@ -262,6 +270,11 @@ def build() -> SmolLM2:
         raise SpfqError(f"{gguf_path()}: no tensors for {missing}")
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def cut() -> SmolLM2:
+    """The first 2 decoder layers only (tests: the whole pipeline in seconds, same tokenizer)."""
+    return build(layers=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,22 +386,29 @@ def calibration(n: int = 128, max_batch: int = 8) -> list[torch.Tensor]:
     return batches
 
 
-def export_inputs() -> dict:
-    """What `spfq-deploy export` traces with: 2 rows of 3 new tokens after a 5-token past (a
-    real prompt's cache from build()); batch, sequence and past length dynamic, like optimum's
-    decoder-with-past exports."""
-    cfg = reference_config()
-    ids = torch.tensor([encode_text("To be, or not to be: that is the question")[:8]] * 2, dtype=torch.int64)
+def export_inputs(model: SmolLM2 | None = None) -> dict:
+    """What `spfq-deploy export` traces with: 2 rows of 3 new tokens after a 5-token past (the
+    cache ``model`` (default build()) makes of a real prompt); batch, sequence and past length
+    dynamic, like optimum's decoder-with-past exports."""
+    model = build() if model is None else model
+    ids = torch.tensor([[BOS, *encode_text("To be, or not to be: that is the question")[:7]]] * 2, dtype=torch.int64)
     with torch.no_grad():
-        out = build()(ids[:, :5])
+        out = model(ids[:, :5])
     past = tuple(t.contiguous() for t in out[1:])
-    names_past = [f"past_key_values.{i}.{kv}" for i in range(cfg["layers"]) for kv in ("key", "value")]
-    names_present = [f"present.{i}.{kv}" for i in range(cfg["layers"]) for kv in ("key", "value")]
+    layers = len(past) // 2
+    names_past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    names_present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     dyn = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     dyn.update({n: {0: "batch", 2: "past_sequence"} for n in names_past})
     dyn.update({n: {0: "batch", 2: "total_sequence"} for n in names_present})
     return {"args": (ids[:, 5:], *past), "input_names": ["input_ids", *names_past],
             "output_names": ["logits", *names_present], "dynamic_axes": dyn}
+
+
+def generation_config() -> dict:
+    """What `spfq-deploy export` writes beside a decoder for `spfq-deploy generate`: BOS, the ids
+    that end generation (<|endoftext|> 0, <|im_end|> 2) and the tokenizer as tokenizer.json."""
+    return {"bos_token_id": BOS, "eos_token_ids": [0, 2], "tokenizer_json": tokenizer().to_str()}
 
 
 # --------------------------------------------------------------------------------------------

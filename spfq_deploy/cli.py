@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import SpfqError, watch_interrupts
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the layer before it")
     c.add_argument("--include", action="append", help="layer name pattern to compress (repeatable; default all)")
     c.add_argument("--exclude", action="append", default=[], help="layer name pattern to keep float (repeatable)")
+    c.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=W",
+                   help="width W (1, ternary, 2..8) for the layers matching PATTERN instead of --bits "
+                        "(repeatable; the first matching pattern wins), e.g. lm_head=8")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=_positive_int, default=64,
                    help="batch size when calibration is one array (or the arrays of an .npz)")
@@ -186,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the results as JSON to this file")
     b.add_argument("--chart", help="also write a PNG bar chart to this file")
     b.set_defaults(func=cmd_bench)
+
+    g = sub.add_parser("generate", help="decoders: greedy text generation with an export folder's ONNX model on "
+                                        "this host, with tokens/s")
+    g.add_argument("folder", help="the export folder of a decoder (spfq-deploy export -o OUT_DIR)")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--threads", type=_positive_int, default=1, help="threads (default 1)")
+    g.add_argument("--flavour", choices=["custom", "stock"], default="custom",
+                   help="custom: packed ai.spfq kernels (default); stock: MatMulNBits / DequantizeLinear")
+    g.add_argument("--json", help="also write the result as JSON to this file")
+    g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("report", help="markdown report of export folders: compression, parity, latency, "
                                       "task accuracy, PNG figures")
@@ -275,6 +290,8 @@ def _budget_options(args):
     if args.layout:
         raise SpfqError("--bits-budget counts the storage of each layer's own layout: --layout cannot be "
                         "given with it")
+    if args.layer_bits:
+        raise SpfqError("--bits-budget chooses each layer's width: give it or --layer-bits, not both")
     if args.sparsity > 0:
         raise SpfqError("--bits-budget with --sparsity is not supported: pruned layers' storage depends on "
                         "their codes")
@@ -325,6 +342,9 @@ def cmd_compress(args) -> int:
     # warnings are held back until the run succeeds: a failed run ends with its one error line
     with warnings.catch_warnings(record=True) as caught:
         model, module = load_model(args.model)
+        if args.layer_bits:
+            from .compress.engine import layer_widths
+            cfg = replace(cfg, layer_bits=layer_widths(model, cfg, args.layer_bits))
         data = load_calibration(args.calib, module, cfg.batch_size)
         side = side_file(out)
         if args.resume and not side.exists() and comm.root:
@@ -471,6 +491,21 @@ def cmd_bench(args) -> int:
     if args.chart:
         from .bench.charts import latency_chart
         print(f"wrote {latency_chart(doc, args.chart)}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+
+    res = generate(args.folder, args.prompt, args.max_new_tokens, args.threads, args.flavour)
+    print(args.prompt + res["text"])
+    rate = res["decode_tokens_per_second"]
+    print(f"\n{res['prompt_tokens']} prompt tokens in {res['prefill_seconds']:.3f} s; {len(res['generated'])} new "
+          f"tokens, decode {'-' if rate is None else f'{rate:.1f}'} tokens/s ({args.flavour}, {args.threads} "
+          f"thread{'s' if args.threads > 1 else ''})")
+    if args.json:
+        from .atomic import write_text
+        write_text(args.json, json.dumps(res, indent=1) + "\n")
     return 0
 
 

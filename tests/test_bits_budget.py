@@ -370,3 +370,33 @@ def test_layer_bits_must_name_compressed_layers():
         compress_model(model, torch.randn(64, 4), CompressConfig(layer_bits={"nope": 2}), progress=False)
     with pytest.raises(SpfqError, match="layer '0': bits must be"):
         CompressConfig(layer_bits={"0": 9})
+
+
+def test_layer_bits_sets_the_matching_layers_widths(mlp_file, tmp_path, capsys):
+    """--layer-bits PATTERN=W (e.g. a decoder's lm_head=8): the matching layers get W, the rest
+    --bits, the first matching rule wins, and the file records each layer's width."""
+    out = tmp_path / "mixed.spfq"
+    code, _, err = run_cli(capsys, "compress", mlp_file, "--method", "rtn", "--bits", "2",
+                           "--layer-bits", "14=8", "--layer-bits", "1?=ternary", "--layer-bits", "1*=4", "-o", out, "-q")
+    assert code == 0, err
+    cm = container.load(out)
+    widths = {n: "ternary" if cm.layers[n].alphabet == "ternary" else cm.layers[n].bits for n in LAYERS}
+    assert widths == {"0": 2, "2": 2, "4": 2, "6": 2, "8": 2, "10": "ternary", "12": "ternary", "14": 8}
+
+
+@pytest.mark.parametrize("rule, message", [
+    ("lm_head", "expected PATTERN=W"),
+    ("=4", "expected PATTERN=W"),
+    ("nope*=4", "no compressed layer matches 'nope*'"),
+    ("2=9", "bits must be 1, ternary or 2..8"),
+])
+def test_layer_bits_bad_rule_is_one_line(mlp_file, tmp_path, capsys, rule, message):
+    out = tmp_path / "bad.spfq"
+    code, _, err = run_cli(capsys, "compress", mlp_file, "--bits", "2", "--layer-bits", rule, "-o", out, "-q")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_layer_bits_and_bits_budget_exclude_each_other(mlp_file, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compress", mlp_file, "--bits-budget", "3", "--layer-bits", "0=8",
+                           "-o", tmp_path / "x.spfq")
+    assert code == 2 and "--layer-bits" in err and len(err.strip().splitlines()) == 1

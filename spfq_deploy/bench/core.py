@@ -57,7 +57,7 @@ def fp32_onnx(spec: str, path: Path) -> Path:
     from ..modelspec import load_model
 
     model, module = load_model(spec)
-    inputs = export_inputs(module, getattr(module, "calibration", None))
+    inputs = export_inputs(module, getattr(module, "calibration", None), model)
     path.write_bytes(float_graph(model, inputs).SerializeToString())
     return path
 

@@ -120,6 +120,26 @@ def select_layers(model: nn.Module, include, exclude) -> list[str]:
     return chosen
 
 
+def layer_widths(model: nn.Module, cfg, rules) -> dict:
+    """{layer: width} of --layer-bits PATTERN=W rules over the layers cfg compresses (first
+    matching rule wins); a rule that matches none of them is an error (a typo would silently
+    leave a layer at --bits)."""
+    from .config import _width
+    names = select_layers(model, cfg.include, cfg.exclude)
+    out: dict = {}
+    for rule in rules:
+        pat, sep, width = str(rule).partition("=")
+        if not sep or not pat.strip() or not width.strip():
+            raise SpfqError(f"--layer-bits {rule!r}: expected PATTERN=W, e.g. lm_head=8")
+        w = _width(width.strip().lower(), f"--layer-bits {rule!r}: ")
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat.strip())]
+        if not hits:
+            raise SpfqError(f"--layer-bits {rule!r}: no compressed layer matches '{pat.strip()}'")
+        for n in hits:
+            out.setdefault(n, w)
+    return out
+
+
 def _run(model, batch, index, source=None):
     try:
         with torch.no_grad():

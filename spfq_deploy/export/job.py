@@ -33,6 +33,7 @@ from .source import Source, file_table, load_source
 
 FORMATS = ("onnx", "tvm")
 SHARED_FILES = ("model.spfq", "inputs.npz")  # every manifest lists these, whichever backend wrote
+GENERATION_FILES = ("generation.json", "tokenizer.json")  # decoders (generate.py) also share these
 
 
 @dataclass
@@ -138,9 +139,15 @@ def export(spfq_path: str | os.PathLike, out_dir: str | os.PathLike, formats: tu
     with staged_directory(out, force, replaceable=folder.not_replaceable) as stage:
         shutil.copyfile(spfq_path, stage / "model.spfq")
         save_inputs(stage / "inputs.npz", job.source.inputs.input_names, job.source.inputs.args)
+        shared = list(SHARED_FILES)
+        if job.source.generation is not None:
+            gen = dict(job.source.generation)
+            (stage / "tokenizer.json").write_text(gen.pop("tokenizer_json"))
+            (stage / "generation.json").write_text(json.dumps(gen, indent=2) + "\n")
+            shared += GENERATION_FILES
         for b in backends:
             fields, own = b.write(stage)
-            manifest = {**fields, "files": file_table(stage, list(SHARED_FILES) + own)}
+            manifest = {**fields, "files": file_table(stage, shared + own)}
             (stage / b.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             manifests[b.MANIFEST] = manifest
     log(f"wrote {out} in {time.perf_counter() - t0:.1f} s")

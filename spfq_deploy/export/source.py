@@ -7,6 +7,7 @@ Loaded once per `spfq-deploy export` call (export/job.py) and handed to each bac
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class Source:
     spec: str  # the model factory, path.py:function
     model: nn.Module  # the reference: the factory's model with the dequantised weights applied
     inputs: ExportInputs
+    generation: dict | None = None  # decoders: the model file's generation_config() (generate.py)
 
 
 def default_inputs(calibration, n: int = 2) -> ExportInputs:
@@ -55,12 +57,15 @@ def default_inputs(calibration, n: int = 2) -> ExportInputs:
     return ExportInputs(args, names, ["output"], axes)
 
 
-def export_inputs(module, model_file_calibration) -> ExportInputs:
-    """The model file's export_inputs() if it has one, else the first calibration rows."""
+def export_inputs(module, model_file_calibration, model: nn.Module | None = None) -> ExportInputs:
+    """The model file's export_inputs() if it has one, else the first calibration rows. An
+    export_inputs(model) that takes an argument gets the factory's model (a decoder's cache has
+    one key and value per layer of the model actually built)."""
     fn = getattr(module, "export_inputs", None)
     if fn is not None:
         try:
-            spec = fn()
+            takes_model = bool(inspect.signature(fn).parameters)
+            spec = fn(model) if takes_model else fn()
             return ExportInputs(tuple(spec["args"]), list(spec["input_names"]), list(spec["output_names"]),
                                 dict(spec.get("dynamic_axes", {})))
         except SpfqError:
@@ -82,7 +87,25 @@ def load_source(spfq_path: str | Path, model_spec: str | None = None) -> Source:
         raise SpfqError(f"{spfq_path}: no model factory recorded; pass --model path.py:factory")
     model, module = load_model(spec)
     apply_compressed(model, cm, str(spfq_path))
-    return Source(spfq_path, cm, spec, model, export_inputs(module, getattr(module, "calibration", None)))
+    return Source(spfq_path, cm, spec, model, export_inputs(module, getattr(module, "calibration", None), model),
+                  generation_config(module))
+
+
+def generation_config(module) -> dict | None:
+    """The model file's generation_config() (decoders: token ids and tokenizer.json text), checked."""
+    fn = getattr(module, "generation_config", None)
+    if fn is None:
+        return None
+    try:
+        cfg = dict(fn())
+        out = {"bos_token_id": int(cfg["bos_token_id"]), "eos_token_ids": [int(t) for t in cfg["eos_token_ids"]],
+               "tokenizer_json": str(cfg["tokenizer_json"])}
+    except SpfqError:
+        raise
+    except Exception as exc:
+        raise SpfqError(f"the model file's generation_config() failed or returned something unusable "
+                        f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+    return out
 
 
 def file_sha256(path: Path) -> str:

@@ -10,6 +10,15 @@ arm64); no torch, no spfq-deploy. The custom-op flavour needs its library for th
 Inputs are the arrays of the .npz by name. Writes the outputs as output_0, output_1, ... (the
 session's output order) and prints one JSON line: output names and shapes, seconds per run
 (--repeat runs after a first untimed one), onnxruntime's version and the library's own info.
+
+Decoders exported with a KV cache (inputs input_ids + past_key_values.<i>.key/value, outputs
+logits + present.<i>.key/value) also generate greedily:
+
+    python run_onnx.py model.spfq.onnx prompt.npz --generate 128 --library lib/arm64/libspfq_ort.so
+
+prompt.npz holds input_ids (1, prompt length); the first run (prefill) starts from an empty
+cache, then each step feeds the argmax token and the cache back. The JSON line adds the
+generated ids, prefill seconds and decode tokens/s; with -o, the ids go in as ``generated``.
 """
 
 from __future__ import annotations
@@ -32,6 +41,10 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", help="write the outputs here (.npz)")
     p.add_argument("--repeat", type=int, default=1, help="time this many runs after the first (default 1)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    p.add_argument("--generate", type=int, metavar="N", help="decoders: greedily generate N tokens after the "
+                   "prompt in the inputs' input_ids")
+    p.add_argument("--eos", type=int, action="append", default=[], help="--generate stops at this token id "
+                   "(repeatable)")
     args = p.parse_args(argv)
 
     import onnxruntime as ort
@@ -48,6 +61,15 @@ def main(argv=None) -> int:
         fn.restype = ctypes.c_char_p
         info = fn().decode()
     sess = ort.InferenceSession(args.model, so, providers=["CPUExecutionProvider"])
+    if args.generate is not None:
+        with np.load(args.inputs) as data:
+            prompt = np.asarray(data["input_ids"], dtype=np.int64)
+        out = generate(sess, prompt, args.generate, set(args.eos))
+        if args.output:
+            np.savez(args.output, generated=np.asarray(out["generated"], dtype=np.int64))
+        print(json.dumps({"model": args.model, **out, "onnxruntime": ort.__version__, "library_info": info}),
+              flush=True)
+        return 0
     with np.load(args.inputs) as data:
         feeds = {i.name: np.ascontiguousarray(data[i.name]) for i in sess.get_inputs()}
     outs = sess.run(None, feeds)
@@ -61,6 +83,48 @@ def main(argv=None) -> int:
                       "shapes": [list(np.shape(o)) for o in outs], "seconds_per_run": seconds,
                       "onnxruntime": ort.__version__, "library_info": info}), flush=True)
     return 0
+
+
+PAST, PRESENT = "past_key_values.", "present."
+
+
+def empty_cache(sess, batch: int) -> dict:
+    """Zero-length past tensors for every past_key_values.* input: (batch, heads, 0, head_dim)."""
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name.startswith(PAST):
+            dims = [d if isinstance(d, int) else None for d in i.shape]
+            if len(dims) != 4 or dims[1] is None or dims[3] is None:
+                raise SystemExit(f"run_onnx.py: {i.name} has shape {i.shape}: expected (batch, heads, past, head_dim)")
+            feeds[i.name] = np.zeros((batch, dims[1], 0, dims[3]), dtype=np.float32)
+    if not feeds:
+        raise SystemExit("run_onnx.py: --generate needs a decoder exported with past_key_values.* inputs")
+    return feeds
+
+
+def generate(sess, prompt: np.ndarray, steps: int, eos: set) -> dict:
+    """Greedy decoding: prefill the prompt from an empty cache, then one token per run."""
+    if prompt.ndim != 2 or prompt.shape[0] != 1 or prompt.shape[1] < 1:
+        raise SystemExit(f"run_onnx.py: input_ids must be (1, length >= 1), got {prompt.shape}")
+    names = [o.name for o in sess.get_outputs()]
+    feeds = {"input_ids": prompt, **empty_cache(sess, 1)}
+    t0 = time.perf_counter()
+    outs = sess.run(None, feeds)
+    prefill = time.perf_counter() - t0
+    ids: list[int] = []
+    t0 = time.perf_counter()
+    for step in range(max(0, steps)):
+        token = int(np.argmax(outs[0][0, -1]))
+        ids.append(token)
+        if token in eos or step == steps - 1:
+            break
+        feeds = {"input_ids": np.array([[token]], dtype=np.int64)}
+        feeds.update({PAST + n[len(PRESENT):]: o for n, o in zip(names, outs) if n.startswith(PRESENT)})
+        outs = sess.run(None, feeds)
+    decode = time.perf_counter() - t0
+    runs = max(0, len(ids) - 1)  # decode runs: the first new token comes from the prefill
+    return {"prompt_tokens": int(prompt.shape[1]), "generated": ids, "prefill_seconds": prefill,
+            "decode_seconds": decode, "decode_tokens_per_second": runs / decode if runs and decode > 0 else None}
 
 
 if __name__ == "__main__":
