@@ -101,7 +101,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin, past_k, past_v):
+    def forward(self, x, cos, sin, mask, past_k, past_v):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -110,17 +110,13 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         if past_k is not None:
             k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+        # grouped queries: the 9 query heads as 3 KV heads x 3, so K and V are never repeated
         rep = self.heads // self.kv_heads
-        kk = k.repeat_interleave(rep, dim=1)
-        vv = v.repeat_interleave(rep, dim=1)
-        scores = torch.matmul(q, kk.transpose(2, 3)) * (self.head_dim ** -0.5)
-        total = kk.shape[2]
-        # query i sits at absolute position total - s + i and sees keys 0 .. that position
-        qpos = torch.arange(s, device=x.device) + (total - s)
-        allowed = torch.arange(total, device=x.device)[None, :] <= qpos[:, None]
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        out = torch.matmul(scores.softmax(-1), vv)
-        out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+        qg = q.reshape(b, self.kv_heads, rep * s, self.head_dim)
+        scores = torch.matmul(qg, k.transpose(2, 3)) * (self.head_dim ** -0.5)
+        scores = scores.view(b, self.kv_heads, rep, s, -1) + mask
+        out = torch.matmul(scores.softmax(-1).view(b, self.kv_heads, rep * s, -1), v)
+        out = out.view(b, self.heads, s, self.head_dim).transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         return self.o_proj(out), k, v
 
 
@@ -144,8 +140,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg["hidden"], cfg["eps"])
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, past_k, past_v):
-        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v)
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -178,11 +174,16 @@ class SmolLM2(nn.Module):
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
+        # query i sits at absolute position start + i and sees keys 0 .. start + i (additive mask,
+        # computed once for every layer)
+        keys = torch.arange(s, device=input_ids.device) + start + 1
+        allowed = torch.arange(start + s, device=input_ids.device)[None, :] < keys[:, None]
+        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
         x = self.embed_tokens(input_ids)
         present = []
         for i, layer in enumerate(self.layers):
             pk, pv = (past[2 * i], past[2 * i + 1]) if past else (None, None)
-            x, k, v = layer(x, cos, sin, pk, pv)
+            x, k, v = layer(x, cos, sin, mask, pk, pv)
             present += [k, v]
         return (self.lm_head(self.norm(x)), *present)
 
