@@ -170,7 +170,7 @@ class SmolLM2(nn.Module):
             raise SpfqError(f"SmolLM2 takes no past or {2 * n} past tensors (key, value per layer), got {len(past)}")
         s = input_ids.shape[1]
         start = past[0].shape[2] if past else 0
-        pos = torch.arange(s, device=input_ids.device, dtype=torch.float32) + start
+        pos = (torch.arange(s, device=input_ids.device) + start).to(torch.float32)  # int + int: TVM imports it
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()

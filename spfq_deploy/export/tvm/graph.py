@@ -16,6 +16,7 @@ from and back to PyTorch's channels-first; layout.py then cancels those pairs be
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import warnings
@@ -165,6 +166,22 @@ def _dynamic_shapes(inputs: ExportInputs):
     return tuple(spec) if any(s is not None for s in spec) else None
 
 
+@contextlib.contextmanager
+def _no_guard_module():
+    """The importer's run_decompositions re-runs the program through its `_guards_fn` module,
+    whose generated shape checks fail on a decoder's cache inputs (torch 2.13: 'NoneType' has no
+    attribute 'size'); torch's own switch (used for executorch and torchao) leaves that module
+    out. The shapes are still checked by the compiled Relax function at run time."""
+    from torch.export import _unlift
+
+    original = _unlift._ok_to_generate_guards_fn
+    _unlift._ok_to_generate_guards_fn = lambda: False
+    try:
+        yield
+    finally:
+        _unlift._ok_to_generate_guards_fn = original
+
+
 def dynamic_inputs(ep, input_names: list[str]) -> dict:
     """{input name: [axis, ...]} of the exported program's symbolic input axes (user inputs in
     argument order, named as the model file names them)."""
@@ -265,7 +282,7 @@ def to_relax(ep, cm: CompressedModel, names: list[str], activation: str):
         return bb.emit(relax.op.permute_dims(y, TO_FIRST[rank])) if conv else y
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_guard_module():
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
             mod = from_exported_program(ep, custom_convert_map={"packed_layer.default": convert})
     except AssertionError as exc:  # the importer asserts on unsupported torch ops
