@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 export HF_HUB_OFFLINE := 1
 
-.PHONY: all setup ort-headers arm64-python demo test lint bench-quality bench-kernels bench-onnx bench-conv bench-tvm bench-cuda clean
+.PHONY: all setup ort-headers arm64-python demo test lint bench-quality bench-kernels bench-onnx bench-conv bench-tvm bench-cuda bench-llama-cpp clean
 
 all: test
 
@@ -110,6 +110,15 @@ bench-tvm: $(KERNELS)
 # needs an NVIDIA GPU and torch with CUDA (exit 2 with one line otherwise); README "CUDA kernels"
 bench-cuda:
 	python3 benchmarks/cuda_gemm.py --shapes full --graph --out benchmarks/results/cuda_gemm.json
+
+# issue 17's llama.cpp anchor (not part of make test): llama.cpp built from the llama-cpp-python
+# 0.3.36 sdist under build/llama.cpp/ (cmake from apt when missing, as root), SmolLM2 as F32 GGUF
+# + Q4_0 / Q4_K_M / Q2_K / TQ2_0, perplexity, llama-bench tokens/s, tokenizer check
+bench-llama-cpp: $(KERNELS)
+	@command -v cmake >/dev/null && command -v c++ >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cmake g++ make; \
+	else echo "make: bench-llama-cpp needs cmake and g++ (sudo apt-get install cmake g++)"; exit 2; fi
+	$(PY) benchmarks/llama_cpp.py --out benchmarks/results/llama_cpp.json
 
 bench-kernels: $(KERNELS)
 	$(PY) benchmarks/kernels.py --shapes full --scaling --out benchmarks/results/kernels.json
