@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 export HF_HUB_OFFLINE := 1
 
-.PHONY: all setup ort-headers arm64-python demo test lint bench-quality bench-kernels bench-onnx bench-conv bench-tvm bench-cuda bench-llama-cpp clean
+.PHONY: all setup ort-headers arm64-python demo test lint bench-quality bench-kernels bench-onnx bench-conv bench-tvm bench-cuda bench-llama-cpp bench-llm clean
 
 all: test
 
@@ -119,6 +119,13 @@ bench-llama-cpp: $(KERNELS)
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cmake g++ make; \
 	else echo "make: bench-llama-cpp needs cmake and g++ (sudo apt-get install cmake g++)"; exit 2; fi
 	$(PY) benchmarks/llama_cpp.py --out benchmarks/results/llama_cpp.json
+
+# SmolLM2 decode: fp32 ORT, ORT MatMulNBits, ours (the .spfq files below), llama.cpp (issue 17)
+LLM_SPFQ ?= build/llm/smollm2_4bit.spfq
+bench-llm: bench-llama-cpp
+	test -f $(LLM_SPFQ) || $(BIN)/spfq-deploy compress examples/smollm2.py --bits 4 --group-size 32 \
+	    --layer-bits lm_head=8 -o $(LLM_SPFQ)
+	$(PY) benchmarks/llm.py --spfq 4-bit-g32=$(LLM_SPFQ) --out benchmarks/results/llm.json
 
 bench-kernels: $(KERNELS)
 	$(PY) benchmarks/kernels.py --shapes full --scaling --out benchmarks/results/kernels.json
