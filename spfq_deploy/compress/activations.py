@@ -28,11 +28,13 @@ _NUMPY = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32,
 class ActivationStore:
     """Counts the bytes of the tensors it keeps (once per storage) and spills beyond budget.
 
-    rss_limit (bytes; the engine passes budget + the model's size): a tensor is also spilled when
-    the process's resident set plus three more tensors of its size would pass it (room for the
-    next node's spilled input read back, its output and this one), so the whole run, not only
-    the activations it counts, stays under the limit (the runtime, the models and one batch's
-    working tensors are in the RSS too)."""
+    rss_limit (bytes; the engine passes the process's RSS when the run starts + budget): a
+    tensor is also spilled when the process's resident set plus three more tensors of its size
+    would pass it (room for the next node's spilled input read back, its output and this one),
+    so the whole run, not only the activations it counts, stays under the limit (one batch's
+    working tensors are in the RSS too). Measured from the start, not from the model's size: the
+    runtime, both models and the calibration data are resident before the first activation
+    (SmolLM2: ~5 GB, so a limit of budget + model size spilled every activation, 176 GB)."""
 
     def __init__(self, budget: int = DEFAULT_BUDGET, rss_limit: int | None = None):
         self.budget = int(budget)
@@ -96,7 +98,7 @@ class ActivationStore:
         nbytes = t.untyped_storage().nbytes()
         owns = t._base is None and t.is_contiguous() and nbytes == t.numel() * t.element_size()
         over = self.resident + nbytes > self.budget or \
-            (self.rss_limit is not None and _rss() + 3 * nbytes > self.rss_limit)
+            (self.rss_limit is not None and rss() + 3 * nbytes > self.rss_limit)
         if over and owns and t.dtype in _NUMPY and t.numel() > 0:
             t = self._spill(t)
             self._refs[self._ptr(t)] = [nbytes, 1, True]
@@ -122,7 +124,7 @@ class ActivationStore:
         return out
 
 
-def _rss() -> int:
+def rss() -> int:
     """Resident bytes of this process now (Linux /proc; 0 elsewhere: only the budget counts)."""
     try:
         with open("/proc/self/statm", "rb") as f:

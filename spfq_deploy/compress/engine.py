@@ -30,6 +30,7 @@ from ..pack.layouts import storage_report
 from . import calibration as calib
 from . import distributed, sequential
 from .activations import DEFAULT_BUDGET, ActivationStore
+from .activations import rss as activation_rss
 from .alphabet import Alphabet, fp16_round, group_bounds, group_sum
 from .capture import (
     GramAccumulator,
@@ -460,8 +461,7 @@ def compress_model(model: nn.Module, calibration, config: CompressConfig | None 
             warnings.warn(EngineWarning(f"compressing with the replay engine (cost grows with depth squared): "
                                         f"{why}"), stacklevel=2)
     used = "sequential" if plan is not None else "replay"
-    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    store = ActivationStore(memory_budget, rss_limit=memory_budget + model_bytes)
+    store = ActivationStore(memory_budget, rss_limit=activation_rss() + memory_budget)
     try:
         if plan is not None:
             def at_layer(group, inputs):
