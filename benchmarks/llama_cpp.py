@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -54,6 +53,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from spfq_deploy.atomic import write_bytes, write_text  # noqa: E402
+from spfq_deploy.export.source import file_sha256  # noqa: E402
 
 BUILD = ROOT / "build"
 LLAMA = BUILD / "llama.cpp"              # the finished tools: bin/ + build-info.json
@@ -124,32 +126,8 @@ def _run(cmd, log: Path | None = None, what: str = "", env=None, cwd=None) -> su
     return proc
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cpu_info() -> dict:
@@ -304,7 +282,7 @@ def build_tools(jobs: int | None = None, quiet: bool = False) -> Path:
     version = _run([stage / "bin" / "llama-bench", "--version"], what="llama-bench --version")
     cache = (tree / "CMakeCache.txt").read_text(errors="replace")
     compiler = re.search(r"^CMAKE_CXX_COMPILER:\w+=(.*)$", cache, re.M)
-    info = {"sdist": f"{SDIST_NAME}=={SDIST_VERSION}", "sdist_sha256": _sha256(sdist),
+    info = {"sdist": f"{SDIST_NAME}=={SDIST_VERSION}", "sdist_sha256": file_sha256(sdist),
             "vendored_commit": commit, "commit_source": f"{SDIST_FILE}: CHANGELOG.md [{SDIST_VERSION}]",
             "version_output": (version.stdout + version.stderr).strip(),
             "cmake": _run([cmake, "--version"]).stdout.splitlines()[0],
@@ -511,7 +489,8 @@ def held_out_file() -> Path:
     out = LLM / "held_out.txt"
     data = text.encode("utf-8")
     if not (out.is_file() and out.read_bytes() == data):
-        _atomic_write(out, data)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(out, data)
     return out
 
 
@@ -547,30 +526,6 @@ def perplexity(path: Path, threads: int = 2, chunks: int = CHUNKS, bos: bool = T
     return perplexity_run(path, threads, chunks, bos=bos)["ppl"]
 
 
-def torch_perplexity_nobos(model, n: int = CHUNKS, context: int = CONTEXT, batch_size: int = 4) -> float:
-    """examples.smollm2.perplexity's rule without any BOS (text tokens only, no BOS substituted),
-    i.e. what stock llama-perplexity computes on a file whose add_bos_token is false."""
-    import numpy as np
-    import torch
-
-    from examples import smollm2
-    ids = smollm2.encode_text(smollm2.held_out_text())
-    if n * context > len(ids):
-        raise AnchorError(f"the held-out text has {len(ids)} tokens: {n} chunks of {context} do not fit")
-    chunks = torch.tensor(ids[:n * context], dtype=torch.int64).view(n, context)
-    first, nll, count = context // 2, 0.0, 0
-    with torch.no_grad():
-        for s in range(0, n, batch_size):
-            x = chunks[s:s + batch_size]
-            out = model(x)
-            logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
-            logp = torch.log_softmax(logits[:, first:context - 1], dim=-1)
-            target = x[:, first + 1:]
-            nll -= float(logp.gather(-1, target[..., None]).sum(dtype=torch.float64))
-            count += target.numel()
-    return float(np.exp(nll / count))
-
-
 def reference_check(threads: int = 2, chunks: int = CHUNKS, tolerance: float = 0.005) -> dict:
     """llama-perplexity on the F32 GGUF against examples.smollm2.perplexity(build()) on the same
     chunks (BOS as the PyTorch rule puts it), and stock (no BOS) against the same rule without BOS."""
@@ -579,7 +534,7 @@ def reference_check(threads: int = 2, chunks: int = CHUNKS, tolerance: float = 0
     model = smollm2.build()
     t0 = time.perf_counter()
     torch_bos = smollm2.perplexity(model, chunks)
-    torch_nobos = torch_perplexity_nobos(model, chunks)
+    torch_nobos = smollm2.perplexity(model, chunks, bos=False)
     torch_s = time.perf_counter() - t0
     with_bos = perplexity_run(f32, threads, chunks, bos=True)
     stock = perplexity_run(f32, threads, chunks, bos=False)
@@ -763,7 +718,8 @@ def run(out: Path, threads=(1, 2), chunks: int = CHUNKS, quants=QUANTS, reps: in
     result["machine"]["load_avg_after"] = load_avg()
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["markdown"] = markdown(result)
-    _atomic_write(out, json.dumps(result, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -42,7 +42,7 @@ from spfq_deploy.bench.core import fp32_onnx  # noqa: E402
 from spfq_deploy.export import export  # noqa: E402
 from spfq_deploy.export.onnx import run_onnx  # noqa: E402
 from spfq_deploy.export.onnx.session import session  # noqa: E402
-from spfq_deploy.targets import host_target  # noqa: E402
+from spfq_deploy.generate import host_library  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "llm"
@@ -98,8 +98,7 @@ def ours(label: str, spfq: Path, threads: tuple, chunks: int) -> list[dict]:
     out = WORK / label.replace("/", "_")
     if not (out / "manifest.json").is_file():
         export(spfq, out, formats=("onnx",), flavours=("custom",), activations="int8", force=True)
-    lib = out / "lib" / host_target().name / "libspfq_ort.so"
-    return [measure(f"ours {label}", out / "model.spfq.onnx", threads, chunks, lib)]
+    return [measure(f"ours {label}", out / "model.spfq.onnx", threads, chunks, host_library(out))]
 
 
 def matmulnbits(fp32: Path, bits: int, block: int, threads: tuple, chunks: int) -> dict:
@@ -145,7 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--spfq", action="append", default=[], metavar="LABEL=FILE", help="a compressed SmolLM2")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--chunks", type=int, default=smollm2.HELD_OUT_CHUNKS)
-    ap.add_argument("--llama-cpp", default="Q4_0,Q4_K_M,Q2_K,TQ2_0", help="llama.cpp types ('' for none)")
+    ap.add_argument("--llama-cpp", default="Q4_0,Q4_K_M,Q2_K,TQ2_0",
+                    help="llama.cpp types besides the F32 reference, which always runs ('' for F32 only)")
     ap.add_argument("--out", default="benchmarks/results/llm.json")
     args = ap.parse_args(argv)
     threads = tuple(int(t) for t in args.threads.split(","))

@@ -345,18 +345,21 @@ def calibration_text() -> list[str]:
     return [_read_play(p) for p in _plays() if p not in HELD_OUT_PLAYS]
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1)
 def _held_out_tokens() -> tuple[int, ...]:
-    return (BOS, *encode_text(held_out_text()))
+    return tuple(encode_text(held_out_text()))
 
 
-def held_out_chunks(n: int = HELD_OUT_CHUNKS, context: int = CONTEXT) -> torch.Tensor:
-    """(n, context) int64: llama-perplexity's chunks of the held-out text (first token -> BOS)."""
-    ids = _held_out_tokens()
+def held_out_chunks(n: int = HELD_OUT_CHUNKS, context: int = CONTEXT, bos: bool = True) -> torch.Tensor:
+    """(n, context) int64: llama-perplexity's chunks of the held-out text: BOS in front of the
+    text and as every chunk's first token; ``bos=False``: the text's tokens alone (what stock
+    llama-perplexity scores on this file, whose add_bos_token is false)."""
+    ids = ((BOS,) if bos else ()) + _held_out_tokens()
     if n < 1 or context < 4 or n * context > len(ids):
         raise SpfqError(f"the held-out text has {len(ids)} tokens: {n} chunks of {context} do not fit")
     out = torch.tensor(ids[:n * context], dtype=torch.int64).view(n, context).clone()
-    out[:, 0] = BOS
+    if bos:
+        out[:, 0] = BOS
     return out
 
 
@@ -420,9 +423,11 @@ def generation_config() -> dict:
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def perplexity(model: nn.Module, n: int = HELD_OUT_CHUNKS, context: int = CONTEXT, batch_size: int = 4) -> float:
-    """exp(mean negative log-likelihood) of the second half of each held-out chunk (llama-perplexity's rule)."""
-    chunks = held_out_chunks(n, context)
+def perplexity(model: nn.Module, n: int = HELD_OUT_CHUNKS, context: int = CONTEXT, batch_size: int = 4,
+               bos: bool = True) -> float:
+    """exp(mean negative log-likelihood) of the second half of each held-out chunk (llama-perplexity's
+    rule; ``bos``: as held_out_chunks)."""
+    chunks = held_out_chunks(n, context, bos)
     first = context // 2
     nll, count = 0.0, 0
     was_training = model.training

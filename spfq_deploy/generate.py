@@ -20,6 +20,20 @@ from .targets import host_target
 FLAVOURS = ("custom", "stock")
 
 
+def host_library(out: Path) -> Path:
+    """This host's custom-op library as the folder's manifest.json names it."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise SpfqError(f"{out}: no readable manifest.json (not an ONNX export folder of spfq-deploy export)") from None
+    host = host_target().name
+    lib = (manifest.get("custom_op_library") or {}).get("files", {}).get(host)
+    if lib is None:
+        raise SpfqError(f"{out}: the export has no custom-op library for this {host} host "
+                        f"(export with the custom flavour, or use --flavour stock)")
+    return out / lib
+
+
 def load_generation(out: Path) -> tuple[dict, object]:
     """(generation.json, tokenizers.Tokenizer) of an export folder; SpfqError if it is not a decoder's."""
     gen_path, tok_path = out / "generation.json", out / "tokenizer.json"
@@ -53,7 +67,7 @@ def generate(out_dir, prompt: str, max_new_tokens: int = 64, threads: int = 1, f
     model = out / FILES[flavour]
     if not model.is_file():
         raise SpfqError(f"{out}: no {FILES[flavour]} (export with the {flavour} flavour)")
-    library = out / "lib" / host_target().name / "libspfq_ort.so" if flavour == "custom" else None
+    library = host_library(out) if flavour == "custom" else None
     sess = session(model, library, threads=threads)
     ids = [int(gen["bos_token_id"]), *tok.encode(prompt, add_special_tokens=False).ids]
     res = run_onnx.generate(sess, np.asarray([ids], dtype=np.int64), max_new_tokens, set(gen["eos_token_ids"]))

@@ -80,12 +80,11 @@ def _numel(shape) -> int:
     return n
 
 
-CLOSE = 0.02  # the --bits-budget goal: the file's bits/weight within this of the budget
-
-
 def budget_summary(info: dict, order: list[str] | None = None, seconds: dict | None = None) -> str:
     """The --bits-budget block of the compress summary and of `inspect` (meta["bits_budget"]):
     budget, achieved bits/weight, why a gap over CLOSE remains, widths used, first/last layer."""
+    from .compress.budget import CLOSE
+
     b, got = info["budget"], info["achieved_bits_per_weight"]
     close = info.get("closest_bits_per_weight", got)
     lines = [f"bits budget {b:g}: achieved {got:.4f} bits/weight incl. scales and padding ({b - got:.4f} below; "

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import run_cli
 
 import spfq_deploy.compress
-from spfq_deploy.cli import main
 from spfq_deploy.pack import container
 
 MODEL_SRC = textwrap.dedent('''
@@ -113,15 +113,6 @@ def model_file(tmp_path):
     p = tmp_path / "tiny.py"
     p.write_text(MODEL_SRC)
     return p
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse usage errors
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def expect_clean_failure(capsys, out: Path, *argv, match, argparse_error=False):

@@ -13,6 +13,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli
 from torch import nn
 
 from spfq_deploy.cli import main
@@ -37,15 +38,6 @@ MLP_SRC = textwrap.dedent('''
         return torch.randn(128, 24, generator=torch.Generator().manual_seed(1))
 ''')
 LAYERS = ["0", "2", "4", "6", "8", "10", "12", "14"]
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse usage errors
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

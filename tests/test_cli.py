@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli
 
-from spfq_deploy.cli import main
 from spfq_deploy.compress import compress_model
 from spfq_deploy.modelspec import load_model
 from spfq_deploy.pack import container
@@ -45,12 +45,6 @@ def model_file(tmp_path):
     p = tmp_path / "tiny.py"
     p.write_text(MODEL_SRC)
     return p
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_compress_inspect_reference_round_trip(model_file, tmp_path, capsys):

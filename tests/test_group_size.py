@@ -21,10 +21,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli
 from gptq_reference import published_gptq
 
 from spfq_deploy import kernels
-from spfq_deploy.cli import main
 from spfq_deploy.compress import compress_model, native
 from spfq_deploy.compress.alphabet import Alphabet, make_alphabet, quantize
 from spfq_deploy.compress.config import CompressConfig
@@ -334,12 +334,6 @@ def model_file(tmp_path):
     p = tmp_path / "mlp.py"
     p.write_text(MODEL_SRC)
     return p
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_compress_inspect_reference_with_groups(model_file, tmp_path, capsys):

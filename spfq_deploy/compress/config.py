@@ -28,6 +28,18 @@ def _width(bits, where: str = ""):
     return bits
 
 
+def _number(value, default: float, ok, what: str) -> float:
+    """An option given as a number or a string (the command line): float(value), `default` for
+    None; SpfqError "<what>, got <value>" when it is not a number or `ok` refuses it (nan too)."""
+    try:
+        v = float(default if value is None else value)
+    except (TypeError, ValueError):
+        raise SpfqError(f"{what}, got {value!r}") from None
+    if not ok(v):
+        raise SpfqError(f"{what}, got {value!r}")
+    return v
+
+
 @dataclass
 class CompressConfig:
     """Options of SPFQ.md. bits: 1 (binary), "ternary", or 2..8; method: gpfq (deterministic
@@ -106,14 +118,8 @@ class CompressConfig:
             if self.act_order or self.damp is not None:
                 raise SpfqError(f"damp and act_order apply to method gptq only, not {self.method}")
             return
-        damp = DEFAULT_DAMP if self.damp is None else self.damp
-        try:
-            damp = float(damp)
-        except (TypeError, ValueError):
-            raise SpfqError(f"damp must be a number in (0, 1), got {self.damp!r}") from None
-        if not 0.0 < damp < 1.0:  # also refuses nan
-            raise SpfqError(f"damp must be a number in (0, 1), got {self.damp!r}")
-        self.damp, self.act_order = damp, bool(self.act_order)
+        self.damp = _number(self.damp, DEFAULT_DAMP, lambda v: 0.0 < v < 1.0, "damp must be a number in (0, 1)")
+        self.act_order = bool(self.act_order)
 
     def _check_ridge(self) -> None:
         """ridge: path following's objective gains ridge * mean(diag H) * ||w - q||^2 (the same
@@ -124,14 +130,8 @@ class CompressConfig:
                 raise SpfqError(f"ridge applies to methods gpfq and spfq, not {self.method} "
                                 f"(gptq: --damp)")
             return
-        ridge = DEFAULT_RIDGE if self.ridge is None else self.ridge
-        try:
-            ridge = float(ridge)
-        except (TypeError, ValueError):
-            raise SpfqError(f"ridge must be a number in [0, {MAX_RIDGE:g}], got {self.ridge!r}") from None
-        if not 0.0 <= ridge <= MAX_RIDGE:  # also refuses nan
-            raise SpfqError(f"ridge must be a number in [0, {MAX_RIDGE:g}], got {self.ridge!r}")
-        self.ridge = ridge
+        self.ridge = _number(self.ridge, DEFAULT_RIDGE, lambda v: 0.0 <= v <= MAX_RIDGE,
+                             f"ridge must be a number in [0, {MAX_RIDGE:g}]")
 
     def for_layer(self, name: str) -> CompressConfig:
         """This config with the layer's own width (layer_bits) in place of bits."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import fnmatch
 import math
 import time
@@ -574,7 +573,7 @@ def _rescale(res, W, grams, acc, how: str):
     Qn = alph.values(res.codes)
     err, ref = squared_output_error(W, Qn, grams.F, grams.G, grams.H)
     rel = math.sqrt(float(err.sum()) / float(ref.sum())) if float(ref.sum()) > 0 else 0.0
-    return dataclasses.replace(res, alphabet=alph, Q=Qn, rel_error=rel)
+    return replace(res, alphabet=alph, Q=Qn, rel_error=rel)
 
 
 @torch.no_grad()
