@@ -98,6 +98,48 @@ def test_int8_path_is_the_written_order_on_every_isa(alphabet, bits, sparsity, l
         np.testing.assert_array_equal(r, results[i % per_isa])
 
 
+FUSED_CASES = [("binary", 1, "sign"), ("ternary", 2, "sign_mask"), ("int", 2, "planes"), ("int", 3, "planes"),
+               ("int", 4, "planes"), ("int", 8, "planes"), ("int", 4, "sparse")]
+
+
+@pytest.mark.parametrize("alphabet,bits,layout", FUSED_CASES)
+@pytest.mark.parametrize("n,k,group", [(130, 576, 32), (77, 300, 64), (16, 96, 32)])
+def test_fused_route_is_the_written_order(alphabet, bits, layout, n, k, group):
+    """The fused grouped kernels (x86-64: one pass over all columns, each group's sum turned into
+    its float term in registers; grouped.c) against the order of spfq_kernels.h: partial 64-row
+    tiles and 16-row groups (N = 130, 77), a short last group (K = 300), GEMV / odd / tall row
+    counts (the tall driver's units and output parts at 300 rows, 3 threads), bias, clamp, an
+    activation after the sum; and the per-group route, built on first use, when the ISA is
+    switched to one without the fused kernel after the weights were prepared."""
+    rng = np.random.default_rng(bits * 31 + n + k)
+    layer = make_layer(alphabet, bits, n, k, group, rng, sparsity=0.4 if layout == "sparse" else 0.0)
+    x = rng.standard_normal((300, k)).astype(np.float32) * np.linspace(0.1, 3, k, dtype=np.float32)
+    xq, xs = kernels.quantize_i8(x)
+    try:
+        for isa in ISAS:
+            kernels.set_isa(isa)
+            w = kernels.GroupedWeights.from_layer(layer, layout)
+            for m in (1, 2, 5, 300):
+                want = int8_semantics(layer, layout, xq[:m], xs[:m])
+                for threads in (1, 3):
+                    np.testing.assert_array_equal(w.matmul_i8(xq[:m], xs[:m], threads), want,
+                                                  err_msg=f"{isa} m={m} t={threads}")
+                np.testing.assert_array_equal(w.matmul_q8(x[:m], 2), want, err_msg=f"{isa} q8 m={m}")
+            w.set_clamp(-0.5, 0.25)
+            np.testing.assert_array_equal(w.matmul_i8(xq, xs, 3), int8_semantics(layer, layout, xq, xs, (-0.5, 0.25)))
+            w.set_clamp(-np.inf, np.inf)
+            slope = np.linspace(0.05, 0.3, n, dtype=np.float32)
+            w.set_activation("prelu", slope)
+
+            def prelu(y):
+                return np.where(y > 0, y, slope * y)
+            np.testing.assert_array_equal(w.matmul_q8(x[:5]), prelu(int8_semantics(layer, layout, xq[:5], xs[:5])))
+            kernels.set_isa("c")  # prepared under `isa`, run without its fused kernel
+            np.testing.assert_array_equal(w.matmul_q8(x[:3]), prelu(int8_semantics(layer, layout, xq[:3], xs[:3])))
+    finally:
+        kernels.set_isa("auto")
+
+
 @pytest.mark.parametrize("alphabet,bits,sparsity,lam,layout", CASES)
 @pytest.mark.parametrize("m", [1, 20])
 def test_float_path_is_the_per_row_kernels_summed_in_group_order(alphabet, bits, sparsity, lam, layout, m):

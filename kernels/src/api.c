@@ -172,6 +172,7 @@ void spfq_free(spfq_prepared *p) {
     free(p->sign); free(p->mask); free(p->planes);
     free(p->scale); free(p->lam); free(p->bias);
     free(p->rp);
+    free(p->gscale);
     free(p->amx);
     free(p->act_slope);
     spfq_free(p->hwc);
@@ -534,6 +535,12 @@ static void tall_chunk(void *ctx, int32_t c, int32_t n) {
 /* The fused kernel of the active ISA for these weights and m rows, or NULL. */
 static spfq_range_fn fused_kernel(const spfq_prepared *w, int32_t m) {
 #if defined(__x86_64__)
+    if (w->gscale) { /* group-wise scales: only these kernels know them */
+        if (w->ngroups > SPFQ_GROUPED_MAX_GROUPS) return NULL;
+        if (spfq_isa_avx512() && spfq_rp_grouped_avx512 && spfq_rp_grouped_ok_avx512(w)) return spfq_rp_grouped_avx512;
+        if (isa() == &table_avx2 && spfq_rp_grouped_avx2 && spfq_rp_grouped_ok_avx2(w)) return spfq_rp_grouped_avx2;
+        return NULL;
+    }
     if (isa() == &table_amx && m >= SPFQ_AMX_MIN_ROWS && spfq_rp_i8_fused_amx && spfq_rp_i8_fused_ok_amx(w))
         return spfq_rp_i8_fused_amx;
     if (spfq_isa_avx512() && spfq_rp_i8_fused_avx512 && spfq_rp_i8_fused_ok_avx512(w)) return spfq_rp_i8_fused_avx512;
@@ -543,6 +550,8 @@ static spfq_range_fn fused_kernel(const spfq_prepared *w, int32_t m) {
     (void)m;
     return NULL;
 }
+
+int spfq_grouped_fused_ok(const spfq_prepared *w, int32_t m) { return w && w->gscale && fused_kernel(w, m) != NULL; }
 
 /* x (float) or xq + xscale (int8) or a conv's input -> y through the row-block driver; f32:
  * weight-only (x or conv). */

@@ -2,17 +2,26 @@
  * (and lam) per (output row, group of G consecutive columns of K), the semantics written in
  * spfq_kernels.h (spfq_grouped_*).
  *
- * The route: at prepare time the weights are cut into one per-row-scale weight set per group
- * (the group's columns re-encoded word-aligned, its scales as the per-row scales, no bias), so a
- * call runs the existing kernels, every ISA's, on each group's columns and adds their float
- * outputs in ascending group order; bias, clamp and activation come after the sum. The codes are
- * never expanded per call; only the group's columns of the activation rows are copied
- * contiguous. The int8 kernels and epilogue of every ISA are bit-identical with the C oracle, so
- * this path is too; the float path runs spfq_matmul_f32_oracle (api.c: the output-lane tables,
- * the oracle's order at any row count). SPARSE weights are cut into PLANES groups (the same
- * values, lam kept).
+ * Two routes, the same bits (spfq_kernels.h's one evaluation order):
+ *   fused (x86-64, int8 activations, no lam, G a whole number of RP steps): one weight set over
+ *   all K columns (per-row scale 1, SPARSE re-encoded as PLANES) whose RP codes the fused
+ *   grouped kernels (intb_avx512.c / intb_avx2.c) read once per call, turning each group's int32
+ *   sum into its float term in registers (gscale, one per row and group). SmolLM2 decode with
+ *   G = 32 was 56 tok/s through the per-group route below, which re-reads the activations and
+ *   writes and re-reads the (m, N) partial outputs once per group.
+ *   per group (every other case, and the float path): the weights cut into one per-row-scale
+ *   weight set per group (the group's columns re-encoded word-aligned, its scales as the
+ *   per-row scales, no bias), so a call runs the existing kernels, every ISA's, on each group's
+ *   columns and adds their float outputs in ascending group order; bias, clamp and activation
+ *   come after the sum. Built at prepare time when there is no fused route, else on first use
+ *   (a float call, or an ISA switched to one without the fused kernel). The int8 kernels and
+ *   epilogue of every ISA are bit-identical with the C oracle, so this route is too; the float
+ *   path runs spfq_matmul_f32_oracle (api.c: the output-lane tables, the oracle's order at any
+ *   row count). SPARSE weights are cut into PLANES groups (the same values, lam kept).
  */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,51 +29,147 @@
 
 struct spfq_grouped {
     int32_t n, k, group, ngroups;
-    spfq_prepared **sub; /* ngroups weight sets of K_g = min(G, K - g G) columns */
-    float *bias;         /* (N) or NULL */
+    int layout, bits;             /* of the cut weight sets: SPARSE as PLANES */
+    spfq_prepared *full;          /* the fused route's weight set (gscale), or NULL */
+    spfq_prepared **_Atomic sub;  /* ngroups weight sets of K_g = min(G, K - g G) columns, or NULL
+                                     until built (always built when full is NULL) */
+    pthread_mutex_t sub_mu;
+    float *scale, *lam;           /* (N, ngroups): for cutting the groups */
+    float *bias;                  /* (N) or NULL */
     int32_t clamped;
     float clamp_lo, clamp_hi;
     int32_t act;
     float *act_slope;
 };
 
+static void free_subs(spfq_prepared **sub, int32_t ng) {
+    for (int32_t g = 0; sub && g < ng; g++) spfq_free(sub[g]);
+    free(sub);
+}
+
 void spfq_grouped_free(spfq_grouped *p) {
     if (!p) return;
-    for (int32_t g = 0; p->sub && g < p->ngroups; g++) spfq_free(p->sub[g]);
-    free(p->sub);
+    free_subs(p->sub, p->ngroups);
+    spfq_free(p->full);
+    pthread_mutex_destroy(&p->sub_mu);
+    free(p->scale);
+    free(p->lam);
     free(p->bias);
     free(p->act_slope);
     free(p);
 }
 
-/* Group g of the weights (codes c, N rows of K) as its own per-row-scale weight set. */
-static int cut_group(const spfq_weights_desc *w, const int8_t *codes, int32_t g, int32_t G, int32_t ng,
-                     spfq_prepared **out) {
-    const int32_t N = w->n, c0 = g * G, Kg = (w->k - c0) < G ? w->k - c0 : G, W = SPFQ_WORDS(Kg);
-    const int L = w->layout == SPFQ_SPARSE ? SPFQ_PLANES : w->layout, bits = L == SPFQ_PLANES ? w->bits : 0;
+/* Columns [c0, c0 + Kg) of the codes c (N rows of K) as a weight set of layout L with per-row
+ * scale / lam (N values each, lam may be NULL) and bias (or NULL). */
+static int cut_cols(int L, int bits, int32_t N, int32_t K, const int8_t *codes, int32_t c0, int32_t Kg,
+                    const float *scale, const float *lam, const float *bias, spfq_prepared **out) {
+    const int32_t W = SPFQ_WORDS(Kg);
     uint64_t *sign = L != SPFQ_PLANES ? calloc((size_t)N * W, 8) : NULL;
     uint64_t *mask = L == SPFQ_SIGN_MASK ? calloc((size_t)N * W, 8) : NULL;
     uint64_t *planes = L == SPFQ_PLANES ? calloc((size_t)bits * N * W, 8) : NULL;
-    float *scale = malloc((size_t)N * 4), *lam = w->lam ? malloc((size_t)N * 4) : NULL;
     int rc = SPFQ_ENOMEM;
-    if ((L == SPFQ_PLANES ? planes != NULL : sign != NULL) && (L != SPFQ_SIGN_MASK || mask) && scale &&
-        (!w->lam || lam)) {
-        for (int32_t n = 0; n < N; n++) {
-            spfq_encode_row(L, bits, codes + (size_t)n * w->k + c0, Kg, W, sign ? sign + (size_t)n * W : NULL,
-                   mask ? mask + (size_t)n * W : NULL, planes ? planes + (size_t)n * W : NULL, (size_t)N * W);
-            scale[n] = w->scale[(size_t)n * ng + g];
-            if (lam) lam[n] = w->lam[(size_t)n * ng + g];
-        }
+    if ((L == SPFQ_PLANES ? planes != NULL : sign != NULL) && (L != SPFQ_SIGN_MASK || mask)) {
+        for (int32_t n = 0; n < N; n++)
+            spfq_encode_row(L, bits, codes + (size_t)n * K + c0, Kg, W, sign ? sign + (size_t)n * W : NULL,
+                            mask ? mask + (size_t)n * W : NULL, planes ? planes + (size_t)n * W : NULL, (size_t)N * W);
         spfq_weights_desc d = {.layout = L, .n = N, .k = Kg, .bits = L == SPFQ_PLANES ? bits : (L == SPFQ_SIGN ? 1 : 2),
-                               .sign = sign, .mask = mask, .planes = planes, .scale = scale, .lam = lam};
+                               .sign = sign, .mask = mask, .planes = planes, .scale = scale, .lam = lam, .bias = bias};
         rc = spfq_prepare(&d, out);
     }
     free(sign);
     free(mask);
     free(planes);
+    return rc;
+}
+
+/* Signed codes (N x K) of a weight set of any layout. */
+static void all_codes(const spfq_prepared *w, int8_t *codes) {
+    for (int32_t n = 0; n < w->d.n; n++) {
+        if (w->d.layout == SPFQ_SIGN || w->d.layout == SPFQ_SIGN_MASK)
+            spfq_sign_row_codes(w, n, codes + (size_t)n * w->d.k);
+        else
+            spfq_int_row_codes(w, n, codes + (size_t)n * w->d.k);
+    }
+}
+
+/* The per-group weight sets from the codes. */
+static int cut_groups(const spfq_grouped *p, const int8_t *codes, spfq_prepared ***out) {
+    const int32_t N = p->n, K = p->k, G = p->group, ng = p->ngroups;
+    spfq_prepared **sub = calloc((size_t)ng, sizeof *sub);
+    float *scale = malloc((size_t)N * 4), *lam = p->lam ? malloc((size_t)N * 4) : NULL;
+    int rc = (sub && scale && (!p->lam || lam)) ? SPFQ_OK : SPFQ_ENOMEM;
+    for (int32_t g = 0; g < ng && rc == SPFQ_OK; g++) {
+        for (int32_t n = 0; n < N; n++) {
+            scale[n] = p->scale[(size_t)n * ng + g];
+            if (lam) lam[n] = p->lam[(size_t)n * ng + g];
+        }
+        const int32_t c0 = g * G, Kg = (K - c0) < G ? K - c0 : G;
+        rc = cut_cols(p->layout, p->bits, N, K, codes, c0, Kg, scale, lam, NULL, &sub[g]);
+    }
     free(scale);
     free(lam);
-    return rc;
+    if (rc) {
+        free_subs(sub, ng);
+        return rc;
+    }
+    *out = sub;
+    return SPFQ_OK;
+}
+
+/* The per-group weight sets, built from the fused route's codes on first use. */
+static spfq_prepared *const *subs(const spfq_grouped *cp) {
+    spfq_grouped *p = (spfq_grouped *)cp; /* a cache, not part of the weights' value */
+    spfq_prepared **have = atomic_load_explicit(&p->sub, memory_order_acquire);
+    if (have || !p->full) return have;
+    pthread_mutex_lock(&p->sub_mu);
+    if (!p->sub) {
+        int8_t *codes = malloc((size_t)p->n * p->k);
+        spfq_prepared **sub = NULL;
+        if (codes) {
+            all_codes(p->full, codes);
+            if (cut_groups(p, codes, &sub)) sub = NULL;
+        }
+        free(codes);
+        atomic_store_explicit(&p->sub, sub, memory_order_release);
+    }
+    pthread_mutex_unlock(&p->sub_mu);
+    return p->sub;
+}
+
+void spfq_group_sums(const int8_t *x, size_t xstride, int32_t mr, int32_t gcols, int32_t ng, int32_t *xsg) {
+    for (int32_t a = 0; a < mr; a++) {
+        const int8_t *row = x + (size_t)a * xstride;
+        for (int32_t g = 0; g < ng; g++) {
+            const size_t c0 = (size_t)g * gcols, c1 = c0 + gcols < xstride ? c0 + gcols : xstride;
+            int32_t s = 0;
+            for (size_t c = c0; c < c1; c++) s += row[c];
+            xsg[a * ng + g] = s;
+        }
+    }
+}
+
+/* The fused route's weight set: all columns, scale 1, the bias, gscale from the group scales;
+ * NULL (not an error) when the route does not apply here. */
+static spfq_prepared *fused_set(const spfq_grouped *p, const int8_t *codes) {
+    if (p->lam) return NULL;
+    const int32_t N = p->n, ng = p->ngroups;
+    float *ones = malloc((size_t)N * 4);
+    if (!ones) return NULL;
+    for (int32_t n = 0; n < N; n++) ones[n] = 1.0f;
+    spfq_prepared *w = NULL;
+    if (cut_cols(p->layout, p->bits, N, p->k, codes, 0, p->k, ones, NULL, p->bias, &w)) w = NULL;
+    free(ones);
+    const int32_t kstep = w && w->rp ? 4 * (8 / w->rp_cb) : 0;
+    if (!kstep || p->group % kstep || ng > SPFQ_GROUPED_MAX_GROUPS ||
+        !(w->gscale = calloc((size_t)(N + 15) / 16 * ng * 16, sizeof(float)))) {
+        spfq_free(w);
+        return NULL;
+    }
+    for (int32_t n = 0; n < N; n++)
+        for (int32_t g = 0; g < ng; g++) w->gscale[((size_t)(n / 16) * ng + g) * 16 + n % 16] = p->scale[(size_t)n * ng + g];
+    w->gsteps = p->group / kstep;
+    w->ngroups = ng;
+    return w;
 }
 
 int spfq_grouped_prepare(const spfq_weights_desc *w, int32_t group, spfq_grouped **out) {
@@ -79,27 +184,34 @@ int spfq_grouped_prepare(const spfq_weights_desc *w, int32_t group, spfq_grouped
     view.scale = ones;
     view.lam = NULL;
     view.bias = NULL;
-    spfq_prepared *full = NULL;
-    int rc = spfq_prepare(&view, &full);
+    spfq_prepared *whole = NULL;
+    int rc = spfq_prepare(&view, &whole);
     free(ones);
     if (rc) return rc;
+    const size_t cells = (size_t)w->n * ng;
     int8_t *codes = malloc((size_t)w->n * w->k);
     spfq_grouped *p = calloc(1, sizeof *p);
     rc = SPFQ_ENOMEM;
-    if (codes && p && (p->sub = calloc((size_t)ng, sizeof *p->sub)) &&
-        (!w->bias || (p->bias = malloc((size_t)w->n * 4)))) {
-        for (int32_t n = 0; n < w->n; n++) {
-            if (w->layout == SPFQ_SIGN || w->layout == SPFQ_SIGN_MASK)
-                spfq_sign_row_codes(full, n, codes + (size_t)n * w->k);
-            else
-                spfq_int_row_codes(full, n, codes + (size_t)n * w->k);
-        }
-        if (w->bias) memcpy(p->bias, w->bias, (size_t)w->n * 4);
+    if (codes && p && !pthread_mutex_init(&p->sub_mu, NULL)) {
         p->n = w->n, p->k = w->k, p->group = group, p->ngroups = ng;
-        rc = SPFQ_OK;
-        for (int32_t g = 0; g < ng && rc == SPFQ_OK; g++) rc = cut_group(w, codes, g, group, ng, &p->sub[g]);
+        p->layout = w->layout == SPFQ_SPARSE ? SPFQ_PLANES : w->layout;
+        p->bits = p->layout == SPFQ_PLANES ? w->bits : 0;
+        if ((p->scale = malloc(cells * 4)) && (!w->lam || (p->lam = malloc(cells * 4))) &&
+            (!w->bias || (p->bias = malloc((size_t)w->n * 4)))) {
+            memcpy(p->scale, w->scale, cells * 4);
+            if (w->lam) memcpy(p->lam, w->lam, cells * 4);
+            if (w->bias) memcpy(p->bias, w->bias, (size_t)w->n * 4);
+            all_codes(whole, codes);
+            p->full = fused_set(p, codes);
+            spfq_prepared **sub = NULL;
+            rc = p->full ? SPFQ_OK : cut_groups(p, codes, &sub);
+            p->sub = sub;
+        }
+    } else if (p) {
+        free(p);
+        p = NULL;
     }
-    spfq_free(full);
+    spfq_free(whole);
     free(codes);
     if (rc) {
         spfq_grouped_free(p);
@@ -111,6 +223,7 @@ int spfq_grouped_prepare(const spfq_weights_desc *w, int32_t group, spfq_grouped
 
 int spfq_grouped_set_clamp(spfq_grouped *p, float lo, float hi) {
     if (!p || lo != lo || hi != hi || lo > hi) return SPFQ_EINVAL;
+    if (p->full) spfq_set_clamp(p->full, lo, hi);
     p->clamped = !(lo == -INFINITY && hi == INFINITY);
     p->clamp_lo = lo;
     p->clamp_hi = hi;
@@ -118,7 +231,9 @@ int spfq_grouped_set_clamp(spfq_grouped *p, float lo, float hi) {
 }
 
 int spfq_grouped_set_activation(spfq_grouped *p, int32_t kind, const float *slope) {
-    return p ? spfq_act_set(&p->act, &p->act_slope, kind, slope, p->n) : SPFQ_EINVAL;
+    if (!p) return SPFQ_EINVAL;
+    int rc = p->full ? spfq_set_activation(p->full, kind, slope) : SPFQ_OK;
+    return rc ? rc : spfq_act_set(&p->act, &p->act_slope, kind, slope, p->n);
 }
 
 /* y (m, N) = sum over groups of the kernel `run` on each group's columns of the rows (src, m x K
@@ -139,6 +254,8 @@ static int grouped_run(const spfq_grouped *p, int32_t m, const void *src, size_t
                        group_fn fn, int32_t nthreads) {
     const int32_t N = p->n, K = p->k, G = p->group;
     const size_t MN = (size_t)m * N;
+    spfq_prepared *const *sub = subs(p);
+    if (!sub) return SPFQ_ENOMEM;
     char *cols = malloc((size_t)m * (G < K ? G : K) * size);
     float *t = malloc(MN * sizeof *t);
     int rc = (cols && t) ? SPFQ_OK : SPFQ_ENOMEM;
@@ -146,7 +263,7 @@ static int grouped_run(const spfq_grouped *p, int32_t m, const void *src, size_t
         const int32_t c0 = g * G, Kg = (K - c0) < G ? K - c0 : G;
         for (int32_t r = 0; r < m; r++)
             memcpy(cols + (size_t)r * Kg * size, (const char *)src + ((size_t)r * K + c0) * size, (size_t)Kg * size);
-        rc = fn(p->sub[g], m, cols, xscale, g ? t : y, nthreads);
+        rc = fn(sub[g], m, cols, xscale, g ? t : y, nthreads);
         if (g)
             for (size_t i = 0; i < MN; i++) y[i] = y[i] + t[i];
     }
@@ -173,12 +290,14 @@ int spfq_grouped_matmul_f32(const spfq_grouped *p, int32_t m, const float *x, fl
 int spfq_grouped_matmul_i8(const spfq_grouped *p, int32_t m, const int8_t *xq, const float *xscale, float *y,
                            int32_t nthreads) {
     if (!p || m < 0 || (m && (!xq || !xscale || !y))) return SPFQ_EINVAL;
+    if (m && p->full && spfq_grouped_fused_ok(p->full, m)) return spfq_matmul_i8(p->full, m, xq, xscale, y, nthreads);
     return m ? grouped_run(p, m, xq, 1, xscale, y, run_i8, nthreads) : SPFQ_OK;
 }
 
 int spfq_grouped_matmul_q8(const spfq_grouped *p, int32_t m, const float *x, float *y, int32_t nthreads) {
     if (!p || m < 0 || (m && (!x || !y))) return SPFQ_EINVAL;
     if (!m) return SPFQ_OK;
+    if (p->full && spfq_grouped_fused_ok(p->full, m)) return spfq_matmul_q8(p->full, m, x, y, nthreads);
     int8_t *xq = malloc((size_t)m * p->k);
     float *xs = malloc((size_t)m * 4);
     int rc = (xq && xs) ? spfq_quantize_i8(m, p->k, x, xq, xs) : SPFQ_ENOMEM;

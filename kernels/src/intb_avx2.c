@@ -1029,6 +1029,93 @@ ENTRY void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1)
     }
 }
 
+/* ------------------------------------------------------------------ grouped fused RP */
+
+/* Group-wise scales (w->gscale, grouped.c's fused route), the AVX2 form of intb_avx512.c's
+ * rp_grouped_rows: per 16-row group, each column group's exact sums (rp2_block over its gsteps
+ * steps, tot in L1) become t = xscale * (gscale * acc), added in ascending group order in MR x 2
+ * ymm float accumulators from +0.0f; y = clamp(s + bias). */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+INL TGT void rp2_grouped_rows(const spfq_job *j, int32_t m, int32_t n0, int32_t n1, const int CB, const int MR)
+{
+    const spfq_prepared *w = j->w;
+    const int KSTEP = 4 * (8 / CB);
+    const int32_t N = w->d.n, S = w->rp_steps, off = w->rp_off, GS = w->gsteps, NG = w->ngroups;
+    const size_t xstride = (size_t)j->xstride;
+    const int8_t *x = j->xq + (size_t)m * xstride;
+    int32_t xsg[4 * SPFQ_GROUPED_MAX_GROUPS];
+    spfq_group_sums(x, xstride, MR, GS * KSTEP, NG, xsg);
+    const __m256 vlo = _mm256_set1_ps(w->clamped ? w->clamp_lo : -INFINITY);
+    const __m256 vhi = _mm256_set1_ps(w->clamped ? w->clamp_hi : INFINITY);
+    int32_t tot[4][32] __attribute__((aligned(32)));
+    for (int32_t r0 = n0 / 16 * 16; r0 < n1; r0 += 16) {
+        const uint8_t *wt = w->rp + (size_t)(r0 / 64) * (size_t)S * 256;
+        const int g = (r0 % 64) / 16;
+        __m256 ys[4][2]; /* from +0.0f, as intb_avx512.c's rp_grouped_rows */
+        for (int a = 0; a < MR; a++) ys[a][0] = ys[a][1] = _mm256_setzero_ps();
+        for (int32_t q = 0; q < NG; q++) {
+            const int32_t s0 = q * GS, sq = S - s0 < GS ? S - s0 : GS;
+            rp2_block(wt + (size_t)s0 * 256, sq, x + (size_t)s0 * KSTEP, xstride, g, CB, MR, 1, tot, 0);
+            const float *sc = w->gscale + ((size_t)(r0 / 16) * NG + q) * 16;
+            for (int a = 0; a < MR; a++) {
+                const __m256i c = _mm256_set1_epi32(off * xsg[a * NG + q]);
+                const __m256 vx = _mm256_set1_ps(j->xscale[m + a]);
+                for (int h = 0; h < 2; h++) {
+                    const __m256i acc = _mm256_sub_epi32(_mm256_load_si256((const __m256i *)(tot[a] + 8 * h)), c);
+                    ys[a][h] = _mm256_add_ps(ys[a][h], _mm256_mul_ps(vx, _mm256_mul_ps(_mm256_loadu_ps(sc + 8 * h),
+                                                                                     _mm256_cvtepi32_ps(acc))));
+                }
+            }
+        }
+        const int32_t lo = r0 > n0 ? r0 : n0, hi = r0 + 16 < n1 ? r0 + 16 : n1;
+        static const float zeros[16];
+        float bip[16];
+        const float *bi = w->d.bias ? w->d.bias + r0 : zeros;
+        if (w->d.bias && (lo > r0 || hi < r0 + 16)) { /* rows outside [n0, n1) (past N) read zeros */
+            memset(bip, 0, sizeof bip);
+            memcpy(bip + (lo - r0), w->d.bias + lo, (size_t)(hi - lo) * sizeof(float));
+            bi = bip;
+        }
+        for (int a = 0; a < MR; a++) {
+            float out[16] __attribute__((aligned(32)));
+            for (int h = 0; h < 2; h++) {
+                __m256 v = _mm256_add_ps(ys[a][h], _mm256_loadu_ps(bi + 8 * h));
+                v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v)); /* spfq_clamp: NaN v stays */
+                _mm256_store_ps(out + 8 * h, v);
+            }
+            memcpy(j->y + (size_t)(m + a) * (size_t)N + lo, out + (lo - r0), (size_t)(hi - lo) * sizeof(float));
+        }
+    }
+}
+#pragma GCC diagnostic pop
+
+#define RP2_GROUPED_FN(CB, MR)                                                                        \
+    __attribute__((noinline)) TGT static void rp2_grouped_##CB##_##MR(const spfq_job *j, int32_t m, \
+                                                                      int32_t n0, int32_t n1)        \
+    {                                                                                                \
+        rp2_grouped_rows(j, m, n0, n1, CB, MR);                                                      \
+    }
+RP2_GROUPED_FN(2, 1) RP2_GROUPED_FN(2, 2) RP2_GROUPED_FN(2, 3) RP2_GROUPED_FN(2, 4)
+RP2_GROUPED_FN(4, 1) RP2_GROUPED_FN(4, 2) RP2_GROUPED_FN(4, 3) RP2_GROUPED_FN(4, 4)
+
+ENTRY int spfq_rp_grouped_ok_avx2(const spfq_prepared *w)
+{
+    return w->gscale && spfq_rp_i8_fused_ok_avx2(w);
+}
+
+ENTRY void spfq_rp_grouped_avx2(const spfq_job *j, int32_t n0, int32_t n1)
+{
+    typedef void (*fn)(const spfq_job *, int32_t, int32_t, int32_t);
+    static const fn fns[2][4] = {{rp2_grouped_2_1, rp2_grouped_2_2, rp2_grouped_2_3, rp2_grouped_2_4},
+                                 {rp2_grouped_4_1, rp2_grouped_4_2, rp2_grouped_4_3, rp2_grouped_4_4}};
+    for (int32_t m = 0; m < j->m;) {
+        const int32_t mr = j->m - m >= 4 ? 4 : j->m - m;
+        fns[j->w->rp_cb == 4][mr - 1](j, m, n0, n1);
+        m += mr;
+    }
+}
+
 ENTRY int spfq_rp_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc)
 {
     if (!acc || !__builtin_cpu_supports("bmi") || !__builtin_cpu_supports("bmi2")) return 0;

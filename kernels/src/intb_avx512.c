@@ -875,6 +875,100 @@ void spfq_rp_i8_fused_avx512(const spfq_job *j, int32_t n0, int32_t n1)
     }
 }
 
+/* ------------------------------------------------------------------ grouped fused RP */
+
+/* Group-wise scales (w->gscale, grouped.c's fused route): per 16-row group, each column group's
+ * exact int32 sum (rp_block over its gsteps RP steps) becomes t = xscale * (gscale * acc) and
+ * is added to a float accumulator that starts at +0.0f, in ascending group order, y = clamp(s +
+ * bias): the bits of spfq_kernels.h's order (t_0 + 0.0f + t_1 + ...: adding +0.0f first only
+ * turns a -0 into +0, which the later additions would do anyway), in registers. Accumulators: MR x G x F int32 for the group + MR x G float,
+ * so G is chosen for MR * G * F <= 8 (at b = 4, M = 1: the whole 64-row tile in one pass). */
+#define RPG_G(CB, MR) ((MR) * 4 * (8 / (CB)) <= 8 ? 4 : (MR) * 2 * (8 / (CB)) <= 8 ? 2 : 1)
+
+INL TGT void rp_grouped_rows(const spfq_job *j, int32_t m, int32_t n0, int32_t n1, const int CB, const int MR)
+{
+    const spfq_prepared *w = j->w;
+    const int G = RPG_G(CB, MR), KSTEP = 4 * (8 / CB);
+    const int32_t N = w->d.n, S = w->rp_steps, off = w->rp_off, GS = w->gsteps, NG = w->ngroups;
+    const size_t xstride = (size_t)j->xstride;
+    const int8_t *x = j->xq + (size_t)m * xstride;
+    int32_t xsg[4 * SPFQ_GROUPED_MAX_GROUPS];
+    spfq_group_sums(x, xstride, MR, GS * KSTEP, NG, xsg);
+    const __m512 vlo = _mm512_set1_ps(w->clamped ? w->clamp_lo : -INFINITY);
+    const __m512 vhi = _mm512_set1_ps(w->clamped ? w->clamp_hi : INFINITY);
+    __m512 vx[4];
+    for (int a = 0; a < MR; a++) vx[a] = _mm512_set1_ps(j->xscale[m + a]);
+    for (int32_t t = n0 / 64; t * 64 < n1; t++) {
+        const uint8_t *wt = w->rp + (size_t)t * (size_t)S * 256;
+        for (int g0 = 0; g0 < 4; g0 += G) {
+            const int32_t r0 = t * 64 + g0 * 16;
+            if (r0 >= n1 || r0 + G * 16 <= n0) continue;
+            __m512 ys[4][4]; /* +0.0f + t_0 + t_1 ...: the same bits as t_0 + 0.0f + t_1 ... */
+            for (int a = 0; a < MR; a++)
+                for (int g = 0; g < G; g++) ys[a][g] = _mm512_setzero_ps();
+            for (int32_t q = 0; q < NG; q++) {
+                const int32_t s0 = q * GS, sq = S - s0 < GS ? S - s0 : GS;
+                __m512i tot[4][4];
+                rp_block(wt + (size_t)s0 * 256, sq, x + (size_t)s0 * KSTEP, xstride, g0, CB, MR, G, tot);
+                for (int g = 0; g < G; g++) {
+                    const __m512 sc = _mm512_loadu_ps(w->gscale + ((size_t)(r0 / 16 + g) * NG + q) * 16);
+                    for (int a = 0; a < MR; a++) {
+                        const __m512i tt = w->rp_mul == 2 ? _mm512_add_epi32(tot[a][g], tot[a][g]) : tot[a][g];
+                        const __m512i acc = _mm512_sub_epi32(tt, _mm512_set1_epi32(off * xsg[a * NG + q]));
+                        ys[a][g] = _mm512_add_ps(ys[a][g], _mm512_mul_ps(vx[a], _mm512_mul_ps(sc, _mm512_cvtepi32_ps(acc))));
+                    }
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                const int32_t base = r0 + g * 16;
+                uint32_t keep = 0;
+                for (int l = 0; l < 16; l++) keep |= (uint32_t)(base + l >= n0 && base + l < n1) << l;
+                if (!keep) continue;
+                const __mmask16 k = (__mmask16)keep;
+                const __m512 bi = w->d.bias ? _mm512_maskz_loadu_ps(k, w->d.bias + base) : _mm512_setzero_ps();
+                for (int a = 0; a < MR; a++) {
+                    __m512 v = _mm512_add_ps(ys[a][g], bi);
+                    v = _mm512_min_ps(vhi, _mm512_max_ps(vlo, v)); /* spfq_clamp: NaN v stays */
+                    _mm512_mask_storeu_ps(j->y + (size_t)(m + a) * (size_t)N + base, k, v);
+                }
+            }
+        }
+    }
+}
+
+#define RP_GROUPED_FN(CB, MR)                                                                       \
+    __attribute__((noinline)) TGT static void rp_grouped_##CB##_##MR(const spfq_job *j, int32_t m, \
+                                                                     int32_t n0, int32_t n1)        \
+    {                                                                                               \
+        rp_grouped_rows(j, m, n0, n1, CB, MR);                                                      \
+    }
+RP_GROUPED_FN(1, 1) RP_GROUPED_FN(1, 2)
+RP_GROUPED_FN(2, 1) RP_GROUPED_FN(2, 2) RP_GROUPED_FN(2, 3) RP_GROUPED_FN(2, 4)
+RP_GROUPED_FN(4, 1) RP_GROUPED_FN(4, 2) RP_GROUPED_FN(4, 3) RP_GROUPED_FN(4, 4)
+RP_GROUPED_FN(8, 1) RP_GROUPED_FN(8, 2) RP_GROUPED_FN(8, 3) RP_GROUPED_FN(8, 4)
+
+int spfq_rp_grouped_ok_avx512(const spfq_prepared *w)
+{
+    return w->rp && w->gscale && !w->d.lam && cpu_ok();
+}
+
+void spfq_rp_grouped_avx512(const spfq_job *j, int32_t n0, int32_t n1)
+{
+    typedef void (*fn)(const spfq_job *, int32_t, int32_t, int32_t);
+    static const fn fns[4][4] = {{rp_grouped_1_1, rp_grouped_1_2, NULL, NULL},
+                                 {rp_grouped_2_1, rp_grouped_2_2, rp_grouped_2_3, rp_grouped_2_4},
+                                 {rp_grouped_4_1, rp_grouped_4_2, rp_grouped_4_3, rp_grouped_4_4},
+                                 {rp_grouped_8_1, rp_grouped_8_2, rp_grouped_8_3, rp_grouped_8_4}};
+    const int CB = j->w->rp_cb;
+    const fn *f = fns[CB == 1 ? 0 : CB == 2 ? 1 : CB == 4 ? 2 : 3];
+    const int32_t mr_max = CB == 1 ? 2 : 4;
+    for (int32_t m = 0; m < j->m;) {
+        const int32_t mr = j->m - m >= mr_max ? mr_max : j->m - m;
+        f[mr - 1](j, m, n0, n1);
+        m += mr;
+    }
+}
+
 /* ------------------------------------------------------------------ range functions */
 
 void spfq_planes_i8_avx512(const spfq_job *j, int32_t n0, int32_t n1)

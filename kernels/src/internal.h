@@ -49,6 +49,12 @@ struct spfq_prepared {
     /* tall weight-only calls: the codes as float values in output-lane order (dconv.c's tables,
      * spfq_dc_gemm; built by the first such call, NULL until then) */
     struct spfq_dc *_Atomic f32_lanes;
+    /* group-wise scales (grouped.c's whole-K weight set, per-row scale 1): gscale[((n / 16) *
+     * ngroups + g) * 16 + n % 16] = scale of row n, group g (0 past N); a group is gsteps RP
+     * steps (G = gsteps * kstep columns). NULL: per-row scales. Only the fused grouped kernels
+     * read such a weight set (spfq_grouped_fused_ok). */
+    float *gscale;
+    int32_t gsteps, ngroups;
 };
 
 /* dconv.c: weight-only float GEMM rows through the few-channel conv's micro-kernel (outputs in
@@ -130,6 +136,23 @@ int spfq_rp_i8_fused_ok_avx2(const struct spfq_prepared *w) __attribute__((weak)
 void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1) __attribute__((weak));
 int spfq_rp_i8_fused_ok_avx512(const struct spfq_prepared *w) __attribute__((weak));
 void spfq_rp_i8_fused_avx512(const spfq_job *j, int32_t n0, int32_t n1) __attribute__((weak));
+
+/* Group-wise scales with the epilogue fused (grouped.c's fast route, w->gscale set, no lam):
+ * for each group g the exact int32 sum over its RP steps, then t_g = xscale * (gscale * acc) +
+ * 0.0f, s = t_0 + t_1 + ... in registers, y = clamp(s + bias) -- spfq_kernels.h's order, so the
+ * same bits as the per-group route. Job contract as spfq_rp_i8_fused_* (rows padded to whole RP
+ * steps, j->xstride). AVX-512: every RP width; AVX2: rp_cb 2 / 4 with rp_mul 1. */
+#define SPFQ_GROUPED_MAX_GROUPS 1024 /* per-group activation sums of 4 rows live on the stack */
+int spfq_rp_grouped_ok_avx512(const struct spfq_prepared *w) __attribute__((weak));
+void spfq_rp_grouped_avx512(const spfq_job *j, int32_t n0, int32_t n1) __attribute__((weak));
+int spfq_rp_grouped_ok_avx2(const struct spfq_prepared *w) __attribute__((weak));
+void spfq_rp_grouped_avx2(const spfq_job *j, int32_t n0, int32_t n1) __attribute__((weak));
+/* api.c: spfq_matmul_i8 / _q8 on a weight set with gscale run one of them (1), or cannot (0:
+ * the caller runs the per-group route) */
+int spfq_grouped_fused_ok(const struct spfq_prepared *w, int32_t m);
+/* Sums of each padded int8 row's group columns: xsg[a * ng + g] for rows [0, mr) of x (row
+ * stride xstride, groups of gcols columns, ng groups; portable, grouped.c). */
+void spfq_group_sums(const int8_t *x, size_t xstride, int32_t mr, int32_t gcols, int32_t ng, int32_t *xsg);
 
 /* AMX (intb_amx.c): tall calls (m >= SPFQ_AMX_MIN_ROWS) of weights without lam on int8 tiles,
  * rows zero padded to 64-byte multiples; spfq_amx_available: the CPU has AMX-INT8 and the OS
