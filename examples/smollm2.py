@@ -87,9 +87,14 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+def _rotation(head_dim: int) -> torch.Tensor:
+    """R with x @ R = rotate_half(x) = (-x[h:], x[:h]): one MatMul in the exported graph instead of
+    two Slices, a Neg, a Concat and their shape arithmetic (exact: one +-1 term per output)."""
+    h = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(h) + h, torch.arange(h)] = -1.0
+    r[torch.arange(h), torch.arange(h) + h] = 1.0
+    return r
 
 
 class Attention(nn.Module):
@@ -104,21 +109,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
-        b, s, _ = x.shape
+    def forward(self, x, rope, mask, past_k, past_v, dims):
+        """rope = (cos, sin, R) and dims = (batch, sequence), made once per forward by SmolLM2:
+        the exported graph computes them once, not once per layer."""
+        (b, s), (cos, sin, rot) = dims, rope
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + torch.matmul(q, rot) * sin
+        k = k * cos + torch.matmul(k, rot) * sin
         if past_k is not None:
             k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
         # grouped queries: the 9 query heads as 3 KV heads x 3, so K and V are never repeated
         rep = self.heads // self.kv_heads
         qg = q.reshape(b, self.kv_heads, rep * s, self.head_dim)
-        scores = torch.matmul(qg, k.transpose(2, 3)) * (self.head_dim ** -0.5)
-        scores = scores.view(b, self.kv_heads, rep, s, -1) + mask
-        out = torch.matmul(scores.softmax(-1).view(b, self.kv_heads, rep * s, -1), v)
+        scores = torch.matmul(qg, k.transpose(2, 3)) * (self.head_dim ** -0.5) + mask  # mask: (rep * s, keys)
+        out = torch.matmul(scores.softmax(-1), v)
         out = out.view(b, self.heads, s, self.head_dim).transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         return self.o_proj(out), k, v
 
@@ -143,8 +149,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg["hidden"], cfg["eps"])
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
-        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+    def forward(self, x, rope, mask, past_k, past_v, dims):
+        h, k, v = self.self_attn(self.input_layernorm(x), rope, mask, past_k, past_v, dims)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -166,27 +172,29 @@ class SmolLM2(nn.Module):
         head_dim = cfg["hidden"] // cfg["heads"]
         inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         self.register_buffer("inv_freq", inv.float(), persistent=False)
+        self.register_buffer("rotation", _rotation(head_dim), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
         n = len(self.layers)
         if past and len(past) != 2 * n:
             raise SpfqError(f"SmolLM2 takes no past or {2 * n} past tensors (key, value per layer), got {len(past)}")
-        s = input_ids.shape[1]
+        b, s = input_ids.shape
         start = past[0].shape[2] if past else 0
         pos = (torch.arange(s, device=input_ids.device) + start).to(torch.float32)  # int + int: TVM imports it
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        rope = (emb.cos(), emb.sin(), self.rotation)
         # query i sits at absolute position start + i and sees keys 0 .. start + i (additive mask,
         # computed once for every layer)
         keys = torch.arange(s, device=input_ids.device) + start + 1
         allowed = torch.arange(start + s, device=input_ids.device)[None, :] < keys[:, None]
         mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        mask = mask.repeat(self.cfg["heads"] // self.cfg["kv_heads"], 1)  # the rows of grouped queries
         x = self.embed_tokens(input_ids)
         present = []
         for i, layer in enumerate(self.layers):
             pk, pv = (past[2 * i], past[2 * i + 1]) if past else (None, None)
-            x, k, v = layer(x, cos, sin, mask, pk, pv)
+            x, k, v = layer(x, rope, mask, pk, pv, (b, s))
             present += [k, v]
         return (self.lm_head(self.norm(x)), *present)
 
