@@ -140,6 +140,28 @@ def test_fused_route_is_the_written_order(alphabet, bits, layout, n, k, group):
         kernels.set_isa("auto")
 
 
+@pytest.mark.parametrize("scales", ["float16 subnormal", "not float16"])
+def test_fused_route_scales(scales):
+    """The fused route keeps the scales as float16 bits (.spfq scales are float16 values): float16
+    subnormals convert exactly; a scale that is no float16 value (a Python caller's) takes the
+    per-group route, with the same written order."""
+    rng = np.random.default_rng(3)
+    layer = make_layer("int", 4, 70, 192, 32, rng)
+    if scales == "float16 subnormal":
+        layer.scale[::3] = f16(rng.integers(1, 1023, size=layer.scale[::3].shape) * 2.0 ** -24)
+    else:
+        layer.scale *= np.float32(1.0001)
+    x = rng.standard_normal((7, 192)).astype(np.float32)
+    xq, xs = kernels.quantize_i8(x)
+    try:
+        for isa in ISAS:
+            kernels.set_isa(isa)
+            w = kernels.GroupedWeights.from_layer(layer)
+            np.testing.assert_array_equal(w.matmul_i8(xq, xs, 2), int8_semantics(layer, "planes", xq, xs), err_msg=isa)
+    finally:
+        kernels.set_isa("auto")
+
+
 @pytest.mark.parametrize("alphabet,bits,sparsity,lam,layout", CASES)
 @pytest.mark.parametrize("m", [1, 20])
 def test_float_path_is_the_per_row_kernels_summed_in_group_order(alphabet, bits, sparsity, lam, layout, m):

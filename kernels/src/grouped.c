@@ -148,8 +148,23 @@ void spfq_group_sums(const int8_t *x, size_t xstride, int32_t mr, int32_t gcols,
     }
 }
 
+/* The float16 bits of f when f is a float16 value (normal or subnormal, +-0), else -1. */
+static int32_t half_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, e = (u >> 23) & 0xffu, m = u & 0x7fffffu;
+    if (e == 0 && m == 0) return (int32_t)sign;
+    const int32_t exp = (int32_t)e - 127;
+    if (e == 0xffu || exp > 15 || exp < -24) return -1;
+    if (exp >= -14) /* normal: 10 mantissa bits */
+        return (m & 0x1fffu) ? -1 : (int32_t)(sign | (uint32_t)(exp + 15) << 10 | m >> 13);
+    const uint32_t full = m | 0x800000u, shift = (uint32_t)(-14 - exp) + 13; /* subnormal: k 2^-24 */
+    return (full & ((1u << shift) - 1)) ? -1 : (int32_t)(sign | full >> shift);
+}
+
 /* The fused route's weight set: all columns, scale 1, the bias, gscale from the group scales;
- * NULL (not an error) when the route does not apply here. */
+ * NULL (not an error) when the route does not apply here (no RP codes, G not whole RP steps,
+ * too many groups, lam, a scale that is not a float16 value). */
 static spfq_prepared *fused_set(const spfq_grouped *p, const int8_t *codes) {
     if (p->lam) return NULL;
     const int32_t N = p->n, ng = p->ngroups;
@@ -161,12 +176,19 @@ static spfq_prepared *fused_set(const spfq_grouped *p, const int8_t *codes) {
     free(ones);
     const int32_t kstep = w && w->rp ? 4 * (8 / w->rp_cb) : 0;
     if (!kstep || p->group % kstep || ng > SPFQ_GROUPED_MAX_GROUPS ||
-        !(w->gscale = calloc((size_t)(N + 15) / 16 * ng * 16, sizeof(float)))) {
+        !(w->gscale = calloc((size_t)(N + 15) / 16 * ng * 16, sizeof *w->gscale))) {
         spfq_free(w);
         return NULL;
     }
     for (int32_t n = 0; n < N; n++)
-        for (int32_t g = 0; g < ng; g++) w->gscale[((size_t)(n / 16) * ng + g) * 16 + n % 16] = p->scale[(size_t)n * ng + g];
+        for (int32_t g = 0; g < ng; g++) {
+            const int32_t h = half_bits(p->scale[(size_t)n * ng + g]);
+            if (h < 0) {
+                spfq_free(w);
+                return NULL;
+            }
+            w->gscale[((size_t)(n / 16) * ng + g) * 16 + n % 16] = (uint16_t)h;
+        }
     w->gsteps = p->group / kstep;
     w->ngroups = ng;
     return w;

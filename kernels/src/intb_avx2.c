@@ -74,6 +74,7 @@
 #include "internal.h"
 
 #define TGT __attribute__((target("avx2,fma,popcnt,bmi,bmi2")))
+#define TGT_F16C __attribute__((target("avx2,fma,popcnt,bmi,bmi2,f16c"))) /* the float16 group scales */
 #define ENTRY __attribute__((target("avx2,fma,popcnt"))) /* runs before the BMI check */
 #define INL static inline __attribute__((always_inline))
 
@@ -1037,7 +1038,7 @@ ENTRY void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1)
  * ymm float accumulators from +0.0f; y = clamp(s + bias). */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-INL TGT void rp2_grouped_rows(const spfq_job *j, int32_t m, int32_t n0, int32_t n1, const int CB, const int MR)
+INL TGT_F16C void rp2_grouped_rows(const spfq_job *j, int32_t m, int32_t n0, int32_t n1, const int CB, const int MR)
 {
     const spfq_prepared *w = j->w;
     const int KSTEP = 4 * (8 / CB);
@@ -1057,14 +1058,14 @@ INL TGT void rp2_grouped_rows(const spfq_job *j, int32_t m, int32_t n0, int32_t 
         for (int32_t q = 0; q < NG; q++) {
             const int32_t s0 = q * GS, sq = S - s0 < GS ? S - s0 : GS;
             rp2_block(wt + (size_t)s0 * 256, sq, x + (size_t)s0 * KSTEP, xstride, g, CB, MR, 1, tot, 0);
-            const float *sc = w->gscale + ((size_t)(r0 / 16) * NG + q) * 16;
+            const uint16_t *sc = w->gscale + ((size_t)(r0 / 16) * NG + q) * 16;
             for (int a = 0; a < MR; a++) {
                 const __m256i c = _mm256_set1_epi32(off * xsg[a * NG + q]);
                 const __m256 vx = _mm256_set1_ps(j->xscale[m + a]);
                 for (int h = 0; h < 2; h++) {
                     const __m256i acc = _mm256_sub_epi32(_mm256_load_si256((const __m256i *)(tot[a] + 8 * h)), c);
-                    ys[a][h] = _mm256_add_ps(ys[a][h], _mm256_mul_ps(vx, _mm256_mul_ps(_mm256_loadu_ps(sc + 8 * h),
-                                                                                     _mm256_cvtepi32_ps(acc))));
+                    const __m256 scv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 8 * h)));
+                    ys[a][h] = _mm256_add_ps(ys[a][h], _mm256_mul_ps(vx, _mm256_mul_ps(scv, _mm256_cvtepi32_ps(acc))));
                 }
             }
         }
@@ -1091,7 +1092,7 @@ INL TGT void rp2_grouped_rows(const spfq_job *j, int32_t m, int32_t n0, int32_t 
 #pragma GCC diagnostic pop
 
 #define RP2_GROUPED_FN(CB, MR)                                                                        \
-    __attribute__((noinline)) TGT static void rp2_grouped_##CB##_##MR(const spfq_job *j, int32_t m, \
+    __attribute__((noinline)) TGT_F16C static void rp2_grouped_##CB##_##MR(const spfq_job *j, int32_t m, \
                                                                       int32_t n0, int32_t n1)        \
     {                                                                                                \
         rp2_grouped_rows(j, m, n0, n1, CB, MR);                                                      \
@@ -1101,7 +1102,7 @@ RP2_GROUPED_FN(4, 1) RP2_GROUPED_FN(4, 2) RP2_GROUPED_FN(4, 3) RP2_GROUPED_FN(4,
 
 ENTRY int spfq_rp_grouped_ok_avx2(const spfq_prepared *w)
 {
-    return w->gscale && spfq_rp_i8_fused_ok_avx2(w);
+    return w->gscale && spfq_rp_i8_fused_ok_avx2(w) && __builtin_cpu_supports("f16c");
 }
 
 ENTRY void spfq_rp_grouped_avx2(const spfq_job *j, int32_t n0, int32_t n1)

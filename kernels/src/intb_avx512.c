@@ -911,7 +911,8 @@ INL TGT void rp_grouped_rows(const spfq_job *j, int32_t m, int32_t n0, int32_t n
                 __m512i tot[4][4];
                 rp_block(wt + (size_t)s0 * 256, sq, x + (size_t)s0 * KSTEP, xstride, g0, CB, MR, G, tot);
                 for (int g = 0; g < G; g++) {
-                    const __m512 sc = _mm512_loadu_ps(w->gscale + ((size_t)(r0 / 16 + g) * NG + q) * 16);
+                    const __m512 sc = _mm512_cvtph_ps(
+                        _mm256_loadu_si256((const __m256i *)(w->gscale + ((size_t)(r0 / 16 + g) * NG + q) * 16)));
                     for (int a = 0; a < MR; a++) {
                         const __m512i tt = w->rp_mul == 2 ? _mm512_add_epi32(tot[a][g], tot[a][g]) : tot[a][g];
                         const __m512i acc = _mm512_sub_epi32(tt, _mm512_set1_epi32(off * xsg[a * NG + q]));

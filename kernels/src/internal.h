@@ -50,10 +50,11 @@ struct spfq_prepared {
      * spfq_dc_gemm; built by the first such call, NULL until then) */
     struct spfq_dc *_Atomic f32_lanes;
     /* group-wise scales (grouped.c's whole-K weight set, per-row scale 1): gscale[((n / 16) *
-     * ngroups + g) * 16 + n % 16] = scale of row n, group g (0 past N); a group is gsteps RP
-     * steps (G = gsteps * kstep columns). NULL: per-row scales. Only the fused grouped kernels
-     * read such a weight set (spfq_grouped_fused_ok). */
-    float *gscale;
+     * ngroups + g) * 16 + n % 16] = the float16 bits of row n's scale in group g (0 past N; the
+     * .spfq scales are float16 values, and a decode step streams these with the codes: half the
+     * bytes of float32); a group is gsteps RP steps (G = gsteps * kstep columns). NULL: per-row
+     * scales. Only the fused grouped kernels read such a weight set (spfq_grouped_fused_ok). */
+    uint16_t *gscale;
     int32_t gsteps, ngroups;
 };
 
