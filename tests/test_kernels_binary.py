@@ -66,7 +66,8 @@ class Prepared(C.Structure):
                 ("lam", C.c_void_p), ("bias", C.c_void_p), ("rp", C.c_void_p),
                 ("rp_cb", C.c_int32), ("rp_steps", C.c_int32), ("rp_off", C.c_int32), ("rp_mul", C.c_int32),
                 ("clamped", C.c_int32), ("clamp_lo", C.c_float), ("clamp_hi", C.c_float),
-                ("act", C.c_int32), ("act_slope", C.c_void_p), ("amx", C.c_void_p), ("hwc", C.c_void_p), ("hwc_c", C.c_int32), ("f32_lanes", C.c_void_p)]
+                ("act", C.c_int32), ("act_slope", C.c_void_p), ("amx", C.c_void_p), ("hwc", C.c_void_p), ("hwc_c", C.c_int32), ("f32_lanes", C.c_void_p),
+                ("gscale", C.c_void_p), ("gsteps", C.c_int32), ("ngroups", C.c_int32)]
 
 
 class Job(C.Structure):

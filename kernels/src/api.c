@@ -156,9 +156,9 @@ int spfq_prepare(const spfq_weights_desc *w, spfq_prepared **out) {
     }
     if (fail) { spfq_free(p); return SPFQ_ENOMEM; }
 #if defined(__x86_64__)
-    /* kernel-private interleaved codes for the AVX-512 / AVX2 int8 GEMMs (AVX2 reads b <= 4 only;
+    /* kernel-private interleaved codes for the AVX-512 / AVX2 int8 GEMMs (AVX2: every PLANES width;
      * ternary SIGN_MASK codes are b = 2 codes; failure: the kernels decode the packed words) */
-    if ((w->layout == SPFQ_PLANES && (cpu_has("avx512") || (cpu_has("avx2") && w->bits <= 4))) ||
+    if ((w->layout == SPFQ_PLANES && (cpu_has("avx512") || cpu_has("avx2"))) ||
         (w->layout == SPFQ_SIGN_MASK && (cpu_has("avx512") || cpu_has("avx2"))) ||
         (w->layout == SPFQ_SIGN && cpu_has("avx512"))) /* 1-bit fields: AVX-512 reads them */
         spfq_planes_repack(p);

@@ -136,18 +136,6 @@ static spfq_prepared *const *subs(const spfq_grouped *cp) {
     return p->sub;
 }
 
-void spfq_group_sums(const int8_t *x, size_t xstride, int32_t mr, int32_t gcols, int32_t ng, int32_t *xsg) {
-    for (int32_t a = 0; a < mr; a++) {
-        const int8_t *row = x + (size_t)a * xstride;
-        for (int32_t g = 0; g < ng; g++) {
-            const size_t c0 = (size_t)g * gcols, c1 = c0 + gcols < xstride ? c0 + gcols : xstride;
-            int32_t s = 0;
-            for (size_t c = c0; c < c1; c++) s += row[c];
-            xsg[a * ng + g] = s;
-        }
-    }
-}
-
 /* The float16 bits of f when f is a float16 value (normal or subnormal, +-0), else -1. */
 static int32_t half_bits(float f) {
     uint32_t u;

@@ -39,7 +39,7 @@
  * kernel is ~2.2x slower than PLANES at any density (no vpexpandb/vpcompressb before
  * AVX-512 VBMI2); see the report for the numbers.
  *
- * PLANES from the prepare-time repack (w->rp, rp_cb 2 or 4: b <= 4), used when only acc_c is
+ * PLANES from the prepare-time repack (w->rp, rp_cb 2, 4 or 8), used when only acc_c is
  * wanted (spfq_matmul_i8 without lam): offset codes interleaved across 16 rows (layout "RP" in
  * internal.h), one int32 lane per output row, so each ymm half-vector holds 8 rows x 4 columns
  * per field and is dotted with 4 broadcast activation bytes: per field one shift (f > 0), one
@@ -791,20 +791,60 @@ static const intb_kernel F32[9] = {0, 0, f32_b2, f32_b3, f32_b4, f32_b5, f32_b6,
 
 /* ------------------------------------------------------------------ repacked PLANES (RP) */
 
-/* The RP layout of internal.h (rp_cb = 2 or 4; b >= 5 has byte fields, whose vpmaddubsw pairs
- * could saturate, and stays on the plane path). A 64-byte vector is two ymm halves of 8 rows;
+/* The RP layout of internal.h (rp_cb = 2, 4 or 8). A 64-byte vector is two ymm halves of 8 rows;
  * field f is shifted down and masked (u <= 15), vpmaddubsw against 4 broadcast activation bytes
  * gives int16 pair sums (|.| <= 2 * 15 * 128 = 3840), added in int16 over FLUSH steps
  * (<= 8 additions of 3840 at b <= 4, <= 40 of 768 at b = 2: no overflow), then widened into the
- * int32 row lanes with vpmaddwd(., 1). */
+ * int32 row lanes with vpmaddwd(., 1). Byte fields (b = 5..8, u <= 255, whose vpmaddubsw pairs
+ * could saturate) are split into their two nibbles, summed apart the same way and joined as
+ * lo + 16 hi by vpmaddwd(., 1) + vpmaddwd(., 16): 8-bit 4096 x 576, M = 1 (a decoder's 8-bit
+ * lm_head slice) 418 -> 56 us per-row, 4418 -> 63 us with group scales (G = 32; was the
+ * per-group route). */
+#define RP2_CB_INDEX(CB) ((CB) == 2 ? 0 : (CB) == 4 ? 1 : 2)
+#define RP2_MR_MAX(CB) ((CB) == 8 ? 2 : 4)
+
 INL TGT void rp2_block(const uint8_t *wt, int32_t S, const int8_t *x, size_t xstride, int g0,
                        const int CB, const int MR, const int G, int32_t tot[4][32], int add)
 {
     /* tot lives in memory (L1): with it in registers next to the int16 sums, MR = 4 needs 16+
      * ymm and the compiler spilled inside the step loop (conv shapes 3136x24x144 ran at 15
      * GMAC/s). A flush every FLUSH steps is one load-add-store per sum vector. */
-    const int F = 8 / CB, KSTEP = 4 * F, FLUSH = CB == 4 ? 4 : 10;
-    const __m256i mask = _mm256_set1_epi8((char)((1 << CB) - 1));
+    const int F = 8 / CB, KSTEP = 4 * F, FLUSH = CB == 8 ? 8 : CB == 4 ? 4 : 10;
+    const __m256i mask = _mm256_set1_epi8((char)(CB == 8 ? 15 : (1 << CB) - 1));
+    if (CB == 8) { /* byte codes u <= 255: low and high nibble, sum = lo + 16 hi (G = 1, MR <= 2) */
+        const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+        for (int32_t s0 = 0; s0 < S; s0 += FLUSH) {
+            const int32_t s1 = S - s0 < FLUSH ? S : s0 + FLUSH;
+            __m256i lo[2][2], hi[2][2]; /* [MR][half] int16 sums */
+            for (int a = 0; a < MR; a++)
+                for (int h = 0; h < 2; h++) lo[a][h] = hi[a][h] = _mm256_setzero_si256();
+            for (int32_t s = s0; s < s1; s++) {
+                const uint8_t *p = wt + ((size_t)s * 4 + (size_t)g0) * 64;
+                __m256i ul[2], uh[2];
+                for (int h = 0; h < 2; h++) {
+                    const __m256i v = _mm256_load_si256((const __m256i *)(p + h * 32));
+                    ul[h] = _mm256_and_si256(v, mask);
+                    uh[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                }
+                for (int a = 0; a < MR; a++) {
+                    int32_t t;
+                    memcpy(&t, x + (size_t)a * xstride + (size_t)s * KSTEP, 4);
+                    const __m256i xb = _mm256_set1_epi32(t);
+                    for (int h = 0; h < 2; h++) {
+                        lo[a][h] = _mm256_add_epi16(lo[a][h], _mm256_maddubs_epi16(ul[h], xb));
+                        hi[a][h] = _mm256_add_epi16(hi[a][h], _mm256_maddubs_epi16(uh[h], xb));
+                    }
+                }
+            }
+            for (int a = 0; a < MR; a++)
+                for (int h = 0; h < 2; h++) {
+                    __m256i *t = (__m256i *)(tot[a] + h * 8);
+                    const __m256i w = _mm256_add_epi32(_mm256_madd_epi16(lo[a][h], ones), _mm256_madd_epi16(hi[a][h], sixteen));
+                    _mm256_store_si256(t, s0 || add ? _mm256_add_epi32(_mm256_load_si256(t), w) : w);
+                }
+        }
+        return;
+    }
     for (int32_t s0 = 0; s0 < S; s0 += FLUSH) {
         const int32_t s1 = S - s0 < FLUSH ? S : s0 + FLUSH;
         __m256i acc[4][2][2];
@@ -845,7 +885,7 @@ INL TGT void rp2_tile(const spfq_job *j, const uint8_t *wt, const int8_t *x, siz
                       const int32_t *xs, int32_t m, int32_t t0, int32_t lo, int32_t hi,
                       const int CB, const int MR)
 {
-    const int G = MR == 1 ? 2 : 1;
+    const int G = MR == 1 && CB != 8 ? 2 : 1;
     const int32_t N = j->w->d.n, S = j->w->rp_steps, off = j->w->rp_off;
     int32_t tot[4][32] __attribute__((aligned(32)));
     for (int g0 = 0; g0 < 4; g0 += G) {
@@ -878,6 +918,7 @@ INL TGT void rp2_tile(const spfq_job *j, const uint8_t *wt, const int8_t *x, siz
     }
 RP2_TILE_FN(2, 1) RP2_TILE_FN(2, 2) RP2_TILE_FN(2, 3) RP2_TILE_FN(2, 4)
 RP2_TILE_FN(4, 1) RP2_TILE_FN(4, 2) RP2_TILE_FN(4, 3) RP2_TILE_FN(4, 4)
+RP2_TILE_FN(8, 1) RP2_TILE_FN(8, 2) /* byte fields: at most 2 activation rows per pass */
 
 typedef void (*rp2_tile_fn)(const spfq_job *, const uint8_t *, const int8_t *, size_t, const int32_t *,
                             int32_t, int32_t, int32_t, int32_t);
@@ -910,7 +951,7 @@ TGT static void row_sums_i8(const int8_t *x, int32_t M, int32_t K, int32_t *out)
 TGT static int planes_rp2(const spfq_job *j, int32_t n0, int32_t n1)
 {
     const spfq_prepared *w = j->w;
-    if (!w->rp || (w->rp_cb != 2 && w->rp_cb != 4)) return 0;
+    if (!w->rp || (w->rp_cb != 2 && w->rp_cb != 4 && w->rp_cb != 8) || w->rp_mul != 1) return 0;
     const int CB = w->rp_cb, KSTEP = 4 * (8 / CB);
     const int32_t M = j->m, K = w->d.k, S = w->rp_steps;
     const size_t Kp = (size_t)S * (size_t)KSTEP;
@@ -927,14 +968,16 @@ TGT static int planes_rp2(const spfq_job *j, int32_t n0, int32_t n1)
         memset(pad + (size_t)m * Kp + K, 0, Kp - (size_t)K);
     }
     const int8_t *x = pad ? pad : j->xq;
-    static const rp2_tile_fn fns[2][4] = {{rp2_tile_2_1, rp2_tile_2_2, rp2_tile_2_3, rp2_tile_2_4},
-                                          {rp2_tile_4_1, rp2_tile_4_2, rp2_tile_4_3, rp2_tile_4_4}};
+    static const rp2_tile_fn fns[3][4] = {{rp2_tile_2_1, rp2_tile_2_2, rp2_tile_2_3, rp2_tile_2_4},
+                                          {rp2_tile_4_1, rp2_tile_4_2, rp2_tile_4_3, rp2_tile_4_4},
+                                          {rp2_tile_8_1, rp2_tile_8_2, NULL, NULL}};
+    const int32_t mr_max = RP2_MR_MAX(CB);
     for (int32_t t = n0 / 64; t * 64 < n1; t++) {
         const uint8_t *wt = w->rp + (size_t)t * (size_t)S * 256;
         const int32_t lo = n0 > t * 64 ? n0 : t * 64, hi = n1 < t * 64 + 64 ? n1 : t * 64 + 64;
         for (int32_t m = 0; m < M;) {
-            const int32_t mr = M - m >= 4 ? 4 : M - m;
-            fns[CB == 4][mr - 1](j, wt, x + (size_t)m * Kp, Kp, xs, m, t * 64, lo, hi);
+            const int32_t mr = M - m >= mr_max ? mr_max : M - m;
+            fns[RP2_CB_INDEX(CB)][mr - 1](j, wt, x + (size_t)m * Kp, Kp, xs, m, t * 64, lo, hi);
             m += mr;
         }
     }
@@ -1007,11 +1050,12 @@ INL TGT void rp2_fused_rows(const spfq_job *j, const int32_t *xs, int32_t m, int
     }
 RP2_FUSED_FN(2, 1) RP2_FUSED_FN(2, 2) RP2_FUSED_FN(2, 3) RP2_FUSED_FN(2, 4)
 RP2_FUSED_FN(4, 1) RP2_FUSED_FN(4, 2) RP2_FUSED_FN(4, 3) RP2_FUSED_FN(4, 4)
+RP2_FUSED_FN(8, 1) RP2_FUSED_FN(8, 2)
 #pragma GCC diagnostic pop
 
 ENTRY int spfq_rp_i8_fused_ok_avx2(const spfq_prepared *w)
 {
-    return w->rp && (w->rp_cb == 2 || w->rp_cb == 4) && w->rp_mul == 1 && !w->d.lam &&
+    return w->rp && (w->rp_cb == 2 || w->rp_cb == 4 || w->rp_cb == 8) && w->rp_mul == 1 && !w->d.lam &&
            (w->d.layout == SPFQ_PLANES || w->d.layout == SPFQ_SIGN_MASK) &&
            __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
 }
@@ -1019,13 +1063,15 @@ ENTRY int spfq_rp_i8_fused_ok_avx2(const spfq_prepared *w)
 ENTRY void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1)
 {
     typedef void (*fn)(const spfq_job *, const int32_t *, int32_t, int32_t, int32_t);
-    static const fn fns[2][4] = {{rp2_fused_2_1, rp2_fused_2_2, rp2_fused_2_3, rp2_fused_2_4},
-                                 {rp2_fused_4_1, rp2_fused_4_2, rp2_fused_4_3, rp2_fused_4_4}};
+    static const fn fns[3][4] = {{rp2_fused_2_1, rp2_fused_2_2, rp2_fused_2_3, rp2_fused_2_4},
+                                 {rp2_fused_4_1, rp2_fused_4_2, rp2_fused_4_3, rp2_fused_4_4},
+                                 {rp2_fused_8_1, rp2_fused_8_2, NULL, NULL}};
+    const int32_t mr_max = RP2_MR_MAX(j->w->rp_cb);
     int32_t xs[SPFQ_TALL_ROWS];
     for (int32_t m = 0; m < j->m; m++) row_sums_i8(j->xq + (size_t)m * (size_t)j->xstride, 1, j->w->d.k, xs + m);
     for (int32_t m = 0; m < j->m;) {
-        const int32_t mr = j->m - m >= 4 ? 4 : j->m - m;
-        fns[j->w->rp_cb == 4][mr - 1](j, xs, m, n0, n1);
+        const int32_t mr = j->m - m >= mr_max ? mr_max : j->m - m;
+        fns[RP2_CB_INDEX(j->w->rp_cb)][mr - 1](j, xs, m, n0, n1);
         m += mr;
     }
 }
@@ -1099,6 +1145,7 @@ INL TGT_F16C void rp2_grouped_rows(const spfq_job *j, int32_t m, int32_t n0, int
     }
 RP2_GROUPED_FN(2, 1) RP2_GROUPED_FN(2, 2) RP2_GROUPED_FN(2, 3) RP2_GROUPED_FN(2, 4)
 RP2_GROUPED_FN(4, 1) RP2_GROUPED_FN(4, 2) RP2_GROUPED_FN(4, 3) RP2_GROUPED_FN(4, 4)
+RP2_GROUPED_FN(8, 1) RP2_GROUPED_FN(8, 2)
 
 ENTRY int spfq_rp_grouped_ok_avx2(const spfq_prepared *w)
 {
@@ -1108,11 +1155,13 @@ ENTRY int spfq_rp_grouped_ok_avx2(const spfq_prepared *w)
 ENTRY void spfq_rp_grouped_avx2(const spfq_job *j, int32_t n0, int32_t n1)
 {
     typedef void (*fn)(const spfq_job *, int32_t, int32_t, int32_t);
-    static const fn fns[2][4] = {{rp2_grouped_2_1, rp2_grouped_2_2, rp2_grouped_2_3, rp2_grouped_2_4},
-                                 {rp2_grouped_4_1, rp2_grouped_4_2, rp2_grouped_4_3, rp2_grouped_4_4}};
+    static const fn fns[3][4] = {{rp2_grouped_2_1, rp2_grouped_2_2, rp2_grouped_2_3, rp2_grouped_2_4},
+                                 {rp2_grouped_4_1, rp2_grouped_4_2, rp2_grouped_4_3, rp2_grouped_4_4},
+                                 {rp2_grouped_8_1, rp2_grouped_8_2, NULL, NULL}};
+    const int32_t mr_max = RP2_MR_MAX(j->w->rp_cb);
     for (int32_t m = 0; m < j->m;) {
-        const int32_t mr = j->m - m >= 4 ? 4 : j->m - m;
-        fns[j->w->rp_cb == 4][mr - 1](j, m, n0, n1);
+        const int32_t mr = j->m - m >= mr_max ? mr_max : j->m - m;
+        fns[RP2_CB_INDEX(j->w->rp_cb)][mr - 1](j, m, n0, n1);
         m += mr;
     }
 }

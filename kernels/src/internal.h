@@ -152,8 +152,19 @@ void spfq_rp_grouped_avx2(const spfq_job *j, int32_t n0, int32_t n1) __attribute
  * the caller runs the per-group route) */
 int spfq_grouped_fused_ok(const struct spfq_prepared *w, int32_t m);
 /* Sums of each padded int8 row's group columns: xsg[a * ng + g] for rows [0, mr) of x (row
- * stride xstride, groups of gcols columns, ng groups; portable, grouped.c). */
-void spfq_group_sums(const int8_t *x, size_t xstride, int32_t mr, int32_t gcols, int32_t ng, int32_t *xsg);
+ * stride xstride, groups of gcols columns, ng groups). */
+static inline void spfq_group_sums(const int8_t *x, size_t xstride, int32_t mr, int32_t gcols, int32_t ng,
+                                   int32_t *xsg) {
+    for (int32_t a = 0; a < mr; a++) {
+        const int8_t *row = x + (size_t)a * xstride;
+        for (int32_t g = 0; g < ng; g++) {
+            const size_t c0 = (size_t)g * (size_t)gcols, c1 = c0 + (size_t)gcols < xstride ? c0 + (size_t)gcols : xstride;
+            int32_t s = 0;
+            for (size_t c = c0; c < c1; c++) s += row[c];
+            xsg[a * ng + g] = s;
+        }
+    }
+}
 
 /* AMX (intb_amx.c): tall calls (m >= SPFQ_AMX_MIN_ROWS) of weights without lam on int8 tiles,
  * rows zero padded to 64-byte multiples; spfq_amx_available: the CPU has AMX-INT8 and the OS
