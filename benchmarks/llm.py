@@ -5,8 +5,8 @@ fp32 onnxruntime, onnxruntime's MatMulNBits (stock flavour) and llama.cpp, same 
         [--threads 1,2] [--chunks 24] [--llama-cpp Q4_0,Q4_K_M,Q2_K,TQ2_0] --out benchmarks/results/llm.json
 
 Each .spfq (compressed from examples/smollm2.py: `spfq-deploy compress examples/smollm2.py
---bits 4 --layer-bits lm_head=8 -o F`) is exported once (custom-op flavour, int8 activations)
-into build/llm/<label>/. The fp32 graph is the model file's float export; onnxruntime's own
+--bits 4 --layer-bits lm_head=8 -o F`) is exported (custom-op flavour, int8 activations) into
+build/llm/<label>/ on every run, so the library there is this checkout's. The fp32 graph is the model file's float export; onnxruntime's own
 MatMulNBitsQuantizer (4-bit, block 32, symmetric, int8 compute) makes the MatMulNBits peer from
 it. Then for every artifact:
 
@@ -69,7 +69,7 @@ class OrtDecoder:
 
 
 def _sess(path: Path, threads: int, library: Path | None = None, accuracy_level: int | None = 0):
-    return session(path, library, accuracy_level=accuracy_level, threads=threads)
+    return session(path, library, accuracy_level=accuracy_level, threads=threads, decoder=True)
 
 
 def measure(label: str, path: Path, threads: tuple, chunks: int, library=None, accuracy_level=0) -> dict:
@@ -96,8 +96,8 @@ def measure(label: str, path: Path, threads: tuple, chunks: int, library=None, a
 
 def ours(label: str, spfq: Path, threads: tuple, chunks: int) -> list[dict]:
     out = WORK / label.replace("/", "_")
-    if not (out / "manifest.json").is_file():
-        export(spfq, out, formats=("onnx",), flavours=("custom",), activations="int8", force=True)
+    # exported every run: the folder's custom-op library must be this checkout's kernels
+    export(spfq, out, formats=("onnx",), flavours=("custom",), activations="int8", force=True)
     return [measure(f"ours {label}", out / "model.spfq.onnx", threads, chunks, host_library(out))]
 
 

@@ -68,7 +68,7 @@ def generate(out_dir, prompt: str, max_new_tokens: int = 64, threads: int = 1, f
     if not model.is_file():
         raise SpfqError(f"{out}: no {FILES[flavour]} (export with the {flavour} flavour)")
     library = host_library(out) if flavour == "custom" else None
-    sess = session(model, library, threads=threads)
+    sess = session(model, library, threads=threads, decoder=True)
     ids = [int(gen["bos_token_id"]), *tok.encode(prompt, add_special_tokens=False).ids]
     res = run_onnx.generate(sess, np.asarray([ids], dtype=np.int64), max_new_tokens, set(gen["eos_token_ids"]))
     res["text"] = tok.decode(res["generated"])

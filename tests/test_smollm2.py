@@ -148,3 +148,36 @@ def test_generate_refuses_a_folder_without_a_decoder(tmp_path, capsys):
     code = main(["generate", str(tmp_path), "--prompt", "x"])
     err = capsys.readouterr().err
     assert code == 2 and "not a decoder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_validate_decodes_greedily_against_the_reference(cut_export):
+    """validate on a decoder folder: every ONNX row also decodes 8 greedy steps (host: fed the
+    reference's tokens, each step's logits within the row's tolerance) and counts the tokens equal
+    to the reference's."""
+    from spfq_deploy.validate import core
+
+    _, out = cut_export
+    rep = core.validate(out, targets=["x86_64"])
+    rows = [r for r in rep["rows"] if r["status"] != "skip"]
+    assert {r["artifact"].split(",")[0] for r in rows} >= {"onnx custom ops", "onnx stock"}
+    for r in rows:
+        d = r["decode"]
+        assert d["steps"] == 8 and len(d["tokens"]) == 8 and len(d["reference_tokens"]) == 8
+        if r["status"] == "ok":
+            assert d["token_agreement"] == 1.0 and d["metrics"]["max_rel_err"] <= 1e-4, r
+    assert rep["passed"]
+
+
+def test_arm64_decodes_like_the_reference_under_qemu(cut_export, tmp_path):
+    """The cut exported for arm64 (custom ops, int8 activations): validate runs the folder's
+    run_onnx.py --generate under qemu-aarch64 (the device's own loop) and its 8 greedy tokens equal
+    the integer reference's."""
+    from spfq_deploy.validate import core
+
+    _, out = cut_export
+    export(out / "model.spfq", tmp_path / "arm", formats=("onnx",), flavours=("custom",), activations="int8",
+           target="arm64", log=lambda *a: None)
+    rep = core.validate(tmp_path / "arm", targets=["arm64"])
+    (row,) = [r for r in rep["rows"] if r["target"] == "arm64" and r["status"] != "skip"]
+    assert row["status"] == "ok" and "qemu" in row["artifact"], row
+    assert row["decode"]["token_agreement"] == 1.0 and row["decode"]["tokens"] == row["decode"]["reference_tokens"]

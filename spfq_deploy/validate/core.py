@@ -24,8 +24,8 @@ import torch
 from ..errors import SpfqError
 from ..export.source import file_sha256
 from ..targets import HOST
+from . import decode, metrics, runners
 from . import layers as layer_checks
-from . import metrics, runners
 from . import weights as weight_checks
 from .tolerances import TOLERANCES, failures
 
@@ -112,6 +112,14 @@ class _References:
         self.rule = rule  # the artifacts' int8 quantiser (reference.quantize_rows_i8)
         self._cache, self._int8 = {}, {}
         self._int8_layers = {}
+        self._decode = {}
+
+    def greedy(self, kind: str, float_layers: frozenset, ids: list[int]) -> tuple[list, list]:
+        """The reference's greedy decoding after ids (validate.decode), computed once per reference."""
+        key = (kind, float_layers if kind != "float" else frozenset())
+        if key not in self._decode:
+            self._decode[key] = decode.reference(self.module(*key), ids)
+        return self._decode[key]
 
     def module(self, kind: str, float_layers: frozenset = frozenset()):
         """float_layers: the layers an int8 artifact runs weight-only (dequantised modules)."""
@@ -200,7 +208,7 @@ def validate(out_dir: str | Path, targets: list[str] | None = None, data: str | 
                          for name, m in zip(MANIFESTS, (onnx_m, tvm_m, cuda_m))
                          if m is not None and "model.spfq" in m.get("files", {})
                          for why in [_checksum(out, "model.spfq", m["files"])] if why), None)
-    shared = {"weights": {}, "spfq_changed": spfq_changed}
+    shared = {"weights": {}, "spfq_changed": spfq_changed, "decode_prompt": decode.prompt(out, names, feeds)}
     for art in arts:
         rows.append(_validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, shared))
     for t in sorted(wanted or ()):
@@ -319,6 +327,11 @@ def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, sha
     elif row["failures"] and art.flavour == "tvm":
         row["note"] = "first diverging layer: not observable inside a compiled TVM library"
     row["first_diverging_layer"] = _earliest(refs.layer_names, weight_first, numbers_first)
+    if shared.get("decode_prompt") and art.flavour in ("custom", "stock"):
+        try:
+            row["failures"] += _decode(out, art, manifests, refs, shared["decode_prompt"], row, tol)
+        except Exception as exc:  # a decode-loop error is this row's failure, never a traceback
+            row["failures"].append(f"decode: {_one_line(exc)}")
     if tol.informational:
         soft = [f for f in row["failures"] if f not in integrity]
         row["failures"] = [f for f in row["failures"] if f in integrity]
@@ -330,6 +343,21 @@ def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, sha
     elif row["failures"]:
         row["status"] = "fail"
     return row
+
+
+def _decode(out, art, manifests, refs, ids, row, tol) -> list[str]:
+    """Greedy decoding through the artifact vs the reference (validate.decode); its failures."""
+    ref_tokens, ref_logits = refs.greedy(art.reference, art.float_layers, ids)
+    library = out / art.library if art.library else None
+    if art.runner == "qemu":
+        files = (manifests["onnx"] or {}).get("files", {})
+        got = runners.generate_onnx_qemu(out, out / art.file, library, ids, len(ref_tokens), files)
+        row["decode"], fails = decode.check(ref_tokens, ref_logits, got)
+        return fails
+    sess = runners.ort_runners.session(out / art.file, library, accuracy_level=art.accuracy_level)
+    logits = decode.teacher_forced(sess, ids, ref_tokens)
+    row["decode"], fails = decode.check(ref_tokens, ref_logits, [int(np.argmax(v)) for v in logits], logits)
+    return fails + [f"decode: {f}" for f in failures(row["decode"]["metrics"], tol)]
 
 
 def _run(out, art, manifests, feeds, refs, qemu_results, row, integrity):

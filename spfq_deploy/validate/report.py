@@ -7,7 +7,7 @@ import math
 
 MARKS = {"ok": "[ok]", "fail": "[x]", "skip": "[skip]", "info": "[info]"}
 COLUMNS = ("", "artifact", "target", "max abs err", "max rel err", "cosine (min)", "SNR dB", "top-1",
-           "weights", "first diverging layer", "latency ms")
+           "weights", "first diverging layer", "latency ms", "greedy tokens")
 # the weight check (weights.py): every layer decoded and equal to model.spfq / not / not decoded
 WEIGHTS = {"ok": "exact", "fail": "differ", "sha256": "sha256", "not checked": "-"}
 
@@ -27,7 +27,14 @@ def _cells(row: dict) -> list[str]:
             _num(m.get("max_rel_err"), ".3g"), _num(m.get("min_cosine"), ".6f"), _num(m.get("snr_db"), ".1f"),
             "-" if top1 is None else f"{100 * top1:.1f}%",
             WEIGHTS.get((row.get("weights") or {}).get("status"), "-"), row.get("first_diverging_layer") or "-",
-            _num(row.get("latency_ms"), ".2f")]
+            _num(row.get("latency_ms"), ".2f"), _greedy(row.get("decode"))]
+
+
+def _greedy(d: dict | None) -> str:
+    """Decoders (validate.decode): greedy tokens equal to the reference's, of the steps run."""
+    if not d:
+        return "-"
+    return f"{round(d['token_agreement'] * d['steps'])}/{d['steps']}"
 
 
 def table(report: dict) -> str:

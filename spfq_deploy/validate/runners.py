@@ -206,30 +206,47 @@ def verified_runner(out: Path, name: str, files: dict, manifest: str, dest: Path
     return copy
 
 
+def _run_onnx_py_qemu(out: Path, model: Path, library: Path | None, feeds: dict, files: dict, manifest: str,
+                      args: list[str], tmp: Path) -> dict:
+    """The folder's run_onnx.py (checked against `files`, the manifest's table) in the arm64 Python
+    under qemu-aarch64 on `feeds` with `args` (-o tmp/outputs.npz is added); its JSON report."""
+    runner = verified_runner(out, "run_onnx.py", files, manifest, tmp)
+    np.savez(tmp / "inputs.npz", **feeds)
+    cmd = [str(ARM64_PYTHON), str(runner), str(model), str(tmp / "inputs.npz"), "-o", str(tmp / "outputs.npz"), *args]
+    if library is not None:
+        cmd += ["--library", str(library)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise SpfqError("under qemu-aarch64: run_onnx.py did not finish in 1800 s") from None
+    reports = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode or not reports or not (tmp / "outputs.npz").is_file():
+        err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        raise SpfqError(f"under qemu-aarch64: {err[-1][:300] if err else f'run_onnx.py exit {r.returncode}'}")
+    return reports[0]
+
+
 def run_onnx_qemu(out: Path, model: Path, library: Path | None, feeds: dict, files: dict,
                   manifest: str = "manifest.json") -> tuple[dict, float]:
-    """({output name: array}, ms per run) of an ONNX model run by the folder's run_onnx.py (checked
-    against `files`, the manifest's table) in the arm64 Python under qemu-aarch64 (latency:
-    emulated, not a device figure)."""
+    """({output name: array}, ms per run) of an ONNX model run by the folder's run_onnx.py in the
+    arm64 Python under qemu-aarch64 (latency: emulated, not a device figure)."""
     with tempfile.TemporaryDirectory(prefix="spfq-validate-") as tmp:
         tmp = Path(tmp)
-        runner = verified_runner(out, "run_onnx.py", files, manifest, tmp)
-        np.savez(tmp / "inputs.npz", **feeds)
-        cmd = [str(ARM64_PYTHON), str(runner), str(model), str(tmp / "inputs.npz"),
-               "-o", str(tmp / "outputs.npz"), "--repeat", str(REPEATS)]
-        if library is not None:
-            cmd += ["--library", str(library)]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        except subprocess.TimeoutExpired:
-            raise SpfqError("under qemu-aarch64: run_onnx.py did not finish in 1800 s") from None
-        reports = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
-        if r.returncode or not reports or not (tmp / "outputs.npz").is_file():
-            err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-            raise SpfqError(f"under qemu-aarch64: {err[-1][:300] if err else f'run_onnx.py exit {r.returncode}'}")
+        report = _run_onnx_py_qemu(out, model, library, feeds, files, manifest, ["--repeat", str(REPEATS)], tmp)
         with np.load(tmp / "outputs.npz") as o:
-            values = {name: o[f"output_{i}"] for i, name in enumerate(reports[0]["outputs"])}
-        return values, reports[0]["seconds_per_run"] * 1e3
+            values = {name: o[f"output_{i}"] for i, name in enumerate(report["outputs"])}
+        return values, report["seconds_per_run"] * 1e3
+
+
+def generate_onnx_qemu(out: Path, model: Path, library: Path | None, ids: list[int], steps: int, files: dict,
+                       manifest: str = "manifest.json") -> list[int]:
+    """The greedy tokens of run_onnx.py --generate (the device's loop) under qemu-aarch64."""
+    with tempfile.TemporaryDirectory(prefix="spfq-validate-") as tmp:
+        tmp = Path(tmp)
+        _run_onnx_py_qemu(out, model, library, {"input_ids": np.asarray([ids], np.int64)}, files, manifest,
+                          ["--generate", str(steps)], tmp)
+        with np.load(tmp / "outputs.npz") as o:
+            return [int(t) for t in o["generated"]]
 
 
 def run_tvm_native(out: Path, art: Artifact, arrays: list) -> tuple[list, float]:

@@ -27,8 +27,9 @@ def uses_custom_ops(model_path: str | os.PathLike) -> bool:
 
 
 def session(model_path: str | os.PathLike, library: str | os.PathLike | None = None,
-            accuracy_level: int | None = 0, threads: int = 1, optimization: str = "all"):
-    """An onnxruntime InferenceSession on CPU; registers the custom-op library when needed."""
+            accuracy_level: int | None = 0, threads: int = 1, optimization: str = "all", decoder: bool = False):
+    """An onnxruntime InferenceSession on CPU; registers the custom-op library when needed.
+    decoder: token-by-token decoding (run_onnx.decoder_threads's split of the threads)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -45,6 +46,10 @@ def session(model_path: str | os.PathLike, library: str | os.PathLike | None = N
             raise SpfqError(f"{model_path} uses ai.spfq custom ops: pass the custom-op library (lib/<target>/libspfq_ort.so)")
         if not Path(library).is_file():
             raise SpfqError(f"custom-op library {library} not found")
+        if decoder:
+            from .run_onnx import decoder_threads
+
+            decoder_threads(so, threads)
         os.environ.setdefault("SPFQ_NUM_THREADS", str(threads))
         # the packed kernels run on their own thread pool: onnxruntime's intra-op threads must
         # sleep, not spin, while they do (MobileNetV2, 2 threads: 78 ms spinning, 34 ms not)
