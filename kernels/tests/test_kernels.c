@@ -923,6 +923,8 @@ static void check_grouped(int layout, int bits, double sp, int with_lam, int n, 
     float *y = xmalloc((size_t)m * n * 4), *xg = xmalloc((size_t)m * G * 4), *t = xmalloc((size_t)m * n * 4);
     int8_t *xq = xmalloc((size_t)m * k);
     for (int i = 0; i < m * k; i++) x[i] = nrand() * (float)(1 + i % 7);
+    if (n >= 64) /* decoder shapes: one outlier column per row (the massive activations of a BOS token) */
+        for (int i = 0; i < m; i++) x[(size_t)i * k + (i * 37) % k] = 3000.0f;
     spfq_quantize_i8(m, k, x, xq, xs);
     /* int8: t_g = xs * (s * acc_c + (lam - s) * acc_s) + 0.0f (forms of the layout), summed in order */
     for (int i = 0; i < m; i++)
@@ -1136,6 +1138,11 @@ int main(void) {
                 check_grouped(vs[v].layout, vs[v].bits, vs[v].sp, (v + i) % 2, 1 + 4 * i, GK[i][1], GK[i][0],
                               (v + i) % 4 == 0 ? 17 : 1 + i, cfgs, ncfg);
             }
+        /* decoder shapes: whole 64-row tiles and a partial one, GEMV and a short prefill */
+        check_grouped(SPFQ_PLANES, 4, 0.0, 0, 130, 576, 32, 1, cfgs, ncfg);
+        check_grouped(SPFQ_PLANES, 4, 0.0, 0, 130, 576, 32, 4, cfgs, ncfg);
+        check_grouped(SPFQ_PLANES, 8, 0.0, 0, 200, 96, 32, 4, cfgs, ncfg);
+        check_grouped(SPFQ_PLANES, 8, 0.0, 0, 4100, 576, 32, 1, cfgs, ncfg);
     }
 
     char thl[64] = "";

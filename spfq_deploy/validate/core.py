@@ -208,7 +208,8 @@ def validate(out_dir: str | Path, targets: list[str] | None = None, data: str | 
                          for name, m in zip(MANIFESTS, (onnx_m, tvm_m, cuda_m))
                          if m is not None and "model.spfq" in m.get("files", {})
                          for why in [_checksum(out, "model.spfq", m["files"])] if why), None)
-    shared = {"weights": {}, "spfq_changed": spfq_changed, "decode_prompt": decode.prompt(out, names, feeds)}
+    shared = {"weights": {}, "spfq_changed": spfq_changed, "decode_prompt": decode.prompt(out, names, feeds),
+              "feeds": feeds}
     for art in arts:
         rows.append(_validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, shared))
     for t in sorted(wanted or ()):
@@ -327,9 +328,10 @@ def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, sha
     elif row["failures"] and art.flavour == "tvm":
         row["note"] = "first diverging layer: not observable inside a compiled TVM library"
     row["first_diverging_layer"] = _earliest(refs.layer_names, weight_first, numbers_first)
-    if shared.get("decode_prompt") and art.flavour in ("custom", "stock"):
+    if shared.get("decode_prompt") and (art.flavour in ("custom", "stock") or
+                                        (art.flavour == "tvm" and art.runner == "native")):
         try:
-            row["failures"] += _decode(out, art, manifests, refs, shared["decode_prompt"], row, tol)
+            row["failures"] += _decode(out, art, manifests, refs, shared["decode_prompt"], row, tol, shared["feeds"])
         except Exception as exc:  # a decode-loop error is this row's failure, never a traceback
             row["failures"].append(f"decode: {_one_line(exc)}")
     if tol.informational:
@@ -345,7 +347,7 @@ def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, sha
     return row
 
 
-def _decode(out, art, manifests, refs, ids, row, tol) -> list[str]:
+def _decode(out, art, manifests, refs, ids, row, tol, feeds) -> list[str]:
     """Greedy decoding through the artifact vs the reference (validate.decode); its failures."""
     ref_tokens, ref_logits = refs.greedy(art.reference, art.float_layers, ids)
     library = out / art.library if art.library else None
@@ -354,8 +356,13 @@ def _decode(out, art, manifests, refs, ids, row, tol) -> list[str]:
         got = runners.generate_onnx_qemu(out, out / art.file, library, ids, len(ref_tokens), files)
         row["decode"], fails = decode.check(ref_tokens, ref_logits, got)
         return fails
-    sess = runners.ort_runners.session(out / art.file, library, accuracy_level=art.accuracy_level)
-    logits = decode.teacher_forced(sess, ids, ref_tokens)
+    past = [n for n in feeds if n.startswith(decode.PAST)]
+    if art.flavour == "tvm":
+        run = runners.tvm_runner(out, art, ["input_ids", *past])
+    else:
+        sess = runners.ort_runners.session(out / art.file, library, accuracy_level=art.accuracy_level)
+        run = lambda f: sess.run(None, f)  # noqa: E731
+    logits = decode.teacher_forced(run, past, feeds, ids, ref_tokens)
     row["decode"], fails = decode.check(ref_tokens, ref_logits, [int(np.argmax(v)) for v in logits], logits)
     return fails + [f"decode: {f}" for f in failures(row["decode"]["metrics"], tol)]
 

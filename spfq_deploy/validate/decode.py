@@ -3,11 +3,12 @@ artifact against the reference, STEPS tokens after a prompt of BOS + the inputs'
 row, from an empty cache (prefill), then one token and the cache per run.
 
 Reference: the row's reference model (dequantised or integer) run the same way in PyTorch, its
-own greedy tokens. On the host the artifact is fed the reference's tokens (teacher forcing), so
-each step's logits are compared with the reference's (the row's tolerance) and the greedy token
-agreement is counted on the same prefixes; under qemu-aarch64 the folder's run_onnx.py
---generate runs free (its tokens come back, not its logits) and its tokens are compared with the
-reference's. A greedy token may differ only where the reference's top-2 logits are closer than
+own greedy tokens. On the host (ONNX flavours and the TVM library) the artifact is fed the
+reference's tokens (teacher forcing), so each step's logits are compared with the reference's
+(the row's tolerance) and the greedy token agreement is counted on the same prefixes; under
+qemu-aarch64 the folder's run_onnx.py --generate runs free (its tokens come back, not its logits)
+and its tokens are compared with the reference's (the TVM library under qemu: not decoded; its
+one forward with the inputs' cache is checked as for any model). A greedy token may differ only where the reference's top-2 logits are closer than
 the artifact's error can move them (a near tie: 2 x the step's max abs error on the host,
 NEAR_TIE x max |logit| under qemu); anything else fails the row.
 """
@@ -53,18 +54,16 @@ def reference(model, ids: list[int], steps: int = STEPS) -> tuple[list[int], lis
     return tokens, logits
 
 
-def teacher_forced(sess, ids: list[int], tokens: list[int]) -> list[np.ndarray]:
-    """An onnxruntime session's last-position logits at each step, fed the reference's tokens."""
-    from ..export.onnx.run_onnx import PRESENT, empty_cache
-
-    names = [o.name for o in sess.get_outputs()]
-    outs = sess.run(None, {"input_ids": np.asarray([ids], np.int64), **empty_cache(sess, 1)})
-    logits = [outs[0][0, -1]]
+def teacher_forced(run, past_names: list[str], feeds: dict, ids: list[int], tokens: list[int]) -> list[np.ndarray]:
+    """An artifact's last-position logits at each step, fed the reference's tokens. run(feeds) ->
+    [logits, *present] (present in the order of past_names, as the exports write them); the empty
+    cache takes its head counts and sizes from the validation feeds."""
+    cache = {n: np.zeros((1, feeds[n].shape[1], 0, *feeds[n].shape[3:]), np.float32) for n in past_names}
+    outs = run({"input_ids": np.asarray([ids], np.int64), **cache})
+    logits = [np.asarray(outs[0])[0, -1]]
     for t in tokens[:-1]:
-        feeds = {"input_ids": np.array([[t]], np.int64)}
-        feeds.update({PAST + n[len(PRESENT):]: o for n, o in zip(names, outs) if n.startswith(PRESENT)})
-        outs = sess.run(None, feeds)
-        logits.append(outs[0][0, -1])
+        outs = run({"input_ids": np.array([[t]], np.int64), **dict(zip(past_names, outs[1:]))})
+        logits.append(np.asarray(outs[0])[0, -1])
     return logits
 
 

@@ -256,6 +256,14 @@ def run_tvm_native(out: Path, art: Artifact, arrays: list) -> tuple[list, float]
     return _timed(lambda: tvm_export.run(vm, *arrays))
 
 
+def tvm_runner(out: Path, art: Artifact, names: list[str]):
+    """run(feeds by name) -> outputs of a host TVM library (validate.decode's loop)."""
+    from ..export.tvm import runtime as tvm_export
+
+    vm, _ = tvm_export.load(out / art.file)
+    return lambda feeds: tvm_export.run(vm, *[feeds[n] for n in names])
+
+
 def run_cuda(out: Path, art: Artifact, refs, row: dict):
     """(outputs, latency ms, {layer: (input, output)}) of the reference model with every compressed
     layer on the GPU; raises Unavailable when the library finds no GPU."""

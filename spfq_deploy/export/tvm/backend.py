@@ -82,7 +82,7 @@ class Backend:
         for t in job.cpu_targets:
             job.log(f"compiling for {t.name} (TVM {json.dumps(t.tvm)}, {t.cxx}) ...")
             db = database if t.name == job.host.name else None
-            path = tvm_compile.compile_library(self.mod, t, stage / library_name(t.name), database=db)
+            path = tvm_compile.compile_library(self.mod, t, stage / library_name(t.name), database=db, log=job.log)
             own.append(path.name)
             libs[t.name] = {"file": path.name, "elf_machine": elf_machine(path), "tvm_target": dict(t.tvm),
                             "cxx": t.cxx, "cflags": list(t.cflags), "kernel_isa": t.kernel_isa}

@@ -57,7 +57,13 @@ def tvm_target(tgt: Target):
         raise SpfqError(f"target {tgt.name}: TVM rejects its [tvm] table ({reason(exc)})") from None
 
 
-def compile_library(mod, tgt: Target, path: Path, database=None) -> Path:
+# TVM 0.27's FuseTIR fails on some fused functions over symbolic shapes (a decoder's cache
+# lengths; apache/tvm#20178: "Check failed: (VarRemapGet(source) == nullptr)"): such a module is
+# compiled again without operator fusion (one TIR function per operator), with a warning.
+FUSE_TIR_BUG = "VarRemapGet(source) == nullptr"
+
+
+def compile_library(mod, tgt: Target, path: Path, database=None, log=print) -> Path:
     """tvm.compile `mod` for `tgt` and link it with the kernel objects into `path`; with a
     MetaSchedule `database`, the functions it has records for get their tuned schedules."""
     import tvm
@@ -66,12 +72,22 @@ def compile_library(mod, tgt: Target, path: Path, database=None) -> Path:
 
     objs = library.build(tgt)
     target = tvm_target(tgt)
-    if database is None:
-        pipeline = tvm.transform.Sequential([schedule.relax_pipeline(target), reproducible.canonical_shape_funcs()])
-    else:
-        pipeline = tuning.relax_pipeline(target, database)
+
+    def pipeline(fuse: bool):
+        if database is None:
+            return tvm.transform.Sequential([schedule.relax_pipeline(target, fuse), reproducible.canonical_shape_funcs()])
+        return tuning.relax_pipeline(target, database, fuse)
+
     try:
-        ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        try:
+            ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(True))
+        except Exception as exc:
+            _reraise_interrupt(exc)
+            if FUSE_TIR_BUG not in str(exc):
+                raise
+            log(f"warning: TVM's FuseTIR fails on this model's symbolic shapes (apache/tvm#20178); "
+                f"compiling {tgt.name} without operator fusion")
+            ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(False))
     except Exception as exc:
         _reraise_interrupt(exc)
         raise SpfqError(f"TVM could not compile the model for {tgt.name}: {reason(exc)}") from None

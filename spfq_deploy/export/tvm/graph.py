@@ -153,17 +153,27 @@ def pack_for_kernel(layer: CompressedLayer, activation: str) -> PackedLayer:
 _EXPORT_LOCK = threading.Lock()  # torch.export and the importer are not re-entrant per process
 
 
-def _dynamic_shapes(inputs: ExportInputs):
+def _dynamic_shapes(inputs: ExportInputs, model: nn.Module):
     """torch.export dynamic_shapes from the model file's dynamic axes: Dim.AUTO per named axis,
     so torch derives the ranges (e.g. conv inputs >= the kernel) and relations between inputs
-    itself; an axis the model pins to one size is specialised (the IR then shows a constant)."""
+    itself; an axis the model pins to one size is specialised (the IR then shows a constant).
+    The specs follow forward's signature: the tensors a `*past` parameter takes (a decoder's
+    cache) form one tuple there."""
+    import inspect
+
     from torch.export import Dim
 
     spec = []
     for name, arg in zip(inputs.input_names, inputs.args):
         axes = inputs.dynamic_axes.get(name, {})
         spec.append({int(axis): Dim.AUTO for axis in axes} or None)
-    return tuple(spec) if any(s is not None for s in spec) else None
+    if not any(s is not None for s in spec):
+        return None
+    params = list(inspect.signature(model.forward).parameters.values())
+    star = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    if star is not None and star <= len(spec):
+        spec = spec[:star] + [tuple(spec[star:])]
+    return tuple(spec)
 
 
 @contextlib.contextmanager
@@ -241,7 +251,7 @@ def marked_model(model: nn.Module, cm: CompressedModel) -> tuple[nn.Module, list
 def export_program(model: nn.Module, cm: CompressedModel, inputs: ExportInputs, dynamic: bool = True):
     """torch.export of the marked model (dynamic axes from the model file when `dynamic`)."""
     marked, names = marked_model(model, cm)
-    dyn = _dynamic_shapes(inputs) if dynamic else None
+    dyn = _dynamic_shapes(inputs, marked) if dynamic else None
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # torch 2.13's own pytree deprecation, printed once per process: noise on the CLI

@@ -214,7 +214,7 @@ def with_cores(target):
     return tvm.target.Target(d)
 
 
-def relax_pipeline(target, database):
+def relax_pipeline(target, database, fuse: bool = True):
     """The export's CPU pipeline (schedule.py) with MetaScheduleApplyDatabase before the rules
     (functions the database has no record for get the rules' schedules), then the canonical
     shape functions (reproducible.py)."""
@@ -230,7 +230,7 @@ def relax_pipeline(target, database):
     @tvm.transform.module_pass(opt_level=0, name="SpfqTunedPipeline")
     def _pipeline(mod, _ctx):
         with target, database:
-            mod = tvm.transform.Sequential(fuse_passes(target))(mod)
+            mod = tvm.transform.Sequential(fuse_passes(target, fuse))(mod)
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
             mod = tvm.transform.Sequential([apply_rules()] + cpu.dataflow_lower_passes(target)
                                            + cpu.finalize_passes(target))(mod)
