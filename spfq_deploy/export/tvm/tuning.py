@@ -232,7 +232,7 @@ def relax_pipeline(target, database, fuse: bool = True):
         with target, database:
             mod = tvm.transform.Sequential(fuse_passes(target, fuse))(mod)
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-            mod = tvm.transform.Sequential([apply_rules()] + cpu.dataflow_lower_passes(target)
+            mod = tvm.transform.Sequential([apply_rules(fuse)] + cpu.dataflow_lower_passes(target)
                                            + cpu.finalize_passes(target))(mod)
         return mod
 
