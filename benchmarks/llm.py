@@ -6,9 +6,9 @@ fp32 onnxruntime, onnxruntime's MatMulNBits (stock flavour) and llama.cpp, same 
 
 Each .spfq (compressed from examples/smollm2.py: `spfq-deploy compress examples/smollm2.py
 --bits 4 --layer-bits lm_head=8 -o F`) is exported (custom-op flavour, int8 activations) into
-build/llm/<label>/ on every run, so the library there is this checkout's. The fp32 graph is the model file's float export; onnxruntime's own
-MatMulNBitsQuantizer (4-bit, block 32, symmetric, int8 compute) makes the MatMulNBits peer from
-it. Then for every artifact:
+build/llm/<label>/ on every run, so the library there is this checkout's. The fp32 graph is the
+model file's float export; onnxruntime's own MatMulNBitsQuantizer (4-bit, block 32, symmetric,
+int8 compute) makes the MatMulNBits peer from it. Then for every artifact:
 
 - perplexity on the held-out plays with llama-perplexity's rule (examples.smollm2.perplexity:
   512-token chunks from BOS, second half scored), computed from onnxruntime's logits;

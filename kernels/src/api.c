@@ -690,10 +690,7 @@ static const spfq_prepared *conv_hwc(const spfq_prepared *cw, int32_t C) {
         spfq_prepared *out = NULL;
         if (c && p && (L == SPFQ_PLANES ? planes != NULL : sign != NULL) && (L != SPFQ_SIGN_MASK || mask)) {
             for (int32_t n = 0; n < N; n++) {
-                if (L == SPFQ_PLANES)
-                    spfq_int_row_codes(w, n, c);
-                else
-                    spfq_sign_row_codes(w, n, c);
+                spfq_row_codes(w, n, c);
                 for (int32_t ch = 0; ch < C; ch++)
                     for (int32_t t = 0; t < taps; t++) p[t * C + ch] = c[ch * taps + t];
                 spfq_encode_row(L, bits, p, K, W, sign ? sign + (size_t)n * W : NULL, mask ? mask + (size_t)n * W : NULL,

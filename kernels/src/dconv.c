@@ -90,10 +90,7 @@ static spfq_dc *dc_from(const spfq_prepared *pw, const spfq_conv_geom *g) {
     memset(p->bias, 0, (size_t)p->np * sizeof(float));
     const spfq_weights_desc *d = &pw->d;
     for (int32_t o = 0; o < p->n; o++) {
-        if (p->one_level)
-            spfq_sign_row_codes(pw, o, codes);
-        else
-            spfq_int_row_codes(pw, o, codes);
+        spfq_row_codes(pw, o, codes);
         for (int32_t t = 0; t < p->k; t++) {
             const size_t i = (size_t)t * p->np + o;
             p->w[i] = codes[t] == 0 ? 0.0f : p->one_level ? (float)codes[t] : spfq_int_value(codes[t], d->scale[o], d->lam, o);

@@ -156,10 +156,7 @@ int spfq_dw_prepare(const spfq_weights_desc *w, const spfq_dw_geom *g, spfq_dw *
     const spfq_weights_desc *d = &pw->d;
     for (int32_t o = 0; o < n; o++) {
         int8_t *c = p->code + (size_t)o * k;
-        if (p->one_level)
-            spfq_sign_row_codes(pw, o, c);
-        else
-            spfq_int_row_codes(pw, o, c);
+        spfq_row_codes(pw, o, c);
         for (int32_t t = 0; t < k; t++) {
             const int v = c[t];
             const size_t i = (size_t)o * k + t;

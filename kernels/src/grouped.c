@@ -84,12 +84,7 @@ static int cut_cols(int L, int bits, int32_t N, int32_t K, const int8_t *codes, 
 
 /* Signed codes (N x K) of a weight set of any layout. */
 static void all_codes(const spfq_prepared *w, int8_t *codes) {
-    for (int32_t n = 0; n < w->d.n; n++) {
-        if (w->d.layout == SPFQ_SIGN || w->d.layout == SPFQ_SIGN_MASK)
-            spfq_sign_row_codes(w, n, codes + (size_t)n * w->d.k);
-        else
-            spfq_int_row_codes(w, n, codes + (size_t)n * w->d.k);
-    }
+    for (int32_t n = 0; n < w->d.n; n++) spfq_row_codes(w, n, codes + (size_t)n * w->d.k);
 }
 
 /* The per-group weight sets from the codes. */
@@ -153,15 +148,11 @@ static int32_t half_bits(float f) {
 /* The fused route's weight set: all columns, scale 1, the bias, gscale from the group scales;
  * NULL (not an error) when the route does not apply here (no RP codes, G not whole RP steps,
  * too many groups, lam, a scale that is not a float16 value). */
-static spfq_prepared *fused_set(const spfq_grouped *p, const int8_t *codes) {
+static spfq_prepared *fused_set(const spfq_grouped *p, const int8_t *codes, const float *ones) {
     if (p->lam) return NULL;
     const int32_t N = p->n, ng = p->ngroups;
-    float *ones = malloc((size_t)N * 4);
-    if (!ones) return NULL;
-    for (int32_t n = 0; n < N; n++) ones[n] = 1.0f;
     spfq_prepared *w = NULL;
     if (cut_cols(p->layout, p->bits, N, p->k, codes, 0, p->k, ones, NULL, p->bias, &w)) w = NULL;
-    free(ones);
     const int32_t kstep = w && w->rp ? 4 * (8 / w->rp_cb) : 0;
     if (!kstep || p->group % kstep || ng > SPFQ_GROUPED_MAX_GROUPS ||
         !(w->gscale = calloc((size_t)(N + 15) / 16 * ng * 16, sizeof *w->gscale))) {
@@ -186,7 +177,8 @@ int spfq_grouped_prepare(const spfq_weights_desc *w, int32_t group, spfq_grouped
     if (!w || !out || group < 1 || w->n <= 0 || w->k <= 0 || !w->scale) return SPFQ_EINVAL;
     *out = NULL;
     const int32_t ng = (int32_t)(((int64_t)w->k + group - 1) / group);
-    /* the codes, decoded once through a per-row view of the weights (its scales unused) */
+    /* the codes, decoded once through a per-row view of the weights (scale 1: also the fused
+     * route's per-row scale) */
     float *ones = malloc((size_t)w->n * 4);
     if (!ones) return SPFQ_ENOMEM;
     for (int32_t n = 0; n < w->n; n++) ones[n] = 1.0f;
@@ -196,8 +188,10 @@ int spfq_grouped_prepare(const spfq_weights_desc *w, int32_t group, spfq_grouped
     view.bias = NULL;
     spfq_prepared *whole = NULL;
     int rc = spfq_prepare(&view, &whole);
-    free(ones);
-    if (rc) return rc;
+    if (rc) {
+        free(ones);
+        return rc;
+    }
     const size_t cells = (size_t)w->n * ng;
     int8_t *codes = malloc((size_t)w->n * w->k);
     spfq_grouped *p = calloc(1, sizeof *p);
@@ -212,7 +206,7 @@ int spfq_grouped_prepare(const spfq_weights_desc *w, int32_t group, spfq_grouped
             if (w->lam) memcpy(p->lam, w->lam, cells * 4);
             if (w->bias) memcpy(p->bias, w->bias, (size_t)w->n * 4);
             all_codes(whole, codes);
-            p->full = fused_set(p, codes);
+            p->full = fused_set(p, codes, ones);
             spfq_prepared **sub = NULL;
             rc = p->full ? SPFQ_OK : cut_groups(p, codes, &sub);
             p->sub = sub;
@@ -222,6 +216,7 @@ int spfq_grouped_prepare(const spfq_weights_desc *w, int32_t group, spfq_grouped
         p = NULL;
     }
     spfq_free(whole);
+    free(ones);
     free(codes);
     if (rc) {
         spfq_grouped_free(p);

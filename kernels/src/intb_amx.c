@@ -71,12 +71,8 @@ static const int8_t *amx_codes(const spfq_prepared *cw) {
         t = aligned_alloc(64, (size_t)NB * KB * 1024);
         if (codes && t) {
             memset(t, 0, (size_t)NB * KB * 1024);
-            const int one = w->d.layout == SPFQ_SIGN || w->d.layout == SPFQ_SIGN_MASK;
             for (int32_t n = 0; n < N; n++) {
-                if (one)
-                    spfq_sign_row_codes(w, n, codes);
-                else
-                    spfq_int_row_codes(w, n, codes);
+                spfq_row_codes(w, n, codes);
                 for (int32_t k = 0; k < K; k++)
                     t[(((size_t)(n / 16) * KB + (size_t)(k / 64)) * 16 + (size_t)(k % 64) / 4) * 64 + (size_t)(n % 16) * 4 +
                       (size_t)(k % 4)] = codes[k];

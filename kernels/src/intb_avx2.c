@@ -1060,20 +1060,27 @@ ENTRY int spfq_rp_i8_fused_ok_avx2(const spfq_prepared *w)
            __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
 }
 
-ENTRY void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1)
+/* A fused job's activation rows in chunks of MR (<= RP2_MR_MAX), each through the table entry
+ * [field width][MR - 1]; xs: the rows' sums (or NULL where the kernel makes its own). */
+typedef void (*rp2_rows_fn)(const spfq_job *, const int32_t *, int32_t, int32_t, int32_t);
+static void rp2_row_chunks(const spfq_job *j, const rp2_rows_fn fns[3][4], const int32_t *xs, int32_t n0, int32_t n1)
 {
-    typedef void (*fn)(const spfq_job *, const int32_t *, int32_t, int32_t, int32_t);
-    static const fn fns[3][4] = {{rp2_fused_2_1, rp2_fused_2_2, rp2_fused_2_3, rp2_fused_2_4},
-                                 {rp2_fused_4_1, rp2_fused_4_2, rp2_fused_4_3, rp2_fused_4_4},
-                                 {rp2_fused_8_1, rp2_fused_8_2, NULL, NULL}};
     const int32_t mr_max = RP2_MR_MAX(j->w->rp_cb);
-    int32_t xs[SPFQ_TALL_ROWS];
-    for (int32_t m = 0; m < j->m; m++) row_sums_i8(j->xq + (size_t)m * (size_t)j->xstride, 1, j->w->d.k, xs + m);
     for (int32_t m = 0; m < j->m;) {
         const int32_t mr = j->m - m >= mr_max ? mr_max : j->m - m;
         fns[RP2_CB_INDEX(j->w->rp_cb)][mr - 1](j, xs, m, n0, n1);
         m += mr;
     }
+}
+
+ENTRY void spfq_rp_i8_fused_avx2(const spfq_job *j, int32_t n0, int32_t n1)
+{
+    static const rp2_rows_fn fns[3][4] = {{rp2_fused_2_1, rp2_fused_2_2, rp2_fused_2_3, rp2_fused_2_4},
+                                          {rp2_fused_4_1, rp2_fused_4_2, rp2_fused_4_3, rp2_fused_4_4},
+                                          {rp2_fused_8_1, rp2_fused_8_2, NULL, NULL}};
+    int32_t xs[SPFQ_TALL_ROWS];
+    for (int32_t m = 0; m < j->m; m++) row_sums_i8(j->xq + (size_t)m * (size_t)j->xstride, 1, j->w->d.k, xs + m);
+    rp2_row_chunks(j, fns, xs, n0, n1);
 }
 
 /* ------------------------------------------------------------------ grouped fused RP */
@@ -1138,9 +1145,10 @@ INL TGT_F16C void rp2_grouped_rows(const spfq_job *j, int32_t m, int32_t n0, int
 #pragma GCC diagnostic pop
 
 #define RP2_GROUPED_FN(CB, MR)                                                                        \
-    __attribute__((noinline)) TGT_F16C static void rp2_grouped_##CB##_##MR(const spfq_job *j, int32_t m, \
-                                                                      int32_t n0, int32_t n1)        \
+    __attribute__((noinline)) TGT_F16C static void rp2_grouped_##CB##_##MR(const spfq_job *j, const int32_t *xs, \
+                                                                           int32_t m, int32_t n0, int32_t n1) \
     {                                                                                                \
+        (void)xs; /* group sums are made per chunk */                                                \
         rp2_grouped_rows(j, m, n0, n1, CB, MR);                                                      \
     }
 RP2_GROUPED_FN(2, 1) RP2_GROUPED_FN(2, 2) RP2_GROUPED_FN(2, 3) RP2_GROUPED_FN(2, 4)
@@ -1154,16 +1162,10 @@ ENTRY int spfq_rp_grouped_ok_avx2(const spfq_prepared *w)
 
 ENTRY void spfq_rp_grouped_avx2(const spfq_job *j, int32_t n0, int32_t n1)
 {
-    typedef void (*fn)(const spfq_job *, int32_t, int32_t, int32_t);
-    static const fn fns[3][4] = {{rp2_grouped_2_1, rp2_grouped_2_2, rp2_grouped_2_3, rp2_grouped_2_4},
-                                 {rp2_grouped_4_1, rp2_grouped_4_2, rp2_grouped_4_3, rp2_grouped_4_4},
-                                 {rp2_grouped_8_1, rp2_grouped_8_2, NULL, NULL}};
-    const int32_t mr_max = RP2_MR_MAX(j->w->rp_cb);
-    for (int32_t m = 0; m < j->m;) {
-        const int32_t mr = j->m - m >= mr_max ? mr_max : j->m - m;
-        fns[RP2_CB_INDEX(j->w->rp_cb)][mr - 1](j, m, n0, n1);
-        m += mr;
-    }
+    static const rp2_rows_fn fns[3][4] = {{rp2_grouped_2_1, rp2_grouped_2_2, rp2_grouped_2_3, rp2_grouped_2_4},
+                                          {rp2_grouped_4_1, rp2_grouped_4_2, rp2_grouped_4_3, rp2_grouped_4_4},
+                                          {rp2_grouped_8_1, rp2_grouped_8_2, NULL, NULL}};
+    rp2_row_chunks(j, fns, NULL, n0, n1);
 }
 
 ENTRY int spfq_rp_i8_avx2(const spfq_job *j, int32_t n0, int32_t n1, int32_t *acc)

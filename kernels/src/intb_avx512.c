@@ -856,23 +856,30 @@ int spfq_rp_i8_fused_ok_avx512(const spfq_prepared *w)
     return w->rp && !w->d.lam && cpu_ok();
 }
 
-void spfq_rp_i8_fused_avx512(const spfq_job *j, int32_t n0, int32_t n1)
+/* A fused job's activation rows in chunks of MR (<= 2 at 1-bit fields, else <= 4), each through
+ * the table entry [field width][MR - 1]; xs: the rows' sums (or NULL where the kernel makes its own). */
+typedef void (*rp_rows_fn)(const spfq_job *, const int32_t *, int32_t, int32_t, int32_t);
+static void rp_row_chunks(const spfq_job *j, const rp_rows_fn fns[4][4], const int32_t *xs, int32_t n0, int32_t n1)
 {
-    typedef void (*fn)(const spfq_job *, const int32_t *, int32_t, int32_t, int32_t);
-    static const fn fns[4][4] = {{rp_fused_1_1, rp_fused_1_2, NULL, NULL},
-                                 {rp_fused_2_1, rp_fused_2_2, rp_fused_2_3, rp_fused_2_4},
-                                 {rp_fused_4_1, rp_fused_4_2, rp_fused_4_3, rp_fused_4_4},
-                                 {rp_fused_8_1, rp_fused_8_2, rp_fused_8_3, rp_fused_8_4}};
     const int CB = j->w->rp_cb;
-    const fn *f = fns[CB == 1 ? 0 : CB == 2 ? 1 : CB == 4 ? 2 : 3];
+    const rp_rows_fn *f = fns[CB == 1 ? 0 : CB == 2 ? 1 : CB == 4 ? 2 : 3];
     const int32_t mr_max = CB == 1 ? 2 : 4;
-    int32_t xs[SPFQ_TALL_ROWS];
-    row_sums_strided(j->xq, j->m, j->w->d.k, (size_t)j->xstride, xs);
     for (int32_t m = 0; m < j->m;) {
         const int32_t mr = j->m - m >= mr_max ? mr_max : j->m - m;
         f[mr - 1](j, xs, m, n0, n1);
         m += mr;
     }
+}
+
+void spfq_rp_i8_fused_avx512(const spfq_job *j, int32_t n0, int32_t n1)
+{
+    static const rp_rows_fn fns[4][4] = {{rp_fused_1_1, rp_fused_1_2, NULL, NULL},
+                                         {rp_fused_2_1, rp_fused_2_2, rp_fused_2_3, rp_fused_2_4},
+                                         {rp_fused_4_1, rp_fused_4_2, rp_fused_4_3, rp_fused_4_4},
+                                         {rp_fused_8_1, rp_fused_8_2, rp_fused_8_3, rp_fused_8_4}};
+    int32_t xs[SPFQ_TALL_ROWS];
+    row_sums_strided(j->xq, j->m, j->w->d.k, (size_t)j->xstride, xs);
+    rp_row_chunks(j, fns, xs, n0, n1);
 }
 
 /* ------------------------------------------------------------------ grouped fused RP */
@@ -881,8 +888,9 @@ void spfq_rp_i8_fused_avx512(const spfq_job *j, int32_t n0, int32_t n1)
  * exact int32 sum (rp_block over its gsteps RP steps) becomes t = xscale * (gscale * acc) and
  * is added to a float accumulator that starts at +0.0f, in ascending group order, y = clamp(s +
  * bias): the bits of spfq_kernels.h's order (t_0 + 0.0f + t_1 + ...: adding +0.0f first only
- * turns a -0 into +0, which the later additions would do anyway), in registers. Accumulators: MR x G x F int32 for the group + MR x G float,
- * so G is chosen for MR * G * F <= 8 (at b = 4, M = 1: the whole 64-row tile in one pass). */
+ * turns a -0 into +0, which the later additions would do anyway), in registers. Accumulators:
+ * MR x G x F int32 for the group + MR x G float, so G is chosen for MR * G * F <= 8 (at b = 4,
+ * M = 1: the whole 64-row tile in one pass). */
 #define RPG_G(CB, MR) ((MR) * 4 * (8 / (CB)) <= 8 ? 4 : (MR) * 2 * (8 / (CB)) <= 8 ? 2 : 1)
 
 INL TGT void rp_grouped_rows(const spfq_job *j, int32_t m, int32_t n0, int32_t n1, const int CB, const int MR)
@@ -938,9 +946,10 @@ INL TGT void rp_grouped_rows(const spfq_job *j, int32_t m, int32_t n0, int32_t n
 }
 
 #define RP_GROUPED_FN(CB, MR)                                                                       \
-    __attribute__((noinline)) TGT static void rp_grouped_##CB##_##MR(const spfq_job *j, int32_t m, \
-                                                                     int32_t n0, int32_t n1)        \
+    __attribute__((noinline)) TGT static void rp_grouped_##CB##_##MR(const spfq_job *j, const int32_t *xs, \
+                                                                     int32_t m, int32_t n0, int32_t n1) \
     {                                                                                               \
+        (void)xs; /* group sums are made per chunk */                                               \
         rp_grouped_rows(j, m, n0, n1, CB, MR);                                                      \
     }
 RP_GROUPED_FN(1, 1) RP_GROUPED_FN(1, 2)
@@ -955,19 +964,11 @@ int spfq_rp_grouped_ok_avx512(const spfq_prepared *w)
 
 void spfq_rp_grouped_avx512(const spfq_job *j, int32_t n0, int32_t n1)
 {
-    typedef void (*fn)(const spfq_job *, int32_t, int32_t, int32_t);
-    static const fn fns[4][4] = {{rp_grouped_1_1, rp_grouped_1_2, NULL, NULL},
-                                 {rp_grouped_2_1, rp_grouped_2_2, rp_grouped_2_3, rp_grouped_2_4},
-                                 {rp_grouped_4_1, rp_grouped_4_2, rp_grouped_4_3, rp_grouped_4_4},
-                                 {rp_grouped_8_1, rp_grouped_8_2, rp_grouped_8_3, rp_grouped_8_4}};
-    const int CB = j->w->rp_cb;
-    const fn *f = fns[CB == 1 ? 0 : CB == 2 ? 1 : CB == 4 ? 2 : 3];
-    const int32_t mr_max = CB == 1 ? 2 : 4;
-    for (int32_t m = 0; m < j->m;) {
-        const int32_t mr = j->m - m >= mr_max ? mr_max : j->m - m;
-        f[mr - 1](j, m, n0, n1);
-        m += mr;
-    }
+    static const rp_rows_fn fns[4][4] = {{rp_grouped_1_1, rp_grouped_1_2, NULL, NULL},
+                                         {rp_grouped_2_1, rp_grouped_2_2, rp_grouped_2_3, rp_grouped_2_4},
+                                         {rp_grouped_4_1, rp_grouped_4_2, rp_grouped_4_3, rp_grouped_4_4},
+                                         {rp_grouped_8_1, rp_grouped_8_2, rp_grouped_8_3, rp_grouped_8_4}};
+    rp_row_chunks(j, fns, NULL, n0, n1);
 }
 
 /* ------------------------------------------------------------------ range functions */

@@ -101,6 +101,13 @@ int spfq_planes_repack(struct spfq_prepared *w);
 void spfq_sign_row_codes(const struct spfq_prepared *w, int32_t n, int8_t *c);
 void spfq_int_row_codes(const struct spfq_prepared *w, int32_t n, int8_t *c);
 float spfq_int_value(int c, float scale, const float *lam, int32_t n); /* the f32 oracle's value(c) */
+/* Signed codes of one weight row of any layout: the two above by the weights' layout. */
+static inline void spfq_row_codes(const struct spfq_prepared *w, int32_t n, int8_t *c) {
+    if (w->d.layout == SPFQ_SIGN || w->d.layout == SPFQ_SIGN_MASK)
+        spfq_sign_row_codes(w, n, c);
+    else
+        spfq_int_row_codes(w, n, c);
+}
 
 typedef struct {
     const struct spfq_prepared *w;

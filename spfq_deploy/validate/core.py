@@ -114,9 +114,14 @@ class _References:
         self._int8_layers = {}
         self._decode = {}
 
+    @staticmethod
+    def _key(kind: str, float_layers: frozenset) -> tuple:
+        """One reference per kind; the int8 one per set of weight-only layers."""
+        return kind, float_layers if kind != "float" else frozenset()
+
     def greedy(self, kind: str, float_layers: frozenset, ids: list[int]) -> tuple[list, list]:
         """The reference's greedy decoding after ids (validate.decode), computed once per reference."""
-        key = (kind, float_layers if kind != "float" else frozenset())
+        key = self._key(kind, float_layers)
         if key not in self._decode:
             self._decode[key] = decode.reference(self.module(*key), ids)
         return self._decode[key]
@@ -132,7 +137,7 @@ class _References:
         return self._int8[float_layers]
 
     def outputs(self, kind: str, float_layers: frozenset = frozenset()) -> tuple[list, dict]:
-        key = (kind, float_layers if kind != "float" else frozenset())
+        key = self._key(kind, float_layers)
         if key not in self._cache:
             y, hooked = layer_checks.hooked_outputs(self.module(*key), self.args, self.layer_names)
             self._cache[key] = (_flat(y), hooked)
@@ -208,8 +213,7 @@ def validate(out_dir: str | Path, targets: list[str] | None = None, data: str | 
                          for name, m in zip(MANIFESTS, (onnx_m, tvm_m, cuda_m))
                          if m is not None and "model.spfq" in m.get("files", {})
                          for why in [_checksum(out, "model.spfq", m["files"])] if why), None)
-    shared = {"weights": {}, "spfq_changed": spfq_changed, "decode_prompt": decode.prompt(out, names, feeds),
-              "feeds": feeds}
+    shared = {"weights": {}, "spfq_changed": spfq_changed, "decode_prompt": decode.prompt(out, names, feeds)}
     for art in arts:
         rows.append(_validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, shared))
     for t in sorted(wanted or ()):
@@ -331,7 +335,7 @@ def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, sha
     if shared.get("decode_prompt") and (art.flavour in ("custom", "stock") or
                                         (art.flavour == "tvm" and art.runner == "native")):
         try:
-            row["failures"] += _decode(out, art, manifests, refs, shared["decode_prompt"], row, tol, shared["feeds"])
+            row["failures"] += _decode(out, art, manifests, feeds, refs, shared["decode_prompt"], row, tol)
         except Exception as exc:  # a decode-loop error is this row's failure, never a traceback
             row["failures"].append(f"decode: {_one_line(exc)}")
     if tol.informational:
@@ -347,7 +351,7 @@ def _validate_one(out, art, manifests, feeds, refs, out_names, qemu_results, sha
     return row
 
 
-def _decode(out, art, manifests, refs, ids, row, tol, feeds) -> list[str]:
+def _decode(out, art, manifests, feeds, refs, ids, row, tol) -> list[str]:
     """Greedy decoding through the artifact vs the reference (validate.decode); its failures."""
     ref_tokens, ref_logits = refs.greedy(art.reference, art.float_layers, ids)
     library = out / art.library if art.library else None

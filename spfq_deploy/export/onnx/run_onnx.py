@@ -33,15 +33,16 @@ import time
 import numpy as np
 
 
-def decoder_threads(so, threads: int) -> None:
+def decoder_threads(so) -> None:
     """Threads for decoding with the custom ops: a step is one GEMV per projection whose weights
     stream from memory, so the packed kernels' pool takes all `threads` and splits every
     projection of >= 65536 weights (SPFQ_PARALLEL_MIN_WORK, unless set: the default 2^20 keeps
     small in-cache layers on one thread); onnxruntime's own ops per step are tiny, so its
-    intra-op pool stays at one thread. SmolLM2 4-bit g32, 2 threads: 111 tok/s with both pools
-    at 2, 139 so (1 thread: 106)."""
+    intra-op pool stays at one thread. The caller sets SPFQ_NUM_THREADS as for any custom-op
+    session. Measured, SmolLM2 4-bit g32, 2 threads: 139 vs 111 tok/s with both pools at 2 on a
+    host loaded by another job; idle, the same within noise (184-200 tok/s either way, and 1
+    thread 187-199): one core already draws most of the memory bandwidth a step needs."""
     so.intra_op_num_threads = 1
-    os.environ.setdefault("SPFQ_NUM_THREADS", str(threads))
     os.environ.setdefault("SPFQ_PARALLEL_MIN_WORK", "65536")
 
 
@@ -64,9 +65,9 @@ def main(argv=None) -> int:
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     info = None
-    if args.library and args.generate is not None:
-        decoder_threads(so, args.threads)
     if args.library:
+        if args.generate is not None:
+            decoder_threads(so)
         os.environ.setdefault("SPFQ_NUM_THREADS", str(args.threads))
         # the packed kernels have their own thread pool: ORT's threads must sleep, not spin
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -49,7 +49,7 @@ def session(model_path: str | os.PathLike, library: str | os.PathLike | None = N
         if decoder:
             from .run_onnx import decoder_threads
 
-            decoder_threads(so, threads)
+            decoder_threads(so)
         os.environ.setdefault("SPFQ_NUM_THREADS", str(threads))
         # the packed kernels run on their own thread pool: onnxruntime's intra-op threads must
         # sleep, not spin, while they do (MobileNetV2, 2 threads: 78 ms spinning, 34 ms not)

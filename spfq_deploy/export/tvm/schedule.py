@@ -220,6 +220,8 @@ def _rules(symbolic_rows: bool = True):
                 rf = sch.rfactor(lane, len(outer))
                 *_, ko, lane = sch.get_loops(rf)
                 sch.vectorize(lane)
+                if ext is None:
+                    sch.annotate(ko, HINT, 1)
                 sch.decompose_reduction(rf, ko)
             return sch
 
